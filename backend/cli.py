@@ -1,0 +1,95 @@
+"""`rewardatlas demo | run CONFIG | serve | db upgrade` — thin dispatch; heavy imports stay lazy
+so that `serve` never imports torch."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from backend.settings import get_settings
+
+
+class CliError(Exception):
+    """A problem the user can fix; printed without a traceback."""
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> None:
+    from backend.db import upgrade
+
+    settings = get_settings()
+    upgrade(settings)
+    print(f"database is at the latest schema: {settings.sql_url}")
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from backend.app import create_app
+    from backend.db import upgrade
+
+    settings = get_settings()
+    host = args.host or settings.host
+    port = args.port or settings.port
+    upgrade(settings)
+    print(f"rewardatlas dashboards: http://{host}:{port}", flush=True)
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from workers.config import ConfigError, load_config
+
+    try:
+        config = load_config(Path(args.config))
+    except ConfigError as exc:
+        raise CliError(str(exc)) from exc
+    from workers.pipeline import run_pipeline
+
+    run_pipeline(config, get_settings(), replace=args.replace)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from workers.demo import ensure_demo
+
+    settings = get_settings()
+    ensure_demo(settings)
+    if not args.no_serve:
+        args.host, args.port = None, None
+        cmd_serve(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rewardatlas", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="build the demo reward model and run, then serve them")
+    demo.add_argument("--no-serve", action="store_true", help="build only")
+    demo.set_defaults(func=cmd_demo)
+
+    run = sub.add_parser("run", help="run the pipeline described by a YAML config")
+    run.add_argument("config")
+    run.add_argument("--replace", action="store_true", help="overwrite a run with the same id")
+    run.set_defaults(func=cmd_run)
+
+    serve = sub.add_parser("serve", help="serve the dashboards")
+    serve.add_argument("--host", default=None)
+    serve.add_argument("--port", type=int, default=None)
+    serve.set_defaults(func=cmd_serve)
+
+    db = sub.add_parser("db", help="database maintenance")
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    db_sub.add_parser("upgrade", help="apply Alembic migrations").set_defaults(func=cmd_db_upgrade)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except CliError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""The DuckDB feature store's tables: written once by workers/publish.py, read by backend/store.py.
+
+One immutable file per run (runs/<id>/features.duckdb). Layers are 0-based transformer
+blocks; layer L's SAE reads the residual stream after block L (HF hidden_states[L + 1]).
+"""
+
+STORE_FILENAME = "features.duckdb"
+STORE_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE run_info (
+    key VARCHAR PRIMARY KEY,        -- run_id, name, model, adapter, dataset, config_yaml,
+    value VARCHAR                   -- created_at, store_version, n_texts, n_tokens, ...
+);
+
+CREATE TABLE texts (
+    text_id INTEGER PRIMARY KEY,
+    split VARCHAR,                  -- 'train' (regression fit) or 'heldout'
+    text VARCHAR,
+    reward DOUBLE,                  -- the dataset's own reward (e.g. VADER); NULL if none
+    score DOUBLE,                   -- the reward model's score
+    n_tokens INTEGER,
+    reward_position INTEGER         -- token index the reward model reads its score from
+);
+
+CREATE TABLE layers (
+    layer INTEGER PRIMARY KEY,
+    hook_name VARCHAR,
+    sae_path VARCHAR,               -- SAELens directory, relative to the run directory
+    architecture VARCHAR,
+    d_in INTEGER,
+    d_sae INTEGER,
+    k INTEGER,                      -- TopK k (NULL for other architectures)
+    mse DOUBLE,
+    explained_variance DOUBLE,      -- on held-out tokens
+    l0 DOUBLE,
+    dead_fraction DOUBLE,           -- share of features that never fired in the analysis pass
+    pooling VARCHAR,                -- how token features become one row per text
+    r2_train DOUBLE,
+    r2_heldout DOUBLE,
+    ridge_alpha DOUBLE,
+    n_train INTEGER,
+    n_heldout INTEGER
+);
+
+CREATE TABLE features (
+    layer INTEGER,
+    feature INTEGER,
+    frequency DOUBLE,               -- share of analysed tokens where the feature is > 0
+    mean_activation DOUBLE,         -- mean over the tokens where it fires
+    max_activation DOUBLE,
+    weight DOUBLE,                  -- regression weight: reward per unit of activation
+    top_token VARCHAR,              -- the token at the feature's strongest context
+    hist_edges DOUBLE[],            -- activation histogram over firing tokens
+    hist_counts BIGINT[],
+    PRIMARY KEY (layer, feature)
+);
+
+CREATE TABLE contexts (
+    layer INTEGER,
+    feature INTEGER,
+    rank INTEGER,                   -- 0 = strongest activation
+    text_id INTEGER,
+    position INTEGER,               -- token index of the peak inside the text
+    activation DOUBLE,
+    window_start INTEGER,           -- token index of tokens[0] inside the text
+    tokens VARCHAR[],               -- the window's tokens, as the tokenizer spells them
+    acts FLOAT[],                   -- the feature's activation on each window token
+    PRIMARY KEY (layer, feature, rank)
+);
+"""

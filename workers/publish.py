@@ -1,0 +1,53 @@
+"""Write one run's DuckDB feature store to a temp file, then rename it into place.
+
+A killed worker leaves at most a *.tmp file behind, never a half-written store.
+No torch here: tests and benchmarks build stores from plain columns too.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import duckdb
+import pyarrow as pa
+
+from backend.store_schema import SCHEMA, STORE_VERSION
+
+Columns = Mapping[str, Sequence | object]  # column name -> list / numpy array / pyarrow array
+
+TABLE_ORDER = ("texts", "layers", "features", "contexts")
+
+
+def _insert(con: duckdb.DuckDBPyConnection, table: str, columns: Columns) -> None:
+    arrow = pa.table(dict(columns))
+    con.register("incoming", arrow)
+    names = ", ".join(arrow.column_names)
+    con.execute(f"INSERT INTO {table} ({names}) SELECT {names} FROM incoming")
+    con.unregister("incoming")
+
+
+def write_store(path: Path, run_info: Mapping[str, object], tables: Mapping[str, Columns]) -> Path:
+    """Create the store at `path` atomically. `tables` maps table name -> columns."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        con = duckdb.connect(str(tmp))
+        try:
+            con.execute(SCHEMA)
+            info = {"store_version": STORE_VERSION, **run_info}
+            _insert(con, "run_info", {"key": list(info), "value": [str(v) for v in info.values()]})
+            for table in TABLE_ORDER:
+                if table in tables:
+                    _insert(con, table, tables[table])
+            con.execute("CHECKPOINT")
+        finally:
+            con.close()
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        Path(f"{tmp}.wal").unlink(missing_ok=True)
+        raise
+    return path
