@@ -13,7 +13,7 @@ config = context.config
 # backend.db.upgrade() passes its Settings; the alembic CLI falls back to the environment.
 settings = config.attributes.get("settings") or get_settings()
 if config.config_file_name and "settings" not in config.attributes:
-    fileConfig(config.config_file_name)  # CLI only: leave the app's logging alone
+    fileConfig(config.config_file_name, disable_existing_loggers=False)  # CLI only
 
 target_metadata = Base.metadata
 

@@ -1,0 +1,61 @@
+"""The FastAPI app: HTML pages and their JSON twins under /api. Reads stores and SQL only;
+never imports torch (models live in workers/)."""
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exception_handlers import (
+    http_exception_handler,
+    request_validation_exception_handler,
+)
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from backend.routes import features, layers, runs
+from backend.routes.common import FRONTEND_DIR, render
+from backend.settings import Settings, get_settings
+from backend.store import NotFound
+
+
+def _is_api(request: Request) -> bool:
+    return request.url.path.startswith("/api/") or request.url.path == "/api"
+
+
+def _error_page(request: Request, status: int, title: str, messages: list[str]):
+    return render(request, "error.html", {"status": status, "title": title, "messages": messages},
+                  status_code=status)
+
+
+async def _not_found(request: Request, exc: NotFound):
+    if _is_api(request):
+        return JSONResponse({"detail": str(exc)}, status_code=404)
+    return _error_page(request, 404, "Not found", [str(exc)])
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException):
+    if _is_api(request):
+        return await http_exception_handler(request, exc)
+    return _error_page(request, exc.status_code, "Error", [str(exc.detail)])
+
+
+async def _invalid(request: Request, exc: RequestValidationError):
+    if _is_api(request):
+        return await request_validation_exception_handler(request, exc)
+    messages = [f"{'.'.join(map(str, e['loc'][1:]))}: {e['msg']}" for e in exc.errors()]
+    return _error_page(request, 422, "Invalid request", messages)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The web app for `settings` (the environment's by default). The database must already
+    be at the latest schema (backend.db.upgrade); the CLI does that before serving."""
+    app = FastAPI(title="rewardatlas", docs_url="/api/docs", openapi_url="/api/openapi.json",
+                  redoc_url=None)
+    app.state.settings = settings or get_settings()
+    app.mount("/static", StaticFiles(directory=FRONTEND_DIR / "static"), name="static")
+    for module in (runs, layers, features):
+        app.include_router(module.router)
+    app.add_exception_handler(NotFound, _not_found)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _invalid)
+    return app

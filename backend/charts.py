@@ -1,0 +1,66 @@
+"""Geometry for the server-rendered SVG charts; frontend/templates/_charts.html draws it.
+
+Plain numbers in, plain dicts out: no plotting library, nothing to run in the browser.
+"""
+from __future__ import annotations
+
+from math import floor, log10
+from typing import Any, Sequence
+
+
+def _nice_max(x: float) -> float:
+    """A round axis maximum >= x (1, 2, 2.5, 5 x 10^k)."""
+    if x <= 0:
+        return 1.0
+    base = 10 ** floor(log10(x))
+    return next(m * base for m in (1, 2, 2.5, 5, 10) if m * base >= x)
+
+
+def r2_bars(layers: Sequence[dict[str, Any]], height: int = 170, bar_w: int = 34, gap: int = 14) -> dict:
+    """Held-out R² per layer as vertical bars on a 0..1 axis, train R² as a tick.
+
+    Negative held-out R² (worse than predicting the mean) draws no bar, only its label.
+    """
+    left, top, bottom = 34, 14, 22
+    plot_h = height - top - bottom
+    best = max((l["r2_heldout"] for l in layers if l["r2_heldout"] is not None), default=None)
+
+    def y(v: float) -> float:
+        return round(top + plot_h * (1 - min(max(v, 0.0), 1.0)), 1)
+
+    bars = []
+    for i, l in enumerate(layers):
+        x = left + gap + i * (bar_w + gap)
+        r2 = l["r2_heldout"]
+        bars.append({
+            "layer": l["layer"], "x": x, "w": bar_w, "value": r2,
+            "y": y(r2 or 0.0), "h": round(y(0.0) - y(r2 or 0.0), 1),
+            "train_y": None if l.get("r2_train") is None else y(l["r2_train"]),
+            "train": l.get("r2_train"),
+            "best": r2 is not None and r2 == best,
+        })
+    width = left + gap + len(layers) * (bar_w + gap)
+    ticks = [{"v": v, "y": y(v)} for v in (0, 0.25, 0.5, 0.75, 1.0)]
+    return {"width": max(width, 200), "height": height, "left": left, "base_y": y(0.0),
+            "ticks": ticks, "bars": bars}
+
+
+def histogram(edges: Sequence[float], counts: Sequence[int], width: int = 560, height: int = 150) -> dict | None:
+    """Activation histogram bars; None for a feature that never fired."""
+    if not counts or len(edges) != len(counts) + 1:
+        return None
+    left, right, top, bottom = 40, 8, 8, 22
+    plot_w, plot_h = width - left - right, height - top - bottom
+    lo, hi = edges[0], edges[-1]
+    span = (hi - lo) or 1.0
+    y_max = _nice_max(max(counts))
+    bars = []
+    for c, a, b in zip(counts, edges, edges[1:]):
+        x0 = left + plot_w * (a - lo) / span
+        x1 = left + plot_w * (b - lo) / span
+        h = plot_h * c / y_max
+        bars.append({"x": round(x0, 1), "w": round(max(x1 - x0 - 1, 1), 1),
+                     "y": round(top + plot_h - h, 1), "h": round(h, 1),
+                     "count": c, "lo": a, "hi": b})
+    return {"width": width, "height": height, "left": left, "base_y": top + plot_h,
+            "top": top, "right": width - right, "y_max": y_max, "lo": lo, "hi": hi, "bars": bars}

@@ -1,0 +1,1 @@
+"""Page groups: runs (/ and /runs/{id}), layers (feature tables), features (one feature)."""

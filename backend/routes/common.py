@@ -1,0 +1,81 @@
+"""What every page group shares: settings, run lookup, templates and number formats."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+from fastapi.templating import Jinja2Templates
+
+from backend import db
+from backend.models import Run
+from backend.settings import Settings
+from backend.store import NotFound
+
+# frontend/ is a sibling of backend/ in the repo.
+FRONTEND_DIR = Path(__file__).resolve().parents[2] / "frontend"
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+def get_run(settings: Settings, run_id: str) -> Run:
+    with db.session(settings) as s:
+        run = s.get(Run, run_id)
+        if run is None:
+            raise NotFound(f"run {run_id!r} not found")
+        run.saes  # load while the session is open; templates read it later
+        return run
+
+
+def store_path(settings: Settings, run: Run) -> Path:
+    """The run's feature store; a relative store_path is relative to the data dir."""
+    path = Path(run.store_path)
+    return path if path.is_absolute() else settings.data_dir / path
+
+
+def run_summary(run: Run) -> dict[str, Any]:
+    """The run columns every page shows (breadcrumbs, headers)."""
+    return {"id": run.id, "name": run.name, "model": run.model}
+
+
+# --- number formats: one place, so HTML and tests agree on what a value looks like ---
+
+def fmt_num(x: float | None, digits: int = 3) -> str:
+    if x is None:
+        return "—"
+    if x != 0 and (abs(x) < 10 ** -digits or abs(x) >= 1e6):
+        return f"{x:.{max(digits - 1, 1)}e}"
+    return f"{x:.{digits}f}"
+
+
+def fmt_weight(x: float | None) -> str:
+    """Signed, so the sign of a reward effect is never lost in a column of numbers."""
+    if x is None:
+        return "—"
+    return f"{x:+.4f}" if x == 0 or 1e-4 <= abs(x) < 1e5 else f"{x:+.2e}"
+
+
+def fmt_pct(x: float | None) -> str:
+    if x is None:
+        return "—"
+    return f"{100 * x:.2f}%" if x == 0 or x >= 1e-4 else f"{100 * x:.1e}%"
+
+
+def weight_class(x: float | None) -> str:
+    """CSS class for a weight's sign: blue raises the reward, red lowers it (everywhere)."""
+    if not x:
+        return "zero"
+    return "pos" if x > 0 else "neg"
+
+
+templates = Jinja2Templates(directory=FRONTEND_DIR / "templates")
+templates.env.filters.update(num=fmt_num, weight=fmt_weight, pct=fmt_pct, wclass=weight_class)
+
+
+def render(request: Request, name: str, context: dict[str, Any], status_code: int = 200):
+    return templates.TemplateResponse(request, name, context, status_code=status_code)

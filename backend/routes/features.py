@@ -1,0 +1,71 @@
+"""One feature's page: stats, weight, activation histogram and top contexts."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse
+
+from backend import charts, store
+from backend.routes.common import SettingsDep, get_run, render, run_summary, store_path
+from backend.settings import Settings
+
+router = APIRouter()
+
+SPACE_MARKS = ("▁", "Ġ")  # SentencePiece / GPT-2 byte-level BPE: "a space precedes me"
+
+
+def display_tokens(tokens: Sequence[str], acts: Sequence[float], scale: float) -> list[dict[str, Any]]:
+    """Tokens as the page shows them, each with its shading alpha = act / scale.
+
+    WordPiece continuations ("##ing") join the previous token; in BPE vocabularies that mark
+    spaces explicitly, only marked tokens get a space; otherwise tokens are space-separated.
+    """
+    marked = any(t.startswith(SPACE_MARKS) for t in tokens)
+    peak = max(range(len(acts)), key=lambda i: acts[i], default=-1)
+    out = []
+    for i, (tok, act) in enumerate(zip(tokens, acts)):
+        if tok.startswith("##") and len(tok) > 2:
+            text, space = tok[2:], False
+        elif marked:
+            space = tok.startswith(SPACE_MARKS)
+            text = tok[1:] if space else tok
+        else:
+            text, space = tok, True
+        out.append({
+            "text": text,
+            "token": tok,
+            "space": space and i > 0,
+            "act": act,
+            "alpha": round(min(max(act / scale, 0.0), 1.0), 3) if scale > 0 else 0.0,
+            "peak": i == peak and act > 0,
+            "special": len(tok) > 2 and tok[0] + tok[-1] in ("[]", "<>"),  # [CLS], <s>, ...
+        })
+    return out
+
+
+def feature_data(settings: Settings, run_id: str, layer: int, feature: int) -> dict[str, Any]:
+    run = get_run(settings, run_id)
+    try:
+        info = store.feature(store_path(settings, run), layer, feature)
+    except store.NotFound as exc:
+        raise store.NotFound(f"run {run_id!r}: {exc}") from None
+    contexts = info.pop("contexts")
+    return {"run": run_summary(run), "layer": layer, "feature": info, "contexts": contexts}
+
+
+@router.get("/api/runs/{run_id}/layers/{layer}/features/{feature}")
+def api_feature(run_id: str, layer: int, feature: int, settings: SettingsDep) -> dict[str, Any]:
+    return feature_data(settings, run_id, layer, feature)
+
+
+@router.get("/runs/{run_id}/layers/{layer}/features/{feature}", response_class=HTMLResponse)
+def feature_page(request: Request, run_id: str, layer: int, feature: int, settings: SettingsDep):
+    data = feature_data(settings, run_id, layer, feature)
+    f = data["feature"]
+    scale = f["max_activation"] or max((max(c["acts"], default=0) for c in data["contexts"]), default=0)
+    for c in data["contexts"]:
+        c["display"] = display_tokens(c["tokens"], c["acts"], scale)
+    return render(request, "feature.html", {
+        **data, "scale": scale, "histogram": charts.histogram(f["hist_edges"], f["hist_counts"]),
+    })

@@ -1,0 +1,75 @@
+"""The runs list (/) and one run's page: held-out R² per layer and SAE metrics."""
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse
+from sqlalchemy.orm import selectinload
+
+from backend import charts, db, store
+from backend.models import Run
+from backend.routes.common import SettingsDep, get_run, render, store_path
+from backend.settings import Settings
+
+router = APIRouter()
+
+
+def runs_data(settings: Settings) -> dict[str, Any]:
+    """Every registered run, newest first, summarised from the SQL registry alone."""
+    with db.session(settings) as s:
+        runs = s.scalars(
+            sa.select(Run).options(selectinload(Run.saes)).order_by(Run.created_at.desc(), Run.id)
+        ).all()
+    out = []
+    for run in runs:
+        best = max(run.saes, key=lambda sae: sae.r2_heldout, default=None)
+        out.append({
+            "id": run.id, "name": run.name, "model": run.model, "adapter": run.adapter,
+            "dataset": run.dataset, "n_texts": run.n_texts, "n_tokens": run.n_tokens,
+            "n_layers": len(run.saes),
+            "best_r2_heldout": best.r2_heldout if best else None,
+            "best_layer": best.layer if best else None,
+            "created_at": run.created_at,
+        })
+    return {"runs": out}
+
+
+def run_data(settings: Settings, run_id: str) -> dict[str, Any]:
+    """One run: its registry row plus every layer's metrics from its feature store."""
+    run = get_run(settings, run_id)
+    path = store_path(settings, run)
+    layers = store.layers(path)
+    scored = [l for l in layers if l["r2_heldout"] is not None]
+    best = max(scored, key=lambda l: l["r2_heldout"], default=None)
+    return {
+        "run": {
+            "id": run.id, "name": run.name, "model": run.model, "adapter": run.adapter,
+            "dataset": run.dataset, "n_texts": run.n_texts, "n_tokens": run.n_tokens,
+            "created_at": run.created_at, "config_yaml": run.config_yaml,
+        },
+        "best_layer": best["layer"] if best else None,
+        "layers": layers,
+    }
+
+
+@router.get("/api/runs")
+def api_runs(settings: SettingsDep) -> dict[str, Any]:
+    return runs_data(settings)
+
+
+@router.get("/api/runs/{run_id}")
+def api_run(run_id: str, settings: SettingsDep) -> dict[str, Any]:
+    return run_data(settings, run_id)
+
+
+@router.get("/", response_class=HTMLResponse)
+def runs_page(request: Request, settings: SettingsDep):
+    return render(request, "runs.html", runs_data(settings))
+
+
+@router.get("/runs/{run_id}", response_class=HTMLResponse)
+def run_page(request: Request, run_id: str, settings: SettingsDep):
+    data = run_data(settings, run_id)
+    return render(request, "run.html", {**data, "chart": charts.r2_bars(data["layers"])})
