@@ -26,10 +26,9 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 def get_run(settings: Settings, run_id: str) -> Run:
     with db.session(settings) as s:
         run = s.get(Run, run_id)
-        if run is None:
-            raise NotFound(f"run {run_id!r} not found")
-        run.saes  # load while the session is open; templates read it later
-        return run
+    if run is None:
+        raise NotFound(f"run {run_id!r} not found")
+    return run
 
 
 def store_path(settings: Settings, run: Run) -> Path:

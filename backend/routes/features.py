@@ -15,14 +15,17 @@ router = APIRouter()
 SPACE_MARKS = ("▁", "Ġ")  # SentencePiece / GPT-2 byte-level BPE: "a space precedes me"
 
 
-def display_tokens(tokens: Sequence[str], acts: Sequence[float], scale: float) -> list[dict[str, Any]]:
-    """Tokens as the page shows them, each with its shading alpha = act / scale.
+def display_tokens(tokens: Sequence[str], acts: Sequence[float], scale: float,
+                   peak: int | None = None) -> list[dict[str, Any]]:
+    """Tokens as the page shows them, each with its shading alpha = act / scale; `peak` is
+    the index of the context's peak token (default: the largest activation).
 
     WordPiece continuations ("##ing") join the previous token; in BPE vocabularies that mark
     spaces explicitly, only marked tokens get a space; otherwise tokens are space-separated.
     """
     marked = any(t.startswith(SPACE_MARKS) for t in tokens)
-    peak = max(range(len(acts)), key=lambda i: acts[i], default=-1)
+    if peak is None:
+        peak = max(range(len(acts)), key=lambda i: acts[i], default=-1)
     out = []
     for i, (tok, act) in enumerate(zip(tokens, acts)):
         if tok.startswith("##") and len(tok) > 2:
@@ -38,7 +41,7 @@ def display_tokens(tokens: Sequence[str], acts: Sequence[float], scale: float) -
             "space": space and i > 0,
             "act": act,
             "alpha": round(min(max(act / scale, 0.0), 1.0), 3) if scale > 0 else 0.0,
-            "peak": i == peak and act > 0,
+            "peak": i == peak,
             "special": len(tok) > 2 and tok[0] + tok[-1] in ("[]", "<>"),  # [CLS], <s>, ...
         })
     return out
@@ -65,7 +68,7 @@ def feature_page(request: Request, run_id: str, layer: int, feature: int, settin
     f = data["feature"]
     scale = f["max_activation"] or max((max(c["acts"], default=0) for c in data["contexts"]), default=0)
     for c in data["contexts"]:
-        c["display"] = display_tokens(c["tokens"], c["acts"], scale)
+        c["display"] = display_tokens(c["tokens"], c["acts"], scale, c["position"] - c["window_start"])
     return render(request, "feature.html", {
         **data, "scale": scale, "histogram": charts.histogram(f["hist_edges"], f["hist_counts"]),
     })

@@ -1,0 +1,202 @@
+"""The web app against a synthetic run: pages, their JSON twins, ordering, paging, errors."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from backend.routes.common import fmt_num, fmt_pct, fmt_weight
+from tests.helpers import (CONTEXT_FEATURE, DEAD_FEATURE, LAYERS, N_FEATURES, REPO_ROOT,
+                           make_client, publish_synthetic_run)
+
+RUN = "/runs/synthetic"
+
+
+def layer_features(tables, layer):
+    f = tables["features"]
+    return [{k: f[k][i] for k in f} for i in range(len(f["layer"])) if f["layer"][i] == layer]
+
+
+def expected_order(tables, layer, sort):
+    key = {
+        "weight": lambda r: (-r["weight"], r["feature"]),
+        "-weight": lambda r: (r["weight"], r["feature"]),
+        "abs_weight": lambda r: (-abs(r["weight"]), r["feature"]),
+        "frequency": lambda r: (-r["frequency"], r["feature"]),
+        "max_activation": lambda r: (-r["max_activation"], r["feature"]),
+    }[sort]
+    return [r["feature"] for r in sorted(layer_features(tables, layer), key=key)]
+
+
+def html_rows(html, attr):
+    """The ids in <tr data-ATTR="..."> order, i.e. the order a reader sees the rows."""
+    return [int(x) for x in re.findall(rf'<tr data-{attr}="(-?\d+)"', html)]
+
+
+def row_html(html, attr, value):
+    return re.search(rf'<tr data-{attr}="{value}".*?</tr>', html, re.S).group(0)
+
+
+def test_runs_list_links_to_the_run(client):
+    html = client.get("/").text
+    row = row_html(html, "run", "synthetic")
+    assert f'href="{RUN}"' in row and "Synthetic synthetic" in row
+    api = client.get("/api/runs").json()["runs"]
+    assert [r["id"] for r in api] == ["synthetic"]
+    assert api[0]["n_layers"] == len(LAYERS) and api[0]["best_layer"] == 3
+    assert fmt_num(api[0]["best_r2_heldout"]) in row and api[0]["best_r2_heldout"] == pytest.approx(0.81)
+
+
+def test_run_page_lists_layers_with_r2(client, synthetic_run):
+    html = client.get(RUN).text
+    assert html_rows(html, "layer") == list(LAYERS)
+    api = client.get(f"/api{RUN}").json()
+    stored = synthetic_run["layers"]
+    assert [l["r2_heldout"] for l in api["layers"]] == pytest.approx(stored["r2_heldout"])
+    for layer in api["layers"]:
+        row = row_html(html, "layer", layer["layer"])
+        assert fmt_num(layer["r2_heldout"]) in row and fmt_num(layer["explained_variance"]) in row
+        assert f'href="{RUN}/layers/{layer["layer"]}"' in row
+    assert api["best_layer"] == 3
+    assert html.count('<rect class="bar') == len(LAYERS)  # the R² chart has a bar per layer
+
+
+def test_layer_table_is_ordered_by_weight_descending(client, synthetic_run):
+    html = client.get(f"{RUN}/layers/3").text
+    expected = expected_order(synthetic_run, 3, "weight")[:50]
+    assert html_rows(html, "feature") == expected
+    weights = {r["feature"]: r["weight"] for r in layer_features(synthetic_run, 3)}
+    top = row_html(html, "feature", expected[0])
+    assert fmt_weight(weights[expected[0]]) in top and 'class="num weight pos"' in top
+    bottom = client.get(f"{RUN}/layers/3?sort=-weight").text
+    assert 'class="num weight neg"' in row_html(bottom, "feature", expected_order(synthetic_run, 3, "-weight")[0])
+
+
+@pytest.mark.parametrize("sort", ["weight", "-weight", "abs_weight", "frequency", "max_activation"])
+def test_sort_variants_html_and_api_agree_with_store(client, synthetic_run, sort):
+    api = client.get(f"/api{RUN}/layers/5", params={"sort": sort}).json()
+    html = client.get(f"{RUN}/layers/5", params={"sort": sort}).text
+    expected = expected_order(synthetic_run, 5, sort)[:50]
+    assert [f["feature"] for f in api["features"]] == expected
+    assert html_rows(html, "feature") == expected
+    assert api["sort"] == sort and api["total"] == N_FEATURES
+
+
+def test_pagination_covers_every_feature_once(client, synthetic_run):
+    pages = [client.get(f"/api{RUN}/layers/3", params={"sort": "abs_weight", "page": p}).json() for p in (1, 2)]
+    assert [p["n_pages"] for p in pages] == [2, 2]
+    ids = [f["feature"] for p in pages for f in p["features"]]
+    assert ids == expected_order(synthetic_run, 3, "abs_weight") and len(ids) == N_FEATURES
+    html1 = client.get(f"{RUN}/layers/3?sort=abs_weight&page=1").text
+    html2 = client.get(f"{RUN}/layers/3?sort=abs_weight&page=2").text
+    assert 'rel="next" href="/runs/synthetic/layers/3?sort=abs_weight&amp;page=2"' in html1
+    assert 'rel="prev" href="/runs/synthetic/layers/3?sort=abs_weight&amp;page=1"' in html2
+    assert 'rel="next"' not in html2
+    assert html_rows(html2, "feature") == ids[50:]
+    r = client.get(f"/api{RUN}/layers/3?page=3")
+    assert r.status_code == 404 and "page 3" in r.json()["detail"]
+
+
+def test_feature_page_shows_context_tokens_and_values(client, synthetic_run):
+    url = f"{RUN}/layers/3/features/{CONTEXT_FEATURE}"
+    html = client.get(url).text
+    api = client.get(f"/api{url}").json()
+    # the peak token is emphasised and shows its value on hover; "##ing" joins "amaz"
+    assert re.search(r'<span class="tok peak" style="--a:1.0" title="amaz: 4.000">amaz</span>'
+                     r'<span class="tok" style="--a:0.5" title="##ing: 2.000">ing</span>', html)
+    assert "##ing" not in re.sub(r'title="[^"]*"', "", html)
+    assert '<span class="tok special"' in html  # [CLS] is dimmed
+    top = api["contexts"][0]
+    assert top["tokens"][4:6] == ["amaz", "##ing"] and top["activation"] == pytest.approx(4.0)
+    # the same numbers in the page, the API and the store
+    stored = next(r for r in layer_features(synthetic_run, 3) if r["feature"] == CONTEXT_FEATURE)
+    f = api["feature"]
+    assert f["weight"] == pytest.approx(stored["weight"]) and f["frequency"] == pytest.approx(stored["frequency"])
+    assert f'id="weight">{fmt_weight(f["weight"])}<' in html
+    assert fmt_pct(f["frequency"]) in html and "<svg" in html
+    assert f["hist_counts"] == stored["hist_counts"] and len(f["hist_edges"]) == 11
+    assert html.count('<rect class="hbar"') == 10
+    assert [c["rank"] for c in api["contexts"]] == [0, 1, 2]
+    ranks = sorted(abs(r["weight"]) for r in layer_features(synthetic_run, 3))[::-1]
+    assert f["abs_weight_rank"] == ranks.index(abs(stored["weight"])) + 1
+    assert f'href="{RUN}/layers/3"' in html and f'href="{RUN}"' in html  # breadcrumbs
+
+
+def test_dead_feature_page_renders_without_contexts(client):
+    r = client.get(f"{RUN}/layers/3/features/{DEAD_FEATURE}")
+    assert r.status_code == 200 and "never fired" in r.text
+    assert client.get(f"/api{RUN}/layers/3/features/{DEAD_FEATURE}").json()["contexts"] == []
+
+
+@pytest.mark.parametrize("path, message", [
+    ("/runs/nope", "run 'nope' not found"),
+    (f"{RUN}/layers/4", "layer 4 not found"),
+    (f"{RUN}/layers/4/features/1", "layer 4 not found"),
+    (f"{RUN}/layers/3/features/999", "feature 999 not found in layer 3"),
+])
+def test_unknown_things_are_404_with_a_message(client, path, message):
+    api = client.get(f"/api{path}")
+    assert api.status_code == 404 and message in api.json()["detail"]
+    page = client.get(path)
+    assert page.status_code == 404 and message.replace("'", "&#39;") in page.text
+    assert "text/html" in page.headers["content-type"]
+
+
+@pytest.mark.parametrize("query", ["page=0", "sort=bogus", "page=x"])
+def test_bad_query_values_are_422(client, query):
+    assert client.get(f"/api{RUN}/layers/3?{query}").status_code == 422
+    page = client.get(f"{RUN}/layers/3?{query}")
+    assert page.status_code == 422 and "Invalid request" in page.text
+
+
+def test_replaced_store_is_reread(migrated, synthetic_run):
+    """A run replaced by rename (same path, new file) shows the new numbers, not cached ones."""
+    with make_client(migrated) as c:
+        before = c.get(f"/api{RUN}/layers/3").json()["features"][0]
+        # rewrite the store at the same path with weights negated
+        import workers.publish
+        from backend.store_schema import STORE_FILENAME
+        from tests.helpers import synthetic_tables
+        tables = synthetic_tables()
+        tables["features"]["weight"] = [-w for w in tables["features"]["weight"]]
+        workers.publish.write_store(migrated.run_dir("synthetic") / STORE_FILENAME, {"run_id": "synthetic"}, tables)
+        after = c.get(f"/api{RUN}/layers/3").json()["features"][0]
+    assert after["feature"] == expected_order(synthetic_run, 3, "-weight")[0]
+    assert after["weight"] == pytest.approx(-min(r["weight"] for r in layer_features(synthetic_run, 3)))
+    assert after["feature"] != before["feature"]
+
+
+def test_empty_registry_and_static_files(migrated):
+    with make_client(migrated) as c:
+        assert c.get("/api/runs").json() == {"runs": []}
+        assert "No runs yet" in c.get("/").text
+        css = c.get("/static/style.css")
+        assert css.status_code == 200 and "tabular-nums" in css.text
+
+
+def test_second_run_registers_and_lists(migrated, synthetic_run):
+    publish_synthetic_run(migrated, run_id="other")
+    with make_client(migrated) as c:
+        assert sorted(r["id"] for r in c.get("/api/runs").json()["runs"]) == ["other", "synthetic"]
+        assert c.get("/runs/other/layers/5").status_code == 200
+
+
+def test_app_never_imports_torch():
+    code = "import backend.app, sys; assert 'torch' not in sys.modules and 'sae_lens' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO_ROOT)
+
+
+def test_display_tokens_spacing_and_shading():
+    from backend.routes.features import display_tokens
+
+    def text(tokens):
+        return "".join((" " if t["space"] else "") + t["text"] for t in display_tokens(tokens, [1.0] * len(tokens), 2.0))
+
+    assert text(["[CLS]", "un", "##believ", "##able", "plot"]) == "[CLS] unbelievable plot"  # WordPiece
+    assert text(["Ġgreat", "ly", "Ġdone"]) == "greatly done"  # GPT-2 byte-level BPE
+    assert text(["▁very", "▁good", "ness"]) == "very goodness"  # SentencePiece
+    shaded = display_tokens(["a", "b", "c"], [0.0, 3.0, 6.0], 4.0, peak=1)
+    assert [t["alpha"] for t in shaded] == [0.0, 0.75, 1.0]  # act / max, clipped at 1
+    assert [t["peak"] for t in shaded] == [False, True, False]
