@@ -12,7 +12,7 @@ from typing import Any, Iterable, Mapping
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from backend.models import Run, Sae
 from backend.settings import Settings
@@ -63,7 +63,7 @@ def dispose_engines() -> None:
 
 def session(settings: Settings) -> Session:
     """A new ORM session; use as `with session(settings) as s:`."""
-    return sessionmaker(get_engine(settings), expire_on_commit=False)()
+    return Session(get_engine(settings), expire_on_commit=False)
 
 
 def alembic_config(settings: Settings) -> Config:
@@ -80,6 +80,11 @@ def upgrade(settings: Settings, revision: str = "head") -> None:
     command.upgrade(alembic_config(settings), revision)
 
 
+def _plain(row: Mapping[str, Any]) -> dict[str, Any]:
+    """numpy scalars (the pipeline's columns) -> Python values every DB driver accepts."""
+    return {k: v.item() if hasattr(v, "item") and hasattr(v, "dtype") else v for k, v in row.items()}
+
+
 def register_run(
     settings: Settings,
     run_row: Mapping[str, Any],
@@ -90,7 +95,7 @@ def register_run(
     """Insert a run and its SAEs in one transaction: either all rows land or none do.
 
     `run_row` has the columns of models.Run, each of `sae_rows` those of models.Sae (run_id
-    may be left out). Call it last, once the run's feature store is in place, so that a
+    may be left out). Run.store_path may be relative to the data dir (runs/<id>/features.duckdb). Call it last, once the run's feature store is in place, so that a
     registered run always has a readable store.
     """
     run_id = run_row["id"]
@@ -101,8 +106,8 @@ def register_run(
                 raise RunExistsError(f"run {run_id!r} is already registered (use replace=True)")
             s.delete(existing)
             s.flush()  # delete the old rows before inserting new ones with the same keys
-        saes = [Sae(**{k: v for k, v in row.items() if k != "run_id"}) for row in sae_rows]
-        s.add(Run(**run_row, saes=saes))
+        saes = [Sae(**{k: v for k, v in _plain(row).items() if k != "run_id"}) for row in sae_rows]
+        s.add(Run(**_plain(run_row), saes=saes))
 
 
 def delete_run(settings: Settings, run_id: str) -> bool:

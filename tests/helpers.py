@@ -115,7 +115,8 @@ def publish_synthetic_run(settings: Settings, run_id: str = "synthetic", replace
     ]
     run_row = {"id": run_id, "name": info["name"], "model": info["model"], "adapter": "seq-cls",
                "dataset": "synthetic", "config_yaml": "model: tiny-random-rm\n",
-               "store_path": str(store_path), "n_texts": len(tables["texts"]["text_id"]),
+               "store_path": str(store_path.relative_to(settings.data_dir)),  # relative, like the pipeline
+               "n_texts": len(tables["texts"]["text_id"]),
                "n_tokens": sum(tables["texts"]["n_tokens"])}
     db.register_run(settings, run_row, sae_rows, replace=replace)
     return tables

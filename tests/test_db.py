@@ -80,6 +80,13 @@ def test_register_run_inserts_run_and_saes(migrated):
         assert run.created_at is not None
 
 
+def test_register_run_accepts_numpy_scalars(migrated):
+    import numpy as np
+
+    db.register_run(migrated, run_row(n_texts=np.int64(10)), [sae_row(np.int64(4), mse=np.float32(0.5))])
+    assert table_rows(migrated) == (["r1"], [("r1", 4)])
+
+
 def test_register_run_is_all_or_nothing(migrated):
     with pytest.raises(IntegrityError):
         db.register_run(migrated, run_row(), [sae_row(1), sae_row(2, mse=None)])  # NOT NULL

@@ -200,3 +200,9 @@ def test_display_tokens_spacing_and_shading():
     shaded = display_tokens(["a", "b", "c"], [0.0, 3.0, 6.0], 4.0, peak=1)
     assert [t["alpha"] for t in shaded] == [0.0, 0.75, 1.0]  # act / max, clipped at 1
     assert [t["peak"] for t in shaded] == [False, True, False]
+
+
+def test_registered_run_without_its_store_is_404(client, migrated):
+    (migrated.data_dir / "runs" / "synthetic" / "features.duckdb").unlink()
+    r = client.get(f"/api{RUN}")
+    assert r.status_code == 404 and "does not exist" in r.json()["detail"]
