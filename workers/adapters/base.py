@@ -1,0 +1,112 @@
+"""The one interface every reward-model family implements.
+
+An adapter tokenises texts, runs the model with forward hooks on many layers in one pass,
+and says where the reward is read. Layers are 0-based transformer blocks; a hook on layer
+L sees (and may replace) the residual stream after block L, i.e. HF hidden_states[L + 1].
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+# A layer edit receives the block's hidden states [batch, seq, d] and returns new ones.
+LayerEdit = Callable[[torch.Tensor], torch.Tensor]
+
+
+class StopForward(Exception):
+    """Raised from a hook once the deepest needed layer ran: later layers are skipped."""
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [B, T]
+    attention_mask: torch.Tensor  # [B, T]
+    reward_positions: torch.Tensor  # [B] token index the reward is read from
+
+
+def find_blocks(model: nn.Module, n_layers: int) -> nn.ModuleList:
+    """The transformer blocks, found structurally so any HF architecture works."""
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n_layers:
+            return module
+    raise ValueError(f"could not find a ModuleList of {n_layers} transformer blocks in the model")
+
+
+class RewardModelAdapter:
+    kind: str = ""
+
+    def __init__(self, model: nn.Module, tokenizer, device: torch.device, max_length: int):
+        self.model = model.eval().to(device)
+        self.tokenizer = tokenizer
+        self.device = device
+        self.max_length = max_length
+        self.n_layers: int = model.config.num_hidden_layers
+        self.d_model: int = model.config.hidden_size
+        self.blocks = find_blocks(model, self.n_layers)
+
+    # -- to be implemented by each family ---------------------------------------------
+    def reward_positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def score(self, batch: Batch) -> torch.Tensor:
+        """Run the full model and return one reward per sequence [B]."""
+        raise NotImplementedError
+
+    # -- shared machinery -------------------------------------------------------------
+    def tokenize(self, texts: list[str]) -> Batch:
+        enc = self.tokenizer(
+            texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+        return Batch(ids, mask, self.reward_positions(ids, mask))
+
+    def hook_name(self, layer: int) -> str:
+        return f"blocks.{layer}.hook_resid_post"
+
+    @torch.no_grad()
+    def run(
+        self,
+        batch: Batch,
+        capture: list[int] = (),
+        edits: dict[int, LayerEdit] | None = None,
+        need_score: bool = True,
+    ) -> tuple[torch.Tensor | None, dict[int, torch.Tensor]]:
+        """One forward pass: capture the residual stream at `capture` layers (after any
+        edit there) and apply `edits`. Without need_score, stops after the deepest layer."""
+        edits = edits or {}
+        captured: dict[int, torch.Tensor] = {}
+        last_needed = max([*capture, *edits], default=-1)
+
+        def make_hook(layer: int):
+            def hook(module, args, output):
+                hidden = output[0] if isinstance(output, tuple) else output
+                if layer in edits:
+                    hidden = edits[layer](hidden)
+                if layer in capture:
+                    captured[layer] = hidden.detach()
+                if not need_score and layer == last_needed:
+                    raise StopForward
+                if layer in edits:
+                    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+                return None
+
+            return hook
+
+        layers = sorted(set(capture) | set(edits))
+        handles = [self.blocks[layer].register_forward_hook(make_hook(layer)) for layer in layers]
+        scores = None
+        try:
+            scores = self.score(batch)
+        except StopForward:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        return scores, captured
+
+    def batches(self, texts: list[str], batch_size: int) -> Iterator[tuple[int, Batch]]:
+        for start in range(0, len(texts), batch_size):
+            yield start, self.tokenize(texts[start : start + batch_size])

@@ -1,0 +1,34 @@
+"""Sequence-classification reward models: any HF AutoModelForSequenceClassification with one label."""
+from __future__ import annotations
+
+import torch
+
+from workers.adapters.base import Batch, RewardModelAdapter
+from workers.device import autocast
+
+
+class SequenceClassifierAdapter(RewardModelAdapter):
+    kind = "seq_cls"
+
+    def __init__(self, model, tokenizer, device, max_length):
+        if model.config.num_labels != 1:
+            raise ValueError(f"a reward model needs one output label, this one has {model.config.num_labels}")
+        super().__init__(model, tokenizer, device, max_length)
+        # Encoders (BERT-style) read the first token; decoders read the last non-pad token,
+        # which is what HF's *ForSequenceClassification heads do.
+        self.reads_last_token = bool(getattr(model.config, "is_decoder", False)) or (
+            model.config.model_type not in {"bert", "roberta", "deberta", "deberta-v2", "distilbert",
+                                             "electra", "xlm-roberta", "albert", "mpnet"}
+        )
+
+    def reward_positions(self, input_ids, attention_mask):
+        if not self.reads_last_token:
+            return torch.zeros(len(input_ids), dtype=torch.long, device=input_ids.device)
+        # last non-pad token, robust to left or right padding
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        return (attention_mask * positions).argmax(dim=1)
+
+    def score(self, batch: Batch) -> torch.Tensor:
+        with autocast(self.device):
+            logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        return logits[:, 0].float()

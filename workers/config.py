@@ -1,0 +1,155 @@
+"""Run configuration: YAML validated by pydantic, checked against the model before any compute."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEMO_MODEL = "demo"  # stands for the demo reward model built into the data dir
+DEMO_DATASET = "demo"  # stands for the generated demo corpus
+
+
+class ConfigError(ValueError):
+    """A config problem, with a message naming the offending key."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(Strict):
+    path: str = Field(description="HF model id or local directory; 'demo' for the built-in demo RM")
+    adapter: Literal["seq_cls"] = "seq_cls"
+    max_length: int = Field(128, ge=8, le=8192)
+
+
+class DatasetConfig(Strict):
+    source: str = Field(description="'demo', or a local .jsonl/.csv/.parquet file with a text column")
+    text_column: str = "text"
+    reward_column: str | None = "reward"
+    n_texts: int | None = Field(None, ge=10, description="use at most this many texts")
+    heldout_fraction: float = Field(0.2, gt=0.0, lt=0.9)
+    batch_size: int = Field(64, ge=1)
+
+
+class SaeConfig(Strict):
+    architecture: Literal["topk"] = "topk"
+    width: int = Field(3072, ge=8)
+    k: int = Field(32, ge=1)
+    training_tokens: int = Field(300_000, ge=1000)
+    batch_size: int = Field(1024, ge=16, description="tokens per SAE training step")
+    lr: float = Field(4e-4, gt=0, lt=1)
+    buffer_tokens: int = Field(32_768, ge=256, description="shuffle buffer, in tokens")
+
+    @model_validator(mode="after")
+    def _k_fits(self):
+        if self.k > self.width:
+            raise ValueError(f"sae.k ({self.k}) must not exceed sae.width ({self.width})")
+        return self
+
+
+class AnalysisConfig(Strict):
+    n_contexts: int = Field(20, ge=1, le=200)
+    window_before: int = Field(10, ge=0)
+    window_after: int = Field(5, ge=0)
+    histogram_bins: int = Field(24, ge=2, le=200)
+
+
+class RegressionConfig(Strict):
+    pooling: Literal["reward_token", "sum", "mean", "max"] = "reward_token"
+    alphas: list[float] = Field(default_factory=lambda: [0.1, 1.0, 10.0, 100.0, 1000.0])
+
+    @field_validator("alphas")
+    @classmethod
+    def _positive(cls, alphas):
+        if not alphas or any(a <= 0 for a in alphas):
+            raise ValueError("regression.alphas must be a non-empty list of positive numbers")
+        return alphas
+
+
+class RunConfig(Strict):
+    name: str
+    run_id: str | None = Field(None, description="defaults to a slug of name")
+    model: ModelConfig
+    dataset: DatasetConfig
+    layers: list[int] = Field(min_length=1)
+    sae: SaeConfig = SaeConfig()
+    analysis: AnalysisConfig = AnalysisConfig()
+    regression: RegressionConfig = RegressionConfig()
+    seed: int = 0
+    device: str = "auto"
+
+    @field_validator("layers")
+    @classmethod
+    def _distinct(cls, layers):
+        if len(set(layers)) != len(layers) or any(layer < 0 for layer in layers):
+            raise ValueError("layers must be distinct, non-negative block indices")
+        return sorted(layers)
+
+    @model_validator(mode="after")
+    def _default_run_id(self):
+        slug = self.run_id or re.sub(r"[^a-z0-9]+", "-", self.name.lower()).strip("-")
+        if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,63}", slug):
+            raise ValueError(f"run_id {slug!r} must be 1-64 lowercase letters, digits, '-' or '_'")
+        self.run_id = slug
+        return self
+
+
+def _format_validation(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        message = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        lines.append(f"{key}: {message}")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def parse_config(data: dict, base_dir: Path | None = None) -> RunConfig:
+    try:
+        config = RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation(exc)) from None
+    if base_dir is not None and config.dataset.source != DEMO_DATASET:
+        source = Path(config.dataset.source)
+        if not source.is_absolute():
+            config.dataset.source = str((base_dir / source).resolve())
+    return config
+
+
+def load_config(path: Path) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of keys (name, model, dataset, layers, ...)")
+    return parse_config(data, base_dir=path.parent)
+
+
+def check_against_world(config: RunConfig, model_path: str) -> None:
+    """Checks that need the file system or the model's config, still before any compute."""
+    source = config.dataset.source
+    if source != DEMO_DATASET:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"dataset.source: file not found: {source}")
+        if path.suffix.lower() not in {".jsonl", ".json", ".csv", ".parquet"}:
+            raise ConfigError(f"dataset.source: unsupported file type {path.suffix!r} (use .jsonl, .csv or .parquet)")
+    from transformers import AutoConfig
+
+    try:
+        model_config = AutoConfig.from_pretrained(model_path)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"model.path: cannot load a model config from {config.model.path!r}: {exc}") from None
+    depth = model_config.num_hidden_layers
+    too_deep = [layer for layer in config.layers if layer >= depth]
+    if too_deep:
+        raise ConfigError(f"layers: {too_deep} beyond the model's depth ({depth} blocks: 0..{depth - 1})")
+    if getattr(model_config, "num_labels", 1) != 1:
+        raise ConfigError(f"model.path: a reward model needs one output label, this one has {model_config.num_labels}")

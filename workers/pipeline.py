@@ -1,0 +1,181 @@
+"""config -> collect -> train -> analyse/regress -> publish -> register. One way, no going back."""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from backend.settings import Settings
+from backend.store_schema import STORE_FILENAME
+from workers.adapters import load_adapter
+from workers.analyze import collect_corpus_activations, feature_tables
+from workers.config import DEMO_MODEL, ConfigError, RunConfig, check_against_world
+from workers.datasets import load_corpus
+from workers.device import pick_device
+from workers.publish import write_store
+from workers.regress import fit_reward_regression
+from workers.train import load_saes, train_saes
+
+DEMO_MODEL_DIRNAME = "demo-rm"
+
+
+def resolve_model_path(config: RunConfig, settings: Settings) -> str:
+    if config.model.path != DEMO_MODEL:
+        return config.model.path
+    path = settings.models_dir / DEMO_MODEL_DIRNAME
+    if not path.is_dir():
+        from workers.demo_model import build_demo_reward_model
+
+        print(f"building the demo reward model in {path} (once)")
+        report = build_demo_reward_model(path)
+        print(f"demo reward model held-out R² vs the VADER reward: {report['heldout_r2']:.3f}")
+    return str(path)
+
+
+def _stage(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def build_tables(config: RunConfig, adapter, corpus, acts, sae_paths: dict[int, Path], run_dir: Path) -> dict:
+    vocab = np.array(adapter.tokenizer.convert_ids_to_tokens(list(range(len(adapter.tokenizer)))), dtype=object)
+    lengths = np.diff(acts.text_offsets)
+    tables = {
+        "texts": {
+            "text_id": np.arange(len(corpus.texts)),
+            "split": np.where(corpus.heldout, "heldout", "train"),
+            "text": corpus.texts,
+            "reward": corpus.rewards if corpus.rewards is not None else [None] * len(corpus.texts),
+            "score": acts.scores,
+            "n_tokens": lengths,
+            "reward_position": acts.reward_positions,
+        },
+        "layers": {k: [] for k in ("layer", "hook_name", "sae_path", "architecture", "d_in", "d_sae", "k", "mse",
+                                   "explained_variance", "l0", "dead_fraction", "pooling", "r2_train", "r2_heldout",
+                                   "ridge_alpha", "n_train", "n_heldout")},
+        "features": {},
+        "contexts": {},
+    }
+    for layer in config.layers:
+        layer_acts = acts.layers[layer]
+        _stage(f"layer {layer}: feature statistics and top contexts")
+        feats, contexts = feature_tables(layer, layer_acts.token_matrix(acts.n_tokens), acts, vocab, config.analysis)
+        _stage(f"layer {layer}: reward regression ({config.regression.pooling} pooling)")
+        fit = fit_reward_regression(layer_acts.pooled_matrix(len(corpus.texts)), acts.scores, corpus.heldout,
+                                    config.regression.alphas, config.seed)
+        feats["weight"] = fit.weights
+        metrics = layer_acts.metrics(acts.n_tokens, adapter.d_model)
+        row = {
+            "layer": layer, "hook_name": adapter.hook_name(layer),
+            "sae_path": str(sae_paths[layer].relative_to(run_dir)), "architecture": config.sae.architecture,
+            "d_in": adapter.d_model, "d_sae": config.sae.width, "k": config.sae.k, **metrics,
+            "dead_fraction": float(np.mean(np.asarray(feats["frequency"]) == 0)),
+            "pooling": config.regression.pooling, "r2_train": fit.r2_train, "r2_heldout": fit.r2_heldout,
+            "ridge_alpha": fit.alpha, "n_train": fit.n_train, "n_heldout": fit.n_heldout,
+        }
+        for key, value in row.items():
+            tables["layers"][key].append(value)
+        for target, cols in (("features", feats), ("contexts", contexts)):
+            for key, values in cols.items():
+                tables[target].setdefault(key, []).extend(values)
+        print(f"  layer {layer}: held-out R² {fit.r2_heldout:.3f} (train {fit.r2_train:.3f}, alpha {fit.alpha:g}), "
+              f"explained variance {metrics['explained_variance']:.3f}, L0 {metrics['l0']:.1f}, "
+              f"dead {row['dead_fraction']:.1%}")
+    return tables
+
+
+def _register(settings: Settings, config: RunConfig, model_path: str, tables: dict, info: dict, replace: bool) -> None:
+    from backend.db import register_run
+
+    layers = tables["layers"]
+    run_row = {
+        "id": config.run_id, "name": config.name, "model": config.model.path, "adapter": config.model.adapter,
+        "dataset": config.dataset.source, "config_yaml": info["config_yaml"],
+        "store_path": str(Path("runs") / config.run_id / STORE_FILENAME),
+        "n_texts": int(info["n_texts"]), "n_tokens": int(info["n_tokens"]),
+    }
+    sae_rows = [
+        {"layer": layers["layer"][i], "hook_name": layers["hook_name"][i],
+         "path": str(Path("runs") / config.run_id / layers["sae_path"][i]), "architecture": layers["architecture"][i],
+         "d_in": layers["d_in"][i], "d_sae": layers["d_sae"][i], "mse": layers["mse"][i],
+         "explained_variance": layers["explained_variance"][i], "l0": layers["l0"][i],
+         "dead_fraction": layers["dead_fraction"][i], "r2_heldout": layers["r2_heldout"][i]}
+        for i in range(len(layers["layer"]))
+    ]
+    register_run(settings, run_row, sae_rows, replace=replace)
+
+
+def run_exists(settings: Settings, run_id: str) -> bool:
+    from backend.db import session
+    from backend.models import Run
+
+    with session(settings) as s:
+        return s.get(Run, run_id) is not None
+
+
+def run_pipeline(config: RunConfig, settings: Settings, replace: bool = False) -> Path:
+    """Run every stage; the run appears (directory + SQL row) only once all of it succeeded."""
+    from backend.db import upgrade
+
+    upgrade(settings)
+    if not replace and run_exists(settings, config.run_id):
+        raise ConfigError(f"run_id: a run {config.run_id!r} already exists (pass --replace to overwrite it)")
+    model_path = resolve_model_path(config, settings)
+    check_against_world(config, model_path)
+
+    started = time.time()
+    device = pick_device(config.device)
+    torch.manual_seed(config.seed)
+    final_dir = settings.run_dir(config.run_id)
+    staging = settings.runs_dir / f".{config.run_id}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        _stage(f"loading {model_path} on {device}")
+        adapter = load_adapter(config.model.adapter, model_path, device, config.model.max_length)
+        corpus = load_corpus(config.dataset, config.seed)
+        train_texts = [t for t, held in zip(corpus.texts, corpus.heldout) if not held]
+        _stage(f"training {len(config.layers)} SAEs (layers {config.layers}) on {config.sae.training_tokens:,} tokens")
+        sae_paths = train_saes(config, adapter, train_texts, staging)
+        _stage(f"analysing {len(corpus.texts):,} texts")
+        saes = load_saes(sae_paths, device)  # exactly what was saved: proves the files load
+        acts = collect_corpus_activations(adapter, saes, corpus.texts, corpus.heldout,
+                                          config.dataset.batch_size, config.regression.pooling)
+        tables = build_tables(config, adapter, corpus, acts, sae_paths, staging)
+        config_yaml = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+        info = {
+            "run_id": config.run_id, "name": config.name, "model": config.model.path,
+            "adapter": config.model.adapter, "dataset": config.dataset.source, "config_yaml": config_yaml,
+            "created_at": datetime.now(timezone.utc).isoformat(), "n_texts": len(corpus.texts),
+            "n_tokens": acts.n_tokens, "device": str(device),
+        }
+        _stage("writing the feature store")
+        write_store(staging / STORE_FILENAME, info, tables)
+        (staging / "config.yaml").write_text(config_yaml)
+        _publish(staging, final_dir, lambda: _register(settings, config, model_path, tables, info, replace))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _stage(f"run {config.run_id!r} done in {time.time() - started:.0f} s: {final_dir}")
+    return final_dir
+
+
+def _publish(staging: Path, final_dir: Path, register) -> None:
+    """Rename the finished run into place, then register it; undo the rename if that fails."""
+    previous = final_dir.with_name(f".{final_dir.name}.previous-{os.getpid()}")
+    if final_dir.exists():
+        final_dir.rename(previous)
+    staging.rename(final_dir)
+    try:
+        register()
+    except BaseException:
+        final_dir.rename(staging)
+        if previous.exists():
+            previous.rename(final_dir)
+        raise
+    shutil.rmtree(previous, ignore_errors=True)
