@@ -1,0 +1,34 @@
+# The README's two commands. The install is written once, here, and used by both.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test serve clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+# Install facts: torch==2.13.0 first (a CPU wheel; any other spec pulls GBs of CUDA wheels),
+# then everything under constraints.txt, then sae-dashboard without its dependencies (they
+# would replace the CPU torch). Re-runs only when the package list changes.
+$(STAMP): $(BIN)/python pyproject.toml constraints.txt
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[test]"
+	$(BIN)/pip install --quiet --no-deps sae-dashboard==0.8.0
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/rewardatlas demo
+
+serve: install
+	$(BIN)/rewardatlas serve
+
+test: install
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) *.egg-info

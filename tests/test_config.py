@@ -1,0 +1,76 @@
+"""Config validation: every mistake is named, before any compute, and leaves nothing behind."""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from backend.cli import main
+from workers.config import ConfigError, check_against_world, load_config, parse_config
+
+BASE = {"name": "x", "model": {"path": "demo"}, "dataset": {"source": "demo"}, "layers": [1]}
+
+
+def with_(**changes):
+    data = {**BASE, **changes}
+    return data
+
+
+@pytest.mark.parametrize(
+    "data, key",
+    [
+        (with_(lyers=[1]), "lyers: unknown key"),
+        (with_(sae={"width": 16, "k": 32}), "sae.k (32) must not exceed sae.width (16)"),
+        (with_(sae={"widht": 16}), "sae.widht: unknown key"),
+        (with_(layers=[]), "layers"),
+        (with_(layers=[1, 1]), "layers must be distinct"),
+        (with_(dataset={"source": "demo", "heldout_fraction": 1.5}), "dataset.heldout_fraction"),
+        (with_(regression={"alphas": [-1.0]}), "regression.alphas"),
+        (with_(regression={"pooling": "median"}), "regression.pooling"),
+        ({"model": {"path": "demo"}, "dataset": {"source": "demo"}, "layers": [1]}, "name: Field required"),
+    ],
+)
+def test_bad_values_are_named(data, key):
+    with pytest.raises(ConfigError) as err:
+        parse_config(data)
+    assert key in str(err.value)
+
+
+def test_layer_beyond_depth_and_missing_dataset_are_caught_before_compute(tmp_path):
+    from tests.tiny_models import save_tiny_bert
+
+    model = save_tiny_bert(tmp_path / "m", n_layers=3)
+    config = parse_config(with_(model={"path": str(model)}, layers=[1, 3]))
+    with pytest.raises(ConfigError, match=r"layers: \[3\] beyond the model's depth \(3 blocks"):
+        check_against_world(config, str(model))
+    config = parse_config(with_(model={"path": str(model)}, dataset={"source": str(tmp_path / "nope.jsonl")}))
+    with pytest.raises(ConfigError, match="dataset.source: file not found"):
+        check_against_world(config, str(model))
+    config = parse_config(with_(model={"path": str(tmp_path / "no-model")}))
+    with pytest.raises(ConfigError, match="model.path: cannot load"):
+        check_against_world(config, str(tmp_path / "no-model"))
+
+
+def test_relative_dataset_path_resolves_next_to_the_config(tmp_path):
+    (tmp_path / "data.jsonl").write_text('{"text": "hi"}\n')
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(with_(dataset={"source": "data.jsonl"})))
+    assert load_config(path).dataset.source == str(tmp_path / "data.jsonl")
+
+
+def test_cli_reports_a_broken_config_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    from backend.settings import get_settings
+
+    data_dir = tmp_path / "data"
+    monkeypatch.setenv("RA_DATA_DIR", str(data_dir))
+    get_settings.cache_clear()
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(with_(sae={"width": 8, "k": 4, "typo": 1})))
+    try:
+        assert main(["run", str(path)]) == 2
+    finally:
+        get_settings.cache_clear()
+    err = capsys.readouterr().err
+    assert "sae.typo: unknown key" in err
+    assert not data_dir.exists()
+    assert main(["run", str(tmp_path / "missing.yaml")]) == 2
+    assert "config file not found" in capsys.readouterr().err

@@ -1,0 +1,153 @@
+"""run -> store -> SQL registry -> pages, on a tiny random BERT; plus failure atomicity."""
+from __future__ import annotations
+
+import json
+
+import duckdb
+import numpy as np
+import pytest
+
+from backend import db
+from backend.models import Run
+from backend.settings import Settings
+from backend.store_schema import STORE_FILENAME
+from tests.helpers import make_client
+from tests.tiny_models import save_tiny_bert
+from workers import publish
+from workers.config import parse_config
+from workers.pipeline import run_pipeline
+
+N_FEATURES = 64
+
+
+def tiny_config(model_path, dataset_path, **overrides):
+    data = {
+        "name": "Tiny Run",
+        "model": {"path": str(model_path), "max_length": 32},
+        "dataset": {"source": str(dataset_path), "batch_size": 32},
+        "layers": [0, 2],
+        "sae": {"width": N_FEATURES, "k": 4, "training_tokens": 4096, "batch_size": 256, "buffer_tokens": 1024},
+        "analysis": {"n_contexts": 5},
+        "regression": {"pooling": "mean"},
+        **overrides,
+    }
+    return parse_config(data)
+
+
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    model_path = save_tiny_bert(root / "tiny-bert")
+    from workers.demo_corpus import generate_corpus, vader_reward
+
+    dataset = root / "reviews.jsonl"
+    with dataset.open("w") as f:
+        for text in generate_corpus(240, seed=7):
+            f.write(json.dumps({"text": text, "reward": vader_reward(text)}) + "\n")
+    return model_path, dataset
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_world, tmp_path_factory):
+    settings = Settings(data_dir=tmp_path_factory.mktemp("data"))
+    config = tiny_config(*tiny_world)
+    run_dir = run_pipeline(config, settings)
+    yield settings, run_dir
+    db.dispose_engines()
+
+
+def test_store_holds_every_feature_with_weight_and_contexts(finished_run):
+    settings, run_dir = finished_run
+    con = duckdb.connect(str(run_dir / STORE_FILENAME), read_only=True)
+    assert con.execute("select count(*) from texts").fetchone()[0] == 240
+    per_layer = dict(con.execute("select layer, count(*) from features group by layer").fetchall())
+    assert per_layer == {0: N_FEATURES, 2: N_FEATURES}
+    assert con.execute("select count(*) from features where weight is null").fetchone()[0] == 0
+    live = con.execute("select count(*) from features where frequency > 0").fetchone()[0]
+    with_contexts = con.execute("select count(distinct (layer, feature)) from contexts").fetchone()[0]
+    assert live == with_contexts > 0
+    # a context's peak token carries the activation the context is ranked by
+    tokens, acts, position, start, activation = con.execute(
+        "select tokens, acts, position, window_start, activation from contexts order by activation desc limit 1"
+    ).fetchone()
+    assert acts[position - start] == pytest.approx(activation, rel=1e-5)
+    assert max(acts) == pytest.approx(activation, rel=1e-5)
+    layers = con.execute("select layer, r2_heldout, explained_variance, l0 from layers order by layer").fetchall()
+    assert [row[0] for row in layers] == [0, 2]
+    assert all(0 < row[3] <= 4 + 1e-6 for row in layers)  # TopK k=4
+
+
+def test_saes_open_with_sae_lens(finished_run):
+    from sae_lens import SAE
+
+    settings, run_dir = finished_run
+    for layer in (0, 2):
+        sae = SAE.load_from_disk(run_dir / "saes" / f"layer_{layer}")
+        assert sae.cfg.d_sae == N_FEATURES and sae.cfg.d_in == 32
+        assert sae.cfg.metadata.hook_name == f"blocks.{layer}.hook_resid_post"
+
+
+def test_run_registered_in_sql(finished_run):
+    settings, _ = finished_run
+    with db.session(settings) as s:
+        run = s.get(Run, "tiny-run")
+        assert run is not None and run.n_texts == 240
+        assert [sae.layer for sae in run.saes] == [0, 2]
+
+
+def test_pages_show_the_run_ordered_by_weight(finished_run):
+    settings, run_dir = finished_run
+    con = duckdb.connect(str(run_dir / STORE_FILENAME), read_only=True)
+    expected = [row[0] for row in con.execute(
+        "select feature from features where layer = 2 order by weight desc, feature limit 10").fetchall()]
+    with make_client(settings) as client:
+        assert "Tiny Run" in client.get("/").text
+        table = client.get("/api/runs/tiny-run/layers/2").json()
+        got = [row["feature"] for row in table["features"]][:10]
+        assert got == expected
+        weights = [row["weight"] for row in table["features"]]
+        assert weights == sorted(weights, reverse=True)
+        html = client.get("/runs/tiny-run/layers/2").text
+        assert html.index(f"/features/{expected[0]}\"") < html.index(f"/features/{expected[1]}\"")
+
+        top = expected[0]
+        peak_token = con.execute(
+            f"select tokens[position - window_start + 1] from contexts where layer=2 and feature={top} and rank=0"
+        ).fetchone()[0]
+        page = client.get(f"/runs/tiny-run/layers/2/features/{top}")
+        assert page.status_code == 200
+        assert peak_token.replace("##", "") in page.text
+        twin = client.get(f"/api/runs/tiny-run/layers/2/features/{top}").json()
+        stored_weight = con.execute(f"select weight from features where layer=2 and feature={top}").fetchone()[0]
+        assert twin["feature"]["weight"] == pytest.approx(stored_weight)
+        assert twin["contexts"][0]["tokens"][twin["contexts"][0]["position"] - twin["contexts"][0]["window_start"]] == peak_token
+
+
+def test_failure_while_writing_leaves_nothing(tiny_world, tmp_path, monkeypatch):
+    settings = Settings(data_dir=tmp_path)
+    config = tiny_config(*tiny_world, name="broken")
+    real_insert = publish._insert
+
+    def failing_insert(con, table, columns):
+        if table == "contexts":
+            raise OSError("disk full (simulated)")
+        return real_insert(con, table, columns)
+
+    monkeypatch.setattr(publish, "_insert", failing_insert)
+    with pytest.raises(OSError, match="simulated"):
+        run_pipeline(config, settings)
+    runs_dir = settings.runs_dir
+    assert not runs_dir.exists() or list(runs_dir.iterdir()) == []
+    with db.session(settings) as s:
+        assert s.query(Run).count() == 0
+    db.dispose_engines()
+
+
+def test_existing_run_is_not_overwritten_without_replace(finished_run, tiny_world):
+    from workers.config import ConfigError
+
+    settings, run_dir = finished_run
+    before = (run_dir / STORE_FILENAME).stat().st_mtime_ns
+    with pytest.raises(ConfigError, match="already exists"):
+        run_pipeline(tiny_config(*tiny_world), settings)
+    assert (run_dir / STORE_FILENAME).stat().st_mtime_ns == before
