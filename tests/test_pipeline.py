@@ -151,3 +151,24 @@ def test_existing_run_is_not_overwritten_without_replace(finished_run, tiny_worl
     with pytest.raises(ConfigError, match="already exists"):
         run_pipeline(tiny_config(*tiny_world), settings)
     assert (run_dir / STORE_FILENAME).stat().st_mtime_ns == before
+
+
+def test_contexts_and_scores_point_at_the_right_texts(finished_run, tiny_world):
+    """Texts are analysed in length order; every stored row must still name its own text."""
+    import torch
+
+    from workers.adapters import load_adapter
+
+    settings, run_dir = finished_run
+    adapter = load_adapter("seq_cls", str(tiny_world[0]), torch.device("cpu"), max_length=32)
+    con = duckdb.connect(str(run_dir / STORE_FILENAME), read_only=True)
+    contexts = con.execute(
+        "select c.tokens, c.window_start, t.text, t.n_tokens from contexts c join texts t using (text_id) "
+        "order by c.activation desc limit 25").fetchall()
+    for tokens, start, text, n_tokens in contexts:
+        full = adapter.tokenizer.convert_ids_to_tokens(adapter.tokenizer(text, truncation=True, max_length=32)["input_ids"])
+        assert full[start : start + len(tokens)] == list(tokens)
+        assert len(full) == n_tokens
+    sample = con.execute("select text, score from texts where text_id in (3, 100, 201) order by text_id").fetchall()
+    scores, _ = adapter.run(adapter.tokenize([text for text, _ in sample]))
+    assert np.allclose(scores.numpy(), [score for _, score in sample], atol=1e-4)

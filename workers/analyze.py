@@ -10,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from workers.adapters import RewardModelAdapter
+from workers.batching import length_bucketed_batches, token_lengths
 from workers.config import AnalysisConfig
 
 
@@ -49,15 +50,24 @@ class LayerActivations:
 
 @dataclass
 class CorpusActivations:
-    scores: np.ndarray  # RM score per text
-    token_ids: np.ndarray  # all analysed tokens, texts concatenated
-    text_offsets: np.ndarray  # [n_texts + 1] start of each text in token_ids
-    reward_positions: np.ndarray  # per text, index inside the text
+    """Texts are processed in length order (less padding); a text's "slot" is its place in
+    that order, and token_ids / text_offsets follow slots. Per-text arrays follow text ids."""
+
+    scores: np.ndarray  # RM score per text id
+    reward_positions: np.ndarray  # per text id, token index inside the text
+    slot_text_ids: np.ndarray  # text id at each slot
+    token_ids: np.ndarray  # all analysed tokens, slots concatenated
+    text_offsets: np.ndarray  # [n_texts + 1] start of each slot in token_ids
     layers: dict[int, LayerActivations]
 
     @property
     def n_tokens(self) -> int:
         return int(self.text_offsets[-1])
+
+    def tokens_per_text(self) -> np.ndarray:
+        out = np.empty(len(self.slot_text_ids), dtype=np.int64)
+        out[self.slot_text_ids] = np.diff(self.text_offsets)
+        return out
 
 
 def _pool(acts, text_of_token, content, reward_rows, n: int, how: str) -> torch.Tensor:
@@ -87,28 +97,34 @@ def collect_corpus_activations(
 ) -> CorpusActivations:
     layers = sorted(saes)
     results = {layer: LayerActivations(d_sae=saes[layer].cfg.d_sae) for layer in layers}
-    scores, token_ids, lengths, positions = [], [], [], []
+    scores = np.zeros(len(texts))
+    reward_positions = np.zeros(len(texts), dtype=np.int64)
+    token_ids, lengths = [], []
     special_ids = torch.tensor(sorted(adapter.tokenizer.all_special_ids))
+    batches = length_bucketed_batches(token_lengths(adapter.tokenizer, texts, adapter.max_length), batch_size, None)
     offset = 0
-    for start, batch in tqdm(adapter.batches(texts, batch_size), total=-(-len(texts) // batch_size), desc="analysing"):
+    for indices in tqdm(batches, desc="analysing"):
+        batch = adapter.tokenize([texts[i] for i in indices])
         batch_scores, captured = adapter.run(batch, capture=layers)
         keep = batch.attention_mask.bool()
-        n_in_batch = len(batch.input_ids)
-        flat_index = keep.flatten().cumsum(0).reshape(keep.shape) - 1  # position in the flattened kept tokens
-        reward_rows = flat_index[torch.arange(n_in_batch), batch.reward_positions].cpu()
-        text_of_token = torch.arange(n_in_batch).unsqueeze(1).expand_as(keep)[keep.cpu()]
+        keep_cpu = keep.cpu()
+        n_in_batch = len(indices)
+        flat_index = keep_cpu.flatten().cumsum(0).reshape(keep.shape) - 1  # position among kept tokens
+        reward_rows = flat_index[torch.arange(n_in_batch), batch.reward_positions.cpu()]
+        text_of_token = torch.arange(n_in_batch).unsqueeze(1).expand_as(keep_cpu)[keep_cpu]
         content = ~torch.isin(batch.input_ids[keep].cpu(), special_ids)
-        eval_tokens = torch.from_numpy(heldout[start : start + n_in_batch])[text_of_token]
-        scores.append(batch_scores.cpu())
+        eval_tokens = torch.from_numpy(heldout[indices])[text_of_token].to(adapter.device)
+        scores[indices] = batch_scores.cpu().numpy()
+        reward_positions[indices] = batch.reward_positions.cpu().numpy()
         token_ids.append(batch.input_ids[keep].cpu())
-        lengths.append(keep.sum(1).cpu())
-        positions.append(batch.reward_positions.cpu())
+        lengths.append(keep_cpu.sum(1))
+        text_ids = torch.from_numpy(indices)
         for layer in layers:
             res, sae = results[layer], saes[layer]
             x = captured[layer][keep].float()
             acts = sae.encode(x)
-            recon_err = (sae.decode(acts) - x)[eval_tokens.to(x.device)]
-            x_eval = x[eval_tokens.to(x.device)]
+            recon_err = (sae.decode(acts) - x)[eval_tokens]
+            x_eval = x[eval_tokens]
             res.sse += float((recon_err**2).sum())
             res.sum_sq += float((x_eval**2).sum())
             res.sum_x = x_eval.sum(0).cpu() if res.sum_x is None else res.sum_x + x_eval.sum(0).cpu()
@@ -121,16 +137,16 @@ def collect_corpus_activations(
             res.n_active += len(tok)
             pooled = _pool(acts, text_of_token, content, reward_rows, n_in_batch, pooling)
             rows, cols = pooled.nonzero(as_tuple=True)
-            res.pooled["rows"].append((rows + start).int())
+            res.pooled["rows"].append(text_ids[rows].int())
             res.pooled["cols"].append(cols.int())
             res.pooled["vals"].append(pooled[rows, cols])
-        offset += int(keep.sum())
-    lengths = torch.cat(lengths).numpy()
+        offset += int(keep_cpu.sum())
     return CorpusActivations(
-        scores=torch.cat(scores).numpy().astype(np.float64),
+        scores=scores,
+        reward_positions=reward_positions,
+        slot_text_ids=np.concatenate(batches),
         token_ids=torch.cat(token_ids).numpy(),
-        text_offsets=np.concatenate([[0], np.cumsum(lengths)]),
-        reward_positions=torch.cat(positions).numpy(),
+        text_offsets=np.concatenate([[0], np.cumsum(torch.cat(lengths).numpy())]),
         layers=results,
     )
 
@@ -157,17 +173,17 @@ def feature_tables(
         top = np.argsort(-vals, kind="stable")[: config.n_contexts]
         for rank, i in enumerate(top):
             g = int(rows[i])
-            text = int(np.searchsorted(offsets, g, side="right") - 1)
-            pos = g - int(offsets[text])
+            slot = int(np.searchsorted(offsets, g, side="right") - 1)
+            pos = g - int(offsets[slot])
             ws = max(0, pos - config.window_before)
-            we = min(int(offsets[text + 1] - offsets[text]), pos + config.window_after + 1)
-            g0, g1 = int(offsets[text]) + ws, int(offsets[text]) + we
+            we = min(int(offsets[slot + 1] - offsets[slot]), pos + config.window_after + 1)
+            g0, g1 = int(offsets[slot]) + ws, int(offsets[slot]) + we
             window_acts = np.zeros(we - ws, dtype=np.float32)
             a, b = np.searchsorted(rows, g0), np.searchsorted(rows, g1)
             window_acts[rows[a:b] - g0] = vals[a:b]
             ctx_cols["feature"].append(f)
             ctx_cols["rank"].append(rank)
-            ctx_cols["text_id"].append(text)
+            ctx_cols["text_id"].append(int(corpus.slot_text_ids[slot]))
             ctx_cols["position"].append(pos)
             ctx_cols["activation"].append(float(vals[i]))
             ctx_cols["window_start"].append(ws)

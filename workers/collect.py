@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from workers.adapters import RewardModelAdapter
+from workers.batching import length_bucketed_batches, token_lengths
 
 
 def activation_stream(
@@ -16,10 +17,10 @@ def activation_stream(
 
     Padding is dropped; the forward stops after the deepest chosen layer."""
     rng = np.random.default_rng(seed)
+    lengths = token_lengths(adapter.tokenizer, texts, adapter.max_length)
     while True:
-        order = rng.permutation(len(texts))
-        for start in range(0, len(order), batch_size):
-            batch = adapter.tokenize([texts[i] for i in order[start : start + batch_size]])
+        for indices in length_bucketed_batches(lengths, batch_size, rng):
+            batch = adapter.tokenize([texts[i] for i in indices])
             _, captured = adapter.run(batch, capture=layers, need_score=False)
             keep = batch.attention_mask.bool()
             yield {adapter.hook_name(layer): captured[layer][keep].float() for layer in layers}

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from workers.batching import length_bucketed_batches, token_lengths
 from workers.demo_corpus import generate_corpus, vader_reward
 from workers.device import autocast, pick_device
 
@@ -41,13 +42,13 @@ def build_demo_reward_model(
     random.seed(BUILD_SEED)
     base_path = base_path or base_model_path()
     device = pick_device()
-    tokenizer = AutoTokenizer.from_pretrained(base_path)
     model = BertForSequenceClassification.from_pretrained(base_path, num_labels=1).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
 
     texts = generate_corpus(n_train + n_heldout, seed=BUILD_SEED)
     rewards = np.array([vader_reward(t) for t in texts], dtype=np.float32)
     scale = float(rewards[:n_train].std()) or 1.0  # train on a unit-scale target, fold back after
-    train_idx = np.arange(n_train)
+    lengths = token_lengths(tokenizer, texts[:n_train], max_length)
     # The 30k x 384 word-embedding table is most of the parameters; freezing it makes each
     # step cheaper and loses nothing: the lexicon words already have good embeddings.
     model.bert.embeddings.word_embeddings.weight.requires_grad_(False)
@@ -64,9 +65,7 @@ def build_demo_reward_model(
     progress = tqdm(total=n_steps, desc="fine-tuning demo reward model")
     rng = np.random.default_rng(BUILD_SEED)
     for _ in range(epochs):
-        rng.shuffle(train_idx)
-        for start in range(0, n_train, batch_size):
-            idx = train_idx[start : start + batch_size]
+        for idx in length_bucketed_batches(lengths, batch_size, rng):
             target = torch.tensor(rewards[idx] / scale, device=device)
             with autocast(device):
                 pred = model(**encode([texts[i] for i in idx])).logits[:, 0].float()

@@ -44,7 +44,6 @@ def _stage(message: str) -> None:
 
 def build_tables(config: RunConfig, adapter, corpus, acts, sae_paths: dict[int, Path], run_dir: Path) -> dict:
     vocab = np.array(adapter.tokenizer.convert_ids_to_tokens(list(range(len(adapter.tokenizer)))), dtype=object)
-    lengths = np.diff(acts.text_offsets)
     tables = {
         "texts": {
             "text_id": np.arange(len(corpus.texts)),
@@ -52,7 +51,7 @@ def build_tables(config: RunConfig, adapter, corpus, acts, sae_paths: dict[int, 
             "text": corpus.texts,
             "reward": corpus.rewards if corpus.rewards is not None else [None] * len(corpus.texts),
             "score": acts.scores,
-            "n_tokens": lengths,
+            "n_tokens": acts.tokens_per_text(),
             "reward_position": acts.reward_positions,
         },
         "layers": {k: [] for k in ("layer", "hook_name", "sae_path", "architecture", "d_in", "d_sae", "k", "mse",
