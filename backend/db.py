@@ -110,6 +110,11 @@ def register_run(
         s.add(Run(**_plain(run_row), saes=saes))
 
 
+def run_exists(settings: Settings, run_id: str) -> bool:
+    with session(settings) as s:
+        return s.get(Run, run_id) is not None
+
+
 def delete_run(settings: Settings, run_id: str) -> bool:
     """Remove a run and its SAEs from the registry (files on disk are left alone).
 

@@ -9,6 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEMO_MODEL = "demo"  # stands for the demo reward model built into the data dir
+DEMO_MODEL_DIRNAME = "demo-rm"  # under the data dir's models/
 DEMO_DATASET = "demo"  # stands for the generated demo corpus
 
 

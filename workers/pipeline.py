@@ -15,15 +15,12 @@ from backend.settings import Settings
 from backend.store_schema import STORE_FILENAME
 from workers.adapters import load_adapter
 from workers.analyze import collect_corpus_activations, feature_tables
-from workers.config import DEMO_MODEL, ConfigError, RunConfig, check_against_world
+from workers.config import DEMO_MODEL, DEMO_MODEL_DIRNAME, ConfigError, RunConfig, check_against_world
 from workers.datasets import load_corpus
 from workers.device import pick_device
 from workers.publish import write_store
 from workers.regress import fit_reward_regression
 from workers.train import load_saes, train_saes
-
-DEMO_MODEL_DIRNAME = "demo-rm"
-
 
 def resolve_model_path(config: RunConfig, settings: Settings) -> str:
     if config.model.path != DEMO_MODEL:
@@ -109,17 +106,9 @@ def _register(settings: Settings, config: RunConfig, model_path: str, tables: di
     register_run(settings, run_row, sae_rows, replace=replace)
 
 
-def run_exists(settings: Settings, run_id: str) -> bool:
-    from backend.db import session
-    from backend.models import Run
-
-    with session(settings) as s:
-        return s.get(Run, run_id) is not None
-
-
 def run_pipeline(config: RunConfig, settings: Settings, replace: bool = False) -> Path:
     """Run every stage; the run appears (directory + SQL row) only once all of it succeeded."""
-    from backend.db import upgrade
+    from backend.db import run_exists, upgrade
 
     upgrade(settings)
     if not replace and run_exists(settings, config.run_id):

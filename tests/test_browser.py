@@ -1,0 +1,84 @@
+"""A real browser (Debian's headless chromium, driven by Playwright) walks the dashboards:
+runs list -> run -> layer -> feature, as a user would. Screenshots go to test-artifacts/."""
+from __future__ import annotations
+
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import uvicorn
+
+from backend.app import create_app
+from tests.helpers import CONTEXT_FEATURE, REPO_ROOT
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = REPO_ROOT / "test-artifacts"
+LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+               "--disable-sync", "--no-first-run", "--disable-quic"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def live_server(migrated, synthetic_run):
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(migrated), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 10
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    assert server.started, "server did not start"
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=5)
+
+
+@pytest.fixture
+def page():
+    from playwright.sync_api import sync_playwright
+
+    if not Path(CHROMIUM).exists():
+        pytest.fail("chromium is not installed (apt-get install chromium); .ci/run installs it")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
+        pg = browser.new_page(viewport={"width": 1280, "height": 900})
+        yield pg
+        browser.close()
+
+
+def test_from_home_to_a_top_feature_in_three_clicks(live_server, page):
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.goto(live_server + "/")
+    page.click("a[href='/runs/synthetic']")
+    assert page.locator("h1").inner_text().strip() != ""
+    assert page.locator("#layers tbody tr").count() == 2
+    page.screenshot(path=str(ARTIFACTS / "run.png"), full_page=True)
+
+    page.locator("#layers tbody tr").first.locator("a").first.click()
+    assert "/layers/" in page.url
+    rows = page.locator("table.data tbody tr")
+    assert rows.count() > 10
+    page.screenshot(path=str(ARTIFACTS / "layer.png"), full_page=True)
+
+    first_feature = rows.first.locator("a").first
+    href = first_feature.get_attribute("href")
+    first_feature.click()
+    assert page.url.endswith(href)
+    page.screenshot(path=str(ARTIFACTS / "feature.png"), full_page=True)
+    assert page.locator("svg").count() >= 1  # the histogram
+
+
+def test_feature_page_shades_tokens_and_joins_wordpieces(live_server, page):
+    page.goto(f"{live_server}/runs/synthetic/layers/3/features/{CONTEXT_FEATURE}")
+    text = page.locator("body").inner_text()
+    assert "amazing" in text  # "amaz" + "##ing" shown as one word
+    peak = page.locator("[title*='4']").first
+    assert peak.count() == 1
