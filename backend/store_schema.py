@@ -18,9 +18,18 @@ CREATE TABLE texts (
     split VARCHAR,                  -- 'train' (regression fit) or 'heldout'
     text VARCHAR,
     reward DOUBLE,                  -- the dataset's own reward (e.g. VADER); NULL if none
-    score DOUBLE,                   -- the reward model's score
+    score DOUBLE,                   -- the reward model's (final) score
     n_tokens INTEGER,
-    reward_position INTEGER         -- token index the reward model reads its score from
+    reward_position INTEGER         -- token index the final score is read from
+);
+
+-- Every score the reward model gives: one per text, or one per step for a process RM.
+-- The regression has one row per reward read.
+CREATE TABLE reward_reads (
+    read_id INTEGER PRIMARY KEY,
+    text_id INTEGER,
+    position INTEGER,               -- token index inside the text
+    score DOUBLE
 );
 
 CREATE TABLE layers (

@@ -24,7 +24,9 @@ def test_hooks_capture_hf_hidden_states_in_one_pass(tiny_adapter):
     assert torch.allclose(scores, out.logits[:, 0], atol=1e-5)
     for layer in (0, 2):
         assert torch.allclose(captured[layer], out.hidden_states[layer + 1], atol=1e-5)
-    assert batch.reward_positions.tolist() == [0, 0]  # BERT reads [CLS]
+    assert batch.reward_index.tolist() == [[0, 0], [1, 0]]  # BERT reads [CLS]
+    assert (batch.token_segment[batch.attention_mask.bool()] >= 0).all()
+    assert (batch.token_segment[~batch.attention_mask.bool()] == -1).all()
 
 
 def test_stop_after_deepest_layer_skips_the_score(tiny_adapter):

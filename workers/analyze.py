@@ -23,6 +23,7 @@ class LayerActivations:
     features: list[torch.Tensor] = field(default_factory=list)
     values: list[torch.Tensor] = field(default_factory=list)
     pooled: dict[str, list[torch.Tensor]] = field(default_factory=lambda: {"rows": [], "cols": [], "vals": []})
+    pooled_raw: list[torch.Tensor] = field(default_factory=list)  # residual stream, pooled like the features
     sse: float = 0.0
     sum_sq: float = 0.0
     sum_x: torch.Tensor | None = None
@@ -33,10 +34,15 @@ class LayerActivations:
         data = (torch.cat(self.values).numpy(), (torch.cat(self.tokens).numpy(), torch.cat(self.features).numpy()))
         return sp.csc_matrix(data, shape=(n_tokens, self.d_sae), dtype=np.float32)
 
-    def pooled_matrix(self, n_texts: int) -> sp.csr_matrix:
+    def pooled_matrix(self, n_reads: int) -> sp.csr_matrix:
+        """One row per reward read (in read order), one column per feature."""
         p = self.pooled
         data = (torch.cat(p["vals"]).numpy(), (torch.cat(p["rows"]).numpy(), torch.cat(p["cols"]).numpy()))
-        return sp.csr_matrix(data, shape=(n_texts, self.d_sae), dtype=np.float32)
+        return sp.csr_matrix(data, shape=(n_reads, self.d_sae), dtype=np.float32)
+
+    def raw_matrix(self) -> np.ndarray:
+        """The pooled raw residual stream [n_reads, d_model]: the linear-probe baseline's input."""
+        return torch.cat(self.pooled_raw).numpy()
 
     def metrics(self, n_tokens: int, d_in: int) -> dict[str, float]:
         n = max(self.n_eval_tokens, 1)
@@ -51,10 +57,12 @@ class LayerActivations:
 @dataclass
 class CorpusActivations:
     """Texts are processed in length order (less padding); a text's "slot" is its place in
-    that order, and token_ids / text_offsets follow slots. Per-text arrays follow text ids."""
+    that order, and token_ids / text_offsets follow slots. Reward reads (one per text, or
+    one per step for a process RM) are numbered in processing order."""
 
-    scores: np.ndarray  # RM score per text id
-    reward_positions: np.ndarray  # per text id, token index inside the text
+    read_text_ids: np.ndarray  # text id of each reward read
+    read_positions: np.ndarray  # token index of each read inside its text
+    scores: np.ndarray  # the RM's score at each read
     slot_text_ids: np.ndarray  # text id at each slot
     token_ids: np.ndarray  # all analysed tokens, slots concatenated
     text_offsets: np.ndarray  # [n_texts + 1] start of each slot in token_ids
@@ -64,26 +72,36 @@ class CorpusActivations:
     def n_tokens(self) -> int:
         return int(self.text_offsets[-1])
 
+    @property
+    def n_reads(self) -> int:
+        return len(self.scores)
+
+    def last_read_per_text(self) -> np.ndarray:
+        """Index of each text's last reward read (its final score), by text id."""
+        out = np.full(len(self.slot_text_ids), -1, dtype=np.int64)
+        out[self.read_text_ids] = np.arange(self.n_reads)  # later reads overwrite earlier ones
+        return out
+
     def tokens_per_text(self) -> np.ndarray:
         out = np.empty(len(self.slot_text_ids), dtype=np.int64)
         out[self.slot_text_ids] = np.diff(self.text_offsets)
         return out
 
 
-def _pool(acts, text_of_token, content, reward_rows, n: int, how: str) -> torch.Tensor:
-    """One feature row per text. Token pooling skips special tokens: at late layers a
+def _pool(acts, segment, content, read_rows, n_reads: int, how: str) -> torch.Tensor:
+    """One feature row per reward read. Token pooling skips special tokens: at late layers a
     classifier's [CLS] already holds the score, which would hide the per-word features."""
     if how == "reward_token":
-        return acts[reward_rows]
-    acts = acts * content.unsqueeze(1)
-    pooled = torch.zeros(n, acts.shape[1], dtype=acts.dtype)
+        return acts[read_rows]
+    use = content & (segment >= 0)
+    acts, segment = acts[use], segment[use]
+    pooled = torch.zeros(n_reads, acts.shape[1], dtype=acts.dtype)
     if how == "max":
-        return pooled.index_reduce_(0, text_of_token, acts, "amax", include_self=True)
-    pooled.index_add_(0, text_of_token, acts)
+        return pooled.index_reduce_(0, segment, acts, "amax", include_self=True)
+    pooled.index_add_(0, segment, acts)
     if how == "sum":
         return pooled
-    counts = torch.bincount(text_of_token, weights=content.float(), minlength=n).clamp(min=1)
-    return pooled / counts.unsqueeze(1)
+    return pooled / torch.bincount(segment, minlength=n_reads).clamp(min=1).unsqueeze(1)
 
 
 @torch.no_grad()
@@ -94,34 +112,33 @@ def collect_corpus_activations(
     heldout: np.ndarray,
     batch_size: int,
     pooling: str,
+    rewards: np.ndarray | None = None,
 ) -> CorpusActivations:
     layers = sorted(saes)
     results = {layer: LayerActivations(d_sae=saes[layer].cfg.d_sae) for layer in layers}
-    scores = np.zeros(len(texts))
-    reward_positions = np.zeros(len(texts), dtype=np.int64)
-    token_ids, lengths = [], []
+    token_ids, lengths, scores, read_texts, read_positions = [], [], [], [], []
     special_ids = torch.tensor(sorted(adapter.tokenizer.all_special_ids))
     batches = length_bucketed_batches(token_lengths(adapter.tokenizer, texts, adapter.max_length), batch_size, None)
-    offset = 0
+    offset = n_reads = 0
     for indices in tqdm(batches, desc="analysing"):
-        batch = adapter.tokenize([texts[i] for i in indices])
+        batch = adapter.tokenize([texts[i] for i in indices], None if rewards is None else rewards[indices])
         batch_scores, captured = adapter.run(batch, capture=layers)
-        keep = batch.attention_mask.bool()
-        keep_cpu = keep.cpu()
-        n_in_batch = len(indices)
-        flat_index = keep_cpu.flatten().cumsum(0).reshape(keep.shape) - 1  # position among kept tokens
-        reward_rows = flat_index[torch.arange(n_in_batch), batch.reward_positions.cpu()]
-        text_of_token = torch.arange(n_in_batch).unsqueeze(1).expand_as(keep_cpu)[keep_cpu]
-        content = ~torch.isin(batch.input_ids[keep].cpu(), special_ids)
+        keep = batch.attention_mask.bool().cpu()
+        flat_index = keep.flatten().cumsum(0).reshape(keep.shape) - 1  # position among kept tokens
+        read_seq, read_pos = batch.reward_index.cpu().unbind(1)
+        read_rows = flat_index[read_seq, read_pos]
+        segment = batch.token_segment.cpu()[keep]
+        text_of_token = torch.arange(len(indices)).unsqueeze(1).expand_as(keep)[keep]
+        content = ~torch.isin(batch.input_ids.cpu()[keep], special_ids)
         eval_tokens = torch.from_numpy(heldout[indices])[text_of_token].to(adapter.device)
-        scores[indices] = batch_scores.cpu().numpy()
-        reward_positions[indices] = batch.reward_positions.cpu().numpy()
-        token_ids.append(batch.input_ids[keep].cpu())
-        lengths.append(keep_cpu.sum(1))
-        text_ids = torch.from_numpy(indices)
+        scores.append(batch_scores.float().cpu())
+        read_texts.append(torch.from_numpy(indices)[read_seq])
+        read_positions.append(read_pos)
+        token_ids.append(batch.input_ids.cpu()[keep])
+        lengths.append(keep.sum(1))
         for layer in layers:
             res, sae = results[layer], saes[layer]
-            x = captured[layer][keep].float()
+            x = captured[layer][keep.to(adapter.device)].float()
             acts = sae.encode(x)
             recon_err = (sae.decode(acts) - x)[eval_tokens]
             x_eval = x[eval_tokens]
@@ -135,15 +152,18 @@ def collect_corpus_activations(
             res.features.append(feat.int())
             res.values.append(acts[tok, feat])
             res.n_active += len(tok)
-            pooled = _pool(acts, text_of_token, content, reward_rows, n_in_batch, pooling)
+            res.pooled_raw.append(_pool(x.cpu(), segment, content, read_rows, batch.n_reads, pooling))
+            pooled = _pool(acts, segment, content, read_rows, batch.n_reads, pooling)
             rows, cols = pooled.nonzero(as_tuple=True)
-            res.pooled["rows"].append(text_ids[rows].int())
+            res.pooled["rows"].append((rows + n_reads).int())
             res.pooled["cols"].append(cols.int())
             res.pooled["vals"].append(pooled[rows, cols])
-        offset += int(keep_cpu.sum())
+        offset += int(keep.sum())
+        n_reads += batch.n_reads
     return CorpusActivations(
-        scores=scores,
-        reward_positions=reward_positions,
+        read_text_ids=torch.cat(read_texts).numpy(),
+        read_positions=torch.cat(read_positions).numpy(),
+        scores=torch.cat(scores).numpy().astype(np.float64),
         slot_text_ids=np.concatenate(batches),
         token_ids=torch.cat(token_ids).numpy(),
         text_offsets=np.concatenate([[0], np.cumsum(torch.cat(lengths).numpy())]),

@@ -41,15 +41,22 @@ def _stage(message: str) -> None:
 
 def build_tables(config: RunConfig, adapter, corpus, acts, sae_paths: dict[int, Path], run_dir: Path) -> dict:
     vocab = np.array(adapter.tokenizer.convert_ids_to_tokens(list(range(len(adapter.tokenizer)))), dtype=object)
+    last_read = acts.last_read_per_text()
     tables = {
         "texts": {
             "text_id": np.arange(len(corpus.texts)),
             "split": np.where(corpus.heldout, "heldout", "train"),
             "text": corpus.texts,
             "reward": corpus.rewards if corpus.rewards is not None else [None] * len(corpus.texts),
-            "score": acts.scores,
+            "score": acts.scores[last_read],
             "n_tokens": acts.tokens_per_text(),
-            "reward_position": acts.reward_positions,
+            "reward_position": acts.read_positions[last_read],
+        },
+        "reward_reads": {
+            "read_id": np.arange(acts.n_reads),
+            "text_id": acts.read_text_ids,
+            "position": acts.read_positions,
+            "score": acts.scores,
         },
         "layers": {k: [] for k in ("layer", "hook_name", "sae_path", "architecture", "d_in", "d_sae", "k", "mse",
                                    "explained_variance", "l0", "dead_fraction", "pooling", "r2_train", "r2_heldout",
@@ -62,8 +69,8 @@ def build_tables(config: RunConfig, adapter, corpus, acts, sae_paths: dict[int, 
         _stage(f"layer {layer}: feature statistics and top contexts")
         feats, contexts = feature_tables(layer, layer_acts.token_matrix(acts.n_tokens), acts, vocab, config.analysis)
         _stage(f"layer {layer}: reward regression ({config.regression.pooling} pooling)")
-        fit = fit_reward_regression(layer_acts.pooled_matrix(len(corpus.texts)), acts.scores, corpus.heldout,
-                                    config.regression.alphas, config.seed)
+        fit = fit_reward_regression(layer_acts.pooled_matrix(acts.n_reads), acts.scores,
+                                    corpus.heldout[acts.read_text_ids], config.regression.alphas, config.seed)
         feats["weight"] = fit.weights
         metrics = layer_acts.metrics(acts.n_tokens, adapter.d_model)
         row = {
@@ -133,7 +140,7 @@ def run_pipeline(config: RunConfig, settings: Settings, replace: bool = False) -
         _stage(f"analysing {len(corpus.texts):,} texts")
         saes = load_saes(sae_paths, device)  # exactly what was saved: proves the files load
         acts = collect_corpus_activations(adapter, saes, corpus.texts, corpus.heldout,
-                                          config.dataset.batch_size, config.regression.pooling)
+                                          config.dataset.batch_size, config.regression.pooling, corpus.rewards)
         tables = build_tables(config, adapter, corpus, acts, sae_paths, staging)
         config_yaml = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
         info = {

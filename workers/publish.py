@@ -16,7 +16,7 @@ from backend.store_schema import SCHEMA, STORE_VERSION
 
 Columns = Mapping[str, Sequence | object]  # column name -> list / numpy array / pyarrow array
 
-TABLE_ORDER = ("texts", "layers", "features", "contexts")
+TABLE_ORDER = ("texts", "reward_reads", "layers", "features", "contexts")
 
 
 def _insert(con: duckdb.DuckDBPyConnection, table: str, columns: Columns) -> None:

@@ -1,14 +1,20 @@
 """The one interface every reward-model family implements.
 
 An adapter tokenises texts, runs the model with forward hooks on many layers in one pass,
-and says where the reward is read. Layers are 0-based transformer blocks; a hook on layer
-L sees (and may replace) the residual stream after block L, i.e. HF hidden_states[L + 1].
+and says where rewards are read. Layers are 0-based transformer blocks; a hook on layer L
+sees (and may replace) the residual stream after block L, i.e. HF hidden_states[L + 1].
+
+A batch has one or more *reward reads* per text: one for a sequence classifier, one per
+reasoning step for a process RM. Each read has a score, a token it is read at, and a
+segment: the tokens it covers (the whole text, or the step's own tokens), which is what
+token pooling (sum / mean / max) pools over.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -22,9 +28,22 @@ class StopForward(Exception):
 
 @dataclass
 class Batch:
+    texts: list[str]
     input_ids: torch.Tensor  # [B, T]
     attention_mask: torch.Tensor  # [B, T]
-    reward_positions: torch.Tensor  # [B] token index the reward is read from
+    reward_index: torch.Tensor  # [R, 2] (sequence in batch, token position) of each reward read
+    token_segment: torch.Tensor  # [B, T] the reward read each token belongs to; -1 for none
+    rewards: np.ndarray | None = None  # the dataset's own reward per text, when it has one
+
+    @property
+    def n_reads(self) -> int:
+        return len(self.reward_index)
+
+
+def whole_text_segments(attention_mask: torch.Tensor) -> torch.Tensor:
+    """One reward read per sequence, covering all of its tokens."""
+    rows = torch.arange(len(attention_mask), device=attention_mask.device).unsqueeze(1)
+    return torch.where(attention_mask.bool(), rows, torch.full_like(attention_mask, -1))
 
 
 def find_blocks(model: nn.Module, n_layers: int) -> nn.ModuleList:
@@ -48,20 +67,21 @@ class RewardModelAdapter:
         self.blocks = find_blocks(model, self.n_layers)
 
     # -- to be implemented by each family ---------------------------------------------
-    def reward_positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def reward_reads(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(reward_index [R, 2], token_segment [B, T]) for a tokenised batch."""
         raise NotImplementedError
 
     def score(self, batch: Batch) -> torch.Tensor:
-        """Run the full model and return one reward per sequence [B]."""
+        """Run the full model and return one reward per reward read [R]."""
         raise NotImplementedError
 
     # -- shared machinery -------------------------------------------------------------
-    def tokenize(self, texts: list[str]) -> Batch:
+    def tokenize(self, texts: list[str], rewards: np.ndarray | None = None) -> Batch:
         enc = self.tokenizer(
             texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
         )
         ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
-        return Batch(ids, mask, self.reward_positions(ids, mask))
+        return Batch(list(texts), ids, mask, *self.reward_reads(ids, mask), rewards=rewards)
 
     def hook_name(self, layer: int) -> str:
         return f"blocks.{layer}.hook_resid_post"

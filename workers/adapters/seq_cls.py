@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from workers.adapters.base import Batch, RewardModelAdapter
+from workers.adapters.base import Batch, RewardModelAdapter, whole_text_segments
 from workers.device import autocast
 
 
@@ -21,12 +21,13 @@ class SequenceClassifierAdapter(RewardModelAdapter):
                                              "electra", "xlm-roberta", "albert", "mpnet"}
         )
 
-    def reward_positions(self, input_ids, attention_mask):
-        if not self.reads_last_token:
-            return torch.zeros(len(input_ids), dtype=torch.long, device=input_ids.device)
-        # last non-pad token, robust to left or right padding
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        return (attention_mask * positions).argmax(dim=1)
+    def reward_reads(self, input_ids, attention_mask):
+        rows = torch.arange(len(input_ids), device=input_ids.device)
+        if self.reads_last_token:  # last non-pad token, robust to left or right padding
+            positions = (attention_mask * torch.arange(input_ids.shape[1], device=input_ids.device)).argmax(dim=1)
+        else:
+            positions = torch.zeros_like(rows)
+        return torch.stack([rows, positions], dim=1), whole_text_segments(attention_mask)
 
     def score(self, batch: Batch) -> torch.Tensor:
         with autocast(self.device):
