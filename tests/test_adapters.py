@@ -1,20 +1,36 @@
-"""The seq-cls adapter: hooks capture HF hidden states, edits change the score, early stop."""
+"""Adapters for every reward-model family, on tiny random models: where each reward is read,
+that the score is the model's own, and that hooks capture / edit / stop in one pass."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from tests.tiny_models import save_tiny_bert
+from tests.tiny_models import save_tiny_bert, save_tiny_bert_token_classifier, save_tiny_decoder
 from workers.adapters import load_adapter
+from workers.demo_corpus import vader_reward
+
+CPU = torch.device("cpu")
+TEXTS = ["The film was wonderful.", "I hated the ending, but the score was lovely and moving."]
+STEP_TEXTS = ["first we add ; then we divide ; so the answer is 4 ;", "guess ; tail without a separator"]
 
 
 @pytest.fixture(scope="module")
-def tiny_adapter(tmp_path_factory):
-    path = save_tiny_bert(tmp_path_factory.mktemp("m") / "bert", n_layers=3)
-    return load_adapter("seq_cls", str(path), torch.device("cpu"), max_length=32)
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("m")
+    return {
+        "bert": save_tiny_bert(root / "bert", n_layers=3),
+        "gpt2": save_tiny_decoder(root / "gpt2", "gpt2", "seq_cls"),
+        "llama": save_tiny_decoder(root / "llama", "llama", "seq_cls", padding_side="left"),
+        "llama_lm": save_tiny_decoder(root / "llama-lm", "llama", "causal_lm", padding_side="left"),
+        "gpt2_lm": save_tiny_decoder(root / "gpt2-lm", "gpt2", "causal_lm"),
+        "token_cls": save_tiny_bert_token_classifier(root / "tok1", num_labels=1),
+        "token_cls2": save_tiny_bert_token_classifier(root / "tok2", num_labels=2),
+    }
 
 
-TEXTS = ["The film was wonderful.", "I hated the ending, but the score was lovely and moving."]
+@pytest.fixture(scope="module")
+def tiny_adapter(models):
+    return load_adapter("seq_cls", str(models["bert"]), CPU, max_length=32)
 
 
 def test_hooks_capture_hf_hidden_states_in_one_pass(tiny_adapter):
@@ -48,6 +64,165 @@ def test_layer_edit_changes_the_score(tiny_adapter):
     assert not torch.allclose(before, after)
     again, _ = tiny_adapter.run(batch)  # hooks are removed afterwards
     assert torch.allclose(before, again)
+
+
+# -- sequence classifiers with a decoder body: the head reads the last non-pad token ----------
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_decoder_classifier_reads_where_its_head_reads(models, family):
+    adapter = load_adapter("seq_cls", str(models[family]), CPU, max_length=32)
+    assert adapter.reads_last_token
+    batch = adapter.tokenize(TEXTS)
+    mask = batch.attention_mask
+    assert mask[0].sum() < mask[1].sum()  # the short text is padded
+    scores, captured = adapter.run(batch, capture=[0, 1, 2])
+    body = adapter.model.base_model(input_ids=batch.input_ids, attention_mask=mask, output_hidden_states=True)
+    rows, positions = batch.reward_index.unbind(1)
+    assert (mask[rows, positions] == 1).all()
+    # the score is the head applied at exactly the read position, and no other
+    head_at_read = adapter.model.score(body.last_hidden_state[rows, positions])[:, 0]
+    assert torch.allclose(scores, head_at_read, atol=1e-5)
+    assert torch.allclose(scores, adapter.model(input_ids=batch.input_ids, attention_mask=mask).logits[:, 0], atol=1e-5)
+    for layer in (0, 1):  # the last entry of hidden_states has the final norm applied
+        assert torch.allclose(captured[layer], body.hidden_states[layer + 1], atol=1e-5)
+    if family == "llama":  # left padding: the read is the last column for every text
+        assert positions.tolist() == [batch.input_ids.shape[1] - 1] * 2
+    else:
+        assert positions.tolist() == (mask.sum(1) - 1).tolist()
+
+
+def test_decoder_classifier_edit_and_early_stop(models):
+    adapter = load_adapter("seq_cls", str(models["llama"]), CPU, max_length=32)
+    batch = adapter.tokenize(TEXTS)
+    before, _ = adapter.run(batch)
+    after, _ = adapter.run(batch, edits={1: lambda h: h * 0})
+    assert not torch.allclose(before, after)
+    scores, captured = adapter.run(batch, capture=[0], need_score=False)
+    assert scores is None and set(captured) == {0}
+
+
+# -- process reward models: one read per step, at its separator --------------------------------
+
+def _step_token(adapter, row: int, position: int) -> str:
+    return adapter.tokenizer.convert_ids_to_tokens(int(adapter.tokenize(STEP_TEXTS).input_ids[row, position]))
+
+
+@pytest.mark.parametrize("family", ["llama_lm", "gpt2_lm"])
+def test_process_lm_scores_each_step_at_its_separator(models, family):
+    adapter = load_adapter("process", str(models[family]), CPU, max_length=64, step_separator=" ;")
+    assert adapter.head == "lm"
+    batch = adapter.tokenize(STEP_TEXTS)
+    reads = batch.reward_index.tolist()
+    assert [row for row, _ in reads] == [0, 0, 0, 1]  # three steps, then one (the tail is no step)
+    assert all(_step_token(adapter, row, pos) == ";" for row, pos in reads)
+    scores, captured = adapter.run(batch, capture=[1])
+    logits = adapter.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    rows, positions = batch.reward_index.unbind(1)
+    good, bad = adapter.tokenizer.convert_tokens_to_ids(["+", "-"])
+    expected = logits[rows, positions][:, [good, bad]].softmax(-1)[:, 0]
+    assert torch.allclose(scores, expected, atol=1e-5)
+    assert ((scores > 0) & (scores < 1)).all()
+    # segments: each step owns its tokens up to and including its separator
+    segment = batch.token_segment
+    for read, (row, pos) in enumerate(reads):
+        assert segment[row, pos] == read
+        assert segment[row, pos + 1] != read
+    tail = segment[1][batch.attention_mask[1].bool()]
+    assert (tail[-3:] == -1).all()  # "tail without a separator": no read covers it
+    assert set(captured) == {1}
+
+
+def test_process_token_classifier_reads_label_at_separator(models):
+    for name, labels in (("token_cls", 1), ("token_cls2", 2)):
+        adapter = load_adapter("process", str(models[name]), CPU, max_length=64, step_separator=" ;")
+        assert adapter.head == "token_classification"
+        batch = adapter.tokenize(STEP_TEXTS)
+        scores, _ = adapter.run(batch)
+        logits = adapter.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        rows, positions = batch.reward_index.unbind(1)
+        at = logits[rows, positions]
+        expected = at[:, 0] if labels == 1 else at.softmax(-1)[:, 1]
+        assert torch.allclose(scores, expected, atol=1e-5)
+
+
+def test_process_separators_beyond_truncation_are_not_read(models):
+    text = "one ; two ; " + "filler " * 40 + "; three ;"
+    adapter = load_adapter("process", str(models["token_cls"]), CPU, max_length=16, step_separator=" ;")
+    with pytest.warns(UserWarning, match="no step separator"):
+        batch = adapter.tokenize([text, "no separator at all here"])
+    assert batch.reward_index.tolist()[:2] == [[0, 2], [0, 4]]
+    assert [row for row, _ in batch.reward_index.tolist()] == [0, 0, 1]
+    # a text with no separator in view is read once, at its last token, covering all of it
+    last = int(batch.attention_mask[1].sum()) - 1
+    assert batch.reward_index.tolist()[2] == [1, last]
+
+
+def test_process_whitespace_separator_reads_step_end(models):
+    """A separator the tokenizer drops ("\\n") puts the read on the step's last token."""
+    adapter = load_adapter("process", str(models["token_cls"]), CPU, max_length=64, step_separator="\n")
+    batch = adapter.tokenize(["add two\n\ndivide\nanswer four\n"])
+    tokens = adapter.tokenizer.convert_ids_to_tokens(batch.input_ids[0])
+    assert [tokens[p] for _, p in batch.reward_index.tolist()] == ["two", "divide", "four"]
+
+
+def test_process_slow_tokenizer_finds_separator_by_id(models):
+    from transformers import BertTokenizer
+
+    fast = load_adapter("process", str(models["token_cls"]), CPU, max_length=64, step_separator=";")
+    slow = type(fast)(fast.model, BertTokenizer.from_pretrained(str(models["token_cls"])), CPU, 64, step_separator=";")
+    assert not slow.needs_offsets
+    assert slow.tokenize(STEP_TEXTS).reward_index.tolist() == fast.tokenize(STEP_TEXTS).reward_index.tolist()
+    with pytest.raises(ValueError, match="model.step_separator"):
+        type(fast)(fast.model, slow.tokenizer, CPU, 64, step_separator="two tokens")
+
+
+def test_process_good_token_must_be_one_token(models):
+    with pytest.raises(ValueError, match="model.good_token"):
+        load_adapter("process", str(models["llama_lm"]), CPU, 64, good_token="very good")
+
+
+# -- causal LM + reward function -------------------------------------------------------------
+
+def test_causal_lm_vader_reward_read_at_last_token(models):
+    adapter = load_adapter("causal_lm", str(models["llama_lm"]), CPU, max_length=32)
+    batch = adapter.tokenize(TEXTS)
+    positions = batch.reward_index[:, 1]
+    assert positions.tolist() == [batch.input_ids.shape[1] - 1] * 2  # left padded
+    scores, captured = adapter.run(batch, capture=[0, 2])
+    assert scores.tolist() == pytest.approx([vader_reward(t) for t in TEXTS])
+    assert scores[0] > 0 and scores[1] != scores[0]
+    hidden = adapter.model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                      output_hidden_states=True).hidden_states
+    assert torch.allclose(captured[0], hidden[1], atol=1e-5)
+    # edits change the activations downstream but not a reward computed from the text
+    edited, after = adapter.run(batch, capture=[2], edits={1: lambda h: h * 0})
+    assert torch.allclose(edited, scores) and not torch.allclose(after[2], captured[2])
+    assert adapter.score_from_model is False
+
+
+def test_causal_lm_vader_sees_only_the_visible_text(models):
+    adapter = load_adapter("causal_lm", str(models["gpt2_lm"]), CPU, max_length=8)
+    text = "plain words here and there wonderful wonderful wonderful"
+    scores, _ = adapter.run(adapter.tokenize([text]))
+    visible = "plain words here and there wonderful"  # 8 tokens with [CLS] and [SEP]
+    assert float(scores[0]) == pytest.approx(vader_reward(visible))
+    assert 0 < vader_reward(visible) < vader_reward(text)  # the other lexicon words were cut off
+
+
+def test_causal_lm_dataset_reward(models):
+    adapter = load_adapter("causal_lm", str(models["gpt2_lm"]), CPU, max_length=32, reward_function="dataset")
+    scores, _ = adapter.run(adapter.tokenize(TEXTS, rewards=[2.5, -1.0]))
+    assert scores.tolist() == [2.5, -1.0]
+    with pytest.raises(ValueError, match="dataset.reward_column"):
+        adapter.run(adapter.tokenize(TEXTS))
+    adapter.use_dataset_rewards(TEXTS, [0.5, 7.0])  # any stage scoring corpus texts finds them
+    scores, _ = adapter.run(adapter.tokenize(TEXTS[::-1]))
+    assert scores.tolist() == [7.0, 0.5]
+
+
+def test_unknown_adapter_kind_names_the_key(models):
+    with pytest.raises(ValueError, match="model.adapter"):
+        load_adapter("mystery", str(models["bert"]), CPU, 32)
 
 
 @pytest.mark.integration

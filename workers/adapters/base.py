@@ -46,6 +46,12 @@ def whole_text_segments(attention_mask: torch.Tensor) -> torch.Tensor:
     return torch.where(attention_mask.bool(), rows, torch.full_like(attention_mask, -1))
 
 
+def last_token_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Each sequence's last non-pad position, whichever side it is padded on."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (attention_mask * positions).argmax(dim=1)
+
+
 def find_blocks(model: nn.Module, n_layers: int) -> nn.ModuleList:
     """The transformer blocks, found structurally so any HF architecture works."""
     for module in model.modules():
@@ -56,6 +62,10 @@ def find_blocks(model: nn.Module, n_layers: int) -> nn.ModuleList:
 
 class RewardModelAdapter:
     kind: str = ""
+    # False where the score is a function of the text (causal LM + reward function): layer
+    # edits then change the activations but not the score.
+    score_from_model: bool = True
+    needs_offsets: bool = False  # ask the tokenizer for character offsets (reward_reads gets them)
 
     def __init__(self, model: nn.Module, tokenizer, device: torch.device, max_length: int):
         self.model = model.eval().to(device)
@@ -67,8 +77,8 @@ class RewardModelAdapter:
         self.blocks = find_blocks(model, self.n_layers)
 
     # -- to be implemented by each family ---------------------------------------------
-    def reward_reads(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(reward_index [R, 2], token_segment [B, T]) for a tokenised batch."""
+    def reward_reads(self, enc, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(reward_index [R, 2], token_segment [B, T]) for a tokenised batch (`enc`, on the CPU)."""
         raise NotImplementedError
 
     def score(self, batch: Batch) -> torch.Tensor:
@@ -77,11 +87,14 @@ class RewardModelAdapter:
 
     # -- shared machinery -------------------------------------------------------------
     def tokenize(self, texts: list[str], rewards: np.ndarray | None = None) -> Batch:
+        texts = list(texts)
         enc = self.tokenizer(
-            texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt",
+            **({"return_offsets_mapping": True} if self.needs_offsets else {}),
         )
-        ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
-        return Batch(list(texts), ids, mask, *self.reward_reads(ids, mask), rewards=rewards)
+        index, segment = self.reward_reads(enc, texts)
+        to = lambda t: t.to(self.device)  # noqa: E731
+        return Batch(texts, to(enc["input_ids"]), to(enc["attention_mask"]), to(index), to(segment), rewards=rewards)
 
     def hook_name(self, layer: int) -> str:
         return f"blocks.{layer}.hook_resid_post"

@@ -6,28 +6,61 @@ import torch
 from workers.adapters.base import Batch, RewardModelAdapter, whole_text_segments
 from workers.device import autocast
 
+PROBE_TEXT = "a short text to find where the score is read"
+
 
 class SequenceClassifierAdapter(RewardModelAdapter):
     kind = "seq_cls"
 
     def __init__(self, model, tokenizer, device, max_length):
         if model.config.num_labels != 1:
-            raise ValueError(f"a reward model needs one output label, this one has {model.config.num_labels}")
+            raise ValueError(f"model.path: a reward model needs one output label, this one has {model.config.num_labels}")
         super().__init__(model, tokenizer, device, max_length)
-        # Encoders (BERT-style) read the first token; decoders read the last non-pad token,
-        # which is what HF's *ForSequenceClassification heads do.
-        self.reads_last_token = bool(getattr(model.config, "is_decoder", False)) or (
-            model.config.model_type not in {"bert", "roberta", "deberta", "deberta-v2", "distilbert",
-                                             "electra", "xlm-roberta", "albert", "mpnet"}
-        )
+        self.reads_last_token = self._head_reads_last_token()
 
-    def reward_reads(self, input_ids, attention_mask):
-        rows = torch.arange(len(input_ids), device=input_ids.device)
-        if self.reads_last_token:  # last non-pad token, robust to left or right padding
-            positions = (attention_mask * torch.arange(input_ids.shape[1], device=input_ids.device)).argmax(dim=1)
-        else:
-            positions = torch.zeros_like(rows)
-        return torch.stack([rows, positions], dim=1), whole_text_segments(attention_mask)
+    @torch.no_grad()
+    def _head_reads_last_token(self) -> bool:
+        """Ask the model itself which position its head reads: perturb the last block's output at
+        the first and at the last token and see which one moves the score. Encoders (BERT-style)
+        read the first token; decoder heads read the last non-pad token."""
+        enc = self.tokenizer([PROBE_TEXT], return_tensors="pt")
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        if ids.shape[1] < 2:
+            raise ValueError("model.path: the tokenizer turns a probe sentence into fewer than 2 tokens")
+        probe = Batch([PROBE_TEXT], ids.to(self.device), mask.to(self.device), torch.zeros(1, 2, dtype=torch.long),
+                      whole_text_segments(mask))
+        base, _ = self.run(probe)
+        noise = torch.randn(self.d_model, generator=torch.Generator().manual_seed(0)).to(self.device)
+
+        def shift(position: int):
+            def edit(hidden):
+                hidden = hidden.clone()
+                hidden[:, position] += noise * (hidden.std() + 1.0) * 10
+                return hidden
+            return edit
+
+        moved = {}
+        for position in (0, ids.shape[1] - 1):
+            scores, _ = self.run(probe, edits={self.n_layers - 1: shift(position)})
+            moved[position] = float((scores - base).abs().max())
+        if max(moved.values()) == 0:
+            raise ValueError("model.path: the score does not depend on the last layer at the first or last token")
+        return moved[ids.shape[1] - 1] > moved[0]
+
+    def read_positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if not self.reads_last_token:
+            return torch.zeros(len(input_ids), dtype=torch.long)
+        pad_id = self.model.config.pad_token_id
+        if pad_id is None:  # what HF does without a pad id: the last column
+            return torch.full((len(input_ids),), input_ids.shape[1] - 1, dtype=torch.long)
+        # HF's rule: the rightmost token that is not the pad id (left or right padding alike)
+        non_pad = (input_ids != pad_id).long()
+        return (non_pad * torch.arange(input_ids.shape[1])).argmax(dim=1)
+
+    def reward_reads(self, enc, texts):
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        rows = torch.arange(len(ids))
+        return torch.stack([rows, self.read_positions(ids, mask)], dim=1), whole_text_segments(mask)
 
     def score(self, batch: Batch) -> torch.Tensor:
         with autocast(self.device):
