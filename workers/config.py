@@ -21,17 +21,42 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# Keys that only one adapter family reads: setting one for another family is an error.
+ADAPTER_KEYS: dict[str, str] = {"good_token": "process", "bad_token": "process", "reward_function": "causal_lm"}
+
+
 class ModelConfig(Strict):
     path: str = Field(description="HF model id or local directory; 'demo' for the built-in demo RM")
-    adapter: Literal["seq_cls"] = "seq_cls"
+    adapter: Literal["seq_cls", "process", "causal_lm"] = "seq_cls"
     max_length: int = Field(128, ge=8, le=8192)
+    step_separator: str = Field("\n", min_length=1, description="ends every reasoning step; process RMs read there")
+    good_token: str = Field("+", min_length=1, description="process RM with an LM head: step score = P(good)")
+    bad_token: str = Field("-", min_length=1, description="... normalised over the good and bad tokens")
+    reward_function: Literal["vader", "dataset"] = Field("vader", description="causal_lm: where the reward comes from")
+
+    @model_validator(mode="after")
+    def _keys_fit_the_adapter(self):
+        for key in sorted(self.model_fields_set & set(ADAPTER_KEYS)):
+            if ADAPTER_KEYS[key] != self.adapter:
+                raise ValueError(f"model.{key} is only read by adapter {ADAPTER_KEYS[key]!r}, not {self.adapter!r}")
+        if self.adapter == "process" and self.good_token == self.bad_token:
+            raise ValueError("model.good_token and model.bad_token must differ")
+        return self
+
+
+HF_PREFIX = "hf:"  # dataset.source "hf:<id>" loads a dataset from the HF hub (online) or its cache
 
 
 class DatasetConfig(Strict):
-    source: str = Field(description="'demo', or a local .jsonl/.csv/.parquet file with a text column")
+    source: str = Field(description="'demo', a local .jsonl/.csv/.parquet file or dataset directory, or 'hf:<id>'")
+    split: str = Field("train", description="split of a HF dataset or dataset directory")
     text_column: str = "text"
     reward_column: str | None = "reward"
+    steps_column: str | None = Field("steps", description="list of steps, joined by model.step_separator")
     n_texts: int | None = Field(None, ge=10, description="use at most this many texts")
+    token_budget: int | None = Field(None, ge=100, description="stop taking texts once their tokens reach this")
+    shuffle: bool = Field(False, description="shuffle texts (seeded) before n_texts / token_budget take theirs")
+    truncation: bool = Field(True, description="cut texts at model.max_length; false: skip longer texts")
     heldout_fraction: float = Field(0.2, gt=0.0, lt=0.9)
     batch_size: int = Field(64, ge=1)
 
@@ -113,7 +138,7 @@ def parse_config(data: dict, base_dir: Path | None = None) -> RunConfig:
         config = RunConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format_validation(exc)) from None
-    if base_dir is not None and config.dataset.source != DEMO_DATASET:
+    if base_dir is not None and config.dataset.source != DEMO_DATASET and not config.dataset.source.startswith(HF_PREFIX):
         source = Path(config.dataset.source)
         if not source.is_absolute():
             config.dataset.source = str((base_dir / source).resolve())
@@ -136,11 +161,11 @@ def load_config(path: Path) -> RunConfig:
 def check_against_world(config: RunConfig, model_path: str) -> None:
     """Checks that need the file system or the model's config, still before any compute."""
     source = config.dataset.source
-    if source != DEMO_DATASET:
+    if source != DEMO_DATASET and not source.startswith(HF_PREFIX):
         path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"dataset.source: file not found: {source}")
-        if path.suffix.lower() not in {".jsonl", ".json", ".csv", ".parquet"}:
+        if not path.exists():
+            raise ConfigError(f"dataset.source: not found: {source} (a HF dataset id is written 'hf:<id>')")
+        if path.is_file() and path.suffix.lower() not in {".jsonl", ".json", ".csv", ".parquet"}:
             raise ConfigError(f"dataset.source: unsupported file type {path.suffix!r} (use .jsonl, .csv or .parquet)")
     from transformers import AutoConfig
 
@@ -152,5 +177,5 @@ def check_against_world(config: RunConfig, model_path: str) -> None:
     too_deep = [layer for layer in config.layers if layer >= depth]
     if too_deep:
         raise ConfigError(f"layers: {too_deep} beyond the model's depth ({depth} blocks: 0..{depth - 1})")
-    if getattr(model_config, "num_labels", 1) != 1:
+    if config.model.adapter == "seq_cls" and getattr(model_config, "num_labels", 1) != 1:
         raise ConfigError(f"model.path: a reward model needs one output label, this one has {model_config.num_labels}")
