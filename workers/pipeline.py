@@ -13,7 +13,7 @@ import yaml
 
 from backend.settings import Settings
 from backend.store_schema import STORE_FILENAME
-from workers.adapters import load_adapter
+from workers.adapters import adapter_from_config
 from workers.analyze import collect_corpus_activations, feature_tables
 from workers.config import DEMO_MODEL, DEMO_MODEL_DIRNAME, ConfigError, RunConfig, check_against_world
 from workers.datasets import load_corpus
@@ -33,6 +33,19 @@ def resolve_model_path(config: RunConfig, settings: Settings) -> str:
         report = build_demo_reward_model(path)
         print(f"demo reward model held-out R² vs the VADER reward: {report['heldout_r2']:.3f}")
     return str(path)
+
+
+def _use_dataset_rewards(config: RunConfig, adapter, corpus) -> None:
+    """A causal LM scored by the dataset's reward column: every text needs its reward."""
+    if config.model.adapter != "causal_lm" or config.model.reward_function != "dataset":
+        return
+    if corpus.rewards is None:
+        raise ConfigError(f"model.reward_function: 'dataset' needs a reward column, and {config.dataset.source} has "
+                          f"no column {config.dataset.reward_column!r} (dataset.reward_column)")
+    if np.isnan(corpus.rewards).any():
+        raise ConfigError(f"dataset.reward_column: {int(np.isnan(corpus.rewards).sum())} texts have no reward, "
+                          "which model.reward_function 'dataset' needs")
+    adapter.use_dataset_rewards(corpus.texts, corpus.rewards)
 
 
 def _stage(message: str) -> None:
@@ -132,8 +145,10 @@ def run_pipeline(config: RunConfig, settings: Settings, replace: bool = False) -
     staging.mkdir(parents=True)
     try:
         _stage(f"loading {model_path} on {device}")
-        adapter = load_adapter(config.model.adapter, model_path, device, config.model.max_length)
-        corpus = load_corpus(config.dataset, config.seed)
+        adapter = adapter_from_config(config.model, model_path, device)
+        corpus = load_corpus(config.dataset, config.seed, adapter.tokenizer, config.model.max_length,
+                             config.model.step_separator)
+        _use_dataset_rewards(config, adapter, corpus)
         train_texts = [t for t, held in zip(corpus.texts, corpus.heldout) if not held]
         _stage(f"training {len(config.layers)} SAEs (layers {config.layers}) on {config.sae.training_tokens:,} tokens")
         sae_paths = train_saes(config, adapter, train_texts, staging)
