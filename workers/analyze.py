@@ -133,7 +133,7 @@ def collect_corpus_activations(
         eval_tokens = torch.from_numpy(heldout[indices])[text_of_token].to(adapter.device)
         scores.append(batch_scores.float().cpu())
         read_texts.append(torch.from_numpy(indices)[read_seq])
-        read_positions.append(read_pos)
+        read_positions.append((keep.cumsum(1) - 1)[read_seq, read_pos])  # inside the text, as with tokens
         token_ids.append(batch.input_ids.cpu()[keep])
         lengths.append(keep.sum(1))
         for layer in layers:
