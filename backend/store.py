@@ -25,7 +25,8 @@ SORTS = {
 
 LAYER_COLUMNS = (
     "layer, hook_name, sae_path, architecture, d_in, d_sae, k, mse, explained_variance, l0, "
-    "dead_fraction, pooling, r2_train, r2_heldout, ridge_alpha, n_train, n_heldout"
+    "dead_fraction, pooling, r2_train, r2_heldout, ridge_alpha, n_train, n_heldout, reward_recovered, "
+    "reward_mae_sae, reward_mae_zero"
 )
 FEATURE_COLUMNS = "feature, weight, frequency, mean_activation, max_activation, top_token"
 

@@ -49,7 +49,10 @@ CREATE TABLE layers (
     r2_heldout DOUBLE,
     ridge_alpha DOUBLE,
     n_train INTEGER,
-    n_heldout INTEGER
+    n_heldout INTEGER,
+    reward_recovered DOUBLE,        -- 1 - reward_mae_sae / reward_mae_zero; NULL if zeroing changes nothing
+    reward_mae_sae DOUBLE,          -- mean |RM score with the SAE reconstruction spliced in - score|
+    reward_mae_zero DOUBLE          -- mean |RM score with the layer's output zeroed - score|
 );
 
 CREATE TABLE features (

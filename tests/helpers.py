@@ -49,7 +49,7 @@ def synthetic_tables(seed: int = 0) -> dict[str, dict[str, list]]:
     layers: dict[str, list] = {k: [] for k in (
         "layer", "hook_name", "sae_path", "architecture", "d_in", "d_sae", "k", "mse",
         "explained_variance", "l0", "dead_fraction", "pooling", "r2_train", "r2_heldout",
-        "ridge_alpha", "n_train", "n_heldout")}
+        "ridge_alpha", "n_train", "n_heldout", "reward_recovered", "reward_mae_sae", "reward_mae_zero")}
     features: dict[str, list] = {k: [] for k in (
         "layer", "feature", "frequency", "mean_activation", "max_activation", "weight",
         "top_token", "hist_edges", "hist_counts")}
@@ -63,6 +63,7 @@ def synthetic_tables(seed: int = 0) -> dict[str, dict[str, list]]:
             explained_variance=0.9 - 0.1 * i, l0=4.0, dead_fraction=1 / N_FEATURES,
             pooling="mean", r2_train=0.95 - 0.2 * i, r2_heldout=0.81 - 0.3 * i,
             ridge_alpha=1.0, n_train=15, n_heldout=5,
+            reward_recovered=0.93 - 0.2 * i, reward_mae_sae=0.05 * (i + 1), reward_mae_zero=0.7,
         ).items():
             layers[key].append(value)
         weights = rng.normal(size=N_FEATURES)  # distinct almost surely: orderings are exact

@@ -61,20 +61,67 @@ class DatasetConfig(Strict):
     batch_size: int = Field(64, ge=1)
 
 
+SaeArchitecture = Literal["topk", "batchtopk", "jumprelu", "standard", "l1_sqrt"]
+
+# Architecture-specific knobs and the architectures that read them: setting a knob the
+# chosen architecture ignores is a mistake worth an error, not a silent no-op.
+ARCHITECTURE_KNOBS: dict[str, set[str]] = {
+    "k": {"topk", "batchtopk"},
+    "aux_loss_coefficient": {"topk", "batchtopk"},
+    "topk_threshold_lr": {"batchtopk"},
+    "l1_coefficient": {"standard", "l1_sqrt"},
+    "jumprelu_init_threshold": {"jumprelu"},
+    "jumprelu_bandwidth": {"jumprelu"},
+    "l0_coefficient": {"jumprelu"},
+    "pre_act_loss_coefficient": {"jumprelu"},
+    "sparsity_warm_up_fraction": {"standard", "l1_sqrt", "jumprelu"},
+}
+
+
 class SaeConfig(Strict):
-    architecture: Literal["topk"] = "topk"
+    architecture: SaeArchitecture = Field(
+        "topk", description="topk | batchtopk | jumprelu | standard (L1 penalty) | l1_sqrt (L_p penalty, p=0.5)")
     width: int = Field(3072, ge=8)
-    k: int = Field(32, ge=1)
+    k: int = Field(32, ge=1, description="topk: active features per token; batchtopk: per token on average")
+    aux_loss_coefficient: float = Field(1.0, ge=0, description="topk/batchtopk: weight of the loss reviving dead features")
+    topk_threshold_lr: float = Field(0.01, gt=0, le=1, description="batchtopk: rate of the inference threshold's moving average")
+    l1_coefficient: float = Field(5.0, gt=0, description="standard/l1_sqrt: weight of the sparsity penalty")
+    jumprelu_init_threshold: float = Field(0.01, ge=0)
+    jumprelu_bandwidth: float = Field(0.05, gt=0, description="jumprelu: width of the threshold's gradient estimator")
+    l0_coefficient: float = Field(1.0, gt=0, description="jumprelu: weight of the L0 penalty")
+    pre_act_loss_coefficient: float | None = Field(
+        None, ge=0, description="jumprelu: weight of the loss pushing dead features' pre-activations up (e.g. 3e-6)")
+    sparsity_warm_up_fraction: float = Field(
+        0.05, ge=0, lt=1, description="standard/l1_sqrt/jumprelu: share of training over which the penalty ramps up")
     training_tokens: int = Field(300_000, ge=1000)
     batch_size: int = Field(1024, ge=16, description="tokens per SAE training step")
     lr: float = Field(4e-4, gt=0, lt=1)
+    lr_scheduler: Literal["constant", "cosineannealing"] = "constant"
+    lr_warm_up_fraction: float = Field(0.0, ge=0, lt=1, description="share of steps with a linear lr warm-up")
+    lr_decay_fraction: float = Field(0.2, ge=0, lt=1, description="share of final steps with a linear decay to 0")
+    lr_end: float | None = Field(None, gt=0, description="cosineannealing: floor before the decay (default lr/10)")
+    dead_feature_window: int | None = Field(
+        None, ge=1, description="steps without firing before a feature counts as dead (default: a quarter of training, at most 1000)")
     buffer_tokens: int = Field(32_768, ge=256, description="shuffle buffer, in tokens")
+    reward_recovered_texts: int = Field(256, ge=1, description="held-out texts scored with each SAE spliced in")
 
     @model_validator(mode="after")
-    def _k_fits(self):
-        if self.k > self.width:
+    def _knobs_fit(self):
+        if self.architecture in ARCHITECTURE_KNOBS["k"] and self.k > self.width:
             raise ValueError(f"sae.k ({self.k}) must not exceed sae.width ({self.width})")
+        for knob in sorted(self.model_fields_set & ARCHITECTURE_KNOBS.keys()):
+            if self.architecture not in ARCHITECTURE_KNOBS[knob]:
+                users = ", ".join(sorted(ARCHITECTURE_KNOBS[knob]))
+                raise ValueError(f"sae.{knob} applies to {users}, not to sae.architecture {self.architecture!r}")
+        if self.lr_warm_up_fraction + self.lr_decay_fraction >= 1:
+            raise ValueError("sae.lr_warm_up_fraction + sae.lr_decay_fraction must leave some steps at the full lr")
+        if self.lr_end is not None and self.lr_end > self.lr:
+            raise ValueError(f"sae.lr_end ({self.lr_end}) must not exceed sae.lr ({self.lr})")
         return self
+
+    @property
+    def n_steps(self) -> int:
+        return self.training_tokens // self.batch_size
 
 
 class AnalysisConfig(Strict):
@@ -82,16 +129,27 @@ class AnalysisConfig(Strict):
     window_before: int = Field(10, ge=0)
     window_after: int = Field(5, ge=0)
     histogram_bins: int = Field(24, ge=2, le=200)
+    quantile_bins: int = Field(5, ge=1, le=50, description="activation bins sampled (at least this many below max)")
+    quantile_examples: int = Field(5, ge=1, le=100, description="random examples kept per activation bin")
+    top_tokens: int = Field(10, ge=1, le=100, description="tokens listed per feature, by mean activation")
+    top_token_min_count: int = Field(3, ge=1, description="a token must occur this often to be listed")
+    reward_effect_texts: int = Field(2048, ge=0, description="texts whose reward gradient gives the reward effect (0: off)")
 
 
 class RegressionConfig(Strict):
     pooling: Literal["reward_token", "sum", "mean", "max"] = "reward_token"
-    alphas: list[float] = Field(default_factory=lambda: [0.1, 1.0, 10.0, 100.0, 1000.0])
+    method: Literal["ridge", "lasso"] = Field("ridge", description="lasso: sparse selection of features")
+    alphas: list[float] | None = Field(None, description="penalty grid; default: ridge 33 points relative to "
+                                       "the features' scale (GCV), lasso sklearn's automatic path (k-fold)")
+    cv_folds: int = Field(5, ge=2, le=50, description="folds for lasso's alpha and for fold stability")
+    stability: Literal["folds", "bootstrap", "none"] = Field(
+        "folds", description="each weight's standard error: jackknife over the CV folds, or bootstrap refits")
+    bootstrap_samples: int = Field(20, ge=2, le=1000)
 
     @field_validator("alphas")
     @classmethod
     def _positive(cls, alphas):
-        if not alphas or any(a <= 0 for a in alphas):
+        if alphas is not None and (not alphas or any(a <= 0 for a in alphas)):
             raise ValueError("regression.alphas must be a non-empty list of positive numbers")
         return alphas
 

@@ -15,9 +15,11 @@ from backend.settings import Settings
 from backend.store_schema import STORE_FILENAME
 from workers.adapters import adapter_from_config
 from workers.analyze import collect_corpus_activations, feature_tables
-from workers.config import DEMO_MODEL, DEMO_MODEL_DIRNAME, ConfigError, RunConfig, check_against_world
+from workers.config import (ARCHITECTURE_KNOBS, DEMO_MODEL, DEMO_MODEL_DIRNAME, ConfigError, RunConfig,
+                            check_against_world)
 from workers.datasets import load_corpus
 from workers.device import pick_device
+from workers.evaluate import evaluate_saes
 from workers.publish import write_store
 from workers.regress import fit_reward_regression
 from workers.train import load_saes, train_saes
@@ -48,11 +50,16 @@ def _use_dataset_rewards(config: RunConfig, adapter, corpus) -> None:
     adapter.use_dataset_rewards(corpus.texts, corpus.rewards)
 
 
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def _stage(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def build_tables(config: RunConfig, adapter, corpus, acts, sae_paths: dict[int, Path], run_dir: Path) -> dict:
+def build_tables(config: RunConfig, adapter, corpus, acts, sae_paths: dict[int, Path], run_dir: Path,
+                 recovery: dict) -> dict:
     vocab = np.array(adapter.tokenizer.convert_ids_to_tokens(list(range(len(adapter.tokenizer)))), dtype=object)
     last_read = acts.last_read_per_text()
     tables = {
@@ -73,7 +80,8 @@ def build_tables(config: RunConfig, adapter, corpus, acts, sae_paths: dict[int, 
         },
         "layers": {k: [] for k in ("layer", "hook_name", "sae_path", "architecture", "d_in", "d_sae", "k", "mse",
                                    "explained_variance", "l0", "dead_fraction", "pooling", "r2_train", "r2_heldout",
-                                   "ridge_alpha", "n_train", "n_heldout")},
+                                   "ridge_alpha", "n_train", "n_heldout", "reward_recovered",
+                                   "reward_mae_sae", "reward_mae_zero")},
         "features": {},
         "contexts": {},
     }
@@ -89,10 +97,13 @@ def build_tables(config: RunConfig, adapter, corpus, acts, sae_paths: dict[int, 
         row = {
             "layer": layer, "hook_name": adapter.hook_name(layer),
             "sae_path": str(sae_paths[layer].relative_to(run_dir)), "architecture": config.sae.architecture,
-            "d_in": adapter.d_model, "d_sae": config.sae.width, "k": config.sae.k, **metrics,
+            "d_in": adapter.d_model, "d_sae": config.sae.width,
+            "k": config.sae.k if config.sae.architecture in ARCHITECTURE_KNOBS["k"] else None, **metrics,
             "dead_fraction": float(np.mean(np.asarray(feats["frequency"]) == 0)),
             "pooling": config.regression.pooling, "r2_train": fit.r2_train, "r2_heldout": fit.r2_heldout,
             "ridge_alpha": fit.alpha, "n_train": fit.n_train, "n_heldout": fit.n_heldout,
+            "reward_recovered": recovery[layer].reward_recovered, "reward_mae_sae": recovery[layer].mae_sae,
+            "reward_mae_zero": recovery[layer].mae_zero,
         }
         for key, value in row.items():
             tables["layers"][key].append(value)
@@ -101,7 +112,7 @@ def build_tables(config: RunConfig, adapter, corpus, acts, sae_paths: dict[int, 
                 tables[target].setdefault(key, []).extend(values)
         print(f"  layer {layer}: held-out R² {fit.r2_heldout:.3f} (train {fit.r2_train:.3f}, alpha {fit.alpha:g}), "
               f"explained variance {metrics['explained_variance']:.3f}, L0 {metrics['l0']:.1f}, "
-              f"dead {row['dead_fraction']:.1%}")
+              f"dead {row['dead_fraction']:.1%}, reward recovered {_fmt(row['reward_recovered'])}")
     return tables
 
 
@@ -156,7 +167,10 @@ def run_pipeline(config: RunConfig, settings: Settings, replace: bool = False) -
         saes = load_saes(sae_paths, device)  # exactly what was saved: proves the files load
         acts = collect_corpus_activations(adapter, saes, corpus.texts, corpus.heldout,
                                           config.dataset.batch_size, config.regression.pooling, corpus.rewards)
-        tables = build_tables(config, adapter, corpus, acts, sae_paths, staging)
+        eval_texts = [t for t, held in zip(corpus.texts, corpus.heldout) if held][: config.sae.reward_recovered_texts]
+        _stage(f"reward recovered: {len(eval_texts)} held-out texts with each SAE spliced in, and each layer zeroed")
+        recovery = evaluate_saes(adapter, saes, eval_texts, config.dataset.batch_size)
+        tables = build_tables(config, adapter, corpus, acts, sae_paths, staging, recovery)
         config_yaml = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
         info = {
             "run_id": config.run_id, "name": config.name, "model": config.model.path,

@@ -1,10 +1,27 @@
-"""Train one SAE per layer with SAELens's MultiSAETrainer, from one shared activation stream."""
+"""Train one SAE per layer with SAELens's MultiSAETrainer, from one shared activation stream.
+
+Every architecture is a SAELens training class; `build_training_sae` maps the run config's
+architecture and knobs onto it. Saved SAEs are SAELens inference SAEs (BatchTopK folds into a
+JumpReLU SAE with one threshold, L1 and L1-sqrt into a standard SAE), so SAE.load_from_disk
+reopens every one of them.
+"""
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-from sae_lens import SAE, TopKTrainingSAE, TopKTrainingSAEConfig
+from sae_lens import (
+    SAE,
+    BatchTopKTrainingSAE,
+    BatchTopKTrainingSAEConfig,
+    JumpReLUTrainingSAE,
+    JumpReLUTrainingSAEConfig,
+    StandardTrainingSAE,
+    StandardTrainingSAEConfig,
+    TopKTrainingSAE,
+    TopKTrainingSAEConfig,
+    TrainingSAE,
+)
 from sae_lens.config import SAETrainerConfig
 from sae_lens.saes.sae import SAEMetadata
 from sae_lens.training.mixing_buffer import multi_hook_concat_split_iter
@@ -12,38 +29,75 @@ from sae_lens.training.multi_sae_trainer import MultiSAETrainer
 
 from workers.adapters import RewardModelAdapter
 from workers.collect import activation_stream
-from workers.config import RunConfig
+from workers.config import RunConfig, SaeConfig
 
 NORM_ESTIMATE_BATCHES = 20
+# The "sqrt" penalty: SAELens's standard SAE with an L_p sparsity norm, p = 0.5.
+SQRT_PENALTY_P = 0.5
 
 
 def sae_dir(run_dir: Path, layer: int) -> Path:
     return run_dir / "saes" / f"layer_{layer}"
 
 
-def build_training_sae(config: RunConfig, adapter: RewardModelAdapter, layer: int) -> TopKTrainingSAE:
-    sae_cfg = TopKTrainingSAEConfig(
-        d_in=adapter.d_model,
-        d_sae=config.sae.width,
-        k=config.sae.k,
-        device=str(adapter.device),
+def build_training_sae(sae: SaeConfig, d_in: int, device: str, metadata: SAEMetadata | None = None) -> TrainingSAE:
+    """The SAELens training SAE for `sae.architecture`, with that architecture's knobs."""
+    common = dict(
+        d_in=d_in,
+        d_sae=sae.width,
+        device=device,
         # scale inputs to unit expected norm while training; SAELens folds it back afterwards
         normalize_activations="expected_average_only_in",
-        metadata=SAEMetadata(
-            model_name=config.model.path,
-            hook_name=adapter.hook_name(layer),
-            hook_layer=layer,
-            context_size=config.model.max_length,
-        ),
+        metadata=metadata or SAEMetadata(),
     )
-    return TopKTrainingSAE(sae_cfg)
+    penalty_warm_up = round(sae.sparsity_warm_up_fraction * sae.n_steps)
+    if sae.architecture == "topk":
+        return TopKTrainingSAE(TopKTrainingSAEConfig(k=sae.k, aux_loss_coefficient=sae.aux_loss_coefficient, **common))
+    if sae.architecture == "batchtopk":
+        return BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(
+            k=sae.k, aux_loss_coefficient=sae.aux_loss_coefficient, topk_threshold_lr=sae.topk_threshold_lr, **common))
+    if sae.architecture == "jumprelu":
+        return JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(
+            jumprelu_init_threshold=sae.jumprelu_init_threshold, jumprelu_bandwidth=sae.jumprelu_bandwidth,
+            l0_coefficient=sae.l0_coefficient, l0_warm_up_steps=penalty_warm_up,
+            pre_act_loss_coefficient=sae.pre_act_loss_coefficient, **common))
+    if sae.architecture in ("standard", "l1_sqrt"):
+        return StandardTrainingSAE(StandardTrainingSAEConfig(
+            l1_coefficient=sae.l1_coefficient, l1_warm_up_steps=penalty_warm_up,
+            lp_norm=SQRT_PENALTY_P if sae.architecture == "l1_sqrt" else 1.0, **common))
+    raise ValueError(f"sae.architecture: unknown architecture {sae.architecture!r}")
+
+
+def trainer_config(sae: SaeConfig, device: torch.device) -> SAETrainerConfig:
+    """SAELens trainer settings: lr schedule and dead-feature window from the run config."""
+    n_steps = sae.n_steps
+    dead_window = sae.dead_feature_window or max(1, min(1000, n_steps // 4))
+    return SAETrainerConfig(
+        total_training_samples=sae.training_tokens,
+        train_batch_size_samples=sae.batch_size,
+        lr=sae.lr,
+        lr_scheduler_name=sae.lr_scheduler,
+        lr_end=sae.lr_end or sae.lr / 10,
+        # SAELens's linear warm-up needs at least two steps
+        lr_warm_up_steps=warm if (warm := round(sae.lr_warm_up_fraction * n_steps)) >= 2 else 0,
+        lr_decay_steps=round(sae.lr_decay_fraction * n_steps),
+        device=str(device),
+        autocast=device.type == "cuda",
+        n_batches_for_norm_estimate=NORM_ESTIMATE_BATCHES,
+        dead_feature_window=dead_window,
+        feature_sampling_window=max(1, min(2000, n_steps // 2)),
+    )
 
 
 def train_saes(config: RunConfig, adapter: RewardModelAdapter, texts: list[str], run_dir: Path) -> dict[int, Path]:
     """Train and save (SAELens format) one SAE per configured layer; returns layer -> directory."""
     torch.manual_seed(config.seed)
     hooks = {f"layer_{layer}": adapter.hook_name(layer) for layer in config.layers}
-    saes = {name: build_training_sae(config, adapter, layer) for name, layer in zip(hooks, config.layers)}
+    saes = {
+        name: build_training_sae(config.sae, adapter.d_model, str(adapter.device), SAEMetadata(
+            model_name=config.model.path, hook_name=hook, hook_layer=layer, context_size=config.model.max_length))
+        for (name, hook), layer in zip(hooks.items(), config.layers)
+    }
     stream = activation_stream(adapter, texts, config.layers, config.dataset.batch_size, config.seed)
     shuffled = multi_hook_concat_split_iter(
         buffer_size=config.sae.buffer_tokens,
@@ -51,20 +105,8 @@ def train_saes(config: RunConfig, adapter: RewardModelAdapter, texts: list[str],
         activations_loader=stream,
         hook_names=list(hooks.values()),
     )
-    n_steps = config.sae.training_tokens // config.sae.batch_size
-    trainer_cfg = SAETrainerConfig(
-        total_training_samples=config.sae.training_tokens,
-        train_batch_size_samples=config.sae.batch_size,
-        lr=config.sae.lr,
-        lr_end=config.sae.lr / 10,
-        lr_decay_steps=n_steps // 5,  # linear decay over the last fifth
-        device=str(adapter.device),
-        autocast=adapter.device.type == "cuda",
-        n_batches_for_norm_estimate=NORM_ESTIMATE_BATCHES,
-        dead_feature_window=max(1, min(1000, n_steps // 4)),
-        feature_sampling_window=max(1, min(2000, n_steps // 2)),
-    )
-    trainer = MultiSAETrainer(cfg=trainer_cfg, saes=saes, hook_names=hooks, data_provider=shuffled)
+    trainer = MultiSAETrainer(cfg=trainer_config(config.sae, adapter.device), saes=saes, hook_names=hooks,
+                              data_provider=shuffled)
     trained = trainer.fit()
     paths = {}
     for name, layer in zip(hooks, config.layers):
