@@ -16,8 +16,9 @@ def _nice_max(x: float) -> float:
     return next(m * base for m in (1, 2, 2.5, 5, 10) if m * base >= x)
 
 
-def r2_bars(layers: Sequence[dict[str, Any]], height: int = 170, bar_w: int = 34, gap: int = 14) -> dict:
-    """Held-out R² per layer as vertical bars on a 0..1 axis, train R² as a tick.
+def r2_bars(layers: Sequence[dict[str, Any]], height: int = 170, bar_w: int = 24, gap: int = 16) -> dict:
+    """Held-out R² per layer on a 0..1 axis: the SAE-feature regression's bar (train R² as a
+    tick) and, beside it, the raw-activation probe's bar, the baseline it is judged against.
 
     Negative held-out R² (worse than predicting the mean) draws no bar, only its label.
     """
@@ -28,18 +29,22 @@ def r2_bars(layers: Sequence[dict[str, Any]], height: int = 170, bar_w: int = 34
     def y(v: float) -> float:
         return round(top + plot_h * (1 - min(max(v, 0.0), 1.0)), 1)
 
+    def bar(x: float, value: float | None) -> dict:
+        return {"x": x, "w": bar_w, "value": value, "y": y(value or 0.0), "h": round(y(0.0) - y(value or 0.0), 1)}
+
+    group_w = 2 * bar_w + 2
     bars = []
     for i, l in enumerate(layers):
-        x = left + gap + i * (bar_w + gap)
-        r2 = l["r2_heldout"]
+        x = left + gap + i * (group_w + gap)
+        probe = l.get("probe_r2_heldout")
         bars.append({
-            "layer": l["layer"], "x": x, "w": bar_w, "value": r2,
-            "y": y(r2 or 0.0), "h": round(y(0.0) - y(r2 or 0.0), 1),
+            **bar(x, l["r2_heldout"]), "layer": l["layer"], "center": x + group_w / 2,
             "train_y": None if l.get("r2_train") is None else y(l["r2_train"]),
             "train": l.get("r2_train"),
-            "best": r2 is not None and r2 == best,
+            "best": l["r2_heldout"] is not None and l["r2_heldout"] == best,
+            "probe": None if probe is None else {**bar(x + bar_w + 2, probe), "train": l.get("probe_r2_train")},
         })
-    width = left + gap + len(layers) * (bar_w + gap)
+    width = left + gap + len(layers) * (group_w + gap)
     ticks = [{"v": v, "y": y(v)} for v in (0, 0.25, 0.5, 0.75, 1.0)]
     return {"width": max(width, 200), "height": height, "left": left, "base_y": y(0.0),
             "ticks": ticks, "bars": bars}

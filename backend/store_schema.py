@@ -47,7 +47,13 @@ CREATE TABLE layers (
     pooling VARCHAR,                -- how token features become one row per text
     r2_train DOUBLE,
     r2_heldout DOUBLE,
-    ridge_alpha DOUBLE,
+    r2_cv DOUBLE,                   -- out-of-fold R² on the training texts at the chosen alpha
+    ridge_alpha DOUBLE,             -- the penalty cross-validation chose (for regression_method)
+    regression_method VARCHAR,      -- 'ridge' or 'lasso'
+    cv_folds INTEGER,
+    probe_r2_train DOUBLE,          -- baseline: ridge on the layer's pooled raw residual stream
+    probe_r2_heldout DOUBLE,
+    probe_alpha DOUBLE,
     n_train INTEGER,
     n_heldout INTEGER,
     reward_recovered DOUBLE,        -- 1 - reward_mae_sae / reward_mae_zero; NULL if zeroing changes nothing
@@ -62,6 +68,8 @@ CREATE TABLE features (
     mean_activation DOUBLE,         -- mean over the tokens where it fires
     max_activation DOUBLE,
     weight DOUBLE,                  -- regression weight: reward per unit of activation
+    std_weight DOUBLE,              -- weight x the feature's std over training texts: reward per 1 SD
+    weight_se DOUBLE,               -- standard error of the weight (fold jackknife or bootstrap); NULL: none
     top_token VARCHAR,              -- the token at the feature's strongest context
     hist_edges DOUBLE[],            -- activation histogram over firing tokens
     hist_counts BIGINT[],

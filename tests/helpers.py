@@ -49,9 +49,10 @@ def synthetic_tables(seed: int = 0) -> dict[str, dict[str, list]]:
     layers: dict[str, list] = {k: [] for k in (
         "layer", "hook_name", "sae_path", "architecture", "d_in", "d_sae", "k", "mse",
         "explained_variance", "l0", "dead_fraction", "pooling", "r2_train", "r2_heldout",
-        "ridge_alpha", "n_train", "n_heldout", "reward_recovered", "reward_mae_sae", "reward_mae_zero")}
+        "ridge_alpha", "n_train", "n_heldout", "reward_recovered", "reward_mae_sae", "reward_mae_zero",
+        "r2_cv", "regression_method", "cv_folds", "probe_r2_train", "probe_r2_heldout", "probe_alpha")}
     features: dict[str, list] = {k: [] for k in (
-        "layer", "feature", "frequency", "mean_activation", "max_activation", "weight",
+        "layer", "feature", "frequency", "mean_activation", "max_activation", "weight", "std_weight", "weight_se",
         "top_token", "hist_edges", "hist_counts")}
     contexts: dict[str, list] = {k: [] for k in (
         "layer", "feature", "rank", "text_id", "position", "activation", "window_start",
@@ -64,6 +65,8 @@ def synthetic_tables(seed: int = 0) -> dict[str, dict[str, list]]:
             pooling="mean", r2_train=0.95 - 0.2 * i, r2_heldout=0.81 - 0.3 * i,
             ridge_alpha=1.0, n_train=15, n_heldout=5,
             reward_recovered=0.93 - 0.2 * i, reward_mae_sae=0.05 * (i + 1), reward_mae_zero=0.7,
+            r2_cv=0.79 - 0.3 * i, regression_method="ridge", cv_folds=5,
+            probe_r2_train=0.9 - 0.05 * i, probe_r2_heldout=0.64 + 0.07 * i, probe_alpha=2.5,
         ).items():
             layers[key].append(value)
         weights = rng.normal(size=N_FEATURES)  # distinct almost surely: orderings are exact
@@ -76,6 +79,8 @@ def synthetic_tables(seed: int = 0) -> dict[str, dict[str, list]]:
             features["mean_activation"].append(0.0 if dead else max_act / 3)
             features["max_activation"].append(max_act)
             features["weight"].append(0.0 if dead else float(weights[f]))
+            features["std_weight"].append(0.0 if dead else float(weights[f]) * (0.5 + f / N_FEATURES))
+            features["weight_se"].append(None if dead else 0.05 + f / (2 * N_FEATURES))
             features["top_token"].append(None if dead else "amaz" if f == CONTEXT_FEATURE else VOCAB[f % 10])
             edges = [] if dead else [float(x) for x in np.linspace(0, max_act, 11)]
             features["hist_edges"].append(edges)

@@ -62,6 +62,40 @@ def test_run_page_lists_layers_with_r2(client, synthetic_run):
     assert api["best_layer"] == 3
     assert html.count('<rect class="bar') == len(LAYERS)  # the R² chart has a bar per layer
 
+def test_run_page_pairs_sae_r2_with_the_raw_probe(client, synthetic_run):
+    html, api = client.get(RUN).text, client.get(f"/api{RUN}").json()
+    stored = synthetic_run["layers"]
+    assert [l["probe_r2_heldout"] for l in api["layers"]] == pytest.approx(stored["probe_r2_heldout"])
+    assert [l["probe_r2_train"] for l in api["layers"]] == pytest.approx(stored["probe_r2_train"])
+    assert [l["regression_method"] for l in api["layers"]] == stored["regression_method"]
+    assert [l["cv_folds"] for l in api["layers"]] == stored["cv_folds"]
+    for layer in api["layers"]:
+        row = row_html(html, "layer", layer["layer"])
+        assert f'<td class="num probe-r2" title="train {fmt_num(layer["probe_r2_train"])}' in row
+        assert f'>{fmt_num(layer["probe_r2_heldout"])}</td>' in row
+    # the chart: one probe bar beside each layer's SAE bar, taller where the probe R² is higher
+    bars = re.findall(r'<rect class="(bar|bar best|probe)" x="([\d.]+)" y="[\d.]+" width="[\d.]+" height="([\d.]+)"', html)
+    kinds = [k.split()[0] for k, _, _ in bars]
+    assert kinds == ["bar", "probe"] * len(LAYERS)
+    for (_, sae_x, sae_h), (_, probe_x, probe_h), layer in zip(bars[::2], bars[1::2], api["layers"]):
+        assert float(probe_x) > float(sae_x)
+        assert (float(probe_h) > float(sae_h)) == (layer["probe_r2_heldout"] > layer["r2_heldout"])
+    assert f'raw-activation probe: held-out R² {fmt_num(stored["probe_r2_heldout"][1])}' in html
+
+
+def test_feature_page_shows_standardised_weight_and_its_error(client, synthetic_run):
+    url = f"{RUN}/layers/3/features/{CONTEXT_FEATURE}"
+    html, api = client.get(url).text, client.get(f"/api{url}").json()
+    stored = next(r for r in layer_features(synthetic_run, 3) if r["feature"] == CONTEXT_FEATURE)
+    f = api["feature"]
+    assert f["std_weight"] == pytest.approx(stored["std_weight"]) and f["weight_se"] == pytest.approx(stored["weight_se"])
+    assert re.search(rf'id="std-weight" class="(pos|neg)">{re.escape(fmt_weight(stored["std_weight"]))}<', html)
+    t = abs(stored["weight"] / stored["weight_se"])
+    assert f'id="weight-se">{fmt_num(stored["weight_se"])} <span class="muted">|t| {t:.1f}</span>' in html
+    dead = client.get(f"/api{RUN}/layers/3/features/{DEAD_FEATURE}").json()["feature"]
+    assert dead["weight_se"] is None  # no refit estimated it: shown as a dash, not a number
+
+
 
 def test_layer_table_is_ordered_by_weight_descending(client, synthetic_run):
     html = client.get(f"{RUN}/layers/3").text

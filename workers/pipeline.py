@@ -21,7 +21,7 @@ from workers.datasets import load_corpus
 from workers.device import pick_device
 from workers.evaluate import evaluate_saes
 from workers.publish import write_store
-from workers.regress import fit_reward_regression
+from workers.regress import fit_probe, fit_reward_regression
 from workers.train import load_saes, train_saes
 
 def resolve_model_path(config: RunConfig, settings: Settings) -> str:
@@ -80,7 +80,9 @@ def build_tables(config: RunConfig, adapter, corpus, acts, sae_paths: dict[int, 
         },
         "layers": {k: [] for k in ("layer", "hook_name", "sae_path", "architecture", "d_in", "d_sae", "k", "mse",
                                    "explained_variance", "l0", "dead_fraction", "pooling", "r2_train", "r2_heldout",
-                                   "ridge_alpha", "n_train", "n_heldout", "reward_recovered",
+                                   "r2_cv", "ridge_alpha", "regression_method", "cv_folds",
+                                   "probe_r2_train", "probe_r2_heldout", "probe_alpha",
+                                   "n_train", "n_heldout", "reward_recovered",
                                    "reward_mae_sae", "reward_mae_zero")},
         "features": {},
         "contexts": {},
@@ -89,10 +91,14 @@ def build_tables(config: RunConfig, adapter, corpus, acts, sae_paths: dict[int, 
         layer_acts = acts.layers[layer]
         _stage(f"layer {layer}: feature statistics and top contexts")
         feats, contexts = feature_tables(layer, layer_acts.token_matrix(acts.n_tokens), acts, vocab, config.analysis)
-        _stage(f"layer {layer}: reward regression ({config.regression.pooling} pooling)")
-        fit = fit_reward_regression(layer_acts.pooled_matrix(acts.n_reads), acts.scores,
-                                    corpus.heldout[acts.read_text_ids], config.regression.alphas, config.seed)
-        feats["weight"] = fit.weights
+        _stage(f"layer {layer}: reward regression ({config.regression.method}, {config.regression.pooling} pooling)"
+               " and raw-activation probe")
+        read_heldout = corpus.heldout[acts.read_text_ids]
+        fit = fit_reward_regression(layer_acts.pooled_matrix(acts.n_reads), acts.scores, read_heldout,
+                                    config.regression, config.seed)
+        probe = fit_probe(layer_acts.raw_matrix(), acts.scores, read_heldout, config.regression.cv_folds, config.seed)
+        feats["weight"], feats["std_weight"] = fit.weights, fit.std_weights
+        feats["weight_se"] = fit.weight_spread if fit.weight_spread is not None else [None] * len(fit.weights)
         metrics = layer_acts.metrics(acts.n_tokens, adapter.d_model)
         row = {
             "layer": layer, "hook_name": adapter.hook_name(layer),
@@ -101,7 +107,9 @@ def build_tables(config: RunConfig, adapter, corpus, acts, sae_paths: dict[int, 
             "k": config.sae.k if config.sae.architecture in ARCHITECTURE_KNOBS["k"] else None, **metrics,
             "dead_fraction": float(np.mean(np.asarray(feats["frequency"]) == 0)),
             "pooling": config.regression.pooling, "r2_train": fit.r2_train, "r2_heldout": fit.r2_heldout,
-            "ridge_alpha": fit.alpha, "n_train": fit.n_train, "n_heldout": fit.n_heldout,
+            "r2_cv": fit.r2_cv, "ridge_alpha": fit.alpha, "regression_method": fit.method, "cv_folds": fit.cv_folds,
+            "probe_r2_train": probe.r2_train, "probe_r2_heldout": probe.r2_heldout, "probe_alpha": probe.alpha,
+            "n_train": fit.n_train, "n_heldout": fit.n_heldout,
             "reward_recovered": recovery[layer].reward_recovered, "reward_mae_sae": recovery[layer].mae_sae,
             "reward_mae_zero": recovery[layer].mae_zero,
         }
@@ -110,7 +118,8 @@ def build_tables(config: RunConfig, adapter, corpus, acts, sae_paths: dict[int, 
         for target, cols in (("features", feats), ("contexts", contexts)):
             for key, values in cols.items():
                 tables[target].setdefault(key, []).extend(values)
-        print(f"  layer {layer}: held-out R² {fit.r2_heldout:.3f} (train {fit.r2_train:.3f}, alpha {fit.alpha:g}), "
+        print(f"  layer {layer}: held-out R² {fit.r2_heldout:.3f} (train {fit.r2_train:.3f}, alpha {fit.alpha:g}; "
+              f"raw probe {probe.r2_heldout:.3f}), "
               f"explained variance {metrics['explained_variance']:.3f}, L0 {metrics['l0']:.1f}, "
               f"dead {row['dead_fraction']:.1%}, reward recovered {_fmt(row['reward_recovered'])}")
     return tables

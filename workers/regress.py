@@ -1,29 +1,48 @@
-"""Per layer: the RM's score ~ pooled SAE features, by ridge regression.
+"""Per layer: the RM's score ~ pooled SAE features (ridge or lasso), and a raw-activation probe.
 
-alpha is chosen on a validation slice of the training texts; the fit then uses all of
-them and is scored on held-out texts. sklearn's RidgeCV (leave-one-out GCV) would do the
-same but forms the hat matrix per alpha: ~35 s per layer at 20k x 3,072 on this CPU.
-One eigendecomposition of the (small, d_sae x d_sae) Gram matrix serves every alpha."""
+Ridge: one eigendecomposition of the centred d x d Gram matrix of the training rows gives
+the weights for every alpha at once, and generalised cross-validation (GCV, the
+rotation-invariant form of leave-one-out) scores every alpha from the eigenvalues alone, so
+the grid can be dense for free. sklearn's RidgeCV does exact leave-one-out but, for sparse
+input, through the n x n kernel: ~35 s per layer at 20k x 3,072 where this takes a few.
+Lasso: scikit-learn's LassoCV on the sparse matrix, k-fold.
+
+Stability: each weight's standard error, from refits on the k cross-validation folds
+(delete-a-group jackknife) or on bootstrap resamples of the training rows. The Gram matrix
+of a refit's rows is the full one minus (or reweighted by) a few sparse rows, so a ridge
+refit costs one Cholesky solve.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg
+import scipy.linalg.blas
 import scipy.sparse as sp
 
-VALIDATION_FRACTION = 0.2
+# Default ridge grid, relative to the mean eigenvalue of the centred Gram matrix so it fits
+# any feature scale (sum pooling over long texts, raw residual streams). GCV prices every
+# point at almost nothing.
+RELATIVE_RIDGE_GRID = np.logspace(-6, 2, 33)
+DENSE_GRAM_DENSITY = 0.1  # share of nonzeros above which a dense BLAS Gram beats the sparse one
+LASSO_PATH_LENGTH = 30  # alphas on sklearn's automatic lasso path when none are configured
 
 
 @dataclass
 class RegressionResult:
+    method: str  # "ridge" or "lasso"
     weights: np.ndarray  # one per feature: change in score per unit of activation
+    std_weights: np.ndarray  # weight x the feature's std on training rows: score per 1 SD
+    weight_spread: np.ndarray | None  # standard error of each weight (None: not estimated)
     intercept: float
-    alpha: float
+    alpha: float  # the penalty cross-validation chose
     r2_train: float
     r2_heldout: float
+    r2_cv: float | None  # out-of-fold R² on training rows at the chosen alpha (fold stability)
     n_train: int
     n_heldout: int
+    cv_folds: int
 
 
 def r2(y: np.ndarray, pred: np.ndarray) -> float:
@@ -31,45 +50,225 @@ def r2(y: np.ndarray, pred: np.ndarray) -> float:
     return 1.0 - float(((y - pred) ** 2).sum()) / total if total > 0 else 0.0
 
 
-def _centered_gram(X: sp.csr_matrix, y: np.ndarray):
+def _as_matrix(X) -> sp.csr_matrix | np.ndarray:
+    return sp.csr_matrix(X, dtype=np.float64) if sp.issparse(X) else np.asarray(X, dtype=np.float64)
+
+
+def _gram(X) -> np.ndarray:
+    """X^T X, dense float64. Sparse rows go through scipy's sparse product; rows denser than
+    DENSE_GRAM_DENSITY (sum pooling over long texts) are densified in chunks for BLAS syrk,
+    which is then faster despite the zeros."""
+    n, d = X.shape
+    if not sp.issparse(X):
+        return np.asarray(X.T @ X)
+    if X.nnz <= DENSE_GRAM_DENSITY * n * d:
+        return X.T.dot(X).toarray()
+    gram = np.zeros((d, d), order="F")
+    for start in range(0, n, 2048):
+        block = X[start:start + 2048].toarray().T  # d x rows, Fortran-ordered: BLAS takes it as is
+        gram = scipy.linalg.blas.dsyrk(1.0, block, beta=1.0, c=gram, trans=0, lower=0, overwrite_c=1)
+    gram += gram.T  # syrk filled the upper triangle only; the lower one is still zero
+    gram[np.diag_indices_from(gram)] /= 2
+    return gram
+
+
+def _raw_moments(X):
+    """X^T X and the column sums: what every (re)fit is built from."""
+    return _gram(X), np.asarray(X.sum(axis=0), dtype=np.float64).ravel()
+
+
+def _centre_in_place(gram, col_sum, xty, y_sum, n):
+    """Centre raw moments on the rows' means (fits an unpenalised intercept); `gram` is
+    overwritten, by a BLAS rank-1 update instead of a d x d temporary."""
+    mu = col_sum / n
+    gram = scipy.linalg.blas.dger(-float(n), mu, mu, a=gram.T, overwrite_a=1).T  # symmetric: .T is free
+    return gram, xty - mu * y_sum, mu
+
+
+def _solve_ridge(gram, xty, alpha):
+    """(gram + alpha I) w = xty by Cholesky; `gram` is modified."""
+    gram[np.diag_indices_from(gram)] += alpha
+    try:
+        return scipy.linalg.cho_solve(scipy.linalg.cho_factor(gram, check_finite=False), xty, check_finite=False)
+    except np.linalg.LinAlgError:  # alpha far below the Gram's scale: least squares instead
+        return scipy.linalg.lstsq(gram, xty, check_finite=False)[0]
+
+
+def _predict(X, weights, mu, y_mean):
+    return np.asarray(X @ weights).ravel() - float(mu @ weights) + y_mean
+
+
+def ridge_gcv(X, y, alphas: np.ndarray | None):
+    """Ridge weights at the GCV-best alpha, from one eigendecomposition.
+
+    GCV(alpha) = n * RSS / (n - tr H)^2 with tr H = 1 + sum(lambda / (lambda + alpha)),
+    the leading 1 being the intercept. Returns (weights, intercept, alpha, moments).
+    """
     n = X.shape[0]
-    mu = np.asarray(X.mean(axis=0)).ravel()
-    gram = (X.T @ X).toarray().astype(np.float64) - n * np.outer(mu, mu)
-    xty = np.asarray(X.T @ y).ravel() - n * mu * y.mean()
-    return gram, xty, mu
+    gram, col_sum = _raw_moments(X)
+    xty = np.asarray(X.T @ y, dtype=np.float64).ravel()
+    cgram, cxty, mu = _centre_in_place(gram.copy(), col_sum, xty, y.sum(), n)
+    eigvals, eigvecs = np.linalg.eigh(cgram)
+    del cgram
+    eigvals = np.clip(eigvals, 0.0, None)
+    if alphas is None:
+        alphas = RELATIVE_RIDGE_GRID * max(eigvals.mean(), np.finfo(float).tiny)
+    alphas = np.asarray(alphas, dtype=np.float64)
+    shrink = 1.0 / (eigvals[:, None] + alphas[None, :])  # d x A
+    all_weights = eigvecs @ ((eigvecs.T @ cxty)[:, None] * shrink)  # d x A: one column per alpha
+    fitted = np.asarray(X @ all_weights) - mu @ all_weights + y.mean()
+    rss = ((y[:, None] - fitted) ** 2).sum(axis=0)
+    dof = 1.0 + (eigvals[:, None] * shrink).sum(axis=0)
+    gcv = n * rss / np.maximum(n - dof, 1e-12) ** 2
+    best = int(np.argmin(gcv))
+    weights = all_weights[:, best]
+    return weights, float(y.mean() - mu @ weights), float(alphas[best]), (gram, col_sum, xty)
 
 
-def _predict(X: sp.csr_matrix, weights, mu, y_mean):
-    return np.asarray(X @ weights).ravel() - mu @ weights + y_mean
+def _lasso(X, y, alphas, folds: int, seed: int):
+    from sklearn.linear_model import LassoCV
+    from sklearn.model_selection import KFold
+
+    model = LassoCV(alphas=LASSO_PATH_LENGTH if alphas is None else np.asarray(alphas), cv=KFold(
+        folds, shuffle=True, random_state=seed), max_iter=5000, tol=1e-4, random_state=seed)
+    model.fit(X, y)
+    return model.coef_.astype(np.float64), float(model.intercept_), float(model.alpha_)
 
 
-def choose_alpha(X: sp.csr_matrix, y: np.ndarray, alphas: list[float], seed: int = 0) -> float:
+def _lasso_refit(X, y, alpha, init):
+    from sklearn.linear_model import Lasso
+
+    model = Lasso(alpha=alpha, max_iter=5000, tol=1e-4, warm_start=True)
+    model.coef_ = init.copy()  # starts from the full fit: a few sweeps instead of a path
+    model.fit(X, y)
+    return model.coef_.astype(np.float64), float(model.intercept_)
+
+
+def _fold_ids(n: int, folds: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).permutation(n) % folds
+
+
+class _Refitter:
+    """Refits at a fixed alpha on a subset (or reweighting) of the training rows."""
+
+    def __init__(self, method, X, y, alpha, weights, moments):
+        self.method, self.X, self.y, self.alpha, self.weights = method, X, y, alpha, weights
+        self.moments = moments
+
+    def without(self, rows: np.ndarray):
+        """Refit on every training row except `rows` -> (weights, predict function)."""
+        keep = np.ones(self.X.shape[0], dtype=bool)
+        keep[rows] = False
+        if self.method == "lasso":
+            w, b = _lasso_refit(self.X[keep], self.y[keep], self.alpha, self.weights)
+            return w, lambda Z: np.asarray(Z @ w).ravel() + b
+        gram, col_sum, xty = self.moments
+        out_gram, out_sum = _raw_moments(self.X[rows])
+        out_xty = np.asarray(self.X[rows].T @ self.y[rows], dtype=np.float64).ravel()
+        np.subtract(gram, out_gram, out=out_gram)
+        return self._ridge(out_gram, col_sum - out_sum, xty - out_xty,
+                           self.y.sum() - self.y[rows].sum(), int(keep.sum()), self.y[keep].mean())
+
+    def weighted(self, counts: np.ndarray) -> np.ndarray:
+        """Refit with row i counted counts[i] times (a bootstrap resample)."""
+        if self.method == "lasso":
+            rows = np.repeat(np.arange(len(counts)), counts)
+            return _lasso_refit(self.X[rows], self.y[rows], self.alpha, self.weights)[0]
+        root = np.sqrt(counts.astype(np.float64))
+        scaled = sp.diags(root) @ self.X if sp.issparse(self.X) else root[:, None] * self.X
+        gram = _gram(scaled)  # sum_i counts_i x_i x_i^T
+        col_sum = np.asarray(scaled.T @ root).ravel()
+        xty = np.asarray(scaled.T @ (root * self.y)).ravel()
+        n = int(counts.sum())
+        return self._ridge(gram, col_sum, xty, float(counts @ self.y), n, float(counts @ self.y) / n)[0]
+
+    def _ridge(self, gram, col_sum, xty, y_sum, n, y_mean):
+        cgram, cxty, mu = _centre_in_place(gram, col_sum, xty, y_sum, n)
+        w = _solve_ridge(cgram, cxty, self.alpha)
+        return w, lambda Z: _predict(Z, w, mu, y_mean)
+
+
+def _fold_stability(refit: _Refitter, n: int, folds: int, seed: int):
+    """Jackknife standard errors over k-fold refits, and the out-of-fold R²."""
+    ids = _fold_ids(n, folds, seed)
+    fold_weights, oof = [], np.empty(n)
+    for f in range(folds):
+        rows = np.flatnonzero(ids == f)
+        w, predict = refit.without(rows)
+        fold_weights.append(w)
+        oof[rows] = predict(refit.X[rows])
+    W = np.stack(fold_weights)
+    spread = np.sqrt((folds - 1) / folds * ((W - W.mean(axis=0)) ** 2).sum(axis=0))
+    return spread, r2(refit.y, oof)
+
+
+def _bootstrap_stability(refit: _Refitter, n: int, samples: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    val = rng.random(X.shape[0]) < VALIDATION_FRACTION
-    gram, xty, mu = _centered_gram(X[~val], y[~val])
-    eigvals, eigvecs = np.linalg.eigh(gram)
-    projected = eigvecs.T @ xty
-    scores = [r2(y[val], _predict(X[val], eigvecs @ (projected / (eigvals + a)), mu, y[~val].mean())) for a in alphas]
-    return float(alphas[int(np.argmax(scores))])
+    W = np.stack([refit.weighted(rng.multinomial(n, np.full(n, 1.0 / n))) for _ in range(samples)])
+    return W.std(axis=0, ddof=1)
 
 
-def fit_reward_regression(
-    features: sp.csr_matrix, scores: np.ndarray, heldout: np.ndarray, alphas: list[float], seed: int = 0
+def _feature_std(X) -> np.ndarray:
+    mean = np.asarray(X.mean(axis=0)).ravel()
+    mean_sq = np.asarray(X.multiply(X).mean(axis=0) if sp.issparse(X) else (X**2).mean(axis=0)).ravel()
+    return np.sqrt(np.clip(mean_sq - mean**2, 0.0, None))
+
+
+def fit_regression(
+    features, scores: np.ndarray, heldout: np.ndarray, *, method: str = "ridge",
+    alphas: list[float] | None = None, cv_folds: int = 5, stability: str = "folds",
+    bootstrap_samples: int = 20, seed: int = 0,
 ) -> RegressionResult:
-    features = sp.csr_matrix(features, dtype=np.float64)
+    """Fit score ~ features on the rows not held out; score the held-out rows.
+
+    features: [n_rows, d], scipy sparse (SAE features) or dense (raw activations).
+    alphas: the penalty grid (None: a default grid for the method). stability: "folds",
+    "bootstrap" or "none".
+    """
+    if method not in ("ridge", "lasso"):
+        raise ValueError(f"regression.method must be 'ridge' or 'lasso', not {method!r}")
+    if stability not in ("folds", "bootstrap", "none"):
+        raise ValueError(f"regression.stability must be 'folds', 'bootstrap' or 'none', not {stability!r}")
+    features = _as_matrix(features)
+    scores = np.asarray(scores, dtype=np.float64)
+    heldout = np.asarray(heldout, dtype=bool)
     train = ~heldout
     X, y = features[train], scores[train]
-    alpha = choose_alpha(X, y, alphas, seed) if len(alphas) > 1 else float(alphas[0])
-    gram, xty, mu = _centered_gram(X, y)
-    gram[np.diag_indices_from(gram)] += alpha
-    weights = scipy.linalg.solve(gram, xty, assume_a="pos")
-    intercept = float(y.mean() - mu @ weights)
+    if X.shape[0] < max(cv_folds, 2):
+        raise ValueError(f"regression: {X.shape[0]} training rows, fewer than regression.cv_folds ({cv_folds})")
+    if method == "ridge":
+        weights, intercept, alpha, moments = ridge_gcv(X, y, alphas)
+    else:
+        weights, intercept, alpha = _lasso(X, y, alphas, cv_folds, seed)
+        moments = None
+    refit = _Refitter(method, X, y, alpha, weights, moments)
+    spread, r2_cv = None, None
+    if stability == "folds":
+        spread, r2_cv = _fold_stability(refit, X.shape[0], cv_folds, seed)
+    elif stability == "bootstrap":
+        spread = _bootstrap_stability(refit, X.shape[0], bootstrap_samples, seed)
+
+    def predict(Z):
+        return np.asarray(Z @ weights).ravel() + intercept
+
     return RegressionResult(
-        weights=weights,
-        intercept=intercept,
-        alpha=alpha,
-        r2_train=r2(y, _predict(X, weights, mu, y.mean())),
-        r2_heldout=r2(scores[heldout], _predict(features[heldout], weights, mu, y.mean())),
-        n_train=int(train.sum()),
-        n_heldout=int(heldout.sum()),
+        method=method, weights=weights, std_weights=weights * _feature_std(X), weight_spread=spread,
+        intercept=intercept, alpha=alpha, r2_train=r2(y, predict(X)),
+        r2_heldout=r2(scores[heldout], predict(features[heldout])) if heldout.any() else float("nan"),
+        r2_cv=r2_cv, n_train=int(train.sum()), n_heldout=int(heldout.sum()), cv_folds=cv_folds,
     )
+
+
+def fit_reward_regression(features, scores, heldout, config, seed: int = 0) -> RegressionResult:
+    """The layer's reward regression, as the run config's `regression` section asks."""
+    return fit_regression(
+        features, scores, heldout, method=config.method, alphas=config.alphas, cv_folds=config.cv_folds,
+        stability=config.stability, bootstrap_samples=config.bootstrap_samples, seed=seed,
+    )
+
+
+def fit_probe(raw, scores, heldout, cv_folds: int = 5, seed: int = 0) -> RegressionResult:
+    """The baseline: ridge on the same layer's pooled raw residual stream, alpha by GCV on the
+    default relative grid (the raw stream's scale differs from the features')."""
+    return fit_regression(raw, scores, heldout, method="ridge", alphas=None, cv_folds=cv_folds,
+                          stability="none", seed=seed)
