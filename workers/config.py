@@ -222,7 +222,7 @@ def check_against_world(config: RunConfig, model_path: str) -> None:
     if source != DEMO_DATASET and not source.startswith(HF_PREFIX):
         path = Path(source)
         if not path.exists():
-            raise ConfigError(f"dataset.source: not found: {source} (a HF dataset id is written 'hf:<id>')")
+            raise ConfigError(f"dataset.source: file not found: {source} (a HF dataset id is written 'hf:<id>')")
         if path.is_file() and path.suffix.lower() not in {".jsonl", ".json", ".csv", ".parquet"}:
             raise ConfigError(f"dataset.source: unsupported file type {path.suffix!r} (use .jsonl, .csv or .parquet)")
     from transformers import AutoConfig

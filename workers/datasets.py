@@ -76,7 +76,7 @@ def read_table(config: DatasetConfig):
     if path.is_dir():
         return _read_hf(source, config.split)
     if not path.is_file():
-        raise ConfigError(f"dataset.source: not found: {source}")
+        raise ConfigError(f"dataset.source: file not found: {source}")
     return _read_file(path)
 
 
