@@ -2,6 +2,8 @@
 that the score is the model's own, and that hooks capture / edit / stop in one pass."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -242,3 +244,20 @@ def test_real_minilm_hidden_states_match_hooks():
     out = adapter.model.bert(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True)
     for layer in (0, 3, 5):
         assert torch.allclose(captured[layer], out.hidden_states[layer + 1], atol=1e-4)
+
+
+def test_family_keys_are_checked_in_the_config():
+    from workers.config import ConfigError, parse_config
+
+    base = {"name": "x", "dataset": {"source": "demo"}, "layers": [0]}
+    with pytest.raises(ConfigError, match="model.reward_function is only read by adapter 'causal_lm'"):
+        parse_config({**base, "model": {"path": "m", "reward_function": "dataset"}})
+    with pytest.raises(ConfigError, match="model.good_token"):
+        parse_config({**base, "model": {"path": "m", "adapter": "causal_lm", "good_token": "+"}})
+    with pytest.raises(ConfigError, match="must differ"):
+        parse_config({**base, "model": {"path": "m", "adapter": "process", "good_token": "-"}})
+    config = parse_config({**base, "model": {"path": "m", "adapter": "process", "step_separator": " ки"},
+                           "dataset": {"source": "hf:org/data", "split": "test"}}, base_dir=None)
+    assert config.model.step_separator == " ки" and config.dataset.source == "hf:org/data"
+    relative = parse_config({**base, "model": {"path": "m"}, "dataset": {"source": "hf:org/data"}}, base_dir=Path("/x"))
+    assert relative.dataset.source == "hf:org/data"  # a hub id is not a path next to the config
