@@ -120,11 +120,12 @@ def features(
 
 
 def feature(path: Path, layer: int, feature: int) -> dict[str, Any]:
-    """One feature: stats, weight and its rank, histogram and top contexts (with their texts'
-    reward and score)."""
+    """One feature: stats, weight and its rank, histogram, correlation with the reward, reward
+    effect, top tokens, top contexts and per-activation-bin samples (with their texts' reward
+    and score)."""
     rows = _rows(
         path,
-        f"""SELECT {FEATURE_COLUMNS}, hist_edges, hist_counts,
+        f"""SELECT {FEATURE_COLUMNS}, hist_edges, hist_counts, reward_correlation, reward_effect, top_tokens,
                (SELECT 1 + count(*) FROM features g WHERE g.layer = f.layer
                    AND abs(g.weight) > abs(f.weight)) AS abs_weight_rank,
                (SELECT count(*) FROM features g WHERE g.layer = f.layer) AS n_features
@@ -137,12 +138,19 @@ def feature(path: Path, layer: int, feature: int) -> dict[str, Any]:
     out = rows[0]
     out["hist_edges"] = list(out["hist_edges"] or [])
     out["hist_counts"] = list(out["hist_counts"] or [])
-    out["contexts"] = _rows(
-        path,
-        """SELECT c.rank, c.text_id, c.position, c.activation, c.window_start, c.tokens, c.acts,
-                  t.reward, t.score, t.split
-           FROM contexts c LEFT JOIN texts t USING (text_id)
-           WHERE c.layer = ? AND c.feature = ? ORDER BY c.rank""",
-        [layer, feature],
-    )
+    out["top_tokens"] = list(out["top_tokens"] or [])
+    out["contexts"] = _contexts(path, layer, feature, "top")
+    out["quantile_contexts"] = _contexts(path, layer, feature, "quantile")
     return out
+
+
+def _contexts(path: Path, layer: int, feature: int, kind: str) -> list[dict[str, Any]]:
+    """A feature's 'top' contexts (by rank) or 'quantile' samples (by bin, then activation)."""
+    return _rows(
+        path,
+        """SELECT c.rank, c.bin, c.bin_low, c.bin_high, c.text_id, c.position, c.activation, c.window_start,
+                  c.tokens, c.acts, t.reward, t.score, t.split
+           FROM contexts c LEFT JOIN texts t USING (text_id)
+           WHERE c.layer = ? AND c.feature = ? AND c.kind = ? ORDER BY c.rank""",
+        [layer, feature, kind],
+    )

@@ -73,19 +73,29 @@ CREATE TABLE features (
     top_token VARCHAR,              -- the token at the feature's strongest context
     hist_edges DOUBLE[],            -- activation histogram over firing tokens
     hist_counts BIGINT[],
+    reward_correlation DOUBLE,      -- Pearson r of the pooled activation with the RM score, per read
+    reward_effect DOUBLE,           -- mean d(score)/d(activation) along the decoder row, where it fires
+    top_tokens STRUCT(token VARCHAR, mean_activation DOUBLE, count BIGINT)[],
+                                    -- by mean activation over all the token's occurrences;
+                                    -- count = how often the feature fired on it
     PRIMARY KEY (layer, feature)
 );
 
 CREATE TABLE contexts (
     layer INTEGER,
     feature INTEGER,
-    rank INTEGER,                   -- 0 = strongest activation
+    kind VARCHAR,                   -- 'top': the strongest activations; 'quantile': random
+                                    -- examples per activation bin
+    rank INTEGER,                   -- top: 0 = strongest; quantile: by bin, then activation
+    bin INTEGER,                    -- quantile: the activation bin; NULL for top contexts
+    bin_low DOUBLE,                 -- quantile: the bin covers [bin_low, bin_high)
+    bin_high DOUBLE,
     text_id INTEGER,
     position INTEGER,               -- token index of the peak inside the text
     activation DOUBLE,
     window_start INTEGER,           -- token index of tokens[0] inside the text
     tokens VARCHAR[],               -- the window's tokens, as the tokenizer spells them
     acts FLOAT[],                   -- the feature's activation on each window token
-    PRIMARY KEY (layer, feature, rank)
+    PRIMARY KEY (layer, feature, kind, rank)
 );
 """

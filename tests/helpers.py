@@ -31,6 +31,8 @@ CONTEXT_FEATURE = 7  # its strongest context ends in a WordPiece token: "amaz ##
 CONTEXT_TOKENS = ["[CLS]", "the", "movie", "was", "amaz", "##ing", "!", "[SEP]"]
 CONTEXT_ACTS = [0.0, 0.0, 0.25, 0.5, 4.0, 2.0, 0.0, 0.0]
 VOCAB = ["good", "bad", "plot", "boring", "great", "awful", "the", "not", "film", "love"]
+QUANTILE_BINS = 5  # every live feature has one random example per activation bin
+QUANTILE_TOKEN = "meh"  # CONTEXT_FEATURE's quantile samples peak on this token
 
 
 def synthetic_tables(seed: int = 0) -> dict[str, dict[str, list]]:
@@ -53,10 +55,11 @@ def synthetic_tables(seed: int = 0) -> dict[str, dict[str, list]]:
         "r2_cv", "regression_method", "cv_folds", "probe_r2_train", "probe_r2_heldout", "probe_alpha")}
     features: dict[str, list] = {k: [] for k in (
         "layer", "feature", "frequency", "mean_activation", "max_activation", "weight", "std_weight", "weight_se",
-        "top_token", "hist_edges", "hist_counts")}
+        "top_token", "hist_edges", "hist_counts", "reward_correlation", "reward_effect", "top_tokens")}
     contexts: dict[str, list] = {k: [] for k in (
-        "layer", "feature", "rank", "text_id", "position", "activation", "window_start",
-        "tokens", "acts")}
+        "layer", "feature", "kind", "rank", "bin", "bin_low", "bin_high", "text_id", "position", "activation",
+        "window_start", "tokens", "acts")}
+    extra = np.random.default_rng(seed + 1)  # separate stream: the columns above keep their values
     for i, layer in enumerate(LAYERS):
         for key, value in dict(
             layer=layer, hook_name=f"blocks.{layer}.hook_resid_post", sae_path=f"saes/layer_{layer}",
@@ -85,8 +88,26 @@ def synthetic_tables(seed: int = 0) -> dict[str, dict[str, list]]:
             edges = [] if dead else [float(x) for x in np.linspace(0, max_act, 11)]
             features["hist_edges"].append(edges)
             features["hist_counts"].append([] if dead else [int(c) for c in rng.integers(0, 50, 10)])
+            features["reward_correlation"].append(None if dead else float(extra.uniform(-1, 1)))
+            features["reward_effect"].append(None if dead else float(extra.normal()))
+            features["top_tokens"].append([] if dead else [
+                {"token": VOCAB[(f + j) % 10], "mean_activation": max_act / (j + 2), "count": 40 - 10 * j}
+                for j in range(3)])
             if dead:
                 continue
+            width = max_act / QUANTILE_BINS
+            for b in range(QUANTILE_BINS):
+                tokens = [VOCAB[j] for j in extra.integers(0, 10, 6)]
+                if f == CONTEXT_FEATURE:
+                    tokens[3] = QUANTILE_TOKEN
+                acts = [0.0] * 6
+                acts[3] = width * (b + 0.5)
+                for key, value in dict(
+                    layer=layer, feature=f, kind="quantile", rank=b, bin=b, bin_low=width * b,
+                    bin_high=width * (b + 1), text_id=(f + b) % n_texts, position=3, activation=acts[3],
+                    window_start=0, tokens=tokens, acts=acts,
+                ).items():
+                    contexts[key].append(value)
             for rank in range(3):
                 if f == CONTEXT_FEATURE and rank == 0:
                     tokens, acts = CONTEXT_TOKENS, CONTEXT_ACTS
@@ -96,7 +117,8 @@ def synthetic_tables(seed: int = 0) -> dict[str, dict[str, list]]:
                     acts[4] = max_act * (1 - 0.2 * rank)
                     acts[5] = acts[4] / 2
                 for key, value in dict(
-                    layer=layer, feature=f, rank=rank, text_id=(f + rank) % n_texts, position=4,
+                    layer=layer, feature=f, kind="top", rank=rank, bin=None, bin_low=None, bin_high=None,
+                    text_id=(f + rank) % n_texts, position=4,
                     activation=float(max(acts)), window_start=0, tokens=tokens, acts=acts,
                 ).items():
                     contexts[key].append(value)

@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from backend.routes.common import fmt_num, fmt_pct, fmt_weight
-from tests.helpers import (CONTEXT_FEATURE, DEAD_FEATURE, LAYERS, N_FEATURES, REPO_ROOT,
-                           make_client, publish_synthetic_run)
+from tests.helpers import (CONTEXT_FEATURE, DEAD_FEATURE, LAYERS, N_FEATURES, QUANTILE_BINS, QUANTILE_TOKEN,
+                           REPO_ROOT, make_client, publish_synthetic_run)
 
 RUN = "/runs/synthetic"
 
@@ -62,6 +62,7 @@ def test_run_page_lists_layers_with_r2(client, synthetic_run):
     assert api["best_layer"] == 3
     assert html.count('<rect class="bar') == len(LAYERS)  # the R² chart has a bar per layer
 
+
 def test_run_page_pairs_sae_r2_with_the_raw_probe(client, synthetic_run):
     html, api = client.get(RUN).text, client.get(f"/api{RUN}").json()
     stored = synthetic_run["layers"]
@@ -94,7 +95,6 @@ def test_feature_page_shows_standardised_weight_and_its_error(client, synthetic_
     assert f'id="weight-se">{fmt_num(stored["weight_se"])} <span class="muted">|t| {t:.1f}</span>' in html
     dead = client.get(f"/api{RUN}/layers/3/features/{DEAD_FEATURE}").json()["feature"]
     assert dead["weight_se"] is None  # no refit estimated it: shown as a dash, not a number
-
 
 
 def test_layer_table_is_ordered_by_weight_descending(client, synthetic_run):
@@ -158,10 +158,35 @@ def test_feature_page_shows_context_tokens_and_values(client, synthetic_run):
     assert f'href="{RUN}/layers/3"' in html and f'href="{RUN}"' in html  # breadcrumbs
 
 
+def test_feature_page_shows_reward_links_top_tokens_and_bin_samples(client, synthetic_run):
+    url = f"{RUN}/layers/5/features/{CONTEXT_FEATURE}"
+    html, api = client.get(url).text, client.get(f"/api{url}").json()
+    stored = next(r for r in layer_features(synthetic_run, 5) if r["feature"] == CONTEXT_FEATURE)
+    f = api["feature"]
+    assert f["reward_correlation"] == pytest.approx(stored["reward_correlation"])
+    assert f["reward_effect"] == pytest.approx(stored["reward_effect"])
+    assert f'id="reward-correlation">{fmt_num(stored["reward_correlation"])}<' in html
+    assert re.search(rf'id="reward-effect" class="(pos|neg)">{re.escape(fmt_weight(stored["reward_effect"]))}<', html)
+    assert f["top_tokens"] == stored["top_tokens"]
+    token_rows = re.findall(r'<tr data-token="\d+"><td><code class="token">([^<]+)</code>', html)
+    assert token_rows == [t["token"] for t in stored["top_tokens"]]
+    # top contexts and per-bin samples come apart: ranks 0..2 above, one sample per bin below
+    assert [c["rank"] for c in api["contexts"]] == [0, 1, 2] and all(c["bin"] is None for c in api["contexts"])
+    samples = api["quantile_contexts"]
+    assert [c["bin"] for c in samples] == list(range(QUANTILE_BINS))
+    assert all(c["bin_low"] <= c["activation"] < c["bin_high"] for c in samples)
+    assert html_rows(html, "bin") == list(range(QUANTILE_BINS))
+    quantile_table = html[html.index('class="data contexts quantiles"'):]
+    assert quantile_table.count(f'title="{QUANTILE_TOKEN}: ') == QUANTILE_BINS
+    assert f'{fmt_num(samples[-1]["bin_low"], 2)}–{fmt_num(samples[-1]["bin_high"], 2)}' in quantile_table
+
+
 def test_dead_feature_page_renders_without_contexts(client):
     r = client.get(f"{RUN}/layers/3/features/{DEAD_FEATURE}")
     assert r.status_code == 200 and "never fired" in r.text
-    assert client.get(f"/api{RUN}/layers/3/features/{DEAD_FEATURE}").json()["contexts"] == []
+    api = client.get(f"/api{RUN}/layers/3/features/{DEAD_FEATURE}").json()
+    assert api["contexts"] == [] and api["quantile_contexts"] == [] and api["feature"]["top_tokens"] == []
+    assert api["feature"]["reward_effect"] is None and "No samples" in r.text
 
 
 @pytest.mark.parametrize("path, message", [

@@ -1,5 +1,8 @@
 """One pass over the corpus: RM scores, SAE features at every token of every chosen layer,
-reconstruction metrics, then per-feature statistics and top contexts for EVERY feature."""
+reconstruction metrics, and for EVERY feature streamed statistics (workers/feature_stream.py):
+frequency, histogram, top and per-activation-bin contexts, top tokens, correlation with the
+reward and the reward effect (d score / d feature along its decoder direction, from one
+backward per sampled batch)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -12,16 +15,16 @@ from tqdm.auto import tqdm
 from workers.adapters import RewardModelAdapter
 from workers.batching import length_bucketed_batches, token_lengths
 from workers.config import AnalysisConfig
+from workers.feature_stream import FeatureAccumulator, TokenBatch
 
 
 @dataclass
 class LayerActivations:
-    """Sparse SAE activations of one layer over every analysed token, plus recon metrics."""
+    """One layer over the corpus: streamed per-feature statistics, features pooled per reward
+    read (for the regression), and reconstruction metrics."""
 
     d_sae: int
-    tokens: list[torch.Tensor] = field(default_factory=list)  # global token index per entry
-    features: list[torch.Tensor] = field(default_factory=list)
-    values: list[torch.Tensor] = field(default_factory=list)
+    features: FeatureAccumulator
     pooled: dict[str, list[torch.Tensor]] = field(default_factory=lambda: {"rows": [], "cols": [], "vals": []})
     pooled_raw: list[torch.Tensor] = field(default_factory=list)  # residual stream, pooled like the features
     sse: float = 0.0
@@ -29,10 +32,6 @@ class LayerActivations:
     sum_x: torch.Tensor | None = None
     n_eval_tokens: int = 0
     n_active: int = 0
-
-    def token_matrix(self, n_tokens: int) -> sp.csc_matrix:
-        data = (torch.cat(self.values).numpy(), (torch.cat(self.tokens).numpy(), torch.cat(self.features).numpy()))
-        return sp.csc_matrix(data, shape=(n_tokens, self.d_sae), dtype=np.float32)
 
     def pooled_matrix(self, n_reads: int) -> sp.csr_matrix:
         """One row per reward read (in read order), one column per feature."""
@@ -57,16 +56,16 @@ class LayerActivations:
 @dataclass
 class CorpusActivations:
     """Texts are processed in length order (less padding); a text's "slot" is its place in
-    that order, and token_ids / text_offsets follow slots. Reward reads (one per text, or
-    one per step for a process RM) are numbered in processing order."""
+    that order, and text_offsets follow slots. Reward reads (one per text, or one per step
+    for a process RM) are numbered in processing order."""
 
     read_text_ids: np.ndarray  # text id of each reward read
     read_positions: np.ndarray  # token index of each read inside its text
     scores: np.ndarray  # the RM's score at each read
     slot_text_ids: np.ndarray  # text id at each slot
-    token_ids: np.ndarray  # all analysed tokens, slots concatenated
-    text_offsets: np.ndarray  # [n_texts + 1] start of each slot in token_ids
+    text_offsets: np.ndarray  # [n_texts + 1] start of each slot's tokens among all analysed tokens
     layers: dict[int, LayerActivations]
+    n_effect_texts: int = 0  # texts whose reward gradient went into the reward effect
 
     @property
     def n_tokens(self) -> int:
@@ -104,6 +103,64 @@ def _pool(acts, segment, content, read_rows, n_reads: int, how: str) -> torch.Te
     return pooled / torch.bincount(segment, minlength=n_reads).clamp(min=1).unsqueeze(1)
 
 
+def effect_batches(batches: list[np.ndarray], n_texts: int, seed: int) -> set[int]:
+    """Random batches holding about n_texts texts: their reward gradients give the reward
+    effect (batches are length buckets, so every length is represented)."""
+    chosen, total = set(), 0
+    for i in np.random.default_rng(seed).permutation(len(batches)):
+        if total >= n_texts:
+            break
+        chosen.add(int(i))
+        total += len(batches[i])
+    return chosen
+
+
+@torch.no_grad()
+def decoder_directions(sae, chunk: int = 512) -> torch.Tensor:
+    """[d_sae, d_in]: how the SAE's reconstruction moves per unit of each feature (the decoder
+    rows, including any decoder-norm rescaling the SAE applies)."""
+    d_sae, ref = sae.cfg.d_sae, sae.W_dec
+    base = sae.decode(torch.zeros(1, d_sae, device=ref.device, dtype=ref.dtype))
+    rows = []
+    for start in range(0, d_sae, chunk):
+        n = min(chunk, d_sae - start)
+        unit = torch.zeros(n, d_sae, device=ref.device, dtype=ref.dtype)
+        unit[torch.arange(n), torch.arange(start, start + n)] = 1.0
+        rows.append(sae.decode(unit) - base)
+    return torch.cat(rows).float()
+
+
+def forward_with_gradients(adapter: RewardModelAdapter, batch, layers: list[int]):
+    """One forward and one backward for all `layers`: (scores, hidden states, d(sum of the
+    batch's scores)/d(hidden state)). The earliest layer's output becomes a leaf, so nothing
+    upstream of it is differentiated."""
+    hidden: dict[int, torch.Tensor] = {}
+    first = min(layers)
+
+    def make_hook(layer: int):
+        def hook(module, args, output):
+            h = output[0] if isinstance(output, tuple) else output
+            if layer == first:
+                h = h.detach().requires_grad_()
+            hidden[layer] = h
+            if layer == first:
+                return (h, *output[1:]) if isinstance(output, tuple) else h
+            return None
+
+        return hook
+
+    handles = [adapter.blocks[layer].register_forward_hook(make_hook(layer)) for layer in layers]
+    try:
+        with torch.enable_grad():
+            scores = adapter.score(batch)
+            grads = torch.autograd.grad(scores.sum(), [hidden[layer] for layer in layers], allow_unused=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    grads = {layer: torch.zeros_like(hidden[layer]) if g is None else g for layer, g in zip(layers, grads)}
+    return scores.detach(), {layer: h.detach() for layer, h in hidden.items()}, grads
+
+
 @torch.no_grad()
 def collect_corpus_activations(
     adapter: RewardModelAdapter,
@@ -113,32 +170,58 @@ def collect_corpus_activations(
     batch_size: int,
     pooling: str,
     rewards: np.ndarray | None = None,
+    analysis: AnalysisConfig | None = None,
+    seed: int = 0,
 ) -> CorpusActivations:
+    """One pass over the corpus. Memory holds per-feature accumulators and one row per reward
+    read, never per-token activations or the corpus' tokens."""
+    analysis = analysis or AnalysisConfig()
     layers = sorted(saes)
-    results = {layer: LayerActivations(d_sae=saes[layer].cfg.d_sae) for layer in layers}
-    token_ids, lengths, scores, read_texts, read_positions = [], [], [], [], []
+    vocab_size = len(adapter.tokenizer)
+    results = {
+        layer: LayerActivations(
+            d_sae=saes[layer].cfg.d_sae,
+            features=FeatureAccumulator(saes[layer].cfg.d_sae, vocab_size, analysis, seed + layer))
+        for layer in layers
+    }
+    lengths, scores, read_texts, read_positions = [], [], [], []
     special_ids = torch.tensor(sorted(adapter.tokenizer.all_special_ids))
     batches = length_bucketed_batches(token_lengths(adapter.tokenizer, texts, adapter.max_length), batch_size, None)
-    offset = n_reads = 0
-    for indices in tqdm(batches, desc="analysing"):
+    with_gradient = effect_batches(batches, analysis.reward_effect_texts, seed) if adapter_has_gradient(adapter) else set()
+    directions = {layer: decoder_directions(saes[layer]) for layer in layers} if with_gradient else {}
+    n_reads = n_effect_texts = 0
+    for batch_no, indices in enumerate(tqdm(batches, desc="analysing")):
         batch = adapter.tokenize([texts[i] for i in indices], None if rewards is None else rewards[indices])
-        batch_scores, captured = adapter.run(batch, capture=layers)
+        if batch_no in with_gradient:
+            batch_scores, captured, grads = forward_with_gradients(adapter, batch, layers)
+            n_effect_texts += len(indices)
+        else:
+            (batch_scores, captured), grads = adapter.run(batch, capture=layers), None
         keep = batch.attention_mask.bool().cpu()
         flat_index = keep.flatten().cumsum(0).reshape(keep.shape) - 1  # position among kept tokens
         read_seq, read_pos = batch.reward_index.cpu().unbind(1)
         read_rows = flat_index[read_seq, read_pos]
         segment = batch.token_segment.cpu()[keep]
         text_of_token = torch.arange(len(indices)).unsqueeze(1).expand_as(keep)[keep]
-        content = ~torch.isin(batch.input_ids.cpu()[keep], special_ids)
+        token_ids = batch.input_ids.cpu()[keep]
+        content = ~torch.isin(token_ids, special_ids)
+        text_lengths = keep.sum(1)
+        tokens = TokenBatch(
+            token_ids=token_ids,
+            text_ids=torch.from_numpy(indices)[text_of_token],
+            positions=(keep.cumsum(1) - 1)[keep],  # index inside the text, whichever side is padded
+            text_lengths=text_lengths[text_of_token],
+        )
         eval_tokens = torch.from_numpy(heldout[indices])[text_of_token].to(adapter.device)
-        scores.append(batch_scores.float().cpu())
+        batch_scores = batch_scores.float().cpu()
+        scores.append(batch_scores)
         read_texts.append(torch.from_numpy(indices)[read_seq])
         read_positions.append((keep.cumsum(1) - 1)[read_seq, read_pos])  # inside the text, as with tokens
-        token_ids.append(batch.input_ids.cpu()[keep])
-        lengths.append(keep.sum(1))
+        lengths.append(text_lengths)
+        keep_dev = keep.to(adapter.device)
         for layer in layers:
             res, sae = results[layer], saes[layer]
-            x = captured[layer][keep.to(adapter.device)].float()
+            x = captured[layer][keep_dev].float()
             acts = sae.encode(x)
             recon_err = (sae.decode(acts) - x)[eval_tokens]
             x_eval = x[eval_tokens]
@@ -146,76 +229,89 @@ def collect_corpus_activations(
             res.sum_sq += float((x_eval**2).sum())
             res.sum_x = x_eval.sum(0).cpu() if res.sum_x is None else res.sum_x + x_eval.sum(0).cpu()
             res.n_eval_tokens += len(x_eval)
-            acts = acts.cpu()
-            tok, feat = acts.nonzero(as_tuple=True)
-            res.tokens.append((tok + offset).int())
-            res.features.append(feat.int())
-            res.values.append(acts[tok, feat])
-            res.n_active += len(tok)
+            if grads is not None:
+                res.features.add_effects(acts, grads[layer][keep_dev].float() @ directions[layer].T)
+            acts = acts.float().cpu()
+            res.n_active += int((acts > 0).sum())
+            res.features.add_tokens(acts, tokens)
             res.pooled_raw.append(_pool(x.cpu(), segment, content, read_rows, batch.n_reads, pooling))
             pooled = _pool(acts, segment, content, read_rows, batch.n_reads, pooling)
+            res.features.add_reads(pooled, batch_scores)
             rows, cols = pooled.nonzero(as_tuple=True)
             res.pooled["rows"].append((rows + n_reads).int())
             res.pooled["cols"].append(cols.int())
             res.pooled["vals"].append(pooled[rows, cols])
-        offset += int(keep.sum())
         n_reads += batch.n_reads
     return CorpusActivations(
         read_text_ids=torch.cat(read_texts).numpy(),
         read_positions=torch.cat(read_positions).numpy(),
         scores=torch.cat(scores).numpy().astype(np.float64),
         slot_text_ids=np.concatenate(batches),
-        token_ids=torch.cat(token_ids).numpy(),
         text_offsets=np.concatenate([[0], np.cumsum(torch.cat(lengths).numpy())]),
         layers=results,
+        n_effect_texts=n_effect_texts,
     )
 
 
-def feature_tables(
-    layer: int, matrix: sp.csc_matrix, corpus: CorpusActivations, vocab: np.ndarray, config: AnalysisConfig
-) -> tuple[dict, dict]:
-    """Per-feature stats + histogram, and top contexts with per-token activations."""
-    n_tokens, d_sae = matrix.shape
-    offsets = corpus.text_offsets
-    feat_cols: dict[str, list] = {k: [] for k in (
-        "frequency", "mean_activation", "max_activation", "top_token", "hist_edges", "hist_counts")}
-    ctx_cols: dict[str, list] = {k: [] for k in (
-        "feature", "rank", "text_id", "position", "activation", "window_start", "tokens", "acts")}
-    for f in range(d_sae):
-        lo, hi = matrix.indptr[f], matrix.indptr[f + 1]
-        rows, vals = matrix.indices[lo:hi], matrix.data[lo:hi]  # rows sorted ascending
-        if len(vals) == 0:
-            for key, empty in (("frequency", 0.0), ("mean_activation", 0.0), ("max_activation", 0.0),
-                               ("top_token", None), ("hist_edges", []), ("hist_counts", [])):
-                feat_cols[key].append(empty)
-            continue
-        counts, edges = np.histogram(vals, bins=config.histogram_bins, range=(0.0, float(vals.max())))
-        top = np.argsort(-vals, kind="stable")[: config.n_contexts]
-        for rank, i in enumerate(top):
-            g = int(rows[i])
-            slot = int(np.searchsorted(offsets, g, side="right") - 1)
-            pos = g - int(offsets[slot])
-            ws = max(0, pos - config.window_before)
-            we = min(int(offsets[slot + 1] - offsets[slot]), pos + config.window_after + 1)
-            g0, g1 = int(offsets[slot]) + ws, int(offsets[slot]) + we
-            window_acts = np.zeros(we - ws, dtype=np.float32)
-            a, b = np.searchsorted(rows, g0), np.searchsorted(rows, g1)
-            window_acts[rows[a:b] - g0] = vals[a:b]
-            ctx_cols["feature"].append(f)
-            ctx_cols["rank"].append(rank)
-            ctx_cols["text_id"].append(int(corpus.slot_text_ids[slot]))
-            ctx_cols["position"].append(pos)
-            ctx_cols["activation"].append(float(vals[i]))
-            ctx_cols["window_start"].append(ws)
-            ctx_cols["tokens"].append(vocab[corpus.token_ids[g0:g1]].tolist())
-            ctx_cols["acts"].append(window_acts)
-        feat_cols["frequency"].append(len(vals) / n_tokens)
-        feat_cols["mean_activation"].append(float(vals.mean()))
-        feat_cols["max_activation"].append(float(vals.max()))
-        feat_cols["top_token"].append(str(vocab[corpus.token_ids[rows[top[0]]]]))
-        feat_cols["hist_edges"].append(edges.tolist())
-        feat_cols["hist_counts"].append(counts.tolist())
-    feat_cols["layer"] = [layer] * d_sae
-    feat_cols["feature"] = list(range(d_sae))
-    ctx_cols["layer"] = [layer] * len(ctx_cols["feature"])
-    return feat_cols, ctx_cols
+def adapter_has_gradient(adapter: RewardModelAdapter) -> bool:
+    """A score computed from the text (a reward function) has no gradient through the model."""
+    return getattr(adapter, "score_from_model", True)
+
+
+def _none_if_nan(values: np.ndarray) -> list[float | None]:
+    return [None if np.isnan(v) else float(v) for v in values]
+
+
+def _context_columns(layer: int, acc: FeatureAccumulator, kind: str, vocab: np.ndarray) -> dict[str, list]:
+    c = acc.contexts(kind)
+    inside = c["tokens"] >= 0  # a window's in-text tokens are contiguous
+    first = inside.argmax(axis=1)
+    n_inside = inside.sum(axis=1)
+    splits = np.cumsum(n_inside)[:-1]
+    quantile = kind == "quantile"
+    return {
+        "layer": [layer] * len(first),
+        "feature": c["feature"].tolist(),
+        "kind": [kind] * len(first),
+        "rank": c["rank"].tolist(),
+        "bin": c["bin"].tolist() if quantile else [None] * len(first),
+        "bin_low": c["bin_low"].tolist() if quantile else [None] * len(first),
+        "bin_high": c["bin_high"].tolist() if quantile else [None] * len(first),
+        "text_id": c["text_id"].tolist(),
+        "position": c["position"].tolist(),
+        "activation": c["activation"].astype(np.float64).tolist(),
+        "window_start": (c["position"] - acc.before + first).tolist(),
+        "tokens": [t.tolist() for t in np.split(vocab[c["tokens"][inside]], splits)] if len(first) else [],
+        "acts": [a for a in np.split(c["acts"][inside].astype(np.float32), splits)] if len(first) else [],
+    }
+
+
+def feature_tables(layer: int, layer_acts: LayerActivations, vocab: np.ndarray) -> tuple[dict, dict]:
+    """Columns of the store's features and contexts tables (top and quantile contexts) for
+    every feature of one layer."""
+    acc = layer_acts.features
+    count = acc.count.numpy()
+    fired = count > 0
+    contexts = {k: v + w for (k, v), w in zip(
+        _context_columns(layer, acc, "top", vocab).items(), _context_columns(layer, acc, "quantile", vocab).values())}
+    top_token = [None] * acc.d_sae
+    for f, rank, tokens, position, start in zip(contexts["feature"], contexts["rank"], contexts["tokens"],
+                                                contexts["position"], contexts["window_start"]):
+        if rank == 0 and top_token[f] is None:  # top contexts come first: their rank 0 is the peak
+            top_token[f] = tokens[position - start]
+    histograms = [acc.histogram(f) for f in range(acc.d_sae)]
+    features = {
+        "layer": [layer] * acc.d_sae,
+        "feature": list(range(acc.d_sae)),
+        "frequency": (count / max(acc.n_tokens, 1)).tolist(),
+        "mean_activation": np.where(fired, acc.sum.numpy() / np.maximum(count, 1), 0.0).tolist(),
+        "max_activation": acc.max.numpy().astype(np.float64).tolist(),
+        "top_token": top_token,
+        "hist_edges": [edges for edges, _ in histograms],
+        "hist_counts": [counts for _, counts in histograms],
+        "reward_correlation": _none_if_nan(acc.correlation()),
+        "reward_effect": _none_if_nan(acc.reward_effect()),
+        "top_tokens": [[{"token": str(vocab[t]), "mean_activation": m, "count": n} for t, m, n in row]
+                       for row in acc.top_tokens()],
+    }
+    return features, contexts

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import time
 from datetime import datetime, timezone
@@ -37,6 +38,15 @@ def resolve_model_path(config: RunConfig, settings: Settings) -> str:
     return str(path)
 
 
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def peak_rss_mib() -> float:
+    """This process' peak resident memory so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _use_dataset_rewards(config: RunConfig, adapter, corpus) -> None:
     """A causal LM scored by the dataset's reward column: every text needs its reward."""
     if config.model.adapter != "causal_lm" or config.model.reward_function != "dataset":
@@ -48,10 +58,6 @@ def _use_dataset_rewards(config: RunConfig, adapter, corpus) -> None:
         raise ConfigError(f"dataset.reward_column: {int(np.isnan(corpus.rewards).sum())} texts have no reward, "
                           "which model.reward_function 'dataset' needs")
     adapter.use_dataset_rewards(corpus.texts, corpus.rewards)
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
 
 
 def _stage(message: str) -> None:
@@ -90,7 +96,7 @@ def build_tables(config: RunConfig, adapter, corpus, acts, sae_paths: dict[int, 
     for layer in config.layers:
         layer_acts = acts.layers[layer]
         _stage(f"layer {layer}: feature statistics and top contexts")
-        feats, contexts = feature_tables(layer, layer_acts.token_matrix(acts.n_tokens), acts, vocab, config.analysis)
+        feats, contexts = feature_tables(layer, layer_acts, vocab)
         _stage(f"layer {layer}: reward regression ({config.regression.method}, {config.regression.pooling} pooling)"
                " and raw-activation probe")
         read_heldout = corpus.heldout[acts.read_text_ids]
@@ -175,7 +181,10 @@ def run_pipeline(config: RunConfig, settings: Settings, replace: bool = False) -
         _stage(f"analysing {len(corpus.texts):,} texts")
         saes = load_saes(sae_paths, device)  # exactly what was saved: proves the files load
         acts = collect_corpus_activations(adapter, saes, corpus.texts, corpus.heldout,
-                                          config.dataset.batch_size, config.regression.pooling, corpus.rewards)
+                                          config.dataset.batch_size, config.regression.pooling, corpus.rewards,
+                                          config.analysis, config.seed)
+        _stage(f"analysis pass done: reward effect from {acts.n_effect_texts:,} texts' gradients, "
+               f"peak RSS {peak_rss_mib():,.0f} MiB")
         eval_texts = [t for t, held in zip(corpus.texts, corpus.heldout) if held][: config.sae.reward_recovered_texts]
         _stage(f"reward recovered: {len(eval_texts)} held-out texts with each SAE spliced in, and each layer zeroed")
         recovery = evaluate_saes(adapter, saes, eval_texts, config.dataset.batch_size)
@@ -194,7 +203,7 @@ def run_pipeline(config: RunConfig, settings: Settings, replace: bool = False) -
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    _stage(f"run {config.run_id!r} done in {time.time() - started:.0f} s: {final_dir}")
+    _stage(f"run {config.run_id!r} done in {time.time() - started:.0f} s (peak RSS {peak_rss_mib():,.0f} MiB): {final_dir}")
     return final_dir
 
 

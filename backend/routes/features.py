@@ -1,4 +1,5 @@
-"""One feature's page: stats, weight, activation histogram and top contexts."""
+"""One feature's page: stats, weight, reward effect, activation histogram, top tokens, top
+contexts and random examples per activation bin."""
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -53,8 +54,9 @@ def feature_data(settings: Settings, run_id: str, layer: int, feature: int) -> d
         info = store.feature(store_path(settings, run), layer, feature)
     except store.NotFound as exc:
         raise store.NotFound(f"run {run_id!r}: {exc}") from None
-    contexts = info.pop("contexts")
-    return {"run": run_summary(run), "layer": layer, "feature": info, "contexts": contexts}
+    contexts, quantiles = info.pop("contexts"), info.pop("quantile_contexts")
+    return {"run": run_summary(run), "layer": layer, "feature": info, "contexts": contexts,
+            "quantile_contexts": quantiles}
 
 
 @router.get("/api/runs/{run_id}/layers/{layer}/features/{feature}")
@@ -67,7 +69,7 @@ def feature_page(request: Request, run_id: str, layer: int, feature: int, settin
     data = feature_data(settings, run_id, layer, feature)
     f = data["feature"]
     scale = f["max_activation"] or max((max(c["acts"], default=0) for c in data["contexts"]), default=0)
-    for c in data["contexts"]:
+    for c in data["contexts"] + data["quantile_contexts"]:
         c["display"] = display_tokens(c["tokens"], c["acts"], scale, c["position"] - c["window_start"])
     return render(request, "feature.html", {
         **data, "scale": scale, "histogram": charts.histogram(f["hist_edges"], f["hist_counts"]),
