@@ -17,6 +17,7 @@ import time
 import numpy as np
 import scipy.sparse as sp
 
+import workers.regress as regress
 from workers.regress import fit_probe, fit_regression
 
 
@@ -49,6 +50,23 @@ def timed(label: str, fn):
     return seconds
 
 
+def breakdown(X, y, heldout, folds: int) -> None:
+    """Where the ridge fit's time goes: the Gram matrix, the eigendecomposition, one fold refit."""
+    Xt = sp.csr_matrix(X[~heldout], dtype=np.float64)
+    start = time.perf_counter()
+    gram = regress._gram(Xt)
+    gram_s = time.perf_counter() - start
+    start = time.perf_counter()
+    np.linalg.eigh(gram)
+    eigh_s = time.perf_counter() - start
+    refit = regress._Refitter("ridge", Xt, y[~heldout], 1.0, None, regress._raw_moments(Xt) + (Xt.T @ y[~heldout],))
+    rows = np.flatnonzero(regress._fold_ids(Xt.shape[0], folds, 0) == 0)
+    start = time.perf_counter()
+    refit.without(rows)
+    fold_s = time.perf_counter() - start
+    print(f"   stages: Gram {gram_s:.2f} s, eigh {eigh_s:.2f} s, one fold refit {fold_s:.2f} s (x{folds})")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=20_000)
@@ -60,6 +78,7 @@ def main() -> None:
     p.add_argument("--lasso", action="store_true", help="also time the lasso option")
     p.add_argument("--bootstrap", type=int, default=0, help="also time bootstrap stability with N refits")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--breakdown", action="store_true", help="also time the ridge fit's stages")
     args = p.parse_args()
 
     print(f"P7: {args.rows:,} rows x {args.features:,} features, {args.folds}-fold stability (target <= 10 s)")
@@ -68,6 +87,8 @@ def main() -> None:
         print(f"-- {pooling} pooling: {X.nnz / X.shape[0]:.0f} nonzeros per row")
         timed("ridge, GCV alpha + fold stability", lambda: fit_regression(
             X, y, heldout, method="ridge", cv_folds=args.folds, seed=args.seed))
+        if args.breakdown:
+            breakdown(X, y, heldout, args.folds)
         if args.bootstrap:
             timed(f"ridge, GCV alpha + {args.bootstrap} bootstrap refits", lambda: fit_regression(
                 X, y, heldout, method="ridge", stability="bootstrap", bootstrap_samples=args.bootstrap))

@@ -8,7 +8,7 @@ import scipy.sparse as sp
 from sklearn.linear_model import Lasso, Ridge
 
 import workers.regress as regress
-from workers.config import RegressionConfig
+from workers.config import ConfigError, RegressionConfig, parse_config
 from workers.regress import fit_probe, fit_regression, fit_reward_regression
 
 
@@ -162,3 +162,28 @@ def test_config_drives_the_fit_and_rejects_too_few_rows():
         fit_regression(X[:4], y[:4], np.zeros(4, dtype=bool), cv_folds=5)
     with pytest.raises(ValueError, match="regression.method"):
         fit_regression(X, y, heldout, method="elasticnet")
+
+
+def test_constant_features_get_zero_weight_and_leave_the_others_unchanged():
+    X, y, heldout, _ = sparse_problem(seed=12)
+    widened = sp.hstack([sp.csr_matrix((X.shape[0], 3)), X, sp.csr_matrix(np.ones((X.shape[0], 1)))]).tocsr()
+    fit = fit_regression(X, y, heldout, alphas=[0.4], cv_folds=3)
+    wide = fit_regression(widened, y, heldout, alphas=[0.4], cv_folds=3)
+    np.testing.assert_allclose(wide.weights[3:-1], fit.weights, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(wide.weight_spread[3:-1], fit.weight_spread, rtol=1e-7, atol=1e-12)
+    assert np.all(wide.weights[[0, 1, 2, -1]] == 0) and np.all(wide.weight_spread[[0, 1, 2, -1]] == 0)
+    assert wide.r2_heldout == pytest.approx(fit.r2_heldout) and wide.intercept == pytest.approx(fit.intercept)
+
+
+@pytest.mark.parametrize("regression, key", [
+    ({"method": "elasticnet"}, "regression.method"),
+    ({"cv_folds": 1}, "regression.cv_folds"),
+    ({"stability": "permutation"}, "regression.stability"),
+    ({"alphas": []}, "regression.alphas"),
+    ({"bootstrap_samples": 1}, "regression.bootstrap_samples"),
+])
+def test_bad_regression_settings_name_their_key(regression, key):
+    base = {"name": "r", "model": {"path": "demo"}, "dataset": {"source": "demo"}, "layers": [1]}
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        parse_config({**base, "regression": regression})
+    assert parse_config({**base, "regression": {"method": "lasso", "stability": "bootstrap"}}).regression.cv_folds == 5
