@@ -187,3 +187,10 @@ def test_bad_regression_settings_name_their_key(regression, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         parse_config({**base, "regression": regression})
     assert parse_config({**base, "regression": {"method": "lasso", "stability": "bootstrap"}}).regression.cv_folds == 5
+
+
+def test_an_alpha_at_the_grid_edge_is_reported():
+    X, y, heldout, _ = sparse_problem(noise=0.01, seed=13)  # nearly noiseless: the smallest alpha wins
+    with pytest.warns(UserWarning, match="regression.alphas"):
+        fit = fit_regression(X, y, heldout, alphas=[10.0, 1.0, 100.0], stability="none")
+    assert fit.alpha == 1.0
