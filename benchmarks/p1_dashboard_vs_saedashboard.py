@@ -34,6 +34,7 @@ def main() -> None:
     n_tokens = sum(len(row) for row in ids)
     print(f"corpus: {len(texts):,} texts, {n_tokens:,} tokens; SAE layer {args.layer}: {d_sae:,} features")
 
+    run_ours(adapter, sae, args.layer, texts[:64], args)  # warm-up: one-time costs (lazy imports, allocator)
     ours_s, features, _ = run_ours(adapter, sae, args.layer, texts, args)
     live = sum(f > 0 for f in features["frequency"])
     print(f"ours: all {d_sae:,} features ({live:,} fired) in {ours_s:.1f} s = {1e3 * ours_s / d_sae:.2f} ms/feature "
