@@ -58,7 +58,7 @@ def test_counts_means_and_histograms_match_brute_force():
     for f in range(D_SAE):
         vals = acts[:, f][acts[:, f] > 0]
         assert int(acc.count[f]) == len(vals)
-        edges, counts = acc.histogram(f)
+        edges, counts = acc.histograms()[f]
         if len(vals) == 0:
             assert edges == [] and counts == []
             continue

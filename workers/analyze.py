@@ -94,7 +94,7 @@ def _pool(acts, segment, content, read_rows, n_reads: int, how: str) -> torch.Te
         return acts[read_rows]
     use = content & (segment >= 0)
     acts, segment = acts[use], segment[use]
-    pooled = torch.zeros(n_reads, acts.shape[1], dtype=acts.dtype)
+    pooled = torch.zeros(n_reads, acts.shape[1], dtype=acts.dtype, device=acts.device)
     if how == "max":
         return pooled.index_reduce_(0, segment, acts, "amax", include_self=True)
     pooled.index_add_(0, segment, acts)
@@ -181,7 +181,7 @@ def collect_corpus_activations(
     results = {
         layer: LayerActivations(
             d_sae=saes[layer].cfg.d_sae,
-            features=FeatureAccumulator(saes[layer].cfg.d_sae, vocab_size, analysis, seed + layer))
+            features=FeatureAccumulator(saes[layer].cfg.d_sae, vocab_size, analysis, seed + layer, adapter.device))
         for layer in layers
     }
     lengths, scores, read_texts, read_positions = [], [], [], []
@@ -206,12 +206,14 @@ def collect_corpus_activations(
         token_ids = batch.input_ids.cpu()[keep]
         content = ~torch.isin(token_ids, special_ids)
         text_lengths = keep.sum(1)
+        dev = adapter.device
         tokens = TokenBatch(
-            token_ids=token_ids,
-            text_ids=torch.from_numpy(indices)[text_of_token],
-            positions=(keep.cumsum(1) - 1)[keep],  # index inside the text, whichever side is padded
-            text_lengths=text_lengths[text_of_token],
+            token_ids=token_ids.to(dev),
+            text_ids=torch.from_numpy(indices)[text_of_token].to(dev),
+            positions=(keep.cumsum(1) - 1)[keep].to(dev),  # index inside the text, whichever side is padded
+            text_lengths=text_lengths[text_of_token].to(dev),
         )
+        pool_args = (segment.to(dev), content.to(dev), read_rows.to(dev), batch.n_reads, pooling)
         eval_tokens = torch.from_numpy(heldout[indices])[text_of_token].to(adapter.device)
         batch_scores = batch_scores.float().cpu()
         scores.append(batch_scores)
@@ -231,11 +233,11 @@ def collect_corpus_activations(
             res.n_eval_tokens += len(x_eval)
             if grads is not None:
                 res.features.add_effects(acts, grads[layer][keep_dev].float() @ directions[layer].T)
-            acts = acts.float().cpu()
+            acts = acts.float()  # stays on the device: only per-read rows and kept examples leave it
             res.n_active += int((acts > 0).sum())
             res.features.add_tokens(acts, tokens)
-            res.pooled_raw.append(_pool(x.cpu(), segment, content, read_rows, batch.n_reads, pooling))
-            pooled = _pool(acts, segment, content, read_rows, batch.n_reads, pooling)
+            res.pooled_raw.append(_pool(x, *pool_args).cpu())
+            pooled = _pool(acts, *pool_args).cpu()
             res.features.add_reads(pooled, batch_scores)
             rows, cols = pooled.nonzero(as_tuple=True)
             res.pooled["rows"].append((rows + n_reads).int())
@@ -282,7 +284,7 @@ def _context_columns(layer: int, acc: FeatureAccumulator, kind: str, vocab: np.n
         "activation": c["activation"].astype(np.float64).tolist(),
         "window_start": (c["position"] - acc.before + first).tolist(),
         "tokens": [t.tolist() for t in np.split(vocab[c["tokens"][inside]], splits)] if len(first) else [],
-        "acts": [a for a in np.split(c["acts"][inside].astype(np.float32), splits)] if len(first) else [],
+        "acts": list(np.split(c["acts"][inside].astype(np.float32), splits)) if len(first) else [],
     }
 
 
@@ -290,22 +292,22 @@ def feature_tables(layer: int, layer_acts: LayerActivations, vocab: np.ndarray) 
     """Columns of the store's features and contexts tables (top and quantile contexts) for
     every feature of one layer."""
     acc = layer_acts.features
-    count = acc.count.numpy()
+    count = acc.count.cpu().numpy()
     fired = count > 0
-    contexts = {k: v + w for (k, v), w in zip(
-        _context_columns(layer, acc, "top", vocab).items(), _context_columns(layer, acc, "quantile", vocab).values())}
+    top, quantile = (_context_columns(layer, acc, kind, vocab) for kind in ("top", "quantile"))
+    contexts = {key: top[key] + quantile[key] for key in top}
     top_token = [None] * acc.d_sae
     for f, rank, tokens, position, start in zip(contexts["feature"], contexts["rank"], contexts["tokens"],
                                                 contexts["position"], contexts["window_start"]):
         if rank == 0 and top_token[f] is None:  # top contexts come first: their rank 0 is the peak
             top_token[f] = tokens[position - start]
-    histograms = [acc.histogram(f) for f in range(acc.d_sae)]
+    histograms = acc.histograms()
     features = {
         "layer": [layer] * acc.d_sae,
         "feature": list(range(acc.d_sae)),
         "frequency": (count / max(acc.n_tokens, 1)).tolist(),
-        "mean_activation": np.where(fired, acc.sum.numpy() / np.maximum(count, 1), 0.0).tolist(),
-        "max_activation": acc.max.numpy().astype(np.float64).tolist(),
+        "mean_activation": np.where(fired, acc.sum.cpu().numpy() / np.maximum(count, 1), 0.0).tolist(),
+        "max_activation": acc.max.cpu().numpy().astype(np.float64).tolist(),
         "top_token": top_token,
         "hist_edges": [edges for edges, _ in histograms],
         "hist_counts": [counts for _, counts in histograms],

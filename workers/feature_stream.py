@@ -39,7 +39,7 @@ def keep_smallest(groups: torch.Tensor, keys: torch.Tensor, k: int) -> tuple[tor
     order = torch.sort(keys, stable=True).indices
     order = order[torch.sort(groups[order], stable=True).indices]
     sorted_groups = groups[order]
-    rank = torch.arange(len(order)) - torch.searchsorted(sorted_groups, sorted_groups)
+    rank = torch.arange(len(order), device=keys.device) - torch.searchsorted(sorted_groups, sorted_groups)
     keep = rank < k
     return order[keep], rank[keep]
 
@@ -50,15 +50,16 @@ class Reservoir:
     top-k; with uniform random keys it is a uniform sample without replacement (a bottom-k
     sketch), and two such samples merge into a uniform sample of the union."""
 
-    def __init__(self, n_groups: int, k: int, window: int):
+    def __init__(self, n_groups: int, k: int, window: int, device: torch.device):
         self.n_groups, self.k = n_groups, k
-        self.key = torch.full((n_groups * k,), torch.inf, dtype=torch.float64)
+        n = n_groups * k
+        self.key = torch.full((n,), torch.inf, dtype=torch.float64, device=device)
         self.payload = {
-            "activation": torch.zeros(n_groups * k),
-            "text_id": torch.full((n_groups * k,), -1, dtype=torch.int64),
-            "position": torch.zeros(n_groups * k, dtype=torch.int64),
-            "tokens": torch.full((n_groups * k, window), -1, dtype=torch.int32),  # -1: outside the text
-            "acts": torch.zeros(n_groups * k, window),
+            "activation": torch.zeros(n, device=device),
+            "text_id": torch.full((n,), -1, dtype=torch.int64, device=device),
+            "position": torch.zeros(n, dtype=torch.int64, device=device),
+            "tokens": torch.full((n, window), -1, dtype=torch.int32, device=device),  # -1: outside the text
+            "acts": torch.zeros(n, window, device=device),
         }
 
     def add(self, groups: torch.Tensor, keys: torch.Tensor, fetch) -> None:
@@ -71,7 +72,7 @@ class Reservoir:
         n_old = len(old_slots)
         kept, _ = keep_smallest(torch.cat([old_slots // self.k, groups[cand]]),
                                 torch.cat([self.key[old_slots], keys[cand]]), self.k)
-        survives = torch.zeros(n_old, dtype=torch.bool)
+        survives = torch.zeros(n_old, dtype=torch.bool, device=self.key.device)
         survives[kept[kept < n_old]] = True
         self.key[old_slots[~survives]] = torch.inf  # evicted: their slots are free again
         new = cand[kept[kept >= n_old] - n_old]
@@ -81,7 +82,7 @@ class Reservoir:
         """Merge the entries of old_groups[i] into group new_group[i] (all within the same
         groups: bins of one feature), keeping the k smallest keys of each."""
         slots = self._filled_slots(old_groups)
-        target = torch.full((self.n_groups,), -1, dtype=torch.int64)
+        target = torch.full((self.n_groups,), -1, dtype=torch.int64, device=self.key.device)
         target[old_groups] = new_group
         groups, keys = target[slots // self.k], self.key[slots]
         payload = {name: values[slots] for name, values in self.payload.items()}
@@ -90,7 +91,7 @@ class Reservoir:
         self._place(groups[kept], keys[kept], {name: values[kept] for name, values in payload.items()})
 
     def _filled_slots(self, groups: torch.Tensor) -> torch.Tensor:
-        slots = (groups.unsqueeze(1) * self.k + torch.arange(self.k)).flatten()
+        slots = (groups.unsqueeze(1) * self.k + torch.arange(self.k, device=groups.device)).flatten()
         return slots[torch.isfinite(self.key[slots])]
 
     def _place(self, groups: torch.Tensor, keys: torch.Tensor, payload: dict[str, torch.Tensor]) -> None:
@@ -101,7 +102,7 @@ class Reservoir:
         groups = groups[order]
         touched = torch.unique(groups)
         free_rows, free_cols = (~torch.isfinite(self.key.view(self.n_groups, self.k)[touched])).nonzero(as_tuple=True)
-        rank = torch.arange(len(groups)) - torch.searchsorted(groups, groups)
+        rank = torch.arange(len(groups), device=groups.device) - torch.searchsorted(groups, groups)
         first_free = torch.searchsorted(free_rows, torch.searchsorted(touched, groups))
         slots = touched[free_rows] * self.k + free_cols
         slots = slots[first_free + rank]
@@ -119,39 +120,43 @@ class Reservoir:
 class FeatureAccumulator:
     """Everything the store keeps about one SAE's features, updated one batch at a time."""
 
-    def __init__(self, d_sae: int, vocab_size: int, config: AnalysisConfig, seed: int = 0):
+    def __init__(self, d_sae: int, vocab_size: int, config: AnalysisConfig, seed: int = 0,
+                 device: torch.device | str = "cpu"):
+        """State lives on `device` (the SAE's), so activations never leave it densely."""
         self.d_sae, self.vocab_size, self.config = d_sae, vocab_size, config
+        self.device = device = torch.device(device)
         self.before, self.after = config.window_before, config.window_after
         window = self.before + self.after + 1
+        i64, f64 = dict(dtype=torch.int64, device=device), dict(dtype=torch.float64, device=device)
         self.n_tokens = 0
-        self.count = torch.zeros(d_sae, dtype=torch.int64)
-        self.sum = torch.zeros(d_sae, dtype=torch.float64)
-        self.max = torch.zeros(d_sae)
+        self.count = torch.zeros(d_sae, **i64)
+        self.sum = torch.zeros(d_sae, **f64)
+        self.max = torch.zeros(d_sae, device=device)
         # histogram and sample bins cover [0, hi); hi doubles whenever a value reaches it, so
         # it stays within (max, 2 max] and old bins merge exactly into the new ones
-        self.hi = torch.zeros(d_sae, dtype=torch.float64)
-        self.hist = torch.zeros(d_sae, config.histogram_bins, dtype=torch.int64)
+        self.hi = torch.zeros(d_sae, **f64)
+        self.hist = torch.zeros(d_sae, config.histogram_bins, **i64)
         self.n_sample_bins = 2 * config.quantile_bins  # at least quantile_bins of them lie below max
-        self.top = Reservoir(d_sae, config.n_contexts, window)
-        self.samples = Reservoir(d_sae * self.n_sample_bins, config.quantile_examples, window)
-        self.generator = torch.Generator().manual_seed(seed)
-        self.token_counts = torch.zeros(vocab_size, dtype=torch.int64)
-        self.pair_keys = torch.zeros(0, dtype=torch.int64)  # feature * vocab_size + token, sorted
-        self.pair_sums = torch.zeros(0, dtype=torch.float64)
-        self.pair_counts = torch.zeros(0, dtype=torch.int64)
+        self.top = Reservoir(d_sae, config.n_contexts, window, device)
+        self.samples = Reservoir(d_sae * self.n_sample_bins, config.quantile_examples, window, device)
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.token_counts = torch.zeros(vocab_size, **i64)
+        self.pair_keys = torch.zeros(0, **i64)  # feature * vocab_size + token, sorted
+        self.pair_sums = torch.zeros(0, **f64)
+        self.pair_counts = torch.zeros(0, **i64)
         self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.n_pending = 0
         self.n_reads = 0
-        self.read_sums = torch.zeros(2, dtype=torch.float64)  # sum y, sum y^2
-        self.x_sum = torch.zeros(d_sae, dtype=torch.float64)
-        self.x_sq_sum = torch.zeros(d_sae, dtype=torch.float64)
-        self.xy_sum = torch.zeros(d_sae, dtype=torch.float64)
-        self.effect_sum = torch.zeros(d_sae, dtype=torch.float64)
-        self.effect_count = torch.zeros(d_sae, dtype=torch.int64)
+        self.read_sums = torch.zeros(2, **f64)  # sum y, sum y^2
+        self.x_sum = torch.zeros(d_sae, **f64)
+        self.x_sq_sum = torch.zeros(d_sae, **f64)
+        self.xy_sum = torch.zeros(d_sae, **f64)
+        self.effect_sum = torch.zeros(d_sae, **f64)
+        self.effect_count = torch.zeros(d_sae, **i64)
 
     # -- per batch -------------------------------------------------------------------------
     def add_tokens(self, acts: torch.Tensor, batch: TokenBatch) -> None:
-        """acts: [N, d_sae] SAE activations (CPU) of the batch's tokens."""
+        """acts: [N, d_sae] SAE activations of the batch's tokens (on this accumulator's device)."""
         acts = acts.float()
         self.n_tokens += len(acts)
         self.token_counts += torch.bincount(batch.token_ids, minlength=self.vocab_size)
@@ -161,7 +166,7 @@ class FeatureAccumulator:
         vals = acts[tok, feat]
         self.count += torch.bincount(feat, minlength=self.d_sae)
         self.sum.index_add_(0, feat, vals.double())
-        batch_max = torch.zeros(self.d_sae).scatter_reduce_(0, feat, vals, "amax")
+        batch_max = torch.zeros(self.d_sae, device=self.device).scatter_reduce_(0, feat, vals, "amax")
         self.max = torch.maximum(self.max, batch_max)
         self._widen(batch_max.double())
 
@@ -173,7 +178,7 @@ class FeatureAccumulator:
         self.top.add(feat, -vals.double(), fetch)
         q = self.n_sample_bins
         sample_bin = (vals.double() / self.hi[feat] * q).long().clamp_(0, q - 1)
-        random_keys = torch.rand(len(vals), generator=self.generator, dtype=torch.float64)
+        random_keys = torch.rand(len(vals), generator=self.generator, dtype=torch.float64, device=self.device)
         self.samples.add(feat * q + sample_bin, random_keys, fetch)
 
         self.pending.append((feat * self.vocab_size + batch.token_ids[tok], vals.double()))
@@ -183,7 +188,7 @@ class FeatureAccumulator:
 
     def add_reads(self, pooled: torch.Tensor, scores: torch.Tensor) -> None:
         """pooled: [R, d_sae] features pooled per reward read; scores: [R] the RM's score."""
-        x, y = pooled.double(), scores.double()
+        x, y = pooled.to(self.device, torch.float64), scores.to(self.device, torch.float64)
         self.n_reads += len(y)
         self.read_sums += torch.stack([y.sum(), (y**2).sum()])
         self.x_sum += x.sum(0)
@@ -192,9 +197,9 @@ class FeatureAccumulator:
 
     def add_effects(self, acts: torch.Tensor, effects: torch.Tensor) -> None:
         """effects: [N, d_sae] d(score)/d(feature) at each token: summed where the feature fires."""
-        fires = acts > 0  # on the model's device: only the [d_sae] sums come back
-        self.effect_sum += torch.where(fires, effects, 0).sum(0, dtype=torch.float64).cpu()
-        self.effect_count += fires.sum(0).cpu()
+        fires = acts > 0
+        self.effect_sum += torch.where(fires, effects, 0).sum(0, dtype=torch.float64)
+        self.effect_count += fires.sum(0)
 
     # -- internals -------------------------------------------------------------------------
     def _widen(self, batch_max: torch.Tensor) -> None:
@@ -208,20 +213,20 @@ class FeatureAccumulator:
         rescale = grow & ~fresh
         if not bool(rescale.any()):
             return
-        factor = torch.ones(self.d_sae, dtype=torch.int64)
+        factor = torch.ones(self.d_sae, dtype=torch.int64, device=self.device)
         factor[rescale] = (2 ** (torch.floor(torch.log2(batch_max[rescale] / self.hi[rescale])) + 1)).long()
         self.hi *= factor.double()
         bins = self.hist.shape[1]
-        new_bin = torch.arange(bins).unsqueeze(0) // factor.unsqueeze(1)  # old bin b -> b // factor
+        new_bin = torch.arange(bins, device=self.device).unsqueeze(0) // factor.unsqueeze(1)  # bin b -> b // factor
         self.hist = torch.zeros_like(self.hist).scatter_add_(1, new_bin, self.hist)
         q = self.n_sample_bins
         features = rescale.nonzero().squeeze(1)
-        old_groups = (features.unsqueeze(1) * q + torch.arange(q)).flatten()
+        old_groups = (features.unsqueeze(1) * q + torch.arange(q, device=self.device)).flatten()
         feature_of, bin_of = old_groups // q, old_groups % q
         self.samples.regroup(old_groups, feature_of * q + bin_of // factor[feature_of])
 
     def _window_fetcher(self, acts, batch: TokenBatch, tok, feat, vals):
-        offsets = torch.arange(-self.before, self.after + 1)
+        offsets = torch.arange(-self.before, self.after + 1, device=self.device)
 
         def fetch(idx: torch.Tensor) -> dict[str, torch.Tensor]:
             t, f = tok[idx], feat[idx]
@@ -243,11 +248,11 @@ class FeatureAccumulator:
             return
         keys = torch.cat([self.pair_keys, *(k for k, _ in self.pending)])
         sums = torch.cat([self.pair_sums, *(v for _, v in self.pending)])
-        counts = torch.cat([self.pair_counts, torch.ones(self.n_pending, dtype=torch.int64)])
+        counts = torch.cat([self.pair_counts, torch.ones(self.n_pending, dtype=torch.int64, device=self.device)])
         self.pending, self.n_pending = [], 0
         self.pair_keys, inverse = torch.unique(keys, sorted=True, return_inverse=True)
-        self.pair_sums = torch.zeros(len(self.pair_keys), dtype=torch.float64).index_add_(0, inverse, sums)
-        self.pair_counts = torch.zeros(len(self.pair_keys), dtype=torch.int64).index_add_(0, inverse, counts)
+        self.pair_sums = torch.zeros_like(self.pair_keys, dtype=torch.float64).index_add_(0, inverse, sums)
+        self.pair_counts = torch.zeros_like(self.pair_keys).index_add_(0, inverse, counts)
         if len(self.pair_keys) > MAX_TOKEN_PAIRS:
             kept, _ = keep_smallest(self.pair_keys // self.vocab_size, -self.pair_sums,
                                     PRUNE_KEEP_FACTOR * self.config.top_tokens)
@@ -266,53 +271,54 @@ class FeatureAccumulator:
         var_y = n * syy - sy**2
         denom = torch.sqrt(var_x.clamp(min=0) * max(var_y, 0.0))
         ok = denom > 1e-12 * (n * n)
-        return torch.where(ok, cov / torch.where(ok, denom, 1.0), torch.nan).numpy()
+        return torch.where(ok, cov / torch.where(ok, denom, 1.0), torch.nan).cpu().numpy()
 
     def reward_effect(self) -> np.ndarray:
         """Mean d(score)/d(feature) over the firing tokens of the gradient batches (NaN: none)."""
         c = self.effect_count.double()
-        return torch.where(c > 0, self.effect_sum / c.clamp(min=1), torch.nan).numpy()
+        return torch.where(c > 0, self.effect_sum / c.clamp(min=1), torch.nan).cpu().numpy()
 
     def top_tokens(self) -> list[list[tuple[int, float, int]]]:
         """Per feature: (token id, mean activation over all the token's occurrences, firings),
         best first, among tokens seen at least top_token_min_count times."""
         self._compact_pairs()
-        out: list[list[tuple[int, float, int]]] = [[] for _ in range(self.d_sae)]
-        features, tokens = self.pair_keys // self.vocab_size, self.pair_keys % self.vocab_size
-        seen = self.token_counts[tokens]
+        keys, sums, fired = self.pair_keys.cpu(), self.pair_sums.cpu(), self.pair_counts.cpu()
+        features, tokens = keys // self.vocab_size, keys % self.vocab_size
+        seen = self.token_counts.cpu()[tokens]
         eligible = (seen >= self.config.top_token_min_count).nonzero().squeeze(1)
-        means = self.pair_sums[eligible] / seen[eligible]
+        means = sums[eligible] / seen[eligible]
         kept, _ = keep_smallest(features[eligible], -means, self.config.top_tokens)
-        for i in kept.tolist():
-            j = int(eligible[i])
-            out[int(features[j])].append((int(tokens[j]), float(means[i]), int(self.pair_counts[j])))
+        out: list[list[tuple[int, float, int]]] = [[] for _ in range(self.d_sae)]
+        rows = eligible[kept]
+        for f, t, m, n in zip(features[rows].tolist(), tokens[rows].tolist(), means[kept].tolist(), fired[rows].tolist()):
+            out[f].append((t, m, n))
         return out
 
-    def histogram(self, f: int) -> tuple[list[float], list[int]]:
-        """Edges and counts, trailing empty bins dropped (the range is below 2 x max)."""
-        counts = self.hist[f]
-        used = int(counts.nonzero().max()) + 1 if bool(counts.any()) else 0
-        width = float(self.hi[f]) / len(counts)
-        return [i * width for i in range(used + 1)] if used else [], counts[:used].tolist()
+    def histograms(self) -> list[tuple[list[float], list[int]]]:
+        """Per feature: edges and counts, trailing empty bins dropped (the range is below 2 x max)."""
+        hist, hi = self.hist.cpu(), self.hi.cpu().tolist()
+        out = []
+        for f, counts in enumerate(hist.tolist()):
+            used = max((i + 1 for i, c in enumerate(counts) if c), default=0)
+            width = hi[f] / len(counts)
+            out.append(([i * width for i in range(used + 1)] if used else [], counts[:used]))
+        return out
 
     def contexts(self, which: str) -> dict[str, np.ndarray]:
         """Columns of the kept examples, ordered by feature then rank. which: 'top' or 'quantile'."""
         reservoir = self.top if which == "top" else self.samples
         groups, slots = reservoir.entries()
-        p = {name: values[slots] for name, values in reservoir.payload.items()}
-        if which == "top":
-            features, bins = groups, torch.full_like(groups, -1)
-            order = torch.arange(len(groups))  # already by feature, then descending activation
+        groups = groups.cpu()
+        p = {name: values[slots].cpu().numpy() for name, values in reservoir.payload.items()}
+        if which == "top":  # already by feature, then descending activation
+            features, bins = groups.numpy(), np.full(len(groups), -1)
         else:
             q = self.n_sample_bins
-            features, bins = groups // q, groups % q
-            order = torch.from_numpy(np.lexsort((p["activation"].numpy(), bins.numpy(), features.numpy())))
-        features, bins = features[order], bins[order]
-        p = {name: values[order] for name, values in p.items()}
-        rank = torch.arange(len(features)) - torch.searchsorted(features, features)
-        width = (self.hi[features] / max(self.n_sample_bins, 1)).numpy()
-        return {
-            "feature": features.numpy(), "rank": rank.numpy(), "bin": bins.numpy(),
-            "bin_low": bins.numpy() * width, "bin_high": (bins.numpy() + 1) * width,
-            **{name: values.numpy() for name, values in p.items()},
-        }
+            features, bins = (groups // q).numpy(), (groups % q).numpy()
+            order = np.lexsort((p["activation"], bins, features))
+            features, bins = features[order], bins[order]
+            p = {name: values[order] for name, values in p.items()}
+        rank = np.arange(len(features)) - np.searchsorted(features, features)
+        width = self.hi.cpu().numpy()[features] / self.n_sample_bins
+        return {"feature": features, "rank": rank, "bin": bins, "bin_low": bins * width,
+                "bin_high": (bins + 1) * width, **p}
