@@ -68,6 +68,7 @@ SaeArchitecture = Literal["topk", "batchtopk", "jumprelu", "standard", "l1_sqrt"
 ARCHITECTURE_KNOBS: dict[str, set[str]] = {
     "k": {"topk", "batchtopk"},
     "aux_loss_coefficient": {"topk", "batchtopk"},
+    "rescale_acts_by_decoder_norm": {"topk"},
     "topk_threshold_lr": {"batchtopk"},
     "l1_coefficient": {"standard", "l1_sqrt"},
     "jumprelu_init_threshold": {"jumprelu"},
@@ -83,7 +84,10 @@ class SaeConfig(Strict):
         "topk", description="topk | batchtopk | jumprelu | standard (L1 penalty) | l1_sqrt (L_p penalty, p=0.5)")
     width: int = Field(3072, ge=8)
     k: int = Field(32, ge=1, description="topk: active features per token; batchtopk: per token on average")
-    aux_loss_coefficient: float = Field(1.0, ge=0, description="topk/batchtopk: weight of the loss reviving dead features")
+    aux_loss_coefficient: float = Field(
+        1.0, ge=0, description="topk/batchtopk: weight of the loss reviving dead features (0: off, and not computed)")
+    rescale_acts_by_decoder_norm: bool = Field(
+        True, description="topk: rank pre-activations as if decoder rows had unit norm (off: faster steps)")
     topk_threshold_lr: float = Field(0.01, gt=0, le=1, description="batchtopk: rate of the inference threshold's moving average")
     l1_coefficient: float = Field(5.0, gt=0, description="standard/l1_sqrt: weight of the sparsity penalty")
     jumprelu_init_threshold: float = Field(0.01, ge=0)

@@ -52,7 +52,9 @@ def build_training_sae(sae: SaeConfig, d_in: int, device: str, metadata: SAEMeta
     )
     penalty_warm_up = round(sae.sparsity_warm_up_fraction * sae.n_steps)
     if sae.architecture == "topk":
-        return TopKTrainingSAE(TopKTrainingSAEConfig(k=sae.k, aux_loss_coefficient=sae.aux_loss_coefficient, **common))
+        return TopKTrainingSAE(TopKTrainingSAEConfig(
+            k=sae.k, aux_loss_coefficient=sae.aux_loss_coefficient,
+            rescale_acts_by_decoder_norm=sae.rescale_acts_by_decoder_norm, **common))
     if sae.architecture == "batchtopk":
         return BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(
             k=sae.k, aux_loss_coefficient=sae.aux_loss_coefficient, topk_threshold_lr=sae.topk_threshold_lr, **common))
@@ -72,6 +74,10 @@ def trainer_config(sae: SaeConfig, device: torch.device) -> SAETrainerConfig:
     """SAELens trainer settings: lr schedule and dead-feature window from the run config."""
     n_steps = sae.n_steps
     dead_window = sae.dead_feature_window or max(1, min(1000, n_steps // 4))
+    if sae.architecture in ("topk", "batchtopk") and sae.aux_loss_coefficient == 0:
+        # SAELens computes the dead-feature loss whenever a feature counts as dead, even at weight 0:
+        # a window longer than training means none ever does, which saves an extra decode per step
+        dead_window = n_steps + 1
     return SAETrainerConfig(
         total_training_samples=sae.training_tokens,
         train_batch_size_samples=sae.batch_size,
