@@ -9,6 +9,10 @@ Printed: seconds per feature each way and their ratio, measured in this one run.
 
     python benchmarks/p1_dashboard_vs_saedashboard.py                         # full size: 65k tokens, 50 features
     python benchmarks/p1_dashboard_vs_saedashboard.py --tokens 3000 --features 5   # smoke
+
+Both sides run the reward model's forward on the CPU, so on a busy machine thread contention
+skews small ops: `--threads 1` gives steadier ratios there. `--reward-effect-texts 0` times
+our pass without the reward effect's backward passes.
 """
 from __future__ import annotations
 
