@@ -7,7 +7,7 @@ import torch
 
 from tests.tiny_models import save_tiny_bert
 from workers.adapters import load_adapter
-from workers.config import ConfigError, parse_config
+from workers.config import ConfigError, SaeConfig, parse_config
 from workers.evaluate import reward_recovery, zero_output
 from workers.train import build_training_sae, load_saes, train_saes, trainer_config
 
@@ -79,7 +79,9 @@ def test_l1_sqrt_is_the_p_half_penalty():
     sqrt_sae = build_training_sae(config_for("l1_sqrt", l1_coefficient=2.0).sae, HIDDEN, "cpu")
     l1_sae = build_training_sae(config_for("standard").sae, HIDDEN, "cpu")
     assert (sqrt_sae.cfg.lp_norm, sqrt_sae.cfg.l1_coefficient) == (0.5, 2.0)
-    assert l1_sae.cfg.lp_norm == 1.0
+    assert (l1_sae.cfg.lp_norm, l1_sae.cfg.l1_coefficient) == (1.0, 1.0)
+    # unset, the p=0.5 penalty gets a weight that suits its much larger values
+    assert build_training_sae(SaeConfig(architecture="l1_sqrt"), HIDDEN, "cpu").cfg.l1_coefficient < 1.0
 
 
 def test_knobs_belong_to_their_architecture():

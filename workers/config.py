@@ -89,7 +89,9 @@ class SaeConfig(Strict):
     rescale_acts_by_decoder_norm: bool = Field(
         True, description="topk: rank pre-activations as if decoder rows had unit norm (off: faster steps)")
     topk_threshold_lr: float = Field(0.01, gt=0, le=1, description="batchtopk: rate of the inference threshold's moving average")
-    l1_coefficient: float = Field(5.0, gt=0, description="standard/l1_sqrt: weight of the sparsity penalty")
+    l1_coefficient: float | None = Field(
+        None, gt=0, description="standard/l1_sqrt: weight of the sparsity penalty (default 5 and 0.15: the p=0.5 "
+        "penalty grows about L0 times faster)")
     jumprelu_init_threshold: float = Field(0.01, ge=0)
     jumprelu_bandwidth: float = Field(0.05, gt=0, description="jumprelu: width of the threshold's gradient estimator")
     l0_coefficient: float = Field(1.0, gt=0, description="jumprelu: weight of the L0 penalty")

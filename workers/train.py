@@ -34,6 +34,9 @@ from workers.config import RunConfig, SaeConfig
 NORM_ESTIMATE_BATCHES = 20
 # The "sqrt" penalty: SAELens's standard SAE with an L_p sparsity norm, p = 0.5.
 SQRT_PENALTY_P = 0.5
+# Default penalty weights on normalised inputs: the p=0.5 penalty, (sum of sqrt(a))^2, is about L0
+# times the L1 penalty on the same activations, hence a much smaller weight.
+DEFAULT_L1_COEFFICIENT = {"standard": 5.0, "l1_sqrt": 0.15}
 
 
 def sae_dir(run_dir: Path, layer: int) -> Path:
@@ -65,7 +68,8 @@ def build_training_sae(sae: SaeConfig, d_in: int, device: str, metadata: SAEMeta
             pre_act_loss_coefficient=sae.pre_act_loss_coefficient, **common))
     if sae.architecture in ("standard", "l1_sqrt"):
         return StandardTrainingSAE(StandardTrainingSAEConfig(
-            l1_coefficient=sae.l1_coefficient, l1_warm_up_steps=penalty_warm_up,
+            l1_coefficient=sae.l1_coefficient or DEFAULT_L1_COEFFICIENT[sae.architecture],
+            l1_warm_up_steps=penalty_warm_up,
             lp_norm=SQRT_PENALTY_P if sae.architecture == "l1_sqrt" else 1.0, **common))
     raise ValueError(f"sae.architecture: unknown architecture {sae.architecture!r}")
 
