@@ -5,7 +5,7 @@ blocks; layer L's SAE reads the residual stream after block L (HF hidden_states[
 """
 
 STORE_FILENAME = "features.duckdb"
-STORE_VERSION = 1
+STORE_VERSION = 2
 
 SCHEMA = """
 CREATE TABLE run_info (

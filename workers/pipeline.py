@@ -25,6 +25,7 @@ from workers.publish import write_store
 from workers.regress import fit_probe, fit_reward_regression
 from workers.train import load_saes, train_saes
 
+
 def resolve_model_path(config: RunConfig, settings: Settings) -> str:
     if config.model.path != DEMO_MODEL:
         return config.model.path
