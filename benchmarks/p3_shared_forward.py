@@ -10,7 +10,7 @@ one SAE's training alone on cached activations, so F/(F+T) says where the limit
 (F + nT) / (nF + nT) lies.
 
     python benchmarks/p3_shared_forward.py                                   # full size
-    python benchmarks/p3_shared_forward.py --tokens 8192 --width 768 --texts 600   # smoke
+    python benchmarks/p3_shared_forward.py --tokens 8192 --texts 600 --buffer-tokens 8192   # smoke
 """
 from __future__ import annotations
 
@@ -84,6 +84,7 @@ def main() -> None:
     parser.add_argument("--texts", type=int, default=20_000)
     parser.add_argument("--text-batch", type=int, default=64)
     parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=1, help="time each contender this many times, keep the best")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
 
@@ -97,7 +98,11 @@ def main() -> None:
     print(f"model {model_path} on {device}; layers {args.layers}; {args.tokens:,} tokens per SAE, "
           f"width {args.width}, k {args.k}, batch {args.batch_size}")
 
-    shared = timed(lambda: train_saes(config, adapter, texts, scratch / "shared"))
+    # warm-up (lazy initialisation, thread pools), so the first timed contender pays nothing extra
+    list(itertools.islice(shuffled_stream(adapter, texts, args.layers, config), 2))
+
+    def shared_run():
+        train_saes(config, adapter, texts, scratch / "shared")
 
     def separate_runs():
         for layer in args.layers:
@@ -107,7 +112,11 @@ def main() -> None:
             batches = (batch[hook] for batch in shuffled_stream(adapter, texts, [layer], single))
             SAETrainer(cfg=trainer_config(single.sae, device), sae=sae, data_provider=batches).fit()
 
-    separate = timed(separate_runs)
+    # interleaved repeats, best of each: a busy spell on the machine then hurts both alike
+    shared = separate = float("inf")
+    for _ in range(args.repeats):
+        shared = min(shared, timed(shared_run))
+        separate = min(separate, timed(separate_runs))
 
     # F: the shared stream's forward passes for as many batches as one training run draws
     forward = timed(lambda: list(itertools.islice(shuffled_stream(adapter, texts, args.layers, config), n_batches)))
