@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from backend.routes import features, layers, runs
 from backend.routes.common import FRONTEND_DIR, render
 from backend.settings import Settings, get_settings
-from backend.store import NotFound
+from backend.store import NotFound, StoreOutdated
 
 
 def _is_api(request: Request) -> bool:
@@ -31,6 +31,12 @@ async def _not_found(request: Request, exc: NotFound):
     if _is_api(request):
         return JSONResponse({"detail": str(exc)}, status_code=404)
     return _error_page(request, 404, "Not found", [str(exc)])
+
+
+async def _outdated(request: Request, exc: StoreOutdated):
+    if _is_api(request):
+        return JSONResponse({"detail": str(exc)}, status_code=409)
+    return _error_page(request, 409, "Feature store needs rebuilding", [str(exc)])
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException):
@@ -56,6 +62,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (runs, layers, features):
         app.include_router(module.router)
     app.add_exception_handler(NotFound, _not_found)
+    app.add_exception_handler(StoreOutdated, _outdated)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _invalid)
     return app

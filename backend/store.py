@@ -14,6 +14,8 @@ from typing import Any
 
 import duckdb
 
+from backend.store_schema import STORE_VERSION
+
 # Sort keys of the feature table -> ORDER BY. Ties break on feature id so pages are stable.
 SORTS = {
     "weight": "weight DESC NULLS LAST",  # most positive: pushes the reward up
@@ -34,6 +36,10 @@ FEATURE_COLUMNS = "feature, weight, std_weight, weight_se, frequency, mean_activ
 
 class NotFound(LookupError):
     """An unknown run, layer, feature or page; the web layer answers 404 with this message."""
+
+
+class StoreOutdated(Exception):
+    """A store written with another schema version; the web layer answers 409 with this message."""
 
 
 @dataclass
@@ -62,6 +68,12 @@ def _cursor(path: Path) -> duckdb.DuckDBPyConnection:
             # old connection is dropped, not closed, so in-flight cursors finish normally.
             con = duckdb.connect(":memory:")
             con.execute(f"ATTACH '{key.replace(chr(39), chr(39) * 2)}' AS store (READ_ONLY)")
+            found = con.execute("SELECT value FROM store.run_info WHERE key = 'store_version'").fetchone()
+            if found is None or found[0] != str(STORE_VERSION):
+                con.close()
+                raise StoreOutdated(
+                    f"feature store {path} has schema version {found[0] if found else 'unknown'}, this server "
+                    f"reads version {STORE_VERSION}: re-run its pipeline (rewardatlas run CONFIG --replace)")
             _connections[key] = (signature, con)
         cur = _connections[key][1].cursor()
     cur.execute("USE store")

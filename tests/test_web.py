@@ -265,3 +265,24 @@ def test_registered_run_without_its_store_is_404(client, migrated):
     (migrated.data_dir / "runs" / "synthetic" / "features.duckdb").unlink()
     r = client.get(f"/api{RUN}")
     assert r.status_code == 404 and "does not exist" in r.json()["detail"]
+
+
+def test_store_of_another_schema_version_is_answered_with_409(migrated, tmp_path):
+    """A run whose store predates the current schema says how to fix it instead of crashing."""
+    import duckdb
+
+    from backend import store
+    from tests.helpers import make_client, publish_synthetic_run
+
+    publish_synthetic_run(migrated, run_id="old")
+    path = migrated.data_dir / "runs" / "old" / "features.duckdb"
+    con = duckdb.connect(str(path))
+    con.execute("UPDATE run_info SET value = '1' WHERE key = 'store_version'")
+    con.close()
+    with make_client(migrated) as client:
+        api = client.get("/api/runs/old/layers/3")
+        assert api.status_code == 409
+        assert "schema version 1" in api.json()["detail"] and "--replace" in api.json()["detail"]
+        page = client.get("/runs/old/layers/3")
+        assert page.status_code == 409 and "re-run its pipeline" in page.text
+    assert store.STORE_VERSION == 2
