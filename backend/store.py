@@ -14,16 +14,59 @@ from typing import Any
 
 import duckdb
 
-from backend.store_schema import STORE_VERSION
+from backend.store_schema import NORMALISED_TOKEN, STORE_VERSION
 
-# Sort keys of the feature table -> ORDER BY. Ties break on feature id so pages are stable.
-SORTS = {
-    "weight": "weight DESC NULLS LAST",  # most positive: pushes the reward up
-    "-weight": "weight ASC NULLS LAST",  # most negative: pushes the reward down
-    "abs_weight": "abs(weight) DESC NULLS LAST",
-    "frequency": "frequency DESC NULLS LAST",
-    "max_activation": "max_activation DESC NULLS LAST",
+# Sort keys of the feature table: key -> SQL expression. "key" puts the largest first,
+# "-key" the smallest; NULLs (a dead feature's correlation, say) always last, ties by feature id.
+SORT_COLUMNS = {
+    "weight": "weight",                     # reward per unit of activation
+    "abs_weight": "abs(weight)",
+    "std_weight": "std_weight",             # reward per standard deviation of activation
+    "abs_std_weight": "abs(std_weight)",
+    "frequency": "frequency",
+    "max_activation": "max_activation",
+    "correlation": "reward_correlation",
+    "reward_effect": "reward_effect",
 }
+SORTS = tuple(key for column in SORT_COLUMNS for key in (column, f"-{column}"))
+
+
+def order_by(sort: str) -> str:
+    if sort not in SORTS:
+        raise ValueError(f"unknown sort {sort!r}; expected one of {', '.join(SORTS)}")
+    column = SORT_COLUMNS[sort.lstrip("-")]
+    return f"{column} {'ASC' if sort.startswith('-') else 'DESC'} NULLS LAST, feature"
+
+
+@dataclass(frozen=True)
+class FeatureFilter:
+    """Which of a layer's features a table view shows; every field optional."""
+    sign: str | None = None          # 'pos' or 'neg' weight
+    min_frequency: float | None = None
+    max_frequency: float | None = None
+    token: str | None = None         # a top token or top-context token starts with this
+
+    def where(self) -> tuple[str, list[Any]]:
+        """SQL conditions (after 'WHERE layer = ?') and their parameters."""
+        sql, params = [], []
+        if self.sign == "pos":
+            sql.append("weight > 0")
+        elif self.sign == "neg":
+            sql.append("weight < 0")
+        elif self.sign is not None:
+            raise ValueError(f"unknown sign {self.sign!r}; expected 'pos' or 'neg'")
+        if self.min_frequency is not None:
+            sql.append("frequency >= ?")
+            params.append(self.min_frequency)
+        if self.max_frequency is not None:
+            sql.append("frequency <= ?")
+            params.append(self.max_frequency)
+        if self.token:
+            sql.append("feature IN (SELECT t.feature FROM feature_tokens t WHERE t.layer = f.layer "
+                       f"AND starts_with(t.token, {NORMALISED_TOKEN.format('?')}))")
+            params.append(self.token.strip())
+        return "".join(f" AND {c}" for c in sql), params
+
 
 LAYER_COLUMNS = (
     "layer, hook_name, sae_path, architecture, d_in, d_sae, k, mse, explained_variance, l0, "
@@ -31,7 +74,8 @@ LAYER_COLUMNS = (
     "probe_r2_train, probe_r2_heldout, probe_alpha, n_train, n_heldout, reward_recovered, "
     "reward_mae_sae, reward_mae_zero"
 )
-FEATURE_COLUMNS = "feature, weight, std_weight, weight_se, frequency, mean_activation, max_activation, top_token"
+FEATURE_COLUMNS = ("feature, weight, std_weight, weight_se, frequency, mean_activation, max_activation, top_token, "
+                   "reward_correlation, reward_effect")
 
 
 class NotFound(LookupError):
@@ -114,21 +158,47 @@ def max_abs_weight(path: Path, layer: int) -> float:
     return rows[0]["m"] or 0.0
 
 
-def features(
-    path: Path, layer: int, sort: str = "weight", limit: int = 50, offset: int = 0
-) -> FeaturePage:
-    """One page of a layer's feature table, ordered by `sort` (a key of SORTS)."""
-    if sort not in SORTS:
-        raise ValueError(f"unknown sort {sort!r}; expected one of {', '.join(SORTS)}")
+def features(path: Path, layer: int, sort: str = "weight", where: FeatureFilter = FeatureFilter(),
+             limit: int = 50, offset: int = 0) -> FeaturePage:
+    """One page of a layer's feature table: the features `where` keeps, ordered by `sort`."""
+    order = order_by(sort)
     layer_info(path, layer)  # NotFound for an unknown layer
+    conditions, params = where.where()
     rows = _rows(
         path,
-        f"SELECT {FEATURE_COLUMNS} FROM features WHERE layer = ? "
-        f"ORDER BY {SORTS[sort]}, feature LIMIT ? OFFSET ?",
-        [layer, limit, offset],
+        f"SELECT {FEATURE_COLUMNS}, count(*) OVER () AS _total FROM features f WHERE layer = ?{conditions} "
+        f"ORDER BY {order} LIMIT ? OFFSET ?",
+        [layer, *params, limit, offset],
     )
-    total = _rows(path, "SELECT count(*) AS n FROM features WHERE layer = ?", [layer])[0]["n"]
+    if rows:
+        total = rows[0]["_total"]
+    else:  # past the last page: count on its own
+        total = _rows(path, f"SELECT count(*) AS n FROM features f WHERE layer = ?{conditions}",
+                      [layer, *params])[0]["n"]
+    for row in rows:
+        del row["_total"]
     return FeaturePage(rows=rows, total=total)
+
+
+def neighbours_in_order(path: Path, layer: int, feature: int, sort: str,
+                        where: FeatureFilter = FeatureFilter()) -> dict[str, Any]:
+    """Where `feature` stands in a table view: {'index' (0-based, None if the view does not
+    show it), 'total', 'previous', 'next'} -- what j/k on the feature page walk through."""
+    order = order_by(sort)
+    conditions, params = where.where()
+    rows = _rows(
+        path,
+        f"""SELECT * FROM (
+                SELECT feature, row_number() OVER w - 1 AS "index", count(*) OVER () AS total,
+                       lag(feature) OVER w AS previous, lead(feature) OVER w AS "next"
+                FROM features f WHERE layer = ?{conditions} WINDOW w AS (ORDER BY {order})
+            ) WHERE feature = ?""",
+        [layer, *params, feature],
+    )
+    if rows:
+        return {k: rows[0][k] for k in ("index", "total", "previous", "next")}
+    total = _rows(path, f"SELECT count(*) AS n FROM features f WHERE layer = ?{conditions}", [layer, *params])
+    return {"index": None, "total": total[0]["n"], "previous": None, "next": None}
 
 
 def feature(path: Path, layer: int, feature: int) -> dict[str, Any]:
@@ -137,7 +207,7 @@ def feature(path: Path, layer: int, feature: int) -> dict[str, Any]:
     and score)."""
     rows = _rows(
         path,
-        f"""SELECT {FEATURE_COLUMNS}, hist_edges, hist_counts, reward_correlation, reward_effect, top_tokens,
+        f"""SELECT {FEATURE_COLUMNS}, hist_edges, hist_counts, top_tokens, neighbours, neighbour_cosines,
                (SELECT 1 + count(*) FROM features g WHERE g.layer = f.layer
                    AND abs(g.weight) > abs(f.weight)) AS abs_weight_rank,
                (SELECT count(*) FROM features g WHERE g.layer = f.layer) AS n_features
@@ -151,9 +221,20 @@ def feature(path: Path, layer: int, feature: int) -> dict[str, Any]:
     out["hist_edges"] = list(out["hist_edges"] or [])
     out["hist_counts"] = list(out["hist_counts"] or [])
     out["top_tokens"] = list(out["top_tokens"] or [])
+    out["neighbours"] = _neighbour_rows(path, layer, out.pop("neighbours") or [], out.pop("neighbour_cosines") or [])
     out["contexts"] = _contexts(path, layer, feature, "top")
     out["quantile_contexts"] = _contexts(path, layer, feature, "quantile")
     return out
+
+
+def _neighbour_rows(path: Path, layer: int, ids: list[int], cosines: list[float]) -> list[dict[str, Any]]:
+    """The nearest features by decoder cosine, each with its weight and top token."""
+    if not ids:
+        return []
+    rows = _rows(path, "SELECT feature, weight, frequency, top_token FROM features WHERE layer = ? AND feature IN "
+                       f"({', '.join('?' * len(ids))})", [layer, *ids])
+    by_id = {r["feature"]: r for r in rows}
+    return [{**by_id[i], "cosine": c} for i, c in zip(ids, cosines) if i in by_id]
 
 
 def _contexts(path: Path, layer: int, feature: int, kind: str) -> list[dict[str, Any]]:

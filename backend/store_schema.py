@@ -5,7 +5,7 @@ blocks; layer L's SAE reads the residual stream after block L (HF hidden_states[
 """
 
 STORE_FILENAME = "features.duckdb"
-STORE_VERSION = 2
+STORE_VERSION = 3
 
 SCHEMA = """
 CREATE TABLE run_info (
@@ -78,6 +78,8 @@ CREATE TABLE features (
     top_tokens STRUCT(token VARCHAR, mean_activation DOUBLE, count BIGINT)[],
                                     -- by mean activation over all the token's occurrences;
                                     -- count = how often the feature fired on it
+    neighbours INTEGER[],           -- the layer's features nearest by decoder cosine, nearest first
+    neighbour_cosines FLOAT[],
     PRIMARY KEY (layer, feature)
 );
 
@@ -98,4 +100,27 @@ CREATE TABLE contexts (
     acts FLOAT[],                   -- the feature's activation on each window token
     PRIMARY KEY (layer, feature, kind, rank)
 );
+
+-- Token search: every (layer, token, feature) where the token is one of the feature's top
+-- tokens or appears in one of its top contexts. Derived from the two tables above when the
+-- store is written (SEARCH_INDEX_SQL); tokens are normalised with NORMALISED_TOKEN.
+CREATE TABLE feature_tokens (
+    layer INTEGER,
+    token VARCHAR,
+    feature INTEGER
+);
+"""
+
+# A token as search sees it: lower case, without WordPiece's "##" or the space marks of
+# byte-level BPE ("Ġ") and SentencePiece ("▁"). The reader applies it to what the user types.
+NORMALISED_TOKEN = "lower(regexp_replace({}, '^(##|\u0120|\u2581)', ''))"
+
+SEARCH_INDEX_SQL = f"""
+INSERT INTO feature_tokens
+SELECT DISTINCT layer, {NORMALISED_TOKEN.format("token")} AS token, feature FROM (
+    SELECT layer, feature, unnest(tokens) AS token FROM contexts WHERE kind = 'top'
+    UNION ALL
+    SELECT layer, feature, unnest(top_tokens).token AS token FROM features
+) WHERE token IS NOT NULL AND token <> ''
+ORDER BY layer, token, feature
 """

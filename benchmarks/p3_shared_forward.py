@@ -22,11 +22,10 @@ from pathlib import Path
 
 import torch
 from sae_lens import SAETrainer
-from sae_lens.training.mixing_buffer import multi_hook_concat_split_iter
 
 from backend.settings import Settings
 from workers.adapters import load_adapter
-from workers.collect import activation_stream
+from workers.collect import activation_stream, shuffled_batches
 from workers.config import DEMO_MODEL_DIRNAME, parse_config
 from workers.demo_corpus import generate_corpus
 from workers.device import pick_device
@@ -62,8 +61,7 @@ def run_config(args, layers: list[int], model_path: str):
 
 def shuffled_stream(adapter, texts, layers, config):
     stream = activation_stream(adapter, texts, layers, config.dataset.batch_size, config.seed)
-    hooks = [adapter.hook_name(layer) for layer in layers]
-    return multi_hook_concat_split_iter(config.sae.buffer_tokens, config.sae.batch_size, stream, hooks)
+    return shuffled_batches(stream, config.sae.buffer_tokens, config.sae.batch_size)
 
 
 def timed(fn) -> float:

@@ -55,7 +55,8 @@ def synthetic_tables(seed: int = 0) -> dict[str, dict[str, list]]:
         "r2_cv", "regression_method", "cv_folds", "probe_r2_train", "probe_r2_heldout", "probe_alpha")}
     features: dict[str, list] = {k: [] for k in (
         "layer", "feature", "frequency", "mean_activation", "max_activation", "weight", "std_weight", "weight_se",
-        "top_token", "hist_edges", "hist_counts", "reward_correlation", "reward_effect", "top_tokens")}
+        "top_token", "hist_edges", "hist_counts", "reward_correlation", "reward_effect", "top_tokens", "neighbours",
+        "neighbour_cosines")}
     contexts: dict[str, list] = {k: [] for k in (
         "layer", "feature", "kind", "rank", "bin", "bin_low", "bin_high", "text_id", "position", "activation",
         "window_start", "tokens", "acts")}
@@ -93,6 +94,9 @@ def synthetic_tables(seed: int = 0) -> dict[str, dict[str, list]]:
             features["top_tokens"].append([] if dead else [
                 {"token": VOCAB[(f + j) % 10], "mean_activation": max_act / (j + 2), "count": 40 - 10 * j}
                 for j in range(3)])
+            # decoder neighbours: the next three ids, nearer first
+            features["neighbours"].append([(f + j) % N_FEATURES for j in (1, 2, 3)])
+            features["neighbour_cosines"].append([0.9, 0.5, 0.1])
             if dead:
                 continue
             width = max_act / QUANTILE_BINS

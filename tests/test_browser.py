@@ -82,3 +82,52 @@ def test_feature_page_shades_tokens_and_joins_wordpieces(live_server, page):
     assert "amazing" in text  # "amaz" + "##ing" shown as one word
     peak = page.locator("[title*='4']").first
     assert peak.count() == 1
+
+
+def _shown_features(page) -> list[int]:
+    return [int(x) for x in page.locator("table.features tbody tr").evaluate_all(
+        "rows => rows.map(r => r.dataset.feature)")]
+
+
+def test_sort_search_and_walk_features_with_j_and_k(live_server, page):
+    import httpx
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    api = f"{live_server}/api/runs/synthetic/layers/5"
+    page.goto(f"{live_server}/runs/synthetic/layers/5")
+
+    # sort by reward correlation from the column header, then flip it to smallest first
+    page.click("th >> text=Corr.")
+    assert "sort=correlation" in page.url
+    assert _shown_features(page) == [f["feature"] for f in httpx.get(api, params={"sort": "correlation"}).json()["features"]]
+    page.click("th >> text=Corr.")
+    assert "sort=-correlation" in page.url and page.locator("th[aria-sort='ascending']").count() == 1
+
+    # type a word into the token search ("/" focuses it), as a researcher hunting for a feature would
+    page.keyboard.press("/")
+    page.keyboard.type("bor")
+    page.keyboard.press("Enter")
+    page.wait_for_url("**token=bor**")
+    shown = _shown_features(page)
+    expected = httpx.get(api, params={"sort": "-correlation", "token": "bor"}).json()
+    assert 1 < len(shown) < expected["layer"]["d_sae"]  # some features, not all: a real filter
+    assert shown == [f["feature"] for f in expected["features"]] and "matching" in page.locator(".pager").first.inner_text()
+    page.screenshot(path=str(ARTIFACTS / "layer-search.png"), full_page=True)
+
+    # open the first hit; j and k walk the same filtered, sorted list
+    page.locator("table.features tbody tr").first.locator("a").first.click()
+    assert f"/features/{shown[0]}?" in page.url
+    assert page.locator("#position").inner_text().startswith(f"1 of {expected['total']}")
+    page.keyboard.press("j")
+    page.wait_for_url(f"**/features/{shown[1]}?**")
+    assert page.locator("#position").inner_text().startswith(f"2 of {expected['total']}")
+    page.keyboard.press("j")
+    page.wait_for_url(f"**/features/{shown[2]}?**")
+    page.keyboard.press("k")
+    page.wait_for_url(f"**/features/{shown[1]}?**")
+    assert "boring" in page.locator("main").inner_text()  # the word searched for is on the page
+    page.screenshot(path=str(ARTIFACTS / "feature-walk.png"), full_page=True)
+
+    # the nearest features by decoder direction link onwards, keeping the view
+    neighbour = page.locator("table.neighbours tbody tr").first.locator("a")
+    assert "token=bor" in neighbour.get_attribute("href")

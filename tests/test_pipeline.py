@@ -87,6 +87,26 @@ def test_saes_open_with_sae_lens(finished_run):
         assert sae.cfg.metadata.hook_name == f"blocks.{layer}.hook_resid_post"
 
 
+def test_store_keeps_decoder_neighbours_and_a_token_index(finished_run):
+    from sae_lens import SAE
+
+    settings, run_dir = finished_run
+    con = duckdb.connect(str(run_dir / STORE_FILENAME), read_only=True)
+    w_dec = SAE.load_from_disk(run_dir / "saes" / "layer_2").W_dec.detach()
+    unit = w_dec / w_dec.norm(dim=1, keepdim=True)
+    neighbours, cosines = con.execute(
+        "select neighbours, neighbour_cosines from features where layer = 2 and feature = 5").fetchone()
+    assert len(neighbours) == 10 and 5 not in neighbours
+    assert cosines == sorted(cosines, reverse=True)
+    assert cosines[0] == pytest.approx(float(unit[5] @ unit[neighbours[0]]), abs=1e-5)
+    # every top context's peak token is searchable for its feature
+    token, feature = con.execute("select tokens[position - window_start + 1], feature from contexts "
+                                 "where layer = 2 and kind = 'top' order by activation desc limit 1").fetchone()
+    plain = token.removeprefix("##").removeprefix("\u0120").lower()
+    assert con.execute("select count(*) from feature_tokens where layer = 2 and token = ? and feature = ?",
+                       [plain, feature]).fetchone()[0] == 1
+
+
 def test_run_registered_in_sql(finished_run):
     settings, _ = finished_run
     with db.session(settings) as s:

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from backend.routes.common import fmt_num, fmt_pct, fmt_weight
+from backend.store import SORTS
 from tests.helpers import (CONTEXT_FEATURE, DEAD_FEATURE, LAYERS, N_FEATURES, QUANTILE_BINS, QUANTILE_TOKEN,
                            REPO_ROOT, make_client, publish_synthetic_run)
 
@@ -19,15 +20,26 @@ def layer_features(tables, layer):
     return [{k: f[k][i] for k in f} for i in range(len(f["layer"])) if f["layer"][i] == layer]
 
 
-def expected_order(tables, layer, sort):
-    key = {
-        "weight": lambda r: (-r["weight"], r["feature"]),
-        "-weight": lambda r: (r["weight"], r["feature"]),
-        "abs_weight": lambda r: (-abs(r["weight"]), r["feature"]),
-        "frequency": lambda r: (-r["frequency"], r["feature"]),
-        "max_activation": lambda r: (-r["max_activation"], r["feature"]),
-    }[sort]
-    return [r["feature"] for r in sorted(layer_features(tables, layer), key=key)]
+SORT_VALUE = {
+    "weight": lambda r: r["weight"],
+    "abs_weight": lambda r: abs(r["weight"]),
+    "std_weight": lambda r: r["std_weight"],
+    "abs_std_weight": lambda r: abs(r["std_weight"]),
+    "frequency": lambda r: r["frequency"],
+    "max_activation": lambda r: r["max_activation"],
+    "correlation": lambda r: r["reward_correlation"],
+    "reward_effect": lambda r: r["reward_effect"],
+}
+
+
+def expected_order(tables, layer, sort, keep=lambda r: True):
+    """Feature ids as the table should list them: by the sort's value (largest first, or
+    smallest for '-key'), missing values last, ties by id."""
+    value, ascending = SORT_VALUE[sort.lstrip("-")], sort.startswith("-")
+    rows = [r for r in layer_features(tables, layer) if keep(r)]
+    known = sorted((r for r in rows if value(r) is not None),
+                   key=lambda r: (value(r) if ascending else -value(r), r["feature"]))
+    return [r["feature"] for r in known] + sorted(r["feature"] for r in rows if value(r) is None)
 
 
 def html_rows(html, attr):
@@ -108,14 +120,14 @@ def test_layer_table_is_ordered_by_weight_descending(client, synthetic_run):
     assert 'class="num weight neg"' in row_html(bottom, "feature", expected_order(synthetic_run, 3, "-weight")[0])
 
 
-@pytest.mark.parametrize("sort", ["weight", "-weight", "abs_weight", "frequency", "max_activation"])
+@pytest.mark.parametrize("sort", SORTS)
 def test_sort_variants_html_and_api_agree_with_store(client, synthetic_run, sort):
     api = client.get(f"/api{RUN}/layers/5", params={"sort": sort}).json()
     html = client.get(f"{RUN}/layers/5", params={"sort": sort}).text
     expected = expected_order(synthetic_run, 5, sort)[:50]
     assert [f["feature"] for f in api["features"]] == expected
     assert html_rows(html, "feature") == expected
-    assert api["sort"] == sort and api["total"] == N_FEATURES
+    assert api["view"]["sort"] == sort and api["total"] == N_FEATURES
 
 
 def test_pagination_covers_every_feature_once(client, synthetic_run):
@@ -126,7 +138,7 @@ def test_pagination_covers_every_feature_once(client, synthetic_run):
     html1 = client.get(f"{RUN}/layers/3?sort=abs_weight&page=1").text
     html2 = client.get(f"{RUN}/layers/3?sort=abs_weight&page=2").text
     assert 'rel="next" href="/runs/synthetic/layers/3?sort=abs_weight&amp;page=2"' in html1
-    assert 'rel="prev" href="/runs/synthetic/layers/3?sort=abs_weight&amp;page=1"' in html2
+    assert 'rel="prev" href="/runs/synthetic/layers/3?sort=abs_weight"' in html2  # page 1 is the default
     assert 'rel="next"' not in html2
     assert html_rows(html2, "feature") == ids[50:]
     r = client.get(f"/api{RUN}/layers/3?page=3")
@@ -285,4 +297,121 @@ def test_store_of_another_schema_version_is_answered_with_409(migrated, tmp_path
         assert "schema version 1" in api.json()["detail"] and "--replace" in api.json()["detail"]
         page = client.get("/runs/old/layers/3")
         assert page.status_code == 409 and "re-run its pipeline" in page.text
-    assert store.STORE_VERSION == 2
+    assert store.STORE_VERSION == 3
+
+
+# --- filters, token search, j/k order, nearest features, OpenAPI ---
+
+def normalised(token):
+    for mark in ("##", "\u0120", "\u2581"):
+        if token.startswith(mark):
+            token = token[len(mark):]
+            break
+    return token.lower()
+
+
+def features_with_token(tables, layer, prefix):
+    """Features whose top tokens or top-context tokens start with `prefix` (normalised)."""
+    found = set()
+    f, c = tables["features"], tables["contexts"]
+    for i in range(len(f["layer"])):
+        if f["layer"][i] == layer and any(normalised(t["token"]).startswith(prefix) for t in f["top_tokens"][i]):
+            found.add(f["feature"][i])
+    for i in range(len(c["layer"])):
+        if c["layer"][i] == layer and c["kind"][i] == "top" and any(normalised(t).startswith(prefix) for t in c["tokens"][i]):
+            found.add(c["feature"][i])
+    return found
+
+
+@pytest.mark.parametrize("query, keep", [
+    ({"sign": "pos"}, lambda r: r["weight"] > 0),
+    ({"sign": "neg", "sort": "-weight"}, lambda r: r["weight"] < 0),
+    ({"min_freq": "0.1", "max_freq": "0.2", "sort": "frequency"}, lambda r: 0.1 <= r["frequency"] <= 0.2),
+    ({"min_freq": "0.05", "sign": "pos", "sort": "correlation"}, lambda r: r["frequency"] >= 0.05 and r["weight"] > 0),
+    ({"min_freq": "", "max_freq": "", "sign": ""}, lambda r: True),  # an empty form field is no filter
+])
+def test_filters_keep_exactly_the_matching_features(client, synthetic_run, query, keep):
+    api = client.get(f"/api{RUN}/layers/3", params=query).json()
+    expected = expected_order(synthetic_run, 3, query.get("sort", "weight"), keep)
+    assert api["total"] == len(expected) and [f["feature"] for f in api["features"]] == expected[:50]
+    html = client.get(f"{RUN}/layers/3", params=query).text
+    assert html_rows(html, "feature") == expected[:50]
+
+
+@pytest.mark.parametrize("typed", ["amaz", "AMAZ", " ing ", "bor", "lov"])
+def test_token_search_finds_features_whose_contexts_or_top_tokens_hold_the_token(client, synthetic_run, typed):
+    expected = features_with_token(synthetic_run, 5, typed.strip().lower())
+    assert expected  # the synthetic store has every one of these
+    api = client.get(f"/api{RUN}/layers/5", params={"token": typed, "sort": "abs_weight"}).json()
+    assert api["total"] == len(expected)
+    assert [f["feature"] for f in api["features"]] == expected_order(
+        synthetic_run, 5, "abs_weight", lambda r: r["feature"] in expected)[:50]
+    if typed in ("amaz", " ing "):  # "amaz ##ing" is only in CONTEXT_FEATURE's strongest context
+        assert CONTEXT_FEATURE in expected
+
+
+def test_token_search_with_no_match_says_so(client):
+    html = client.get(f"{RUN}/layers/3", params={"token": "zzzz"}).text
+    assert 'id="no-match"' in html and "zzzz" in html
+    assert client.get(f"/api{RUN}/layers/3", params={"token": "zzzz"}).json()["total"] == 0
+
+
+def test_feature_links_carry_the_view_and_j_k_follow_it(client, synthetic_run):
+    view = {"sort": "correlation", "sign": "pos"}
+    order = expected_order(synthetic_run, 5, "correlation", lambda r: r["weight"] > 0)
+    table = client.get(f"{RUN}/layers/5", params=view).text
+    assert f'href="{RUN}/layers/5/features/{order[0]}?sort=correlation&amp;sign=pos"' in table
+    for i in (0, 1, len(order) - 1):
+        data = client.get(f"/api{RUN}/layers/5/features/{order[i]}", params=view).json()["in_view"]
+        assert data["index"] == i and data["total"] == len(order)
+        assert data["previous"] == (order[i - 1] if i > 0 else None)
+        assert data["next"] == (order[i + 1] if i + 1 < len(order) else None)
+    page = client.get(f"{RUN}/layers/5/features/{order[1]}", params=view).text
+    assert f'id="next-feature" href="{RUN}/layers/5/features/{order[2]}?sort=correlation&amp;sign=pos"' in page
+    assert f'id="prev-feature" href="{RUN}/layers/5/features/{order[0]}?sort=correlation&amp;sign=pos"' in page
+    negative = next(r["feature"] for r in layer_features(synthetic_run, 5) if r["weight"] < 0)
+    outside = client.get(f"/api{RUN}/layers/5/features/{negative}", params=view).json()["in_view"]
+    assert outside["index"] is None and outside["next"] is None  # not in this view: nothing to walk
+
+
+def test_go_to_feature_id_redirects_keeping_the_view(client):
+    r = client.get(f"{RUN}/layers/3", params={"go": 12, "sort": "frequency"}, follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == f"{RUN}/layers/3/features/12?sort=frequency"
+    missing = client.get(f"{RUN}/layers/3", params={"go": 999})
+    assert missing.status_code == 404 and "feature 999 not found in layer 3" in missing.text
+
+
+def test_feature_page_lists_nearest_features_by_decoder_cosine(client, synthetic_run):
+    data = client.get(f"/api{RUN}/layers/3/features/5").json()["feature"]
+    assert [n["feature"] for n in data["neighbours"]] == [6, 7, 8]
+    assert [round(n["cosine"], 3) for n in data["neighbours"]] == [0.9, 0.5, 0.1]
+    weights = {r["feature"]: r["weight"] for r in layer_features(synthetic_run, 3)}
+    assert [n["weight"] for n in data["neighbours"]] == [weights[6], weights[7], weights[8]]
+    html = client.get(f"{RUN}/layers/3/features/5").text
+    assert html_rows(html, "neighbour") == [6, 7, 8] and fmt_weight(weights[6]) in row_html(html, "neighbour", 6)
+
+
+@pytest.mark.parametrize("query, message", [
+    ("sign=up", "sign"),
+    ("min_freq=0.5&max_freq=0.1", "min_freq (0.5) is above max_freq (0.1)"),
+    ("min_freq=2", "min_freq"),
+    ("token=" + "x" * 101, "token"),
+    ("go=-1", "go"),
+])
+def test_bad_filter_values_are_422_with_the_field_named(client, query, message):
+    if not query.startswith("go="):  # `go` is the HTML page's "open feature #" box only
+        api = client.get(f"/api{RUN}/layers/3?{query}")
+        assert api.status_code == 422 and message in str(api.json()["detail"])
+    page = client.get(f"{RUN}/layers/3?{query}")
+    assert page.status_code == 422 and message in page.text
+
+
+def test_openapi_describes_every_json_twin_and_no_html_page(client):
+    spec = client.get("/api/openapi.json").json()
+    paths = set(spec["paths"])
+    assert {"/api/runs", "/api/runs/{run_id}", "/api/runs/{run_id}/layers/{layer}",
+            "/api/runs/{run_id}/layers/{layer}/features/{feature}"} <= paths
+    assert all(p.startswith("/api/") for p in paths)
+    params = {p["name"]: p for p in spec["paths"]["/api/runs/{run_id}/layers/{layer}"]["get"]["parameters"]}
+    assert {"sort", "sign", "min_freq", "max_freq", "token", "page"} <= set(params)
+    assert set(params["sort"]["schema"]["enum"]) == set(SORTS)

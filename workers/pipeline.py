@@ -21,6 +21,7 @@ from workers.config import (ARCHITECTURE_KNOBS, DEMO_MODEL, DEMO_MODEL_DIRNAME, 
 from workers.datasets import load_corpus
 from workers.device import pick_device
 from workers.evaluate import evaluate_saes
+from workers.neighbours import decoder_neighbours
 from workers.publish import write_store
 from workers.regress import fit_probe, fit_reward_regression
 from workers.train import load_saes, train_saes
@@ -65,7 +66,7 @@ def _stage(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def build_tables(config: RunConfig, adapter, corpus, acts, sae_paths: dict[int, Path], run_dir: Path,
+def build_tables(config: RunConfig, adapter, corpus, acts, saes: dict, sae_paths: dict[int, Path], run_dir: Path,
                  recovery: dict) -> dict:
     vocab = np.array(adapter.tokenizer.convert_ids_to_tokens(list(range(len(adapter.tokenizer)))), dtype=object)
     last_read = acts.last_read_per_text()
@@ -105,6 +106,8 @@ def build_tables(config: RunConfig, adapter, corpus, acts, sae_paths: dict[int, 
                                     config.regression, config.seed)
         probe = fit_probe(layer_acts.raw_matrix(), acts.scores, read_heldout, config.regression.cv_folds, config.seed)
         feats["weight"], feats["std_weight"] = fit.weights, fit.std_weights
+        neighbours, cosines = decoder_neighbours(saes[layer].W_dec)
+        feats["neighbours"], feats["neighbour_cosines"] = neighbours.tolist(), cosines.tolist()
         feats["weight_se"] = fit.weight_spread if fit.weight_spread is not None else [None] * len(fit.weights)
         metrics = layer_acts.metrics(acts.n_tokens, adapter.d_model)
         row = {
@@ -189,7 +192,7 @@ def run_pipeline(config: RunConfig, settings: Settings, replace: bool = False) -
         eval_texts = [t for t, held in zip(corpus.texts, corpus.heldout) if held][: config.sae.reward_recovered_texts]
         _stage(f"reward recovered: {len(eval_texts)} held-out texts with each SAE spliced in, and each layer zeroed")
         recovery = evaluate_saes(adapter, saes, eval_texts, config.dataset.batch_size)
-        tables = build_tables(config, adapter, corpus, acts, sae_paths, staging, recovery)
+        tables = build_tables(config, adapter, corpus, acts, saes, sae_paths, staging, recovery)
         config_yaml = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
         info = {
             "run_id": config.run_id, "name": config.name, "model": config.model.path,

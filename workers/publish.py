@@ -12,7 +12,7 @@ from typing import Mapping, Sequence
 import duckdb
 import pyarrow as pa
 
-from backend.store_schema import SCHEMA, STORE_VERSION
+from backend.store_schema import SCHEMA, SEARCH_INDEX_SQL, STORE_VERSION
 
 Columns = Mapping[str, Sequence | object]  # column name -> list / numpy array / pyarrow array
 
@@ -42,6 +42,7 @@ def write_store(path: Path, run_info: Mapping[str, object], tables: Mapping[str,
             for table in TABLE_ORDER:
                 if table in tables:
                     _insert(con, table, tables[table])
+            con.execute(SEARCH_INDEX_SQL)
             con.execute("CHECKPOINT")
         finally:
             con.close()

@@ -24,11 +24,10 @@ from sae_lens import (
 )
 from sae_lens.config import SAETrainerConfig
 from sae_lens.saes.sae import SAEMetadata
-from sae_lens.training.mixing_buffer import multi_hook_concat_split_iter
 from sae_lens.training.multi_sae_trainer import MultiSAETrainer
 
 from workers.adapters import RewardModelAdapter
-from workers.collect import activation_stream
+from workers.collect import activation_stream, shuffled_batches
 from workers.config import RunConfig, SaeConfig
 
 NORM_ESTIMATE_BATCHES = 20
@@ -109,12 +108,7 @@ def train_saes(config: RunConfig, adapter: RewardModelAdapter, texts: list[str],
         for (name, hook), layer in zip(hooks.items(), config.layers)
     }
     stream = activation_stream(adapter, texts, config.layers, config.dataset.batch_size, config.seed)
-    shuffled = multi_hook_concat_split_iter(
-        buffer_size=config.sae.buffer_tokens,
-        batch_size=config.sae.batch_size,
-        activations_loader=stream,
-        hook_names=list(hooks.values()),
-    )
+    shuffled = shuffled_batches(stream, config.sae.buffer_tokens, config.sae.batch_size)
     trainer = MultiSAETrainer(cfg=trainer_config(config.sae, adapter.device), saes=saes, hook_names=hooks,
                               data_provider=shuffled)
     trained = trainer.fit()

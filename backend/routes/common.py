@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
+from urllib.parse import urlencode
 
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request
 from fastapi.templating import Jinja2Templates
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from backend import db
+from backend import db, store
 from backend.models import Run
 from backend.settings import Settings
 from backend.store import NotFound
@@ -78,3 +80,50 @@ templates.env.filters.update(num=fmt_num, weight=fmt_weight, pct=fmt_pct, wclass
 
 def render(request: Request, name: str, context: dict[str, Any], status_code: int = 200):
     return templates.TemplateResponse(request, name, context, status_code=status_code)
+
+
+# --- the feature table's view: sort, filters and page, all in the query string so a view can be shared ---
+
+Sort = Literal[store.SORTS]  # type: ignore[valid-type]
+
+
+class TableView(BaseModel):
+    """A layer table view. The feature page takes the same parameters, so `j`/`k` walk the
+    features in the order of the table the researcher came from."""
+    model_config = ConfigDict(extra="ignore")
+
+    sort: Sort = Field("weight", description="column to sort by, largest first; prefix '-' for smallest first")
+    sign: Literal["pos", "neg"] | None = Field(None, description="only features whose weight raises (pos) or lowers (neg) the reward")
+    min_freq: float | None = Field(None, ge=0, le=1, description="only features firing on at least this share of tokens")
+    max_freq: float | None = Field(None, ge=0, le=1, description="only features firing on at most this share of tokens")
+    token: str | None = Field(None, max_length=100, description="only features with a top token or top-context token starting with this")
+    page: int = Field(1, ge=1, description="1-based page number")
+
+    @field_validator("sign", "min_freq", "max_freq", "token", mode="before")
+    @classmethod
+    def _blank_is_none(cls, value):  # an empty form field means "no filter"
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @model_validator(mode="after")
+    def _frequency_range(self):
+        if self.min_freq is not None and self.max_freq is not None and self.min_freq > self.max_freq:
+            raise ValueError(f"min_freq ({self.min_freq}) is above max_freq ({self.max_freq})")
+        return self
+
+    @property
+    def filter(self) -> store.FeatureFilter:
+        return store.FeatureFilter(sign=self.sign, min_frequency=self.min_freq, max_frequency=self.max_freq,
+                                   token=self.token)
+
+    @property
+    def filtered(self) -> bool:
+        return self.filter != store.FeatureFilter()
+
+    def query(self, **changes: Any) -> str:
+        """This view's query string with `changes` applied; defaults and empty values left out."""
+        values = {**self.model_dump(), **changes}
+        defaults = {name: field.default for name, field in TableView.model_fields.items()}
+        return urlencode({k: v for k, v in values.items() if v is not None and v != defaults.get(k)})
+
+
+TableViewQ = Annotated[TableView, Query()]

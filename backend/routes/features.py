@@ -8,7 +8,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 
 from backend import charts, store
-from backend.routes.common import SettingsDep, get_run, render, run_summary, store_path
+from backend.routes.layers import describe_sort
+from backend.routes.common import SettingsDep, TableView, TableViewQ, get_run, render, run_summary, store_path
 from backend.settings import Settings
 
 router = APIRouter()
@@ -48,29 +49,37 @@ def display_tokens(tokens: Sequence[str], acts: Sequence[float], scale: float,
     return out
 
 
-def feature_data(settings: Settings, run_id: str, layer: int, feature: int) -> dict[str, Any]:
+def feature_data(settings: Settings, run_id: str, layer: int, feature: int, view: TableView) -> dict[str, Any]:
+    """One feature, and where it stands in the table view the reader came from (`in_view`:
+    its index, the view's size, and the previous and next feature ids -- what j/k follow)."""
     run = get_run(settings, run_id)
+    path = store_path(settings, run)
     try:
-        info = store.feature(store_path(settings, run), layer, feature)
+        info = store.feature(path, layer, feature)
     except store.NotFound as exc:
         raise store.NotFound(f"run {run_id!r}: {exc}") from None
     contexts, quantiles = info.pop("contexts"), info.pop("quantile_contexts")
+    in_view = store.neighbours_in_order(path, layer, feature, view.sort, view.filter)
+    if in_view["index"] is not None:
+        in_view["table_page"] = in_view["index"] // settings.page_size + 1
     return {"run": run_summary(run), "layer": layer, "feature": info, "contexts": contexts,
-            "quantile_contexts": quantiles}
+            "quantile_contexts": quantiles, "view": view.model_dump(exclude={"page"}), "in_view": in_view}
 
 
-@router.get("/api/runs/{run_id}/layers/{layer}/features/{feature}")
-def api_feature(run_id: str, layer: int, feature: int, settings: SettingsDep) -> dict[str, Any]:
-    return feature_data(settings, run_id, layer, feature)
+@router.get("/api/runs/{run_id}/layers/{layer}/features/{feature}", tags=["features"])
+def api_feature(run_id: str, layer: int, feature: int, settings: SettingsDep, view: TableViewQ) -> dict[str, Any]:
+    """One feature: statistics, weight, histogram, top tokens, contexts, nearest features by
+    decoder cosine, and its previous/next feature in the table view given by the query."""
+    return feature_data(settings, run_id, layer, feature, view)
 
 
-@router.get("/runs/{run_id}/layers/{layer}/features/{feature}", response_class=HTMLResponse)
-def feature_page(request: Request, run_id: str, layer: int, feature: int, settings: SettingsDep):
-    data = feature_data(settings, run_id, layer, feature)
+@router.get("/runs/{run_id}/layers/{layer}/features/{feature}", response_class=HTMLResponse, include_in_schema=False)
+def feature_page(request: Request, run_id: str, layer: int, feature: int, settings: SettingsDep, view: TableViewQ):
+    data = feature_data(settings, run_id, layer, feature, view)
     f = data["feature"]
     scale = f["max_activation"] or max((max(c["acts"], default=0) for c in data["contexts"]), default=0)
     for c in data["contexts"] + data["quantile_contexts"]:
         c["display"] = display_tokens(c["tokens"], c["acts"], scale, c["position"] - c["window_start"])
     return render(request, "feature.html", {
-        **data, "scale": scale, "histogram": charts.histogram(f["hist_edges"], f["hist_counts"]),
+        **data, "view_obj": view, "sort_name": describe_sort(view.sort), "scale": scale, "histogram": charts.histogram(f["hist_edges"], f["hist_counts"]),
     })

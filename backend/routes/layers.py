@@ -1,31 +1,43 @@
-"""One layer's feature table, sorted by regression weight (or another key), paginated."""
+"""One layer's feature table: sorted, filtered (sign, frequency, token) and paginated, with
+every choice in the query string."""
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
+from urllib.parse import quote
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, RedirectResponse
 
 from backend import store
-from backend.routes.common import SettingsDep, get_run, render, run_summary, store_path
+from backend.routes.common import SettingsDep, TableView, TableViewQ, get_run, render, run_summary, store_path
 from backend.settings import Settings
 
 router = APIRouter()
 
-Sort = Literal["weight", "-weight", "abs_weight", "frequency", "max_activation"]
+# The sorts offered as tabs, and what each means to a reader.
 SORT_LABELS = {
-    "weight": "most positive",
-    "-weight": "most negative",
+    "weight": "most positive weight",
+    "-weight": "most negative weight",
     "abs_weight": "largest |weight|",
+    "abs_std_weight": "largest |std. weight|",
+    "correlation": "reward correlation",
+    "reward_effect": "reward effect",
     "frequency": "most frequent",
     "max_activation": "strongest activation",
 }
-assert set(SORT_LABELS) == set(store.SORTS)
+assert set(SORT_LABELS) <= set(store.SORTS)
+COLUMN_NAMES = {"weight": "weight", "abs_weight": "|weight|", "std_weight": "std. weight",
+                "abs_std_weight": "|std. weight|", "frequency": "frequency", "max_activation": "max activation",
+                "correlation": "reward correlation", "reward_effect": "reward effect"}
+assert set(COLUMN_NAMES) == set(store.SORT_COLUMNS)
 
-PageQ = Query(1, ge=1, description="1-based page number")
+
+def describe_sort(sort: str) -> str:
+    """'reward correlation, smallest first' for '-correlation'."""
+    return f"{COLUMN_NAMES[sort.lstrip('-')]}, {'smallest' if sort.startswith('-') else 'largest'} first"
 
 
-def layer_data(settings: Settings, run_id: str, layer: int, sort: str, page: int) -> dict[str, Any]:
+def layer_data(settings: Settings, run_id: str, layer: int, view: TableView) -> dict[str, Any]:
     run = get_run(settings, run_id)
     path = store_path(settings, run)
     try:
@@ -33,15 +45,15 @@ def layer_data(settings: Settings, run_id: str, layer: int, sort: str, page: int
     except store.NotFound as exc:
         raise store.NotFound(f"run {run_id!r}: {exc}") from None
     size = settings.page_size
-    result = store.features(path, layer, sort=sort, limit=size, offset=(page - 1) * size)
+    result = store.features(path, layer, sort=view.sort, where=view.filter, limit=size,
+                            offset=(view.page - 1) * size)
     n_pages = max(1, -(-result.total // size))
-    if page > n_pages:
-        raise store.NotFound(f"page {page} not found: layer {layer} has {n_pages} page(s)")
+    if view.page > n_pages:
+        raise store.NotFound(f"page {view.page} not found: this view of layer {layer} has {n_pages} page(s)")
     return {
         "run": run_summary(run),
         "layer": info,
-        "sort": sort,
-        "page": page,
+        "view": view.model_dump(),
         "page_size": size,
         "n_pages": n_pages,
         "total": result.total,
@@ -50,13 +62,19 @@ def layer_data(settings: Settings, run_id: str, layer: int, sort: str, page: int
     }
 
 
-@router.get("/api/runs/{run_id}/layers/{layer}")
-def api_layer(run_id: str, layer: int, settings: SettingsDep, sort: Sort = "weight", page: int = PageQ):
-    return layer_data(settings, run_id, layer, sort, page)
+@router.get("/api/runs/{run_id}/layers/{layer}", tags=["features"])
+def api_layer(run_id: str, layer: int, settings: SettingsDep, view: TableViewQ) -> dict[str, Any]:
+    """A layer's metrics and one page of its feature table."""
+    return layer_data(settings, run_id, layer, view)
 
 
-@router.get("/runs/{run_id}/layers/{layer}", response_class=HTMLResponse)
-def layer_page(request: Request, run_id: str, layer: int, settings: SettingsDep,
-               sort: Sort = "weight", page: int = PageQ):
-    data = layer_data(settings, run_id, layer, sort, page)
-    return render(request, "layer.html", {**data, "sort_labels": SORT_LABELS})
+@router.get("/runs/{run_id}/layers/{layer}", response_class=HTMLResponse, include_in_schema=False)
+def layer_page(request: Request, run_id: str, layer: int, settings: SettingsDep, view: TableViewQ,
+               go: int | None = Query(None, ge=0, description="open this feature id")):
+    if go is not None:  # "go to feature #": straight to its page, keeping the view for j/k
+        store.feature(store_path(settings, get_run(settings, run_id)), layer, go)  # 404 if unknown
+        query = view.query(page=None)
+        return RedirectResponse(f"/runs/{quote(run_id, safe='')}/layers/{layer}/features/{go}" + (f"?{query}" if query else ""),
+                                status_code=303)
+    data = layer_data(settings, run_id, layer, view)
+    return render(request, "layer.html", {**data, "view_obj": view, "sort_labels": SORT_LABELS})

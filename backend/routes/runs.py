@@ -54,22 +54,24 @@ def run_data(settings: Settings, run_id: str) -> dict[str, Any]:
     }
 
 
-@router.get("/api/runs")
+@router.get("/api/runs", tags=["runs"])
 def api_runs(settings: SettingsDep) -> dict[str, Any]:
+    """Every registered run, newest first, with its best layer's held-out R²."""
     return runs_data(settings)
 
 
-@router.get("/api/runs/{run_id}")
+@router.get("/api/runs/{run_id}", tags=["runs"])
 def api_run(run_id: str, settings: SettingsDep) -> dict[str, Any]:
+    """One run: its configuration and every layer's SAE and regression metrics."""
     return run_data(settings, run_id)
 
 
-@router.get("/", response_class=HTMLResponse)
+@router.get("/", response_class=HTMLResponse, include_in_schema=False)
 def runs_page(request: Request, settings: SettingsDep):
     return render(request, "runs.html", runs_data(settings))
 
 
-@router.get("/runs/{run_id}", response_class=HTMLResponse)
+@router.get("/runs/{run_id}", response_class=HTMLResponse, include_in_schema=False)
 def run_page(request: Request, run_id: str, settings: SettingsDep):
     data = run_data(settings, run_id)
     return render(request, "run.html", {**data, "chart": charts.r2_bars(data["layers"])})
