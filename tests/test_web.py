@@ -69,8 +69,9 @@ def test_run_page_lists_layers_with_r2(client, synthetic_run):
     assert [l["r2_heldout"] for l in api["layers"]] == pytest.approx(stored["r2_heldout"])
     for layer in api["layers"]:
         row = row_html(html, "layer", layer["layer"])
-        assert fmt_num(layer["r2_heldout"]) in row and fmt_num(layer["explained_variance"]) in row
-        assert f'href="{RUN}/layers/{layer["layer"]}"' in row
+        assert fmt_num(layer["r2_heldout"]) in row and f'href="{RUN}/layers/{layer["layer"]}"' in row
+        sae_row = row_html(html, "sae", layer["layer"])
+        assert fmt_num(layer["explained_variance"]) in sae_row and fmt_num(layer["reward_recovered"]) in sae_row
     assert api["best_layer"] == 3
     assert html.count('<rect class="bar') == len(LAYERS)  # the R² chart has a bar per layer
 

@@ -12,16 +12,34 @@ from workers.config import DEMO_MODEL_DIRNAME, load_config
 DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
 
 
+def _store_is_current(settings: Settings, run_id: str) -> bool:
+    """The run's feature store exists and has this version's schema."""
+    from backend import db, store
+    from backend.models import Run
+
+    with db.session(settings) as s:
+        path = settings.data_dir / s.get(Run, run_id).store_path  # an absolute store_path stays as it is
+    try:
+        store.run_info(path)
+        return True
+    except (store.NotFound, store.StoreOutdated):
+        return False
+
+
 def ensure_demo(settings: Settings) -> None:
     from backend.db import run_exists, upgrade
 
     config = load_config(DEMO_CONFIG)
     upgrade(settings)
-    if (settings.models_dir / DEMO_MODEL_DIRNAME).is_dir() and run_exists(settings, config.run_id):
+    registered = run_exists(settings, config.run_id)
+    current = registered and _store_is_current(settings, config.run_id)
+    if (settings.models_dir / DEMO_MODEL_DIRNAME).is_dir() and current:
         print(f"demo run {config.run_id!r} is already built")
         return
     from workers.pipeline import resolve_model_path, run_pipeline
 
     resolve_model_path(config, settings)
-    if not run_exists(settings, config.run_id):
-        run_pipeline(config, settings)
+    if not current:
+        if registered:
+            print(f"demo run {config.run_id!r} was built by an older version: rebuilding it")
+        run_pipeline(config, settings, replace=registered)
