@@ -1,4 +1,4 @@
-"""`rewardatlas demo | run CONFIG | serve | db upgrade` — thin dispatch; heavy imports stay lazy
+"""`rewardatlas demo | run CONFIG | serve | worker | db upgrade` — thin dispatch; heavy imports stay lazy
 so that `serve` never imports torch."""
 from __future__ import annotations
 
@@ -27,9 +27,16 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from backend.app import create_app
     from backend.db import upgrade
 
+    from backend.access import AccessConfigError, check_serving_is_safe
+
     settings = get_settings()
     host = args.host or settings.host
     port = args.port or settings.port
+    settings = settings.model_copy(update={"host": host, "port": port})
+    try:
+        check_serving_is_safe(settings)
+    except AccessConfigError as exc:
+        raise CliError(str(exc)) from exc
     upgrade(settings)
     print(f"rewardatlas dashboards: http://{host}:{port}", flush=True)
     uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
@@ -45,6 +52,15 @@ def cmd_run(args: argparse.Namespace) -> None:
     from workers.pipeline import run_pipeline
 
     run_pipeline(config, get_settings(), replace=args.replace)
+
+
+def cmd_worker(args: argparse.Namespace) -> None:
+    from backend.db import upgrade
+    from workers.worker import main as worker_main
+
+    settings = get_settings()
+    upgrade(settings)
+    worker_main(settings, once=args.once, lease_s=args.lease, poll_s=args.poll)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -74,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default=None)
     serve.add_argument("--port", type=int, default=None)
     serve.set_defaults(func=cmd_serve)
+
+    worker = sub.add_parser("worker", help="run queued jobs (pipeline runs, ablations, custom texts)")
+    worker.add_argument("--once", action="store_true", help="run the queued jobs, then exit")
+    worker.add_argument("--lease", type=float, default=30.0,
+                        help="seconds a claimed job stays ours without a heartbeat (default 30)")
+    worker.add_argument("--poll", type=float, default=0.5, help="seconds between looks at an empty queue")
+    worker.set_defaults(func=cmd_worker)
 
     db = sub.add_parser("db", help="database maintenance")
     db_sub = db.add_subparsers(dest="db_command", required=True)

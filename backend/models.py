@@ -57,3 +57,74 @@ class Sae(Base):
     r2_heldout: Mapped[float] = mapped_column(sa.Double)
 
     run: Mapped[Run] = relationship(back_populates="saes")
+
+
+# --- the interactive loop: jobs for the worker, labels and their history ---
+
+JOB_KINDS = ("pipeline", "ablation", "inference")
+JOB_STATUSES = ("queued", "running", "done", "failed", "cancelled")
+
+
+class Job(Base):
+    """Work for `rewardatlas worker`: claimed under a lease that heartbeats extend, so a job
+    whose worker died is claimed again once its lease expires."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (sa.Index("ix_jobs_claim", "status", "lease_expires_at"),)
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(sa.String(20))
+    run_id: Mapped[str | None] = mapped_column(sa.String(64), index=True)
+    params: Mapped[dict] = mapped_column(sa.JSON)
+    status: Mapped[str] = mapped_column(sa.String(20), default="queued")
+    progress: Mapped[float] = mapped_column(sa.Double, default=0.0)  # 0..1
+    message: Mapped[str] = mapped_column(sa.String(500), default="")  # what the job is doing now
+    result: Mapped[dict | None] = mapped_column(sa.JSON)
+    error: Mapped[str | None] = mapped_column(sa.Text)
+    author: Mapped[str] = mapped_column(sa.String(100))
+    cancel_requested: Mapped[bool] = mapped_column(sa.Boolean, default=False)
+    lease_owner: Mapped[str | None] = mapped_column(sa.String(200))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(sa.DateTime(timezone=True))
+    heartbeat_at: Mapped[datetime | None] = mapped_column(sa.DateTime(timezone=True))
+    attempts: Mapped[int] = mapped_column(sa.Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(sa.DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(sa.DateTime(timezone=True))
+
+
+LABELS = ("reward", "not_reward", "unsure")
+
+
+class Label(Base):
+    """A feature's current label. `version` grows by one per change: an edit names the version
+    it was made from, and a stale one is refused instead of overwriting a newer label."""
+
+    __tablename__ = "labels"
+
+    run_id: Mapped[str] = mapped_column(sa.ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    layer: Mapped[int] = mapped_column(sa.Integer, primary_key=True)
+    feature: Mapped[int] = mapped_column(sa.Integer, primary_key=True)
+    label: Mapped[str] = mapped_column(sa.String(20))
+    note: Mapped[str] = mapped_column(sa.Text, default="")
+    version: Mapped[int] = mapped_column(sa.Integer)
+    author: Mapped[str] = mapped_column(sa.String(100))
+    updated_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), default=utcnow)
+
+
+class LabelEvent(Base):
+    """One change of a label: who, when, old -> new. Never updated or deleted."""
+
+    __tablename__ = "label_events"
+    __table_args__ = (sa.Index("ix_label_events_feature", "run_id", "layer", "feature"),)
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(sa.ForeignKey("runs.id", ondelete="CASCADE"))
+    layer: Mapped[int] = mapped_column(sa.Integer)
+    feature: Mapped[int] = mapped_column(sa.Integer)
+    version: Mapped[int] = mapped_column(sa.Integer)  # the label's version after this change
+    old_label: Mapped[str | None] = mapped_column(sa.String(20))
+    new_label: Mapped[str | None] = mapped_column(sa.String(20))
+    old_note: Mapped[str | None] = mapped_column(sa.Text)
+    new_note: Mapped[str | None] = mapped_column(sa.Text)
+    author: Mapped[str] = mapped_column(sa.String(100))
+    created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), default=utcnow)

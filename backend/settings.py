@@ -15,8 +15,14 @@ class Settings(BaseSettings):
     database_url: str = ""
     host: str = "127.0.0.1"
     port: int = 8000
+    # Access: bound to anything but loopback, the server needs a shared token or named users
+    # ("alice:password,bob:password"), and refuses to start without one.
     token: str = ""
+    users: str = ""
+    secret_key: str = ""  # signs session cookies; empty: a random key per server start
     page_size: int = 50
+    max_queued_jobs: int = 20  # per author
+    max_text_chars: int = 4000  # custom texts and typed evaluation sets, per text
 
     @property
     def runs_dir(self) -> Path:

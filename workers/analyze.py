@@ -87,7 +87,7 @@ class CorpusActivations:
         return out
 
 
-def _pool(acts, segment, content, read_rows, n_reads: int, how: str) -> torch.Tensor:
+def pool_reads(acts, segment, content, read_rows, n_reads: int, how: str) -> torch.Tensor:
     """One feature row per reward read. Token pooling skips special tokens: at late layers a
     classifier's [CLS] already holds the score, which would hide the per-word features."""
     if how == "reward_token":
@@ -236,8 +236,8 @@ def collect_corpus_activations(
             acts = acts.float()  # stays on the device: only per-read rows and kept examples leave it
             res.n_active += int((acts > 0).sum())
             res.features.add_tokens(acts, tokens)
-            res.pooled_raw.append(_pool(x, *pool_args).cpu())
-            pooled = _pool(acts, *pool_args).cpu()
+            res.pooled_raw.append(pool_reads(x, *pool_args).cpu())
+            pooled = pool_reads(acts, *pool_args).cpu()
             res.features.add_reads(pooled, batch_scores)
             rows, cols = pooled.nonzero(as_tuple=True)
             res.pooled["rows"].append((rows + n_reads).int())

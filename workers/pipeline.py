@@ -5,8 +5,10 @@ import os
 import resource
 import shutil
 import time
+from contextvars import ContextVar
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -62,8 +64,15 @@ def _use_dataset_rewards(config: RunConfig, adapter, corpus) -> None:
     adapter.use_dataset_rewards(corpus.texts, corpus.rewards)
 
 
+# Who else hears about stages (a worker's job progress); set for the length of one run.
+STAGE_LISTENER: ContextVar[Callable[[str], None] | None] = ContextVar("stage_listener", default=None)
+
+
 def _stage(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+    listener = STAGE_LISTENER.get()
+    if listener is not None:
+        listener(message)
 
 
 def build_tables(config: RunConfig, adapter, corpus, acts, saes: dict, sae_paths: dict[int, Path], run_dir: Path,
@@ -156,8 +165,18 @@ def _register(settings: Settings, config: RunConfig, model_path: str, tables: di
     register_run(settings, run_row, sae_rows, replace=replace)
 
 
-def run_pipeline(config: RunConfig, settings: Settings, replace: bool = False) -> Path:
-    """Run every stage; the run appears (directory + SQL row) only once all of it succeeded."""
+def run_pipeline(config: RunConfig, settings: Settings, replace: bool = False,
+                 on_stage: Callable[[str], None] | None = None) -> Path:
+    """Run every stage; the run appears (directory + SQL row) only once all of it succeeded.
+    `on_stage` hears each stage's message (and may raise to stop the run: nothing is kept)."""
+    token = STAGE_LISTENER.set(on_stage)
+    try:
+        return _run_pipeline(config, settings, replace)
+    finally:
+        STAGE_LISTENER.reset(token)
+
+
+def _run_pipeline(config: RunConfig, settings: Settings, replace: bool) -> Path:
     from backend.db import run_exists, upgrade
 
     upgrade(settings)

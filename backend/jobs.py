@@ -1,0 +1,127 @@
+"""The job queue in the SQL database: submit, claim under a lease, heartbeat, finish, cancel.
+
+A worker claims the oldest claimable job (queued, or running with an expired lease: its
+worker died) in ONE statement: `UPDATE jobs ... WHERE id = (SELECT ... FOR UPDATE SKIP LOCKED
+LIMIT 1)` on PostgreSQL; SQLite ignores FOR UPDATE but runs the statement under its single
+writer lock, and in WAL mode a writer whose snapshot went stale gets SQLITE_BUSY instead of
+claiming the same row. Every later write names the lease owner, so a worker that lost its
+lease can neither report progress nor finish: nothing is done twice.
+"""
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import sqlalchemy as sa
+
+from backend import db
+from backend.models import JOB_KINDS, Job, utcnow
+from backend.settings import Settings
+
+DEFAULT_LEASE_S = 30.0
+FINISHED = ("done", "failed", "cancelled")
+
+
+class JobRejected(ValueError):
+    """A submission the queue refuses (e.g. too many queued jobs from one author): HTTP 4xx."""
+
+
+class JobNotFound(LookupError):
+    pass
+
+
+def as_dict(job: Job) -> dict[str, Any]:
+    return {c.name: getattr(job, c.name) for c in Job.__table__.columns}
+
+
+def submit(settings: Settings, kind: str, params: dict, author: str, run_id: str | None = None) -> dict:
+    if kind not in JOB_KINDS:
+        raise JobRejected(f"unknown job kind {kind!r}")
+    with db.session(settings) as s, s.begin():
+        queued = s.scalar(sa.select(sa.func.count()).select_from(Job)
+                          .where(Job.author == author, Job.status.in_(("queued", "running"))))
+        if queued >= settings.max_queued_jobs:
+            raise JobRejected(f"{author} already has {queued} jobs queued or running (the limit is "
+                              f"{settings.max_queued_jobs}): wait for some to finish or cancel them")
+        job = Job(kind=kind, params=params, run_id=run_id, author=author, status="queued", progress=0.0,
+                  message="queued", cancel_requested=False, attempts=0, created_at=utcnow())
+        s.add(job)
+        s.flush()
+        return as_dict(job)
+
+
+def get(settings: Settings, job_id: int) -> dict:
+    with db.session(settings) as s:
+        job = s.get(Job, job_id)
+        if job is None:
+            raise JobNotFound(f"job {job_id} not found")
+        return as_dict(job)
+
+
+def recent(settings: Settings, limit: int = 100) -> list[dict]:
+    with db.session(settings) as s:
+        return [as_dict(j) for j in s.scalars(sa.select(Job).order_by(Job.id.desc()).limit(limit))]
+
+
+def claim(settings: Settings, worker: str, lease_s: float = DEFAULT_LEASE_S, kinds: tuple[str, ...] = JOB_KINDS) -> dict | None:
+    """Atomically take the oldest claimable job for `worker`; None when there is none."""
+    now = utcnow()
+    claimable = sa.and_(
+        Job.kind.in_(kinds),
+        sa.or_(Job.status == "queued", sa.and_(Job.status == "running", Job.lease_expires_at < now)),
+    )
+    oldest = (sa.select(Job.id).where(claimable).order_by(Job.id).limit(1)
+              .with_for_update(skip_locked=True).scalar_subquery())
+    stmt = (sa.update(Job).where(Job.id == oldest).where(claimable)
+            .values(status="running", lease_owner=worker, lease_expires_at=now + timedelta(seconds=lease_s),
+                    heartbeat_at=now, attempts=Job.attempts + 1, started_at=sa.func.coalesce(Job.started_at, now),
+                    message="started")
+            .returning(Job.id))
+    with db.session(settings) as s, s.begin():
+        job_id = s.execute(stmt).scalar()
+    return get(settings, job_id) if job_id is not None else None
+
+
+def _owned(job_id: int, worker: str):
+    return sa.update(Job).where(Job.id == job_id, Job.lease_owner == worker, Job.status == "running")
+
+
+def heartbeat(settings: Settings, job_id: int, worker: str, lease_s: float = DEFAULT_LEASE_S,
+              progress: float | None = None, message: str | None = None) -> tuple[bool, bool]:
+    """Extend the lease (and record progress). Returns (still ours, cancel requested)."""
+    now = utcnow()
+    values: dict[str, Any] = {"heartbeat_at": now, "lease_expires_at": now + timedelta(seconds=lease_s)}
+    if progress is not None:
+        values["progress"] = max(0.0, min(1.0, progress))
+    if message is not None:
+        values["message"] = message[:500]
+    with db.session(settings) as s, s.begin():
+        owned = s.execute(_owned(job_id, worker).values(**values)).rowcount == 1
+        cancel = bool(s.scalar(sa.select(Job.cancel_requested).where(Job.id == job_id)))
+    return owned, cancel
+
+
+def finish(settings: Settings, job_id: int, worker: str, result: dict | None = None,
+           error: str | None = None, status: str | None = None) -> bool:
+    """Record the outcome, only if `worker` still holds the lease. False: someone else does."""
+    status = status or ("failed" if error else "done")
+    values = {"status": status, "result": result, "error": error, "finished_at": utcnow(),
+              "lease_expires_at": None, "progress": 1.0 if status == "done" else Job.progress,
+              "message": {"done": "done", "failed": "failed", "cancelled": "cancelled"}[status]}
+    with db.session(settings) as s, s.begin():
+        return s.execute(_owned(job_id, worker).values(**values)).rowcount == 1
+
+
+def cancel(settings: Settings, job_id: int) -> dict:
+    """A queued job is cancelled at once; a running one is asked to stop at its next heartbeat."""
+    with db.session(settings) as s, s.begin():
+        job = s.get(Job, job_id)
+        if job is None:
+            raise JobNotFound(f"job {job_id} not found")
+        if job.status in FINISHED:
+            raise JobRejected(f"job {job_id} is already {job.status}")
+        if job.status == "queued":
+            job.status, job.message, job.finished_at = "cancelled", "cancelled before it started", utcnow()
+        job.cancel_requested = True
+        s.flush()
+        return as_dict(job)

@@ -1,0 +1,185 @@
+"""What each job kind does: pipeline run, ablation, custom-text inference.
+
+Each task takes the job's params and a context (`ctx.report(progress, message)`; it raises
+JobStopped once the job is cancelled or its lease is lost) and returns the JSON result.
+Params were validated by the server (backend/routes/jobs.py); tasks check them again only
+where the worker knows more (e.g. the SAE's width).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from backend import db, store
+from backend.models import Run
+from backend.settings import Settings
+
+HELDOUT_DEFAULT = 256
+
+
+class JobStopped(Exception):
+    """Raised inside a task when it must stop: 'cancelled' or 'lease lost'."""
+
+
+@dataclass
+class LoadedRun:
+    """A run's reward model, its SAEs (loaded on first use) and cached baseline scores."""
+    run_id: str
+    config: Any
+    store_path: Any
+    run_dir: Any
+    adapter: Any
+    saes: dict[int, Any] = field(default_factory=dict)
+    directions: dict[int, torch.Tensor] = field(default_factory=dict)
+    baselines: dict[tuple, np.ndarray] = field(default_factory=dict)
+
+    def sae(self, layer: int):
+        if layer not in self.saes:
+            from sae_lens import SAE
+
+            info = store.layer_info(self.store_path, layer)
+            self.saes[layer] = SAE.load_from_disk(self.run_dir / info["sae_path"], device=str(self.adapter.device)).eval()
+        return self.saes[layer]
+
+
+class RunCache:
+    """Loaded runs by id, most recent kept (a reward model is the expensive part)."""
+
+    def __init__(self, settings: Settings, size: int = 2):
+        self.settings, self.size = settings, size
+        self.runs: dict[str, LoadedRun] = {}
+
+    def get(self, run_id: str) -> LoadedRun:
+        if run_id in self.runs:
+            self.runs[run_id] = self.runs.pop(run_id)  # most recent last
+            return self.runs[run_id]
+        from workers.adapters import adapter_from_config
+        from workers.config import parse_config
+        from workers.device import pick_device
+        from workers.pipeline import resolve_model_path
+
+        with db.session(self.settings) as s:
+            run = s.get(Run, run_id)
+            if run is None:
+                raise store.NotFound(f"run {run_id!r} not found")
+        config = parse_config(yaml.safe_load(run.config_yaml))
+        path = self.settings.data_dir / run.store_path
+        adapter = adapter_from_config(config.model, resolve_model_path(config, self.settings), pick_device(config.device))
+        loaded = LoadedRun(run_id, config, path, path.parent, adapter)
+        self.runs[run_id] = loaded
+        while len(self.runs) > self.size:
+            self.runs.pop(next(iter(self.runs)))
+        return loaded
+
+
+# --- pipeline ---------------------------------------------------------------------------
+
+def pipeline_task(params: dict, ctx) -> dict:
+    from workers.config import parse_config
+    from workers.pipeline import run_pipeline
+
+    config = parse_config(yaml.safe_load(params["config_yaml"]))
+    run_pipeline(config, ctx.settings, replace=bool(params.get("replace")), on_stage=lambda m: ctx.report(message=m))
+    return {"run_id": config.run_id}
+
+
+# --- ablation ---------------------------------------------------------------------------
+
+def _eval_texts(run: LoadedRun, params: dict) -> tuple[list[str], list[int | None], tuple]:
+    """The evaluation set: typed texts, or the first n held-out texts of the run's corpus."""
+    if params.get("texts"):
+        texts = list(params["texts"])
+        return texts, [None] * len(texts), ("typed", tuple(texts))
+    n = int(params.get("n_texts") or HELDOUT_DEFAULT)
+    rows = store.texts(run.store_path, "heldout", n)
+    return [r["text"] for r in rows], [r["text_id"] for r in rows], ("heldout", n)
+
+
+def ablation_task(params: dict, ctx) -> dict:
+    from workers.ablation import FeatureEdit, control_features, run_ablation
+
+    run = ctx.cache.get(params["run_id"])
+    layer = int(params["layer"])
+    sae = run.sae(layer)
+    vectors = store.layer_vectors(run.store_path, layer)
+    weights, frequency = np.asarray(vectors["weight"]), np.asarray(vectors["frequency"])
+    edit = FeatureEdit(tuple(int(f) for f in params["features"]), params["mode"], float(params.get("value") or 0.0))
+    if max(edit.features) >= sae.cfg.d_sae:
+        raise ValueError(f"feature {max(edit.features)} is out of range: layer {layer} has {sae.cfg.d_sae} features")
+    texts, text_ids, eval_key = _eval_texts(run, params)
+    pooling = run.config.regression.pooling
+    batch_size = run.config.dataset.batch_size
+    if edit.mode == "steer" and layer not in run.directions:
+        from workers.analyze import decoder_directions
+
+        run.directions[layer] = decoder_directions(sae)
+    directions = run.directions.get(layer)
+    with_control = params.get("control", True)
+    baseline = run.baselines.get((layer, eval_key))
+
+    def progress(share: float, part: int):
+        ctx.report(progress=(part + share) / (2 if with_control else 1),
+                   message="the chosen features" if part == 0 else "the random control")
+
+    ctx.report(0.0, f"ablating {len(edit.features)} features over {len(texts)} texts")
+    chosen = run_ablation(run.adapter, sae, layer, texts, edit, weights, pooling, batch_size, baseline,
+                          lambda share: progress(share, 0), directions)
+    run.baselines[(layer, eval_key)] = chosen.before  # same texts, same order next time: no clean pass
+    result = {"summary": chosen.summary(), "examples": [
+        {"text_id": text_ids[i], "text": texts[i][:300], "before": float(b), "after": float(a), "predicted": float(p)}
+        for i, b, a, p in zip(chosen.text_index.tolist(), chosen.before, chosen.after, chosen.predicted)]}
+    if with_control:
+        control = control_features(frequency, edit.features, seed=int(ctx.job["id"]))
+        control_edit = FeatureEdit(control, edit.mode, edit.value)
+        ctrl = run_ablation(run.adapter, sae, layer, texts, control_edit, weights, pooling, batch_size, chosen.before,
+                            lambda share: progress(share, 1), directions)
+        result["control"] = {"features": list(control), "summary": ctrl.summary(),
+                             "deltas": [float(d) for d in ctrl.delta]}
+    return result
+
+
+# --- custom text ------------------------------------------------------------------------
+
+def inference_task(params: dict, ctx) -> dict:
+    """A typed text's reward and, per token, the activations of the chosen features; with an
+    edit, the reward again with those features changed."""
+    from workers.ablation import FeatureEdit, edit_hidden
+
+    run = ctx.cache.get(params["run_id"])
+    layer = int(params["layer"])
+    sae = run.sae(layer)
+    features = [int(f) for f in params["features"]]
+    adapter = run.adapter
+    batch = adapter.tokenize([params["text"]])
+    score, captured = adapter.run(batch, capture=[layer])
+    acts = sae.encode(captured[layer][0].float())  # [T, d_sae]
+    keep = batch.attention_mask[0].bool()
+    tokens = adapter.tokenizer.convert_ids_to_tokens(batch.input_ids[0][keep].tolist())
+    result: dict[str, Any] = {
+        "tokens": tokens,
+        "reward": float(score.float().mean()),
+        "reads": [float(x) for x in score.float().cpu()],
+        "features": features,
+        "acts": {str(f): [float(x) for x in acts[keep, f].cpu()] for f in features},
+    }
+    if params.get("edit"):
+        e = params["edit"]
+        edit = FeatureEdit(tuple(int(f) for f in e["features"]), e["mode"], float(e.get("value") or 0.0))
+        vectors = store.layer_vectors(run.store_path, layer)
+        from workers.ablation import run_ablation
+
+        ablated = run_ablation(adapter, sae, layer, [params["text"]], edit, np.asarray(vectors["weight"]),
+                               run.config.regression.pooling, 1)
+        result["edit"] = {**e, "reward_after": float(ablated.after.mean()), "reward_before": float(ablated.before.mean()),
+                          "predicted_delta": float(ablated.predicted.sum())}
+        new_hidden, _, after = edit_hidden(sae, captured[layer][0].float(), edit, run.directions.get(layer))
+        result["edit"]["acts_after"] = {str(f): [float(x) for x in after[keep, f].cpu()] for f in features}
+    ctx.report(1.0, "done")
+    return result
+
+
+TASKS = {"pipeline": pipeline_task, "ablation": ablation_task, "inference": inference_task}
