@@ -212,7 +212,9 @@ def _run_pipeline(config: RunConfig, settings: Settings, replace: bool) -> Path:
         _stage(f"reward recovered: {len(eval_texts)} held-out texts with each SAE spliced in, and each layer zeroed")
         recovery = evaluate_saes(adapter, saes, eval_texts, config.dataset.batch_size)
         tables = build_tables(config, adapter, corpus, acts, saes, sae_paths, staging, recovery)
-        config_yaml = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+        # what the user wrote (plus the run id): parses again as it is, defaults included
+        config_yaml = yaml.safe_dump({"run_id": config.run_id, **config.model_dump(mode="json", exclude_unset=True)},
+                                     sort_keys=False)
         info = {
             "run_id": config.run_id, "name": config.name, "model": config.model.path,
             "adapter": config.model.adapter, "dataset": config.dataset.source, "config_yaml": config_yaml,

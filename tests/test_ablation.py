@@ -1,0 +1,128 @@
+"""Ablation on a tiny random reward model: only the chosen features change, the reward moves
+by exactly what a hand-made forward says, and the worker runs it as a job."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from backend import db, jobs, store
+from backend.settings import Settings
+from tests.test_pipeline import tiny_config, tiny_world  # noqa: F401  (module fixture)
+from workers.ablation import FeatureEdit, control_features, edit_hidden, mean_with_ci, run_ablation
+from workers.pipeline import run_pipeline
+from workers.tasks import RunCache
+from workers.worker import Worker
+
+LAYER = 2
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_world, tmp_path_factory):  # noqa: F811
+    settings = Settings(data_dir=tmp_path_factory.mktemp("ablation-data"))
+    config = tiny_config(*tiny_world)
+    run_pipeline(config, settings)
+    loaded = RunCache(settings).get(config.run_id)
+    yield settings, loaded
+    db.dispose_engines()
+
+
+def live_features(loaded, n):
+    freq = np.asarray(store.layer_vectors(loaded.store_path, LAYER)["frequency"])
+    return tuple(int(f) for f in np.argsort(-freq)[:n])
+
+
+@pytest.mark.parametrize("mode, value", [("zero", 0.0), ("clamp", 3.0)])
+def test_edit_changes_only_the_chosen_features_and_keeps_the_reconstruction_error(tiny_run, mode, value):
+    _, loaded = tiny_run
+    sae = loaded.sae(LAYER)
+    chosen = live_features(loaded, 2)
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 5, sae.cfg.d_in)
+    new, before, after = edit_hidden(sae, hidden, FeatureEdit(chosen, mode, value))
+    others = [f for f in range(sae.cfg.d_sae) if f not in chosen]
+    assert torch.equal(after[..., others], before[..., others])
+    assert torch.all(after[..., list(chosen)] == value)
+    # the error term is kept: new - h is exactly the change of the chosen features' decoder output
+    expected = (after - before)[..., list(chosen)] @ sae.W_dec[list(chosen)]
+    assert torch.allclose(new - hidden, expected, atol=1e-5)
+    assert not torch.allclose(new, hidden)  # live features on random states: something did change
+
+
+def test_reward_change_matches_a_forward_with_the_hidden_state_edited_by_hand(tiny_run):
+    _, loaded = tiny_run
+    adapter, sae = loaded.adapter, loaded.sae(LAYER)
+    chosen = live_features(loaded, 3)
+    texts = ["a truly wonderful and moving film", "the plot was dull and the acting awful"]
+    weights = np.asarray(store.layer_vectors(loaded.store_path, LAYER)["weight"])
+    result = run_ablation(adapter, sae, LAYER, texts, FeatureEdit(chosen, "zero"), weights, "mean")
+    for i, text in enumerate(texts):
+        batch = adapter.tokenize([text])
+        clean, captured = adapter.run(batch, capture=[LAYER])
+        h = captured[LAYER]
+        acts = sae.encode(h.float())
+        zeroed = acts.clone()
+        zeroed[..., list(chosen)] = 0
+        by_hand = h + (sae.decode(zeroed) - sae.decode(acts))
+        edited, _ = adapter.run(batch, edits={LAYER: lambda hidden: by_hand})
+        row = list(result.text_index).index(i)
+        assert result.before[row] == pytest.approx(float(clean[0]), abs=1e-5)
+        assert result.after[row] == pytest.approx(float(edited[0]), abs=1e-5)
+        # predicted: the regression weights times the change of the mean-pooled features (content tokens)
+        content = ~torch.isin(batch.input_ids[0], torch.tensor(adapter.tokenizer.all_special_ids))
+        change = (zeroed - acts)[0][content].mean(0)
+        assert result.predicted[row] == pytest.approx(float(change @ torch.tensor(weights, dtype=torch.float32)), abs=1e-4)
+
+
+def test_steering_along_a_decoder_direction_moves_the_hidden_state_by_it(tiny_run):
+    _, loaded = tiny_run
+    sae = loaded.sae(LAYER)
+    feature = live_features(loaded, 1)
+    hidden = torch.randn(2, 4, sae.cfg.d_in)
+    new, _, _ = edit_hidden(sae, hidden, FeatureEdit(feature, "steer", 2.5))
+    assert torch.allclose(new - hidden, (2.5 * sae.W_dec[feature[0]]).expand_as(hidden), atol=1e-5)
+
+
+def test_control_features_are_distinct_and_of_similar_frequency():
+    freq = np.linspace(0, 1, 200)
+    chosen = (10, 100, 190)
+    control = control_features(freq, chosen, seed=1, pool=5)
+    assert len(set(control)) == 3 and not set(control) & set(chosen)
+    assert all(abs(freq[c] - freq[f]) <= 5 / 199 + 1e-9 for c, f in zip(control, chosen))
+
+
+def test_confidence_interval_covers_the_mean():
+    ci = mean_with_ci(np.array([1.0, 2.0, 3.0, 4.0]))
+    assert ci["mean_delta"] == 2.5 and ci["ci_low"] < 2.5 < ci["ci_high"]
+    assert mean_with_ci(np.array([1.0]))["ci_low"] is None
+
+
+def test_worker_runs_an_ablation_job_end_to_end(tiny_run):
+    settings, loaded = tiny_run
+    chosen = list(live_features(loaded, 4))
+    job = jobs.submit(settings, "ablation", {"run_id": loaded.run_id, "layer": LAYER, "features": chosen,
+                                             "mode": "zero", "n_texts": 40}, author="tester", run_id=loaded.run_id)
+    worker = Worker(settings, lease_s=10)
+    worker.cache = RunCache(settings)
+    assert worker.run_one() is True
+    done = jobs.get(settings, job["id"])
+    assert done["status"] == "done", done["error"]
+    result = done["result"]
+    assert result["summary"]["n"] == 40 and len(result["examples"]) == 40
+    deltas = [e["after"] - e["before"] for e in result["examples"]]
+    assert result["summary"]["mean_delta"] == pytest.approx(np.mean(deltas))
+    assert len(result["control"]["features"]) == 4 and not set(result["control"]["features"]) & set(chosen)
+    assert worker.run_one() is False  # nothing left
+
+
+def test_worker_runs_a_custom_text_job(tiny_run):
+    settings, loaded = tiny_run
+    features = list(live_features(loaded, 3))
+    job = jobs.submit(settings, "inference", {"run_id": loaded.run_id, "layer": LAYER, "text": "what a great movie",
+                                              "features": features, "edit": {"features": features[:1], "mode": "zero"}},
+                      author="tester", run_id=loaded.run_id)
+    Worker(settings).run_one()
+    result = jobs.get(settings, job["id"])["result"]
+    assert result["tokens"][0] == "[CLS]" and len(result["acts"][str(features[0])]) == len(result["tokens"])
+    assert result["edit"]["reward_before"] == pytest.approx(result["reward"], abs=1e-5)
+    assert all(a == 0 for a in result["edit"]["acts_after"][str(features[0])])
