@@ -69,3 +69,40 @@ def histogram(edges: Sequence[float], counts: Sequence[int], width: int = 560, h
                      "count": c, "lo": a, "hi": b})
     return {"width": width, "height": height, "left": left, "base_y": top + plot_h,
             "top": top, "right": width - right, "y_max": y_max, "lo": lo, "hi": hi, "bars": bars}
+
+
+def delta_histograms(chosen: Sequence[float], control: Sequence[float] | None, bins: int = 24,
+                     width: int = 620, height: int = 170) -> dict | None:
+    """The distribution of reward changes: the chosen features' bars and, on the same bins,
+    the random control's as outlines; a zero line, and each mean as a tick."""
+    values = list(chosen) + list(control or [])
+    if not values:
+        return None
+    lo, hi = min(values + [0.0]), max(values + [0.0])
+    if hi - lo < 1e-12:
+        lo, hi = lo - 0.5, hi + 0.5
+    left, right, top, bottom = 40, 8, 10, 24
+    plot_w, plot_h = width - left - right, height - top - bottom
+    step = (hi - lo) / bins
+
+    def counts(xs):
+        out = [0] * bins
+        for x in xs:
+            out[min(int((x - lo) / step), bins - 1)] += 1
+        return out
+
+    series = {"chosen": counts(chosen), "control": counts(control) if control else None}
+    y_max = _nice_max(max(max(c) for c in series.values() if c))
+    x_of = lambda v: round(left + plot_w * (v - lo) / (hi - lo), 1)  # noqa: E731
+
+    def bars(cs):
+        return [{"x": x_of(lo + i * step), "w": round(max(plot_w / bins - 1, 1), 1),
+                 "y": round(top + plot_h * (1 - c / y_max), 1), "h": round(plot_h * c / y_max, 1),
+                 "count": c, "lo": lo + i * step, "hi": lo + (i + 1) * step} for i, c in enumerate(cs)]
+
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    return {"width": width, "height": height, "left": left, "right": width - right, "top": top,
+            "base_y": top + plot_h, "y_max": y_max, "lo": lo, "hi": hi, "zero_x": x_of(0.0),
+            "chosen": bars(series["chosen"]), "control": bars(series["control"]) if control else [],
+            "chosen_mean_x": x_of(mean(chosen)) if chosen else None,
+            "control_mean_x": x_of(mean(control)) if control else None}

@@ -1,0 +1,335 @@
+"""Jobs: the queue page, one job's page (ablation results, custom-text results), and the
+forms and JSON endpoints that submit them. Every submission is validated here, so a bad
+request gets a 4xx with a message and creates no job."""
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.responses import HTMLResponse, RedirectResponse
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+
+from backend import charts, jobs, store
+from backend.access import check_csrf, current_author
+from backend.routes.common import SettingsDep, get_run, render, store_path
+from backend.routes.features import display_tokens
+from backend.settings import Settings
+
+router = APIRouter()
+
+MAX_TYPED_TEXTS = 256
+SELECTIONS = {
+    "top_positive": ("weight", "the top {n} features by weight (raise the reward most)"),
+    "top_negative": ("-weight", "the top {n} features by negative weight (lower the reward most)"),
+    "top_abs": ("abs_weight", "the top {n} features by |weight|"),
+    "labelled_reward": (None, "every feature labelled reward-related on this layer"),
+}
+
+
+class EditSpec(BaseModel):
+    mode: Literal["zero", "clamp", "steer"] = Field(description="zero the features, clamp them to `value`, "
+                                                                "or add `value` x their decoder direction")
+    value: float | None = Field(None, description="clamp: the activation; steer: the multiple (required for both)")
+
+    @model_validator(mode="after")
+    def _value_for_mode(self):
+        if self.mode in ("clamp", "steer") and self.value is None:
+            raise ValueError(f"value: {self.mode} needs a number")
+        if self.value is not None and not math.isfinite(self.value):
+            raise ValueError("value: must be a finite number")
+        return self
+
+
+class AblationRequest(EditSpec):
+    features: list[int] = Field(default_factory=list, description="feature ids (or use `selection`)")
+    selection: Literal[tuple(SELECTIONS)] | None = Field(None, description="choose features by rule instead")  # type: ignore[valid-type]
+    top_n: int = Field(10, ge=1, le=500)
+    n_texts: int = Field(256, ge=1, le=2048, description="held-out texts of the run's corpus to evaluate on")
+    texts: list[str] | None = Field(None, max_length=MAX_TYPED_TEXTS, description="typed texts instead of held-out ones")
+    control: bool = Field(True, description="also ablate as many random features of similar frequency")
+
+
+class InferenceRequest(BaseModel):
+    text: str = Field(min_length=1)
+    features: list[int] = Field(default_factory=list, description="features to show per token (default: top by |weight|)")
+    edit: AblationRequest | None = None
+
+    @field_validator("text")
+    @classmethod
+    def _not_blank(cls, text: str) -> str:
+        if not text.strip():
+            raise ValueError("type a text")
+        return text
+
+
+class PipelineRequest(BaseModel):
+    config_yaml: str = Field(min_length=1, max_length=100_000)
+    replace: bool = False
+
+
+def _reject(status: int, message: str):
+    raise HTTPException(status, message)
+
+
+def _check_text_length(settings: Settings, texts: list[str]) -> None:
+    for i, text in enumerate(texts):
+        if len(text) > settings.max_text_chars:
+            _reject(422, f"text {i + 1} has {len(text):,} characters; the limit is {settings.max_text_chars:,}")
+
+
+def _resolve_features(settings: Settings, run_id: str, layer: int, req: AblationRequest) -> tuple[list[int], str]:
+    """The feature ids a request names, checked against the layer; and a description."""
+    path = store_path(settings, get_run(settings, run_id))
+    info = store.layer_info(path, layer)  # 404 for an unknown layer
+    features, described = list(dict.fromkeys(req.features)), None
+    if req.selection:
+        sort, template = SELECTIONS[req.selection]
+        if sort is None:
+            from backend import labels
+
+            features = sorted(f for f, row in labels.labels_for_layer(settings, run_id, layer).items()
+                              if row["label"] == "reward")
+        else:
+            features = [r["feature"] for r in store.features(path, layer, sort=sort, limit=req.top_n).rows]
+        described = template.format(n=req.top_n)
+    if not features:
+        _reject(422, "no features selected: pick some in the table, or a rule that selects at least one")
+    out_of_range = [f for f in features if not 0 <= f < info["d_sae"]]
+    if out_of_range:
+        _reject(422, f"feature {out_of_range[0]} is out of range: layer {layer} has features 0–{info['d_sae'] - 1}")
+    return features, described or f"feature{'s' if len(features) > 1 else ''} {', '.join(map(str, features[:20]))}" \
+        + ("…" if len(features) > 20 else "")
+
+
+def submit_ablation(settings: Settings, run_id: str, layer: int, req: AblationRequest, author: str) -> dict:
+    features, described = _resolve_features(settings, run_id, layer, req)
+    if req.texts is not None:
+        req.texts = [t for t in req.texts if t.strip()]
+        if not req.texts:
+            _reject(422, "no evaluation texts: type at least one, or evaluate on held-out texts")
+        _check_text_length(settings, req.texts)
+    params = {"run_id": run_id, "layer": layer, "features": features, "mode": req.mode, "value": req.value,
+              "n_texts": req.n_texts, "texts": req.texts, "control": req.control, "described": described}
+    return _submit(settings, "ablation", params, author, run_id)
+
+
+def submit_inference(settings: Settings, run_id: str, layer: int, req: InferenceRequest, author: str) -> dict:
+    _check_text_length(settings, [req.text])
+    path = store_path(settings, get_run(settings, run_id))
+    info = store.layer_info(path, layer)
+    shown = req.features or [r["feature"] for r in store.features(path, layer, sort="abs_weight", limit=8).rows]
+    bad = [f for f in shown if not 0 <= f < info["d_sae"]]
+    if bad:
+        _reject(422, f"feature {bad[0]} is out of range: layer {layer} has features 0–{info['d_sae'] - 1}")
+    params: dict[str, Any] = {"run_id": run_id, "layer": layer, "text": req.text, "features": shown}
+    if req.edit is not None:
+        edit_features, described = _resolve_features(settings, run_id, layer, req.edit)
+        params["edit"] = {"features": edit_features, "mode": req.edit.mode, "value": req.edit.value,
+                          "described": described}
+    return _submit(settings, "inference", params, author, run_id)
+
+
+def _submit(settings: Settings, kind: str, params: dict, author: str, run_id: str | None) -> dict:
+    try:
+        return jobs.submit(settings, kind, params, author, run_id)
+    except jobs.JobRejected as exc:
+        raise HTTPException(429, str(exc)) from None
+
+
+def _job_or_404(settings: Settings, job_id: int) -> dict:
+    try:
+        return jobs.get(settings, job_id)
+    except jobs.JobNotFound as exc:
+        raise store.NotFound(str(exc)) from None
+
+
+# --- forms: parse, validate, submit, redirect to the job ---------------------------------
+
+async def _form(request: Request) -> dict[str, Any]:
+    form = await request.form()
+    check_csrf(request, form.get("csrf_token"))
+    return {"_all": form, **{k: v for k, v in form.items()}}
+
+
+def _feature_ids(form) -> list[int]:
+    ids = []
+    for raw in form.getlist("features"):
+        for part in str(raw).replace(",", " ").split():
+            if not part.lstrip("-").isdigit():
+                _reject(422, f"features: {part!r} is not a feature id")
+            ids.append(int(part))
+    return ids
+
+
+def _parse(model, data: dict):
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise HTTPException(422, "; ".join(
+            f"{'.'.join(map(str, e['loc'])) + ': ' if e['loc'] else ''}{e['msg'].removeprefix('Value error, ')}"
+            for e in exc.errors())) from None
+
+
+def _edit_fields(form: dict) -> dict:
+    value = (form.get("value") or "").strip()
+    return {"mode": form.get("mode") or "zero", "value": value or None, "selection": form.get("selection") or None,
+            "top_n": form.get("top_n") or 10, "features": _feature_ids(form["_all"])}
+
+
+@router.post("/runs/{run_id}/layers/{layer}/ablate", include_in_schema=False)
+async def ablate_form(request: Request, run_id: str, layer: int, settings: SettingsDep):
+    form = await _form(request)
+    data = _edit_fields(form)
+    if form.get("eval") == "typed":
+        data["texts"] = (form.get("texts") or "").splitlines()
+    else:
+        data["n_texts"] = form.get("n_texts") or 256
+    data["control"] = form.get("control", "on") == "on"
+    job = submit_ablation(settings, run_id, layer, _parse(AblationRequest, data), current_author(request))
+    return RedirectResponse(f"/jobs/{job['id']}", status_code=303)
+
+
+@router.post("/runs/{run_id}/layers/{layer}/text", include_in_schema=False)
+async def text_form(request: Request, run_id: str, layer: int, settings: SettingsDep):
+    form = await _form(request)
+    data: dict[str, Any] = {"text": form.get("text") or "", "features": _feature_ids_of(form, "shown")}
+    if form.get("mode"):
+        data["edit"] = _edit_fields(form)
+    job = submit_inference(settings, run_id, layer, _parse(InferenceRequest, data), current_author(request))
+    return RedirectResponse(f"/jobs/{job['id']}", status_code=303)
+
+
+def _feature_ids_of(form: dict, field: str) -> list[int]:
+    return [int(x) for x in str(form.get(field) or "").replace(",", " ").split() if x.isdigit()]
+
+
+@router.post("/jobs", include_in_schema=False)
+async def pipeline_form(request: Request, settings: SettingsDep):
+    form = await _form(request)
+    req = _parse(PipelineRequest, {"config_yaml": form.get("config_yaml") or "", "replace": form.get("replace") == "on"})
+    job = submit_pipeline(settings, req, current_author(request))
+    return RedirectResponse(f"/jobs/{job['id']}", status_code=303)
+
+
+def submit_pipeline(settings: Settings, req: PipelineRequest, author: str) -> dict:
+    import yaml
+
+    from workers.config import ConfigError, parse_config  # pydantic only: no torch on the server
+
+    try:
+        config = parse_config(yaml.safe_load(req.config_yaml))
+    except (ConfigError, yaml.YAMLError, AttributeError) as exc:
+        _reject(422, f"invalid config: {exc}")
+    return _submit(settings, "pipeline", {"config_yaml": req.config_yaml, "replace": req.replace}, author,
+                   config.run_id)
+
+
+@router.post("/jobs/{job_id}/cancel", include_in_schema=False)
+async def cancel_form(request: Request, job_id: int, settings: SettingsDep):
+    await _form(request)
+    _cancel(settings, job_id)
+    return RedirectResponse(f"/jobs/{job_id}", status_code=303)
+
+
+def _cancel(settings: Settings, job_id: int) -> dict:
+    _job_or_404(settings, job_id)
+    try:
+        return jobs.cancel(settings, job_id)
+    except jobs.JobRejected as exc:
+        raise HTTPException(409, str(exc)) from None
+
+
+# --- JSON API ------------------------------------------------------------------------------
+
+def _json_only(request: Request) -> None:
+    """Cookie-authenticated JSON writes must be JSON: a cross-site form cannot send that."""
+    if not request.state.header_auth and request.headers.get("content-type", "").split(";")[0] != "application/json":
+        raise HTTPException(415, "send the request body as application/json")
+
+
+@router.post("/api/runs/{run_id}/layers/{layer}/ablations", status_code=201, tags=["jobs"])
+def api_ablate(request: Request, run_id: str, layer: int, body: AblationRequest, settings: SettingsDep) -> dict:
+    """Queue an ablation of features of one layer; poll GET /api/jobs/{id} for the result."""
+    _json_only(request)
+    return submit_ablation(settings, run_id, layer, body, current_author(request))
+
+
+@router.post("/api/runs/{run_id}/layers/{layer}/texts", status_code=201, tags=["jobs"])
+def api_text(request: Request, run_id: str, layer: int, body: InferenceRequest, settings: SettingsDep) -> dict:
+    """Queue a custom text: its reward, per-token activations and, with `edit`, the edited reward."""
+    _json_only(request)
+    return submit_inference(settings, run_id, layer, body, current_author(request))
+
+
+@router.post("/api/jobs", status_code=201, tags=["jobs"])
+def api_pipeline(request: Request, body: PipelineRequest, settings: SettingsDep) -> dict:
+    """Queue a pipeline run from a YAML config (validated now, run by a worker)."""
+    _json_only(request)
+    return submit_pipeline(settings, body, current_author(request))
+
+
+@router.get("/api/jobs", tags=["jobs"])
+def api_jobs(settings: SettingsDep, limit: int = 100) -> dict:
+    """The most recent jobs, newest first (results left out)."""
+    return {"jobs": [{k: v for k, v in j.items() if k != "result"} for j in jobs.recent(settings, min(limit, 500))]}
+
+
+@router.get("/api/jobs/{job_id}", tags=["jobs"])
+def api_job(job_id: int, settings: SettingsDep) -> dict:
+    return _job_or_404(settings, job_id)
+
+
+@router.post("/api/jobs/{job_id}/cancel", tags=["jobs"])
+def api_cancel(request: Request, job_id: int, settings: SettingsDep) -> dict:
+    _json_only(request)
+    return _cancel(settings, job_id)
+
+
+# --- pages -----------------------------------------------------------------------------------
+
+@router.get("/jobs", response_class=HTMLResponse, include_in_schema=False)
+def jobs_page(request: Request, settings: SettingsDep):
+    return render(request, "jobs.html", {"jobs": jobs.recent(settings, 200)})
+
+
+@router.get("/jobs/{job_id}", response_class=HTMLResponse, include_in_schema=False)
+def job_page(request: Request, job_id: int, settings: SettingsDep):
+    job = _job_or_404(settings, job_id)
+    context: dict[str, Any] = {"job": job, "chart": None, "tokens": None}
+    result = job.get("result") or {}
+    if job["kind"] == "ablation" and result:
+        examples = result["examples"]
+        for e in examples:
+            e["delta"] = e["after"] - e["before"]
+        deltas = [e["delta"] for e in examples]
+        context["chart"] = charts.delta_histograms(deltas, (result.get("control") or {}).get("deltas"))
+        context["agreement"] = _agreement([e["predicted"] for e in examples], deltas)
+    if job["kind"] == "inference" and result:
+        context["tokens"] = _shaded(result)
+    return render(request, "job.html", context)
+
+
+def _agreement(predicted: list[float], actual: list[float]) -> float | None:
+    """Pearson r of the regression's predicted change with the actual change, per example."""
+    n = len(actual)
+    if n < 3:
+        return None
+    mp, ma = sum(predicted) / n, sum(actual) / n
+    cov = sum((p - mp) * (a - ma) for p, a in zip(predicted, actual))
+    vp = sum((p - mp) ** 2 for p in predicted)
+    va = sum((a - ma) ** 2 for a in actual)
+    return cov / math.sqrt(vp * va) if vp > 0 and va > 0 else None
+
+
+def _shaded(result: dict) -> list[dict]:
+    """Per shown feature, the text's tokens shaded by that feature (as on feature pages)."""
+    rows = []
+    for f in result["features"]:
+        acts = result["acts"][str(f)]
+        after = (result.get("edit") or {}).get("acts_after", {}).get(str(f))
+        scale = max(max(acts, default=0.0), max(after or [0.0]), 1e-9)
+        rows.append({"feature": f, "peak": max(acts, default=0.0),
+                     "display": display_tokens(result["tokens"], acts, scale),
+                     "display_after": display_tokens(result["tokens"], after, scale) if after else None})
+    return rows

@@ -1,0 +1,27 @@
+// Live job status without a framework: poll the JSON twin, update progress in place, and
+// reload the page once a job's status changes (results are rendered by the server).
+function watchJobs(url, ids) {
+  const known = {};
+  async function poll() {
+    let data;
+    try { data = await (await fetch(url, {headers: {accept: "application/json"}})).json(); }
+    catch (e) { setTimeout(poll, 2000); return; }
+    const list = data.jobs || [data];
+    let active = false, changed = false;
+    for (const job of list) {
+      if (ids && !ids.includes(job.id)) continue;
+      const row = document.querySelector(`[data-job="${job.id}"]`);
+      if (row) {
+        const bar = row.querySelector("progress"), msg = row.querySelector(".job-message");
+        if (bar) bar.value = job.progress;
+        if (msg) msg.textContent = job.message;
+      }
+      if (known[job.id] !== undefined && known[job.id] !== job.status) changed = true;
+      known[job.id] = job.status;
+      if (job.status === "queued" || job.status === "running") active = true;
+    }
+    if (changed) { location.reload(); return; }
+    if (active) setTimeout(poll, 300);
+  }
+  poll();
+}

@@ -1,0 +1,165 @@
+"""Submitting ablations, custom texts and pipeline runs from the web; bad input creates no
+job; access control when served beyond loopback."""
+from __future__ import annotations
+
+import html
+import re
+
+import pytest
+
+from backend import jobs
+from backend.access import AccessConfigError, check_serving_is_safe
+from tests.helpers import N_FEATURES, make_client, publish_synthetic_run
+
+RUN = "/runs/synthetic"
+
+
+def csrf(client, path="/jobs"):
+    html = client.get(path).text
+    return re.search(r'name="csrf_token" value="([^"]+)"', html).group(1)
+
+
+def job_count(settings):
+    return len(jobs.recent(settings))
+
+
+def test_ablation_form_queues_a_job_with_the_selected_features(client, migrated, synthetic_run):
+    token = csrf(client)
+    r = client.post(f"{RUN}/layers/3/ablate", data={"csrf_token": token, "selection": "top_positive", "top_n": "10",
+                                                    "mode": "zero", "n_texts": "64"}, follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"].startswith("/jobs/")
+    job = jobs.get(migrated, int(r.headers["location"].rsplit("/", 1)[1]))
+    top10 = [f["feature"] for f in client.get(f"/api{RUN}/layers/3", params={"sort": "weight"}).json()["features"][:10]]
+    assert job["params"]["features"] == top10 and job["params"]["n_texts"] == 64
+    assert job["author"] == "local" and job["status"] == "queued"
+    page = client.get(r.headers["location"]).text
+    assert "queued" in page and "rewardatlas worker" in page
+
+
+@pytest.mark.parametrize("data, status, message", [
+    ({"features": "70", "mode": "zero"}, 422, f"feature 70 is out of range: layer 3 has features 0–{N_FEATURES - 1}"),
+    ({"features": "", "mode": "zero"}, 422, "no features selected"),
+    ({"features": "1, x", "mode": "zero"}, 422, "'x' is not a feature id"),
+    ({"features": "1", "mode": "clamp", "value": "abc"}, 422, "value"),
+    ({"features": "1", "mode": "clamp"}, 422, "clamp needs a number"),
+    ({"features": "1", "mode": "explode"}, 422, "mode"),
+    ({"features": "1", "mode": "zero", "eval": "typed", "texts": "x" * 5000}, 422, "the limit is 4,000"),
+    ({"features": "1", "mode": "zero", "eval": "typed", "texts": "\n\n"}, 422, "no evaluation texts"),
+])
+def test_bad_ablation_requests_are_refused_with_a_message_and_create_no_job(client, migrated, data, status, message):
+    before = job_count(migrated)
+    r = client.post(f"{RUN}/layers/3/ablate", data={"csrf_token": csrf(client), **data})
+    assert r.status_code == status and message in html.unescape(r.text)
+    if "x" in data["features"]:  # a form-only mistake: JSON ids are numbers
+        return
+    api = client.post(f"/api{RUN}/layers/3/ablations", json={
+        "features": [int(x) for x in data.get("features", "").replace(",", " ").split() if x.isdigit()],
+        "mode": data["mode"], **({"value": data["value"]} if "value" in data else {}),
+        **({"texts": data["texts"].splitlines() or [""]} if "texts" in data else {})})
+    assert 400 <= api.status_code < 500 and "detail" in api.json()
+    assert job_count(migrated) == before
+
+
+@pytest.mark.parametrize("path, status", [("/runs/nope/layers/3/ablate", 404), (f"{RUN}/layers/4/ablate", 404)])
+def test_unknown_run_or_layer_is_404(client, migrated, path, status):
+    r = client.post(path, data={"csrf_token": csrf(client), "features": "1", "mode": "zero"})
+    assert r.status_code == status and "not found" in r.text and job_count(migrated) == 0
+
+
+def test_forms_without_the_csrf_token_are_refused(client, migrated):
+    r = client.post(f"{RUN}/layers/3/ablate", data={"features": "1", "mode": "zero"})
+    assert r.status_code == 403 and "CSRF" in r.text and job_count(migrated) == 0
+
+
+def test_json_api_queues_and_refuses_form_encoded_bodies(client, migrated):
+    r = client.post(f"/api{RUN}/layers/5/ablations", json={"features": [1, 2], "mode": "steer", "value": 4})
+    assert r.status_code == 201 and r.json()["params"]["features"] == [1, 2]
+    assert client.get(f"/api/jobs/{r.json()['id']}").json()["status"] == "queued"
+    form = client.post(f"/api{RUN}/layers/5/ablations", content=b"features=1&mode=zero",
+                       headers={"content-type": "application/x-www-form-urlencoded"})
+    assert form.status_code in (415, 422)
+    assert client.get("/api/jobs/999").status_code == 404
+
+
+def test_too_many_queued_jobs_from_one_author_is_429(migrated, synthetic_run):
+    limited = migrated.model_copy(update={"max_queued_jobs": 2})
+    with make_client(limited) as c:
+        for _ in range(2):
+            assert c.post(f"/api{RUN}/layers/3/ablations", json={"features": [1], "mode": "zero"}).status_code == 201
+        r = c.post(f"/api{RUN}/layers/3/ablations", json={"features": [1], "mode": "zero"})
+        assert r.status_code == 429 and "already has 2 jobs" in r.json()["detail"]
+
+
+def test_custom_text_form_queues_inference_with_the_top_features(client, migrated):
+    r = client.post(f"{RUN}/layers/5/text", data={"csrf_token": csrf(client), "text": "a truly great film"},
+                    follow_redirects=False)
+    assert r.status_code == 303
+    job = jobs.get(migrated, int(r.headers["location"].rsplit("/", 1)[1]))
+    top = [f["feature"] for f in client.get(f"/api{RUN}/layers/5", params={"sort": "abs_weight"}).json()["features"][:8]]
+    assert job["kind"] == "inference" and job["params"]["features"] == top
+    too_long = client.post(f"{RUN}/layers/5/text", data={"csrf_token": csrf(client), "text": "y" * 4001})
+    assert too_long.status_code == 422 and "4,001 characters" in too_long.text
+
+
+def test_finished_ablation_page_shows_before_after_control_and_chart(client, migrated):
+    job = jobs.submit(migrated, "ablation", {"run_id": "synthetic", "layer": 3, "features": [1, 2], "mode": "zero",
+                                             "n_texts": 3, "described": "features 1, 2"}, "local", "synthetic")
+    jobs.claim(migrated, "w")
+    examples = [{"text_id": i, "text": f"text {i}", "before": 1.0, "after": 1.0 - i, "predicted": -0.8 * i} for i in range(3)]
+    jobs.finish(migrated, job["id"], "w", result={
+        "summary": {"n": 3, "mean_delta": -1.0, "ci_low": -3.5, "ci_high": 1.5, "predicted_mean_delta": -0.8},
+        "examples": examples,
+        "control": {"features": [9, 10], "summary": {"n": 3, "mean_delta": -0.1, "ci_low": -0.2, "ci_high": 0.0},
+                    "deltas": [0.0, -0.1, -0.2]}})
+    html = client.get(f"/jobs/{job['id']}").text
+    assert 'id="mean-delta">-1.0000<' in html and 'id="control-delta" class="num neg">-0.1000<' not in html
+    assert "[-3.500, 1.500]" in html and 'id="predicted-delta">-0.8000<' in html
+    assert html.count('class="dbar"') == 24 and html.count('class="cbar"') == 24  # both series on the chart
+    assert html.index("text 2") < html.index("text 0")  # largest drop first
+    assert "done" in client.get("/jobs").text
+
+
+def test_pipeline_run_from_the_web_is_validated_before_queueing(client, migrated):
+    token = csrf(client, "/jobs")
+    bad = client.post("/jobs", data={"csrf_token": token, "config_yaml": "name: x\nmodel: {path: demo}\nlayers: [1]\n"})
+    assert bad.status_code == 422 and "dataset" in bad.text and job_count(migrated) == 0
+    good = client.post("/jobs", data={"csrf_token": token, "config_yaml":
+                                      "name: Web run\nmodel: {path: demo}\ndataset: {source: demo}\nlayers: [1]\n"},
+                       follow_redirects=False)
+    assert good.status_code == 303
+    job = jobs.get(migrated, int(good.headers["location"].rsplit("/", 1)[1]))
+    assert job["kind"] == "pipeline" and job["run_id"] == "web-run"
+
+
+def test_cancel_from_the_jobs_page(client, migrated):
+    job = jobs.submit(migrated, "ablation", {"run_id": "synthetic", "layer": 3, "features": [1], "mode": "zero"},
+                      "local", "synthetic")
+    r = client.post(f"/jobs/{job['id']}/cancel", data={"csrf_token": csrf(client, "/jobs")})
+    assert r.status_code == 200 and jobs.get(migrated, job["id"])["status"] == "cancelled"
+
+
+# --- access ---
+
+def test_refuses_to_serve_beyond_loopback_without_credentials(migrated):
+    with pytest.raises(AccessConfigError, match="RA_TOKEN or RA_USERS"):
+        check_serving_is_safe(migrated.model_copy(update={"host": "0.0.0.0"}))
+    check_serving_is_safe(migrated.model_copy(update={"host": "0.0.0.0", "token": "s3cret"}))
+    with pytest.raises(AccessConfigError, match="name:password"):
+        check_serving_is_safe(migrated.model_copy(update={"host": "0.0.0.0", "users": "alice"}))
+
+
+def test_token_and_named_users_guard_every_page_and_name_the_author(migrated, synthetic_run):
+    shared = migrated.model_copy(update={"host": "0.0.0.0", "token": "s3cret", "users": "alice:wonder"})
+    with make_client(shared) as c:
+        assert c.get(f"/api{RUN}").status_code == 401
+        page = c.get(RUN, follow_redirects=False)
+        assert page.status_code == 303 and page.headers["location"].startswith("/login")
+        assert c.get(f"/api{RUN}", headers={"authorization": "Bearer s3cret"}).status_code == 200
+        assert c.get(f"/api{RUN}", headers={"authorization": "Bearer wrong"}).status_code == 401
+        token = csrf(c, "/login")
+        wrong = c.post("/login", data={"csrf_token": token, "user": "alice", "password": "nope"})
+        assert wrong.status_code == 401 and "wrong user name or password" in wrong.text
+        c.post("/login", data={"csrf_token": token, "user": "alice", "password": "wonder", "next": RUN})
+        assert c.get(RUN).status_code == 200
+        r = c.post(f"/api{RUN}/layers/3/ablations", json={"features": [1], "mode": "zero"})
+        assert r.status_code == 201 and r.json()["author"] == "alice"
