@@ -51,6 +51,7 @@ def test_bad_ablation_requests_are_refused_with_a_message_and_create_no_job(clie
     r = client.post(f"{RUN}/layers/3/ablate", data={"csrf_token": csrf(client), **data})
     assert r.status_code == status and message in html.unescape(r.text)
     if "x" in data["features"]:  # a form-only mistake: JSON ids are numbers
+        assert job_count(migrated) == before
         return
     api = client.post(f"/api{RUN}/layers/3/ablations", json={
         "features": [int(x) for x in data.get("features", "").replace(",", " ").split() if x.isdigit()],
