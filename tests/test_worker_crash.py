@@ -1,0 +1,72 @@
+"""kill -9 a worker mid-job: after its lease expires another worker takes the job over and
+finishes it, and nothing is written twice."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import duckdb
+import sqlalchemy as sa
+import yaml
+
+from backend import db, jobs
+from backend.models import Run
+from backend.settings import Settings
+from backend.store_schema import STORE_FILENAME
+from tests.helpers import REPO_ROOT
+from tests.test_pipeline import N_FEATURES, tiny_config, tiny_world  # noqa: F401  (module fixture)
+from workers.worker import Worker
+
+LEASE_S = 2.0
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_killed_worker_job_finishes_on_another_worker_once(tiny_world, tmp_path):  # noqa: F811
+    settings = Settings(data_dir=tmp_path / "data")
+    db.upgrade(settings)
+    config = tiny_config(*tiny_world)
+    config_yaml = yaml.safe_dump(config.model_dump(mode="json", exclude_unset=True))
+    job = jobs.submit(settings, "pipeline", {"config_yaml": config_yaml}, "tester", config.run_id)
+
+    env = {**os.environ, "RA_DATA_DIR": str(settings.data_dir)}
+    first = subprocess.Popen([sys.executable, "-m", "backend.cli", "worker", "--lease", str(LEASE_S), "--poll", "0.1"],
+                             cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        # mid-job: the pipeline has reached SAE training (its stage messages arrive by heartbeat)
+        wait_for(lambda: "training" in jobs.get(settings, job["id"])["message"], 120, "the first worker to train")
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+    finally:
+        first.kill()
+    killed = jobs.get(settings, job["id"])
+    assert killed["status"] == "running" and killed["attempts"] == 1  # the queue has not noticed yet
+
+    second = Worker(settings, lease_s=LEASE_S)
+    assert second.run_one() is False  # the dead worker's lease still holds
+    wait_for(second.run_one, 30, "the lease to expire and the job to be taken over")
+
+    done = jobs.get(settings, job["id"])
+    assert done["status"] == "done", done["error"]
+    assert done["attempts"] == 2 and done["lease_owner"] == second.name
+    assert done["result"] == {"run_id": config.run_id}
+    with db.session(settings) as s:
+        assert s.scalar(sa.select(sa.func.count()).select_from(Run)) == 1
+    store = settings.run_dir(config.run_id) / STORE_FILENAME
+    con = duckdb.connect(str(store), read_only=True)
+    assert con.execute("select count(*), count(distinct (layer, feature)) from features").fetchone() == (
+        2 * N_FEATURES, 2 * N_FEATURES)
+    # the killed worker's half-made run never became visible: only a hidden staging dir is left
+    visible = [p.name for p in settings.runs_dir.iterdir() if not p.name.startswith(".")]
+    assert visible == [config.run_id]
