@@ -185,7 +185,7 @@ async def ablate_form(request: Request, run_id: str, layer: int, settings: Setti
         data["texts"] = (form.get("texts") or "").splitlines()
     else:
         data["n_texts"] = form.get("n_texts") or 256
-    data["control"] = form.get("control", "on") == "on"
+    data["control"] = form.get("control") == "on"  # an unticked box is simply absent
     job = submit_ablation(settings, run_id, layer, _parse(AblationRequest, data), current_author(request))
     return RedirectResponse(f"/jobs/{job['id']}", status_code=303)
 
