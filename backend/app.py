@@ -2,6 +2,8 @@
 never imports torch (models live in workers/)."""
 from __future__ import annotations
 
+import secrets
+
 from fastapi import FastAPI, Request
 from fastapi.exception_handlers import (
     http_exception_handler,
@@ -10,9 +12,11 @@ from fastapi.exception_handlers import (
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.middleware.sessions import SessionMiddleware
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from backend.routes import features, layers, runs
+from backend.access import access_middleware
+from backend.routes import auth, features, jobs, labels, layers, runs
 from backend.routes.common import FRONTEND_DIR, render
 from backend.settings import Settings, get_settings
 from backend.store import NotFound, StoreOutdated
@@ -59,8 +63,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   redoc_url=None)
     app.state.settings = settings or get_settings()
     app.mount("/static", StaticFiles(directory=FRONTEND_DIR / "static"), name="static")
-    for module in (runs, layers, features):
+    for module in (auth, runs, layers, features, labels, jobs):
         app.include_router(module.router)
+    # access runs inside the session middleware (added last, so outermost): it reads the session
+    app.middleware("http")(access_middleware(app.state.settings))
+    app.add_middleware(SessionMiddleware, secret_key=app.state.settings.secret_key or secrets.token_hex(32),
+                       session_cookie="rewardatlas_session", same_site="lax")
     app.add_exception_handler(NotFound, _not_found)
     app.add_exception_handler(StoreOutdated, _outdated)
     app.add_exception_handler(StarletteHTTPException, _http_error)

@@ -45,6 +45,7 @@ class FeatureFilter:
     min_frequency: float | None = None
     max_frequency: float | None = None
     token: str | None = None         # a top token or top-context token starts with this
+    features: tuple[int, ...] | None = None  # only these ids (e.g. the ones with a label, from SQL)
 
     def where(self) -> tuple[str, list[Any]]:
         """SQL conditions (after 'WHERE layer = ?') and their parameters."""
@@ -65,6 +66,9 @@ class FeatureFilter:
             sql.append("feature IN (SELECT t.feature FROM feature_tokens t WHERE t.layer = f.layer "
                        f"AND starts_with(t.token, {NORMALISED_TOKEN.format('?')}))")
             params.append(self.token.strip())
+        if self.features is not None:  # a semi-join on the list: fast even for every id of a layer
+            sql.append("feature IN (SELECT unnest(?::INTEGER[]))")
+            params.append(list(self.features))
         return "".join(f" AND {c}" for c in sql), params
 
 
@@ -247,3 +251,21 @@ def _contexts(path: Path, layer: int, feature: int, kind: str) -> list[dict[str,
            WHERE c.layer = ? AND c.feature = ? AND c.kind = ? ORDER BY c.rank""",
         [layer, feature, kind],
     )
+
+
+def layer_vectors(path: Path, layer: int) -> dict[str, list]:
+    """Per-feature columns of a layer in feature order (weight, frequency): what an ablation needs."""
+    layer_info(path, layer)
+    rows = _rows(path, "SELECT list(weight ORDER BY feature) AS weight, list(frequency ORDER BY feature) AS frequency "
+                       "FROM features WHERE layer = ?", [layer])
+    return {"weight": [w or 0.0 for w in rows[0]["weight"]], "frequency": rows[0]["frequency"]}
+
+
+def texts(path: Path, split: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+    """The run's texts by id (optionally one split), with the dataset reward and RM score."""
+    where, params = ("WHERE split = ?", [split]) if split else ("", [])
+    sql = f"SELECT text_id, text, reward, score FROM texts {where} ORDER BY text_id"
+    if limit is not None:
+        sql += " LIMIT ?"
+        params.append(limit)
+    return _rows(path, sql, params)

@@ -131,3 +131,35 @@ def test_sort_search_and_walk_features_with_j_and_k(live_server, page):
     # the nearest features by decoder direction link onwards, keeping the view
     neighbour = page.locator("table.neighbours tbody tr").first.locator("a")
     assert "token=bor" in neighbour.get_attribute("href")
+
+
+def test_label_three_features_filter_by_label_and_export(live_server, page):
+    import csv
+    import io
+    import re
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    chosen = [2, 11, 29]
+    for f in chosen:
+        page.goto(f"{live_server}/runs/synthetic/layers/3/features/{f}")
+        page.check("#label input[name=label][value=reward]")
+        page.fill("#label textarea[name=note]", f"feature {f} fires on praise")
+        page.click("#label button[type=submit]")
+        page.wait_for_url(re.compile(rf"/features/{f}#label$"))
+        assert page.locator("#current-label").inner_text() == "reward-related"
+        assert "no label → reward-related" in page.locator(".label-history").inner_text()
+    page.screenshot(path=str(ARTIFACTS / "feature-label.png"), full_page=True)
+
+    page.goto(f"{live_server}/runs/synthetic/layers/3")
+    page.select_option("#label-filter", "reward")
+    page.click("form.filters button[type=submit]")
+    page.wait_for_url("**label=reward**")
+    assert sorted(_shown_features(page)) == chosen
+    assert page.locator("table.features .badge.label-reward").count() == 3
+    page.screenshot(path=str(ARTIFACTS / "layer-labels.png"), full_page=True)
+
+    export = page.request.get(live_server + page.locator("#export-csv").get_attribute("href"))
+    assert export.ok and 'filename="labels-synthetic.csv"' in export.headers["content-disposition"]
+    rows = list(csv.DictReader(io.StringIO(export.text())))
+    assert [(r["layer"], int(r["feature"]), r["label"], r["note"]) for r in rows] == [
+        ("3", f, "reward", f"feature {f} fires on praise") for f in chosen]

@@ -10,7 +10,8 @@ from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from backend import db, store
-from backend.models import Run
+from backend.access import csrf_token
+from backend.models import LABELS, Run
 from backend.settings import Settings
 from backend.store import NotFound
 
@@ -76,6 +77,7 @@ def weight_class(x: float | None) -> str:
 
 templates = Jinja2Templates(directory=FRONTEND_DIR / "templates")
 templates.env.filters.update(num=fmt_num, weight=fmt_weight, pct=fmt_pct, wclass=weight_class)
+templates.env.globals.update(csrf_token=csrf_token)
 
 
 def render(request: Request, name: str, context: dict[str, Any], status_code: int = 200):
@@ -97,9 +99,11 @@ class TableView(BaseModel):
     min_freq: float | None = Field(None, ge=0, le=1, description="only features firing on at least this share of tokens")
     max_freq: float | None = Field(None, ge=0, le=1, description="only features firing on at most this share of tokens")
     token: str | None = Field(None, max_length=100, description="only features with a top token or top-context token starting with this")
+    label: Literal[(*LABELS, "unlabelled")] | None = Field(  # type: ignore[valid-type]
+        None, description="only features with this label, or 'unlabelled' for those without one")
     page: int = Field(1, ge=1, description="1-based page number")
 
-    @field_validator("sign", "min_freq", "max_freq", "token", mode="before")
+    @field_validator("sign", "min_freq", "max_freq", "token", "label", mode="before")
     @classmethod
     def _blank_is_none(cls, value):  # an empty form field means "no filter"
         return None if isinstance(value, str) and not value.strip() else value
@@ -117,7 +121,7 @@ class TableView(BaseModel):
 
     @property
     def filtered(self) -> bool:
-        return self.filter != store.FeatureFilter()
+        return self.filter != store.FeatureFilter() or self.label is not None
 
     def query(self, **changes: Any) -> str:
         """This view's query string with `changes` applied; defaults and empty values left out."""

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 
-from backend import charts, store
+from backend import charts, labels, store
 from backend.routes.layers import describe_sort
 from backend.routes.common import SettingsDep, TableView, TableViewQ, get_run, render, run_summary, store_path
 from backend.settings import Settings
@@ -59,11 +59,17 @@ def feature_data(settings: Settings, run_id: str, layer: int, feature: int, view
     except store.NotFound as exc:
         raise store.NotFound(f"run {run_id!r}: {exc}") from None
     contexts, quantiles = info.pop("contexts"), info.pop("quantile_contexts")
-    in_view = store.neighbours_in_order(path, layer, feature, view.sort, view.filter)
+    where = view.filter
+    if view.label:  # the same label filter as the table, so j/k walk what the table lists
+        where = labels.restrict(where, view.label, labels.labels_for_layer(settings, run_id, layer),
+                                store.layer_info(path, layer)["d_sae"])
+    in_view = store.neighbours_in_order(path, layer, feature, view.sort, where)
     if in_view["index"] is not None:
         in_view["table_page"] = in_view["index"] // settings.page_size + 1
     return {"run": run_summary(run), "layer": layer, "feature": info, "contexts": contexts,
-            "quantile_contexts": quantiles, "view": view.model_dump(exclude={"page"}), "in_view": in_view}
+            "quantile_contexts": quantiles, "view": view.model_dump(exclude={"page"}), "in_view": in_view,
+            "label": labels.current(settings, run_id, layer, feature),
+            "label_history": labels.history(settings, run_id, layer, feature)}
 
 
 @router.get("/api/runs/{run_id}/layers/{layer}/features/{feature}", tags=["features"])
@@ -75,6 +81,12 @@ def api_feature(run_id: str, layer: int, feature: int, settings: SettingsDep, vi
 
 @router.get("/runs/{run_id}/layers/{layer}/features/{feature}", response_class=HTMLResponse, include_in_schema=False)
 def feature_page(request: Request, run_id: str, layer: int, feature: int, settings: SettingsDep, view: TableViewQ):
+    return render_feature_page(request, settings, run_id, layer, feature, view)
+
+
+def render_feature_page(request: Request, settings: Settings, run_id: str, layer: int, feature: int, view: TableView,
+                        label_form: dict[str, Any] | None = None, status_code: int = 200):
+    """The feature page; `label_form` (label, note, error) re-shows a label edit that was refused."""
     data = feature_data(settings, run_id, layer, feature, view)
     f = data["feature"]
     scale = f["max_activation"] or max((max(c["acts"], default=0) for c in data["contexts"]), default=0)
@@ -82,4 +94,5 @@ def feature_page(request: Request, run_id: str, layer: int, feature: int, settin
         c["display"] = display_tokens(c["tokens"], c["acts"], scale, c["position"] - c["window_start"])
     return render(request, "feature.html", {
         **data, "view_obj": view, "sort_name": describe_sort(view.sort), "scale": scale, "histogram": charts.histogram(f["hist_edges"], f["hist_counts"]),
-    })
+        "label_names": labels.LABEL_NAMES, "label_form": label_form or {**data["label"], "error": None},
+    }, status_code=status_code)

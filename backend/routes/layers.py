@@ -8,7 +8,7 @@ from urllib.parse import quote
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 
-from backend import store
+from backend import labels, store
 from backend.routes.common import SettingsDep, TableView, TableViewQ, get_run, render, run_summary, store_path
 from backend.settings import Settings
 
@@ -45,8 +45,12 @@ def layer_data(settings: Settings, run_id: str, layer: int, view: TableView) -> 
     except store.NotFound as exc:
         raise store.NotFound(f"run {run_id!r}: {exc}") from None
     size = settings.page_size
-    result = store.features(path, layer, sort=view.sort, where=view.filter, limit=size,
-                            offset=(view.page - 1) * size)
+    labelled = labels.labels_for_layer(settings, run_id, layer)
+    where = labels.restrict(view.filter, view.label, labelled, info["d_sae"])
+    result = store.features(path, layer, sort=view.sort, where=where, limit=size, offset=(view.page - 1) * size)
+    for row in result.rows:
+        mine = labelled.get(row["feature"])
+        row["label"], row["label_note"] = (mine["label"], mine["note"]) if mine else (None, None)
     n_pages = max(1, -(-result.total // size))
     if view.page > n_pages:
         raise store.NotFound(f"page {view.page} not found: this view of layer {layer} has {n_pages} page(s)")
@@ -77,4 +81,5 @@ def layer_page(request: Request, run_id: str, layer: int, settings: SettingsDep,
         return RedirectResponse(f"/runs/{quote(run_id, safe='')}/layers/{layer}/features/{go}" + (f"?{query}" if query else ""),
                                 status_code=303)
     data = layer_data(settings, run_id, layer, view)
-    return render(request, "layer.html", {**data, "view_obj": view, "sort_labels": SORT_LABELS})
+    return render(request, "layer.html", {**data, "view_obj": view, "sort_labels": SORT_LABELS,
+                                          "label_names": labels.LABEL_NAMES})

@@ -1,0 +1,198 @@
+"""Feature labels (reward-related / not reward-related / unsure) with a note, and their history.
+
+No lost updates: every edit names the version it was made from, and is refused (StaleLabel)
+when the label has changed since. The write itself enforces that, in the transaction that
+also appends the LabelEvent (so history and label never disagree): a conditional
+UPDATE/DELETE (`WHERE version = expected`, rowcount checked) or an INSERT whose primary key
+refuses a concurrent insert. The read before it only shapes the event and the message: on
+SQLite, pysqlite opens the transaction at the first write, so that read is not isolated.
+Clearing a label deletes its row; versions still only grow (the next one follows the last
+event's), so a version never names two different states.
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session
+
+from backend import db, store
+from backend.models import LABELS, Label, LabelEvent, Run, utcnow
+from backend.settings import Settings
+from backend.store import NotFound
+
+LABEL_NAMES = {"reward": "reward-related", "not_reward": "not reward-related", "unsure": "unsure"}
+UNLABELLED = "unlabelled"  # the table filter for features without a label
+MAX_NOTE = 2000
+EXPORT_COLUMNS = ("run_id", "layer", "feature", "label", "note", "author", "updated_at", "version")
+# db.py sets no busy timeout of its own, so SQLite writers wait sqlite3's default 5 s for the
+# lock; a write that still finds the database locked is retried whole (it rolled back: nothing landed).
+LOCKED_RETRIES = 8
+
+
+class InvalidLabel(ValueError):
+    """An unknown label value or an over-long note: HTTP 422."""
+
+
+class StaleLabel(Exception):
+    """The label changed since the version the edit was made from: HTTP 409. `current` is
+    the label as it is now."""
+
+    def __init__(self, current: dict[str, Any], expected: int):
+        self.current = current
+        where = f"feature {current['feature']} of layer {current['layer']}"
+        if current["version"] < expected:
+            message = f"{where} has no version {expected}: its label is at version {current['version']}"
+        else:
+            now = LABEL_NAMES.get(current["label"], "no label")
+            message = (f"{where} was changed by {current['author']} to {now} (version {current['version']}) "
+                       f"since you loaded the page (version {expected}); nothing was saved: review it and "
+                       "submit again to overwrite")
+        super().__init__(message)
+
+
+class _Lost(Exception):
+    """Someone else wrote first (inside the transaction; becomes StaleLabel outside it)."""
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    # SQLite hands back naive datetimes; they were written in UTC
+    return value.replace(tzinfo=timezone.utc) if value is not None and value.tzinfo is None else value
+
+
+def _label_dict(row: Label) -> dict[str, Any]:
+    return {"run_id": row.run_id, "layer": row.layer, "feature": row.feature, "label": row.label,
+            "note": row.note, "author": row.author, "updated_at": _utc(row.updated_at), "version": row.version}
+
+
+def _state(s: Session, run_id: str, layer: int, feature: int, lock: bool = False) -> dict[str, Any]:
+    """The label now; without one (never set, or cleared) the last event gives version and author.
+    `lock`: hold the row until the transaction ends (PostgreSQL; SQLite has one writer anyway)."""
+    key = {"run_id": run_id, "layer": layer, "feature": feature}
+    query = sa.select(Label).filter_by(**key)
+    row = s.scalars(query.with_for_update() if lock else query).one_or_none()
+    if row is not None:
+        return _label_dict(row)
+    last = s.scalars(sa.select(LabelEvent).filter_by(**key).order_by(LabelEvent.version.desc()).limit(1)).first()
+    return {**key, "label": None, "note": "", "author": last.author if last else None,
+            "updated_at": _utc(last.created_at) if last else None, "version": last.version if last else 0}
+
+
+def _run(settings: Settings, run_id: str) -> Run:
+    with db.session(settings) as s:
+        run = s.get(Run, run_id)
+    if run is None:
+        raise NotFound(f"run {run_id!r} not found")
+    return run
+
+
+def check_feature(settings: Settings, run_id: str, layer: int, feature: int) -> None:
+    """NotFound unless the run's store has this layer and the layer this feature id."""
+    run = _run(settings, run_id)
+    try:
+        info = store.layer_info(settings.data_dir / run.store_path, layer)  # an absolute store_path stays as is
+    except NotFound as exc:
+        raise NotFound(f"run {run_id!r}: {exc}") from None
+    if not 0 <= feature < info["d_sae"]:
+        raise NotFound(f"run {run_id!r}: feature {feature} not found in layer {layer}")
+
+
+def current(settings: Settings, run_id: str, layer: int, feature: int) -> dict[str, Any]:
+    """The feature's label (label None when it has none) and the version an edit must name."""
+    with db.session(settings) as s:
+        return _state(s, run_id, layer, feature)
+
+
+def set_label(settings: Settings, run_id: str, layer: int, feature: int, label: str | None, note: str | None,
+              author: str, expected_version: int) -> dict[str, Any]:
+    """Set (or, with label "" / None, clear) a feature's label, if it is still at
+    `expected_version` (0: never labelled). Returns the label as it is now."""
+    label = label or None
+    note = (note or "") if label else ""  # a cleared label has no note
+    if label is not None and label not in LABELS:
+        raise InvalidLabel(f"unknown label {label!r}; expected one of {', '.join(LABELS)}, or empty to clear it")
+    if len(note) > MAX_NOTE:
+        raise InvalidLabel(f"the note has {len(note)} characters; at most {MAX_NOTE} are kept")
+    check_feature(settings, run_id, layer, feature)
+    for attempt in range(LOCKED_RETRIES):
+        try:
+            return _write(settings, run_id, layer, feature, label, note, author, expected_version)
+        except _Lost:
+            raise StaleLabel(current(settings, run_id, layer, feature), expected_version) from None
+        except OperationalError as exc:  # "database is locked": SQLite's single writer was busy too long
+            if "locked" not in str(exc) or attempt == LOCKED_RETRIES - 1:
+                raise
+            time.sleep(random.uniform(0.01, 0.05) * 2 ** attempt)
+    raise AssertionError("unreachable")
+
+
+def _write(settings: Settings, run_id: str, layer: int, feature: int, label: str | None, note: str,
+           author: str, expected: int) -> dict[str, Any]:
+    key = {"run_id": run_id, "layer": layer, "feature": feature}
+    with db.session(settings) as s, s.begin():
+        old = _state(s, run_id, layer, feature, lock=True)
+        if old["version"] != expected:
+            raise _Lost
+        if (old["label"], old["note"]) == (label, note):
+            return old  # nothing changes: no new version, no event
+        now, version = utcnow(), expected + 1
+        if old["label"] is None:
+            s.add(Label(**key, label=label, note=note, version=version, author=author, updated_at=now))
+            try:
+                s.flush()
+            except IntegrityError:  # another writer inserted it first
+                raise _Lost from None
+            # ... or inserted and cleared it between our read and our insert: versions never repeat
+            if (s.scalar(sa.select(sa.func.max(LabelEvent.version)).filter_by(**key)) or 0) > expected:
+                raise _Lost
+        else:
+            stmt = (sa.update(Label).values(label=label, note=note, version=version, author=author, updated_at=now)
+                    if label else sa.delete(Label))
+            if s.execute(stmt.filter_by(**key).where(Label.version == expected)).rowcount != 1:
+                raise _Lost
+        s.add(LabelEvent(**key, version=version, old_label=old["label"], new_label=label,
+                         old_note=old["note"] if old["label"] else None, new_note=note if label else None,
+                         author=author, created_at=now))
+    return {**key, "label": label, "note": note, "author": author, "updated_at": now, "version": version}
+
+
+def history(settings: Settings, run_id: str, layer: int, feature: int) -> list[dict[str, Any]]:
+    """Every change of the feature's label, oldest first."""
+    with db.session(settings) as s:
+        events = s.scalars(sa.select(LabelEvent).filter_by(run_id=run_id, layer=layer, feature=feature)
+                           .order_by(LabelEvent.version, LabelEvent.id)).all()
+    return [{"version": e.version, "old_label": e.old_label, "new_label": e.new_label, "old_note": e.old_note,
+             "new_note": e.new_note, "author": e.author, "created_at": _utc(e.created_at)} for e in events]
+
+
+def labels_for_layer(settings: Settings, run_id: str, layer: int) -> dict[int, dict[str, Any]]:
+    """The layer's labelled features: feature id -> its label."""
+    with db.session(settings) as s:
+        rows = s.scalars(sa.select(Label).filter_by(run_id=run_id, layer=layer)).all()
+    return {row.feature: _label_dict(row) for row in rows}
+
+
+def restrict(where: store.FeatureFilter, label: str | None, labelled: dict[int, dict[str, Any]],
+             n_features: int) -> store.FeatureFilter:
+    """`where` narrowed to the features with `label` (UNLABELLED: those without one). Labels
+    live in SQL and the table in DuckDB, so the ids cross over as a list."""
+    if not label:
+        return where
+    if label == UNLABELLED:
+        ids = set(range(n_features)) - labelled.keys()
+    else:
+        ids = {feature for feature, row in labelled.items() if row["label"] == label}
+    return dataclasses.replace(where, features=tuple(sorted(ids)))
+
+
+def export_rows(settings: Settings, run_id: str) -> list[dict[str, Any]]:
+    """Every current label of a run, by layer and feature, with plain (string) timestamps."""
+    _run(settings, run_id)
+    with db.session(settings) as s:
+        rows = s.scalars(sa.select(Label).filter_by(run_id=run_id).order_by(Label.layer, Label.feature)).all()
+    return [{**_label_dict(row), "updated_at": _utc(row.updated_at).isoformat()} for row in rows]

@@ -1,0 +1,97 @@
+"""Labelling a feature (HTML form and JSON API), its history, and a run's labels as CSV/JSON."""
+from __future__ import annotations
+
+import csv
+import io
+import re
+from typing import Any, Literal
+from urllib.parse import quote
+
+from fastapi import APIRouter, Depends, Form, HTTPException, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.responses import JSONResponse, RedirectResponse, Response
+from pydantic import BaseModel, Field
+
+from backend import labels
+from backend.access import check_csrf, current_author
+from backend.models import LABELS
+from backend.routes.common import SettingsDep, TableViewQ
+from backend.routes.features import render_feature_page
+
+router = APIRouter()
+FEATURE = "/runs/{run_id}/layers/{layer}/features/{feature}"
+
+
+class LabelEdit(BaseModel):
+    label: Literal[(*LABELS, "")] | None = Field(  # type: ignore[valid-type]
+        ..., description="the new label; empty or null clears it")
+    note: str = Field("", max_length=labels.MAX_NOTE)
+    version: int = Field(..., ge=0, description="the label's version this edit was made from (0: never labelled)")
+
+
+def _json_or_csrf(request: Request) -> None:
+    """Only JSON bodies, or scripts signed in by header, skip the CSRF token: a browser cannot
+    send application/json cross-site without a CORS preflight, and this app enables no CORS."""
+    content_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if not (request.state.header_auth or content_type == "application/json"):
+        check_csrf(request, request.headers.get("x-csrf-token"))
+
+
+@router.get("/api" + FEATURE + "/label", tags=["labels"])
+def api_label(run_id: str, layer: int, feature: int, settings: SettingsDep) -> dict[str, Any]:
+    """A feature's label (null when it has none), the version an edit must name, and its history."""
+    labels.check_feature(settings, run_id, layer, feature)
+    return {**labels.current(settings, run_id, layer, feature),
+            "history": labels.history(settings, run_id, layer, feature)}
+
+
+@router.put("/api" + FEATURE + "/label", tags=["labels"], dependencies=[Depends(_json_or_csrf)],
+            responses={409: {"description": "the label changed since `version`; `current` is the label now"}})
+def api_set_label(request: Request, run_id: str, layer: int, feature: int, edit: LabelEdit,
+                  settings: SettingsDep) -> dict[str, Any]:
+    """Set or clear a feature's label, if it is still at `version` (409 otherwise: nothing is saved)."""
+    try:
+        return labels.set_label(settings, run_id, layer, feature, edit.label, edit.note, current_author(request),
+                                edit.version)
+    except labels.StaleLabel as exc:
+        return JSONResponse({"detail": str(exc), "current": jsonable_encoder(exc.current)}, status_code=409)
+    except labels.InvalidLabel as exc:
+        raise HTTPException(422, str(exc)) from None
+
+
+@router.post(FEATURE + "/label", include_in_schema=False)
+def label_form(request: Request, run_id: str, layer: int, feature: int, settings: SettingsDep, view: TableViewQ,
+               label: str = Form(""), note: str = Form(""), version: int = Form(..., ge=0),
+               csrf_token: str = Form("")):
+    check_csrf(request, csrf_token)
+    try:
+        labels.set_label(settings, run_id, layer, feature, label, note, current_author(request), version)
+    except (labels.StaleLabel, labels.InvalidLabel) as exc:
+        # show the page again with what the user typed, so a refused edit loses nothing
+        return render_feature_page(request, settings, run_id, layer, feature, view,
+                                   label_form={"label": label or None, "note": note, "error": str(exc)},
+                                   status_code=409 if isinstance(exc, labels.StaleLabel) else 422)
+    query = view.query(page=None)
+    url = f"/runs/{quote(run_id, safe='')}/layers/{layer}/features/{feature}"
+    return RedirectResponse(url + (f"?{query}" if query else "") + "#label", status_code=303)
+
+
+def _disposition(run_id: str, ext: str, kind: str = "attachment") -> dict[str, str]:
+    return {"Content-Disposition": f'{kind}; filename="labels-{re.sub(r"[^A-Za-z0-9._-]", "_", run_id)}.{ext}"'}
+
+
+@router.get("/api/runs/{run_id}/labels.csv", tags=["labels"], response_class=Response,
+            responses={200: {"content": {"text/csv": {}}}})
+def export_csv(run_id: str, settings: SettingsDep):
+    """Every label of the run, one row per labelled feature, with a header row."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=labels.EXPORT_COLUMNS)
+    writer.writeheader()
+    writer.writerows(labels.export_rows(settings, run_id))
+    return Response(out.getvalue(), media_type="text/csv; charset=utf-8", headers=_disposition(run_id, "csv"))
+
+
+@router.get("/api/runs/{run_id}/labels.json", tags=["labels"])
+def export_json(run_id: str, settings: SettingsDep):
+    """Every label of the run: the same rows as the CSV."""
+    return JSONResponse(labels.export_rows(settings, run_id), headers=_disposition(run_id, "json", "inline"))
