@@ -56,6 +56,13 @@ def ablate_and_show(client: httpx.Client, run: str, layer: int, body: dict, poll
     return elapsed, job
 
 
+def report(job: dict, what: str) -> None:
+    s, c = job["result"]["summary"], job["result"]["control"]["summary"]
+    print(f"{what}, {s['n']} held-out texts: mean Δ reward {s['mean_delta']:+.3f} "
+          f"(95% CI {s['ci_low']:+.3f} .. {s['ci_high']:+.3f}); regression predicted {s['predicted_mean_delta']:+.3f}; "
+          f"random control {c['mean_delta']:+.3f} (95% CI {c['ci_low']:+.3f} .. {c['ci_high']:+.3f})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", default="demo")
@@ -84,12 +91,9 @@ def main() -> None:
             same.append(elapsed)
             other = {**body, "n_texts": args.texts + 1 + i}  # a set whose clean scores are not cached
             fresh.append(ablate_and_show(client, args.run, layer, other, args.poll)[0])
-        s = job["result"]["summary"]
-        c = job["result"]["control"]["summary"]
-        print(f"ablation: zero the top {args.features} positive-weight features of layer {layer}, "
-              f"{s['n']} held-out texts, with a random control")
-        print(f"  mean Δ reward {s['mean_delta']:+.3f} (95% CI {s['ci_low']:+.3f} .. {s['ci_high']:+.3f}); "
-              f"regression predicted {s['predicted_mean_delta']:+.3f}; control {c['mean_delta']:+.3f}")
+        report(job, f"zero the top {args.features} positive-weight features of layer {layer}")
+        _, by_effect = ablate_and_show(client, args.run, layer, {**body, "selection": "top_effect"}, args.poll)
+        report(by_effect, f"zero the top {args.features} features by reward effect of layer {layer}")
         print(f"P6 submit -> result page, warm worker, texts scored before: median {statistics.median(same):.2f} s "
               f"(runs: {', '.join(f'{t:.2f}' for t in same)})  target <= 3 s")
         print(f"P6 submit -> result page, warm worker, new texts:            median {statistics.median(fresh):.2f} s "

@@ -19,6 +19,9 @@ from backend.models import Run
 from backend.settings import Settings
 
 HELDOUT_DEFAULT = 256
+# Texts per forward in ablations: on a 2-core CPU, 16 ran 256 texts 15% faster than 64
+# (length buckets pad less; the SAE edit's tensors stay in cache).
+ABLATION_BATCH = 16
 
 
 class JobStopped(Exception):
@@ -112,7 +115,7 @@ def ablation_task(params: dict, ctx) -> dict:
         raise ValueError(f"feature {max(edit.features)} is out of range: layer {layer} has {sae.cfg.d_sae} features")
     texts, text_ids, eval_key = _eval_texts(run, params)
     pooling = run.config.regression.pooling
-    batch_size = run.config.dataset.batch_size
+    batch_size = ABLATION_BATCH
     if edit.mode == "steer" and layer not in run.directions:
         from workers.analyze import decoder_directions
 

@@ -23,6 +23,7 @@ SELECTIONS = {
     "top_positive": ("weight", "the top {n} features by weight (raise the reward most)"),
     "top_negative": ("-weight", "the top {n} features by negative weight (lower the reward most)"),
     "top_abs": ("abs_weight", "the top {n} features by |weight|"),
+    "top_effect": ("reward_effect", "the top {n} features by reward effect (gradient along the decoder direction)"),
     "labelled_reward": (None, "every feature labelled reward-related on this layer"),
 }
 
