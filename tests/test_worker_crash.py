@@ -21,6 +21,7 @@ from tests.test_pipeline import N_FEATURES, tiny_config, tiny_world  # noqa: F40
 from workers.worker import Worker
 
 LEASE_S = 2.0
+TRAINING_TOKENS = 200_000
 
 
 def wait_for(predicate, timeout: float, what: str):
@@ -36,20 +37,32 @@ def wait_for(predicate, timeout: float, what: str):
 def test_killed_worker_job_finishes_on_another_worker_once(tiny_world, tmp_path):  # noqa: F811
     settings = Settings(data_dir=tmp_path / "data")
     db.upgrade(settings)
-    config = tiny_config(*tiny_world)
+    # enough SAE training that the kill lands inside it, whatever the machine's speed
+    config = tiny_config(*tiny_world, sae={"width": N_FEATURES, "k": 4, "training_tokens": TRAINING_TOKENS,
+                                           "batch_size": 256, "buffer_tokens": 1024})
     config_yaml = yaml.safe_dump(config.model_dump(mode="json", exclude_unset=True))
     job = jobs.submit(settings, "pipeline", {"config_yaml": config_yaml}, "tester", config.run_id)
 
     env = {**os.environ, "RA_DATA_DIR": str(settings.data_dir)}
+    log = (tmp_path / "first-worker.log").open("w")
     first = subprocess.Popen([sys.executable, "-m", "backend.cli", "worker", "--lease", str(LEASE_S), "--poll", "0.1"],
-                             cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def training() -> bool:
+        state = jobs.get(settings, job["id"])
+        assert state["status"] in ("queued", "running"), (state, (tmp_path / "first-worker.log").read_text())
+        assert first.poll() is None, (tmp_path / "first-worker.log").read_text()
+        return "training" in state["message"]
+
     try:
         # mid-job: the pipeline has reached SAE training (its stage messages arrive by heartbeat)
-        wait_for(lambda: "training" in jobs.get(settings, job["id"])["message"], 120, "the first worker to train")
+        wait_for(training, 120, "the first worker to train")
+        time.sleep(0.5)
         first.send_signal(signal.SIGKILL)
         first.wait(10)
     finally:
         first.kill()
+        log.close()
     killed = jobs.get(settings, job["id"])
     assert killed["status"] == "running" and killed["attempts"] == 1  # the queue has not noticed yet
 

@@ -25,12 +25,15 @@ class JobContext:
         self.progress: float = 0.0
         self.message: str = "started"
         self.stop_reason: str | None = None
+        # a new stage message wakes the heartbeat at once, so the jobs page shows each stage
+        self.message_changed = threading.Event()
 
     def report(self, progress: float | None = None, message: str | None = None) -> None:
         if progress is not None:
             self.progress = progress
-        if message is not None:
+        if message is not None and message != self.message:
             self.message = message
+            self.message_changed.set()
         if self.stop_reason:
             raise JobStopped(self.stop_reason)
 
@@ -69,6 +72,7 @@ class Worker:
             outcome = dict(error=f"{type(exc).__name__}: {exc}")
         finally:
             beating.set()
+            ctx.message_changed.set()  # wakes the heartbeat to see it is done
             beat.join()
         if outcome is None:
             print(f"job {job['id']}: lease lost to another worker, result dropped", flush=True)
@@ -82,7 +86,11 @@ class Worker:
     def _heartbeat(self, ctx: JobContext, done: threading.Event) -> None:
         interval = max(0.05, min(self.lease_s / 3, 2.0))
         reported = (None, None)
-        while not done.wait(interval):
+        while not done.is_set():
+            ctx.message_changed.wait(interval)
+            ctx.message_changed.clear()
+            if done.is_set():
+                return
             now = (round(ctx.progress, 3), ctx.message)
             owned, cancel = jobs.heartbeat(self.settings, ctx.job["id"], self.name, self.lease_s,
                                            *(now if now != reported else (None, None)))

@@ -1,7 +1,10 @@
 // Live job status without a framework: poll the JSON twin, update progress in place, and
 // reload the page once a job's status changes (results are rendered by the server).
 function watchJobs(url, ids) {
+  // start from the statuses the page was rendered with: a job that finished before the first
+  // poll still counts as changed
   const known = {};
+  for (const el of document.querySelectorAll("[data-job][data-status]")) known[el.dataset.job] = el.dataset.status;
   async function poll() {
     let data;
     try { data = await (await fetch(url, {headers: {accept: "application/json"}})).json(); }
