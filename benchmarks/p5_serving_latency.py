@@ -1,0 +1,535 @@
+"""P5: dashboard serving latency on a synthetic store of ~1M features.
+
+Builds a synthetic run (`--saes` SAEs x `--width` features, `--contexts` contexts each: half
+'top', half 'quantile'; every column of every store table filled with plausible random values,
+rows in primary-key order as the pipeline writes them), registers it, starts the real server
+(`python -m backend.cli serve`) on loopback and drives it with `--clients` concurrent
+keep-alive clients, each scenario bounded by `--requests` and `--seconds`:
+
+  feature       GET /runs/<id>/layers/<L>/features/<F>             (HTML)
+  feature-json  GET /api/runs/<id>/layers/<L>/features/<F>         (its JSON twin)
+  table         GET /runs/<id>/layers/<L>?sort=..&sign=pos&min_freq=0.001&page=..   (HTML)
+
+Prints p50/p95/p99/mean latency (client-side wall time) and throughput per scenario, failures
+(any status but 200), the store's size on disk, the build time and the build's peak memory.
+Targets: feature page p95 <= 25 ms, table page p95 <= 50 ms. The server, the load generator
+and the build share this machine's cores, so with few cores the concurrent figures include
+queueing for CPU; `--baseline-requests` also measures one client at a time (service time).
+
+    python benchmarks/p5_serving_latency.py                          # full size: 32 x 32,768 features, 20 contexts
+    python benchmarks/p5_serving_latency.py --data-dir /tmp/p5       # keep the store; later runs reuse it
+    python benchmarks/p5_serving_latency.py --saes 2 --width 256 --contexts 4 --requests 50   # smoke
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import os
+import random
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import duckdb
+import httpx
+import numpy as np
+import pyarrow as pa
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))  # run as a script: backend/ and workers/ from this checkout
+
+from backend import db  # noqa: E402
+from backend.settings import Settings  # noqa: E402
+from backend.store_schema import STORE_FILENAME, STORE_VERSION  # noqa: E402
+from workers.publish import write_store  # noqa: E402
+
+RUN_ID = "p5"
+HIST_BINS = 24          # the analysis defaults (workers/config.AnalysisConfig)
+TOP_TOKENS = 10
+NEIGHBOURS = 10
+QUANTILE_BINS = 5
+WINDOW = (12, 16)       # tokens per context window, inclusive
+TEXT_TOKENS = 64
+VOCAB_SIZE = 400        # small and Zipf-distributed: keeps feature_tokens' DISTINCT manageable
+TABLE_SORTS = ("abs_weight", "-weight", "correlation", "frequency")
+TABLE_FILTER = "sign=pos&min_freq=0.001"
+TARGETS_MS = {"feature": 25.0, "feature-json": 25.0, "table": 50.0}
+
+
+# --- synthetic columns, one layer at a time, vectorised (21M rows of Python objects would not fit) ---
+
+def vocabulary(size: int = VOCAB_SIZE) -> list[str]:
+    """Pronounceable pseudo-words, a few WordPiece continuations among them; a Zipf rank order."""
+    onsets, vowels = "bdfgklmnprstvz", "aeiou"
+    syllables = [o + v for o in onsets for v in vowels]
+    words = [a + b for a in syllables for b in syllables][: size - 10]
+    return ["the", "a", "not", "good", "bad", ".", ",", "##ing", "##ly", "!"] + words
+
+
+def zipf_weights(n: int) -> np.ndarray:
+    w = 1.0 / np.arange(1, n + 1) ** 1.1
+    return w / w.sum()
+
+
+def list_array(values: pa.Array | np.ndarray, lengths: np.ndarray) -> pa.ListArray:
+    """Rows of `lengths` items each, cut from one flat array (no per-row Python objects)."""
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets), values)
+
+
+def fixed_lists(matrix: np.ndarray) -> pa.ListArray:
+    return list_array(pa.array(matrix.ravel()), np.full(len(matrix), matrix.shape[1]))
+
+
+def weighted_sample(rng: np.random.Generator, rows: int, k: int, p: np.ndarray) -> np.ndarray:
+    """k distinct indexes per row drawn with weights p, in draw order (an exponential race:
+    the k smallest Exp(1) / p; float32 keeps it fast)."""
+    keys = rng.standard_exponential((rows, len(p)), dtype=np.float32) / p.astype(np.float32)
+    top = np.argpartition(keys, k, axis=1)[:, :k]
+    order = np.argsort(np.take_along_axis(keys, top, axis=1), axis=1)
+    return np.take_along_axis(top, order, axis=1)
+
+
+def layer_basics(rng: np.random.Generator, width: int, n_vocab: int) -> tuple[np.ndarray, np.ndarray]:
+    """What a layer's features and contexts share: top-token ids and max activations."""
+    return weighted_sample(rng, width, TOP_TOKENS, zipf_weights(n_vocab)), rng.lognormal(1.0, 0.6, width)
+
+
+def layer_features(rng: np.random.Generator, layer: int, top_ids: np.ndarray, max_act: np.ndarray,
+                   vocab: pa.Array) -> dict[str, pa.Array]:
+    width = len(max_act)
+    frequency = np.exp(rng.uniform(np.log(1e-5), np.log(0.3), width))  # log-uniform, like a trained SAE
+    weight = rng.normal(0, 0.02, width)
+    decay = np.sort(rng.uniform(0.2, 1.0, (width, TOP_TOKENS)), axis=1)[:, ::-1]
+    top_tokens = pa.StructArray.from_arrays(
+        [vocab.take(pa.array(top_ids.ravel())), pa.array((max_act[:, None] * decay).ravel()),
+         pa.array(np.sort(rng.integers(3, 500, (width, TOP_TOKENS)), axis=1)[:, ::-1].ravel())],
+        names=["token", "mean_activation", "count"])
+    edges = max_act[:, None] * np.linspace(0, 1, HIST_BINS + 1)
+    counts = np.sort(rng.integers(0, 5000, (width, HIST_BINS)), axis=1)[:, ::-1]  # most mass at low activation
+    neighbours = (np.arange(width)[:, None] + rng.integers(1, width, (width, NEIGHBOURS))) % width
+    cosines = np.sort(rng.uniform(0.1, 0.9, (width, NEIGHBOURS)).astype(np.float32), axis=1)[:, ::-1]
+    return {
+        "layer": pa.array(np.full(width, layer, dtype=np.int32)),
+        "feature": pa.array(np.arange(width, dtype=np.int32)),
+        "frequency": pa.array(frequency),
+        "mean_activation": pa.array(max_act * rng.uniform(0.2, 0.5, width)),
+        "max_activation": pa.array(max_act),
+        "weight": pa.array(weight),
+        "std_weight": pa.array(weight * rng.uniform(0.5, 3.0, width)),
+        "weight_se": pa.array(np.abs(rng.normal(0, 0.005, width))),
+        "top_token": vocab.take(pa.array(top_ids[:, 0])),
+        "hist_edges": fixed_lists(edges),
+        "hist_counts": fixed_lists(counts.astype(np.int64)),
+        "reward_correlation": pa.array(rng.uniform(-0.4, 0.4, width)),
+        "reward_effect": pa.array(rng.normal(0, 0.05, width)),
+        "top_tokens": list_array(top_tokens, np.full(width, TOP_TOKENS)),
+        "neighbours": fixed_lists(neighbours.astype(np.int32)),
+        "neighbour_cosines": fixed_lists(cosines),
+    }
+
+
+def layer_contexts(rng: np.random.Generator, layer: int, top_ids: np.ndarray, max_act: np.ndarray,
+                   n_contexts: int, n_texts: int, vocab: pa.Array) -> dict[str, pa.Array]:
+    """One layer's contexts, ordered by (feature, kind, rank): 'quantile' sorts before 'top'."""
+    width = len(max_act)
+    n_quantile = n_contexts // 2
+    n_top = n_contexts - n_quantile
+    bins = max(1, min(QUANTILE_BINS, n_quantile))
+    rows = width * n_contexts
+    feature = np.repeat(np.arange(width, dtype=np.int32), n_contexts)
+    within = np.tile(np.arange(n_contexts, dtype=np.int32), width)
+    is_top = within >= n_quantile
+    rank = np.where(is_top, within - n_quantile, within)
+    peak_act = max_act[feature]
+    # quantile: rank by bin, then activation inside the bin; top: rank 0 = the strongest
+    scaled = rank * bins / max(n_quantile, 1)
+    bin_ = np.floor(scaled).astype(np.int32)
+    bin_low, bin_high = peak_act * bin_ / bins, peak_act * (bin_ + 1) / bins
+    activation = np.where(is_top, peak_act * (1 - 0.03 * rank), bin_low + (bin_high - bin_low) * (scaled - bin_))
+    n_tok = rng.integers(WINDOW[0], WINDOW[1] + 1, rows)
+    peak = rng.integers(2, n_tok - 2)
+    starts = np.zeros(rows, dtype=np.int64)
+    np.cumsum(n_tok[:-1], out=starts[1:])
+    tokens = rng.choice(len(vocab), size=int(n_tok.sum()), p=zipf_weights(len(vocab))).astype(np.int16)
+    # a top context peaks on one of the feature's top tokens, as real ones do
+    top_rows = np.flatnonzero(is_top)
+    tokens[starts[top_rows] + peak[top_rows]] = top_ids[feature[top_rows], rank[top_rows] % TOP_TOKENS]
+    acts = (np.repeat(activation, n_tok) * 0.5 * rng.random(len(tokens)) ** 3).astype(np.float32)
+    acts[starts + peak] = activation
+    window_start = rng.integers(0, TEXT_TOKENS - WINDOW[1], rows).astype(np.int32)
+    return {
+        "layer": pa.array(np.full(rows, layer, dtype=np.int32)),
+        "feature": pa.array(feature),
+        "kind": pa.DictionaryArray.from_arrays(pa.array(is_top.astype(np.int8)), pa.array(["quantile", "top"])),
+        "rank": pa.array(rank),
+        "bin": pa.array(bin_, mask=is_top),
+        "bin_low": pa.array(bin_low, mask=is_top),
+        "bin_high": pa.array(bin_high, mask=is_top),
+        "text_id": pa.array(rng.integers(0, n_texts, rows).astype(np.int32)),
+        "position": pa.array(window_start + peak.astype(np.int32)),
+        "activation": pa.array(activation),
+        "window_start": pa.array(window_start),
+        # dictionary-encoded: 2 bytes per token in memory; DuckDB stores them as VARCHAR[]
+        "tokens": list_array(pa.DictionaryArray.from_arrays(pa.array(tokens), vocab), n_tok),
+        "acts": list_array(pa.array(acts), n_tok),
+    }
+
+
+def layers_table(saes: int, width: int, rng: np.random.Generator) -> dict[str, list]:
+    r2 = rng.uniform(0.3, 0.8, saes)
+    return {
+        "layer": list(range(saes)), "hook_name": [f"blocks.{i}.hook_resid_post" for i in range(saes)],
+        "sae_path": [f"saes/layer_{i}" for i in range(saes)], "architecture": ["topk"] * saes,
+        "d_in": [1024] * saes, "d_sae": [width] * saes, "k": [64] * saes,
+        "mse": rng.uniform(0.01, 0.1, saes).tolist(), "explained_variance": rng.uniform(0.7, 0.95, saes).tolist(),
+        "l0": [64.0] * saes, "dead_fraction": [0.0] * saes, "pooling": ["reward_token"] * saes,
+        "r2_train": (r2 + 0.1).tolist(), "r2_heldout": r2.tolist(), "r2_cv": (r2 - 0.02).tolist(),
+        "ridge_alpha": [10.0] * saes, "regression_method": ["ridge"] * saes, "cv_folds": [5] * saes,
+        "probe_r2_train": [0.9] * saes, "probe_r2_heldout": [0.7] * saes, "probe_alpha": [100.0] * saes,
+        "n_train": [8000] * saes, "n_heldout": [2000] * saes, "reward_recovered": rng.uniform(0.5, 0.95, saes).tolist(),
+        "reward_mae_sae": rng.uniform(0.05, 0.2, saes).tolist(), "reward_mae_zero": [0.8] * saes,
+    }
+
+
+def texts_tables(n_texts: int, vocab: list[str], rng: np.random.Generator) -> tuple[dict, dict]:
+    words = np.array(vocab, dtype=object)[rng.choice(len(vocab), (n_texts, TEXT_TOKENS), p=zipf_weights(len(vocab)))]
+    score = rng.normal(size=n_texts)
+    texts = {
+        "text_id": np.arange(n_texts, dtype=np.int32), "split": np.where(rng.random(n_texts) < 0.8, "train", "heldout"),
+        "text": [" ".join(row) for row in words], "reward": np.tanh(score + rng.normal(0, 0.3, n_texts)),
+        "score": score, "n_tokens": np.full(n_texts, TEXT_TOKENS, dtype=np.int32),
+        "reward_position": np.full(n_texts, TEXT_TOKENS - 1, dtype=np.int32),
+    }
+    reads = {"read_id": np.arange(n_texts, dtype=np.int32), "text_id": np.arange(n_texts, dtype=np.int32),
+             "position": texts["reward_position"], "score": score}
+    return texts, reads
+
+
+class SyntheticTables(Mapping):
+    """write_store's `tables`, each one generated when write_store reads it and not kept, so
+    only one table's columns are in memory at a time (contexts: ~3 GB at full size).
+    Features and contexts come as one chunk per layer, in primary-key order."""
+
+    def __init__(self, saes: int, width: int, n_contexts: int, n_texts: int, seed: int = 0):
+        self.saes, self.width, self.n_contexts, self.n_texts, self.seed = saes, width, n_contexts, n_texts, seed
+        self.words = vocabulary()
+        self.vocab = pa.array(self.words)
+        self.basics = functools.lru_cache(maxsize=None)(  # ~10 MB per layer at full size
+            lambda layer: layer_basics(self.rng(0, layer), width, len(self.words)))
+        self.builders = {"texts": self.texts, "reward_reads": self.reward_reads, "layers": self.layers,
+                         "features": self.features, "contexts": self.contexts}
+
+    def __getitem__(self, name: str) -> dict:
+        return self.builders[name]()
+
+    def __contains__(self, name: object) -> bool:  # Mapping's default would build the table
+        return name in self.builders
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.builders)
+
+    def __len__(self) -> int:
+        return len(self.builders)
+
+    def rng(self, *stream: int) -> np.random.Generator:
+        """An independent, reproducible stream per table (and layer): a table built twice is the same."""
+        return np.random.default_rng([self.seed, *stream])
+
+    def texts(self) -> dict:
+        return texts_tables(self.n_texts, self.words, self.rng(1))[0]
+
+    def reward_reads(self) -> dict:
+        return texts_tables(self.n_texts, self.words, self.rng(1))[1]
+
+    def layers(self) -> dict:
+        return layers_table(self.saes, self.width, self.rng(2))
+
+    def features(self) -> dict:
+        return chunked([layer_features(self.rng(3, layer), layer, *self.basics(layer), self.vocab)
+                        for layer in range(self.saes)])
+
+    def contexts(self) -> dict:
+        return chunked([layer_contexts(self.rng(4, layer), layer, *self.basics(layer), self.n_contexts,
+                                       self.n_texts, self.vocab) for layer in range(self.saes)])
+
+
+def chunked(per_layer: list[dict[str, pa.Array]]) -> dict[str, pa.ChunkedArray]:
+    return {name: pa.chunked_array([chunks[name] for chunks in per_layer]) for name in per_layer[0]}
+
+
+# --- the store and its registration ---
+
+@dataclass
+class Build:
+    path: Path
+    seconds: float          # generate + write (0 when reused)
+    reused: bool
+    peak_rss_gib: float     # this process's peak resident memory so far
+    rows: dict[str, int] = field(default_factory=dict)
+
+
+def shape_key(saes: int, width: int, n_contexts: int, n_texts: int) -> str:
+    return f"{saes}x{width}x{n_contexts}x{n_texts}"
+
+
+def store_matches(path: Path, shape: str) -> bool:
+    """A store already there with this schema version and size can be reused."""
+    if not path.is_file():
+        return False
+    with contextlib.closing(duckdb.connect(str(path), read_only=True)) as con:
+        info = dict(con.execute("SELECT key, value FROM run_info").fetchall())
+    return info.get("store_version") == str(STORE_VERSION) and info.get("p5_shape") == shape
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def build_store(settings: Settings, saes: int, width: int, n_contexts: int, n_texts: int,
+                rebuild: bool = False) -> Build:
+    """Write (or reuse) the synthetic store and register it in the SQL registry."""
+    path = settings.run_dir(RUN_ID) / STORE_FILENAME
+    shape = shape_key(saes, width, n_contexts, n_texts)
+    reused = not rebuild and store_matches(path, shape)
+    start = time.perf_counter()
+    if not reused:
+        info = {"run_id": RUN_ID, "name": "P5 synthetic", "model": "synthetic", "adapter": "seq-cls",
+                "dataset": "synthetic", "created_at": "2026-01-01T00:00:00", "p5_shape": shape,
+                "n_texts": n_texts, "n_tokens": n_texts * TEXT_TOKENS}
+        write_store(path, info, SyntheticTables(saes, width, n_contexts, n_texts))
+    seconds = time.perf_counter() - start
+    db.upgrade(settings)
+    register(settings, path, saes, width, n_texts)
+    return Build(path, 0.0 if reused else seconds, reused, peak_rss_gib(), table_rows(path))
+
+
+def register(settings: Settings, path: Path, saes: int, width: int, n_texts: int) -> None:
+    sae_rows = [{"layer": i, "hook_name": f"blocks.{i}.hook_resid_post", "path": f"saes/layer_{i}",
+                 "architecture": "topk", "d_in": 1024, "d_sae": width, "mse": 0.05, "explained_variance": 0.9,
+                 "l0": 64.0, "dead_fraction": 0.0, "r2_heldout": 0.6} for i in range(saes)]
+    run_row = {"id": RUN_ID, "name": "P5 synthetic", "model": "synthetic", "adapter": "seq-cls",
+               "dataset": "synthetic", "config_yaml": "# P5 benchmark\n",
+               "store_path": str(path.relative_to(settings.data_dir)), "n_texts": n_texts,
+               "n_tokens": n_texts * TEXT_TOKENS}
+    db.register_run(settings, run_row, sae_rows, replace=True)
+
+
+def table_rows(path: Path) -> dict[str, int]:
+    with contextlib.closing(duckdb.connect(str(path), read_only=True)) as con:
+        return {t: con.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+                for t in ("features", "contexts", "feature_tokens", "texts")}
+
+
+def filtered_pages(path: Path, saes: int, page_size: int = 50) -> int:
+    """Pages of the table scenario's filtered view in its smallest layer (so no page 404s)."""
+    with contextlib.closing(duckdb.connect(str(path), read_only=True)) as con:
+        smallest = con.execute("SELECT min(n) FROM (SELECT count(*) AS n FROM features WHERE weight > 0 "
+                               "AND frequency >= 0.001 GROUP BY layer)").fetchone()[0] or 0
+    return max(1, -(-smallest // page_size))
+
+
+# --- the server ---
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve(data_dir: Path, timeout: float = 120.0) -> Iterator[tuple[str, subprocess.Popen]]:
+    """The real server (`rewardatlas serve`) in a subprocess on loopback; stopped on exit."""
+    port = free_port()
+    env = {**os.environ, "RA_DATA_DIR": str(data_dir), "RA_DATABASE_URL": ""}
+    proc = subprocess.Popen([sys.executable, "-m", "backend.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+                            cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with status {proc.returncode}")
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{base}/api/runs", timeout=5).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server did not answer within {timeout:.0f} s")
+            time.sleep(0.2)
+        yield base, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def server_rss_gib(proc: subprocess.Popen) -> float | None:
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 2**20
+    return None
+
+
+# --- the load generator ---
+
+def scenario_urls(name: str, n: int, saes: int, width: int, max_page: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        layer, feature = rng.randrange(saes), rng.randrange(width)
+        if name == "table":
+            page = rng.randint(1, min(20, max_page))
+            out.append(f"/runs/{RUN_ID}/layers/{layer}?sort={rng.choice(TABLE_SORTS)}&{TABLE_FILTER}&page={page}")
+        else:
+            prefix = "/api" if name == "feature-json" else ""
+            out.append(f"{prefix}/runs/{RUN_ID}/layers/{layer}/features/{feature}")
+    return out
+
+
+@dataclass
+class Load:
+    latencies_ms: np.ndarray
+    failures: list[str]     # "status url" of every non-200 answer or transport error
+    wall_s: float
+    server_cpu_s: float | None = None   # CPU time the server process used meanwhile (all threads)
+    client_cpu_s: float = 0.0           # and this process, the load generator
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(self.latencies_ms, q)) if len(self.latencies_ms) else float("nan")
+
+
+def process_cpu_s(pid: int | None) -> float | None:
+    """utime + stime of another process, from /proc (None where unreadable)."""
+    if pid is None:
+        return None
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return None
+
+
+def load(base: str, urls: list[str], clients: int, seconds: float, server_pid: int | None = None) -> Load:
+    """`clients` threads, each with its own keep-alive connection, take URLs from one shared
+    list until it is used up or `seconds` have passed; client-side latency per request, and
+    the CPU time server and client spent (on few cores, throughput <= cores / CPU per request)."""
+    queue = iter(urls)
+    lock = threading.Lock()
+    latencies: list[float] = []
+    failures: list[str] = []
+    deadline = time.monotonic() + seconds
+
+    def client() -> None:
+        with httpx.Client(base_url=base, timeout=60) as http:
+            while time.monotonic() < deadline:
+                with lock:
+                    url = next(queue, None)
+                if url is None:
+                    return
+                start = time.perf_counter()
+                try:
+                    status = http.get(url).status_code
+                except httpx.HTTPError as exc:
+                    status = type(exc).__name__
+                elapsed = (time.perf_counter() - start) * 1000
+                with lock:
+                    latencies.append(elapsed)
+                    if status != 200:
+                        failures.append(f"{status} {url}")
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    server_cpu, client_cpu, start = process_cpu_s(server_pid), time.process_time(), time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    server_after = process_cpu_s(server_pid)
+    return Load(np.array(latencies), failures, wall,
+                None if server_cpu is None or server_after is None else server_after - server_cpu,
+                time.process_time() - client_cpu)
+
+
+def report(name: str, clients: int, result: Load) -> None:
+    n = len(result.latencies_ms)
+    target = TARGETS_MS[name]
+    p95 = result.percentile(95)
+    verdict = "met" if p95 <= target else "MISSED"
+    print(f"{name:<13} {clients} client(s): {n:5d} requests, {len(result.failures)} failed; "
+          f"p50 {result.percentile(50):6.1f}  p95 {p95:6.1f}  p99 {result.percentile(99):6.1f}  "
+          f"mean {result.latencies_ms.mean() if n else float('nan'):6.1f} ms; {n / result.wall_s:6.1f} req/s   "
+          f"target p95 <= {target:.0f} ms: {verdict}")
+    if n and result.server_cpu_s is not None:
+        print(f"{'':<13} CPU per request: server {1000 * result.server_cpu_s / n:5.1f} ms, "
+              f"load generator {1000 * result.client_cpu_s / n:5.1f} ms")
+    for failure in result.failures[:5]:
+        print(f"    failed: {failure}")
+
+
+def run_scenarios(base: str, server_pid: int, saes: int, width: int, max_page: int, args) -> dict[str, Load]:
+    """Warm up, then each scenario under `args.clients` clients (and one client, for service time)."""
+    results = {}
+    for i, name in enumerate(("feature", "feature-json", "table")):
+        load(base, scenario_urls(name, args.warmup, saes, width, max_page, seed=100 + i), args.clients, args.seconds)
+        if args.baseline_requests:
+            urls = scenario_urls(name, args.baseline_requests, saes, width, max_page, seed=200 + i)
+            report(name, 1, load(base, urls, 1, args.seconds, server_pid))
+        urls = scenario_urls(name, args.requests, saes, width, max_page, seed=300 + i)
+        results[name] = load(base, urls, args.clients, args.seconds, server_pid)
+        report(name, args.clients, results[name])
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--saes", type=int, default=32)
+    parser.add_argument("--width", type=int, default=32_768, help="features per SAE")
+    parser.add_argument("--contexts", type=int, default=20, help="contexts per feature (half top, half quantile)")
+    parser.add_argument("--texts", type=int, default=10_000)
+    parser.add_argument("--data-dir", type=Path, default=None, help="keep the store here (default: a temp dir)")
+    parser.add_argument("--rebuild", action="store_true", help="write the store even if a matching one exists")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=2000, help="measured requests per scenario")
+    parser.add_argument("--seconds", type=float, default=60.0, help="time cap per scenario")
+    parser.add_argument("--warmup", type=int, default=300, help="uncounted requests before each scenario")
+    parser.add_argument("--baseline-requests", type=int, default=200, help="one-client requests per scenario (0: skip)")
+    args = parser.parse_args()
+
+    with contextlib.ExitStack() as stack:
+        data_dir = args.data_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="p5-")))
+        settings = Settings(data_dir=data_dir)
+        print(f"store: {args.saes} SAEs x {args.width:,} features, {args.contexts} contexts each, "
+              f"{args.texts:,} texts, under {data_dir}", flush=True)
+        build = build_store(settings, args.saes, args.width, args.contexts, args.texts, args.rebuild)
+        db.dispose_engines()
+        size = build.path.stat().st_size
+        n_features = build.rows["features"]
+        print(f"build: {'reused the existing store' if build.reused else f'{build.seconds:.1f} s'}; "
+              f"peak memory of this process {build.peak_rss_gib:.2f} GiB")
+        print("rows: " + ", ".join(f"{t} {n:,}" for t, n in build.rows.items()))
+        print(f"store size on disk: {size:,} bytes = {size / 2**30:.2f} GiB; {size / n_features:,.0f} bytes per feature")
+        max_page = filtered_pages(build.path, args.saes)
+        print(f"load: {os.cpu_count()} CPU core(s) shared by the server and the load generator (load average "
+              f"before: {os.getloadavg()[0]:.1f}); with {args.clients} clients each waiting for its answer, "
+              f"latency ~ clients / throughput once the cores are busy", flush=True)
+        base, proc = stack.enter_context(serve(data_dir))
+        run_scenarios(base, proc.pid, args.saes, args.width, max_page, args)
+        rss = server_rss_gib(proc)
+        if rss is not None:
+            print(f"server resident memory after the load: {rss:.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()

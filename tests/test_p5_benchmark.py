@@ -1,0 +1,53 @@
+"""Smoke test of the P5 serving benchmark at a tiny size: the store builds with every table
+filled and in primary-key order, the real server starts, and every request answers 200.
+No timing assertions: the figures depend on the machine."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import duckdb
+import pytest
+
+from tests.helpers import REPO_ROOT
+
+
+@pytest.fixture(scope="module")
+def p5():
+    path = REPO_ROOT / "benchmarks" / "p5_serving_latency.py"
+    spec = importlib.util.spec_from_file_location("p5_serving_latency", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def test_p5_builds_serves_and_measures(p5, settings):
+    build = p5.build_store(settings, saes=2, width=256, n_contexts=4, n_texts=100)
+    assert build.rows["features"] == 2 * 256 and build.rows["contexts"] == 2 * 256 * 4
+    assert build.rows["feature_tokens"] > 0
+    with duckdb.connect(str(build.path), read_only=True) as con:
+        # every column filled (bin and its bounds are NULL for top contexts only)
+        for table, nullable in (("features", ()), ("contexts", ("bin", "bin_low", "bin_high"))):
+            columns = [r[0] for r in con.execute(f"DESCRIBE {table}").fetchall()]
+            for column in columns:
+                nulls = con.execute(f"SELECT count(*) FROM {table} WHERE {column} IS NULL").fetchone()[0]
+                assert nulls == 0 or column in nullable, (table, column)
+        # rows in primary-key order: zone maps make point lookups cheap only then
+        unordered = con.execute("""SELECT count(*) FROM (
+            SELECT (layer, feature, kind, rank) < lag((layer, feature, kind, rank)) OVER (ORDER BY rowid) AS back
+            FROM contexts) WHERE back""").fetchone()[0]
+        assert unordered == 0
+    assert p5.store_matches(build.path, p5.shape_key(2, 256, 4, 100))
+    assert p5.build_store(settings, saes=2, width=256, n_contexts=4, n_texts=100).reused
+
+    max_page = p5.filtered_pages(build.path, 2)
+    with p5.serve(settings.data_dir) as (base, _proc):
+        for name in ("feature", "feature-json", "table"):
+            urls = p5.scenario_urls(name, 50, saes=2, width=256, max_page=max_page, seed=0)
+            result = p5.load(base, urls, clients=4, seconds=60)
+            assert result.failures == []
+            assert len(result.latencies_ms) == 50
+            assert result.percentile(95) > 0
+            p5.report(name, 4, result)
