@@ -3,6 +3,8 @@ so that `serve` never imports torch."""
 from __future__ import annotations
 
 import argparse
+import os
+import secrets
 import sys
 from pathlib import Path
 
@@ -39,7 +41,15 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise CliError(str(exc)) from exc
     upgrade(settings)
     print(f"rewardatlas dashboards: http://{host}:{port}", flush=True)
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
+    if args.workers <= 1:
+        uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
+        return
+    # Several processes (the pages are CPU-bound Python): each builds its app from the
+    # environment, so hand them this host and one session key (a login must hold in each).
+    os.environ.update(RA_HOST=host, RA_PORT=str(port),
+                      RA_SECRET_KEY=settings.secret_key or secrets.token_hex(32))
+    uvicorn.run("backend.app:create_app", factory=True, host=host, port=port, workers=args.workers,
+                log_level="warning")
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -89,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve the dashboards")
     serve.add_argument("--host", default=None)
     serve.add_argument("--port", type=int, default=None)
+    serve.add_argument("--workers", type=int, default=1,
+                       help="server processes (default 1; up to one per core for many concurrent readers)")
     serve.set_defaults(func=cmd_serve)
 
     worker = sub.add_parser("worker", help="run queued jobs (pipeline runs, ablations, custom texts)")

@@ -6,15 +6,17 @@ mtime and size. Each call works on its own cursor, so threads never share one.
 """
 from __future__ import annotations
 
+import json
 import os
 import threading
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import duckdb
 
-from backend.store_schema import NORMALISED_TOKEN, STORE_VERSION
+from backend.store_schema import CARD_KEY, NORMALISED_TOKEN, STORE_VERSION
 
 # Sort keys of the feature table: key -> SQL expression. "key" puts the largest first,
 # "-key" the smallest; NULLs (a dead feature's correlation, say) always last, ties by feature id.
@@ -96,11 +98,18 @@ class FeaturePage:
     total: int  # features in the layer, over all pages
 
 
+@dataclass
+class _OpenStore:
+    signature: tuple[int, int, int]  # inode, mtime, size: a replaced file reopens
+    con: duckdb.DuckDBPyConnection
+    memo: dict[str, Any] = field(default_factory=dict)  # small results; the file never changes
+
+
 _lock = threading.Lock()
-_connections: dict[str, tuple[tuple[int, int, int], duckdb.DuckDBPyConnection]] = {}
+_connections: dict[str, _OpenStore] = {}
 
 
-def _cursor(path: Path) -> duckdb.DuckDBPyConnection:
+def _open(path: Path) -> _OpenStore:
     key = str(Path(path).resolve())
     try:
         st = os.stat(key)
@@ -109,7 +118,7 @@ def _cursor(path: Path) -> duckdb.DuckDBPyConnection:
     signature = (st.st_ino, st.st_mtime_ns, st.st_size)
     with _lock:
         cached = _connections.get(key)
-        if cached is None or cached[0] != signature:
+        if cached is None or cached.signature != signature:
             # duckdb.connect(path) shares one database instance per path within a process,
             # so after a rename it would keep serving the old file. A private in-memory
             # instance with the file ATTACHed read-only always opens the current file; the
@@ -122,10 +131,22 @@ def _cursor(path: Path) -> duckdb.DuckDBPyConnection:
                 raise StoreOutdated(
                     f"feature store {path} has schema version {found[0] if found else 'unknown'}, this server "
                     f"reads version {STORE_VERSION}: re-run its pipeline (rewardatlas run CONFIG --replace)")
-            _connections[key] = (signature, con)
-        cur = _connections[key][1].cursor()
+            _connections[key] = _OpenStore(signature, con)
+        return _connections[key]
+
+
+def _cursor(path: Path) -> duckdb.DuckDBPyConnection:
+    cur = _open(path).con.cursor()
     cur.execute("USE store")
     return cur
+
+
+def _memo(path: Path, name: str, compute):
+    """compute(), once per store file: for small results every page needs (layers, scales)."""
+    opened = _open(path)
+    if name not in opened.memo:
+        opened.memo[name] = compute()
+    return opened.memo[name]
 
 
 def _rows(path: Path, sql: str, params: list[Any] | None = None) -> list[dict[str, Any]]:
@@ -146,20 +167,22 @@ def texts_count(path: Path) -> int:
 
 def layers(path: Path) -> list[dict[str, Any]]:
     """Every layer's SAE and regression metrics, by layer."""
-    return _rows(path, f"SELECT {LAYER_COLUMNS} FROM layers ORDER BY layer")
+    rows = _memo(path, "layers", lambda: _rows(path, f"SELECT {LAYER_COLUMNS} FROM layers ORDER BY layer"))
+    return [dict(row) for row in rows]
 
 
 def layer_info(path: Path, layer: int) -> dict[str, Any]:
-    rows = _rows(path, f"SELECT {LAYER_COLUMNS} FROM layers WHERE layer = ?", [layer])
-    if not rows:
+    by_layer = _memo(path, "layers_by_id", lambda: {row["layer"]: row for row in layers(path)})
+    if layer not in by_layer:
         raise NotFound(f"layer {layer} not found")
-    return rows[0]
+    return dict(by_layer[layer])
 
 
 def max_abs_weight(path: Path, layer: int) -> float:
     """The layer's largest |weight|: the scale for weight colours, the same on every page."""
-    rows = _rows(path, "SELECT max(abs(weight)) AS m FROM features WHERE layer = ?", [layer])
-    return rows[0]["m"] or 0.0
+    scales = _memo(path, "max_abs_weight", lambda: {
+        r["layer"]: r["m"] for r in _rows(path, "SELECT layer, max(abs(weight)) AS m FROM features GROUP BY layer")})
+    return scales.get(layer) or 0.0
 
 
 def features(path: Path, layer: int, sort: str = "weight", where: FeatureFilter = FeatureFilter(),
@@ -207,57 +230,17 @@ def neighbours_in_order(path: Path, layer: int, feature: int, sort: str,
 
 def feature(path: Path, layer: int, feature: int) -> dict[str, Any]:
     """One feature: stats, weight and its rank, histogram, correlation with the reward, reward
-    effect, top tokens, top contexts and per-activation-bin samples (with their texts' reward
-    and score)."""
-    rows = _rows(
-        path,
-        # The rank as an uncorrelated subquery: DuckDB runs it once; a correlated one cost ~5 ms
-        # more per page at 32k features a layer (benchmarks/p5_serving_latency.py).
-        f"""SELECT {FEATURE_COLUMNS}, hist_edges, hist_counts, top_tokens, neighbours, neighbour_cosines,
-               r.abs_weight_rank, r.n_features
-            FROM features f, (
-                SELECT 1 + count(*) FILTER (WHERE abs(weight) > (SELECT abs(weight) FROM features
-                                                                 WHERE layer = $1 AND feature = $2)) AS abs_weight_rank,
-                       count(*) AS n_features
-                FROM features WHERE layer = $1) r
-            WHERE f.layer = $1 AND f.feature = $2""",
-        [layer, feature],
-    )
+    effect, top tokens, nearest features, top contexts and per-activation-bin samples (with
+    their texts' reward and score), and its place in the default table view: its card."""
+    rows = _rows(path, f"SELECT card FROM feature_cards WHERE card_key = {CARD_KEY.format(layer='?', feature='?')}",
+                 [layer, feature])
     if not rows:
         layer_info(path, layer)  # an unknown layer says so, rather than "feature not found"
         raise NotFound(f"feature {feature} not found in layer {layer}")
-    out = rows[0]
-    out["hist_edges"] = list(out["hist_edges"] or [])
-    out["hist_counts"] = list(out["hist_counts"] or [])
-    out["top_tokens"] = list(out["top_tokens"] or [])
-    out["neighbours"] = _neighbour_rows(path, layer, out.pop("neighbours") or [], out.pop("neighbour_cosines") or [])
-    out["contexts"], out["quantile_contexts"] = [], []
-    for context in _contexts(path, layer, feature):
-        out["contexts" if context.pop("kind") == "top" else "quantile_contexts"].append(context)
-    return out
-
-
-def _neighbour_rows(path: Path, layer: int, ids: list[int], cosines: list[float]) -> list[dict[str, Any]]:
-    """The nearest features by decoder cosine, each with its weight and top token."""
-    if not ids:
-        return []
-    rows = _rows(path, "SELECT feature, weight, frequency, top_token FROM features WHERE layer = ? AND feature IN "
-                       f"({', '.join('?' * len(ids))})", [layer, *ids])
-    by_id = {r["feature"]: r for r in rows}
-    return [{**by_id[i], "cosine": c} for i, c in zip(ids, cosines) if i in by_id]
-
-
-def _contexts(path: Path, layer: int, feature: int) -> list[dict[str, Any]]:
-    """A feature's contexts of both kinds, each by rank: 'top' (strongest first) and 'quantile'
-    samples (by bin, then activation). One query, not one per kind: each scan and join costs ~4 ms."""
-    return _rows(
-        path,
-        """SELECT c.kind, c.rank, c.bin, c.bin_low, c.bin_high, c.text_id, c.position, c.activation, c.window_start,
-                  c.tokens, c.acts, t.reward, t.score, t.split
-           FROM contexts c LEFT JOIN texts t USING (text_id)
-           WHERE c.layer = ? AND c.feature = ? ORDER BY c.kind, c.rank""",
-        [layer, feature],
-    )
+    card = json.loads(zlib.decompress(rows[0]["card"]))
+    for name in ("hist_edges", "hist_counts", "top_tokens", "neighbours", "contexts", "quantile_contexts"):
+        card[name] = card[name] or []
+    return card
 
 
 def layer_vectors(path: Path, layer: int) -> dict[str, list]:

@@ -6,13 +6,14 @@ No torch here: tests and benchmarks build stores from plain columns too.
 from __future__ import annotations
 
 import os
+import zlib
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import duckdb
 import pyarrow as pa
 
-from backend.store_schema import SCHEMA, SEARCH_INDEX_SQL, STORE_VERSION
+from backend.store_schema import CARD_INDEX_SQL, FEATURE_CARD_SQL, SCHEMA, SEARCH_INDEX_SQL, STORE_VERSION
 
 Columns = Mapping[str, Sequence | object]  # column name -> list / numpy array / pyarrow array
 
@@ -25,6 +26,22 @@ def _insert(con: duckdb.DuckDBPyConnection, table: str, columns: Columns) -> Non
     names = ", ".join(arrow.column_names)
     con.execute(f"INSERT INTO {table} ({names}) SELECT {names} FROM incoming")
     con.unregister("incoming")
+
+
+def _write_cards(con: duckdb.DuckDBPyConnection, chunk: int = 4096) -> None:
+    """Each feature's page as one compressed JSON card (backend/store_schema.py), a layer at a
+    time and a chunk at a time, so memory stays bounded whatever the store's size."""
+    layers = [layer for (layer,) in con.execute("SELECT DISTINCT layer FROM features ORDER BY layer").fetchall()]
+    for layer in layers:
+        cards = con.cursor()
+        cards.execute(FEATURE_CARD_SQL, [layer])
+        while rows := cards.fetchmany(chunk):
+            # level 1: a third of the JSON's size at ~4x the speed of the default level
+            _insert(con, "feature_cards", {"card_key": pa.array([key for key, _ in rows], pa.int64()),
+                                           "card": pa.array([zlib.compress(text.encode(), 1) for _, text in rows],
+                                                            pa.binary())})
+        cards.close()
+    con.execute(CARD_INDEX_SQL)
 
 
 def write_store(path: Path, run_info: Mapping[str, object], tables: Mapping[str, Columns]) -> Path:
@@ -43,6 +60,7 @@ def write_store(path: Path, run_info: Mapping[str, object], tables: Mapping[str,
                 if table in tables:
                     _insert(con, table, tables[table])
             con.execute(SEARCH_INDEX_SQL)
+            _write_cards(con)
             con.execute("CHECKPOINT")
         finally:
             con.close()

@@ -59,11 +59,15 @@ def feature_data(settings: Settings, run_id: str, layer: int, feature: int, view
     except store.NotFound as exc:
         raise store.NotFound(f"run {run_id!r}: {exc}") from None
     contexts, quantiles = info.pop("contexts"), info.pop("quantile_contexts")
-    where = view.filter
-    if view.label:  # the same label filter as the table, so j/k walk what the table lists
-        where = labels.restrict(where, view.label, labels.labels_for_layer(settings, run_id, layer),
-                                store.layer_info(path, layer)["d_sae"])
-    in_view = store.neighbours_in_order(path, layer, feature, view.sort, where)
+    default_view = info.pop("default_view")
+    if view.sort == TableView().sort and not view.filtered:
+        in_view = default_view  # the store holds each feature's place in the default view
+    else:
+        where = view.filter
+        if view.label:  # the same label filter as the table, so j/k walk what the table lists
+            where = labels.restrict(where, view.label, labels.labels_for_layer(settings, run_id, layer),
+                                    store.layer_info(path, layer)["d_sae"])
+        in_view = store.neighbours_in_order(path, layer, feature, view.sort, where)
     if in_view["index"] is not None:
         in_view["table_page"] = in_view["index"] // settings.page_size + 1
     return {"run": run_summary(run), "layer": layer, "feature": info, "contexts": contexts,
