@@ -15,7 +15,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.middleware.sessions import SessionMiddleware
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from backend.access import access_middleware
+from backend.access import AccessMiddleware
 from backend.routes import auth, features, jobs, labels, layers, runs
 from backend.routes.common import FRONTEND_DIR, render
 from backend.settings import Settings, get_settings
@@ -66,7 +66,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (auth, runs, layers, features, labels, jobs):
         app.include_router(module.router)
     # access runs inside the session middleware (added last, so outermost): it reads the session
-    app.middleware("http")(access_middleware(app.state.settings))
+    app.add_middleware(AccessMiddleware, settings=app.state.settings)
     app.add_middleware(SessionMiddleware, secret_key=app.state.settings.secret_key or secrets.token_hex(32),
                        session_cookie="rewardatlas_session", same_site="lax")
     app.add_exception_handler(NotFound, _not_found)

@@ -28,6 +28,7 @@ import functools
 import os
 import random
 import resource
+import signal
 import socket
 import subprocess
 import sys
@@ -347,12 +348,13 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve(data_dir: Path, timeout: float = 120.0) -> Iterator[tuple[str, subprocess.Popen]]:
+def serve(data_dir: Path, timeout: float = 120.0, workers: int = 1) -> Iterator[tuple[str, subprocess.Popen]]:
     """The real server (`rewardatlas serve`) in a subprocess on loopback; stopped on exit."""
     port = free_port()
     env = {**os.environ, "RA_DATA_DIR": str(data_dir), "RA_DATABASE_URL": ""}
-    proc = subprocess.Popen([sys.executable, "-m", "backend.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
-                            cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-m", "backend.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+                             "--workers", str(workers)], cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL,
+                            start_new_session=True)  # its worker processes stop with it
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout
@@ -367,20 +369,23 @@ def serve(data_dir: Path, timeout: float = 120.0) -> Iterator[tuple[str, subproc
             time.sleep(0.2)
         yield base, proc
     finally:
-        proc.terminate()
+        os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(10)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
 
 
 def server_rss_gib(proc: subprocess.Popen) -> float | None:
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 2**20
-    return None
+    """Resident memory of the server and its worker processes."""
+    total_kib = 0
+    for status in Path("/proc").glob("[0-9]*/status"):
+        with contextlib.suppress(OSError, ValueError):
+            fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
+            if status.parent.name == str(proc.pid) or fields.get("PPid", "").strip() == str(proc.pid):
+                total_kib += int(fields.get("VmRSS", "0 kB").split()[0])
+    return total_kib / 2**20 if total_kib else None
 
 
 # --- the load generator ---
@@ -412,12 +417,18 @@ class Load:
 
 
 def process_cpu_s(pid: int | None) -> float | None:
-    """utime + stime of another process, from /proc (None where unreadable)."""
+    """utime + stime of another process and its children (server workers), from /proc (None
+    where unreadable)."""
     if pid is None:
         return None
     with contextlib.suppress(OSError, IndexError, ValueError):
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        total = 0.0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError):
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                if stat.parent.name == str(pid) or int(fields[1]) == pid:  # fields[1]: the parent's pid
+                    total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
     return None
 
 
@@ -505,6 +516,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0, help="time cap per scenario")
     parser.add_argument("--warmup", type=int, default=300, help="uncounted requests before each scenario")
     parser.add_argument("--baseline-requests", type=int, default=200, help="one-client requests per scenario (0: skip)")
+    parser.add_argument("--server-workers", type=int, default=os.cpu_count() or 1,
+                        help="server processes (rewardatlas serve --workers; default: one per core)")
     args = parser.parse_args()
 
     with contextlib.ExitStack() as stack:
@@ -524,7 +537,8 @@ def main() -> None:
         print(f"load: {os.cpu_count()} CPU core(s) shared by the server and the load generator (load average "
               f"before: {os.getloadavg()[0]:.1f}); with {args.clients} clients each waiting for its answer, "
               f"latency ~ clients / throughput once the cores are busy", flush=True)
-        base, proc = stack.enter_context(serve(data_dir))
+        print(f"server: rewardatlas serve --workers {args.server_workers}", flush=True)
+        base, proc = stack.enter_context(serve(data_dir, workers=args.server_workers))
         run_scenarios(base, proc.pid, args.saes, args.width, max_page, args)
         rss = server_rss_gib(proc)
         if rss is not None:

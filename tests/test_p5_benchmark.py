@@ -43,7 +43,7 @@ def test_p5_builds_serves_and_measures(p5, settings):
     assert p5.build_store(settings, saes=2, width=256, n_contexts=4, n_texts=100).reused
 
     max_page = p5.filtered_pages(build.path, 2)
-    with p5.serve(settings.data_dir) as (base, _proc):
+    with p5.serve(settings.data_dir, workers=2) as (base, proc):  # the multi-process server
         for name in ("feature", "feature-json", "table"):
             urls = p5.scenario_urls(name, 50, saes=2, width=256, max_page=max_page, seed=0)
             result = p5.load(base, urls, clients=4, seconds=60)
@@ -51,3 +51,4 @@ def test_p5_builds_serves_and_measures(p5, settings):
             assert len(result.latencies_ms) == 50
             assert result.percentile(95) > 0
             p5.report(name, 4, result)
+        assert p5.server_rss_gib(proc) > 0

@@ -9,7 +9,8 @@ from fastapi.responses import HTMLResponse
 
 from backend import charts, labels, store
 from backend.routes.layers import describe_sort
-from backend.routes.common import SettingsDep, TableView, TableViewQ, get_run, render, run_summary, store_path
+from backend.routes.common import (SettingsDep, TableView, TableViewQ, get_run, json_response, render, run_summary,
+                                   store_path)
 from backend.settings import Settings
 
 router = APIRouter()
@@ -80,7 +81,7 @@ def feature_data(settings: Settings, run_id: str, layer: int, feature: int, view
 def api_feature(run_id: str, layer: int, feature: int, settings: SettingsDep, view: TableViewQ) -> dict[str, Any]:
     """One feature: statistics, weight, histogram, top tokens, contexts, nearest features by
     decoder cosine, and its previous/next feature in the table view given by the query."""
-    return feature_data(settings, run_id, layer, feature, view)
+    return json_response(feature_data(settings, run_id, layer, feature, view))
 
 
 @router.get("/runs/{run_id}/layers/{layer}/features/{feature}", response_class=HTMLResponse, include_in_schema=False)
