@@ -362,7 +362,7 @@ def serve(data_dir: Path, timeout: float = 120.0, workers: int = 1) -> Iterator[
             if proc.poll() is not None:
                 raise RuntimeError(f"server exited with status {proc.returncode}")
             with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{base}/api/runs", timeout=5).status_code == 200:
+                if httpx.get(f"{base}/api/runs", timeout=5).status_code < 500:  # any answer: it serves
                     break
             if time.monotonic() > deadline:
                 raise RuntimeError(f"server did not answer within {timeout:.0f} s")

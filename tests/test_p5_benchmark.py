@@ -52,3 +52,32 @@ def test_p5_builds_serves_and_measures(p5, settings):
             assert result.percentile(95) > 0
             p5.report(name, 4, result)
         assert p5.server_rss_gib(proc) > 0
+
+
+def test_a_login_holds_across_server_processes(p5, settings):
+    """`serve --workers 2`: the processes share one session key, so a login made in one holds
+    in the other (requests spread over both on new connections)."""
+    import os
+    import re
+
+    import httpx
+
+    p5.build_store(settings, saes=1, width=64, n_contexts=2, n_texts=10)
+    os.environ["RA_USERS"] = "alice:wonder"
+    try:
+        with p5.serve(settings.data_dir, workers=2) as (base, _proc):
+            with httpx.Client(base_url=base) as first:
+                login = first.get("/login")
+                token = re.search(r'name="csrf_token" value="([^"]+)"', login.text).group(1)
+                done = first.post("/login", data={"csrf_token": token, "user": "alice", "password": "wonder"})
+                assert done.status_code == 303
+                cookies = dict(first.cookies)
+            answers = set()
+            for _ in range(20):  # a fresh connection each time: either process may answer
+                with httpx.Client(base_url=base, cookies=cookies) as c:
+                    answers.add(c.get("/api/runs").status_code)
+            assert answers == {200}
+            with httpx.Client(base_url=base) as stranger:
+                assert stranger.get("/api/runs").status_code == 401
+    finally:
+        del os.environ["RA_USERS"]
