@@ -416,3 +416,29 @@ def test_openapi_describes_every_json_twin_and_no_html_page(client):
     params = {p["name"]: p for p in spec["paths"]["/api/runs/{run_id}/layers/{layer}"]["get"]["parameters"]}
     assert {"sort", "sign", "min_freq", "max_freq", "token", "page"} <= set(params)
     assert set(params["sort"]["schema"]["enum"]) == set(SORTS)
+
+
+def test_feature_cards_agree_with_the_tables_they_are_built_from(migrated, synthetic_run):
+    """Each card (one read per feature page) holds what queries on the tables would give."""
+    import duckdb
+
+    from backend import store
+
+    path = migrated.data_dir / "runs" / "synthetic" / "features.duckdb"
+    con = duckdb.connect(str(path), read_only=True)
+    for layer, feature in con.execute("SELECT layer, feature FROM features ORDER BY layer, feature").fetchall():
+        card = store.feature(path, layer, feature)
+        assert card["feature"] == feature
+        assert card["default_view"] == store.neighbours_in_order(path, layer, feature, "weight")
+        rank = con.execute("SELECT 1 + count(*) FILTER (WHERE abs(weight) > (SELECT abs(weight) FROM features "
+                           "WHERE layer = $1 AND feature = $2)) FROM features WHERE layer = $1", [layer, feature]).fetchone()[0]
+        assert card["abs_weight_rank"] == rank
+        by_kind = dict(con.execute("SELECT kind, list(activation ORDER BY rank) FROM contexts WHERE layer = ? AND "
+                                   "feature = ? GROUP BY kind", [layer, feature]).fetchall())
+        assert [c["activation"] for c in card["contexts"]] == by_kind.get("top", [])
+        assert [c["activation"] for c in card["quantile_contexts"]] == by_kind.get("quantile", [])
+        ids, cosines = con.execute("SELECT neighbours, neighbour_cosines FROM features WHERE layer = ? AND feature = ?",
+                                   [layer, feature]).fetchone()
+        assert [n["feature"] for n in card["neighbours"]] == list(ids or [])
+        assert [n["cosine"] for n in card["neighbours"]] == list(cosines or [])
+    con.close()
