@@ -246,11 +246,15 @@ class SyntheticTables(Mapping):
         """An independent, reproducible stream per table (and layer): a table built twice is the same."""
         return np.random.default_rng([self.seed, *stream])
 
+    @functools.cached_property
+    def _texts_and_reads(self) -> tuple[dict, dict]:  # one draw serves both tables
+        return texts_tables(self.n_texts, self.words, self.rng(1))
+
     def texts(self) -> dict:
-        return texts_tables(self.n_texts, self.words, self.rng(1))[0]
+        return self._texts_and_reads[0]
 
     def reward_reads(self) -> dict:
-        return texts_tables(self.n_texts, self.words, self.rng(1))[1]
+        return self._texts_and_reads[1]
 
     def layers(self) -> dict:
         return layers_table(self.saes, self.width, self.rng(2))

@@ -116,6 +116,7 @@ def render(request: Request, name: str, context: dict[str, Any], status_code: in
 # --- the feature table's view: sort, filters and page, all in the query string so a view can be shared ---
 
 Sort = Literal[store.SORTS]  # type: ignore[valid-type]
+DEFAULT_SORT = "weight"  # the store's feature cards hold each feature's place in this order
 
 
 class TableView(BaseModel):
@@ -123,7 +124,7 @@ class TableView(BaseModel):
     features in the order of the table the researcher came from."""
     model_config = ConfigDict(extra="ignore")
 
-    sort: Sort = Field("weight", description="column to sort by, largest first; prefix '-' for smallest first")
+    sort: Sort = Field(DEFAULT_SORT, description="column to sort by, largest first; prefix '-' for smallest first")
     sign: Literal["pos", "neg"] | None = Field(None, description="only features whose weight raises (pos) or lowers (neg) the reward")
     min_freq: float | None = Field(None, ge=0, le=1, description="only features firing on at least this share of tokens")
     max_freq: float | None = Field(None, ge=0, le=1, description="only features firing on at most this share of tokens")

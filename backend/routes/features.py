@@ -9,8 +9,8 @@ from fastapi.responses import HTMLResponse
 
 from backend import charts, labels, store
 from backend.routes.layers import describe_sort
-from backend.routes.common import (SettingsDep, TableView, TableViewQ, get_run, json_response, render, run_summary,
-                                   store_path)
+from backend.routes.common import (DEFAULT_SORT, SettingsDep, TableView, TableViewQ, get_run, json_response, render,
+                                   run_summary, store_path)
 from backend.settings import Settings
 
 router = APIRouter()
@@ -61,7 +61,7 @@ def feature_data(settings: Settings, run_id: str, layer: int, feature: int, view
         raise store.NotFound(f"run {run_id!r}: {exc}") from None
     contexts, quantiles = info.pop("contexts"), info.pop("quantile_contexts")
     default_view = info.pop("default_view")
-    if view.sort == TableView().sort and not view.filtered:
+    if view.sort == DEFAULT_SORT and not view.filtered:
         in_view = default_view  # the store holds each feature's place in the default view
     else:
         where = view.filter
