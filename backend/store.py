@@ -76,12 +76,12 @@ class FeatureFilter:
 
 LAYER_COLUMNS = (
     "layer, hook_name, sae_path, architecture, d_in, d_sae, k, mse, explained_variance, l0, "
-    "dead_fraction, pooling, r2_train, r2_heldout, r2_cv, ridge_alpha, regression_method, cv_folds, "
+    "dead_fraction, pooling, r2_train, r2_heldout, r2_cv, ridge_alpha, regression_method, merge_correlated, cv_folds, "
     "probe_r2_train, probe_r2_heldout, probe_alpha, n_train, n_heldout, reward_recovered, "
     "reward_mae_sae, reward_mae_zero"
 )
-FEATURE_COLUMNS = ("feature, weight, std_weight, weight_se, frequency, mean_activation, max_activation, top_token, "
-                   "reward_correlation, reward_effect")
+FEATURE_COLUMNS = ("feature, weight, std_weight, weight_se, weight_group_size, frequency, mean_activation, "
+                   "max_activation, top_token, reward_correlation, reward_effect")
 
 
 class NotFound(LookupError):

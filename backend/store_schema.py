@@ -5,7 +5,7 @@ blocks; layer L's SAE reads the residual stream after block L (HF hidden_states[
 """
 
 STORE_FILENAME = "features.duckdb"
-STORE_VERSION = 4
+STORE_VERSION = 5
 
 SCHEMA = """
 CREATE TABLE run_info (
@@ -50,6 +50,7 @@ CREATE TABLE layers (
     r2_cv DOUBLE,                   -- out-of-fold R² on the training texts at the chosen alpha
     ridge_alpha DOUBLE,             -- the penalty cross-validation chose (for regression_method)
     regression_method VARCHAR,      -- 'ridge' or 'lasso'
+    merge_correlated DOUBLE,        -- features correlated above this were fitted as one column; NULL: off
     cv_folds INTEGER,
     probe_r2_train DOUBLE,          -- baseline: ridge on the layer's pooled raw residual stream
     probe_r2_heldout DOUBLE,
@@ -70,6 +71,9 @@ CREATE TABLE features (
     weight DOUBLE,                  -- regression weight: reward per unit of activation
     std_weight DOUBLE,              -- weight x the feature's std over training texts: reward per 1 SD
     weight_se DOUBLE,               -- standard error of the weight (fold jackknife or bootstrap); NULL: none
+    weight_group INTEGER,           -- near-duplicates fitted as one column share its weight: the group's
+                                    -- smallest feature id (the feature itself when fitted alone)
+    weight_group_size INTEGER,      -- features in that group (1: fitted alone)
     top_token VARCHAR,              -- the token at the feature's strongest context
     hist_edges DOUBLE[],            -- activation histogram over firing tokens
     hist_counts BIGINT[],
@@ -112,8 +116,9 @@ CREATE TABLE feature_tokens (
 
 -- What a feature page shows, as one zlib-compressed JSON document per feature, derived from
 -- the tables above when the store is written (FEATURE_CARD_SQL): its row of `features`, rank
--- by |weight|, nearest features with their weights, both kinds of contexts with their texts'
--- reward, and its place in the default table view. A columnar store reads a feature's list
+-- by |weight|, the near-duplicates it shares its weight with, nearest features with their
+-- weights, both kinds of contexts with their texts' reward, and its place in the default
+-- table view. A columnar store reads a feature's list
 -- columns a whole 2,048-row vector at a time (~20 ms a page at 32k features a layer); one
 -- uncompressed blob behind an index reads in ~1 ms. (DuckDB's own string compression made the
 -- cards 6x slower to write, or, with zstd, 50x slower to read one.)
@@ -156,6 +161,13 @@ WITH layer_features AS (
     FROM features WHERE layer = $1
     WINDOW by_weight AS (ORDER BY weight DESC NULLS LAST, feature)
 ),
+group_lists AS (
+    SELECT a.feature, list(struct_pack(feature := b.feature, top_token := b.top_token, frequency := b.frequency)
+                           ORDER BY b.feature) AS weight_group_members
+    FROM layer_features a JOIN layer_features b ON a.weight_group = b.weight_group AND a.feature <> b.feature
+    WHERE a.weight_group_size > 1
+    GROUP BY a.feature
+),
 neighbour_ids AS (
     SELECT feature, unnest(neighbours) AS neighbour, unnest(neighbour_cosines) AS cosine,
            generate_subscripts(neighbours, 1) AS i
@@ -185,6 +197,8 @@ context_lists AS (
 SELECT {CARD_KEY.format(layer="f.layer", feature="f.feature")},
        to_json(struct_pack(
            feature := f.feature, weight := f.weight, std_weight := f.std_weight, weight_se := f.weight_se,
+           weight_group := f.weight_group, weight_group_size := f.weight_group_size,
+           weight_group_members := g.weight_group_members,
            frequency := f.frequency, mean_activation := f.mean_activation, max_activation := f.max_activation,
            top_token := f.top_token, reward_correlation := f.reward_correlation, reward_effect := f.reward_effect,
            hist_edges := f.hist_edges, hist_counts := f.hist_counts, top_tokens := f.top_tokens,
@@ -196,6 +210,7 @@ SELECT {CARD_KEY.format(layer="f.layer", feature="f.feature")},
        ))::VARCHAR
 FROM layer_features f
 LEFT JOIN neighbour_lists n USING (feature)
+LEFT JOIN group_lists g USING (feature)
 LEFT JOIN context_lists c USING (feature)
 ORDER BY f.feature
 """

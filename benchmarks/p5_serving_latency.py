@@ -128,6 +128,8 @@ def layer_features(rng: np.random.Generator, layer: int, top_ids: np.ndarray, ma
         "weight": pa.array(weight),
         "std_weight": pa.array(weight * rng.uniform(0.5, 3.0, width)),
         "weight_se": pa.array(np.abs(rng.normal(0, 0.005, width))),
+        "weight_group": pa.array(np.arange(width, dtype=np.int32)),  # every feature fitted alone
+        "weight_group_size": pa.array(np.ones(width, dtype=np.int32)),
         "top_token": vocab.take(pa.array(top_ids[:, 0])),
         "hist_edges": fixed_lists(edges),
         "hist_counts": fixed_lists(counts.astype(np.int64)),

@@ -33,6 +33,7 @@ CONTEXT_ACTS = [0.0, 0.0, 0.25, 0.5, 4.0, 2.0, 0.0, 0.0]
 VOCAB = ["good", "bad", "plot", "boring", "great", "awful", "the", "not", "film", "love"]
 QUANTILE_BINS = 5  # every live feature has one random example per activation bin
 QUANTILE_TOKEN = "meh"  # CONTEXT_FEATURE's quantile samples peak on this token
+WEIGHT_GROUP = (CONTEXT_FEATURE, 11, 12)  # near-duplicates fitted as one column: they share one weight
 
 
 def synthetic_tables(seed: int = 0) -> dict[str, dict[str, list]]:
@@ -52,10 +53,10 @@ def synthetic_tables(seed: int = 0) -> dict[str, dict[str, list]]:
         "layer", "hook_name", "sae_path", "architecture", "d_in", "d_sae", "k", "mse",
         "explained_variance", "l0", "dead_fraction", "pooling", "r2_train", "r2_heldout",
         "ridge_alpha", "n_train", "n_heldout", "reward_recovered", "reward_mae_sae", "reward_mae_zero",
-        "r2_cv", "regression_method", "cv_folds", "probe_r2_train", "probe_r2_heldout", "probe_alpha")}
+        "r2_cv", "regression_method", "merge_correlated", "cv_folds", "probe_r2_train", "probe_r2_heldout", "probe_alpha")}
     features: dict[str, list] = {k: [] for k in (
         "layer", "feature", "frequency", "mean_activation", "max_activation", "weight", "std_weight", "weight_se",
-        "top_token", "hist_edges", "hist_counts", "reward_correlation", "reward_effect", "top_tokens", "neighbours",
+        "weight_group", "weight_group_size", "top_token", "hist_edges", "hist_counts", "reward_correlation", "reward_effect", "top_tokens", "neighbours",
         "neighbour_cosines")}
     contexts: dict[str, list] = {k: [] for k in (
         "layer", "feature", "kind", "rank", "bin", "bin_low", "bin_high", "text_id", "position", "activation",
@@ -69,11 +70,12 @@ def synthetic_tables(seed: int = 0) -> dict[str, dict[str, list]]:
             pooling="mean", r2_train=0.95 - 0.2 * i, r2_heldout=0.81 - 0.3 * i,
             ridge_alpha=1.0, n_train=15, n_heldout=5,
             reward_recovered=0.93 - 0.2 * i, reward_mae_sae=0.05 * (i + 1), reward_mae_zero=0.7,
-            r2_cv=0.79 - 0.3 * i, regression_method="ridge", cv_folds=5,
+            r2_cv=0.79 - 0.3 * i, regression_method="ridge", merge_correlated=0.9, cv_folds=5,
             probe_r2_train=0.9 - 0.05 * i, probe_r2_heldout=0.64 + 0.07 * i, probe_alpha=2.5,
         ).items():
             layers[key].append(value)
-        weights = rng.normal(size=N_FEATURES)  # distinct almost surely: orderings are exact
+        weights = rng.normal(size=N_FEATURES)  # distinct almost surely (but in WEIGHT_GROUP): orderings are exact
+        weights[list(WEIGHT_GROUP)] = weights[WEIGHT_GROUP[0]]
         for f in range(N_FEATURES):
             dead = f == DEAD_FEATURE
             max_act = 0.0 if dead else 4.0 if f == CONTEXT_FEATURE else float(rng.uniform(0.5, 10))
@@ -85,6 +87,9 @@ def synthetic_tables(seed: int = 0) -> dict[str, dict[str, list]]:
             features["weight"].append(0.0 if dead else float(weights[f]))
             features["std_weight"].append(0.0 if dead else float(weights[f]) * (0.5 + f / N_FEATURES))
             features["weight_se"].append(None if dead else 0.05 + f / (2 * N_FEATURES))
+            grouped = f in WEIGHT_GROUP
+            features["weight_group"].append(WEIGHT_GROUP[0] if grouped else f)
+            features["weight_group_size"].append(len(WEIGHT_GROUP) if grouped else 1)
             features["top_token"].append(None if dead else "amaz" if f == CONTEXT_FEATURE else VOCAB[f % 10])
             edges = [] if dead else [float(x) for x in np.linspace(0, max_act, 11)]
             features["hist_edges"].append(edges)

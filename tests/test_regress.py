@@ -181,6 +181,7 @@ def test_constant_features_get_zero_weight_and_leave_the_others_unchanged():
     ({"stability": "permutation"}, "regression.stability"),
     ({"alphas": []}, "regression.alphas"),
     ({"bootstrap_samples": 1}, "regression.bootstrap_samples"),
+    ({"merge_correlated": 1.5}, "regression.merge_correlated"),
 ])
 def test_bad_regression_settings_name_their_key(regression, key):
     base = {"name": "r", "model": {"path": "demo"}, "dataset": {"source": "demo"}, "layers": [1]}
@@ -194,3 +195,45 @@ def test_an_alpha_at_the_grid_edge_is_reported():
     with pytest.warns(UserWarning, match="regression.alphas"):
         fit = fit_regression(X, y, heldout, alphas=[10.0, 1.0, 100.0], stability="none")
     assert fit.alpha == 1.0
+
+
+@pytest.mark.parametrize("stability", ["folds", "bootstrap"])
+def test_merged_near_duplicates_share_one_well_determined_weight(stability):
+    X, y, heldout = duplicate_pair_problem()
+    alone = fit_regression(X, y, heldout, alphas=[1e-4], stability=stability, bootstrap_samples=30)
+    merged = fit_regression(X, y, heldout, alphas=[1e-4], stability=stability, bootstrap_samples=30,
+                            merge_correlated=0.9)
+    assert merged.weight_groups[:3].tolist() == [0, 0, 2] and set(merged.weight_groups[3:]) == set(range(3, 12))
+    # each member carries half of the pair's 2.0 (the column is their sum), with a small error bar
+    assert merged.weights[0] == merged.weights[1] == pytest.approx(1.0, abs=0.02)
+    assert merged.weight_spread[0] == merged.weight_spread[1] < alone.weight_spread[0] / 10
+    assert merged.r2_heldout == pytest.approx(alone.r2_heldout, abs=0.01)
+
+
+def test_merged_fit_is_the_fit_on_summed_columns():
+    X, y, heldout = duplicate_pair_problem(seed=8)
+    merged = fit_regression(X, y, heldout, alphas=[0.3], cv_folds=3, merge_correlated=0.9)
+    summed = sp.hstack([X[:, [0]] + X[:, [1]], X[:, 2:]]).tocsr()
+    explicit = fit_regression(summed, y, heldout, alphas=[0.3], cv_folds=3)
+    np.testing.assert_allclose(merged.weights[1:], explicit.weights, rtol=1e-8, atol=1e-12)
+    np.testing.assert_allclose(merged.weight_spread[1:], explicit.weight_spread, rtol=1e-6, atol=1e-12)
+    assert merged.intercept == pytest.approx(explicit.intercept) and merged.r2_cv == pytest.approx(explicit.r2_cv)
+
+
+def test_groups_follow_chains_of_correlation_and_nothing_below_the_threshold():
+    rng = np.random.default_rng(3)
+    base = rng.exponential(1.0, size=(800, 1)) * (rng.random((800, 1)) < 0.5)
+    a, b = base + 0.25 * rng.random((800, 1)), base + 0.5 * rng.random((800, 1))
+    c = b + 0.5 * rng.random((800, 1))  # like b, less like a
+    independent = rng.exponential(1.0, size=(800, 3))
+    X = np.hstack([a, b, c, independent])
+    corr = np.corrcoef(X, rowvar=False)
+    threshold = (corr[0, 1] + corr[0, 2]) / 2
+    assert corr[1, 2] > threshold > corr[0, 2]
+    y = X @ np.array([1.0, 0.5, 0.2, 1.0, -1.0, 0.5]) + 0.1 * rng.normal(size=800)
+    fit = fit_regression(X, y, np.zeros(800, dtype=bool), stability="none", merge_correlated=threshold)
+    assert fit.weight_groups.tolist() == [0, 0, 0, 3, 4, 5]  # a-b and b-c link a to c
+    strict = fit_regression(X, y, np.zeros(800, dtype=bool), stability="none", merge_correlated=0.999)
+    assert strict.weight_groups.tolist() == list(range(6))
+    np.testing.assert_allclose(strict.weights, fit_regression(X, y, np.zeros(800, dtype=bool),
+                                                              stability="none").weights)

@@ -10,6 +10,7 @@ import pytest
 from backend.routes.common import fmt_num, fmt_pct, fmt_weight
 from backend.store import SORTS
 from tests.helpers import (CONTEXT_FEATURE, DEAD_FEATURE, LAYERS, N_FEATURES, QUANTILE_BINS, QUANTILE_TOKEN,
+                           WEIGHT_GROUP,
                            REPO_ROOT, make_client, publish_synthetic_run)
 
 RUN = "/runs/synthetic"
@@ -108,6 +109,20 @@ def test_feature_page_shows_standardised_weight_and_its_error(client, synthetic_
     assert f'id="weight-se">{fmt_num(stored["weight_se"])} <span class="muted">|t| {t:.1f}</span>' in html
     dead = client.get(f"/api{RUN}/layers/3/features/{DEAD_FEATURE}").json()["feature"]
     assert dead["weight_se"] is None  # no refit estimated it: shown as a dash, not a number
+
+
+def test_feature_page_names_the_near_duplicates_that_share_its_weight(client, synthetic_run):
+    url = f"{RUN}/layers/3/features/{WEIGHT_GROUP[1]}"
+    html, api = client.get(url).text, client.get(f"/api{url}").json()
+    f = api["feature"]
+    assert (f["weight_group"], f["weight_group_size"], f["merge_correlated"]) == (WEIGHT_GROUP[0], len(WEIGHT_GROUP), 0.9)
+    others = [m for m in WEIGHT_GROUP if m != WEIGHT_GROUP[1]]
+    assert [m["feature"] for m in f["weight_group_members"]] == others
+    group = re.search(r'<p class="weight-group" id="weight-group">(.*?)</p>', html, re.S).group(1)
+    assert "Shared with 2 near-duplicates" in group and "correlate above 0.90" in group
+    assert re.findall(r'data-member="(\d+)"', group) == [str(m) for m in others]
+    alone = client.get(f"{RUN}/layers/3/features/{WEIGHT_GROUP[-1] + 1}")
+    assert alone.status_code == 200 and 'id="weight-group"' not in alone.text
 
 
 def test_layer_table_is_ordered_by_weight_descending(client, synthetic_run):
@@ -298,7 +313,7 @@ def test_store_of_another_schema_version_is_answered_with_409(migrated, tmp_path
         assert "schema version 1" in api.json()["detail"] and "--replace" in api.json()["detail"]
         page = client.get("/runs/old/layers/3")
         assert page.status_code == 409 and "re-run its pipeline" in page.text
-    assert store.STORE_VERSION == 4
+    assert store.STORE_VERSION == 5
 
 
 # --- filters, token search, j/k order, nearest features, OpenAPI ---

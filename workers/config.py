@@ -151,6 +151,10 @@ class RegressionConfig(Strict):
     stability: Literal["folds", "bootstrap", "none"] = Field(
         "folds", description="each weight's standard error: jackknife over the CV folds, or bootstrap refits")
     bootstrap_samples: int = Field(20, ge=2, le=1000)
+    merge_correlated: float | None = Field(
+        0.9, gt=0, lt=1, description="features whose pooled activations correlate above this are fitted as one "
+        "column and share its weight (near-duplicates otherwise split it at random, often as large weights of "
+        "opposite sign); null: every feature alone")
 
     @field_validator("alphas")
     @classmethod

@@ -97,7 +97,7 @@ def build_tables(config: RunConfig, adapter, corpus, acts, saes: dict, sae_paths
         },
         "layers": {k: [] for k in ("layer", "hook_name", "sae_path", "architecture", "d_in", "d_sae", "k", "mse",
                                    "explained_variance", "l0", "dead_fraction", "pooling", "r2_train", "r2_heldout",
-                                   "r2_cv", "ridge_alpha", "regression_method", "cv_folds",
+                                   "r2_cv", "ridge_alpha", "regression_method", "merge_correlated", "cv_folds",
                                    "probe_r2_train", "probe_r2_heldout", "probe_alpha",
                                    "n_train", "n_heldout", "reward_recovered",
                                    "reward_mae_sae", "reward_mae_zero")},
@@ -118,6 +118,8 @@ def build_tables(config: RunConfig, adapter, corpus, acts, saes: dict, sae_paths
         neighbours, cosines = decoder_neighbours(saes[layer].W_dec)
         feats["neighbours"], feats["neighbour_cosines"] = neighbours.tolist(), cosines.tolist()
         feats["weight_se"] = fit.weight_spread if fit.weight_spread is not None else [None] * len(fit.weights)
+        feats["weight_group"] = fit.weight_groups
+        feats["weight_group_size"] = np.bincount(fit.weight_groups, minlength=len(fit.weight_groups))[fit.weight_groups]
         metrics = layer_acts.metrics(acts.n_tokens, adapter.d_model)
         row = {
             "layer": layer, "hook_name": adapter.hook_name(layer),
@@ -126,7 +128,8 @@ def build_tables(config: RunConfig, adapter, corpus, acts, saes: dict, sae_paths
             "k": config.sae.k if config.sae.architecture in ARCHITECTURE_KNOBS["k"] else None, **metrics,
             "dead_fraction": float(np.mean(np.asarray(feats["frequency"]) == 0)),
             "pooling": config.regression.pooling, "r2_train": fit.r2_train, "r2_heldout": fit.r2_heldout,
-            "r2_cv": fit.r2_cv, "ridge_alpha": fit.alpha, "regression_method": fit.method, "cv_folds": fit.cv_folds,
+            "r2_cv": fit.r2_cv, "ridge_alpha": fit.alpha, "regression_method": fit.method,
+            "merge_correlated": config.regression.merge_correlated, "cv_folds": fit.cv_folds,
             "probe_r2_train": probe.r2_train, "probe_r2_heldout": probe.r2_heldout, "probe_alpha": probe.alpha,
             "n_train": fit.n_train, "n_heldout": fit.n_heldout,
             "reward_recovered": recovery[layer].reward_recovered, "reward_mae_sae": recovery[layer].mae_sae,
@@ -137,7 +140,9 @@ def build_tables(config: RunConfig, adapter, corpus, acts, saes: dict, sae_paths
         for target, cols in (("features", feats), ("contexts", contexts)):
             for key, values in cols.items():
                 tables[target].setdefault(key, []).extend(values)
+        merged = int((feats["weight_group_size"] > 1).sum())
         print(f"  layer {layer}: held-out R² {fit.r2_heldout:.3f} (train {fit.r2_train:.3f}, alpha {fit.alpha:g}; "
+              f"{merged} near-duplicate features fitted in {len(np.unique(fit.weight_groups[feats['weight_group_size'] > 1]))} groups; "
               f"raw probe {probe.r2_heldout:.3f}), "
               f"explained variance {metrics['explained_variance']:.3f}, L0 {metrics['l0']:.1f}, "
               f"dead {row['dead_fraction']:.1%}, reward recovered {_fmt(row['reward_recovered'])}")

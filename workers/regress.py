@@ -7,6 +7,14 @@ the grid can be dense for free. sklearn's RidgeCV does exact leave-one-out but, 
 input, through the n x n kernel: ~35 s per layer at 20k x 3,072 where this takes seconds.
 Lasso: scikit-learn's LassoCV on the sparse matrix, k-fold.
 
+Near-duplicate features (an SAE often learns several features that fire on the same tokens)
+make single weights meaningless: the fit splits their share arbitrarily, often as large
+weights of opposite sign that cancel. With `merge_correlated`, features whose pooled
+activations correlate above the threshold on the training rows (linked in chains: connected
+components of the thresholded correlation graph) are fitted as one column, their sum, and
+every member gets that column's weight. The correlations come from the Gram matrix the ridge
+fit needs anyway.
+
 Stability: each weight's standard error, from refits on the k cross-validation folds
 (delete-a-group jackknife) or on bootstrap resamples of the training rows. The Gram matrix
 of a refit's rows is the full one minus (or reweighted by) a few sparse rows, so a ridge
@@ -21,6 +29,7 @@ import numpy as np
 import scipy.linalg
 import scipy.linalg.blas
 import scipy.sparse as sp
+from scipy.sparse.csgraph import connected_components
 
 # Default ridge grid, relative to the mean eigenvalue of the centred Gram matrix so it fits
 # any feature scale (sum pooling over long texts, raw residual streams). GCV prices every
@@ -36,6 +45,7 @@ class RegressionResult:
     weights: np.ndarray  # one per feature: change in score per unit of activation
     std_weights: np.ndarray  # weight x the feature's std on training rows: score per 1 SD
     weight_spread: np.ndarray | None  # standard error of each weight (None: not estimated)
+    weight_groups: np.ndarray  # per feature: the smallest feature fitted in one column with it (itself if alone)
     intercept: float
     alpha: float  # the penalty cross-validation chose
     r2_train: float
@@ -103,15 +113,46 @@ def _predict(X, weights, mu, y_mean):
     return np.asarray(X @ weights).ravel() - float(mu @ weights) + y_mean
 
 
-def ridge_gcv(X, y, alphas: np.ndarray | None):
+def correlated_groups(gram: np.ndarray, col_sum: np.ndarray, n: int, threshold: float,
+                      block: int = 1024) -> np.ndarray:
+    """Group label per column: columns linked by a chain of pairwise correlations above
+    `threshold` share one (connected components). Built a block of rows at a time from the raw
+    moments, so no second d x d matrix is held."""
+    d = len(col_sum)
+    mu = col_sum / n
+    sd = np.sqrt(np.clip(np.diag(gram) / n - mu**2, 0.0, None))
+    scale = np.where(sd > 0, sd, np.inf)  # a constant column correlates with nothing
+    rows, cols = [], []
+    for start in range(0, d, block):
+        stop = min(start + block, d)
+        corr = (gram[start:stop] / n - np.outer(mu[start:stop], mu)) / np.outer(scale[start:stop], scale)
+        r, c = np.nonzero(corr > threshold)
+        rows.append(r + start)
+        cols.append(c)
+    rows, cols = np.concatenate(rows), np.concatenate(cols)
+    graph = sp.csr_matrix((np.ones(len(rows), dtype=np.int8), (rows, cols)), shape=(d, d))
+    return connected_components(graph, directed=False)[1]
+
+
+def _merge_moments(moments, members: sp.csr_matrix):
+    """The raw moments of X @ members (each column the sum of a group's columns)."""
+    gram, col_sum, xty = moments
+    left = members.T.tocsr()
+    merged = left @ np.asarray(left @ gram).T  # symmetric: M^T G M without a dense M
+    return np.ascontiguousarray(merged), left @ col_sum, left @ xty
+
+
+def ridge_gcv(X, y, alphas: np.ndarray | None, moments=None):
     """Ridge weights at the GCV-best alpha, from one eigendecomposition.
 
     GCV(alpha) = n * RSS / (n - tr H)^2 with tr H = 1 + sum(lambda / (lambda + alpha)),
-    the leading 1 being the intercept. Returns (weights, intercept, alpha, moments).
+    the leading 1 being the intercept. `moments` (X^T X, column sums, X^T y), when the caller
+    has them. Returns (weights, intercept, alpha, moments).
     """
     n = X.shape[0]
-    gram, col_sum = _raw_moments(X)
-    xty = np.asarray(X.T @ y, dtype=np.float64).ravel()
+    if moments is None:
+        moments = (*_raw_moments(X), np.asarray(X.T @ y, dtype=np.float64).ravel())
+    gram, col_sum, xty = moments
     cgram, cxty, mu = _centre_in_place(gram.copy(), col_sum, xty, y.sum(), n)
     eigvals, eigvecs = np.linalg.eigh(cgram)
     del cgram
@@ -228,13 +269,14 @@ def _feature_std(X) -> np.ndarray:
 def fit_regression(
     features, scores: np.ndarray, heldout: np.ndarray, *, method: str = "ridge",
     alphas: list[float] | None = None, cv_folds: int = 5, stability: str = "folds",
-    bootstrap_samples: int = 20, seed: int = 0,
+    bootstrap_samples: int = 20, merge_correlated: float | None = None, seed: int = 0,
 ) -> RegressionResult:
     """Fit score ~ features on the rows not held out; score the held-out rows.
 
     features: [n_rows, d], scipy sparse (SAE features) or dense (raw activations).
     alphas: the penalty grid (None: a default grid for the method). stability: "folds",
-    "bootstrap" or "none".
+    "bootstrap" or "none". merge_correlated: fit features correlated above this as one
+    column (None: every feature alone).
     """
     if method not in ("ridge", "lasso"):
         raise ValueError(f"regression.method must be 'ridge' or 'lasso', not {method!r}")
@@ -251,30 +293,47 @@ def fit_regression(
     # Features constant on the training rows (dead, or never pooled) cannot move the score: they
     # keep weight 0 and spread 0, and leave the d x d algebra, whose cost is cubic in d.
     live = std > 0
-    X_live = X if live.all() else X[:, live]
+    live_ids = np.flatnonzero(live)
+    X_fit = X if live.all() else X[:, live]
+    moments = None
+    if method == "ridge" or merge_correlated is not None:
+        moments = (*_raw_moments(X_fit), np.asarray(X_fit.T @ y, dtype=np.float64).ravel())
+    members = None  # live feature -> fitted column, when groups were merged
+    groups = np.arange(X.shape[1])
+    if merge_correlated is not None:
+        labels = correlated_groups(moments[0], moments[1], X_fit.shape[0], merge_correlated)
+        if labels.max() + 1 < len(labels):
+            members = sp.csr_matrix((np.ones(len(labels)), (np.arange(len(labels)), labels)))
+            X_fit = sp.csr_matrix(X_fit @ members) if sp.issparse(X_fit) else X_fit @ members
+            moments = _merge_moments(moments, members)
+            smallest = np.full(labels.max() + 1, X.shape[1])
+            np.minimum.at(smallest, labels, live_ids)
+            groups[live_ids] = smallest[labels]
     if method == "ridge":
-        live_weights, intercept, alpha, moments = ridge_gcv(X_live, y, alphas)
+        fit_weights, intercept, alpha, moments = ridge_gcv(X_fit, y, alphas, moments)
     else:
-        live_weights, intercept, alpha = _lasso(X_live, y, alphas, cv_folds, seed)
+        fit_weights, intercept, alpha = _lasso(X_fit, y, alphas, cv_folds, seed)
         moments = None
-    refit = _Refitter(method, X_live, y, alpha, live_weights, moments)
-    live_spread, r2_cv = None, None
+    refit = _Refitter(method, X_fit, y, alpha, fit_weights, moments)
+    fit_spread, r2_cv = None, None
     if stability == "folds":
-        live_spread, r2_cv = _fold_stability(refit, X.shape[0], cv_folds, seed)
+        fit_spread, r2_cv = _fold_stability(refit, X.shape[0], cv_folds, seed)
     elif stability == "bootstrap":
-        live_spread = _bootstrap_stability(refit, X.shape[0], bootstrap_samples, seed)
-    weights = np.zeros(X.shape[1])
-    weights[live] = live_weights
-    spread = None
-    if live_spread is not None:
-        spread = np.zeros(X.shape[1])
-        spread[live] = live_spread
+        fit_spread = _bootstrap_stability(refit, X.shape[0], bootstrap_samples, seed)
+
+    def per_feature(fitted: np.ndarray) -> np.ndarray:  # fitted columns -> every feature
+        out = np.zeros(X.shape[1])
+        out[live] = fitted if members is None else members @ fitted
+        return out
+
+    weights = per_feature(fit_weights)
+    spread = None if fit_spread is None else per_feature(fit_spread)
 
     def predict(Z):
         return np.asarray(Z @ weights).ravel() + intercept
 
     return RegressionResult(
-        method=method, weights=weights, std_weights=weights * std, weight_spread=spread,
+        method=method, weights=weights, std_weights=weights * std, weight_spread=spread, weight_groups=groups,
         intercept=intercept, alpha=alpha, r2_train=r2(y, predict(X)),
         r2_heldout=r2(scores[heldout], predict(features[heldout])) if heldout.any() else float("nan"),
         r2_cv=r2_cv, n_train=int(train.sum()), n_heldout=int(heldout.sum()), cv_folds=cv_folds,
@@ -285,7 +344,8 @@ def fit_reward_regression(features, scores, heldout, config, seed: int = 0) -> R
     """The layer's reward regression, as the run config's `regression` section asks."""
     return fit_regression(
         features, scores, heldout, method=config.method, alphas=config.alphas, cv_folds=config.cv_folds,
-        stability=config.stability, bootstrap_samples=config.bootstrap_samples, seed=seed,
+        stability=config.stability, bootstrap_samples=config.bootstrap_samples,
+        merge_correlated=config.merge_correlated, seed=seed,
     )
 
 

@@ -71,6 +71,7 @@ def feature_data(settings: Settings, run_id: str, layer: int, feature: int, view
         in_view = store.neighbours_in_order(path, layer, feature, view.sort, where)
     if in_view["index"] is not None:
         in_view["table_page"] = in_view["index"] // settings.page_size + 1
+    info["merge_correlated"] = store.layer_info(path, layer).get("merge_correlated")
     return {"run": run_summary(run), "layer": layer, "feature": info, "contexts": contexts,
             "quantile_contexts": quantiles, "view": view.model_dump(exclude={"page"}), "in_view": in_view,
             "label": labels.current(settings, run_id, layer, feature),
