@@ -9,7 +9,8 @@ import torch
 from backend import db, jobs, store
 from backend.settings import Settings
 from tests.test_pipeline import tiny_config, tiny_world  # noqa: F401  (module fixture)
-from workers.ablation import FeatureEdit, control_features, edit_hidden, mean_with_ci, run_ablation
+from workers.ablation import (FeatureEdit, control_features, edit_hidden, linear_decoder, mean_with_ci,
+                              prepare_eval_set, run_ablation)
 from workers.pipeline import run_pipeline
 from workers.tasks import RunCache
 from workers.worker import Worker
@@ -72,6 +73,56 @@ def test_reward_change_matches_a_forward_with_the_hidden_state_edited_by_hand(ti
         content = ~torch.isin(batch.input_ids[0], torch.tensor(adapter.tokenizer.all_special_ids))
         change = (zeroed - acts)[0][content].mean(0)
         assert result.predicted[row] == pytest.approx(float(change @ torch.tensor(weights, dtype=torch.float32)), abs=1e-4)
+
+
+@pytest.mark.parametrize("mode, value", [("zero", 0.0), ("clamp", 2.0)])
+def test_the_linear_decoder_shortcut_makes_the_same_edit(tiny_run, mode, value):
+    _, loaded = tiny_run
+    sae = loaded.sae(LAYER)
+    rows = linear_decoder(sae)
+    assert rows is not None and rows.shape == (sae.cfg.d_sae, sae.cfg.d_in)
+    hidden = torch.randn(2, 6, sae.cfg.d_in, generator=torch.Generator().manual_seed(1))
+    edit = FeatureEdit(live_features(loaded, 3), mode, value)
+    slow, fast = edit_hidden(sae, hidden, edit), edit_hidden(sae, hidden, edit, rows, linear=True)
+    assert torch.allclose(fast[0], slow[0], atol=1e-5) and not torch.allclose(fast[0], hidden)
+
+
+def test_a_decoder_that_is_not_linear_is_told_apart(tiny_run):
+    _, loaded = tiny_run
+    sae = loaded.sae(LAYER)
+
+    class Squashed:  # an output normalisation after the decoder: decode is no longer affine
+        cfg, W_dec = sae.cfg, sae.W_dec
+
+        def decode(self, codes):
+            return torch.tanh(sae.decode(codes))
+
+    assert linear_decoder(Squashed()) is None
+
+
+def test_a_prepared_evaluation_set_gives_what_a_fresh_run_gives(tiny_run):
+    """Reusing the clean pass (edits then run only the blocks above the layer) changes nothing,
+    whether the layer's output was kept or not."""
+    _, loaded = tiny_run
+    adapter, sae = loaded.adapter, loaded.sae(LAYER)
+    texts = [f"review {i}: the acting was {'superb' if i % 2 else 'dreadful'} and the plot {'moving' * (i % 3)}"
+             for i in range(9)]
+    weights = np.asarray(store.layer_vectors(loaded.store_path, LAYER)["weight"])
+    edit = FeatureEdit(live_features(loaded, 3), "zero")
+    fresh = run_ablation(adapter, sae, LAYER, texts, edit, weights, "sum", batch_size=4)
+    kept = prepare_eval_set(adapter, LAYER, texts, 4)
+    not_kept = prepare_eval_set(adapter, LAYER, texts, 4, keep_bytes=0)
+    assert all(b.hidden is not None for b in kept.batches) and all(b.hidden is None for b in not_kept.batches)
+    rows, linear = loaded.decoder(LAYER)
+    for evalset in (kept, not_kept, kept):
+        again = run_ablation(adapter, sae, LAYER, evalset, edit, weights, "sum", directions=rows, linear=linear)
+        assert np.array_equal(again.text_index, fresh.text_index)
+        np.testing.assert_allclose(again.before, fresh.before, rtol=1e-5, atol=1e-9)
+        np.testing.assert_allclose(again.delta, fresh.delta, rtol=1e-3, atol=1e-9)  # the tiny RM's scores are ~1e-2
+        np.testing.assert_allclose(again.predicted, fresh.predicted, rtol=1e-4, atol=1e-7)
+    assert np.abs(fresh.delta).min() > 1e-5 and np.abs(fresh.predicted).max() > 1e-4
+    with pytest.raises(ValueError, match="prepared at layer"):
+        run_ablation(adapter, sae, LAYER - 1, kept, edit, weights, "sum")
 
 
 def test_steering_along_a_decoder_direction_moves_the_hidden_state_by_it(tiny_run):

@@ -222,6 +222,29 @@ def test_causal_lm_dataset_reward(models):
     assert scores.tolist() == [7.0, 0.5]
 
 
+@pytest.mark.parametrize("kind, name", [("seq_cls", "bert"), ("seq_cls", "gpt2"), ("seq_cls", "llama"),
+                                        ("process", "llama_lm"), ("process", "gpt2_lm"), ("process", "token_cls2")])
+def test_running_from_a_layer_equals_the_full_forward(models, kind, name):
+    """run_from(batch, L, h) runs only the blocks above L: with h captured it gives the clean
+    score, with h edited the score `run` gives under the same edit."""
+    options = {"step_separator": " ;"} if kind == "process" else {}
+    adapter = load_adapter(kind, str(models[name]), CPU, max_length=64, **options)
+    batch = adapter.tokenize(STEP_TEXTS if kind == "process" else TEXTS)
+    blocks = list(adapter.blocks)
+    shift = torch.randn(adapter.d_model, generator=torch.Generator().manual_seed(0))
+    for layer in range(adapter.n_layers):
+        clean, captured = adapter.run(batch, capture=[layer])
+        assert torch.allclose(adapter.run_from(batch, layer, captured[layer]), clean, atol=1e-5)
+
+        def edit(hidden):
+            return hidden * 3.0 + 5.0 * shift
+
+        edited, _ = adapter.run(batch, edits={layer: edit})
+        assert (edited - clean).abs().max() > 1e-4  # the edit matters, so the comparison below means something
+        assert torch.allclose(adapter.run_from(batch, layer, edit(captured[layer])), edited, atol=1e-5)
+    assert all(a is b for a, b in zip(adapter.blocks, blocks))  # every block is back in its place
+
+
 def test_unknown_adapter_kind_names_the_key(models):
     with pytest.raises(ValueError, match="model.adapter"):
         load_adapter("mystery", str(models["bert"]), CPU, 32)

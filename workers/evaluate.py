@@ -59,10 +59,11 @@ def reward_recovery(
     lengths = token_lengths(adapter.tokenizer, texts, adapter.max_length)
     for indices in length_bucketed_batches(lengths, batch_size, None):
         batch = adapter.tokenize([texts[i] for i in indices])
-        clean, _ = adapter.run(batch)
-        for layer, edit in edits.items():
-            spliced, _ = adapter.run(batch, edits={layer: _on_tokens(edit, batch.attention_mask)})
-            zeroed, _ = adapter.run(batch, edits={layer: _on_tokens(zero_output, batch.attention_mask)})
+        clean, captured = adapter.run(batch, capture=list(edits))
+        for layer, edit in edits.items():  # each edit runs only the blocks above its layer
+            hidden = captured[layer]
+            spliced = adapter.run_from(batch, layer, _on_tokens(edit, batch.attention_mask)(hidden))
+            zeroed = adapter.run_from(batch, layer, _on_tokens(zero_output, batch.attention_mask)(hidden))
             abs_sae[layer] += float((spliced - clean).abs().sum())
             abs_zero[layer] += float((zeroed - clean).abs().sum())
         n_reads += len(clean)

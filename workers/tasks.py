@@ -7,6 +7,7 @@ where the worker knows more (e.g. the SAE's width).
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,7 @@ HELDOUT_DEFAULT = 256
 # Texts per forward in ablations: on a 2-core CPU, 16 ran 256 texts 15% faster than 64
 # (length buckets pad less; the SAE edit's tensors stay in cache).
 ABLATION_BATCH = 16
+EVAL_SETS_KEPT = 4  # prepared evaluation sets (clean scores + the layer's output) per loaded run
 
 
 class JobStopped(Exception):
@@ -30,15 +32,16 @@ class JobStopped(Exception):
 
 @dataclass
 class LoadedRun:
-    """A run's reward model, its SAEs (loaded on first use) and cached baseline scores."""
+    """A run's reward model, its SAEs and their decoder rows (loaded on first use), and the
+    evaluation sets ablations ran on lately (so a second ablation skips their clean pass)."""
     run_id: str
     config: Any
     store_path: Any
     run_dir: Any
     adapter: Any
     saes: dict[int, Any] = field(default_factory=dict)
-    directions: dict[int, torch.Tensor] = field(default_factory=dict)
-    baselines: dict[tuple, np.ndarray] = field(default_factory=dict)
+    decoders: dict[int, tuple[torch.Tensor, bool]] = field(default_factory=dict)
+    eval_sets: OrderedDict = field(default_factory=OrderedDict)
 
     def sae(self, layer: int):
         if layer not in self.saes:
@@ -47,6 +50,29 @@ class LoadedRun:
             info = store.layer_info(self.store_path, layer)
             self.saes[layer] = SAE.load_from_disk(self.run_dir / info["sae_path"], device=str(self.adapter.device)).eval()
         return self.saes[layer]
+
+    def decoder(self, layer: int) -> tuple[torch.Tensor, bool]:
+        """(decoder rows, whether decoding is linear in the features): see workers.ablation."""
+        if layer not in self.decoders:
+            from workers.ablation import linear_decoder
+            from workers.analyze import decoder_directions
+
+            rows = linear_decoder(self.sae(layer))
+            self.decoders[layer] = (rows, True) if rows is not None else (decoder_directions(self.sae(layer)), False)
+        return self.decoders[layer]
+
+    def eval_set(self, layer: int, key: tuple, texts: list[str], progress=None):
+        """The prepared evaluation set for these texts at this layer, prepared on first use."""
+        from workers.ablation import prepare_eval_set
+
+        if (layer, key) in self.eval_sets:
+            self.eval_sets.move_to_end((layer, key))
+        else:
+            self.eval_sets[(layer, key)] = prepare_eval_set(self.adapter, layer, texts, ABLATION_BATCH,
+                                                            progress=progress)
+            while len(self.eval_sets) > EVAL_SETS_KEPT:
+                self.eval_sets.popitem(last=False)
+        return self.eval_sets[(layer, key)]
 
 
 class RunCache:
@@ -115,31 +141,26 @@ def ablation_task(params: dict, ctx) -> dict:
         raise ValueError(f"feature {max(edit.features)} is out of range: layer {layer} has {sae.cfg.d_sae} features")
     texts, text_ids, eval_key = _eval_texts(run, params)
     pooling = run.config.regression.pooling
-    batch_size = ABLATION_BATCH
-    if edit.mode == "steer" and layer not in run.directions:
-        from workers.analyze import decoder_directions
-
-        run.directions[layer] = decoder_directions(sae)
-    directions = run.directions.get(layer)
+    directions, linear = run.decoder(layer)
     with_control = params.get("control", True)
-    baseline = run.baselines.get((layer, eval_key))
+    parts = (["scoring the texts unedited"] if (layer, eval_key) not in run.eval_sets else []) + [
+        "the chosen features"] + (["the random control"] if with_control else [])
 
-    def progress(share: float, part: int):
-        ctx.report(progress=(part + share) / (2 if with_control else 1),
-                   message="the chosen features" if part == 0 else "the random control")
+    def progress(part: str):
+        return lambda share: ctx.report(progress=(parts.index(part) + share) / len(parts), message=part)
 
     ctx.report(0.0, f"ablating {len(edit.features)} features over {len(texts)} texts")
-    chosen = run_ablation(run.adapter, sae, layer, texts, edit, weights, pooling, batch_size, baseline,
-                          lambda share: progress(share, 0), directions)
-    run.baselines[(layer, eval_key)] = chosen.before  # same texts, same order next time: no clean pass
+    evalset = run.eval_set(layer, eval_key, texts, progress(parts[0]))
+    chosen = run_ablation(run.adapter, sae, layer, evalset, edit, weights, pooling, ABLATION_BATCH,
+                          progress("the chosen features"), directions, linear)
     result = {"summary": chosen.summary(), "examples": [
         {"text_id": text_ids[i], "text": texts[i][:300], "before": float(b), "after": float(a), "predicted": float(p)}
         for i, b, a, p in zip(chosen.text_index.tolist(), chosen.before, chosen.after, chosen.predicted)]}
     if with_control:
         control = control_features(frequency, edit.features, seed=int(ctx.job["id"]))
         control_edit = FeatureEdit(control, edit.mode, edit.value)
-        ctrl = run_ablation(run.adapter, sae, layer, texts, control_edit, weights, pooling, batch_size, chosen.before,
-                            lambda share: progress(share, 1), directions)
+        ctrl = run_ablation(run.adapter, sae, layer, evalset, control_edit, weights, pooling, ABLATION_BATCH,
+                            progress("the random control"), directions, linear)
         result["control"] = {"features": list(control), "summary": ctrl.summary(),
                              "deltas": [float(d) for d in ctrl.delta]}
     return result
@@ -175,11 +196,12 @@ def inference_task(params: dict, ctx) -> dict:
         vectors = store.layer_vectors(run.store_path, layer)
         from workers.ablation import run_ablation
 
+        directions, linear = run.decoder(layer)
         ablated = run_ablation(adapter, sae, layer, [params["text"]], edit, np.asarray(vectors["weight"]),
-                               run.config.regression.pooling, 1)
+                               run.config.regression.pooling, 1, None, directions, linear)
         result["edit"] = {**e, "reward_after": float(ablated.after.mean()), "reward_before": float(ablated.before.mean()),
                           "predicted_delta": float(ablated.predicted.sum())}
-        new_hidden, _, after = edit_hidden(sae, captured[layer][0].float(), edit, run.directions.get(layer))
+        new_hidden, _, after = edit_hidden(sae, captured[layer][0].float(), edit, directions, linear)
         result["edit"]["acts_after"] = {str(f): [float(x) for x in after[keep, f].cpu()] for f in features}
     ctx.report(1.0, "done")
     return result

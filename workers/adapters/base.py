@@ -26,6 +26,19 @@ class StopForward(Exception):
     """Raised from a hook once the deepest needed layer ran: later layers are skipped."""
 
 
+class _StandIn(nn.Module):
+    """Takes a block's place for one forward: passes its input through, or returns `output`
+    (the block's output computed earlier), shaped as the block returns it."""
+
+    def __init__(self, output: torch.Tensor | None, as_tuple: bool):
+        super().__init__()
+        self.output, self.as_tuple = output, as_tuple
+
+    def forward(self, hidden_states, *args, **kwargs):
+        out = hidden_states if self.output is None else self.output
+        return (out,) if self.as_tuple else out
+
+
 @dataclass
 class Batch:
     texts: list[str]
@@ -75,6 +88,7 @@ class RewardModelAdapter:
         self.n_layers: int = model.config.num_hidden_layers
         self.d_model: int = model.config.hidden_size
         self.blocks = find_blocks(model, self.n_layers)
+        self._blocks_return_tuple: bool | None = None  # learnt from the first hooked forward
 
     # -- to be implemented by each family ---------------------------------------------
     def reward_reads(self, enc, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,6 +129,7 @@ class RewardModelAdapter:
 
         def make_hook(layer: int):
             def hook(module, args, output):
+                self._blocks_return_tuple = isinstance(output, tuple)
                 hidden = output[0] if isinstance(output, tuple) else output
                 if layer in edits:
                     hidden = edits[layer](hidden)
@@ -139,6 +154,25 @@ class RewardModelAdapter:
             for handle in handles:
                 handle.remove()
         return scores, captured
+
+    @torch.no_grad()
+    def run_from(self, batch: Batch, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """The scores of `batch` when block `layer` outputs `hidden` [B, T, d]: only the blocks
+        above it run. With `hidden` captured by `run` this is `run`'s score; with it edited, the
+        score under that edit -- what an ablation over the same texts needs again and again.
+        Blocks up to `layer` are swapped for stand-ins for this one forward; the model's own
+        forward still builds the masks and position encodings the later blocks take."""
+        if self._blocks_return_tuple is None:
+            self.run(batch, capture=[0], need_score=False)
+        originals = [self.blocks[i] for i in range(layer + 1)]
+        try:
+            for i in range(layer):
+                self.blocks[i] = _StandIn(None, self._blocks_return_tuple)
+            self.blocks[layer] = _StandIn(hidden, self._blocks_return_tuple)
+            return self.score(batch)
+        finally:
+            for i, block in enumerate(originals):
+                self.blocks[i] = block
 
     def batches(self, texts: list[str], batch_size: int) -> Iterator[tuple[int, Batch]]:
         for start in range(0, len(texts), batch_size):
