@@ -79,7 +79,6 @@ def cmd_demo(args: argparse.Namespace) -> None:
     settings = get_settings()
     ensure_demo(settings)
     if not args.no_serve:
-        args.host, args.port = None, None
         cmd_serve(args)
 
 
@@ -87,8 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rewardatlas", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
+    def serving_options(command: argparse.ArgumentParser) -> None:
+        command.add_argument("--host", default=None)
+        command.add_argument("--port", type=int, default=None)
+        command.add_argument("--workers", type=int, default=1,
+                             help="server processes (default 1; up to one per core for many concurrent readers)")
+
     demo = sub.add_parser("demo", help="build the demo reward model and run, then serve them")
     demo.add_argument("--no-serve", action="store_true", help="build only")
+    serving_options(demo)
     demo.set_defaults(func=cmd_demo)
 
     run = sub.add_parser("run", help="run the pipeline described by a YAML config")
@@ -97,10 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     serve = sub.add_parser("serve", help="serve the dashboards")
-    serve.add_argument("--host", default=None)
-    serve.add_argument("--port", type=int, default=None)
-    serve.add_argument("--workers", type=int, default=1,
-                       help="server processes (default 1; up to one per core for many concurrent readers)")
+    serving_options(serve)
     serve.set_defaults(func=cmd_serve)
 
     worker = sub.add_parser("worker", help="run queued jobs (pipeline runs, ablations, custom texts)")

@@ -74,3 +74,27 @@ def test_cli_reports_a_broken_config_and_writes_nothing(tmp_path, monkeypatch, c
     assert not data_dir.exists()
     assert main(["run", str(tmp_path / "missing.yaml")]) == 2
     assert "config file not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, n_workers", [(["demo"], 1), (["demo", "--workers", "2", "--port", "8123"], 2),
+                                           (["serve", "--workers", "2", "--port", "8123"], 2)])
+def test_demo_and_serve_hand_their_options_to_the_server(tmp_path, monkeypatch, argv, n_workers):
+    """`rewardatlas demo` builds the demo, then serves it exactly as `serve` would."""
+    import uvicorn
+
+    import workers.demo
+    from backend.settings import get_settings
+
+    for name, value in (("RA_DATA_DIR", str(tmp_path)), ("RA_HOST", "127.0.0.1"), ("RA_PORT", "8000"),
+                        ("RA_SECRET_KEY", "k")):
+        monkeypatch.setenv(name, value)  # and restored afterwards: serving several processes sets them
+    get_settings.cache_clear()
+    built, served = [], []
+    monkeypatch.setattr(workers.demo, "ensure_demo", lambda settings: built.append(settings.data_dir))
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.append(kw))
+    assert main(argv) == 0
+    assert built == ([tmp_path] if argv[0] == "demo" else [])
+    assert len(served) == 1 and served[0]["host"] == "127.0.0.1"
+    assert served[0]["port"] == (8123 if "--port" in argv else 8000)
+    assert served[0].get("workers", 1) == n_workers
+    get_settings.cache_clear()
