@@ -16,15 +16,16 @@ def _nice_max(x: float) -> float:
     return next(m * base for m in (1, 2, 2.5, 5, 10) if m * base >= x)
 
 
-def r2_bars(layers: Sequence[dict[str, Any]], height: int = 170, bar_w: int = 24, gap: int = 16) -> dict:
+def r2_bars(layers: Sequence[dict[str, Any]], best_layer: int | None, height: int = 170, bar_w: int = 24,
+            gap: int = 16) -> dict:
     """Held-out R² per layer on a 0..1 axis: the SAE-feature regression's bar (train R² as a
     tick) and, beside it, the raw-activation probe's bar, the baseline it is judged against.
 
     Negative held-out R² (worse than predicting the mean) draws no bar, only its label.
+    `best_layer` (backend/layer_choice.py) is drawn in the accent colour.
     """
     left, top, bottom = 34, 14, 22
     plot_h = height - top - bottom
-    best = max((l["r2_heldout"] for l in layers if l["r2_heldout"] is not None), default=None)
 
     def y(v: float) -> float:
         return round(top + plot_h * (1 - min(max(v, 0.0), 1.0)), 1)
@@ -41,7 +42,7 @@ def r2_bars(layers: Sequence[dict[str, Any]], height: int = 170, bar_w: int = 24
             **bar(x, l["r2_heldout"]), "layer": l["layer"], "center": x + group_w / 2,
             "train_y": None if l.get("r2_train") is None else y(l["r2_train"]),
             "train": l.get("r2_train"),
-            "best": l["r2_heldout"] is not None and l["r2_heldout"] == best,
+            "best": l["layer"] == best_layer,
             "probe": None if probe is None else {**bar(x + bar_w + 2, probe), "train": l.get("probe_r2_train")},
         })
     width = left + gap + len(layers) * (group_w + gap)

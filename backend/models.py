@@ -55,6 +55,8 @@ class Sae(Base):
     l0: Mapped[float] = mapped_column(sa.Double)
     dead_fraction: Mapped[float] = mapped_column(sa.Double)
     r2_heldout: Mapped[float] = mapped_column(sa.Double)
+    # Pearson r of the regression weights with the reward effect over features that fired
+    weight_effect_agreement: Mapped[float | None] = mapped_column(sa.Double, nullable=True)
 
     run: Mapped[Run] = relationship(back_populates="saes")
 

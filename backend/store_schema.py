@@ -51,6 +51,8 @@ CREATE TABLE layers (
     ridge_alpha DOUBLE,             -- the penalty cross-validation chose (for regression_method)
     regression_method VARCHAR,      -- 'ridge' or 'lasso'
     merge_correlated DOUBLE,        -- features correlated above this were fitted as one column; NULL: off
+    weight_effect_agreement DOUBLE, -- Pearson r of weight with reward_effect over features that fired:
+                                    -- do the weights point where the model's gradients do? NULL: no effect
     cv_folds INTEGER,
     probe_r2_train DOUBLE,          -- baseline: ridge on the layer's pooled raw residual stream
     probe_r2_heldout DOUBLE,

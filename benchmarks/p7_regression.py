@@ -18,7 +18,10 @@ import numpy as np
 import scipy.sparse as sp
 
 import workers.regress as regress
+from workers.config import RegressionConfig
 from workers.regress import fit_probe, fit_regression
+
+MERGE = RegressionConfig().merge_correlated  # the pipeline's default: near-duplicates fitted as one
 
 
 def synthetic(rows: int, features: int, k: int, tokens: int, pooling: str, seed: int):
@@ -86,15 +89,16 @@ def main() -> None:
         X, y, heldout = synthetic(args.rows, args.features, args.k, args.tokens, pooling, args.seed)
         print(f"-- {pooling} pooling: {X.nnz / X.shape[0]:.0f} nonzeros per row")
         timed("ridge, GCV alpha + fold stability", lambda: fit_regression(
-            X, y, heldout, method="ridge", cv_folds=args.folds, seed=args.seed))
+            X, y, heldout, method="ridge", cv_folds=args.folds, merge_correlated=MERGE, seed=args.seed))
         if args.breakdown:
             breakdown(X, y, heldout, args.folds)
         if args.bootstrap:
             timed(f"ridge, GCV alpha + {args.bootstrap} bootstrap refits", lambda: fit_regression(
-                X, y, heldout, method="ridge", stability="bootstrap", bootstrap_samples=args.bootstrap))
+                X, y, heldout, method="ridge", stability="bootstrap", bootstrap_samples=args.bootstrap,
+                merge_correlated=MERGE))
         if args.lasso:
             timed("lasso, k-fold alpha + fold stability", lambda: fit_regression(
-                X, y, heldout, method="lasso", cv_folds=args.folds, seed=args.seed))
+                X, y, heldout, method="lasso", cv_folds=args.folds, merge_correlated=MERGE, seed=args.seed))
     rng = np.random.default_rng(args.seed)
     raw = rng.normal(size=(args.rows, args.d_model))
     y = raw @ rng.normal(size=args.d_model) + rng.normal(size=args.rows)

@@ -6,9 +6,10 @@ import json
 import duckdb
 import numpy as np
 import pytest
+import sqlalchemy as sa
 
 from backend import db
-from backend.models import Run
+from backend.models import Run, Sae
 from backend.settings import Settings
 from backend.store_schema import STORE_FILENAME
 from tests.helpers import make_client
@@ -113,6 +114,26 @@ def test_run_registered_in_sql(finished_run):
         run = s.get(Run, "tiny-run")
         assert run is not None and run.n_texts == 240
         assert [sae.layer for sae in run.saes] == [0, 2]
+
+
+def test_weight_groups_and_weight_effect_agreement_follow_from_the_stored_features(finished_run):
+    settings, run_dir = finished_run
+    con = duckdb.connect(str(run_dir / STORE_FILENAME), read_only=True)
+    for layer in (0, 2):
+        w, e, fired = (np.array(c, dtype=float) for c in zip(*con.execute(
+            "select weight, coalesce(reward_effect, 'nan'), frequency > 0 from features "
+            "where layer = ? order by feature", [layer]).fetchall()))
+        use = (fired > 0) & np.isfinite(e)
+        stored = con.execute("select weight_effect_agreement from layers where layer = ?", [layer]).fetchone()[0]
+        assert stored == pytest.approx(np.corrcoef(w[use], e[use])[0, 1])
+        with db.session(settings) as s:
+            sae = s.scalars(sa.select(Sae).filter_by(run_id="tiny-run", layer=layer)).one()
+            assert sae.weight_effect_agreement == pytest.approx(stored)
+        # every group's members share one weight, and the group is named by its smallest member
+        groups = con.execute("select weight_group, list(feature), list(distinct weight), any_value(weight_group_size) "
+                             "from features where layer = ? group by weight_group", [layer]).fetchall()
+        for group, members, weights, size in groups:
+            assert group == min(members) and size == len(members) and len(weights) == 1
 
 
 def test_pages_show_the_run_ordered_by_weight(finished_run):

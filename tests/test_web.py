@@ -457,3 +457,26 @@ def test_feature_cards_agree_with_the_tables_they_are_built_from(migrated, synth
         assert [n["feature"] for n in card["neighbours"]] == list(ids or [])
         assert [n["cosine"] for n in card["neighbours"]] == list(cosines or [])
     con.close()
+
+
+def test_best_layer_is_explained_by_weights_that_agree_with_the_reward_effect():
+    from backend.layer_choice import best_layer
+
+    layers = [{"layer": 1, "r2_heldout": 0.977, "weight_effect_agreement": 0.59},
+              {"layer": 3, "r2_heldout": 0.986, "weight_effect_agreement": 0.28},
+              {"layer": 5, "r2_heldout": 0.984, "weight_effect_agreement": -0.13}]
+    assert best_layer(layers) == 1  # the demo's layers: R² alone would pick 3, whose top weights move nothing
+    assert best_layer([{**l, "weight_effect_agreement": None} for l in layers]) == 3  # no gradients: R² alone
+    assert best_layer([{"layer": 2, "r2_heldout": None, "weight_effect_agreement": None}]) is None
+    assert best_layer([{"layer": 4, "r2_heldout": 0.5, "weight_effect_agreement": -0.2},
+                       {"layer": 6, "r2_heldout": 0.7, "weight_effect_agreement": -0.1}]) == 6  # all 0: R² breaks the tie
+
+
+def test_run_page_shows_weight_effect_agreement_and_the_best_layer_it_picks(client, synthetic_run):
+    stored = synthetic_run["layers"]
+    html, api = client.get(RUN).text, client.get(f"/api{RUN}").json()
+    assert [l["weight_effect_agreement"] for l in api["layers"]] == pytest.approx(stored["weight_effect_agreement"])
+    for layer, agreement in zip(stored["layer"], stored["weight_effect_agreement"]):
+        assert f'<td class="num agreement">{fmt_num(agreement, 2)}</td>' in row_html(html, "layer", layer)
+    assert api["best_layer"] == 3 and 'id="best-rule">largest held-out R² × weight–effect agreement' in html
+    assert client.get("/api/runs").json()["runs"][0]["best_layer"] == 3

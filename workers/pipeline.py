@@ -25,7 +25,7 @@ from workers.device import pick_device
 from workers.evaluate import evaluate_saes
 from workers.neighbours import decoder_neighbours
 from workers.publish import write_store
-from workers.regress import fit_probe, fit_reward_regression
+from workers.regress import fit_probe, fit_reward_regression, weight_effect_agreement
 from workers.train import load_saes, train_saes
 
 
@@ -97,7 +97,8 @@ def build_tables(config: RunConfig, adapter, corpus, acts, saes: dict, sae_paths
         },
         "layers": {k: [] for k in ("layer", "hook_name", "sae_path", "architecture", "d_in", "d_sae", "k", "mse",
                                    "explained_variance", "l0", "dead_fraction", "pooling", "r2_train", "r2_heldout",
-                                   "r2_cv", "ridge_alpha", "regression_method", "merge_correlated", "cv_folds",
+                                   "r2_cv", "ridge_alpha", "regression_method", "merge_correlated",
+                                   "weight_effect_agreement", "cv_folds",
                                    "probe_r2_train", "probe_r2_heldout", "probe_alpha",
                                    "n_train", "n_heldout", "reward_recovered",
                                    "reward_mae_sae", "reward_mae_zero")},
@@ -130,6 +131,7 @@ def build_tables(config: RunConfig, adapter, corpus, acts, saes: dict, sae_paths
             "pooling": config.regression.pooling, "r2_train": fit.r2_train, "r2_heldout": fit.r2_heldout,
             "r2_cv": fit.r2_cv, "ridge_alpha": fit.alpha, "regression_method": fit.method,
             "merge_correlated": config.regression.merge_correlated, "cv_folds": fit.cv_folds,
+            "weight_effect_agreement": weight_effect_agreement(fit.weights, feats["reward_effect"], feats["frequency"]),
             "probe_r2_train": probe.r2_train, "probe_r2_heldout": probe.r2_heldout, "probe_alpha": probe.alpha,
             "n_train": fit.n_train, "n_heldout": fit.n_heldout,
             "reward_recovered": recovery[layer].reward_recovered, "reward_mae_sae": recovery[layer].mae_sae,
@@ -145,7 +147,8 @@ def build_tables(config: RunConfig, adapter, corpus, acts, saes: dict, sae_paths
               f"{merged} near-duplicate features fitted in {len(np.unique(fit.weight_groups[feats['weight_group_size'] > 1]))} groups; "
               f"raw probe {probe.r2_heldout:.3f}), "
               f"explained variance {metrics['explained_variance']:.3f}, L0 {metrics['l0']:.1f}, "
-              f"dead {row['dead_fraction']:.1%}, reward recovered {_fmt(row['reward_recovered'])}")
+              f"dead {row['dead_fraction']:.1%}, reward recovered {_fmt(row['reward_recovered'])}, "
+              f"weight-effect agreement {_fmt(row['weight_effect_agreement'])}")
     return tables
 
 
@@ -164,7 +167,8 @@ def _register(settings: Settings, config: RunConfig, model_path: str, tables: di
          "path": str(Path("runs") / config.run_id / layers["sae_path"][i]), "architecture": layers["architecture"][i],
          "d_in": layers["d_in"][i], "d_sae": layers["d_sae"][i], "mse": layers["mse"][i],
          "explained_variance": layers["explained_variance"][i], "l0": layers["l0"][i],
-         "dead_fraction": layers["dead_fraction"][i], "r2_heldout": layers["r2_heldout"][i]}
+         "dead_fraction": layers["dead_fraction"][i], "r2_heldout": layers["r2_heldout"][i],
+         "weight_effect_agreement": layers["weight_effect_agreement"][i]}
         for i in range(len(layers["layer"]))
     ]
     register_run(settings, run_row, sae_rows, replace=replace)

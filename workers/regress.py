@@ -340,6 +340,19 @@ def fit_regression(
     )
 
 
+def weight_effect_agreement(weights, effects, frequency, min_features: int = 3) -> float | None:
+    """Pearson r of the regression weights with the reward effect (score per unit of a feature
+    through the rest of the model), over the features that fired and have an effect: near 1
+    where the weights rank features as the model uses them, near 0 (or below) where they
+    explain the score from features it does not read. None without effects."""
+    effects = np.array([np.nan if e is None else e for e in effects], dtype=np.float64)
+    weights, frequency = np.asarray(weights, dtype=np.float64), np.asarray(frequency, dtype=np.float64)
+    use = (frequency > 0) & np.isfinite(effects)
+    if use.sum() < min_features or np.ptp(weights[use]) == 0 or np.ptp(effects[use]) == 0:
+        return None
+    return float(np.corrcoef(weights[use], effects[use])[0, 1])
+
+
 def fit_reward_regression(features, scores, heldout, config, seed: int = 0) -> RegressionResult:
     """The layer's reward regression, as the run config's `regression` section asks."""
     return fit_regression(

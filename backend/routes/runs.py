@@ -9,6 +9,7 @@ from fastapi.responses import HTMLResponse
 from sqlalchemy.orm import selectinload
 
 from backend import charts, db, store
+from backend.layer_choice import best_layer
 from backend.models import Run
 from backend.routes.common import SettingsDep, get_run, render, store_path
 from backend.settings import Settings
@@ -24,7 +25,9 @@ def runs_data(settings: Settings) -> dict[str, Any]:
         ).all()
     out = []
     for run in runs:
-        best = max(run.saes, key=lambda sae: sae.r2_heldout, default=None)
+        layer = best_layer({"layer": sae.layer, "r2_heldout": sae.r2_heldout,
+                            "weight_effect_agreement": sae.weight_effect_agreement} for sae in run.saes)
+        best = next((sae for sae in run.saes if sae.layer == layer), None)
         out.append({
             "id": run.id, "name": run.name, "model": run.model, "adapter": run.adapter,
             "dataset": run.dataset, "n_texts": run.n_texts, "n_tokens": run.n_tokens,
@@ -41,15 +44,13 @@ def run_data(settings: Settings, run_id: str) -> dict[str, Any]:
     run = get_run(settings, run_id)
     path = store_path(settings, run)
     layers = store.layers(path)
-    scored = [l for l in layers if l["r2_heldout"] is not None]
-    best = max(scored, key=lambda l: l["r2_heldout"], default=None)
     return {
         "run": {
             "id": run.id, "name": run.name, "model": run.model, "adapter": run.adapter,
             "dataset": run.dataset, "n_texts": run.n_texts, "n_tokens": run.n_tokens,
             "created_at": run.created_at, "config_yaml": run.config_yaml,
         },
-        "best_layer": best["layer"] if best else None,
+        "best_layer": best_layer(layers),
         "layers": layers,
     }
 
@@ -74,4 +75,4 @@ def runs_page(request: Request, settings: SettingsDep):
 @router.get("/runs/{run_id}", response_class=HTMLResponse, include_in_schema=False)
 def run_page(request: Request, run_id: str, settings: SettingsDep):
     data = run_data(settings, run_id)
-    return render(request, "run.html", {**data, "chart": charts.r2_bars(data["layers"])})
+    return render(request, "run.html", {**data, "chart": charts.r2_bars(data["layers"], data["best_layer"])})
