@@ -170,6 +170,18 @@ def history(settings: Settings, run_id: str, layer: int, feature: int) -> list[d
              "new_note": e.new_note, "author": e.author, "created_at": _utc(e.created_at)} for e in events]
 
 
+def current_and_history(settings: Settings, run_id: str, layer: int, feature: int) -> tuple[dict, list[dict]]:
+    """current() and history() from one query: every change writes, in the same transaction, an
+    event holding the label as it became, so the last event is the label now."""
+    events = history(settings, run_id, layer, feature)
+    key = {"run_id": run_id, "layer": layer, "feature": feature}
+    if not events:
+        return {**key, "label": None, "note": "", "author": None, "updated_at": None, "version": 0}, events
+    last = events[-1]
+    return {**key, "label": last["new_label"], "note": last["new_note"] or "", "author": last["author"],
+            "updated_at": last["created_at"], "version": last["version"]}, events
+
+
 def labels_for_layer(settings: Settings, run_id: str, layer: int) -> dict[int, dict[str, Any]]:
     """The layer's labelled features: feature id -> its label."""
     with db.session(settings) as s:

@@ -65,6 +65,9 @@ def test_history_keeps_every_change_with_its_author(migrated, synthetic_run):
             r = client.put(api(9), json={"label": label, "note": note, "version": version},
                            auth=(user, f"{user[0]}-pw"))
             assert r.status_code == 200, r.text
+            # the feature page's one-query read agrees with the label row after every change
+            assert labels.current_and_history(settings, "synthetic", 3, 9) == (
+                labels.current(settings, "synthetic", 3, 9), labels.history(settings, "synthetic", 3, 9))
         history = client.get(api(9), auth=("bob", "b-pw")).json()["history"]
     assert [(e["version"], e["author"], e["old_label"], e["new_label"]) for e in history] == [
         (1, "alice", None, "reward"), (2, "bob", "reward", "unsure"), (3, "alice", "unsure", "not_reward"),
@@ -72,6 +75,7 @@ def test_history_keeps_every_change_with_its_author(migrated, synthetic_run):
     assert [(e["old_note"], e["new_note"]) for e in history] == [
         (None, "praise"), ("praise", "praise?"), ("praise?", ""), ("", None), (None, "back again")]
     assert labels.current(settings, "synthetic", 3, 9)["author"] == "alice"
+    assert labels.current_and_history(settings, "synthetic", 3, 10) == (labels.current(settings, "synthetic", 3, 10), [])
 
 
 def test_stale_edit_is_refused_and_nothing_is_written(client, migrated):

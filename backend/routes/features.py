@@ -72,10 +72,10 @@ def feature_data(settings: Settings, run_id: str, layer: int, feature: int, view
     if in_view["index"] is not None:
         in_view["table_page"] = in_view["index"] // settings.page_size + 1
     info["merge_correlated"] = store.layer_info(path, layer).get("merge_correlated")
+    label, label_history = labels.current_and_history(settings, run_id, layer, feature)
     return {"run": run_summary(run), "layer": layer, "feature": info, "contexts": contexts,
             "quantile_contexts": quantiles, "view": view.model_dump(exclude={"page"}), "in_view": in_view,
-            "label": labels.current(settings, run_id, layer, feature),
-            "label_history": labels.history(settings, run_id, layer, feature)}
+            "label": label, "label_history": label_history}
 
 
 @router.get("/api/runs/{run_id}/layers/{layer}/features/{feature}", tags=["features"])
