@@ -237,3 +237,20 @@ def test_groups_follow_chains_of_correlation_and_nothing_below_the_threshold():
     assert strict.weight_groups.tolist() == list(range(6))
     np.testing.assert_allclose(strict.weights, fit_regression(X, y, np.zeros(800, dtype=bool),
                                                               stability="none").weights)
+
+
+def test_features_that_fire_together_but_write_different_directions_stay_apart():
+    X, y, heldout = duplicate_pair_problem()
+    rng = np.random.default_rng(0)
+    directions = rng.normal(size=(12, 16))
+    alike = directions.copy()
+    alike[1] = directions[0] + 0.3 * rng.normal(size=16)  # cosine ~0.95 with feature 0
+    apart = directions.copy()
+    apart[1] -= (apart[1] @ apart[0]) / (apart[0] @ apart[0]) * apart[0]  # orthogonal to feature 0
+    kw = dict(alphas=[1e-4], stability="none", merge_correlated=0.9, merge_min_cosine=0.5)
+    assert fit_regression(X, y, heldout, merge_directions=alike, **kw).weight_groups[:2].tolist() == [0, 0]
+    assert fit_regression(X, y, heldout, merge_directions=apart, **kw).weight_groups[:2].tolist() == [0, 1]
+    # the cosine is read for live features only: a dead column in front shifts nothing
+    widened = sp.hstack([sp.csr_matrix((X.shape[0], 1)), X]).tocsr()
+    shifted = fit_regression(widened, y, heldout, merge_directions=np.vstack([rng.normal(size=(1, 16)), alike]), **kw)
+    assert shifted.weight_groups[:3].tolist() == [0, 1, 1]

@@ -155,6 +155,9 @@ class RegressionConfig(Strict):
         0.9, gt=0, lt=1, description="features whose pooled activations correlate above this are fitted as one "
         "column and share its weight (near-duplicates otherwise split it at random, often as large weights of "
         "opposite sign); null: every feature alone")
+    merge_min_cosine: float = Field(
+        0.5, ge=-1, lt=1, description="... and whose decoder directions have cosine above this (they fire together "
+        "and write alike)")
 
     @field_validator("alphas")
     @classmethod

@@ -113,7 +113,7 @@ def build_tables(config: RunConfig, adapter, corpus, acts, saes: dict, sae_paths
                " and raw-activation probe")
         read_heldout = corpus.heldout[acts.read_text_ids]
         fit = fit_reward_regression(layer_acts.pooled_matrix(acts.n_reads), acts.scores, read_heldout,
-                                    config.regression, config.seed)
+                                    config.regression, config.seed, saes[layer].W_dec.detach().float().cpu().numpy())
         probe = fit_probe(layer_acts.raw_matrix(), acts.scores, read_heldout, config.regression.cv_folds, config.seed)
         feats["weight"], feats["std_weight"] = fit.weights, fit.std_weights
         neighbours, cosines = decoder_neighbours(saes[layer].W_dec)

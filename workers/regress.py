@@ -10,10 +10,12 @@ Lasso: scikit-learn's LassoCV on the sparse matrix, k-fold.
 Near-duplicate features (an SAE often learns several features that fire on the same tokens)
 make single weights meaningless: the fit splits their share arbitrarily, often as large
 weights of opposite sign that cancel. With `merge_correlated`, features whose pooled
-activations correlate above the threshold on the training rows (linked in chains: connected
-components of the thresholded correlation graph) are fitted as one column, their sum, and
-every member gets that column's weight. The correlations come from the Gram matrix the ridge
-fit needs anyway.
+activations correlate above the threshold on the training rows and, given their decoder
+directions, whose directions have cosine above `merge_min_cosine` (they fire together and
+write alike; features that merely fire together, like the always-on ones at a reading token,
+can carry different parts of the score) are fitted as one column, their sum, and every member
+gets that column's weight. Groups are linked in chains: connected components of the graph of
+such pairs. The correlations come from the Gram matrix the ridge fit needs anyway.
 
 Stability: each weight's standard error, from refits on the k cross-validation folds
 (delete-a-group jackknife) or on bootstrap resamples of the training rows. The Gram matrix
@@ -114,10 +116,12 @@ def _predict(X, weights, mu, y_mean):
 
 
 def correlated_groups(gram: np.ndarray, col_sum: np.ndarray, n: int, threshold: float,
+                      directions: np.ndarray | None = None, min_cosine: float = 0.0,
                       block: int = 1024) -> np.ndarray:
-    """Group label per column: columns linked by a chain of pairwise correlations above
-    `threshold` share one (connected components). Built a block of rows at a time from the raw
-    moments, so no second d x d matrix is held."""
+    """Group label per column: columns linked by a chain of pairs correlated above `threshold`
+    (and, with `directions` [d, d_in], whose directions have cosine above `min_cosine`) share one
+    (connected components). Built a block of rows at a time from the raw moments, so no second
+    d x d matrix is held; cosines are taken only for the correlated pairs."""
     d = len(col_sum)
     mu = col_sum / n
     sd = np.sqrt(np.clip(np.diag(gram) / n - mu**2, 0.0, None))
@@ -130,6 +134,10 @@ def correlated_groups(gram: np.ndarray, col_sum: np.ndarray, n: int, threshold: 
         rows.append(r + start)
         cols.append(c)
     rows, cols = np.concatenate(rows), np.concatenate(cols)
+    if directions is not None:
+        unit = directions / np.maximum(np.linalg.norm(directions, axis=1, keepdims=True), 1e-12)
+        alike = np.einsum("ij,ij->i", unit[rows], unit[cols]) > min_cosine
+        rows, cols = rows[alike], cols[alike]
     graph = sp.csr_matrix((np.ones(len(rows), dtype=np.int8), (rows, cols)), shape=(d, d))
     return connected_components(graph, directed=False)[1]
 
@@ -269,14 +277,16 @@ def _feature_std(X) -> np.ndarray:
 def fit_regression(
     features, scores: np.ndarray, heldout: np.ndarray, *, method: str = "ridge",
     alphas: list[float] | None = None, cv_folds: int = 5, stability: str = "folds",
-    bootstrap_samples: int = 20, merge_correlated: float | None = None, seed: int = 0,
+    bootstrap_samples: int = 20, merge_correlated: float | None = None,
+    merge_directions: np.ndarray | None = None, merge_min_cosine: float = 0.0, seed: int = 0,
 ) -> RegressionResult:
     """Fit score ~ features on the rows not held out; score the held-out rows.
 
     features: [n_rows, d], scipy sparse (SAE features) or dense (raw activations).
     alphas: the penalty grid (None: a default grid for the method). stability: "folds",
     "bootstrap" or "none". merge_correlated: fit features correlated above this as one
-    column (None: every feature alone).
+    column (None: every feature alone); merge_directions [d, d_in] (the SAE's decoder rows) and
+    merge_min_cosine: only features whose directions are also this alike.
     """
     if method not in ("ridge", "lasso"):
         raise ValueError(f"regression.method must be 'ridge' or 'lasso', not {method!r}")
@@ -301,7 +311,9 @@ def fit_regression(
     members = None  # live feature -> fitted column, when groups were merged
     groups = np.arange(X.shape[1])
     if merge_correlated is not None:
-        labels = correlated_groups(moments[0], moments[1], X_fit.shape[0], merge_correlated)
+        directions = None if merge_directions is None else np.asarray(merge_directions, dtype=np.float64)[live]
+        labels = correlated_groups(moments[0], moments[1], X_fit.shape[0], merge_correlated, directions,
+                                   merge_min_cosine)
         if labels.max() + 1 < len(labels):
             members = sp.csr_matrix((np.ones(len(labels)), (np.arange(len(labels)), labels)))
             X_fit = sp.csr_matrix(X_fit @ members) if sp.issparse(X_fit) else X_fit @ members
@@ -353,12 +365,15 @@ def weight_effect_agreement(weights, effects, frequency, min_features: int = 3) 
     return float(np.corrcoef(weights[use], effects[use])[0, 1])
 
 
-def fit_reward_regression(features, scores, heldout, config, seed: int = 0) -> RegressionResult:
-    """The layer's reward regression, as the run config's `regression` section asks."""
+def fit_reward_regression(features, scores, heldout, config, seed: int = 0,
+                          decoder: np.ndarray | None = None) -> RegressionResult:
+    """The layer's reward regression, as the run config's `regression` section asks; `decoder`:
+    the SAE's decoder rows [d_sae, d_in], which near-duplicates must share."""
     return fit_regression(
         features, scores, heldout, method=config.method, alphas=config.alphas, cv_folds=config.cv_folds,
         stability=config.stability, bootstrap_samples=config.bootstrap_samples,
-        merge_correlated=config.merge_correlated, seed=seed,
+        merge_correlated=config.merge_correlated, merge_directions=decoder,
+        merge_min_cosine=config.merge_min_cosine, seed=seed,
     )
 
 
