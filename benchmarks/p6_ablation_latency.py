@@ -31,13 +31,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve(settings: Settings) -> tuple[str, uvicorn.Server]:
+def serve(settings: Settings) -> tuple[str, uvicorn.Server, threading.Thread]:
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
     while not server.started:
         time.sleep(0.05)
-    return f"http://127.0.0.1:{port}", server
+    return f"http://127.0.0.1:{port}", server, thread
 
 
 def ablate_and_show(client: httpx.Client, run: str, layer: int, body: dict, poll_s: float) -> tuple[float, dict]:
@@ -75,10 +76,11 @@ def main() -> None:
 
     settings = Settings()
     db.upgrade(settings)
-    url, server = serve(settings)
+    url, server, server_thread = serve(settings)
     worker = Worker(settings, poll_s=0.02)
     stop = threading.Event()
-    threading.Thread(target=worker.run_forever, args=(stop,), daemon=True).start()
+    worker_thread = threading.Thread(target=worker.run_forever, args=(stop,), daemon=True)
+    worker_thread.start()
     with httpx.Client(base_url=url, timeout=120) as client:
         run = client.get(f"/api/runs/{args.run}").raise_for_status().json()
         layer = args.layer if args.layer is not None else run["best_layer"]
@@ -100,6 +102,8 @@ def main() -> None:
               f"(runs: {', '.join(f'{t:.2f}' for t in fresh)})")
     stop.set()
     server.should_exit = True
+    for thread in (worker_thread, server_thread):  # let them end: a thread killed at exit aborts the process
+        thread.join(timeout=30)
 
 
 if __name__ == "__main__":
