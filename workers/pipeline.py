@@ -142,9 +142,9 @@ def build_tables(config: RunConfig, adapter, corpus, acts, saes: dict, sae_paths
         for target, cols in (("features", feats), ("contexts", contexts)):
             for key, values in cols.items():
                 tables[target].setdefault(key, []).extend(values)
-        merged = int((feats["weight_group_size"] > 1).sum())
+        grouped = feats["weight_group_size"] > 1
         print(f"  layer {layer}: held-out R² {fit.r2_heldout:.3f} (train {fit.r2_train:.3f}, alpha {fit.alpha:g}; "
-              f"{merged} near-duplicate features fitted in {len(np.unique(fit.weight_groups[feats['weight_group_size'] > 1]))} groups; "
+              f"{int(grouped.sum())} near-duplicate features in {len(np.unique(fit.weight_groups[grouped]))} groups; "
               f"raw probe {probe.r2_heldout:.3f}), "
               f"explained variance {metrics['explained_variance']:.3f}, L0 {metrics['l0']:.1f}, "
               f"dead {row['dead_fraction']:.1%}, reward recovered {_fmt(row['reward_recovered'])}, "
