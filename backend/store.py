@@ -76,7 +76,7 @@ class FeatureFilter:
 
 LAYER_COLUMNS = (
     "layer, hook_name, sae_path, architecture, d_in, d_sae, k, mse, explained_variance, l0, "
-    "dead_fraction, pooling, r2_train, r2_heldout, r2_cv, ridge_alpha, regression_method, merge_correlated, "
+    "dead_fraction, pooling, r2_train, r2_heldout, r2_cv, ridge_alpha, regression_method, merge_correlated, merge_min_cosine, "
     "weight_effect_agreement, cv_folds, "
     "probe_r2_train, probe_r2_heldout, probe_alpha, n_train, n_heldout, reward_recovered, "
     "reward_mae_sae, reward_mae_zero"

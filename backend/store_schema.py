@@ -51,6 +51,7 @@ CREATE TABLE layers (
     ridge_alpha DOUBLE,             -- the penalty cross-validation chose (for regression_method)
     regression_method VARCHAR,      -- 'ridge' or 'lasso'
     merge_correlated DOUBLE,        -- features correlated above this were fitted as one column; NULL: off
+    merge_min_cosine DOUBLE,        -- ... when their decoder directions' cosine was also above this
     weight_effect_agreement DOUBLE, -- Pearson r of weight with reward_effect over features that fired:
                                     -- do the weights point where the model's gradients do? NULL: no effect
     cv_folds INTEGER,

@@ -53,7 +53,7 @@ def synthetic_tables(seed: int = 0) -> dict[str, dict[str, list]]:
         "layer", "hook_name", "sae_path", "architecture", "d_in", "d_sae", "k", "mse",
         "explained_variance", "l0", "dead_fraction", "pooling", "r2_train", "r2_heldout",
         "ridge_alpha", "n_train", "n_heldout", "reward_recovered", "reward_mae_sae", "reward_mae_zero",
-        "r2_cv", "regression_method", "merge_correlated", "weight_effect_agreement", "cv_folds", "probe_r2_train", "probe_r2_heldout", "probe_alpha")}
+        "r2_cv", "regression_method", "merge_correlated", "merge_min_cosine", "weight_effect_agreement", "cv_folds", "probe_r2_train", "probe_r2_heldout", "probe_alpha")}
     features: dict[str, list] = {k: [] for k in (
         "layer", "feature", "frequency", "mean_activation", "max_activation", "weight", "std_weight", "weight_se",
         "weight_group", "weight_group_size", "top_token", "hist_edges", "hist_counts", "reward_correlation", "reward_effect", "top_tokens", "neighbours",
@@ -70,7 +70,7 @@ def synthetic_tables(seed: int = 0) -> dict[str, dict[str, list]]:
             pooling="mean", r2_train=0.95 - 0.2 * i, r2_heldout=0.81 - 0.3 * i,
             ridge_alpha=1.0, n_train=15, n_heldout=5,
             reward_recovered=0.93 - 0.2 * i, reward_mae_sae=0.05 * (i + 1), reward_mae_zero=0.7,
-            r2_cv=0.79 - 0.3 * i, regression_method="ridge", merge_correlated=0.9,
+            r2_cv=0.79 - 0.3 * i, regression_method="ridge", merge_correlated=0.9, merge_min_cosine=0.5,
             weight_effect_agreement=0.5 - 0.4 * i, cv_folds=5,
             probe_r2_train=0.9 - 0.05 * i, probe_r2_heldout=0.64 + 0.07 * i, probe_alpha=2.5,
         ).items():

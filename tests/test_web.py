@@ -119,7 +119,7 @@ def test_feature_page_names_the_near_duplicates_that_share_its_weight(client, sy
     others = [m for m in WEIGHT_GROUP if m != WEIGHT_GROUP[1]]
     assert [m["feature"] for m in f["weight_group_members"]] == others
     group = re.search(r'<p class="weight-group" id="weight-group">(.*?)</p>', html, re.S).group(1)
-    assert "Shared with 2 near-duplicates" in group and "correlate above 0.90" in group
+    assert "Shared with 2 near-duplicates" in group and "correlate above 0.90" in group and "cosine above 0.50" in group
     assert re.findall(r'data-member="(\d+)"', group) == [str(m) for m in others]
     alone = client.get(f"{RUN}/layers/3/features/{WEIGHT_GROUP[-1] + 1}")
     assert alone.status_code == 200 and 'id="weight-group"' not in alone.text

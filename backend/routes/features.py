@@ -71,7 +71,8 @@ def feature_data(settings: Settings, run_id: str, layer: int, feature: int, view
         in_view = store.neighbours_in_order(path, layer, feature, view.sort, where)
     if in_view["index"] is not None:
         in_view["table_page"] = in_view["index"] // settings.page_size + 1
-    info["merge_correlated"] = store.layer_info(path, layer).get("merge_correlated")
+    layer_row = store.layer_info(path, layer)  # the near-duplicate rule the fit used, for the page to state
+    info["merge_correlated"], info["merge_min_cosine"] = layer_row["merge_correlated"], layer_row["merge_min_cosine"]
     label, label_history = labels.current_and_history(settings, run_id, layer, feature)
     return {"run": run_summary(run), "layer": layer, "feature": info, "contexts": contexts,
             "quantile_contexts": quantiles, "view": view.model_dump(exclude={"page"}), "in_view": in_view,
