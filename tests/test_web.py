@@ -478,5 +478,8 @@ def test_run_page_shows_weight_effect_agreement_and_the_best_layer_it_picks(clie
     assert [l["weight_effect_agreement"] for l in api["layers"]] == pytest.approx(stored["weight_effect_agreement"])
     for layer, agreement in zip(stored["layer"], stored["weight_effect_agreement"]):
         assert f'<td class="num agreement">{fmt_num(agreement, 2)}</td>' in row_html(html, "layer", layer)
-    assert api["best_layer"] == 3 and 'id="best-rule">largest held-out R² × weight–effect agreement' in html
+    rule = re.search(r'<p class="muted small" id="best-rule"[^>]*>([^<]*)</p>', html).group(1)
+    assert api["best_layer"] == 3 and rule == "largest held-out R² × weight–effect agreement"
     assert client.get("/api/runs").json()["runs"][0]["best_layer"] == 3
+    layer_page = client.get(f"{RUN}/layers/5").text
+    assert f'weight–effect agreement {fmt_num(stored["weight_effect_agreement"][1], 2)}</span>' in layer_page
