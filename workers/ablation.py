@@ -38,10 +38,11 @@ class FeatureEdit:
 
 
 @torch.no_grad()
-def linear_decoder(sae) -> torch.Tensor | None:
-    """The decoder's rows when decode(f) = decode(0) + f @ rows (any SAE without a run-time
-    output normalisation), checked on random sparse codes; None when it is not."""
-    rows = decoder_directions(sae)
+def linear_decoder(sae, rows: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The decoder's rows (`rows`: decoder_directions, when the caller has them) when
+    decode(f) = decode(0) + f @ rows (any SAE without a run-time output normalisation),
+    checked on random sparse codes; None when it is not."""
+    rows = decoder_directions(sae) if rows is None else rows
     ref = sae.W_dec
     generator = torch.Generator().manual_seed(0)
     codes = torch.rand(8, sae.cfg.d_sae, generator=generator) * (torch.rand(8, sae.cfg.d_sae, generator=generator) < 0.05)
@@ -135,10 +136,11 @@ def prepare_eval_set(adapter: RewardModelAdapter, layer: int, texts: list[str], 
                      keep_bytes: int = HIDDEN_CACHE_BYTES, progress: Callable[[float], None] | None = None) -> EvalSet:
     """Score `texts` unedited in length-bucketed batches, keeping `layer`'s output while it fits."""
     lengths = token_lengths(adapter.tokenizer, texts, adapter.max_length)
-    batches, kept = [], 0
+    batches, kept, done = [], 0, 0
     for indices in length_bucketed_batches(lengths, batch_size, None):
         if progress:
-            progress(sum(len(b.indices) for b in batches) / len(texts))
+            progress(done / len(texts))
+        done += len(indices)
         batch = adapter.tokenize([texts[i] for i in indices])
         clean, captured = adapter.run(batch, capture=[layer])
         hidden = captured[layer]

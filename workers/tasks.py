@@ -57,8 +57,8 @@ class LoadedRun:
             from workers.ablation import linear_decoder
             from workers.analyze import decoder_directions
 
-            rows = linear_decoder(self.sae(layer))
-            self.decoders[layer] = (rows, True) if rows is not None else (decoder_directions(self.sae(layer)), False)
+            rows = decoder_directions(self.sae(layer))
+            self.decoders[layer] = (rows, linear_decoder(self.sae(layer), rows) is not None)
         return self.decoders[layer]
 
     def eval_set(self, layer: int, key: tuple, texts: list[str], progress=None):
@@ -194,14 +194,15 @@ def inference_task(params: dict, ctx) -> dict:
         e = params["edit"]
         edit = FeatureEdit(tuple(int(f) for f in e["features"]), e["mode"], float(e.get("value") or 0.0))
         vectors = store.layer_vectors(run.store_path, layer)
-        from workers.ablation import run_ablation
+        from workers.ablation import EvalBatch, EvalSet, run_ablation
 
         directions, linear = run.decoder(layer)
-        ablated = run_ablation(adapter, sae, layer, [params["text"]], edit, np.asarray(vectors["weight"]),
+        clean_pass = EvalSet(layer, 1, [EvalBatch(np.arange(1), batch, score.float(), captured[layer])])  # reused
+        ablated = run_ablation(adapter, sae, layer, clean_pass, edit, np.asarray(vectors["weight"]),
                                run.config.regression.pooling, 1, None, directions, linear)
         result["edit"] = {**e, "reward_after": float(ablated.after.mean()), "reward_before": float(ablated.before.mean()),
                           "predicted_delta": float(ablated.predicted.sum())}
-        new_hidden, _, after = edit_hidden(sae, captured[layer][0].float(), edit, directions, linear)
+        _, _, after = edit_hidden(sae, captured[layer][0].float(), edit, directions, linear)
         result["edit"]["acts_after"] = {str(f): [float(x) for x in after[keep, f].cpu()] for f in features}
     ctx.report(1.0, "done")
     return result
