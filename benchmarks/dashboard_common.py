@@ -76,6 +76,29 @@ def run_ours(adapter, sae, layer: int, texts: list[str], args) -> tuple[float, d
     return time.perf_counter() - start, features, contexts
 
 
+def time_forward_only(adapter, texts: list[str], batch_size: int) -> float:
+    """Seconds for the reward model's scoring forward alone over `texts`, batched as our pass
+    batches them: the floor under any analysis that needs the score of every text."""
+    from workers.batching import length_bucketed_batches, token_lengths
+
+    batches = length_bucketed_batches(token_lengths(adapter.tokenizer, texts, adapter.max_length), batch_size, None)
+    start = time.perf_counter()
+    with torch.no_grad():
+        for indices in batches:
+            adapter.score(adapter.tokenize([texts[i] for i in indices]))
+    return time.perf_counter() - start
+
+
+def time_forward_to_layer(model, tokens: torch.Tensor, layer: int, batch_size: int = 64) -> float:
+    """Seconds for the HookedEncoder's forward up to `layer` over `tokens`: the floor under
+    SaeVisRunner, which runs that forward for every minibatch of features."""
+    start = time.perf_counter()
+    with torch.no_grad():
+        for rows in tokens.split(batch_size):
+            model(rows, stop_at_layer=layer + 1)
+    return time.perf_counter() - start
+
+
 def packed_tokens(ids: list[list[int]], row_length: int) -> torch.Tensor:
     flat = np.concatenate(ids)
     n_rows = len(flat) // row_length

@@ -21,7 +21,8 @@ import argparse
 import torch
 
 from dashboard_common import (add_common_args, corpus_of, hooked_encoder, live_features, load_world,
-                                         packed_tokens, run_ours, run_saedashboard)
+                              packed_tokens, run_ours, run_saedashboard, time_forward_only,
+                              time_forward_to_layer)
 
 
 def main() -> None:
@@ -52,6 +53,14 @@ def main() -> None:
           f"= {1e3 * theirs_s / len(chosen):.1f} ms/feature")
     ratio = (theirs_s / len(chosen)) / (ours_s / d_sae)
     print(f"P1 per-feature speed-up (SAEDashboard / ours): {ratio:.0f}x  (target >= 100x)")
+
+    # What bounds the ratio: both sides are mostly a model forward over the same tokens.
+    score_s = time_forward_only(adapter, texts, args.batch_size)
+    layer_s = time_forward_to_layer(encoder, tokens, args.layer)
+    print(f"floors: the RM's scoring forward alone {score_s:.1f} s ({100 * score_s / ours_s:.0f}% of ours); "
+          f"the forward to layer {args.layer} alone {layer_s:.1f} s ({100 * layer_s / theirs_s:.0f}% of SaeVisRunner's)")
+    print(f"ceiling: an analysis costing nothing beyond the scoring forward would be "
+          f"{(theirs_s / len(chosen)) / (score_s / d_sae):.0f}x")
 
 
 if __name__ == "__main__":

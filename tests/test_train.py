@@ -96,12 +96,13 @@ def test_knobs_belong_to_their_architecture():
 
 
 def test_aux_loss_off_is_never_computed_and_rescale_reaches_sae_lens():
-    sae = config_for("topk", aux_loss_coefficient=0.0, rescale_acts_by_decoder_norm=False).sae
+    sae = config_for("topk", aux_loss_coefficient=0.0, rescale_acts_by_decoder_norm=True).sae
     cfg = trainer_config(sae, torch.device("cpu"))
     assert cfg.dead_feature_window > cfg.total_training_steps  # no feature ever counts as dead
     training_sae = build_training_sae(sae, HIDDEN, "cpu")
-    assert training_sae.cfg.rescale_acts_by_decoder_norm is False
+    assert training_sae.cfg.rescale_acts_by_decoder_norm is True
     assert training_sae.cfg.aux_loss_coefficient == 0.0
+    assert build_training_sae(config_for("topk").sae, HIDDEN, "cpu").cfg.rescale_acts_by_decoder_norm is False  # default
     assert trainer_config(config_for("topk").sae, torch.device("cpu")).dead_feature_window == 50
 
 

@@ -483,3 +483,26 @@ def test_run_page_shows_weight_effect_agreement_and_the_best_layer_it_picks(clie
     assert client.get("/api/runs").json()["runs"][0]["best_layer"] == 3
     layer_page = client.get(f"{RUN}/layers/5").text
     assert f'weight–effect agreement {fmt_num(stored["weight_effect_agreement"][1], 2)}</span>' in layer_page
+
+
+def test_view_orders_are_kept_per_view_and_bounded(migrated, synthetic_run, monkeypatch):
+    """A table view's order is read once and reused for its pages and j/k; the cache forgets
+    the least recently used views beyond VIEW_CACHE_SIZE, and a label filter is its own view."""
+    from backend import store
+
+    monkeypatch.setattr(store, "VIEW_CACHE_SIZE", 2)
+    path = migrated.data_dir / "runs" / "synthetic" / "features.duckdb"
+    positive = store.FeatureFilter(sign="pos")
+    first = store.view_order(path, 5, "correlation", positive)
+    assert first.tolist() == expected_order(synthetic_run, 5, "correlation", lambda r: r["weight"] > 0)
+    assert store.view_order(path, 5, "correlation", positive) is first  # reused, not re-read
+    page = store.features(path, 5, "correlation", positive, limit=7, offset=3)
+    assert [r["feature"] for r in page.rows] == first[3:10].tolist() and page.total == len(first)
+    chosen = store.FeatureFilter(features=(3, 1, 8))
+    assert store.view_order(path, 5, "frequency", chosen).tolist() == expected_order(
+        synthetic_run, 5, "frequency", lambda r: r["feature"] in (3, 1, 8))
+    store.view_order(path, 3, "weight")
+    opened = store._open(path)
+    assert len(opened.views) == 2 and (5, "correlation", positive) not in opened.views  # least recent went
+    past_the_end = store.features(path, 5, "correlation", positive, limit=5, offset=len(first))
+    assert past_the_end.rows == [] and past_the_end.total == len(first)

@@ -31,7 +31,6 @@ class LayerActivations:
     sum_sq: float = 0.0
     sum_x: torch.Tensor | None = None
     n_eval_tokens: int = 0
-    n_active: int = 0
 
     def pooled_matrix(self, n_reads: int) -> sp.csr_matrix:
         """One row per reward read (in read order), one column per feature."""
@@ -49,7 +48,7 @@ class LayerActivations:
         return {
             "mse": self.sse / (n * d_in),
             "explained_variance": 1.0 - self.sse / total_var if total_var > 0 else 0.0,
-            "l0": self.n_active / max(n_tokens, 1),
+            "l0": int(self.features.count.sum()) / max(n_tokens, 1),  # firings per token
         }
 
 
@@ -225,16 +224,15 @@ def collect_corpus_activations(
             res, sae = results[layer], saes[layer]
             x = captured[layer][keep_dev].float()
             acts = sae.encode(x)
-            recon_err = (sae.decode(acts) - x)[eval_tokens]
             x_eval = x[eval_tokens]
+            recon_err = sae.decode(acts[eval_tokens]) - x_eval
             res.sse += float((recon_err**2).sum())
             res.sum_sq += float((x_eval**2).sum())
             res.sum_x = x_eval.sum(0).cpu() if res.sum_x is None else res.sum_x + x_eval.sum(0).cpu()
             res.n_eval_tokens += len(x_eval)
             if grads is not None:
-                res.features.add_effects(acts, grads[layer][keep_dev].float() @ directions[layer].T)
+                res.features.add_effects(acts, grads[layer][keep_dev].float(), directions[layer])
             acts = acts.float()  # stays on the device: only per-read rows and kept examples leave it
-            res.n_active += int((acts > 0).sum())
             res.features.add_tokens(acts, tokens)
             res.pooled_raw.append(pool_reads(x, *pool_args).cpu())
             pooled = pool_reads(acts, *pool_args).cpu()

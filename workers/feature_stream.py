@@ -195,10 +195,14 @@ class FeatureAccumulator:
         self.x_sq_sum += (x**2).sum(0)
         self.xy_sum += y @ x
 
-    def add_effects(self, acts: torch.Tensor, effects: torch.Tensor) -> None:
-        """effects: [N, d_sae] d(score)/d(feature) at each token: summed where the feature fires."""
+    def add_effects(self, acts: torch.Tensor, grads: torch.Tensor, directions: torch.Tensor) -> None:
+        """grads: [N, d_in] d(score)/d(layer output) at each token; directions: [d_sae, d_in]
+        the decoder rows. d(score)/d(feature f) at token n is grads[n] . directions[f]; its
+        sum over the tokens where f fires is directions[f] . (sum of those tokens' grads), so
+        one [d_sae, N] x [N, d_in] product does it without an [N, d_sae] intermediate."""
         fires = acts > 0
-        self.effect_sum += torch.where(fires, effects, 0).sum(0, dtype=torch.float64)
+        grad_sums = fires.T.to(grads.dtype) @ grads
+        self.effect_sum += (grad_sums * directions).sum(1, dtype=torch.float64)
         self.effect_count += fires.sum(0)
 
     # -- internals -------------------------------------------------------------------------
