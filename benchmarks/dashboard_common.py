@@ -140,6 +140,12 @@ def run_saedashboard(model, sae, layer: int, tokens: torch.Tensor, features: lis
     from sae_dashboard.sae_vis_data import SaeVisConfig
     from sae_dashboard.sae_vis_runner import SaeVisRunner
 
+    if getattr(sae.cfg, "rescale_acts_by_decoder_norm", None) is False:
+        # SaeVisRunner first folds the decoder norms into the encoder, which SAELens refuses for
+        # a TopK SAE trained without decoder-norm rescaling (it could change which k are on).
+        # Such an SAE's activations are already what it computes, so that step is skipped; it
+        # is a one-off weight update, nothing the timing depends on.
+        sae.fold_W_dec_norm = lambda: None
     config = SaeVisConfig(hook_point=f"blocks.{layer}.hook_normalized_resid_post", features=features,
                           minibatch_size_features=64, minibatch_size_tokens=64, device="cpu", dtype="float32")
     start = time.perf_counter()

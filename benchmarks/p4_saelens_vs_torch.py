@@ -29,10 +29,9 @@ from workers.train import NORM_ESTIMATE_BATCHES, build_training_sae, trainer_con
 # Settings searched, as run-config `sae:` keys on top of the pipeline's TopK defaults. (SAELens's
 # use_sparse_activations was tried too: on a CPU its sparse tensors made steps several times slower.)
 VARIANTS = {
-    "pipeline default": {},
-    "no decoder-norm rescale": {"rescale_acts_by_decoder_norm": False},
+    "pipeline default": {},  # no decoder-norm rescaling, dead-feature aux loss on
+    "decoder-norm rescale": {"rescale_acts_by_decoder_norm": True},  # SAELens's training default
     "no aux loss": {"aux_loss_coefficient": 0.0},
-    "no rescale, no aux loss": {"rescale_acts_by_decoder_norm": False, "aux_loss_coefficient": 0.0},
 }
 
 

@@ -491,6 +491,7 @@ def test_view_orders_are_kept_per_view_and_bounded(migrated, synthetic_run, monk
     from backend import store
 
     monkeypatch.setattr(store, "VIEW_CACHE_SIZE", 2)
+    monkeypatch.setattr(store, "LAYER_ROWS_CACHED", N_FEATURES)  # one layer's rows at a time
     path = migrated.data_dir / "runs" / "synthetic" / "features.duckdb"
     positive = store.FeatureFilter(sign="pos")
     first = store.view_order(path, 5, "correlation", positive)
@@ -506,3 +507,8 @@ def test_view_orders_are_kept_per_view_and_bounded(migrated, synthetic_run, monk
     assert len(opened.views) == 2 and (5, "correlation", positive) not in opened.views  # least recent went
     past_the_end = store.features(path, 5, "correlation", positive, limit=5, offset=len(first))
     assert past_the_end.rows == [] and past_the_end.total == len(first)
+    by_id = {r["feature"]: r for r in layer_features(synthetic_run, 3)}
+    for row in store.features(path, 3, "weight", limit=4).rows:  # rows read from memory hold the table's values
+        assert row["weight"] == pytest.approx(by_id[row["feature"]]["weight"])
+        assert row["top_token"] == by_id[row["feature"]]["top_token"]
+    assert list(opened.layer_rows) == [3]  # layer 5's rows made room
