@@ -87,7 +87,7 @@ class SaeConfig(Strict):
     aux_loss_coefficient: float = Field(
         1.0, ge=0, description="topk/batchtopk: weight of the loss reviving dead features (0: off, and not computed)")
     rescale_acts_by_decoder_norm: bool = Field(
-        False, description="topk: rank pre-activations as if decoder rows had unit norm (on: SAELens's training default, ~40% slower steps on a CPU, no better held-out EV at these sizes)")
+        False, description="topk: rank pre-activations as if decoder rows had unit norm (on: SAELens's training default; slower steps and more dead features on the demo)")
     topk_threshold_lr: float = Field(0.01, gt=0, le=1, description="batchtopk: rate of the inference threshold's moving average")
     l1_coefficient: float | None = Field(
         None, gt=0, description="standard/l1_sqrt: weight of the sparsity penalty (default 5 and 0.15: the p=0.5 "
