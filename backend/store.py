@@ -202,6 +202,21 @@ def max_abs_weight(path: Path, layer: int) -> float:
     return scales.get(layer) or 0.0
 
 
+def _kept(cache: OrderedDict, key, read, too_big) -> Any:
+    """cache[key], read() on a miss; then the least recently used entries go while
+    too_big(cache) holds (the newest always stays)."""
+    with _lock:
+        if key in cache:
+            cache.move_to_end(key)
+            return cache[key]
+    value = read()
+    with _lock:
+        cache[key] = value
+        while len(cache) > 1 and too_big(cache):
+            cache.popitem(last=False)
+    return value
+
+
 VIEW_CACHE_SIZE = 128  # table views (layer, sort, filter) whose feature order each process keeps
 LAYER_ROWS_CACHED = 1_500_000  # feature-table rows (all layers together) each process keeps
 
@@ -211,46 +226,31 @@ def view_order(path: Path, layer: int, sort: str, where: FeatureFilter = Feature
     page of it and every j/k step through it is a slice or a lookup. The file never changes,
     so an order stays valid for as long as the file is the same; 8 bytes per feature shown."""
     order = order_by(sort)
-    opened = _open(path)
-    key = (layer, sort, where)
-    with _lock:
-        cached = opened.views.get(key)
-        if cached is not None:
-            opened.views.move_to_end(key)
-            return cached
-    layer_info(path, layer)  # NotFound for an unknown layer
-    conditions, params = where.where()
-    cur = _cursor(path)
-    cur.execute(f"SELECT feature FROM features f WHERE layer = ?{conditions} ORDER BY {order}", [layer, *params])
-    ids = cur.fetchnumpy()["feature"].astype(np.int64)
-    with _lock:
-        opened.views[key] = ids
-        while len(opened.views) > VIEW_CACHE_SIZE:
-            opened.views.popitem(last=False)
-    return ids
+
+    def read() -> np.ndarray:
+        layer_info(path, layer)  # NotFound for an unknown layer
+        conditions, params = where.where()
+        cur = _cursor(path)
+        cur.execute(f"SELECT feature FROM features f WHERE layer = ?{conditions} ORDER BY {order}", [layer, *params])
+        return cur.fetchnumpy()["feature"].astype(np.int64)
+
+    return _kept(_open(path).views, (layer, sort, where), read, lambda views: len(views) > VIEW_CACHE_SIZE)
 
 
 def _layer_rows(path: Path, layer: int) -> tuple[pa.Table, np.ndarray]:
     """The table columns of all a layer's features (by feature id) and each id's row in them,
     read once: a page then takes its 50 rows from memory (a query for them scans the layer's
     row group, ~4 ms). Layers kept up to LAYER_ROWS_CACHED rows in all, ~80 bytes a row."""
-    opened = _open(path)
-    with _lock:
-        cached = opened.layer_rows.get(layer)
-        if cached is not None:
-            opened.layer_rows.move_to_end(layer)
-            return cached
-    cur = _cursor(path)
-    table = cur.sql(f"SELECT {FEATURE_COLUMNS} FROM features WHERE layer = ? ORDER BY feature",
-                    params=[layer]).to_arrow_table()
-    ids = table.column("feature").to_numpy()
-    position = np.full(int(ids.max()) + 1 if len(ids) else 0, -1, dtype=np.int64)
-    position[ids] = np.arange(len(ids))
-    with _lock:
-        opened.layer_rows[layer] = table, position
-        while sum(len(t) for t, _ in opened.layer_rows.values()) > LAYER_ROWS_CACHED and len(opened.layer_rows) > 1:
-            opened.layer_rows.popitem(last=False)
-    return table, position
+    def read() -> tuple[pa.Table, np.ndarray]:
+        table = _cursor(path).sql(f"SELECT {FEATURE_COLUMNS} FROM features WHERE layer = ? ORDER BY feature",
+                                  params=[layer]).to_arrow_table()
+        ids = table.column("feature").to_numpy()
+        position = np.full(int(ids.max()) + 1 if len(ids) else 0, -1, dtype=np.int64)
+        position[ids] = np.arange(len(ids))
+        return table, position
+
+    return _kept(_open(path).layer_rows, layer, read,
+                 lambda layers: sum(len(table) for table, _ in layers.values()) > LAYER_ROWS_CACHED)
 
 
 def features(path: Path, layer: int, sort: str = "weight", where: FeatureFilter = FeatureFilter(),
