@@ -161,11 +161,17 @@ def _write(settings: Settings, run_id: str, layer: int, feature: int, label: str
     return {**key, "label": label, "note": note, "author": author, "updated_at": now, "version": version}
 
 
+_events = LabelEvent.__table__
+_EVENTS_OF_FEATURE = (sa.select(_events)
+                      .where(_events.c.run_id == sa.bindparam("run_id"), _events.c.layer == sa.bindparam("layer"),
+                             _events.c.feature == sa.bindparam("feature"))
+                      .order_by(_events.c.version, _events.c.id))
+
+
 def history(settings: Settings, run_id: str, layer: int, feature: int) -> list[dict[str, Any]]:
     """Every change of the feature's label, oldest first."""
-    with db.session(settings) as s:
-        events = s.scalars(sa.select(LabelEvent).filter_by(run_id=run_id, layer=layer, feature=feature)
-                           .order_by(LabelEvent.version, LabelEvent.id)).all()
+    with db.get_engine(settings).connect() as conn:  # Core: a feature page reads this every time
+        events = conn.execute(_EVENTS_OF_FEATURE, {"run_id": run_id, "layer": layer, "feature": feature}).all()
     return [{"version": e.version, "old_label": e.old_label, "new_label": e.new_label, "old_note": e.old_note,
              "new_note": e.new_note, "author": e.author, "created_at": _utc(e.created_at)} for e in events]
 

