@@ -65,7 +65,7 @@ def _utc(value: datetime | None) -> datetime | None:
     return value.replace(tzinfo=timezone.utc) if value is not None and value.tzinfo is None else value
 
 
-def _label_dict(row: Label) -> dict[str, Any]:
+def _label_dict(row: Label | sa.Row) -> dict[str, Any]:
     return {"run_id": row.run_id, "layer": row.layer, "feature": row.feature, "label": row.label,
             "note": row.note, "author": row.author, "updated_at": _utc(row.updated_at), "version": row.version}
 
@@ -161,6 +161,9 @@ def _write(settings: Settings, run_id: str, layer: int, feature: int, label: str
     return {**key, "label": label, "note": note, "author": author, "updated_at": now, "version": version}
 
 
+_labels = Label.__table__
+_LABELS_OF_LAYER = sa.select(_labels).where(_labels.c.run_id == sa.bindparam("run_id"),
+                                            _labels.c.layer == sa.bindparam("layer"))
 _events = LabelEvent.__table__
 _EVENTS_OF_FEATURE = (sa.select(_events)
                       .where(_events.c.run_id == sa.bindparam("run_id"), _events.c.layer == sa.bindparam("layer"),
@@ -190,8 +193,8 @@ def current_and_history(settings: Settings, run_id: str, layer: int, feature: in
 
 def labels_for_layer(settings: Settings, run_id: str, layer: int) -> dict[int, dict[str, Any]]:
     """The layer's labelled features: feature id -> its label."""
-    with db.session(settings) as s:
-        rows = s.scalars(sa.select(Label).filter_by(run_id=run_id, layer=layer)).all()
+    with db.get_engine(settings).connect() as conn:  # Core: every table page reads this
+        rows = conn.execute(_LABELS_OF_LAYER, {"run_id": run_id, "layer": layer}).all()
     return {row.feature: _label_dict(row) for row in rows}
 
 

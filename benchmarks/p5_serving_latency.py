@@ -507,6 +507,31 @@ def report(name: str, clients: int, result: Load) -> None:
         print(f"    failed: {failure}")
 
 
+def available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo, in bytes (None where there is none)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def warm_page_cache(path: Path) -> str:
+    """Read the store once, so the OS page cache holds it as it would on a server that has been
+    up a while; otherwise the first pass over 1M random features measures the disk. Skipped
+    (and said) when the file would not fit in the memory available."""
+    size, free = path.stat().st_size, available_memory()
+    if free is not None and size > 0.8 * free:
+        return f"page cache: not warmed ({size / 2**30:.1f} GiB store, {free / 2**30:.1f} GiB available): cold reads hit the disk"
+    start = time.perf_counter()
+    with open(path, "rb", buffering=0) as f:
+        while f.read(1 << 24):
+            pass
+    return f"page cache: read the store once ({size / 2**30:.1f} GiB in {time.perf_counter() - start:.1f} s) before serving"
+
+
 def run_scenarios(base: str, server_pid: int, saes: int, width: int, max_page: int, args) -> dict[str, Load]:
     """Warm up, then each scenario under `args.clients` clients (and one client, for service time)."""
     results = {}
@@ -534,6 +559,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0, help="time cap per scenario")
     parser.add_argument("--warmup", type=int, default=300, help="uncounted requests before each scenario")
     parser.add_argument("--baseline-requests", type=int, default=200, help="one-client requests per scenario (0: skip)")
+    parser.add_argument("--cold", action="store_true", help="do not read the store into the page cache first")
     parser.add_argument("--server-workers", type=int, default=os.cpu_count() or 1,
                         help="server processes (rewardatlas serve --workers; default: one per core)")
     args = parser.parse_args()
@@ -552,6 +578,8 @@ def main() -> None:
         print("rows: " + ", ".join(f"{t} {n:,}" for t, n in build.rows.items()))
         print(f"store size on disk: {size:,} bytes = {size / 2**30:.2f} GiB; {size / n_features:,.0f} bytes per feature")
         max_page = filtered_pages(build.path, args.saes)
+        if not args.cold:
+            print(warm_page_cache(build.path), flush=True)
         print(f"load: {os.cpu_count()} CPU core(s) shared by the server and the load generator (load average "
               f"before: {os.getloadavg()[0]:.1f}); with {args.clients} clients each waiting for its answer, "
               f"latency ~ clients / throughput once the cores are busy", flush=True)

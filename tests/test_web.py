@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from backend.routes.common import fmt_num, fmt_pct, fmt_weight
+from backend.routes.formats import fmt_num, fmt_pct, fmt_weight
 from backend.store import SORTS
 from tests.helpers import (CONTEXT_FEATURE, DEAD_FEATURE, LAYERS, N_FEATURES, QUANTILE_BINS, QUANTILE_TOKEN,
                            WEIGHT_GROUP,
@@ -166,8 +166,8 @@ def test_feature_page_shows_context_tokens_and_values(client, synthetic_run):
     html = client.get(url).text
     api = client.get(f"/api{url}").json()
     # the peak token is emphasised and shows its value on hover; "##ing" joins "amaz"
-    assert re.search(r'<span class="tok peak" style="--a:1.0" title="amaz: 4.000">amaz</span>'
-                     r'<span class="tok" style="--a:0.5" title="##ing: 2.000">ing</span>', html)
+    assert re.search(r'<span class="tok peak" style="--a:100%" title="amaz: 4.000">amaz</span>'
+                     r'<span class="tok" style="--a:50%" title="##ing: 2.000">ing</span>', html)
     assert "##ing" not in re.sub(r'title="[^"]*"', "", html)
     assert '<span class="tok special"' in html  # [CLS] is dimmed
     top = api["contexts"][0]
@@ -276,7 +276,7 @@ def test_app_never_imports_torch():
 
 
 def test_token_spans_spacing_and_shading():
-    from backend.routes.common import token_spans, token_texts
+    from backend.routes.formats import token_spans, token_texts
 
     def text(tokens):
         return "".join((" " if space else "") + shown for shown, space in token_texts(tokens))
@@ -286,10 +286,10 @@ def test_token_spans_spacing_and_shading():
     assert text(["▁very", "▁good", "ness"]) == "very goodness"  # SentencePiece
     spans = re.findall(r'<span class="([^"]*)" style="--a:([^"]*)" title="([^"]*)">([^<]*)</span>',
                        token_spans(["[CLS]", "b", "<c>"], [0.0, 3.0, 6.0], 4.0, peak=1))
-    assert spans == [("tok special", "0.0", "[CLS]: 0.000", "[CLS]"), ("tok peak", "0.75", "b: 3.000", "b"),
-                     ("tok special", "1.0", "&lt;c&gt;: 6.000", "&lt;c&gt;")]  # act / max, clipped at 1; escaped
+    assert spans == [("tok special", "0%", "[CLS]: 0.000", "[CLS]"), ("tok peak", "75%", "b: 3.000", "b"),
+                     ("tok special", "100%", "&lt;c&gt;: 6.000", "&lt;c&gt;")]  # act / max, clipped at 1; escaped
     assert "peak" not in token_spans(["a", "b"], [1.0, 2.0], 2.0, peak=None)
-    assert 'class="tok peak" style="--a:1.0" title="b: 2.000"' in token_spans(["a", "b"], [1.0, 2.0], 2.0)
+    assert 'class="tok peak" style="--a:100%" title="b: 2.000"' in token_spans(["a", "b"], [1.0, 2.0], 2.0)
 
 
 def test_registered_run_without_its_store_is_404(client, migrated):
@@ -515,3 +515,23 @@ def test_view_orders_are_kept_per_view_and_bounded(migrated, synthetic_run, monk
         assert row["weight"] == pytest.approx(by_id[row["feature"]]["weight"])
         assert row["top_token"] == by_id[row["feature"]]["top_token"]
     assert list(opened.layer_rows) == [3]  # layer 5's rows made room
+
+
+def test_feature_rows_show_each_cell_and_escape_what_they_quote():
+    from backend.routes.formats import feature_rows
+    row = {"feature": 7, "weight": -0.25, "std_weight": 0.5, "weight_se": 0.01, "weight_group_size": 3,
+           "reward_correlation": 0.123, "reward_effect": None, "frequency": 0.02, "max_activation": 4.0,
+           "top_token": "<b>", "label": "reward", "label_note": 'says "great"'}
+    html = feature_rows([row, {**row, "feature": 8, "weight_group_size": 1, "top_token": None, "label": None}],
+                        first_rank=51, href="/runs/a b/layers/3/features/", query="?sort=weight&page=2",
+                        max_abs_weight=0.5, label_names={"reward": "reward-related"})
+    first, second = re.findall(r"<tr .*?</tr>", html)
+    cells = re.findall(r"<td[^>]*>(.*?)</td>", first)
+    assert cells[1] == "51" and re.findall(r"<td[^>]*>(.*?)</td>", second)[1] == "52"  # rank continues the page
+    assert '<a href="/runs/a b/layers/3/features/7?sort=weight&amp;page=2"><b>7</b></a>' in cells[2]
+    assert "×3" in cells[2] and "2 near-duplicate features" in cells[2]
+    assert 'class="num weight neg"' in first and 'style="width:25.0%"' in cells[3] and cells[3].endswith("-0.2500")
+    assert cells[4:10] == ["+0.5000", "0.010", "0.12", "—", "2.00%", "4.000"]
+    assert cells[10] == '<code class="token">&lt;b&gt;</code>'
+    assert cells[11] == '<span class="badge label-reward" title="says &quot;great&quot;">reward-related</span>'
+    assert "never fires" in second and "group-mark" not in second and "badge" not in second

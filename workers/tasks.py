@@ -168,6 +168,7 @@ def ablation_task(params: dict, ctx) -> dict:
 
 # --- custom text ------------------------------------------------------------------------
 
+@torch.no_grad()
 def inference_task(params: dict, ctx) -> dict:
     """A typed text's reward and, per token, the activations of the chosen features; with an
     edit, the reward again with those features changed."""

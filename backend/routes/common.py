@@ -1,10 +1,8 @@
-"""What every page group shares: settings, run lookup, templates and number formats."""
+"""What every page group shares: settings, run lookup, templates and the table view."""
 from __future__ import annotations
 
-import functools
-import html
 from pathlib import Path
-from typing import Annotated, Any, Literal, Sequence
+from typing import Annotated, Any, Literal
 from urllib.parse import urlencode
 
 import jinja2
@@ -12,12 +10,12 @@ import orjson
 import sqlalchemy as sa
 from fastapi import Depends, Query, Request, Response
 from fastapi.templating import Jinja2Templates
-from markupsafe import Markup
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from backend import db, store
 from backend.access import csrf_token
 from backend.models import LABELS
+from backend.routes.formats import feature_rows, fmt_num, fmt_pct, fmt_weight, token_spans, weight_class
 from backend.settings import Settings
 from backend.store import NotFound
 
@@ -52,84 +50,6 @@ def run_summary(run: sa.Row) -> dict[str, Any]:
     return {"id": run.id, "name": run.name, "model": run.model}
 
 
-# --- number formats: one place, so HTML and tests agree on what a value looks like ---
-
-def fmt_num(x: float | None, digits: int = 3) -> str:
-    if x is None:
-        return "—"
-    if x != 0 and (abs(x) < 10 ** -digits or abs(x) >= 1e6):
-        return f"{x:.{max(digits - 1, 1)}e}"
-    return f"{x:.{digits}f}"
-
-
-def fmt_weight(x: float | None) -> str:
-    """Signed, so the sign of a reward effect is never lost in a column of numbers."""
-    if x is None:
-        return "—"
-    return f"{x:+.4f}" if x == 0 or 1e-4 <= abs(x) < 1e5 else f"{x:+.2e}"
-
-
-def fmt_pct(x: float | None) -> str:
-    if x is None:
-        return "—"
-    return f"{100 * x:.2f}%" if x == 0 or x >= 1e-4 else f"{100 * x:.1e}%"
-
-
-def weight_class(x: float | None) -> str:
-    """CSS class for a weight's sign: blue raises the reward, red lowers it (everywhere)."""
-    if not x:
-        return "zero"
-    return "pos" if x > 0 else "neg"
-
-
-SPACE_MARKS = ("▁", "Ġ")  # SentencePiece / GPT-2 byte-level BPE: "a space precedes me"
-
-
-def token_texts(tokens: Sequence[str]) -> list[tuple[str, bool]]:
-    """(text shown, space before it) per token. WordPiece continuations ("##ing") join the
-    previous token; in BPE vocabularies that mark spaces explicitly, only marked tokens get a
-    space; otherwise tokens are space-separated."""
-    marked = any(t.startswith(SPACE_MARKS) for t in tokens)
-    out = []
-    for i, tok in enumerate(tokens):
-        if tok.startswith("##") and len(tok) > 2:
-            text, space = tok[2:], False
-        elif marked:
-            space = tok.startswith(SPACE_MARKS)
-            text = tok[1:] if space else tok
-        else:
-            text, space = tok, True
-        out.append((text, space and i > 0))
-    return out
-
-
-@functools.lru_cache(maxsize=1 << 16)
-def _escaped(token: str) -> str:
-    return html.escape(token)  # tokens repeat across a page's contexts and across pages
-
-
-def token_spans(tokens: Sequence[str], acts: Sequence[float], scale: float, peak: int | None = -1) -> Markup:
-    """A context as shaded token spans: shading --a = act / scale (clipped to 0..1), hover =
-    the token and its value, special tokens ([CLS], <s>) dimmed, the peak token outlined
-    (`peak`: its index; -1: the largest activation; None: no outline). Built here in one pass,
-    not in a template loop: a feature page has ~300 tokens, and Jinja spent 7 ms on them."""
-    if peak == -1:
-        peak = max(range(len(acts)), key=acts.__getitem__, default=None)
-    inverse = 1.0 / scale if scale > 0 else 0.0
-    parts = []
-    for i, ((text, space), tok, act) in enumerate(zip(token_texts(tokens), tokens, acts)):
-        classes = "tok peak" if i == peak else "tok"
-        if len(tok) > 2 and tok[0] + tok[-1] in ("[]", "<>"):
-            classes += " special"
-        alpha = round(min(max(act * inverse, 0.0), 1.0), 3)
-        value = f"{act:.3f}" if act == 0 or 1e-3 <= abs(act) < 1e6 else fmt_num(act)  # fmt_num's rule, inline
-        # text is tok less a leading "##", "Ġ" or "▁", none of which escaping changes
-        shown = _escaped(tok)[len(tok) - len(text):]
-        parts.append(f'{" " if space else ""}<span class="{classes}" style="--a:{alpha}" '
-                     f'title="{_escaped(tok)}: {value}">{shown}</span>')
-    return Markup("".join(parts))
-
-
 class _PageEnvironment(jinja2.Environment):
     """Looks `x.name` up as x["name"] first when x is a dict (page data is dicts): Jinja's own
     order, attribute first, raises and catches an AttributeError for each of a page's ~900
@@ -146,7 +66,7 @@ class _PageEnvironment(jinja2.Environment):
 templates = Jinja2Templates(env=_PageEnvironment(
     loader=jinja2.FileSystemLoader(FRONTEND_DIR / "templates"), autoescape=True, auto_reload=False))
 templates.env.filters.update(num=fmt_num, weight=fmt_weight, pct=fmt_pct, wclass=weight_class)
-templates.env.globals.update(csrf_token=csrf_token, token_spans=token_spans)
+templates.env.globals.update(csrf_token=csrf_token, token_spans=token_spans, feature_rows=feature_rows)
 
 
 def json_response(data: dict[str, Any]) -> Response:

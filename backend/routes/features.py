@@ -45,14 +45,14 @@ def feature_data(settings: Settings, run_id: str, layer: int, feature: int, view
 
 
 @router.get("/api/runs/{run_id}/layers/{layer}/features/{feature}", tags=["features"])
-async def api_feature(run_id: str, layer: int, feature: int, settings: SettingsDep, view: TableViewQ) -> dict[str, Any]:
+def api_feature(run_id: str, layer: int, feature: int, settings: SettingsDep, view: TableViewQ) -> dict[str, Any]:
     """One feature: statistics, weight, histogram, top tokens, contexts, nearest features by
     decoder cosine, and its previous/next feature in the table view given by the query."""
     return json_response(feature_data(settings, run_id, layer, feature, view))
 
 
 @router.get("/runs/{run_id}/layers/{layer}/features/{feature}", response_class=HTMLResponse, include_in_schema=False)
-async def feature_page(request: Request, run_id: str, layer: int, feature: int, settings: SettingsDep, view: TableViewQ):
+def feature_page(request: Request, run_id: str, layer: int, feature: int, settings: SettingsDep, view: TableViewQ):
     return render_feature_page(request, settings, run_id, layer, feature, view)
 
 

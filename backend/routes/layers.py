@@ -67,13 +67,13 @@ def layer_data(settings: Settings, run_id: str, layer: int, view: TableView) -> 
 
 
 @router.get("/api/runs/{run_id}/layers/{layer}", tags=["features"])
-async def api_layer(run_id: str, layer: int, settings: SettingsDep, view: TableViewQ) -> dict[str, Any]:
+def api_layer(run_id: str, layer: int, settings: SettingsDep, view: TableViewQ) -> dict[str, Any]:
     """A layer's metrics and one page of its feature table."""
     return layer_data(settings, run_id, layer, view)
 
 
 @router.get("/runs/{run_id}/layers/{layer}", response_class=HTMLResponse, include_in_schema=False)
-async def layer_page(request: Request, run_id: str, layer: int, settings: SettingsDep, view: TableViewQ,
+def layer_page(request: Request, run_id: str, layer: int, settings: SettingsDep, view: TableViewQ,
                go: int | None = Query(None, ge=0, description="open this feature id")):
     if go is not None:  # "go to feature #": straight to its page, keeping the view for j/k
         store.feature(store_path(settings, get_run(settings, run_id)), layer, go)  # 404 if unknown
