@@ -169,7 +169,10 @@ def layer_contexts(rng: np.random.Generator, layer: int, top_ids: np.ndarray, ma
     # a top context peaks on one of the feature's top tokens, as real ones do
     top_rows = np.flatnonzero(is_top)
     tokens[starts[top_rows] + peak[top_rows]] = top_ids[feature[top_rows], rank[top_rows] % TOP_TOKENS]
-    acts = (np.repeat(activation, n_tok) * 0.5 * rng.random(len(tokens)) ** 3).astype(np.float32)
+    # as in real contexts, the feature is off on most tokens (87% of the demo run's context
+    # tokens): a few fire at up to half the peak, the peak fires at the context's activation
+    on = rng.random(len(tokens)) < 0.065
+    acts = np.where(on, np.repeat(activation, n_tok) * 0.5 * rng.random(len(tokens)), 0.0).astype(np.float32)
     acts[starts + peak] = activation
     window_start = rng.integers(0, TEXT_TOKENS - WINDOW[1], rows).astype(np.int32)
     return {

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from backend import db, store
 from backend.access import csrf_token
 from backend.models import LABELS
-from backend.routes.formats import feature_rows, fmt_num, fmt_pct, fmt_weight, token_spans, weight_class
+from backend.routes.formats import context_rows, feature_rows, fmt_num, fmt_pct, fmt_weight, token_spans, weight_class
 from backend.settings import Settings
 from backend.store import NotFound
 
@@ -66,7 +66,8 @@ class _PageEnvironment(jinja2.Environment):
 templates = Jinja2Templates(env=_PageEnvironment(
     loader=jinja2.FileSystemLoader(FRONTEND_DIR / "templates"), autoescape=True, auto_reload=False))
 templates.env.filters.update(num=fmt_num, weight=fmt_weight, pct=fmt_pct, wclass=weight_class)
-templates.env.globals.update(csrf_token=csrf_token, token_spans=token_spans, feature_rows=feature_rows)
+templates.env.globals.update(csrf_token=csrf_token, token_spans=token_spans, context_rows=context_rows,
+                             feature_rows=feature_rows)
 
 
 def json_response(data: dict[str, Any]) -> Response:
