@@ -16,6 +16,7 @@ from starlette.middleware.sessions import SessionMiddleware
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from backend.access import AccessMiddleware
+from backend.keepalive import RecycleConnections
 from backend.routes import auth, features, jobs, labels, layers, runs
 from backend.routes.common import FRONTEND_DIR, render
 from backend.settings import Settings, get_settings
@@ -69,6 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(AccessMiddleware, settings=app.state.settings)
     app.add_middleware(SessionMiddleware, secret_key=app.state.settings.secret_key or secrets.token_hex(32),
                        session_cookie="rewardatlas_session", same_site="lax")
+    app.add_middleware(RecycleConnections)  # outermost: it counts every request, even a refused one
     app.add_exception_handler(NotFound, _not_found)
     app.add_exception_handler(StoreOutdated, _outdated)
     app.add_exception_handler(StarletteHTTPException, _http_error)

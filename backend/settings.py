@@ -1,6 +1,7 @@
 """One Settings object for every entry point; environment variables use the RA_ prefix."""
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -34,12 +35,18 @@ class Settings(BaseSettings):
 
     @property
     def sql_url(self) -> str:
-        if self.database_url:
-            return self.database_url
-        return f"sqlite:///{(self.data_dir / 'rewardatlas.sqlite').resolve()}"
+        return _sql_url(self.database_url, self.data_dir, os.getcwd())
 
     def run_dir(self, run_id: str) -> Path:
         return self.runs_dir / run_id
+
+
+@lru_cache(maxsize=64)
+def _sql_url(database_url: str, data_dir: Path, cwd: str) -> str:
+    # cached: resolve() costs a syscall per part of the path, and every query asks for the URL
+    if database_url:
+        return database_url
+    return f"sqlite:///{(Path(cwd) / data_dir / 'rewardatlas.sqlite').resolve()}"
 
 
 @lru_cache

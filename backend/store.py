@@ -106,7 +106,7 @@ class FeaturePage:
 
 @dataclass
 class _OpenStore:
-    signature: tuple[int, int, int]  # inode, mtime, size: a replaced file reopens
+    signature: tuple[int, int, int, int]  # device, inode, mtime, size: a replaced file reopens
     con: duckdb.DuckDBPyConnection
     memo: dict[str, Any] = field(default_factory=dict)  # small results; the file never changes
     cursors: dict[int, duckdb.DuckDBPyConnection] = field(default_factory=dict)  # one per thread, kept
@@ -119,12 +119,14 @@ _connections: dict[str, _OpenStore] = {}
 
 
 def _open(path: Path) -> _OpenStore:
-    key = str(Path(path).resolve())
+    # keyed by the path as given: every query calls this, and resolve() cost a syscall per
+    # part of the path each time; os.stat follows links, so a replaced file still reopens
+    key = str(path)
     try:
         st = os.stat(key)
     except FileNotFoundError:
         raise NotFound(f"feature store {path} does not exist") from None
-    signature = (st.st_ino, st.st_mtime_ns, st.st_size)
+    signature = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
     with _lock:
         cached = _connections.get(key)
         if cached is None or cached.signature != signature:
@@ -136,7 +138,8 @@ def _open(path: Path) -> _OpenStore:
             # parallel workers cost more CPU than they save (measured: a feature's card 1.4 ->
             # 0.8 ms, a table page 10 -> 8 ms), and concurrent requests already use the cores.
             con = duckdb.connect(":memory:", config={"threads": 1})
-            con.execute(f"ATTACH '{key.replace(chr(39), chr(39) * 2)}' AS store (READ_ONLY)")
+            attach = os.path.abspath(key).replace("'", "''")
+            con.execute(f"ATTACH '{attach}' AS store (READ_ONLY)")
             found = con.execute("SELECT value FROM store.run_info WHERE key = 'store_version'").fetchone()
             if found is None or found[0] != str(STORE_VERSION):
                 con.close()

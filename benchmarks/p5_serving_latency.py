@@ -420,6 +420,7 @@ class Load:
     latencies_ms: np.ndarray
     failures: list[str]     # "status url" of every non-200 answer or transport error
     wall_s: float
+    client_means_ms: list[float] = field(default_factory=list)  # each client's mean latency
     server_cpu_s: float | None = None   # CPU time the server process used meanwhile (all threads)
     client_cpu_s: float = 0.0           # and this process, the load generator
 
@@ -452,9 +453,10 @@ def load(base: str, urls: list[str], clients: int, seconds: float, server_pid: i
     lock = threading.Lock()
     latencies: list[float] = []
     failures: list[str] = []
+    by_client: list[list[float]] = [[] for _ in range(clients)]
     deadline = time.monotonic() + seconds
 
-    def client() -> None:
+    def client(mine: list[float]) -> None:
         # the standard library's HTTP client: about a third of httpx's CPU per request, and the
         # load generator shares the server's cores
         conn = http.client.HTTPConnection(host, port, timeout=60)
@@ -474,6 +476,7 @@ def load(base: str, urls: list[str], clients: int, seconds: float, server_pid: i
                     status = type(exc).__name__
                     conn.close()  # reconnects on the next request
                 elapsed = (time.perf_counter() - start) * 1000
+                mine.append(elapsed)
                 with lock:
                     latencies.append(elapsed)
                     if status != 200:
@@ -481,7 +484,7 @@ def load(base: str, urls: list[str], clients: int, seconds: float, server_pid: i
         finally:
             conn.close()
 
-    threads = [threading.Thread(target=client) for _ in range(clients)]
+    threads = [threading.Thread(target=client, args=(mine,)) for mine in by_client]
     server_cpu, client_cpu, start = process_cpu_s(server_pid), time.process_time(), time.perf_counter()
     for t in threads:
         t.start()
@@ -489,7 +492,7 @@ def load(base: str, urls: list[str], clients: int, seconds: float, server_pid: i
         t.join()
     wall = time.perf_counter() - start
     server_after = process_cpu_s(server_pid)
-    return Load(np.array(latencies), failures, wall,
+    return Load(np.array(latencies), failures, wall, [float(np.mean(m)) for m in by_client if m],
                 None if server_cpu is None or server_after is None else server_after - server_cpu,
                 time.process_time() - client_cpu)
 
@@ -506,6 +509,9 @@ def report(name: str, clients: int, result: Load) -> None:
     if n and result.server_cpu_s is not None:
         print(f"{'':<13} CPU per request: server {1000 * result.server_cpu_s / n:5.1f} ms, "
               f"load generator {1000 * result.client_cpu_s / n:5.1f} ms")
+    if len(result.client_means_ms) > 1:  # unequal: connections unevenly spread over server processes
+        print(f"{'':<13} mean latency per client: {min(result.client_means_ms):.1f} to "
+              f"{max(result.client_means_ms):.1f} ms")
     for failure in result.failures[:5]:
         print(f"    failed: {failure}")
 

@@ -81,3 +81,28 @@ def test_a_login_holds_across_server_processes(p5, settings):
                 assert stranger.get("/api/runs").status_code == 401
     finally:
         del os.environ["RA_USERS"]
+
+
+def test_keep_alive_connections_are_recycled_so_they_spread_over_processes(p5, settings):
+    """Every REQUESTS_PER_CONNECTION-th answer on a connection says `Connection: close`; the
+    client reconnects (and whichever process is free accepts), and nothing fails."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    from backend.keepalive import REQUESTS_PER_CONNECTION as N
+
+    p5.build_store(settings, saes=1, width=64, n_contexts=2, n_texts=10)
+    with p5.serve(settings.data_dir, workers=2) as (base, _proc):
+        conn = http.client.HTTPConnection(urlsplit(base).hostname, urlsplit(base).port, timeout=30)
+        closing, ports, statuses = [], set(), set()
+        for i in range(1, 2 * N + 11):
+            conn.request("GET", "/api/runs")
+            ports.add(conn.sock.getsockname()[1])
+            answer = conn.getresponse()
+            answer.read()
+            statuses.add(answer.status)
+            if (answer.getheader("connection") or "").lower() == "close":
+                closing.append(i)
+        conn.close()
+    assert statuses == {200}
+    assert closing == [N, 2 * N] and len(ports) == 3  # two reconnects, made by http.client itself
