@@ -44,15 +44,20 @@ def feature_data(settings: Settings, run_id: str, layer: int, feature: int, view
             "label": label, "label_history": label_history}
 
 
+# The two feature routes run on the event loop (async def), not in the thread pool: their work
+# is a few ms of CPU -- one card read from the page-cached store, two indexed SQL reads, the
+# render -- and the hop to a thread and back, with the GIL handed over twice, cost more than
+# that work under load (P5, 8 clients: p95 of the JSON 30-35 ms in threads, 23-26 ms here).
+# What they cannot bound: the first j/k lookup in a view not yet kept (one query, <= ~50 ms).
 @router.get("/api/runs/{run_id}/layers/{layer}/features/{feature}", tags=["features"])
-def api_feature(run_id: str, layer: int, feature: int, settings: SettingsDep, view: TableViewQ) -> dict[str, Any]:
+async def api_feature(run_id: str, layer: int, feature: int, settings: SettingsDep, view: TableViewQ) -> dict[str, Any]:
     """One feature: statistics, weight, histogram, top tokens, contexts, nearest features by
     decoder cosine, and its previous/next feature in the table view given by the query."""
     return json_response(feature_data(settings, run_id, layer, feature, view))
 
 
 @router.get("/runs/{run_id}/layers/{layer}/features/{feature}", response_class=HTMLResponse, include_in_schema=False)
-def feature_page(request: Request, run_id: str, layer: int, feature: int, settings: SettingsDep, view: TableViewQ):
+async def feature_page(request: Request, run_id: str, layer: int, feature: int, settings: SettingsDep, view: TableViewQ):
     return render_feature_page(request, settings, run_id, layer, feature, view)
 
 
