@@ -10,8 +10,11 @@ keep-alive clients, each scenario bounded by `--requests` and `--seconds`:
   feature-json  GET /api/runs/<id>/layers/<L>/features/<F>         (its JSON twin)
   table         GET /runs/<id>/layers/<L>?sort=..&sign=pos&min_freq=0.001&page=..   (HTML)
 
-Prints p50/p95/p99/mean latency (client-side wall time) and throughput per scenario, failures
-(any status but 200), the store's size on disk, the build time and the build's peak memory.
+Before serving, the store is read once into the OS page cache (as on a server that has been
+up a while; `--cold` skips that). Prints p50/p95/p99/mean latency (client-side wall time) and
+throughput per scenario, the server's and the load generator's CPU per request, each client's
+mean latency (unequal when connections sit unevenly on the server processes), failures (any
+status but 200), the store's size on disk, the build time and the build's peak memory.
 Targets: feature page p95 <= 25 ms, table page p95 <= 50 ms. The server, the load generator
 and the build share this machine's cores, so with few cores the concurrent figures include
 queueing for CPU; `--baseline-requests` also measures one client at a time (service time).
