@@ -1,7 +1,7 @@
 """How values look on the pages: number formats (one place, so HTML and tests agree on what
 a value looks like), and the fragments that repeat hundreds of times a page -- a context's
-token spans, its contexts' rows, the feature table's rows -- written in Python: as Jinja loops they took most of
-their page's time."""
+token spans, a feature's context rows, the feature table's rows -- written in Python: as
+Jinja loops they took most of their page's time."""
 from __future__ import annotations
 
 import functools
@@ -128,7 +128,7 @@ def feature_rows(rows: Sequence[Mapping[str, Any]], first_rank: int, href: str, 
     """The feature table's rows (layer page): rank, feature id linking to `href` + id + `query`,
     weight with a bar scaled to the layer's largest |weight|, std. weight, SE, correlation,
     effect, frequency, max activation, top token and label. 50 rows of 12 cells cost Jinja
-    ~3.9 ms a page; these strings about a fifth of that."""
+    ~3.9 ms a page; these strings about a quarter of that."""
     out = []
     link, query = html.escape(href), html.escape(query)
     for rank, f in enumerate(rows, first_rank):
