@@ -82,15 +82,13 @@ def token_spans(tokens: Sequence[str], acts: Sequence[float], scale: float, peak
         classes = "tok peak" if i == peak else "tok"
         if len(tok) > 2 and tok[0] in "[<" and tok[-1] in "]>":
             classes += " special"
-        escaped = _escaped(tok)  # the text shown is tok less a leading "##", "Ġ" or "▁": escaping keeps those
         if act == 0:
-            parts.append(f'{" " if space else ""}<span class="{classes}" title="{escaped}: 0.000">'
-                         f'{escaped[len(tok) - len(text):]}</span>')
-            continue
-        shade = int(act * per_cent + 0.5)
-        shade = 0 if shade < 0 else 100 if shade > 100 else shade
-        value = f"{act:.3f}" if 1e-3 <= abs(act) < 1e6 else fmt_num(act)  # fmt_num's rule, inline
-        parts.append(f'{" " if space else ""}<span class="{classes}" style="--a:{shade}%" '
+            style, value = "", "0.000"
+        else:
+            shade = min(max(int(act * per_cent + 0.5), 0), 100)
+            style, value = f' style="--a:{shade}%"', fmt_num(act)
+        escaped = _escaped(tok)  # the text shown is tok less a leading "##", "Ġ" or "▁": escaping keeps those
+        parts.append(f'{" " if space else ""}<span class="{classes}"{style} '
                      f'title="{escaped}: {value}">{escaped[len(tok) - len(text):]}</span>')
     return Markup("".join(parts))
 
