@@ -204,7 +204,7 @@ TEXTS = ["a great film with a dull ending", "not bad at all", "the plot was awfu
 
 
 def test_decoder_directions_are_the_reconstructions_change_per_unit(tiny_rm):
-    from workers.analyze import decoder_directions
+    from workers.sae_ops import decoder_directions
 
     _, saes = tiny_rm
     sae = saes[0]

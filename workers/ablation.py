@@ -6,7 +6,7 @@ With nothing changed this is h itself, so every difference in the reward comes f
 chosen features alone, not from the SAE's imperfect reconstruction.
 
 Modes: zero (f'_i = 0), clamp (f'_i = value at every token), steer (h + value x the feature's
-decoder direction at every token; f' = encode of that).
+decoder direction at every token; f' = encode of that). The edit itself is workers/sae_ops.py.
 """
 from __future__ import annotations
 
@@ -15,68 +15,12 @@ from typing import Callable
 
 import numpy as np
 import torch
-from scipy import stats
 
 from workers.adapters import Batch, RewardModelAdapter
-from workers.analyze import decoder_directions, pool_reads
+from workers.analyze import forward_with_gradients
 from workers.batching import length_bucketed_batches, token_lengths
-
-MODES = ("zero", "clamp", "steer")
-
-
-@dataclass(frozen=True)
-class FeatureEdit:
-    features: tuple[int, ...]
-    mode: str  # one of MODES
-    value: float = 0.0  # clamp: the activation; steer: the multiple of the decoder direction
-
-    def __post_init__(self):
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
-        if not self.features:
-            raise ValueError("no features to change")
-
-
-@torch.no_grad()
-def linear_decoder(sae, rows: torch.Tensor | None = None) -> torch.Tensor | None:
-    """The decoder's rows (`rows`: decoder_directions, when the caller has them) when
-    decode(f) = decode(0) + f @ rows (any SAE without a run-time output normalisation),
-    checked on random sparse codes; None when it is not."""
-    rows = decoder_directions(sae) if rows is None else rows
-    ref = sae.W_dec
-    generator = torch.Generator().manual_seed(0)
-    codes = torch.rand(8, sae.cfg.d_sae, generator=generator) * (torch.rand(8, sae.cfg.d_sae, generator=generator) < 0.05)
-    codes = (codes * 4).to(device=ref.device, dtype=ref.dtype)
-    base = sae.decode(torch.zeros_like(codes[:1]))
-    expected = sae.decode(codes) - base
-    error = (expected - codes @ rows).abs().max()
-    return rows if float(error) <= 1e-4 * max(float(expected.abs().max()), 1.0) else None
-
-
-@torch.no_grad()
-def edit_hidden(sae, hidden: torch.Tensor, edit: FeatureEdit, directions: torch.Tensor | None = None,
-                linear: bool = False):
-    """(new hidden, features before, features after) for hidden states [..., d_in].
-
-    `directions`: the decoder rows (decoder_directions); with `linear` (see linear_decoder),
-    zero and clamp apply the change as (after - before) x the chosen rows, instead of decoding
-    every feature twice."""
-    h = hidden.float()
-    before = sae.encode(h)
-    index = torch.tensor(edit.features, device=h.device)
-    if edit.mode == "steer":
-        if directions is None:
-            directions = decoder_directions(sae)
-        new = h + edit.value * directions[index].sum(0)
-        after = sae.encode(new)
-    else:
-        after = before.clone()
-        after[..., index] = 0.0 if edit.mode == "zero" else float(edit.value)
-        if linear and directions is not None:
-            new = h + (after[..., index] - before[..., index]) @ directions[index]
-        else:
-            new = h + (sae.decode(after) - sae.decode(before))
-    return new.to(hidden.dtype), before, after
+from workers.controls import control_features, mean_with_ci  # noqa: F401
+from workers.sae_ops import FeatureEdit, decoder_directions, edit_hidden, linear_decoder, pool_reads  # noqa: F401
 
 
 @dataclass
@@ -85,24 +29,21 @@ class AblationResult:
     before: np.ndarray  # [R] reward without the edit
     after: np.ndarray  # [R] reward with it
     predicted: np.ndarray  # [R] the change the regression predicts: weights . (pooled after - before)
+    attributed: np.ndarray | None  # [R] first-order change: d(score)/d(layer output) . (change of the output)
+    fired: np.ndarray  # [R] whether any chosen feature fires on the read's tokens before the edit
 
     @property
     def delta(self) -> np.ndarray:
         return self.after - self.before
 
-    def summary(self) -> dict:
-        return {"n": int(len(self.delta)), **mean_with_ci(self.delta),
-                "predicted_mean_delta": float(self.predicted.mean()) if len(self.predicted) else None}
-
-
-def mean_with_ci(values: np.ndarray, level: float = 0.95) -> dict:
-    """Mean and its t-interval (a single value has no interval)."""
-    n = len(values)
-    mean = float(np.mean(values)) if n else float("nan")
-    if n < 2:
-        return {"mean_delta": mean, "ci_low": None, "ci_high": None}
-    half = float(stats.t.ppf(0.5 + level / 2, n - 1) * np.std(values, ddof=1) / np.sqrt(n))
-    return {"mean_delta": mean, "ci_low": mean - half, "ci_high": mean + half}
+    def summary(self, where: np.ndarray | None = None) -> dict:
+        """Mean change with its CI and both predictions, over all reads or those `where` holds."""
+        keep = slice(None) if where is None else where
+        delta, predicted = self.delta[keep], self.predicted[keep]
+        attributed = None if self.attributed is None else self.attributed[keep]
+        return {"n": int(len(delta)), **mean_with_ci(delta),
+                "predicted_mean_delta": float(predicted.mean()) if len(predicted) else None,
+                "attribution_mean_delta": float(attributed.mean()) if attributed is not None and len(delta) else None}
 
 
 # Keep at most this much of the edited layer's clean output per evaluation set; batches past it
@@ -113,11 +54,13 @@ HIDDEN_CACHE_BYTES = 1 << 30
 @dataclass
 class EvalBatch:
     """One batch of evaluation texts, run once unedited: its clean scores and, when kept, the
-    edited layer's clean output, from which every edit needs only the blocks above it."""
+    edited layer's clean output, from which every edit needs only the blocks above it, and the
+    score's gradient there, from which every edit's first-order (attribution) prediction follows."""
     indices: np.ndarray  # which texts of the set
     batch: Batch
     clean: torch.Tensor  # [R] scores of its reward reads
     hidden: torch.Tensor | None  # [B, T, d] the layer's output; None: not kept
+    grad: torch.Tensor | None = None  # [B, T, d] d(sum of the batch's scores)/d(layer output); None: not taken
 
 
 @dataclass
@@ -133,8 +76,10 @@ class EvalSet:
 
 @torch.no_grad()
 def prepare_eval_set(adapter: RewardModelAdapter, layer: int, texts: list[str], batch_size: int = 64,
-                     keep_bytes: int = HIDDEN_CACHE_BYTES, progress: Callable[[float], None] | None = None) -> EvalSet:
-    """Score `texts` unedited in length-bucketed batches, keeping `layer`'s output while it fits."""
+                     keep_bytes: int = HIDDEN_CACHE_BYTES, progress: Callable[[float], None] | None = None,
+                     with_gradients: bool = False) -> EvalSet:
+    """Score `texts` unedited in length-bucketed batches, keeping `layer`'s output (and, with
+    `with_gradients`, the score's gradient there) while it fits."""
     lengths = token_lengths(adapter.tokenizer, texts, adapter.max_length)
     batches, kept, done = [], 0, 0
     for indices in length_bucketed_batches(lengths, batch_size, None):
@@ -142,13 +87,26 @@ def prepare_eval_set(adapter: RewardModelAdapter, layer: int, texts: list[str], 
             progress(done / len(texts))
         done += len(indices)
         batch = adapter.tokenize([texts[i] for i in indices])
-        clean, captured = adapter.run(batch, capture=[layer])
+        if with_gradients:
+            clean, captured, grads = forward_with_gradients(adapter, batch, [layer])
+            grad = grads[layer]
+        else:
+            (clean, captured), grad = adapter.run(batch, capture=[layer]), None
         hidden = captured[layer]
-        size = hidden.numel() * hidden.element_size()
+        size = hidden.numel() * hidden.element_size() * (2 if grad is not None else 1)
         keep = kept + size <= keep_bytes
         kept += size if keep else 0
-        batches.append(EvalBatch(np.asarray(indices), batch, clean.float(), hidden if keep else None))
+        batches.append(EvalBatch(np.asarray(indices), batch, clean.float(), hidden if keep else None,
+                                 grad if keep else None))
     return EvalSet(layer, len(texts), batches)
+
+
+def per_read(values: torch.Tensor, segment: torch.Tensor, n_reads: int, how: str = "sum") -> torch.Tensor:
+    """values [N] of a batch's kept tokens -> [n_reads]: summed (or any-ed) over each read's tokens."""
+    inside = segment >= 0
+    out = torch.zeros(n_reads, dtype=torch.float32, device=values.device)
+    out.index_add_(0, segment[inside], values[inside].float())
+    return out > 0 if how == "any" else out
 
 
 @torch.no_grad()
@@ -159,7 +117,8 @@ def run_ablation(adapter: RewardModelAdapter, sae, layer: int, texts: list[str] 
     """Reward of every text's reward reads without and with `edit` at `layer`.
 
     `texts` may be an EvalSet prepared earlier for this layer (its clean pass is then reused:
-    the edit runs only the blocks above the layer). `directions`, `linear`: as edit_hidden."""
+    the edit runs only the blocks above the layer). `directions`, `linear`: as edit_hidden.
+    The attribution prediction needs the set's gradients (prepare_eval_set(with_gradients))."""
     evalset = texts if isinstance(texts, EvalSet) else prepare_eval_set(adapter, layer, texts, batch_size)
     if evalset.layer != layer:
         raise ValueError(f"the evaluation set was prepared at layer {evalset.layer}, not {layer}")
@@ -167,9 +126,11 @@ def run_ablation(adapter: RewardModelAdapter, sae, layer: int, texts: list[str] 
     w = torch.as_tensor(weights, dtype=torch.float32, device=adapter.device)
     if edit.mode == "steer" and directions is None:
         directions = decoder_directions(sae)
+    chosen = torch.tensor(edit.features, device=adapter.device)
     # zero / clamp change only the chosen features, so only their columns enter the prediction
-    changed = None if edit.mode == "steer" else torch.tensor(edit.features, device=adapter.device)
-    text_index, after, predicted = [], [], []
+    changed = None if edit.mode == "steer" else chosen
+    with_attribution = all(item.grad is not None for item in evalset.batches)
+    text_index, after, predicted, attributed, fired = [], [], [], [], []
     done = 0
     for item in evalset.batches:
         batch = item.batch
@@ -177,47 +138,35 @@ def run_ablation(adapter: RewardModelAdapter, sae, layer: int, texts: list[str] 
         flat_index = keep.flatten().cumsum(0).reshape(keep.shape) - 1
         read_rows = flat_index[batch.reward_index[:, 0], batch.reward_index[:, 1]]
         token_ids = batch.input_ids[keep]
-        pool_args = (batch.token_segment[keep], ~torch.isin(token_ids, special_ids), read_rows, batch.n_reads, pooling)
-        pooled_change = {}
+        segment = batch.token_segment[keep]
+        pool_args = (segment, ~torch.isin(token_ids, special_ids), read_rows, batch.n_reads, pooling)
+        seen = {}
 
         def hook(hidden: torch.Tensor) -> torch.Tensor:
             new, f_before, f_after = edit_hidden(sae, hidden, edit, directions, linear)
             # the regression's view of the change: pooled features per reward read, as in analysis
             cols = slice(None) if changed is None else changed
-            pooled_change["delta"] = (pool_reads(f_after[..., cols][keep].float(), *pool_args)
-                                      - pool_reads(f_before[..., cols][keep].float(), *pool_args))
-            return torch.where(keep.unsqueeze(-1), new, hidden)
+            seen["pooled"] = (pool_reads(f_after[..., cols][keep].float(), *pool_args)
+                              - pool_reads(f_before[..., cols][keep].float(), *pool_args))
+            seen["fired"] = per_read((f_before[..., chosen][keep] > 0).any(-1), segment, batch.n_reads, "any")
+            new = torch.where(keep.unsqueeze(-1), new, hidden)
+            if item.grad is not None:
+                first_order = (item.grad.float() * (new.float() - hidden.float())).sum(-1)[keep]
+                seen["attributed"] = per_read(first_order, segment, batch.n_reads)
+            return new
 
         if item.hidden is not None:
             edited = adapter.run_from(batch, layer, hook(item.hidden))
         else:
             edited, _ = adapter.run(batch, edits={layer: hook})
         after.append(edited.float().cpu().numpy())
-        predicted.append((pooled_change["delta"] @ (w if changed is None else w[changed])).cpu().numpy())
+        predicted.append((seen["pooled"] @ (w if changed is None else w[changed])).cpu().numpy())
+        fired.append(seen["fired"].cpu().numpy())
+        if with_attribution:
+            attributed.append(seen["attributed"].cpu().numpy())
         text_index.append(item.indices[batch.reward_index[:, 0].cpu().numpy()])
         done += len(item.indices)
         if progress:
             progress(done / evalset.n_texts)
-    return AblationResult(np.concatenate(text_index), evalset.clean, np.concatenate(after), np.concatenate(predicted))
-
-
-def control_features(frequencies: np.ndarray, chosen: tuple[int, ...], seed: int, pool: int = 20) -> tuple[int, ...]:
-    """As many random features as `chosen`, each drawn among the `pool` features nearest to one
-    chosen feature in frequency (never a chosen one, never twice): a control for 'any features
-    that fire this often'."""
-    rng = np.random.default_rng(seed)
-    by_frequency = np.argsort(frequencies, kind="stable")
-    rank = np.empty_like(by_frequency)
-    rank[by_frequency] = np.arange(len(by_frequency))
-    taken = set(chosen)
-    out = []
-    for feature in chosen:
-        r = rank[feature]
-        window = by_frequency[max(0, r - pool): r + pool + 1]
-        options = [int(f) for f in window if int(f) not in taken]
-        if not options:
-            options = [int(f) for f in by_frequency if int(f) not in taken]
-        pick = options[rng.integers(len(options))]
-        taken.add(pick)
-        out.append(pick)
-    return tuple(out)
+    return AblationResult(np.concatenate(text_index), evalset.clean, np.concatenate(after), np.concatenate(predicted),
+                          np.concatenate(attributed) if with_attribution else None, np.concatenate(fired))

@@ -13,9 +13,11 @@ import torch
 from tqdm.auto import tqdm
 
 from workers.adapters import RewardModelAdapter
+from workers.attribution import AttributionAccumulator
 from workers.batching import length_bucketed_batches, token_lengths
 from workers.config import AnalysisConfig
 from workers.feature_stream import FeatureAccumulator, TokenBatch
+from workers.sae_ops import decoder_directions, pool_reads
 
 
 @dataclass
@@ -25,6 +27,7 @@ class LayerActivations:
 
     d_sae: int
     features: FeatureAccumulator
+    attribution: AttributionAccumulator
     pooled: dict[str, list[torch.Tensor]] = field(default_factory=lambda: {"rows": [], "cols": [], "vals": []})
     pooled_raw: list[torch.Tensor] = field(default_factory=list)  # residual stream, pooled like the features
     sse: float = 0.0
@@ -86,22 +89,6 @@ class CorpusActivations:
         return out
 
 
-def pool_reads(acts, segment, content, read_rows, n_reads: int, how: str) -> torch.Tensor:
-    """One feature row per reward read. Token pooling skips special tokens: at late layers a
-    classifier's [CLS] already holds the score, which would hide the per-word features."""
-    if how == "reward_token":
-        return acts[read_rows]
-    use = content & (segment >= 0)
-    acts, segment = acts[use], segment[use]
-    pooled = torch.zeros(n_reads, acts.shape[1], dtype=acts.dtype, device=acts.device)
-    if how == "max":
-        return pooled.index_reduce_(0, segment, acts, "amax", include_self=True)
-    pooled.index_add_(0, segment, acts)
-    if how == "sum":
-        return pooled
-    return pooled / torch.bincount(segment, minlength=n_reads).clamp(min=1).unsqueeze(1)
-
-
 def effect_batches(batches: list[np.ndarray], n_texts: int, seed: int) -> set[int]:
     """Random batches holding about n_texts texts: their reward gradients give the reward
     effect (batches are length buckets, so every length is represented)."""
@@ -112,21 +99,6 @@ def effect_batches(batches: list[np.ndarray], n_texts: int, seed: int) -> set[in
         chosen.add(int(i))
         total += len(batches[i])
     return chosen
-
-
-@torch.no_grad()
-def decoder_directions(sae, chunk: int = 512) -> torch.Tensor:
-    """[d_sae, d_in]: how the SAE's reconstruction moves per unit of each feature (the decoder
-    rows, including any decoder-norm rescaling the SAE applies)."""
-    d_sae, ref = sae.cfg.d_sae, sae.W_dec
-    base = sae.decode(torch.zeros(1, d_sae, device=ref.device, dtype=ref.dtype))
-    rows = []
-    for start in range(0, d_sae, chunk):
-        n = min(chunk, d_sae - start)
-        unit = torch.zeros(n, d_sae, device=ref.device, dtype=ref.dtype)
-        unit[torch.arange(n), torch.arange(start, start + n)] = 1.0
-        rows.append(sae.decode(unit) - base)
-    return torch.cat(rows).float()
 
 
 def forward_with_gradients(adapter: RewardModelAdapter, batch, layers: list[int]):
@@ -180,7 +152,8 @@ def collect_corpus_activations(
     results = {
         layer: LayerActivations(
             d_sae=saes[layer].cfg.d_sae,
-            features=FeatureAccumulator(saes[layer].cfg.d_sae, vocab_size, analysis, seed + layer, adapter.device))
+            features=FeatureAccumulator(saes[layer].cfg.d_sae, vocab_size, analysis, seed + layer, adapter.device),
+            attribution=AttributionAccumulator(saes[layer].cfg.d_sae, adapter.device))
         for layer in layers
     }
     lengths, scores, read_texts, read_positions = [], [], [], []
@@ -220,6 +193,8 @@ def collect_corpus_activations(
         read_positions.append((keep.cumsum(1) - 1)[read_seq, read_pos])  # inside the text, as with tokens
         lengths.append(text_lengths)
         keep_dev = keep.to(adapter.device)
+        if grads is not None:  # a text's score: the sum of its reads' (one read for most RMs)
+            text_scores = torch.zeros(len(indices)).index_add_(0, read_seq, batch_scores)
         for layer in layers:
             res, sae = results[layer], saes[layer]
             x = captured[layer][keep_dev].float()
@@ -231,7 +206,9 @@ def collect_corpus_activations(
             res.sum_x = x_eval.sum(0).cpu() if res.sum_x is None else res.sum_x + x_eval.sum(0).cpu()
             res.n_eval_tokens += len(x_eval)
             if grads is not None:
-                res.features.add_effects(acts, grads[layer][keep_dev].float(), directions[layer])
+                token_grads = grads[layer][keep_dev].float()
+                res.features.add_effects(acts, token_grads, directions[layer])
+                res.attribution.add(acts, token_grads, directions[layer], text_of_token.to(dev), text_scores)
             acts = acts.float()  # stays on the device: only per-read rows and kept examples leave it
             res.features.add_tokens(acts, tokens)
             res.pooled_raw.append(pool_reads(x, *pool_args).cpu())
@@ -286,6 +263,14 @@ def _context_columns(layer: int, acc: FeatureAccumulator, kind: str, vocab: np.n
     }
 
 
+def attribution_columns(layer_acts: LayerActivations) -> dict[str, list]:
+    """The attribution columns (workers/attribution.py); None for a feature that never fired on a
+    text whose gradient was taken (it has no attribution, which 0 would misstate)."""
+    seen = layer_acts.features.effect_count.cpu().numpy() > 0
+    return {name: _none_if_nan(np.where(seen, values, np.nan))
+            for name, values in layer_acts.attribution.results().items()}
+
+
 def feature_tables(layer: int, layer_acts: LayerActivations, vocab: np.ndarray) -> tuple[dict, dict]:
     """Columns of the store's features and contexts tables (top and quantile contexts) for
     every feature of one layer."""
@@ -311,6 +296,7 @@ def feature_tables(layer: int, layer_acts: LayerActivations, vocab: np.ndarray) 
         "hist_counts": [counts for _, counts in histograms],
         "reward_correlation": _none_if_nan(acc.correlation()),
         "reward_effect": _none_if_nan(acc.reward_effect()),
+        **attribution_columns(layer_acts),
         "top_tokens": [[{"token": str(vocab[t]), "mean_activation": m, "count": n} for t, m, n in row]
                        for row in acc.top_tokens()],
     }

@@ -142,6 +142,27 @@ class AnalysisConfig(Strict):
     reward_effect_texts: int = Field(2048, ge=0, description="texts whose reward gradient gives the reward effect (0: off)")
 
 
+class EffectsConfig(Strict):
+    """What the reward model actually uses: measured single-feature effects and deletion curves
+    (workers/causal.py). Costs forwards through the blocks above each layer only."""
+    enabled: bool = Field(True, description="measure effects and faithfulness (off: rankings are predictions only)")
+    candidates: int = Field(100, ge=1, le=2000, description="features measured per layer: top by |attribution| and |weight|")
+    texts_per_feature: int = Field(64, ge=2, le=1024, description="held-out texts where it fires, each zeroed alone")
+    pool_texts: int = Field(512, ge=8, description="held-out texts searched for those where a candidate fires")
+    faithfulness_texts: int = Field(128, ge=8, description="held-out texts every deletion curve is measured on")
+    faithfulness_n: list[int] = Field([1, 2, 5, 10, 20, 50, 100], min_length=1,
+                                      description="top-n of each ranking zeroed together")
+    controls: int = Field(3, ge=1, le=20, description="frequency-matched random draws per curve point")
+    batch_size: int = Field(64, ge=1)
+
+    @field_validator("faithfulness_n")
+    @classmethod
+    def _positive_sorted(cls, ns):
+        if any(n < 1 for n in ns):
+            raise ValueError("effects.faithfulness_n must hold positive counts")
+        return sorted(set(ns))
+
+
 class RegressionConfig(Strict):
     pooling: Literal["reward_token", "sum", "mean", "max"] = "reward_token"
     method: Literal["ridge", "lasso"] = Field("ridge", description="lasso: sparse selection of features")
@@ -176,6 +197,7 @@ class RunConfig(Strict):
     sae: SaeConfig = SaeConfig()
     analysis: AnalysisConfig = AnalysisConfig()
     regression: RegressionConfig = RegressionConfig()
+    effects: EffectsConfig = EffectsConfig()
     seed: int = 0
     device: str = "auto"
 

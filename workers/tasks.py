@@ -54,8 +54,7 @@ class LoadedRun:
     def decoder(self, layer: int) -> tuple[torch.Tensor, bool]:
         """(decoder rows, whether decoding is linear in the features): see workers.ablation."""
         if layer not in self.decoders:
-            from workers.ablation import linear_decoder
-            from workers.analyze import decoder_directions
+            from workers.sae_ops import decoder_directions, linear_decoder
 
             rows = decoder_directions(self.sae(layer))
             self.decoders[layer] = (rows, linear_decoder(self.sae(layer), rows) is not None)

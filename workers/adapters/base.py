@@ -52,6 +52,29 @@ class Batch:
     def n_reads(self) -> int:
         return len(self.reward_index)
 
+    def reads_of(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        """For each sequence in `rows`, the ids of its reward reads, in order."""
+        seq = self.reward_index[:, 0]
+        return [torch.nonzero(seq == r).squeeze(1) for r in rows.tolist()]
+
+    def select(self, rows: torch.Tensor) -> "Batch":
+        """The batch of sequences `rows` (in that order, repeats allowed), its reward reads
+        renumbered in the order of reads_of(rows): many edits of the same texts then run as
+        one forward."""
+        rows = rows.to(self.input_ids.device)
+        old_reads = self.reads_of(rows)
+        device = self.reward_index.device
+        new_id = torch.full((len(rows), max(self.n_reads, 1)), -1, dtype=torch.long, device=device)
+        index, start = [], 0
+        for i, reads in enumerate(old_reads):
+            new_id[i, reads] = torch.arange(start, start + len(reads), device=device)
+            index.append(torch.stack([torch.full_like(reads, i), self.reward_index[reads, 1]], 1))
+            start += len(reads)
+        segment = self.token_segment[rows]
+        segment = torch.where(segment >= 0, new_id.gather(1, segment.clamp(min=0)), segment)
+        return Batch([self.texts[r] for r in rows.tolist()], self.input_ids[rows], self.attention_mask[rows],
+                     torch.cat(index), segment, None if self.rewards is None else self.rewards[rows.cpu().numpy()])
+
 
 def whole_text_segments(attention_mask: torch.Tensor) -> torch.Tensor:
     """One reward read per sequence, covering all of its tokens."""

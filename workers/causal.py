@@ -1,0 +1,121 @@
+"""The causal stage of one layer: what the reward model *uses*, measured, beside what the
+regression says *predicts* the score.
+
+1. measured single-feature effects (workers/measured_effects.py) on held-out texts where
+   each candidate fires, with both predictions for the same reads and their calibration;
+2. deletion curves of every ranking against frequency-matched controls
+   (workers/faithfulness.py), which pick the layer's default ranking;
+3. how far the layer's edits reach the score at all: the largest move of any curve relative
+   to the score's spread, and the share of the score's gradient at the read token (a head
+   that reads one token cannot be moved by features firing elsewhere).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from workers.ablation import prepare_eval_set
+from workers.config import EffectsConfig
+from workers.faithfulness import default_ranking, deletion_curves, excess, point
+from workers.measured_effects import calibration, candidate_features, measure_single_features
+from workers.sae_ops import decoder_directions, linear_decoder
+
+MEASURED_COLUMNS = ("measured_delta", "measured_delta_low", "measured_delta_high", "measured_n",
+                    "predicted_delta_regression", "predicted_delta_attribution")
+
+
+@dataclass
+class CausalResult:
+    feature_columns: dict[str, list]  # MEASURED_COLUMNS over all the layer's features (None: not measured)
+    curves: list[dict]  # faithfulness rows
+    layer_columns: dict[str, object]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def not_applicable(d_sae: int) -> CausalResult:
+    """A score computed from the text (a reward function), not by the model: no edit moves it."""
+    return CausalResult({name: [None] * d_sae for name in MEASURED_COLUMNS}, [], empty_layer_columns())
+
+
+def empty_layer_columns() -> dict[str, object]:
+    return {"default_ranking": None, "faithfulness_delta": None, "faithfulness_control": None,
+            "faithfulness_relative": None, "score_spread": None, "reach": None, "read_token_gradient_share": None,
+            "calibration_regression_slope": None, "calibration_regression_r": None,
+            "calibration_attribution_slope": None, "calibration_attribution_r": None, "n_measured": 0}
+
+
+def run_causal_stage(adapter, sae, layer: int, heldout_texts: list[str], feature_columns: dict[str, np.ndarray],
+                     weights: np.ndarray, pooling: str, config: EffectsConfig, seed: int, report=print) -> CausalResult:
+    timings = {}
+    d_sae = len(weights)
+    directions = decoder_directions(sae)
+    linear = linear_decoder(sae, directions) is not None
+    started = time.time()
+    pool = prepare_eval_set(adapter, layer, heldout_texts[: config.pool_texts], config.batch_size, with_gradients=True)
+    candidates = candidate_features(feature_columns["attribution_abs"], weights, feature_columns["frequency"],
+                                    config.candidates)
+    report(f"layer {layer}: measuring {len(candidates)} features, each zeroed alone on up to "
+           f"{config.texts_per_feature} of {pool.n_texts} held-out texts where it fires")
+    measured = measure_single_features(adapter, sae, layer, pool, candidates, weights, pooling, directions,
+                                       config.texts_per_feature, seed)
+    timings["measured"] = time.time() - started
+    columns = {name: np.full(d_sae, np.nan) for name in MEASURED_COLUMNS}
+    for name in MEASURED_COLUMNS:
+        columns[name][candidates] = measured[name]
+    columns["measured_n"] = np.where(np.isnan(columns["measured_n"]), 0, columns["measured_n"])
+
+    started = time.time()
+    faith_set = prepare_eval_set(adapter, layer, heldout_texts[: config.faithfulness_texts], config.batch_size)
+    ranking_columns = {**feature_columns, "weight": weights, "measured_delta": columns["measured_delta"]}
+    report(f"layer {layer}: deletion curves of 5 rankings at n = {config.faithfulness_n} on {faith_set.n_texts} "
+           f"held-out texts, {config.controls} random controls each")
+    curves = deletion_curves(adapter, sae, layer, faith_set, ranking_columns, config.faithfulness_n,
+                             config.controls, weights, pooling, directions, linear, seed)
+    timings["faithfulness"] = time.time() - started
+    layer_columns = _layer_columns(curves, columns, faith_set.clean, pool)
+    return CausalResult(_nullable(columns), curves, layer_columns, timings)
+
+
+def _layer_columns(curves: list[dict], columns: dict[str, np.ndarray], scores: np.ndarray, pool) -> dict:
+    out = empty_layer_columns()
+    spread = float(np.std(scores)) if len(scores) > 1 else None
+    best = default_ranking(curves)
+    at_10 = point(curves, best)
+    out.update(default_ranking=best, score_spread=spread,
+               n_measured=int(np.isfinite(columns["measured_delta"]).sum()),
+               read_token_gradient_share=read_token_gradient_share(pool))
+    if at_10 is not None:
+        out.update(faithfulness_delta=at_10["mean_delta"], faithfulness_control=at_10["control_mean_delta"],
+                   faithfulness_relative=excess(at_10) / spread if spread else None)
+    if curves and spread:
+        out["reach"] = max(excess(r) for r in curves) / spread
+    for prediction in ("regression", "attribution"):
+        fit = calibration(columns[f"predicted_delta_{prediction}"], columns["measured_delta"])
+        out[f"calibration_{prediction}_slope"], out[f"calibration_{prediction}_r"] = fit["slope"], fit["r"]
+    return out
+
+
+def read_token_gradient_share(evalset) -> float | None:
+    """Share of the score's gradient (L2 norm per token, summed) at the tokens scores are read at."""
+    at_read = total = 0.0
+    for item in evalset.batches:
+        if item.grad is None:
+            return None
+        norms = item.grad.float().norm(dim=-1) * item.batch.attention_mask
+        total += float(norms.sum())
+        seq, pos = item.batch.reward_index.unbind(1)
+        at_read += float(norms[seq, pos].sum())
+    return at_read / total if total > 0 else None
+
+
+def _nullable(columns: dict[str, np.ndarray]) -> dict[str, list]:
+    out = {}
+    for name, values in columns.items():
+        if name == "measured_n":
+            out[name] = values.astype(np.int64).tolist()
+        else:
+            out[name] = [None if np.isnan(v) else float(v) for v in values]
+    return out
+

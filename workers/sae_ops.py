@@ -1,0 +1,97 @@
+"""SAE helpers that analysis, ablation and the causal stages share: decoder directions,
+pooling features per reward read, and feature edits spliced in with the reconstruction
+error kept (the layer's output h becomes h + decode(f') - decode(f), so with nothing changed
+it is h itself and every difference comes from the chosen features alone)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+MODES = ("zero", "clamp", "steer")
+
+
+@torch.no_grad()
+def decoder_directions(sae, chunk: int = 512) -> torch.Tensor:
+    """[d_sae, d_in]: how the SAE's reconstruction moves per unit of each feature (the decoder
+    rows, including any decoder-norm rescaling the SAE applies)."""
+    d_sae, ref = sae.cfg.d_sae, sae.W_dec
+    base = sae.decode(torch.zeros(1, d_sae, device=ref.device, dtype=ref.dtype))
+    rows = []
+    for start in range(0, d_sae, chunk):
+        n = min(chunk, d_sae - start)
+        unit = torch.zeros(n, d_sae, device=ref.device, dtype=ref.dtype)
+        unit[torch.arange(n), torch.arange(start, start + n)] = 1.0
+        rows.append(sae.decode(unit) - base)
+    return torch.cat(rows).float()
+
+
+@torch.no_grad()
+def linear_decoder(sae, rows: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The decoder's rows (`rows`: decoder_directions, when the caller has them) when
+    decode(f) = decode(0) + f @ rows (any SAE without a run-time output normalisation),
+    checked on random sparse codes; None when it is not."""
+    rows = decoder_directions(sae) if rows is None else rows
+    ref = sae.W_dec
+    generator = torch.Generator().manual_seed(0)
+    codes = torch.rand(8, sae.cfg.d_sae, generator=generator) * (torch.rand(8, sae.cfg.d_sae, generator=generator) < 0.05)
+    codes = (codes * 4).to(device=ref.device, dtype=ref.dtype)
+    base = sae.decode(torch.zeros_like(codes[:1]))
+    expected = sae.decode(codes) - base
+    error = (expected - codes @ rows).abs().max()
+    return rows if float(error) <= 1e-4 * max(float(expected.abs().max()), 1.0) else None
+
+
+def pool_reads(acts, segment, content, read_rows, n_reads: int, how: str) -> torch.Tensor:
+    """One feature row per reward read. Token pooling skips special tokens: at late layers a
+    classifier's [CLS] already holds the score, which would hide the per-word features."""
+    if how == "reward_token":
+        return acts[read_rows]
+    use = content & (segment >= 0)
+    acts, segment = acts[use], segment[use]
+    pooled = torch.zeros(n_reads, acts.shape[1], dtype=acts.dtype, device=acts.device)
+    if how == "max":
+        return pooled.index_reduce_(0, segment, acts, "amax", include_self=True)
+    pooled.index_add_(0, segment, acts)
+    if how == "sum":
+        return pooled
+    return pooled / torch.bincount(segment, minlength=n_reads).clamp(min=1).unsqueeze(1)
+
+
+@dataclass(frozen=True)
+class FeatureEdit:
+    features: tuple[int, ...]
+    mode: str  # one of MODES
+    value: float = 0.0  # clamp: the activation; steer: the multiple of the decoder direction
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
+        if not self.features:
+            raise ValueError("no features to change")
+
+
+@torch.no_grad()
+def edit_hidden(sae, hidden: torch.Tensor, edit: FeatureEdit, directions: torch.Tensor | None = None,
+                linear: bool = False):
+    """(new hidden, features before, features after) for hidden states [..., d_in].
+
+    `directions`: the decoder rows (decoder_directions); with `linear` (see linear_decoder),
+    zero and clamp apply the change as (after - before) x the chosen rows, instead of decoding
+    every feature twice."""
+    h = hidden.float()
+    before = sae.encode(h)
+    index = torch.tensor(edit.features, device=h.device)
+    if edit.mode == "steer":
+        if directions is None:
+            directions = decoder_directions(sae)
+        new = h + edit.value * directions[index].sum(0)
+        after = sae.encode(new)
+    else:
+        after = before.clone()
+        after[..., index] = 0.0 if edit.mode == "zero" else float(edit.value)
+        if linear and directions is not None:
+            new = h + (after[..., index] - before[..., index]) @ directions[index]
+        else:
+            new = h + (sae.decode(after) - sae.decode(before))
+    return new.to(hidden.dtype), before, after
