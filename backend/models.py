@@ -29,6 +29,10 @@ class Run(Base):
     store_path: Mapped[str] = mapped_column(sa.String(1000))
     n_texts: Mapped[int] = mapped_column(sa.Integer)
     n_tokens: Mapped[int] = mapped_column(sa.Integer)
+    # what the runs list shows, chosen once by the pipeline (backend/layer_choice.py) and also
+    # in the store's run_info; every other layer metric lives in the store only
+    best_layer: Mapped[int | None] = mapped_column(sa.Integer, nullable=True)
+    best_r2_heldout: Mapped[float | None] = mapped_column(sa.Double, nullable=True)
     created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), default=utcnow)
 
     saes: Mapped[list["Sae"]] = relationship(
@@ -37,7 +41,7 @@ class Run(Base):
 
 
 class Sae(Base):
-    """One trained SAE (SAELens format on disk) and its training metrics."""
+    """One trained SAE (SAELens format on disk): its identity. Its metrics are in the run's store."""
 
     __tablename__ = "saes"
     __table_args__ = (sa.UniqueConstraint("run_id", "layer"),)
@@ -50,13 +54,6 @@ class Sae(Base):
     architecture: Mapped[str] = mapped_column(sa.String(50))
     d_in: Mapped[int] = mapped_column(sa.Integer)
     d_sae: Mapped[int] = mapped_column(sa.Integer)
-    mse: Mapped[float] = mapped_column(sa.Double)
-    explained_variance: Mapped[float] = mapped_column(sa.Double)
-    l0: Mapped[float] = mapped_column(sa.Double)
-    dead_fraction: Mapped[float] = mapped_column(sa.Double)
-    r2_heldout: Mapped[float] = mapped_column(sa.Double)
-    # Pearson r of the regression weights with the reward effect over features that fired
-    weight_effect_agreement: Mapped[float | None] = mapped_column(sa.Double, nullable=True)
 
     run: Mapped[Run] = relationship(back_populates="saes")
 

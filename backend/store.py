@@ -21,20 +21,11 @@ import numpy as np
 import orjson
 import pyarrow as pa
 
-from backend.store_schema import CARD_KEY, NORMALISED_TOKEN, STORE_VERSION
+from backend.store_schema import CARD_KEY, FEATURES, LAYERS, NORMALISED_TOKEN, STORE_VERSION, sorts
 
-# Sort keys of the feature table: key -> SQL expression. "key" puts the largest first,
-# "-key" the smallest; NULLs (a dead feature's correlation, say) always last, ties by feature id.
-SORT_COLUMNS = {
-    "weight": "weight",                     # reward per unit of activation
-    "abs_weight": "abs(weight)",
-    "std_weight": "std_weight",             # reward per standard deviation of activation
-    "abs_std_weight": "abs(std_weight)",
-    "frequency": "frequency",
-    "max_activation": "max_activation",
-    "correlation": "reward_correlation",
-    "reward_effect": "reward_effect",
-}
+# Sort keys of the feature table (from the spec): key -> SQL expression. "key" puts the largest
+# first, "-key" the smallest; NULLs (a dead feature's correlation, say) always last, ties by feature id.
+SORT_COLUMNS = {sort.key: sort.expression for sort in sorts(FEATURES)}
 SORTS = tuple(key for column in SORT_COLUMNS for key in (column, f"-{column}"))
 
 
@@ -79,15 +70,8 @@ class FeatureFilter:
         return "".join(f" AND {c}" for c in sql), params
 
 
-LAYER_COLUMNS = (
-    "layer, hook_name, sae_path, architecture, d_in, d_sae, k, mse, explained_variance, l0, "
-    "dead_fraction, pooling, r2_train, r2_heldout, r2_cv, ridge_alpha, regression_method, merge_correlated, merge_min_cosine, "
-    "weight_effect_agreement, cv_folds, "
-    "probe_r2_train, probe_r2_heldout, probe_alpha, n_train, n_heldout, reward_recovered, "
-    "reward_mae_sae, reward_mae_zero"
-)
-FEATURE_COLUMNS = ("feature, weight, std_weight, weight_se, weight_group_size, frequency, mean_activation, "
-                   "max_activation, top_token, reward_correlation, reward_effect")
+LAYER_COLUMNS = ", ".join(LAYERS.names)
+FEATURE_COLUMNS = ", ".join(c.name for c in FEATURES.columns if c.table)  # a layer table row
 
 
 class NotFound(LookupError):
@@ -180,6 +164,12 @@ def _rows(path: Path, sql: str, params: list[Any] | None = None) -> list[dict[st
 def run_info(path: Path) -> dict[str, str]:
     """The run_info key/value table (run_id, name, model, store_version, ...)."""
     return {r["key"]: r["value"] for r in _rows(path, "SELECT key, value FROM run_info")}
+
+
+def best_layer(path: Path) -> int | None:
+    """The layer the pipeline chose to open first (backend/layer_choice.py), as the runs list has it."""
+    value = run_info(path).get("best_layer")
+    return None if value is None else int(value)
 
 
 def texts_count(path: Path) -> int:

@@ -2,134 +2,204 @@
 
 One immutable file per run (runs/<id>/features.duckdb). Layers are 0-based transformer
 blocks; layer L's SAE reads the residual stream after block L (HF hidden_states[L + 1]).
+
+Every column is defined once, here (TABLES): the DDL, the writer's check of its input, the
+reader's column lists, the layer table's sorts and the feature card all come from it. A new
+column is one Column in its Table below (a feature column: table=True to have it in the layer
+table's rows, sort_key and label to sort by it; it is on the card unless card=False). The code
+that builds the table must then give it -- the writer refuses a table with a column missing
+or unknown -- and the test helper gives it a synthetic value by itself.
 """
+from __future__ import annotations
+
+from dataclasses import dataclass
 
 STORE_FILENAME = "features.duckdb"
-STORE_VERSION = 5
+STORE_VERSION = 6
 
-SCHEMA = """
-CREATE TABLE run_info (
-    key VARCHAR PRIMARY KEY,        -- run_id, name, model, adapter, dataset, config_yaml,
-    value VARCHAR                   -- created_at, store_version, n_texts, n_tokens, ...
-);
 
-CREATE TABLE texts (
-    text_id INTEGER PRIMARY KEY,
-    split VARCHAR,                  -- 'train' (regression fit) or 'heldout'
-    text VARCHAR,
-    reward DOUBLE,                  -- the dataset's own reward (e.g. VADER); NULL if none
-    score DOUBLE,                   -- the reward model's (final) score
-    n_tokens INTEGER,
-    reward_position INTEGER         -- token index the final score is read from
-);
+@dataclass(frozen=True)
+class Column:
+    name: str
+    sql_type: str
+    doc: str = ""
+    table: bool = False           # read into the layer table's rows (features)
+    sort_key: str | None = None   # the layer table sorts by it: ?sort=<sort_key>, largest first; -<sort_key>
+    label: str | None = None      # its name to a reader: "<label>, largest first"
+    abs_label: str | None = None  # ... and by its absolute value, as abs_<sort_key>, named so
+    card: bool = True             # on the feature card as stored (False: the card shows it otherwise)
 
--- Every score the reward model gives: one per text, or one per step for a process RM.
--- The regression has one row per reward read.
-CREATE TABLE reward_reads (
-    read_id INTEGER PRIMARY KEY,
-    text_id INTEGER,
-    position INTEGER,               -- token index inside the text
-    score DOUBLE
-);
 
-CREATE TABLE layers (
-    layer INTEGER PRIMARY KEY,
-    hook_name VARCHAR,
-    sae_path VARCHAR,               -- SAELens directory, relative to the run directory
-    architecture VARCHAR,
-    d_in INTEGER,
-    d_sae INTEGER,
-    k INTEGER,                      -- TopK k (NULL for other architectures)
-    mse DOUBLE,
-    explained_variance DOUBLE,      -- on held-out tokens
-    l0 DOUBLE,
-    dead_fraction DOUBLE,           -- share of features that never fired in the analysis pass
-    pooling VARCHAR,                -- how token features become one row per text
-    r2_train DOUBLE,
-    r2_heldout DOUBLE,
-    r2_cv DOUBLE,                   -- out-of-fold R² on the training texts at the chosen alpha
-    ridge_alpha DOUBLE,             -- the penalty cross-validation chose (for regression_method)
-    regression_method VARCHAR,      -- 'ridge' or 'lasso'
-    merge_correlated DOUBLE,        -- features correlated above this were fitted as one column; NULL: off
-    merge_min_cosine DOUBLE,        -- ... when their decoder directions' cosine was also above this
-    weight_effect_agreement DOUBLE, -- Pearson r of weight with reward_effect over features that fired:
-                                    -- do the weights point where the model's gradients do? NULL: no effect
-    cv_folds INTEGER,
-    probe_r2_train DOUBLE,          -- baseline: ridge on the layer's pooled raw residual stream
-    probe_r2_heldout DOUBLE,
-    probe_alpha DOUBLE,
-    n_train INTEGER,
-    n_heldout INTEGER,
-    reward_recovered DOUBLE,        -- 1 - reward_mae_sae / reward_mae_zero; NULL if zeroing changes nothing
-    reward_mae_sae DOUBLE,          -- mean |RM score with the SAE reconstruction spliced in - score|
-    reward_mae_zero DOUBLE          -- mean |RM score with the layer's output zeroed - score|
-);
+@dataclass(frozen=True)
+class Table:
+    name: str
+    columns: tuple[Column, ...]
+    primary_key: tuple[str, ...] = ()
+    doc: str = ""
 
-CREATE TABLE features (
-    layer INTEGER,
-    feature INTEGER,
-    frequency DOUBLE,               -- share of analysed tokens where the feature is > 0
-    mean_activation DOUBLE,         -- mean over the tokens where it fires
-    max_activation DOUBLE,
-    weight DOUBLE,                  -- regression weight: reward per unit of activation
-    std_weight DOUBLE,              -- weight x the feature's std over training texts: reward per 1 SD
-    weight_se DOUBLE,               -- standard error of the weight (fold jackknife or bootstrap); NULL: none
-    weight_group INTEGER,           -- near-duplicates fitted as one column share its weight: the group's
-                                    -- smallest feature id (the feature itself when fitted alone)
-    weight_group_size INTEGER,      -- features in that group (1: fitted alone)
-    top_token VARCHAR,              -- the token at the feature's strongest context
-    hist_edges DOUBLE[],            -- activation histogram over firing tokens
-    hist_counts BIGINT[],
-    reward_correlation DOUBLE,      -- Pearson r of the pooled activation with the RM score, per read
-    reward_effect DOUBLE,           -- mean d(score)/d(activation) along the decoder row, where it fires
-    top_tokens STRUCT(token VARCHAR, mean_activation DOUBLE, count BIGINT)[],
-                                    -- by mean activation over all the token's occurrences;
-                                    -- count = how often the feature fired on it
-    neighbours INTEGER[],           -- the layer's features nearest by decoder cosine, nearest first
-    neighbour_cosines FLOAT[],
-    PRIMARY KEY (layer, feature)
-);
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.columns)
 
-CREATE TABLE contexts (
-    layer INTEGER,
-    feature INTEGER,
-    kind VARCHAR,                   -- 'top': the strongest activations; 'quantile': random
-                                    -- examples per activation bin
-    rank INTEGER,                   -- top: 0 = strongest; quantile: by bin, then activation
-    bin INTEGER,                    -- quantile: the activation bin; NULL for top contexts
-    bin_low DOUBLE,                 -- quantile: the bin covers [bin_low, bin_high)
-    bin_high DOUBLE,
-    text_id INTEGER,
-    position INTEGER,               -- token index of the peak inside the text
-    activation DOUBLE,
-    window_start INTEGER,           -- token index of tokens[0] inside the text
-    tokens VARCHAR[],               -- the window's tokens, as the tokenizer spells them
-    acts FLOAT[],                   -- the feature's activation on each window token
-    PRIMARY KEY (layer, feature, kind, rank)
-);
+    def ddl(self) -> str:
+        parts = [f"    {c.name} {c.sql_type}" for c in self.columns]
+        if self.primary_key:
+            parts.append(f"    PRIMARY KEY ({', '.join(self.primary_key)})")
+        return f"CREATE TABLE {self.name} (\n" + ",\n".join(parts) + "\n);"
 
--- Token search: every (layer, token, feature) where the token is one of the feature's top
--- tokens or appears in one of its top contexts. Derived from the two tables above when the
--- store is written (SEARCH_INDEX_SQL); tokens are normalised with NORMALISED_TOKEN.
-CREATE TABLE feature_tokens (
-    layer INTEGER,
-    token VARCHAR,
-    feature INTEGER
-);
 
--- What a feature page shows, as one zlib-compressed JSON document per feature, derived from
--- the tables above when the store is written (FEATURE_CARD_SQL): its row of `features`, rank
--- by |weight|, the near-duplicates it shares its weight with, nearest features with their
--- weights, both kinds of contexts with their texts' reward, and its place in the default
--- table view. A columnar store reads a feature's list
--- columns a whole 2,048-row vector at a time (~20 ms a page at 32k features a layer); one
--- uncompressed blob behind an index reads in ~1 ms. (DuckDB's own string compression made the
--- cards 6x slower to write, or, with zstd, 50x slower to read one.)
-CREATE TABLE feature_cards (
-    card_key BIGINT,                -- layer << 32 | feature (CARD_KEY); unique, indexed
-    card BLOB USING COMPRESSION uncompressed
-);
-"""
+@dataclass(frozen=True)
+class Sort:
+    key: str         # ?sort=key: largest first; ?sort=-key: smallest first
+    expression: str  # SQL over the features table
+    label: str
+
+
+def sorts(table: Table) -> tuple[Sort, ...]:
+    """The sorts the table's columns offer, in column order."""
+    out = []
+    for c in table.columns:
+        if c.sort_key is not None:
+            out.append(Sort(c.sort_key, c.name, c.label or c.name))
+            if c.abs_label is not None:
+                out.append(Sort(f"abs_{c.sort_key}", f"abs({c.name})", c.abs_label))
+    return tuple(out)
+
+
+TABLES: dict[str, Table] = {t.name: t for t in (
+    Table("run_info", (
+        Column("key", "VARCHAR", "run_id, name, model, adapter, dataset, config_yaml, created_at, store_version, "
+                                 "n_texts, n_tokens, best_layer (absent: no layer has a held-out R²), ..."),
+        Column("value", "VARCHAR"),
+    ), primary_key=("key",)),
+
+    Table("texts", (
+        Column("text_id", "INTEGER"),
+        Column("split", "VARCHAR", "'train' (regression fit) or 'heldout'"),
+        Column("text", "VARCHAR"),
+        Column("reward", "DOUBLE", "the dataset's own reward (e.g. VADER); NULL if none"),
+        Column("score", "DOUBLE", "the reward model's (final) score"),
+        Column("n_tokens", "INTEGER"),
+        Column("reward_position", "INTEGER", "token index the final score is read from"),
+    ), primary_key=("text_id",)),
+
+    Table("reward_reads", (
+        Column("read_id", "INTEGER"),
+        Column("text_id", "INTEGER"),
+        Column("position", "INTEGER", "token index inside the text"),
+        Column("score", "DOUBLE"),
+    ), primary_key=("read_id",),
+        doc="Every score the reward model gives: one per text, or one per step for a process RM. "
+            "The regression has one row per reward read."),
+
+    Table("layers", (
+        Column("layer", "INTEGER"),
+        Column("hook_name", "VARCHAR"),
+        Column("sae_path", "VARCHAR", "SAELens directory, relative to the run directory"),
+        Column("architecture", "VARCHAR"),
+        Column("d_in", "INTEGER"),
+        Column("d_sae", "INTEGER"),
+        Column("k", "INTEGER", "TopK k (NULL for other architectures)"),
+        Column("mse", "DOUBLE"),
+        Column("explained_variance", "DOUBLE", "on held-out tokens"),
+        Column("l0", "DOUBLE"),
+        Column("dead_fraction", "DOUBLE", "share of features that never fired in the analysis pass"),
+        Column("pooling", "VARCHAR", "how token features become one row per text"),
+        Column("r2_train", "DOUBLE"),
+        Column("r2_heldout", "DOUBLE"),
+        Column("r2_cv", "DOUBLE", "out-of-fold R² on the training texts at the chosen alpha"),
+        Column("ridge_alpha", "DOUBLE", "the penalty cross-validation chose (for regression_method)"),
+        Column("regression_method", "VARCHAR", "'ridge' or 'lasso'"),
+        Column("merge_correlated", "DOUBLE", "features correlated above this were fitted as one column; NULL: off"),
+        Column("merge_min_cosine", "DOUBLE", "... when their decoder directions' cosine was also above this"),
+        Column("weight_effect_agreement", "DOUBLE", "Pearson r of weight with reward_effect over features that "
+               "fired: do the weights point where the model's gradients do? NULL: no effect"),
+        Column("cv_folds", "INTEGER"),
+        Column("probe_r2_train", "DOUBLE", "baseline: ridge on the layer's pooled raw residual stream"),
+        Column("probe_r2_heldout", "DOUBLE"),
+        Column("probe_alpha", "DOUBLE"),
+        Column("n_train", "INTEGER"),
+        Column("n_heldout", "INTEGER"),
+        Column("reward_recovered", "DOUBLE", "1 - reward_mae_sae / reward_mae_zero; NULL if zeroing changes nothing"),
+        Column("reward_mae_sae", "DOUBLE", "mean |RM score with the SAE reconstruction spliced in - score|"),
+        Column("reward_mae_zero", "DOUBLE", "mean |RM score with the layer's output zeroed - score|"),
+    ), primary_key=("layer",)),
+
+    Table("features", (
+        Column("layer", "INTEGER", card=False),
+        Column("feature", "INTEGER", table=True),
+        Column("frequency", "DOUBLE", "share of analysed tokens where the feature is > 0",
+               table=True, sort_key="frequency", label="frequency"),
+        Column("mean_activation", "DOUBLE", "mean over the tokens where it fires", table=True),
+        Column("max_activation", "DOUBLE", table=True, sort_key="max_activation", label="max activation"),
+        Column("weight", "DOUBLE", "regression weight: reward per unit of activation",
+               table=True, sort_key="weight", label="weight", abs_label="|weight|"),
+        Column("std_weight", "DOUBLE", "weight x the feature's std over training texts: reward per 1 SD",
+               table=True, sort_key="std_weight", label="std. weight", abs_label="|std. weight|"),
+        Column("weight_se", "DOUBLE", "standard error of the weight (fold jackknife or bootstrap); NULL: none",
+               table=True),
+        Column("weight_group", "INTEGER", "near-duplicates fitted as one column share its weight: the group's "
+                                          "smallest feature id (the feature itself when fitted alone)"),
+        Column("weight_group_size", "INTEGER", "features in that group (1: fitted alone)", table=True),
+        Column("top_token", "VARCHAR", "the token at the feature's strongest context", table=True),
+        Column("hist_edges", "DOUBLE[]", "activation histogram over firing tokens"),
+        Column("hist_counts", "BIGINT[]"),
+        Column("reward_correlation", "DOUBLE", "Pearson r of the pooled activation with the RM score, per read",
+               table=True, sort_key="correlation", label="reward correlation"),
+        Column("reward_effect", "DOUBLE", "mean d(score)/d(activation) along the decoder row, where it fires",
+               table=True, sort_key="reward_effect", label="reward effect"),
+        Column("top_tokens", "STRUCT(token VARCHAR, mean_activation DOUBLE, count BIGINT)[]",
+               "by mean activation over all the token's occurrences; count = how often the feature fired on it"),
+        # the card lists neighbours with their cosines, weights and top tokens instead
+        Column("neighbours", "INTEGER[]", "the layer's features nearest by decoder cosine, nearest first",
+               card=False),
+        Column("neighbour_cosines", "FLOAT[]", card=False),
+    ), primary_key=("layer", "feature")),
+
+    Table("contexts", (
+        Column("layer", "INTEGER"),
+        Column("feature", "INTEGER"),
+        Column("kind", "VARCHAR", "'top': the strongest activations; 'quantile': random examples per activation bin"),
+        Column("rank", "INTEGER", "top: 0 = strongest; quantile: by bin, then activation"),
+        Column("bin", "INTEGER", "quantile: the activation bin; NULL for top contexts"),
+        Column("bin_low", "DOUBLE", "quantile: the bin covers [bin_low, bin_high)"),
+        Column("bin_high", "DOUBLE"),
+        Column("text_id", "INTEGER"),
+        Column("position", "INTEGER", "token index of the peak inside the text"),
+        Column("activation", "DOUBLE"),
+        Column("window_start", "INTEGER", "token index of tokens[0] inside the text"),
+        Column("tokens", "VARCHAR[]", "the window's tokens, as the tokenizer spells them"),
+        Column("acts", "FLOAT[]", "the feature's activation on each window token"),
+    ), primary_key=("layer", "feature", "kind", "rank")),
+
+    Table("feature_tokens", (
+        Column("layer", "INTEGER"),
+        Column("token", "VARCHAR"),
+        Column("feature", "INTEGER"),
+    ), doc="Token search: every (layer, token, feature) where the token is one of the feature's top tokens or "
+           "appears in one of its top contexts. Derived from the two tables above when the store is written "
+           "(SEARCH_INDEX_SQL); tokens are normalised with NORMALISED_TOKEN."),
+
+    Table("feature_cards", (
+        Column("card_key", "BIGINT", "layer << 32 | feature (CARD_KEY); unique, indexed"),
+        Column("card", "BLOB USING COMPRESSION uncompressed"),
+    ), doc="What a feature page shows, as one zlib-compressed JSON document per feature, derived from the tables "
+           "above when the store is written (feature_card_sql): its row of `features` (its columns with card=True), "
+           "rank by |weight|, the near-duplicates it shares its weight with, nearest features with their weights, "
+           "both kinds of contexts with their texts' reward, and its place in the default table view. A columnar "
+           "store reads a feature's list columns a whole 2,048-row vector at a time (~20 ms a page at 32k features "
+           "a layer); one uncompressed blob behind an index reads in ~1 ms. (DuckDB's own string compression made "
+           "the cards 6x slower to write, or, with zstd, 50x slower to read one.)"),
+)}
+LAYERS, FEATURES = TABLES["layers"], TABLES["features"]
+# What the pipeline (and any other writer) gives; the rest are derived when the store is written.
+WRITTEN_TABLES = ("texts", "reward_reads", "layers", "features", "contexts")
+
+
+def schema_sql() -> str:
+    """The DDL of every table, from TABLES as it is when called."""
+    return "\n\n".join(t.ddl() for t in TABLES.values())
+
 
 # After the bulk load: an index built once is far cheaper than one kept up while inserting.
 CARD_INDEX_SQL = "CREATE UNIQUE INDEX feature_cards_key ON feature_cards (card_key)"
@@ -150,9 +220,14 @@ SELECT DISTINCT layer, {NORMALISED_TOKEN.format("token")} AS token, feature FROM
 ORDER BY layer, token, feature
 """
 
-# One layer's cards as (card_key, JSON text), $1 = the layer, in key order; the writer compresses them. The default view is the layer table's
-# default sort (weight, largest first), so j/k from a plain feature link need no query.
-FEATURE_CARD_SQL = f"""
+
+def feature_card_sql() -> str:
+    """One layer's cards as (card_key, JSON text), $1 = the layer, in key order; the writer compresses
+    them. A card holds every feature column with card=True, plus what is derived below. The default
+    view is the layer table's default sort (weight, largest first), so j/k from a plain feature link
+    need no query."""
+    stored = ", ".join(f"{c.name} := f.{c.name}" for c in FEATURES.columns if c.card)
+    return f"""
 WITH layer_features AS (
     SELECT *,
            CASE WHEN weight IS NULL THEN 1
@@ -199,12 +274,8 @@ context_lists AS (
 )
 SELECT {CARD_KEY.format(layer="f.layer", feature="f.feature")},
        to_json(struct_pack(
-           feature := f.feature, weight := f.weight, std_weight := f.std_weight, weight_se := f.weight_se,
-           weight_group := f.weight_group, weight_group_size := f.weight_group_size,
+           {stored},
            weight_group_members := g.weight_group_members,
-           frequency := f.frequency, mean_activation := f.mean_activation, max_activation := f.max_activation,
-           top_token := f.top_token, reward_correlation := f.reward_correlation, reward_effect := f.reward_effect,
-           hist_edges := f.hist_edges, hist_counts := f.hist_counts, top_tokens := f.top_tokens,
            abs_weight_rank := f.abs_weight_rank, n_features := f.n_features,
            neighbours := n.neighbours,
            contexts := c.top_contexts, quantile_contexts := c.quantile_contexts,

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from backend.settings import Settings
-from backend.store_schema import STORE_FILENAME
+from backend.store_schema import FEATURES, STORE_FILENAME
 from dashboard_common import (add_common_args, corpus_of, hooked_encoder, live_features, load_world, packed_tokens,
                               run_ours, run_saedashboard)
 from workers.publish import write_store
@@ -39,8 +39,10 @@ def main() -> None:
     chosen = live_features(sae, adapter, texts, args.features, args.layer)
 
     with tempfile.TemporaryDirectory() as scratch:
+        # the regression's and neighbours' columns are NULL: P2 compares what both tools compute
+        no_fit = {c.name: [None] * len(features["feature"]) for c in FEATURES.columns if c.name not in features}
         store = write_store(Path(scratch) / STORE_FILENAME, {"run_id": "p2"},
-                            {"features": features, "contexts": contexts})
+                            {"features": {**features, **no_fit}, "contexts": contexts})
         store_bytes = store.stat().st_size
         feature_rows, context_rows = pa.table(features), pa.table(contexts)
         own = [feature_rows.filter(pc.equal(feature_rows["feature"], f)).nbytes

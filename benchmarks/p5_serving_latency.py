@@ -55,7 +55,7 @@ sys.path.insert(0, str(REPO_ROOT))  # run as a script: backend/ and workers/ fro
 from backend import db  # noqa: E402
 from backend.settings import Settings  # noqa: E402
 from backend.store_schema import STORE_FILENAME, STORE_VERSION  # noqa: E402
-from workers.publish import write_store  # noqa: E402
+from workers.publish import registry_rows, with_best_layer, write_store  # noqa: E402
 
 RUN_ID = "p5"
 HIST_BINS = 24          # the analysis defaults (workers/config.AnalysisConfig)
@@ -206,6 +206,8 @@ def layers_table(saes: int, width: int, rng: np.random.Generator) -> dict[str, l
         "l0": [64.0] * saes, "dead_fraction": [0.0] * saes, "pooling": ["reward_token"] * saes,
         "r2_train": (r2 + 0.1).tolist(), "r2_heldout": r2.tolist(), "r2_cv": (r2 - 0.02).tolist(),
         "ridge_alpha": [10.0] * saes, "regression_method": ["ridge"] * saes, "cv_folds": [5] * saes,
+        "merge_correlated": [None] * saes, "merge_min_cosine": [None] * saes,
+        "weight_effect_agreement": rng.uniform(0.1, 0.6, saes).tolist(),
         "probe_r2_train": [0.9] * saes, "probe_r2_heldout": [0.7] * saes, "probe_alpha": [100.0] * saes,
         "n_train": [8000] * saes, "n_heldout": [2000] * saes, "reward_recovered": rng.uniform(0.5, 0.95, saes).tolist(),
         "reward_mae_sae": rng.uniform(0.05, 0.2, saes).tolist(), "reward_mae_zero": [0.8] * saes,
@@ -318,24 +320,24 @@ def build_store(settings: Settings, saes: int, width: int, n_contexts: int, n_te
     reused = not rebuild and store_matches(path, shape)
     start = time.perf_counter()
     if not reused:
+        tables = SyntheticTables(saes, width, n_contexts, n_texts)
         info = {"run_id": RUN_ID, "name": "P5 synthetic", "model": "synthetic", "adapter": "seq-cls",
-                "dataset": "synthetic", "created_at": "2026-01-01T00:00:00", "p5_shape": shape,
-                "n_texts": n_texts, "n_tokens": n_texts * TEXT_TOKENS}
-        write_store(path, info, SyntheticTables(saes, width, n_contexts, n_texts))
+                "dataset": "synthetic", "config_yaml": "# P5 benchmark\n", "created_at": "2026-01-01T00:00:00",
+                "p5_shape": shape, "n_texts": n_texts, "n_tokens": n_texts * TEXT_TOKENS}
+        write_store(path, with_best_layer(info, tables["layers"]), tables)
     seconds = time.perf_counter() - start
     db.upgrade(settings)
-    register(settings, path, saes, width, n_texts)
+    register(settings, path)
     return Build(path, 0.0 if reused else seconds, reused, peak_rss_gib(), table_rows(path))
 
 
-def register(settings: Settings, path: Path, saes: int, width: int, n_texts: int) -> None:
-    sae_rows = [{"layer": i, "hook_name": f"blocks.{i}.hook_resid_post", "path": f"saes/layer_{i}",
-                 "architecture": "topk", "d_in": 1024, "d_sae": width, "mse": 0.05, "explained_variance": 0.9,
-                 "l0": 64.0, "dead_fraction": 0.0, "r2_heldout": 0.6} for i in range(saes)]
-    run_row = {"id": RUN_ID, "name": "P5 synthetic", "model": "synthetic", "adapter": "seq-cls",
-               "dataset": "synthetic", "config_yaml": "# P5 benchmark\n",
-               "store_path": str(path.relative_to(settings.data_dir)), "n_texts": n_texts,
-               "n_tokens": n_texts * TEXT_TOKENS}
+def register(settings: Settings, path: Path) -> None:
+    """The SQL rows for the store at `path`, from its own run_info and layers table."""
+    with contextlib.closing(duckdb.connect(str(path), read_only=True)) as con:
+        info = dict(con.execute("SELECT key, value FROM run_info").fetchall())
+        layers = con.sql("SELECT * FROM layers ORDER BY layer").to_arrow_table().to_pydict()
+    info["best_layer"] = int(info["best_layer"]) if "best_layer" in info else None
+    run_row, sae_rows = registry_rows(info, layers, path.parent.relative_to(settings.data_dir))
     db.register_run(settings, run_row, sae_rows, replace=True)
 
 

@@ -17,11 +17,11 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     from fastapi.testclient import TestClient
 
-from backend import db
+from backend import db, store_schema
 from backend.app import create_app
 from backend.settings import Settings
 from backend.store_schema import STORE_FILENAME
-from workers.publish import write_store
+from workers.publish import registry_rows, with_best_layer, write_store
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LAYERS = (3, 5)  # not 0..n-1, so code that confuses layer ids with indexes fails
@@ -36,34 +36,36 @@ QUANTILE_TOKEN = "meh"  # CONTEXT_FEATURE's quantile samples peak on this token
 WEIGHT_GROUP = (CONTEXT_FEATURE, 11, 12)  # near-duplicates fitted as one column: they share one weight
 
 
+def synthetic_value(sql_type: str, i: int) -> Any:
+    """A deterministic value of `sql_type` for row i: what a spec column gets that the helper
+    does not set, so a column added to the spec needs no edit here."""
+    if sql_type.endswith("[]"):
+        return [synthetic_value(sql_type[:-2], i)]
+    base = sql_type.split("(")[0].split()[0]
+    return {"INTEGER": i, "BIGINT": i, "DOUBLE": i / 8, "FLOAT": i / 8, "VARCHAR": f"v{i}", "BOOLEAN": i % 2 == 0}.get(base)
+
+
+def spec_columns(table: str, rows: list[dict[str, Any]]) -> dict[str, list]:
+    """Rows -> the spec's columns of `table`, in its order; a column no row sets is synthetic."""
+    spec = store_schema.TABLES[table]
+    unknown = {name for row in rows for name in row} - set(spec.names)
+    assert not unknown, f"{table}: {sorted(unknown)} are not in the spec"
+    return {c.name: [row[c.name] if c.name in row else synthetic_value(c.sql_type, i) for i, row in enumerate(rows)]
+            for c in spec.columns}
+
+
 def synthetic_tables(seed: int = 0) -> dict[str, dict[str, list]]:
     """Plain columns for every store table: 2 layers x 64 features, a few contexts each."""
     rng = np.random.default_rng(seed)
     n_texts = 20
-    texts = {
-        "text_id": list(range(n_texts)),
-        "split": ["train" if i < 15 else "heldout" for i in range(n_texts)],
-        "text": [f"synthetic review number {i}" for i in range(n_texts)],
-        "reward": [float(x) for x in rng.normal(size=n_texts)],
-        "score": [float(x) for x in rng.normal(size=n_texts)],
-        "n_tokens": [8] * n_texts,
-        "reward_position": [0] * n_texts,
-    }
-    layers: dict[str, list] = {k: [] for k in (
-        "layer", "hook_name", "sae_path", "architecture", "d_in", "d_sae", "k", "mse",
-        "explained_variance", "l0", "dead_fraction", "pooling", "r2_train", "r2_heldout",
-        "ridge_alpha", "n_train", "n_heldout", "reward_recovered", "reward_mae_sae", "reward_mae_zero",
-        "r2_cv", "regression_method", "merge_correlated", "merge_min_cosine", "weight_effect_agreement", "cv_folds", "probe_r2_train", "probe_r2_heldout", "probe_alpha")}
-    features: dict[str, list] = {k: [] for k in (
-        "layer", "feature", "frequency", "mean_activation", "max_activation", "weight", "std_weight", "weight_se",
-        "weight_group", "weight_group_size", "top_token", "hist_edges", "hist_counts", "reward_correlation", "reward_effect", "top_tokens", "neighbours",
-        "neighbour_cosines")}
-    contexts: dict[str, list] = {k: [] for k in (
-        "layer", "feature", "kind", "rank", "bin", "bin_low", "bin_high", "text_id", "position", "activation",
-        "window_start", "tokens", "acts")}
+    rewards, scores = rng.normal(size=n_texts), rng.normal(size=n_texts)
+    texts = [dict(text_id=i, split="train" if i < 15 else "heldout", text=f"synthetic review number {i}",
+                  reward=float(rewards[i]), score=float(scores[i]), n_tokens=8, reward_position=0)
+             for i in range(n_texts)]
+    layers, features, contexts = [], [], []
     extra = np.random.default_rng(seed + 1)  # separate stream: the columns above keep their values
     for i, layer in enumerate(LAYERS):
-        for key, value in dict(
+        layers.append(dict(
             layer=layer, hook_name=f"blocks.{layer}.hook_resid_post", sae_path=f"saes/layer_{layer}",
             architecture="topk", d_in=16, d_sae=N_FEATURES, k=4, mse=0.01 * (i + 1),
             explained_variance=0.9 - 0.1 * i, l0=4.0, dead_fraction=1 / N_FEATURES,
@@ -73,36 +75,34 @@ def synthetic_tables(seed: int = 0) -> dict[str, dict[str, list]]:
             r2_cv=0.79 - 0.3 * i, regression_method="ridge", merge_correlated=0.9, merge_min_cosine=0.5,
             weight_effect_agreement=0.5 - 0.4 * i, cv_folds=5,
             probe_r2_train=0.9 - 0.05 * i, probe_r2_heldout=0.64 + 0.07 * i, probe_alpha=2.5,
-        ).items():
-            layers[key].append(value)
+        ))
         weights = rng.normal(size=N_FEATURES)  # distinct almost surely (but in WEIGHT_GROUP): orderings are exact
         weights[list(WEIGHT_GROUP)] = weights[WEIGHT_GROUP[0]]
         for f in range(N_FEATURES):
             dead = f == DEAD_FEATURE
-            max_act = 0.0 if dead else 4.0 if f == CONTEXT_FEATURE else float(rng.uniform(0.5, 10))
-            features["layer"].append(layer)
-            features["feature"].append(f)
-            features["frequency"].append(0.0 if dead else float(rng.uniform(0.001, 0.3)))
-            features["mean_activation"].append(0.0 if dead else max_act / 3)
-            features["max_activation"].append(max_act)
-            features["weight"].append(0.0 if dead else float(weights[f]))
-            features["std_weight"].append(0.0 if dead else float(weights[f]) * (0.5 + f / N_FEATURES))
-            features["weight_se"].append(None if dead else 0.05 + f / (2 * N_FEATURES))
             grouped = f in WEIGHT_GROUP
-            features["weight_group"].append(WEIGHT_GROUP[0] if grouped else f)
-            features["weight_group_size"].append(len(WEIGHT_GROUP) if grouped else 1)
-            features["top_token"].append(None if dead else "amaz" if f == CONTEXT_FEATURE else VOCAB[f % 10])
-            edges = [] if dead else [float(x) for x in np.linspace(0, max_act, 11)]
-            features["hist_edges"].append(edges)
-            features["hist_counts"].append([] if dead else [int(c) for c in rng.integers(0, 50, 10)])
-            features["reward_correlation"].append(None if dead else float(extra.uniform(-1, 1)))
-            features["reward_effect"].append(None if dead else float(extra.normal()))
-            features["top_tokens"].append([] if dead else [
-                {"token": VOCAB[(f + j) % 10], "mean_activation": max_act / (j + 2), "count": 40 - 10 * j}
-                for j in range(3)])
-            # decoder neighbours: the next three ids, nearer first
-            features["neighbours"].append([(f + j) % N_FEATURES for j in (1, 2, 3)])
-            features["neighbour_cosines"].append([0.9, 0.5, 0.1])
+            max_act = 0.0 if dead else 4.0 if f == CONTEXT_FEATURE else float(rng.uniform(0.5, 10))
+            # the draws in this order (rng, then extra): the values tests expect
+            features.append(dict(
+                layer=layer, feature=f,
+                frequency=0.0 if dead else float(rng.uniform(0.001, 0.3)),
+                mean_activation=0.0 if dead else max_act / 3, max_activation=max_act,
+                weight=0.0 if dead else float(weights[f]),
+                std_weight=0.0 if dead else float(weights[f]) * (0.5 + f / N_FEATURES),
+                weight_se=None if dead else 0.05 + f / (2 * N_FEATURES),
+                weight_group=WEIGHT_GROUP[0] if grouped else f,
+                weight_group_size=len(WEIGHT_GROUP) if grouped else 1,
+                top_token=None if dead else "amaz" if f == CONTEXT_FEATURE else VOCAB[f % 10],
+                hist_edges=[] if dead else [float(x) for x in np.linspace(0, max_act, 11)],
+                hist_counts=[] if dead else [int(c) for c in rng.integers(0, 50, 10)],
+                reward_correlation=None if dead else float(extra.uniform(-1, 1)),
+                reward_effect=None if dead else float(extra.normal()),
+                top_tokens=[] if dead else [
+                    {"token": VOCAB[(f + j) % 10], "mean_activation": max_act / (j + 2), "count": 40 - 10 * j}
+                    for j in range(3)],
+                # decoder neighbours: the next three ids, nearer first
+                neighbours=[(f + j) % N_FEATURES for j in (1, 2, 3)], neighbour_cosines=[0.9, 0.5, 0.1],
+            ))
             if dead:
                 continue
             width = max_act / QUANTILE_BINS
@@ -112,12 +112,11 @@ def synthetic_tables(seed: int = 0) -> dict[str, dict[str, list]]:
                     tokens[3] = QUANTILE_TOKEN
                 acts = [0.0] * 6
                 acts[3] = width * (b + 0.5)
-                for key, value in dict(
+                contexts.append(dict(
                     layer=layer, feature=f, kind="quantile", rank=b, bin=b, bin_low=width * b,
                     bin_high=width * (b + 1), text_id=(f + b) % n_texts, position=3, activation=acts[3],
                     window_start=0, tokens=tokens, acts=acts,
-                ).items():
-                    contexts[key].append(value)
+                ))
             for rank in range(3):
                 if f == CONTEXT_FEATURE and rank == 0:
                     tokens, acts = CONTEXT_TOKENS, CONTEXT_ACTS
@@ -126,37 +125,27 @@ def synthetic_tables(seed: int = 0) -> dict[str, dict[str, list]]:
                     acts = [0.0] * 8
                     acts[4] = max_act * (1 - 0.2 * rank)
                     acts[5] = acts[4] / 2
-                for key, value in dict(
+                contexts.append(dict(
                     layer=layer, feature=f, kind="top", rank=rank, bin=None, bin_low=None, bin_high=None,
                     text_id=(f + rank) % n_texts, position=4,
                     activation=float(max(acts)), window_start=0, tokens=tokens, acts=acts,
-                ).items():
-                    contexts[key].append(value)
-    return {"texts": texts, "layers": layers, "features": features, "contexts": contexts}
+                ))
+    return {"texts": spec_columns("texts", texts), "layers": spec_columns("layers", layers),
+            "features": spec_columns("features", features), "contexts": spec_columns("contexts", contexts)}
 
 
 def publish_synthetic_run(settings: Settings, run_id: str = "synthetic", replace: bool = False) -> dict[str, Any]:
     """Write a synthetic store under settings.run_dir(run_id) and register it, as the
     pipeline does (store first, SQL rows last). Returns the tables that were written."""
     tables = synthetic_tables()
-    store_path = settings.run_dir(run_id) / STORE_FILENAME
+    run_dir = settings.run_dir(run_id)
     info = {"run_id": run_id, "name": f"Synthetic {run_id}", "model": "tiny-random-rm",
-            "adapter": "seq-cls", "dataset": "synthetic", "created_at": "2026-01-01T00:00:00"}
-    write_store(store_path, info, tables)
-    L = tables["layers"]
-    sae_rows = [
-        {"layer": L["layer"][i], "hook_name": L["hook_name"][i], "path": L["sae_path"][i],
-         "architecture": L["architecture"][i], "d_in": L["d_in"][i], "d_sae": L["d_sae"][i],
-         "mse": L["mse"][i], "explained_variance": L["explained_variance"][i], "l0": L["l0"][i],
-         "dead_fraction": L["dead_fraction"][i], "r2_heldout": L["r2_heldout"][i],
-         "weight_effect_agreement": L["weight_effect_agreement"][i]}
-        for i in range(len(L["layer"]))
-    ]
-    run_row = {"id": run_id, "name": info["name"], "model": info["model"], "adapter": "seq-cls",
-               "dataset": "synthetic", "config_yaml": "model: tiny-random-rm\n",
-               "store_path": str(store_path.relative_to(settings.data_dir)),  # relative, like the pipeline
-               "n_texts": len(tables["texts"]["text_id"]),
-               "n_tokens": sum(tables["texts"]["n_tokens"])}
+            "adapter": "seq-cls", "dataset": "synthetic", "config_yaml": "model: tiny-random-rm\n",
+            "created_at": "2026-01-01T00:00:00", "n_texts": len(tables["texts"]["text_id"]),
+            "n_tokens": sum(tables["texts"]["n_tokens"])}
+    info = with_best_layer(info, tables["layers"])
+    write_store(run_dir / STORE_FILENAME, info, tables)
+    run_row, sae_rows = registry_rows(info, tables["layers"], run_dir.relative_to(settings.data_dir))
     db.register_run(settings, run_row, sae_rows, replace=replace)
     return tables
 

@@ -24,8 +24,7 @@ def run_row(run_id="r1", **overrides):
 
 def sae_row(layer, **overrides):
     row = {"layer": layer, "hook_name": f"blocks.{layer}.hook_resid_post", "path": f"saes/{layer}",
-           "architecture": "topk", "d_in": 8, "d_sae": 32, "mse": 0.1, "explained_variance": 0.8,
-           "l0": 4.0, "dead_fraction": 0.0, "r2_heldout": 0.5 + layer / 100}
+           "architecture": "topk", "d_in": 8, "d_sae": 32}
     return {**row, **overrides}
 
 
@@ -83,13 +82,13 @@ def test_register_run_inserts_run_and_saes(migrated):
 def test_register_run_accepts_numpy_scalars(migrated):
     import numpy as np
 
-    db.register_run(migrated, run_row(n_texts=np.int64(10)), [sae_row(np.int64(4), mse=np.float32(0.5))])
+    db.register_run(migrated, run_row(n_texts=np.int64(10)), [sae_row(np.int64(4), d_sae=np.int32(16))])
     assert table_rows(migrated) == (["r1"], [("r1", 4)])
 
 
 def test_register_run_is_all_or_nothing(migrated):
     with pytest.raises(IntegrityError):
-        db.register_run(migrated, run_row(), [sae_row(1), sae_row(2, mse=None)])  # NOT NULL
+        db.register_run(migrated, run_row(), [sae_row(1), sae_row(2, d_in=None)])  # NOT NULL
     with pytest.raises(IntegrityError):
         db.register_run(migrated, run_row(), [sae_row(1), sae_row(1)])  # duplicate layer
     assert table_rows(migrated) == ([], [])
@@ -109,7 +108,7 @@ def test_register_replace_swaps_rows_and_failed_replace_keeps_old(migrated):
     db.register_run(migrated, run_row(name="new"), [sae_row(2), sae_row(3)], replace=True)
     assert table_rows(migrated) == (["r1"], [("r1", 2), ("r1", 3)])
     with pytest.raises(IntegrityError):
-        db.register_run(migrated, run_row(name="broken"), [sae_row(4, l0=None)], replace=True)
+        db.register_run(migrated, run_row(name="broken"), [sae_row(4, d_sae=None)], replace=True)
     with db.session(migrated) as s:
         assert s.get(Run, "r1").name == "new"
     assert table_rows(migrated) == (["r1"], [("r1", 2), ("r1", 3)])
@@ -124,3 +123,25 @@ def test_delete_run_cascades_to_saes(migrated):
     with db.get_engine(migrated).begin() as conn:  # the FK cascade holds outside the ORM too
         conn.execute(sa.delete(Run).where(Run.id == "b"))
     assert table_rows(migrated) == ([], [])
+
+
+def test_migration_0004_keeps_each_runs_best_layer_and_downgrades(settings):
+    """Layer metrics leave `saes`; a run registered before keeps its runs-list entry."""
+    db.upgrade(settings, "0003")
+    with db.get_engine(settings).begin() as conn:
+        conn.execute(sa.text("INSERT INTO runs (id, name, model, adapter, dataset, config_yaml, store_path, n_texts, "
+                             "n_tokens, created_at) VALUES ('old', 'Old', 'm', 'seq-cls', 'd', '', 'p', 1, 1, '2026-01-01')"))
+        for layer, r2, agreement in ((1, 0.9, 0.1), (2, 0.8, 0.5)):
+            conn.execute(sa.text("INSERT INTO saes (run_id, layer, hook_name, path, architecture, d_in, d_sae, mse, "
+                                 "explained_variance, l0, dead_fraction, r2_heldout, weight_effect_agreement) VALUES "
+                                 "('old', :layer, 'h', 'p', 'topk', 8, 32, 0.1, 0.8, 4, 0, :r2, :agreement)"),
+                         {"layer": layer, "r2": r2, "agreement": agreement})
+    db.upgrade(settings)
+    with db.session(settings) as s:
+        run = s.get(Run, "old")
+        assert (run.best_layer, run.best_r2_heldout) == (2, 0.8)  # 0.8 x 0.5 beats 0.9 x 0.1
+    assert "mse" not in {c["name"] for c in sa.inspect(db.get_engine(settings)).get_columns("saes")}
+    command.downgrade(db.alembic_config(settings), "0003")
+    columns = {c["name"] for c in sa.inspect(db.get_engine(settings)).get_columns("saes")}
+    assert {"mse", "r2_heldout", "weight_effect_agreement"} <= columns
+    db.upgrade(settings)

@@ -6,10 +6,10 @@ import json
 import duckdb
 import numpy as np
 import pytest
-import sqlalchemy as sa
 
 from backend import db
-from backend.models import Run, Sae
+from backend.layer_choice import best_layer
+from backend.models import Run
 from backend.settings import Settings
 from backend.store_schema import STORE_FILENAME
 from tests.helpers import make_client
@@ -114,6 +114,15 @@ def test_run_registered_in_sql(finished_run):
         run = s.get(Run, "tiny-run")
         assert run is not None and run.n_texts == 240
         assert [sae.layer for sae in run.saes] == [0, 2]
+        assert [sae.path for sae in run.saes] == ["runs/tiny-run/saes/layer_0", "runs/tiny-run/saes/layer_2"]
+    # the best layer, chosen once: the runs row and the store's run_info have the same
+    con = duckdb.connect(str(settings.run_dir("tiny-run") / STORE_FILENAME), read_only=True)
+    stored = con.execute("select value from run_info where key = 'best_layer'").fetchone()
+    layers = con.execute("select layer, r2_heldout, weight_effect_agreement from layers").fetchall()
+    con.close()
+    expected = best_layer(dict(zip(("layer", "r2_heldout", "weight_effect_agreement"), l)) for l in layers)
+    assert run.best_layer == expected and stored == (str(expected),)
+    assert run.best_r2_heldout == pytest.approx(next(r2 for layer, r2, _ in layers if layer == expected))
 
 
 def test_weight_groups_and_weight_effect_agreement_follow_from_the_stored_features(finished_run):
@@ -126,9 +135,6 @@ def test_weight_groups_and_weight_effect_agreement_follow_from_the_stored_featur
         use = (fired > 0) & np.isfinite(e)
         stored = con.execute("select weight_effect_agreement from layers where layer = ?", [layer]).fetchone()[0]
         assert stored == pytest.approx(np.corrcoef(w[use], e[use])[0, 1])
-        with db.session(settings) as s:
-            sae = s.scalars(sa.select(Sae).filter_by(run_id="tiny-run", layer=layer)).one()
-            assert sae.weight_effect_agreement == pytest.approx(stored)
         # every group's members share one weight, and the group is named by its smallest member
         groups = con.execute("select weight_group, list(feature), list(distinct weight), any_value(weight_group_size) "
                              "from features where layer = ? group by weight_group", [layer]).fetchall()

@@ -24,7 +24,7 @@ from workers.datasets import load_corpus
 from workers.device import pick_device
 from workers.evaluate import evaluate_saes
 from workers.neighbours import decoder_neighbours
-from workers.publish import write_store
+from workers.publish import registry_rows, with_best_layer, write_store
 from workers.regress import fit_probe, fit_reward_regression, weight_effect_agreement
 from workers.train import load_saes, train_saes
 
@@ -75,11 +75,10 @@ def _stage(message: str) -> None:
         listener(message)
 
 
-def build_tables(config: RunConfig, adapter, corpus, acts, saes: dict, sae_paths: dict[int, Path], run_dir: Path,
-                 recovery: dict) -> dict:
-    vocab = np.array(adapter.tokenizer.convert_ids_to_tokens(list(range(len(adapter.tokenizer)))), dtype=object)
+def corpus_tables(corpus, acts) -> dict[str, dict]:
+    """The texts, and every score the reward model read from them."""
     last_read = acts.last_read_per_text()
-    tables = {
+    return {
         "texts": {
             "text_id": np.arange(len(corpus.texts)),
             "split": np.where(corpus.heldout, "heldout", "train"),
@@ -95,83 +94,122 @@ def build_tables(config: RunConfig, adapter, corpus, acts, saes: dict, sae_paths
             "position": acts.read_positions,
             "score": acts.scores,
         },
-        "layers": {k: [] for k in ("layer", "hook_name", "sae_path", "architecture", "d_in", "d_sae", "k", "mse",
-                                   "explained_variance", "l0", "dead_fraction", "pooling", "r2_train", "r2_heldout",
-                                   "r2_cv", "ridge_alpha", "regression_method", "merge_correlated", "merge_min_cosine",
-                                   "weight_effect_agreement", "cv_folds",
-                                   "probe_r2_train", "probe_r2_heldout", "probe_alpha",
-                                   "n_train", "n_heldout", "reward_recovered",
-                                   "reward_mae_sae", "reward_mae_zero")},
-        "features": {},
-        "contexts": {},
     }
+
+
+def sae_identity(config: RunConfig, adapter, layer: int, sae_path: Path, run_dir: Path) -> dict:
+    """Which SAE a layer row describes: where it reads, its shape, where its weights are."""
+    return {"layer": layer, "hook_name": adapter.hook_name(layer), "sae_path": str(sae_path.relative_to(run_dir)),
+            "architecture": config.sae.architecture, "d_in": adapter.d_model, "d_sae": config.sae.width,
+            "k": config.sae.k if config.sae.architecture in ARCHITECTURE_KNOBS["k"] else None}
+
+
+def layer_statistics(layer_acts, n_tokens: int, d_model: int, feats: dict) -> dict:
+    """How well the SAE reconstructs its layer, and how many of its features never fired."""
+    return {**layer_acts.metrics(n_tokens, d_model),
+            "dead_fraction": float(np.mean(np.asarray(feats["frequency"]) == 0))}
+
+
+def layer_regression(config: RunConfig, corpus, acts, layer_acts, sae, feats: dict) -> tuple[dict, dict]:
+    """The reward regressed on the layer's pooled features, and the raw-activation probe beside
+    it: (the layer's metrics, each feature's weight columns). `feats` (the analysis pass's
+    feature columns) give the reward effect the weights are compared with."""
+    read_heldout = corpus.heldout[acts.read_text_ids]
+    fit = fit_reward_regression(layer_acts.pooled_matrix(acts.n_reads), acts.scores, read_heldout,
+                                config.regression, config.seed, sae.W_dec.detach().float().cpu().numpy())
+    probe = fit_probe(layer_acts.raw_matrix(), acts.scores, read_heldout, config.regression.cv_folds, config.seed)
+    metrics = {
+        "pooling": config.regression.pooling, "r2_train": fit.r2_train, "r2_heldout": fit.r2_heldout,
+        "r2_cv": fit.r2_cv, "ridge_alpha": fit.alpha, "regression_method": fit.method,
+        "merge_correlated": config.regression.merge_correlated,
+        "merge_min_cosine": config.regression.merge_min_cosine, "cv_folds": fit.cv_folds,
+        "weight_effect_agreement": weight_effect_agreement(fit.weights, feats["reward_effect"], feats["frequency"]),
+        "probe_r2_train": probe.r2_train, "probe_r2_heldout": probe.r2_heldout, "probe_alpha": probe.alpha,
+        "n_train": fit.n_train, "n_heldout": fit.n_heldout,
+    }
+    weights = {
+        "weight": fit.weights, "std_weight": fit.std_weights,
+        "weight_se": fit.weight_spread if fit.weight_spread is not None else [None] * len(fit.weights),
+        "weight_group": fit.weight_groups,
+        "weight_group_size": np.bincount(fit.weight_groups, minlength=len(fit.weight_groups))[fit.weight_groups],
+    }
+    return metrics, weights
+
+
+def decoder_columns(sae) -> dict:
+    """Each feature's nearest features by decoder cosine."""
+    neighbours, cosines = decoder_neighbours(sae.W_dec)
+    return {"neighbours": neighbours.tolist(), "neighbour_cosines": cosines.tolist()}
+
+
+def reward_recovery_columns(recovery) -> dict:
+    return {"reward_recovered": recovery.reward_recovered, "reward_mae_sae": recovery.mae_sae,
+            "reward_mae_zero": recovery.mae_zero}
+
+
+def merged(*stages: dict) -> dict:
+    """The stages' columns side by side; a column from two stages is a bug, not an override."""
+    out: dict = {}
+    for columns in stages:
+        twice = out.keys() & columns.keys()
+        if twice:
+            raise ValueError(f"columns {', '.join(sorted(twice))} come from two stages")
+        out.update(columns)
+    return out
+
+
+def as_columns(rows: list[dict]) -> dict[str, list]:
+    """Rows with the same keys -> one list per key (write_store checks the keys against the spec)."""
+    return {name: [row[name] for row in rows] for name in rows[0]} if rows else {}
+
+
+def _concatenated(per_layer: list[dict]) -> dict[str, list]:
+    """Each layer's columns -> one column over all layers, in layer order."""
+    out: dict[str, list] = {}
+    for columns in per_layer:
+        for name, values in columns.items():
+            out.setdefault(name, []).extend(values)
+    return out
+
+
+def _print_layer_summary(row: dict, weights: dict) -> None:
+    grouped = weights["weight_group_size"] > 1
+    print(f"  layer {row['layer']}: held-out R² {row['r2_heldout']:.3f} (train {row['r2_train']:.3f}, "
+          f"alpha {row['ridge_alpha']:g}; {int(grouped.sum())} near-duplicate features in "
+          f"{len(np.unique(weights['weight_group'][grouped]))} groups; raw probe {row['probe_r2_heldout']:.3f}), "
+          f"explained variance {row['explained_variance']:.3f}, L0 {row['l0']:.1f}, "
+          f"dead {row['dead_fraction']:.1%}, reward recovered {_fmt(row['reward_recovered'])}, "
+          f"weight-effect agreement {_fmt(row['weight_effect_agreement'])}")
+
+
+def build_tables(config: RunConfig, adapter, corpus, acts, saes: dict, sae_paths: dict[int, Path], run_dir: Path,
+                 recovery: dict) -> dict:
+    """Every table the store is written from: the corpus's, then per layer its row of `layers`
+    and its features' and contexts' rows, each stage's columns side by side."""
+    vocab = np.array(adapter.tokenizer.convert_ids_to_tokens(list(range(len(adapter.tokenizer)))), dtype=object)
+    layer_rows, features, contexts = [], [], []
     for layer in config.layers:
-        layer_acts = acts.layers[layer]
+        layer_acts, sae = acts.layers[layer], saes[layer]
         _stage(f"layer {layer}: feature statistics and top contexts")
-        feats, contexts = feature_tables(layer, layer_acts, vocab)
+        feats, layer_contexts = feature_tables(layer, layer_acts, vocab)
         _stage(f"layer {layer}: reward regression ({config.regression.method}, {config.regression.pooling} pooling)"
                " and raw-activation probe")
-        read_heldout = corpus.heldout[acts.read_text_ids]
-        fit = fit_reward_regression(layer_acts.pooled_matrix(acts.n_reads), acts.scores, read_heldout,
-                                    config.regression, config.seed, saes[layer].W_dec.detach().float().cpu().numpy())
-        probe = fit_probe(layer_acts.raw_matrix(), acts.scores, read_heldout, config.regression.cv_folds, config.seed)
-        feats["weight"], feats["std_weight"] = fit.weights, fit.std_weights
-        neighbours, cosines = decoder_neighbours(saes[layer].W_dec)
-        feats["neighbours"], feats["neighbour_cosines"] = neighbours.tolist(), cosines.tolist()
-        feats["weight_se"] = fit.weight_spread if fit.weight_spread is not None else [None] * len(fit.weights)
-        feats["weight_group"] = fit.weight_groups
-        feats["weight_group_size"] = np.bincount(fit.weight_groups, minlength=len(fit.weight_groups))[fit.weight_groups]
-        metrics = layer_acts.metrics(acts.n_tokens, adapter.d_model)
-        row = {
-            "layer": layer, "hook_name": adapter.hook_name(layer),
-            "sae_path": str(sae_paths[layer].relative_to(run_dir)), "architecture": config.sae.architecture,
-            "d_in": adapter.d_model, "d_sae": config.sae.width,
-            "k": config.sae.k if config.sae.architecture in ARCHITECTURE_KNOBS["k"] else None, **metrics,
-            "dead_fraction": float(np.mean(np.asarray(feats["frequency"]) == 0)),
-            "pooling": config.regression.pooling, "r2_train": fit.r2_train, "r2_heldout": fit.r2_heldout,
-            "r2_cv": fit.r2_cv, "ridge_alpha": fit.alpha, "regression_method": fit.method,
-            "merge_correlated": config.regression.merge_correlated,
-            "merge_min_cosine": config.regression.merge_min_cosine, "cv_folds": fit.cv_folds,
-            "weight_effect_agreement": weight_effect_agreement(fit.weights, feats["reward_effect"], feats["frequency"]),
-            "probe_r2_train": probe.r2_train, "probe_r2_heldout": probe.r2_heldout, "probe_alpha": probe.alpha,
-            "n_train": fit.n_train, "n_heldout": fit.n_heldout,
-            "reward_recovered": recovery[layer].reward_recovered, "reward_mae_sae": recovery[layer].mae_sae,
-            "reward_mae_zero": recovery[layer].mae_zero,
-        }
-        for key, value in row.items():
-            tables["layers"][key].append(value)
-        for target, cols in (("features", feats), ("contexts", contexts)):
-            for key, values in cols.items():
-                tables[target].setdefault(key, []).extend(values)
-        grouped = feats["weight_group_size"] > 1
-        print(f"  layer {layer}: held-out R² {fit.r2_heldout:.3f} (train {fit.r2_train:.3f}, alpha {fit.alpha:g}; "
-              f"{int(grouped.sum())} near-duplicate features in {len(np.unique(fit.weight_groups[grouped]))} groups; "
-              f"raw probe {probe.r2_heldout:.3f}), "
-              f"explained variance {metrics['explained_variance']:.3f}, L0 {metrics['l0']:.1f}, "
-              f"dead {row['dead_fraction']:.1%}, reward recovered {_fmt(row['reward_recovered'])}, "
-              f"weight-effect agreement {_fmt(row['weight_effect_agreement'])}")
-    return tables
+        regression, weights = layer_regression(config, corpus, acts, layer_acts, sae, feats)
+        row = merged(sae_identity(config, adapter, layer, sae_paths[layer], run_dir),
+                     layer_statistics(layer_acts, acts.n_tokens, adapter.d_model, feats), regression,
+                     reward_recovery_columns(recovery[layer]))
+        layer_rows.append(row)
+        features.append(merged(feats, weights, decoder_columns(sae)))
+        contexts.append(layer_contexts)
+        _print_layer_summary(row, weights)
+    return {**corpus_tables(corpus, acts), "layers": as_columns(layer_rows),
+            "features": _concatenated(features), "contexts": _concatenated(contexts)}
 
 
-def _register(settings: Settings, config: RunConfig, model_path: str, tables: dict, info: dict, replace: bool) -> None:
+def _register(settings: Settings, config: RunConfig, tables: dict, info: dict, replace: bool) -> None:
     from backend.db import register_run
 
-    layers = tables["layers"]
-    run_row = {
-        "id": config.run_id, "name": config.name, "model": config.model.path, "adapter": config.model.adapter,
-        "dataset": config.dataset.source, "config_yaml": info["config_yaml"],
-        "store_path": str(Path("runs") / config.run_id / STORE_FILENAME),
-        "n_texts": int(info["n_texts"]), "n_tokens": int(info["n_tokens"]),
-    }
-    sae_rows = [
-        {"layer": layers["layer"][i], "hook_name": layers["hook_name"][i],
-         "path": str(Path("runs") / config.run_id / layers["sae_path"][i]), "architecture": layers["architecture"][i],
-         "d_in": layers["d_in"][i], "d_sae": layers["d_sae"][i], "mse": layers["mse"][i],
-         "explained_variance": layers["explained_variance"][i], "l0": layers["l0"][i],
-         "dead_fraction": layers["dead_fraction"][i], "r2_heldout": layers["r2_heldout"][i],
-         "weight_effect_agreement": layers["weight_effect_agreement"][i]}
-        for i in range(len(layers["layer"]))
-    ]
+    run_row, sae_rows = registry_rows(info, tables["layers"], Path("runs") / config.run_id)
     register_run(settings, run_row, sae_rows, replace=replace)
 
 
@@ -231,10 +269,11 @@ def _run_pipeline(config: RunConfig, settings: Settings, replace: bool) -> Path:
             "created_at": datetime.now(timezone.utc).isoformat(), "n_texts": len(corpus.texts),
             "n_tokens": acts.n_tokens, "device": str(device),
         }
+        info = with_best_layer(info, tables["layers"])
         _stage("writing the feature store")
         write_store(staging / STORE_FILENAME, info, tables)
         (staging / "config.yaml").write_text(config_yaml)
-        _publish(staging, final_dir, lambda: _register(settings, config, model_path, tables, info, replace))
+        _publish(staging, final_dir, lambda: _register(settings, config, tables, info, replace))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

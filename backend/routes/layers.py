@@ -11,10 +11,12 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from backend import labels, store
 from backend.routes.common import SettingsDep, TableView, TableViewQ, get_run, render, run_summary, store_path
 from backend.settings import Settings
+from backend.store_schema import FEATURES, sorts
 
 router = APIRouter()
 
-# The sorts offered as tabs, and what each means to a reader.
+# The sorts offered as tabs, and what each means to a reader (the spec names the columns;
+# a tab can say more, e.g. which end of the sort it shows).
 SORT_LABELS = {
     "weight": "most positive weight",
     "-weight": "most negative weight",
@@ -25,11 +27,8 @@ SORT_LABELS = {
     "frequency": "most frequent",
     "max_activation": "strongest activation",
 }
-assert set(SORT_LABELS) <= set(store.SORTS)
-COLUMN_NAMES = {"weight": "weight", "abs_weight": "|weight|", "std_weight": "std. weight",
-                "abs_std_weight": "|std. weight|", "frequency": "frequency", "max_activation": "max activation",
-                "correlation": "reward correlation", "reward_effect": "reward effect"}
-assert set(COLUMN_NAMES) == set(store.SORT_COLUMNS)
+assert set(SORT_LABELS) <= set(store.SORTS), set(SORT_LABELS) - set(store.SORTS)
+COLUMN_NAMES = {sort.key: sort.label for sort in sorts(FEATURES)}
 
 
 def describe_sort(sort: str) -> str:

@@ -9,7 +9,6 @@ from fastapi.responses import HTMLResponse
 from sqlalchemy.orm import selectinload
 
 from backend import charts, db, store
-from backend.layer_choice import best_layer
 from backend.models import Run
 from backend.routes.common import SettingsDep, get_run, render, store_path
 from backend.settings import Settings
@@ -23,24 +22,16 @@ def runs_data(settings: Settings) -> dict[str, Any]:
         runs = s.scalars(
             sa.select(Run).options(selectinload(Run.saes)).order_by(Run.created_at.desc(), Run.id)
         ).all()
-    out = []
-    for run in runs:
-        layer = best_layer({"layer": sae.layer, "r2_heldout": sae.r2_heldout,
-                            "weight_effect_agreement": sae.weight_effect_agreement} for sae in run.saes)
-        best = next((sae for sae in run.saes if sae.layer == layer), None)
-        out.append({
-            "id": run.id, "name": run.name, "model": run.model, "adapter": run.adapter,
-            "dataset": run.dataset, "n_texts": run.n_texts, "n_tokens": run.n_tokens,
-            "n_layers": len(run.saes),
-            "best_r2_heldout": best.r2_heldout if best else None,
-            "best_layer": best.layer if best else None,
-            "created_at": run.created_at,
-        })
-    return {"runs": out}
+    return {"runs": [{
+        "id": run.id, "name": run.name, "model": run.model, "adapter": run.adapter,
+        "dataset": run.dataset, "n_texts": run.n_texts, "n_tokens": run.n_tokens,
+        "n_layers": len(run.saes), "best_r2_heldout": run.best_r2_heldout, "best_layer": run.best_layer,
+        "created_at": run.created_at,
+    } for run in runs]}
 
 
 def run_data(settings: Settings, run_id: str) -> dict[str, Any]:
-    """One run: its registry row plus every layer's metrics from its feature store."""
+    """One run: its registry row plus every layer's metrics and the best layer from its feature store."""
     run = get_run(settings, run_id)
     path = store_path(settings, run)
     layers = store.layers(path)
@@ -50,7 +41,7 @@ def run_data(settings: Settings, run_id: str) -> dict[str, Any]:
             "dataset": run.dataset, "n_texts": run.n_texts, "n_tokens": run.n_tokens,
             "created_at": run.created_at, "config_yaml": run.config_yaml,
         },
-        "best_layer": best_layer(layers),
+        "best_layer": store.best_layer(path),
         "layers": layers,
     }
 
