@@ -123,6 +123,23 @@ TABLES: dict[str, Table] = {t.name: t for t in (
         Column("reward_recovered", "DOUBLE", "1 - reward_mae_sae / reward_mae_zero; NULL if zeroing changes nothing"),
         Column("reward_mae_sae", "DOUBLE", "mean |RM score with the SAE reconstruction spliced in - score|"),
         Column("reward_mae_zero", "DOUBLE", "mean |RM score with the layer's output zeroed - score|"),
+        # what the model uses, measured (workers/causal.py); NULL where the score is not the model's
+        Column("default_ranking", "VARCHAR", "the ranking (backend/rankings.py) whose deletion curve moves the "
+               "reward most beyond its controls: the layer table's default sort and its 'top N'"),
+        Column("faithfulness_delta", "DOUBLE", "mean Δ score zeroing the default ranking's top 10"),
+        Column("faithfulness_control", "DOUBLE", "... the same for frequency-matched random draws (their mean)"),
+        Column("faithfulness_relative", "DOUBLE", "|delta - control| / score_spread: what picks the best layer"),
+        Column("score_spread", "DOUBLE", "standard deviation of the score over the faithfulness texts"),
+        Column("reach", "DOUBLE", "the largest |delta - control| of any deletion curve / score_spread: small when "
+               "this layer's edits barely reach the score"),
+        Column("read_token_gradient_share", "DOUBLE", "share of the score's gradient (norm per token) at the "
+               "tokens the score is read at: near 1 when the head reads one token here"),
+        Column("calibration_regression_slope", "DOUBLE", "measured single-feature Δ regressed on the regression's "
+               "prediction: 1 is calibrated, 0.1 means predictions 10x too large"),
+        Column("calibration_regression_r", "DOUBLE"),
+        Column("calibration_attribution_slope", "DOUBLE", "... on the attribution's prediction"),
+        Column("calibration_attribution_r", "DOUBLE"),
+        Column("n_measured", "INTEGER", "features whose single-feature Δ was measured"),
     ), primary_key=("layer",)),
 
     Table("features", (
@@ -147,7 +164,28 @@ TABLES: dict[str, Table] = {t.name: t for t in (
         Column("reward_correlation", "DOUBLE", "Pearson r of the pooled activation with the RM score, per read",
                table=True, sort_key="correlation", label="reward correlation"),
         Column("reward_effect", "DOUBLE", "mean d(score)/d(activation) along the decoder row, where it fires",
-               table=True, sort_key="reward_effect", label="reward effect"),
+               table=True, sort_key="reward_effect", label="effect per unit"),
+        Column("attribution", "DOUBLE", "mean contribution to a text's score: activation x d(score)/d(activation) "
+               "summed over the text's tokens (0 where silent); NULL: never fired on a text with a gradient",
+               table=True, sort_key="attribution", label="attribution", abs_label="|attribution|"),
+        Column("attribution_abs", "DOUBLE", "mean |contribution| per text", table=True,
+               sort_key="attribution_abs", label="mean |attribution|"),
+        Column("attribution_share", "DOUBLE", "cov(contribution, score) / var(score): its share of the score's "
+               "variance", table=True, sort_key="attribution_share", label="share of score variance"),
+        Column("measured_delta", "DOUBLE", "mean Δ score with the feature zeroed alone (reconstruction error kept) "
+               "on held-out texts where it fires; NULL: not measured", table=True, sort_key="measured_delta",
+               label="measured Δ", abs_label="|measured Δ|"),
+        Column("measured_delta_low", "DOUBLE", "95% CI of measured_delta", table=True),
+        Column("measured_delta_high", "DOUBLE", table=True),
+        Column("measured_n", "INTEGER", "reward reads measured_delta is the mean of (0: not measured)", table=True),
+        Column("predicted_delta_regression", "DOUBLE", "on the same reads: -weight x pooled activation", table=True),
+        Column("predicted_delta_attribution", "DOUBLE", "on the same reads: -contribution", table=True),
+        # workers/attribution.py; NULL where the feature never fired on a text whose gradient was taken
+        Column("attribution", "DOUBLE", "mean over texts of activation x d(score)/d(activation), summed over "
+                                        "the text's tokens: reward points it accounts for (0 where silent)"),
+        Column("attribution_abs", "DOUBLE", "mean |attribution| over those texts"),
+        Column("attribution_share", "DOUBLE", "cov(attribution, score) / var(score): its share of the score's "
+                                              "variance (the shares add up to 1 where the score is their sum)"),
         Column("top_tokens", "STRUCT(token VARCHAR, mean_activation DOUBLE, count BIGINT)[]",
                "by mean activation over all the token's occurrences; count = how often the feature fired on it"),
         # the card lists neighbours with their cosines, weights and top tokens instead
@@ -172,6 +210,33 @@ TABLES: dict[str, Table] = {t.name: t for t in (
         Column("acts", "FLOAT[]", "the feature's activation on each window token"),
     ), primary_key=("layer", "feature", "kind", "rank")),
 
+    Table("faithfulness", (
+        Column("layer", "INTEGER"),
+        Column("ranking", "VARCHAR", "backend/rankings.py"),
+        Column("n", "INTEGER", "the ranking's top n zeroed together"),
+        Column("features", "INTEGER[]"),
+        Column("mean_delta", "DOUBLE", "mean Δ score over the faithfulness texts' reward reads"),
+        Column("ci_low", "DOUBLE"),
+        Column("ci_high", "DOUBLE"),
+        Column("predicted_mean_delta", "DOUBLE", "the regression's prediction"),
+        Column("attribution_mean_delta", "DOUBLE", "the first-order (gradient) prediction"),
+        Column("predicted_ratio", "DOUBLE", "prediction / measured"),
+        Column("attribution_ratio", "DOUBLE"),
+        Column("n_reads", "INTEGER"),
+        Column("n_fired", "INTEGER", "reads where a chosen feature fires"),
+        Column("fired_mean_delta", "DOUBLE", "mean Δ over those reads"),
+        Column("control_mean_delta", "DOUBLE", "mean over the random draws of their mean Δ"),
+        Column("control_low", "DOUBLE", "the draws' smallest mean Δ"),
+        Column("control_high", "DOUBLE", "... and largest"),
+        Column("control_draw_means", "DOUBLE[]"),
+        Column("difference", "DOUBLE", "chosen - control per read, mean"),
+        Column("difference_low", "DOUBLE", "95% CI"),
+        Column("difference_high", "DOUBLE"),
+        Column("p_value", "DOUBLE", "two-sided sign-flip permutation test of the paired difference"),
+    ), primary_key=("layer", "ranking", "n"),
+        doc="Deletion curves (workers/faithfulness.py): per layer and ranking, the top n zeroed beside "
+            "frequency-matched random draws of the same n."),
+
     Table("feature_tokens", (
         Column("layer", "INTEGER"),
         Column("token", "VARCHAR"),
@@ -193,7 +258,7 @@ TABLES: dict[str, Table] = {t.name: t for t in (
 )}
 LAYERS, FEATURES = TABLES["layers"], TABLES["features"]
 # What the pipeline (and any other writer) gives; the rest are derived when the store is written.
-WRITTEN_TABLES = ("texts", "reward_reads", "layers", "features", "contexts")
+WRITTEN_TABLES = ("texts", "reward_reads", "layers", "features", "contexts", "faithfulness")
 
 
 def schema_sql() -> str:

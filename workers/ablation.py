@@ -41,9 +41,13 @@ class AblationResult:
         keep = slice(None) if where is None else where
         delta, predicted = self.delta[keep], self.predicted[keep]
         attributed = None if self.attributed is None else self.attributed[keep]
-        return {"n": int(len(delta)), **mean_with_ci(delta),
-                "predicted_mean_delta": float(predicted.mean()) if len(predicted) else None,
-                "attribution_mean_delta": float(attributed.mean()) if attributed is not None and len(delta) else None}
+        out = {"n": int(len(delta)), **mean_with_ci(delta),
+               "predicted_mean_delta": float(predicted.mean()) if len(predicted) else None,
+               "attribution_mean_delta": float(attributed.mean()) if attributed is not None and len(delta) else None}
+        for name in ("predicted", "attribution"):  # prediction / measured: 1 is calibrated
+            value, measured = out[f"{name}_mean_delta"], out["mean_delta"]
+            out[f"{name}_ratio"] = value / measured if value is not None and measured else None
+        return out
 
 
 # Keep at most this much of the edited layer's clean output per evaluation set; batches past it

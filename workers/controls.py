@@ -17,7 +17,7 @@ def mean_with_ci(values: np.ndarray, level: float = 0.95) -> dict:
     """Mean and its t-interval (a single value has no interval)."""
     values = np.asarray(values, dtype=np.float64)
     n = len(values)
-    mean = float(np.mean(values)) if n else float("nan")
+    mean = float(np.mean(values)) if n else None
     if n < 2:
         return {"mean_delta": mean, "ci_low": None, "ci_high": None}
     half = float(stats.t.ppf(0.5 + level / 2, n - 1) * np.std(values, ddof=1) / np.sqrt(n))

@@ -18,26 +18,15 @@ from typing import Callable
 
 import numpy as np
 
+from backend.rankings import RANKINGS
 from workers.ablation import EvalSet, run_ablation
 from workers.controls import control_draws, control_summary, mean_with_ci
 from workers.sae_ops import FeatureEdit
 
-# ranking -> (feature column, sign: +1 largest first, -1 smallest first, 0 by |value|)
-RANKINGS: dict[str, tuple[str, int]] = {
-    "weight": ("weight", 1),
-    "abs_weight": ("weight", 0),
-    "reward_effect": ("reward_effect", 1),
-    "attribution": ("attribution", 1),
-    "measured_delta": ("measured_delta", -1),
-}
-# the layer table's sort key that lists each ranking's order (backend/store.py SORTS)
-RANKING_SORTS = {"weight": "weight", "abs_weight": "abs_weight", "reward_effect": "reward_effect",
-                 "attribution": "attribution", "measured_delta": "-measured_delta"}
-
 
 def ranked(columns: dict[str, np.ndarray], ranking: str) -> np.ndarray:
     """Live features with a value in `ranking`'s column, in its order (ties by feature id)."""
-    column, sign = RANKINGS[ranking]
+    column, sign = RANKINGS[ranking].column, RANKINGS[ranking].sign
     values = np.asarray(columns[column], dtype=np.float64)
     ok = np.isfinite(values) & (np.asarray(columns["frequency"]) > 0)
     ids = np.flatnonzero(ok)

@@ -61,14 +61,17 @@ class LoadedRun:
         return self.decoders[layer]
 
     def eval_set(self, layer: int, key: tuple, texts: list[str], progress=None):
-        """The prepared evaluation set for these texts at this layer, prepared on first use."""
+        """The prepared evaluation set for these texts at this layer, prepared on first use, with
+        the score's gradient at the layer (for the attribution prediction) where the model has one."""
         from workers.ablation import prepare_eval_set
+        from workers.analyze import adapter_has_gradient
 
         if (layer, key) in self.eval_sets:
             self.eval_sets.move_to_end((layer, key))
         else:
             self.eval_sets[(layer, key)] = prepare_eval_set(self.adapter, layer, texts, ABLATION_BATCH,
-                                                            progress=progress)
+                                                            progress=progress,
+                                                            with_gradients=adapter_has_gradient(self.adapter))
             while len(self.eval_sets) > EVAL_SETS_KEPT:
                 self.eval_sets.popitem(last=False)
         return self.eval_sets[(layer, key)]
@@ -128,7 +131,8 @@ def _eval_texts(run: LoadedRun, params: dict) -> tuple[list[str], list[int | Non
 
 
 def ablation_task(params: dict, ctx) -> dict:
-    from workers.ablation import FeatureEdit, control_features, run_ablation
+    from workers.ablation import FeatureEdit, run_ablation
+    from workers.controls import control_draws
 
     run = ctx.cache.get(params["run_id"])
     layer = int(params["layer"])
@@ -141,9 +145,10 @@ def ablation_task(params: dict, ctx) -> dict:
     texts, text_ids, eval_key = _eval_texts(run, params)
     pooling = run.config.regression.pooling
     directions, linear = run.decoder(layer)
-    with_control = params.get("control", True)
+    n_controls = int(params.get("n_controls", 3)) if params.get("control", True) else 0
+    draws = control_draws(frequency, edit.features, n_controls, seed=int(ctx.job["id"])) if n_controls else []
     parts = (["scoring the texts unedited"] if (layer, eval_key) not in run.eval_sets else []) + [
-        "the chosen features"] + (["the random control"] if with_control else [])
+        "the chosen features"] + [f"random control {i + 1} of {len(draws)}" for i in range(len(draws))]
 
     def progress(part: str):
         return lambda share: ctx.report(progress=(parts.index(part) + share) / len(parts), message=part)
@@ -152,17 +157,33 @@ def ablation_task(params: dict, ctx) -> dict:
     evalset = run.eval_set(layer, eval_key, texts, progress(parts[0]))
     chosen = run_ablation(run.adapter, sae, layer, evalset, edit, weights, pooling, ABLATION_BATCH,
                           progress("the chosen features"), directions, linear)
-    result = {"summary": chosen.summary(), "examples": [
-        {"text_id": text_ids[i], "text": texts[i][:300], "before": float(b), "after": float(a), "predicted": float(p)}
-        for i, b, a, p in zip(chosen.text_index.tolist(), chosen.before, chosen.after, chosen.predicted)]}
-    if with_control:
-        control = control_features(frequency, edit.features, seed=int(ctx.job["id"]))
-        control_edit = FeatureEdit(control, edit.mode, edit.value)
-        ctrl = run_ablation(run.adapter, sae, layer, evalset, control_edit, weights, pooling, ABLATION_BATCH,
-                            progress("the random control"), directions, linear)
-        result["control"] = {"features": list(control), "summary": ctrl.summary(),
-                             "deltas": [float(d) for d in ctrl.delta]}
-    return result
+    controls = [run_ablation(run.adapter, sae, layer, evalset, FeatureEdit(draw, edit.mode, edit.value), weights,
+                             pooling, ABLATION_BATCH, progress(f"random control {i + 1} of {len(draws)}"),
+                             directions, linear) for i, draw in enumerate(draws)]
+    return ablation_result(chosen, controls, draws, texts, text_ids, seed=int(ctx.job["id"]))
+
+
+def ablation_result(chosen, controls, draws, texts, text_ids, seed: int) -> dict:
+    """The job's result: the change over all reads and over those where a chosen feature fires,
+    each beside both predictions and the controls (paired test of chosen - control)."""
+    from workers.controls import control_summary
+
+    fired = chosen.fired
+
+    def summaries(where):
+        return {"summary": chosen.summary(where),
+                "control": control_summary(chosen.delta[where], [c.delta[where] for c in controls], seed)}
+
+    everywhere, where_fired = summaries(np.ones_like(fired)), summaries(fired)
+    examples = []
+    for row, i in enumerate(chosen.text_index.tolist()):
+        examples.append({"text_id": text_ids[i], "text": texts[i][:300], "before": float(chosen.before[row]),
+                         "after": float(chosen.after[row]), "predicted": float(chosen.predicted[row]),
+                         "attributed": None if chosen.attributed is None else float(chosen.attributed[row]),
+                         "fired": bool(fired[row])})
+    return {**everywhere, "where_fired": where_fired, "examples": examples,
+            "controls": [{"features": list(draw), "summary": c.summary(), "deltas": [float(d) for d in c.delta]}
+                         for draw, c in zip(draws, controls)]}
 
 
 # --- custom text ------------------------------------------------------------------------

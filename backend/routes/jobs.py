@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 
 from backend import charts, jobs, store
 from backend.access import check_csrf, current_author
+from backend.rankings import FALLBACK_RANKING, RANKINGS
 from backend.routes.common import SettingsDep, get_run, render, store_path
 from backend.settings import Settings
 
@@ -19,6 +20,9 @@ router = APIRouter()
 
 MAX_TYPED_TEXTS = 256
 SELECTIONS = {
+    "top_ranked": ("default", "the top {n} features of the layer's default ranking ({ranking})"),
+    "top_measured": ("-measured_delta", "the top {n} features by measured Δ when zeroed alone (most negative first)"),
+    "top_attribution": ("attribution", "the top {n} features by attribution (activation × gradient; raise the reward most)"),
     "top_positive": ("weight", "the top {n} features by weight (raise the reward most)"),
     "top_negative": ("-weight", "the top {n} features by negative weight (lower the reward most)"),
     "top_abs": ("abs_weight", "the top {n} features by |weight|"),
@@ -47,7 +51,8 @@ class AblationRequest(EditSpec):
     top_n: int = Field(10, ge=1, le=500)
     n_texts: int = Field(256, ge=1, le=2048, description="held-out texts of the run's corpus to evaluate on")
     texts: list[str] | None = Field(None, max_length=MAX_TYPED_TEXTS, description="typed texts instead of held-out ones")
-    control: bool = Field(True, description="also ablate as many random features of similar frequency")
+    control: bool = Field(True, description="also ablate random features of similar frequency (n_controls draws)")
+    n_controls: int = Field(3, ge=1, le=20, description="random control draws, each as many features as chosen")
 
 
 class InferenceRequest(BaseModel):
@@ -91,8 +96,13 @@ def _resolve_features(settings: Settings, run_id: str, layer: int, req: Ablation
             features = sorted(f for f, row in labels.labels_for_layer(settings, run_id, layer).items()
                               if row["label"] == "reward")
         else:
-            features = [r["feature"] for r in store.features(path, layer, sort=sort, limit=req.top_n).rows]
-        described = template.format(n=req.top_n)
+            ranking = None
+            if sort == "default":
+                ranking = RANKINGS[info.get("default_ranking") or FALLBACK_RANKING]
+                sort = ranking.sort
+            features = [r["feature"] for r in store.features(path, layer, sort=sort, limit=req.top_n).rows
+                        if not sort.endswith("measured_delta") or r.get("measured_delta") is not None]
+        described = template.format(n=req.top_n, ranking=ranking.label if ranking else "")
     if not features:
         _reject(422, "no features selected: pick some in the table, or a rule that selects at least one")
     out_of_range = [f for f in features if not 0 <= f < info["d_sae"]]
@@ -110,7 +120,8 @@ def submit_ablation(settings: Settings, run_id: str, layer: int, req: AblationRe
             _reject(422, "no evaluation texts: type at least one, or evaluate on held-out texts")
         _check_text_length(settings, req.texts)
     params = {"run_id": run_id, "layer": layer, "features": features, "mode": req.mode, "value": req.value,
-              "n_texts": req.n_texts, "texts": req.texts, "control": req.control, "described": described}
+              "n_texts": req.n_texts, "texts": req.texts, "control": req.control, "n_controls": req.n_controls,
+              "described": described}
     return _submit(settings, "ablation", params, author, run_id)
 
 
@@ -186,6 +197,7 @@ async def ablate_form(request: Request, run_id: str, layer: int, settings: Setti
     else:
         data["n_texts"] = form.get("n_texts") or 256
     data["control"] = form.get("control") == "on"  # an unticked box is simply absent
+    data["n_controls"] = form.get("n_controls") or 3
     job = submit_ablation(settings, run_id, layer, _parse(AblationRequest, data), current_author(request))
     return RedirectResponse(f"/jobs/{job['id']}", status_code=303)
 
@@ -303,8 +315,11 @@ def job_page(request: Request, job_id: int, settings: SettingsDep):
         for e in examples:
             e["delta"] = e["after"] - e["before"]
         deltas = [e["delta"] for e in examples]
-        context["chart"] = charts.delta_histograms(deltas, (result.get("control") or {}).get("deltas"))
+        control_deltas = [d for c in result.get("controls", []) for d in c["deltas"]]
+        context["chart"] = charts.delta_histograms(deltas, control_deltas or None)
         context["agreement"] = _agreement([e["predicted"] for e in examples], deltas)
+        if all(e.get("attributed") is not None for e in examples):
+            context["attribution_agreement"] = _agreement([e["attributed"] for e in examples], deltas)
     if job["kind"] == "inference" and result:
         context["tokens"] = _shaded(result)
     return render(request, "job.html", context)

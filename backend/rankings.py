@@ -1,0 +1,38 @@
+"""The rankings of a layer's features and what each one is: a prediction of the score, the
+model's own gradient, or a measurement. Shared by the worker (deletion curves, "top N"
+selections) and the server (labels, default sort), so it imports nothing heavy.
+
+A ranking orders live features with a value in its column, largest first (sign -1: smallest
+first; 0: by absolute value)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Ranking:
+    key: str
+    column: str  # the features table's column
+    sign: int  # 1: largest first, -1: smallest first, 0: largest |value| first
+    sort: str  # the layer table's ?sort= that lists the features in this order
+    label: str
+    kind: str  # "predicts" (regression), "gradient" (first-order, the model's own), "measured" (ablation)
+
+
+RANKINGS: dict[str, Ranking] = {r.key: r for r in (
+    Ranking("weight", "weight", 1, "weight", "regression weight", "predicts"),
+    Ranking("abs_weight", "weight", 0, "abs_weight", "|regression weight|", "predicts"),
+    Ranking("reward_effect", "reward_effect", 1, "reward_effect", "effect per unit (gradient)", "gradient"),
+    Ranking("attribution", "attribution", 1, "attribution", "attribution (activation × gradient)", "gradient"),
+    Ranking("measured_delta", "measured_delta", -1, "-measured_delta", "measured Δ when zeroed", "measured"),
+)}
+
+KIND_WORDS = {"predicts": "predicts the score (regression over the corpus)",
+              "gradient": "the model's own gradient (first-order estimate of zeroing)",
+              "measured": "measured by zeroing each feature alone"}
+
+FALLBACK_RANKING = "weight"  # where no deletion curve was measured (a score the model does not compute)
+
+
+def ranking_for_sort(sort: str) -> Ranking | None:
+    return next((r for r in RANKINGS.values() if r.sort == sort), None)
