@@ -180,12 +180,6 @@ TABLES: dict[str, Table] = {t.name: t for t in (
         Column("measured_n", "INTEGER", "reward reads measured_delta is the mean of (0: not measured)", table=True),
         Column("predicted_delta_regression", "DOUBLE", "on the same reads: -weight x pooled activation", table=True),
         Column("predicted_delta_attribution", "DOUBLE", "on the same reads: -contribution", table=True),
-        # workers/attribution.py; NULL where the feature never fired on a text whose gradient was taken
-        Column("attribution", "DOUBLE", "mean over texts of activation x d(score)/d(activation), summed over "
-                                        "the text's tokens: reward points it accounts for (0 where silent)"),
-        Column("attribution_abs", "DOUBLE", "mean |attribution| over those texts"),
-        Column("attribution_share", "DOUBLE", "cov(attribution, score) / var(score): its share of the score's "
-                                              "variance (the shares add up to 1 where the score is their sum)"),
         Column("top_tokens", "STRUCT(token VARCHAR, mean_activation DOUBLE, count BIGINT)[]",
                "by mean activation over all the token's occurrences; count = how often the feature fired on it"),
         # the card lists neighbours with their cosines, weights and top tokens instead
