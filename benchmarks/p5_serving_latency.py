@@ -140,10 +140,26 @@ def layer_features(rng: np.random.Generator, layer: int, top_ids: np.ndarray, ma
         "hist_counts": fixed_lists(counts.astype(np.int64)),
         "reward_correlation": pa.array(rng.uniform(-0.4, 0.4, width)),
         "reward_effect": pa.array(rng.normal(0, 0.05, width)),
+        "attribution": pa.array(rng.normal(0, 0.01, width)),
+        "attribution_abs": pa.array(np.abs(rng.normal(0, 0.02, width))),
+        "attribution_share": pa.array(rng.normal(0, 0.001, width)),
+        **measured_columns(rng, weight),
         "top_tokens": list_array(top_tokens, np.full(width, TOP_TOKENS)),
         "neighbours": fixed_lists(neighbours.astype(np.int32)),
         "neighbour_cosines": fixed_lists(cosines),
     }
+
+
+def measured_columns(rng: np.random.Generator, weight: np.ndarray) -> dict[str, pa.Array]:
+    """Single-feature ablations as the causal stage writes them: a Δ with its CI beside what the
+    regression and the attribution predicted, for every feature (a real run measures a few)."""
+    width = len(weight)
+    delta = -weight * rng.uniform(0.05, 0.5, width)
+    half = np.abs(rng.normal(0, 0.002, width))
+    return {"measured_delta": pa.array(delta), "measured_delta_low": pa.array(delta - half),
+            "measured_delta_high": pa.array(delta + half), "measured_n": pa.array(rng.integers(5, 200, width)),
+            "predicted_delta_regression": pa.array(-weight * rng.uniform(0.5, 2.0, width)),
+            "predicted_delta_attribution": pa.array(delta * rng.uniform(0.5, 1.5, width))}
 
 
 def layer_contexts(rng: np.random.Generator, layer: int, top_ids: np.ndarray, max_act: np.ndarray,
@@ -211,6 +227,13 @@ def layers_table(saes: int, width: int, rng: np.random.Generator) -> dict[str, l
         "probe_r2_train": [0.9] * saes, "probe_r2_heldout": [0.7] * saes, "probe_alpha": [100.0] * saes,
         "n_train": [8000] * saes, "n_heldout": [2000] * saes, "reward_recovered": rng.uniform(0.5, 0.95, saes).tolist(),
         "reward_mae_sae": rng.uniform(0.05, 0.2, saes).tolist(), "reward_mae_zero": [0.8] * saes,
+        # the causal stage's per-layer summary (workers/causal.py)
+        "default_ranking": ["weight"] * saes, "faithfulness_delta": (-0.1 * r2).tolist(),
+        "faithfulness_control": [-0.01] * saes, "faithfulness_relative": (0.2 * r2).tolist(),
+        "score_spread": [0.5] * saes, "reach": (0.3 * r2).tolist(), "read_token_gradient_share": [0.4] * saes,
+        "calibration_regression_slope": [0.3] * saes, "calibration_regression_r": [0.6] * saes,
+        "calibration_attribution_slope": [0.9] * saes, "calibration_attribution_r": [0.8] * saes,
+        "n_measured": [64] * saes,
     }
 
 
