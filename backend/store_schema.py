@@ -280,11 +280,21 @@ ORDER BY layer, token, feature
 """
 
 
-def feature_card_sql() -> str:
+def order_sql(sort: str) -> str:
+    """ORDER BY for a layer table sort key ('key': largest first, '-key': smallest first); NULLs
+    (a dead feature's correlation, an unmeasured Δ) always last, ties by feature id."""
+    expressions = {s.key: s.expression for s in sorts(FEATURES)}
+    if sort.lstrip("-") not in expressions:
+        raise ValueError(f"unknown sort {sort!r}; expected one of "
+                         f"{', '.join(k for key in expressions for k in (key, '-' + key))}")
+    return f"{expressions[sort.lstrip('-')]} {'ASC' if sort.startswith('-') else 'DESC'} NULLS LAST, feature"
+
+
+def feature_card_sql(default_sort: str = "weight") -> str:
     """One layer's cards as (card_key, JSON text), $1 = the layer, in key order; the writer compresses
     them. A card holds every feature column with card=True, plus what is derived below. The default
-    view is the layer table's default sort (weight, largest first), so j/k from a plain feature link
-    need no query."""
+    view is the layer table's default sort (its default ranking's), so j/k from a plain feature
+    link need no query."""
     stored = ", ".join(f"{c.name} := f.{c.name}" for c in FEATURES.columns if c.card)
     return f"""
 WITH layer_features AS (
@@ -296,7 +306,7 @@ WITH layer_features AS (
            lag(feature) OVER by_weight AS view_previous,
            lead(feature) OVER by_weight AS view_next
     FROM features WHERE layer = $1
-    WINDOW by_weight AS (ORDER BY weight DESC NULLS LAST, feature)
+    WINDOW by_weight AS (ORDER BY {order_sql(default_sort)})
 ),
 group_lists AS (
     SELECT a.feature, list(struct_pack(feature := b.feature, top_token := b.top_token, frequency := b.frequency)

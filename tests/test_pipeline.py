@@ -118,11 +118,13 @@ def test_run_registered_in_sql(finished_run):
     # the best layer, chosen once: the runs row and the store's run_info have the same
     con = duckdb.connect(str(settings.run_dir("tiny-run") / STORE_FILENAME), read_only=True)
     stored = con.execute("select value from run_info where key = 'best_layer'").fetchone()
-    layers = con.execute("select layer, r2_heldout, weight_effect_agreement from layers").fetchall()
+    names = ("layer", "r2_heldout", "weight_effect_agreement", "faithfulness_relative")
+    layers = con.execute(f"select {', '.join(names)} from layers").fetchall()
     con.close()
-    expected = best_layer(dict(zip(("layer", "r2_heldout", "weight_effect_agreement"), l)) for l in layers)
+    assert all(l[3] is not None for l in layers)  # chosen by faithfulness, not by R²
+    expected = best_layer(dict(zip(names, l)) for l in layers)
     assert run.best_layer == expected and stored == (str(expected),)
-    assert run.best_r2_heldout == pytest.approx(next(r2 for layer, r2, _ in layers if layer == expected))
+    assert run.best_r2_heldout == pytest.approx(next(l[1] for l in layers if l[0] == expected))
 
 
 def test_weight_groups_and_weight_effect_agreement_follow_from_the_stored_features(finished_run):
@@ -219,3 +221,26 @@ def test_contexts_and_scores_point_at_the_right_texts(finished_run, tiny_world):
     sample = con.execute("select text, score from texts where text_id in (3, 100, 201) order by text_id").fetchall()
     scores, _ = adapter.run(adapter.tokenize([text for text, _ in sample]))
     assert np.allclose(scores.numpy(), [score for _, score in sample], atol=1e-4)
+
+
+def test_causal_columns_measured_and_the_default_ranking_is_the_curve_that_moves_most(finished_run):
+    from backend.rankings import RANKINGS
+    from workers.faithfulness import default_ranking
+
+    settings, run_dir = finished_run
+    con = duckdb.connect(str(run_dir / STORE_FILENAME), read_only=True)
+    for layer, stored_default, n_measured in con.execute(
+            "select layer, default_ranking, n_measured from layers").fetchall():
+        rows = [dict(zip([d[0] for d in con.description], r)) for r in
+                con.execute("select * from faithfulness where layer = ?", [layer]).fetchall()]
+        assert {r["ranking"] for r in rows} <= set(RANKINGS) and {r["n"] for r in rows} <= {1, 2, 5, 10, 20}
+        assert stored_default == default_ranking(rows)
+        assert all(len(r["control_draw_means"]) == 3 and r["n_reads"] > 0 for r in rows)
+        measured = con.execute("select count(*), min(measured_n) from features where layer = ? and "
+                               "measured_delta is not null", [layer]).fetchone()
+        assert measured[0] == n_measured > 10 and measured[1] > 0
+        # dead features have no attribution; live ones that fired on gradient texts do
+        dead = con.execute("select count(*) from features where layer = ? and frequency = 0 and attribution "
+                           "is not null", [layer]).fetchone()[0]
+        assert dead == 0
+    con.close()

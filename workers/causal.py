@@ -67,11 +67,17 @@ def run_causal_stage(adapter, sae, layer: int, heldout_texts: list[str], feature
     columns["measured_n"] = np.where(np.isnan(columns["measured_n"]), 0, columns["measured_n"])
 
     started = time.time()
-    faith_set = prepare_eval_set(adapter, layer, heldout_texts[: config.faithfulness_texts], config.batch_size)
+    faith_set = prepare_eval_set(adapter, layer, heldout_texts[: config.faithfulness_texts], config.batch_size,
+                                 with_gradients=True)
     ranking_columns = {**feature_columns, "weight": weights, "measured_delta": columns["measured_delta"]}
-    report(f"layer {layer}: deletion curves of 5 rankings at n = {config.faithfulness_n} on {faith_set.n_texts} "
-           f"held-out texts, {config.controls} random controls each")
-    curves = deletion_curves(adapter, sae, layer, faith_set, ranking_columns, config.faithfulness_n,
+    n_live = int((np.asarray(feature_columns["frequency"]) > 0).sum())
+    ns = [n for n in config.faithfulness_n if 2 * n <= n_live]
+    skipped = [n for n in config.faithfulness_n if n not in ns]
+    report(f"layer {layer}: deletion curves of 5 rankings at n = {ns} on {faith_set.n_texts} held-out texts, "
+           f"{config.controls} random controls each"
+           + (f" (n = {skipped} left out: the layer has {n_live} live features, and a control of n more "
+              "must be drawn from them)" if skipped else ""))
+    curves = deletion_curves(adapter, sae, layer, faith_set, ranking_columns, ns,
                              config.controls, weights, pooling, directions, linear, seed)
     timings["faithfulness"] = time.time() - started
     layer_columns = _layer_columns(curves, columns, faith_set.clean, pool)

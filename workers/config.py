@@ -149,7 +149,7 @@ class EffectsConfig(Strict):
     candidates: int = Field(100, ge=1, le=2000, description="features measured per layer: top by |attribution| and |weight|")
     texts_per_feature: int = Field(64, ge=2, le=1024, description="held-out texts where it fires, each zeroed alone")
     pool_texts: int = Field(512, ge=8, description="held-out texts searched for those where a candidate fires")
-    faithfulness_texts: int = Field(128, ge=8, description="held-out texts every deletion curve is measured on")
+    faithfulness_texts: int = Field(64, ge=8, description="held-out texts every deletion curve is measured on (each point costs 1 + controls passes over them through the blocks above the layer)")
     faithfulness_n: list[int] = Field([1, 2, 5, 10, 20, 50, 100], min_length=1,
                                       description="top-n of each ranking zeroed together")
     controls: int = Field(3, ge=1, le=20, description="frequency-matched random draws per curve point")

@@ -42,13 +42,15 @@ def _set_seed(features: tuple[int, ...], seed: int) -> int:
 def deletion_curves(adapter, sae, layer: int, evalset: EvalSet, columns: dict[str, np.ndarray], ns: list[int],
                     n_controls: int, weights: np.ndarray, pooling: str, directions, linear: bool, seed: int = 0,
                     progress: Callable[[float], None] | None = None) -> list[dict]:
-    """One row per (ranking, n) that the layer's live features allow."""
+    """One row per (ranking, n) that the layer's live features allow: the ranking must hold n
+    features, and the layer n more live ones to draw disjoint controls from."""
     frequency = np.asarray(columns["frequency"])
+    n_live = int((frequency > 0).sum())
     jobs = []
     for ranking in RANKINGS:
         order = ranked(columns, ranking)
         for n in ns:
-            if n <= len(order):
+            if n <= len(order) and 2 * n <= n_live:
                 jobs.append((ranking, n, tuple(int(f) for f in order[:n])))
     measured: dict[tuple[int, ...], object] = {}
 

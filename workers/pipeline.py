@@ -15,9 +15,10 @@ import torch
 import yaml
 
 from backend.settings import Settings
-from backend.store_schema import STORE_FILENAME
+from backend.store_schema import STORE_FILENAME, TABLES
 from workers.adapters import adapter_from_config
-from workers.analyze import collect_corpus_activations, feature_tables
+from workers.analyze import adapter_has_gradient, collect_corpus_activations, feature_tables
+from workers.causal import not_applicable, run_causal_stage
 from workers.config import (ARCHITECTURE_KNOBS, DEMO_MODEL, DEMO_MODEL_DIRNAME, ConfigError, RunConfig,
                             check_against_world)
 from workers.datasets import load_corpus
@@ -172,6 +173,24 @@ def _concatenated(per_layer: list[dict]) -> dict[str, list]:
     return out
 
 
+def causal_stage(config: RunConfig, adapter, corpus, layer: int, sae, feats: dict, weights: dict):
+    """What the model uses at this layer, measured (workers/causal.py); nothing to measure where
+    the score is computed from the text, not by the model."""
+    if not config.effects.enabled or not adapter_has_gradient(adapter):
+        if config.effects.enabled:
+            _stage(f"layer {layer}: no measured effects: the score ({config.model.reward_function}) is computed "
+                   "from the text, so no edit of the model moves it")
+        return not_applicable(len(weights["weight"]))
+    heldout = [t for t, held in zip(corpus.texts, corpus.heldout) if held]
+    ranking_columns = {name: np.array([np.nan if v is None else v for v in feats[name]], dtype=np.float64)
+                       for name in ("frequency", "reward_effect", "attribution", "attribution_abs")}
+    result = run_causal_stage(adapter, sae, layer, heldout, ranking_columns, np.asarray(weights["weight"]),
+                              config.regression.pooling, config.effects, config.seed, report=_stage)
+    _stage(f"layer {layer}: measured effects {result.timings['measured']:.0f} s, deletion curves "
+           f"{result.timings['faithfulness']:.0f} s; default ranking {result.layer_columns['default_ranking']}")
+    return result
+
+
 def _print_layer_summary(row: dict, weights: dict) -> None:
     grouped = weights["weight_group_size"] > 1
     print(f"  layer {row['layer']}: held-out R² {row['r2_heldout']:.3f} (train {row['r2_train']:.3f}, "
@@ -179,7 +198,11 @@ def _print_layer_summary(row: dict, weights: dict) -> None:
           f"{len(np.unique(weights['weight_group'][grouped]))} groups; raw probe {row['probe_r2_heldout']:.3f}), "
           f"explained variance {row['explained_variance']:.3f}, L0 {row['l0']:.1f}, "
           f"dead {row['dead_fraction']:.1%}, reward recovered {_fmt(row['reward_recovered'])}, "
-          f"weight-effect agreement {_fmt(row['weight_effect_agreement'])}")
+          f"weight-effect agreement {_fmt(row['weight_effect_agreement'])}; default ranking "
+          f"{row['default_ranking']}, its top 10 move the reward {_fmt(row['faithfulness_delta'])} "
+          f"(control {_fmt(row['faithfulness_control'])}; {_fmt(row['faithfulness_relative'])} of the spread), "
+          f"calibration slope regression {_fmt(row['calibration_regression_slope'])}, "
+          f"attribution {_fmt(row['calibration_attribution_slope'])}")
 
 
 def build_tables(config: RunConfig, adapter, corpus, acts, saes: dict, sae_paths: dict[int, Path], run_dir: Path,
@@ -187,7 +210,7 @@ def build_tables(config: RunConfig, adapter, corpus, acts, saes: dict, sae_paths
     """Every table the store is written from: the corpus's, then per layer its row of `layers`
     and its features' and contexts' rows, each stage's columns side by side."""
     vocab = np.array(adapter.tokenizer.convert_ids_to_tokens(list(range(len(adapter.tokenizer)))), dtype=object)
-    layer_rows, features, contexts = [], [], []
+    layer_rows, features, contexts, curves = [], [], [], []
     for layer in config.layers:
         layer_acts, sae = acts.layers[layer], saes[layer]
         _stage(f"layer {layer}: feature statistics and top contexts")
@@ -195,15 +218,18 @@ def build_tables(config: RunConfig, adapter, corpus, acts, saes: dict, sae_paths
         _stage(f"layer {layer}: reward regression ({config.regression.method}, {config.regression.pooling} pooling)"
                " and raw-activation probe")
         regression, weights = layer_regression(config, corpus, acts, layer_acts, sae, feats)
+        causal = causal_stage(config, adapter, corpus, layer, sae, feats, weights)
         row = merged(sae_identity(config, adapter, layer, sae_paths[layer], run_dir),
                      layer_statistics(layer_acts, acts.n_tokens, adapter.d_model, feats), regression,
-                     reward_recovery_columns(recovery[layer]))
+                     reward_recovery_columns(recovery[layer]), causal.layer_columns)
         layer_rows.append(row)
-        features.append(merged(feats, weights, decoder_columns(sae)))
+        features.append(merged(feats, weights, decoder_columns(sae), causal.feature_columns))
         contexts.append(layer_contexts)
+        curves.extend(causal.curves)
         _print_layer_summary(row, weights)
+    faithfulness = as_columns(curves) or {name: [] for name in TABLES["faithfulness"].names}
     return {**corpus_tables(corpus, acts), "layers": as_columns(layer_rows),
-            "features": _concatenated(features), "contexts": _concatenated(contexts)}
+            "features": _concatenated(features), "contexts": _concatenated(contexts), "faithfulness": faithfulness}
 
 
 def _register(settings: Settings, config: RunConfig, tables: dict, info: dict, replace: bool) -> None:

@@ -15,6 +15,7 @@ import duckdb
 import pyarrow as pa
 
 from backend.layer_choice import best_layer
+from backend.rankings import FALLBACK_RANKING, RANKINGS
 from backend.store_schema import (CARD_INDEX_SQL, SEARCH_INDEX_SQL, STORE_FILENAME, STORE_VERSION, TABLES,
                                   WRITTEN_TABLES, feature_card_sql, schema_sql)
 
@@ -44,18 +45,23 @@ def _insert(con: duckdb.DuckDBPyConnection, table: str, columns: Columns) -> Non
 CARD_SCHEMA = pa.schema([("card_key", pa.int64()), ("card", pa.binary())])
 
 
+def default_sort(ranking: str | None) -> str:
+    """The layer table's default sort: its default ranking's (backend/rankings.py)."""
+    return RANKINGS[ranking or FALLBACK_RANKING].sort
+
+
 def _write_cards(con: duckdb.DuckDBPyConnection, chunk: int = 4096) -> None:
     """Each feature's page as one compressed JSON card (backend/store_schema.py), built a layer
     and a chunk at a time, so memory stays bounded whatever the store's size. One INSERT reads
     the whole stream: inserting chunk by chunk left small row groups that the final checkpoint
     rewrote, and the file kept the old blocks (5 GB of 14 at 1M features)."""
     layers = [layer for (layer,) in con.execute("SELECT DISTINCT layer FROM features ORDER BY layer").fetchall()]
-    card_sql = feature_card_sql()
+    defaults = dict(con.execute("SELECT layer, default_ranking FROM layers").fetchall())
 
     def batches():
         for layer in layers:
             cards = con.cursor()
-            cards.execute(card_sql, [layer])
+            cards.execute(feature_card_sql(default_sort(defaults.get(layer))), [layer])
             while rows := cards.fetchmany(chunk):
                 # zlib level 1: a third of the JSON's size at ~4x the speed of the default level
                 yield pa.record_batch([pa.array([key for key, _ in rows], pa.int64()),
