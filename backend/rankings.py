@@ -36,3 +36,12 @@ FALLBACK_RANKING = "weight"  # where no deletion curve was measured (a score the
 
 def ranking_for_sort(sort: str) -> Ranking | None:
     return next((r for r in RANKINGS.values() if r.sort == sort), None)
+
+# A layer whose deletion curves never move the score by more than this share of its spread
+# "barely reaches the score" (the demo's last layer: the head reads one token, and features
+# that fire elsewhere cannot move it); its pages say so in words.
+BARELY_REACHES = 0.02
+
+
+def barely_reaches(layer: dict) -> bool:
+    return layer.get("reach") is not None and layer["reach"] < BARELY_REACHES

@@ -162,7 +162,19 @@ def test_worker_runs_an_ablation_job_end_to_end(tiny_run):
     assert result["summary"]["n"] == 40 and len(result["examples"]) == 40
     deltas = [e["after"] - e["before"] for e in result["examples"]]
     assert result["summary"]["mean_delta"] == pytest.approx(np.mean(deltas))
-    assert len(result["control"]["features"]) == 4 and not set(result["control"]["features"]) & set(chosen)
+    assert len(result["controls"]) == 3  # three frequency-matched draws, each as large as the choice
+    for control in result["controls"]:
+        assert len(control["features"]) == 4 and not set(control["features"]) & set(chosen)
+    draw_means = [c["summary"]["mean_delta"] for c in result["controls"]]
+    assert result["control"]["draw_means"] == pytest.approx(draw_means)
+    test = result["control"]["test"]
+    per_read = np.array(deltas) - np.mean([c["deltas"] for c in result["controls"]], axis=0)
+    assert test["difference"] == pytest.approx(per_read.mean()) and 0 <= test["p_value"] <= 1
+    # the first-order prediction beside the regression's, and the summary where the features fire
+    assert result["summary"]["attribution_mean_delta"] == pytest.approx(np.mean([e["attributed"] for e in result["examples"]]))
+    fired = [e for e in result["examples"] if e["fired"]]
+    assert result["where_fired"]["summary"]["n"] == len(fired) > 0
+    assert result["where_fired"]["summary"]["mean_delta"] == pytest.approx(np.mean([e["after"] - e["before"] for e in fired]))
     assert worker.run_one() is False  # nothing left
 
 

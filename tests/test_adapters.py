@@ -245,6 +245,24 @@ def test_running_from_a_layer_equals_the_full_forward(models, kind, name):
     assert all(a is b for a, b in zip(adapter.blocks, blocks))  # every block is back in its place
 
 
+@pytest.mark.parametrize("kind, name", [("seq_cls", "bert"), ("seq_cls", "llama"), ("process", "gpt2_lm"),
+                                        ("process", "token_cls2")])
+def test_selected_rows_of_a_batch_score_as_the_originals(models, kind, name):
+    """batch.select(rows) (repeats allowed) keeps each row's reward reads, in reads_of order:
+    many edits of the same texts can run as one forward."""
+    options = {"step_separator": " ;"} if kind == "process" else {}
+    adapter = load_adapter(kind, str(models[name]), CPU, max_length=64, **options)
+    batch = adapter.tokenize(STEP_TEXTS if kind == "process" else TEXTS)
+    rows = torch.tensor([1, 0, 1])
+    full, _ = adapter.run(batch)
+    picked, _ = adapter.run(batch.select(rows))
+    read_ids = torch.cat(batch.reads_of(rows))
+    assert len(picked) == len(read_ids) > len(rows) - 1
+    assert torch.allclose(picked, full[read_ids], atol=1e-5)
+    segment = batch.select(rows).token_segment
+    assert set(segment[segment >= 0].tolist()) == set(range(len(read_ids)))  # every read keeps its tokens
+
+
 def test_unknown_adapter_kind_names_the_key(models):
     with pytest.raises(ValueError, match="model.adapter"):
         load_adapter("mystery", str(models["bert"]), CPU, 32)

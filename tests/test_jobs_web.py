@@ -96,7 +96,8 @@ def test_custom_text_form_queues_inference_with_the_top_features(client, migrate
                     follow_redirects=False)
     assert r.status_code == 303
     job = jobs.get(migrated, int(r.headers["location"].rsplit("/", 1)[1]))
-    top = [f["feature"] for f in client.get(f"/api{RUN}/layers/5", params={"sort": "abs_weight"}).json()["features"][:8]]
+    # the layer's default ranking (the one that held up when ablated), as its table lists it
+    top = [f["feature"] for f in client.get(f"/api{RUN}/layers/5").json()["features"][:8]]
     assert job["kind"] == "inference" and job["params"]["features"] == top
     too_long = client.post(f"{RUN}/layers/5/text", data={"csrf_token": csrf(client), "text": "y" * 4001})
     assert too_long.status_code == 422 and "4,001 characters" in too_long.text
@@ -106,15 +107,25 @@ def test_finished_ablation_page_shows_before_after_control_and_chart(client, mig
     job = jobs.submit(migrated, "ablation", {"run_id": "synthetic", "layer": 3, "features": [1, 2], "mode": "zero",
                                              "n_texts": 3, "described": "features 1, 2"}, "local", "synthetic")
     jobs.claim(migrated, "w")
-    examples = [{"text_id": i, "text": f"text {i}", "before": 1.0, "after": 1.0 - i, "predicted": -0.8 * i} for i in range(3)]
+    examples = [{"text_id": i, "text": f"text {i}", "before": 1.0, "after": 1.0 - i, "predicted": -0.8 * i,
+                 "attributed": -0.9 * i, "fired": i > 0} for i in range(3)]
+    control = {"n_draws": 3, "draw_means": [-0.1, 0.0, 0.1], "mean_delta": 0.0, "low": -0.1, "high": 0.1,
+               "test": {"difference": -1.0, "ci_low": -2.0, "ci_high": 0.0, "p_value": 0.0123, "n": 3}}
     jobs.finish(migrated, job["id"], "w", result={
-        "summary": {"n": 3, "mean_delta": -1.0, "ci_low": -3.5, "ci_high": 1.5, "predicted_mean_delta": -0.8},
-        "examples": examples,
-        "control": {"features": [9, 10], "summary": {"n": 3, "mean_delta": -0.1, "ci_low": -0.2, "ci_high": 0.0},
-                    "deltas": [0.0, -0.1, -0.2]}})
+        "summary": {"n": 3, "mean_delta": -1.0, "ci_low": -3.5, "ci_high": 1.5, "predicted_mean_delta": -0.8,
+                    "attribution_mean_delta": -0.9, "predicted_ratio": 0.8, "attribution_ratio": 0.9},
+        "control": control, "examples": examples,
+        "where_fired": {"summary": {"n": 2, "mean_delta": -1.5, "ci_low": None, "ci_high": None,
+                                    "predicted_mean_delta": -1.2, "attribution_mean_delta": -1.35,
+                                    "predicted_ratio": 0.8, "attribution_ratio": 0.9}, "control": control},
+        "controls": [{"features": [9 + d, 10 + d], "summary": {"n": 3, "mean_delta": m}, "deltas": [m, m, m]}
+                     for d, m in enumerate([-0.1, 0.0, 0.1])]})
     html = client.get(f"/jobs/{job['id']}").text
-    assert 'id="mean-delta">-1.0000<' in html and 'id="control-delta" class="num neg">-0.1000<' not in html
-    assert "[-3.500, 1.500]" in html and 'id="predicted-delta">-0.8000<' in html
+    assert 'id="mean-delta">-1.0000<' in html and 'id="fired-mean-delta">-1.5000<' in html
+    assert "[-3.500, 1.500]" in html and 'id="predicted-delta">-0.8000 <span class="muted">(0.80× measured)' in html
+    assert 'id="attribution-delta">-0.9000 <span class="muted">(0.90× measured)' in html
+    assert 'id="p-value">0.0123<' in html and 'id="difference">-1.0000' in html
+    assert html.count("control 1:") + html.count("control 2:") + html.count("control 3:") == 3
     assert html.count('class="dbar"') == 24 and html.count('class="cbar"') == 24  # both series on the chart
     assert html.index("text 2") < html.index("text 0")  # largest drop first
     assert "done" in client.get("/jobs").text

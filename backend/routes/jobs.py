@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 
 from backend import charts, jobs, store
 from backend.access import check_csrf, current_author
-from backend.rankings import FALLBACK_RANKING, RANKINGS
+from backend.rankings import FALLBACK_RANKING, RANKINGS, barely_reaches
 from backend.routes.common import SettingsDep, get_run, render, store_path
 from backend.settings import Settings
 
@@ -57,7 +57,7 @@ class AblationRequest(EditSpec):
 
 class InferenceRequest(BaseModel):
     text: str = Field(min_length=1)
-    features: list[int] = Field(default_factory=list, description="features to show per token (default: top by |weight|)")
+    features: list[int] = Field(default_factory=list, description="features to show per token (default: the top 8 of the layer's default ranking)")
     edit: AblationRequest | None = None
 
     @field_validator("text")
@@ -129,7 +129,8 @@ def submit_inference(settings: Settings, run_id: str, layer: int, req: Inference
     _check_text_length(settings, [req.text])
     path = store_path(settings, get_run(settings, run_id))
     info = store.layer_info(path, layer)
-    shown = req.features or [r["feature"] for r in store.features(path, layer, sort="abs_weight", limit=8).rows]
+    default_sort = RANKINGS[info.get("default_ranking") or FALLBACK_RANKING].sort  # what holds up under ablation
+    shown = req.features or [r["feature"] for r in store.features(path, layer, sort=default_sort, limit=8).rows]
     bad = [f for f in shown if not 0 <= f < info["d_sae"]]
     if bad:
         _reject(422, f"feature {bad[0]} is out of range: layer {layer} has features 0–{info['d_sae'] - 1}")
@@ -320,9 +321,20 @@ def job_page(request: Request, job_id: int, settings: SettingsDep):
         context["agreement"] = _agreement([e["predicted"] for e in examples], deltas)
         if all(e.get("attributed") is not None for e in examples):
             context["attribution_agreement"] = _agreement([e["attributed"] for e in examples], deltas)
+    if job["kind"] in ("ablation", "inference") and job["run_id"]:
+        context["layer_info"] = _layer_or_none(settings, job["run_id"], job["params"].get("layer"))
     if job["kind"] == "inference" and result:
         context["tokens"] = _shaded(result)
     return render(request, "job.html", context)
+
+
+def _layer_or_none(settings: Settings, run_id: str, layer: int | None) -> dict | None:
+    """The job's layer row, for what the page says about it; None once its run is gone."""
+    try:
+        info = store.layer_info(store_path(settings, get_run(settings, run_id)), int(layer))
+    except (store.NotFound, store.StoreOutdated, TypeError, ValueError):
+        return None
+    return {**info, "barely_reaches": barely_reaches(info)}
 
 
 def _agreement(predicted: list[float], actual: list[float]) -> float | None:
