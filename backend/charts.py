@@ -1,10 +1,10 @@
-"""Geometry for the server-rendered SVG charts; frontend/templates/_charts.html draws it.
+"""Geometry for the server-rendered SVG charts; frontend/templates/_macros.html draws it.
 
 Plain numbers in, plain dicts out: no plotting library, nothing to run in the browser.
 """
 from __future__ import annotations
 
-from math import floor, log10
+from math import ceil, floor, isfinite, log10
 from typing import Any, Sequence
 
 
@@ -107,3 +107,73 @@ def delta_histograms(chosen: Sequence[float], control: Sequence[float] | None, b
             "chosen": bars(series["chosen"]), "control": bars(series["control"]) if control else [],
             "chosen_mean_x": x_of(mean(chosen)) if chosen else None,
             "control_mean_x": x_of(mean(control)) if control else None}
+
+
+def _axis(values: Sequence[float], n_ticks: int = 4) -> tuple[float, float, list[float]]:
+    """A round range covering `values` and 0, and its ticks (about n_ticks steps)."""
+    lo, hi = min([0.0, *values]), max([0.0, *values])
+    if hi - lo < 1e-12:
+        hi = lo + 1.0
+    raw = (hi - lo) / n_ticks
+    base = 10 ** floor(log10(raw))
+    step = next(m * base for m in (1, 2, 2.5, 5, 10) if m * base >= raw)
+    lo, hi = floor(lo / step + 1e-9) * step, ceil(hi / step - 1e-9) * step
+    ticks = [round(lo + i * step, 12) for i in range(round((hi - lo) / step) + 1)]
+    return lo, hi, ticks
+
+
+def _finite(*xs: float | None) -> list[float]:
+    return [x for x in xs if x is not None and isfinite(x)]
+
+
+def deletion_curves(rankings: dict[str, dict[str, Any]], band_ranking: str | None, width: int = 560,
+                    height: int = 230, n_max: int = 100) -> dict | None:
+    """Faithfulness curves: mean Δ score (y) with each ranking's top n zeroed, n on a log axis
+    1..n_max (x); one line per ranking (as faithfulness_data gives them), and the random
+    controls' range (lowest to highest draw mean per n) of `band_ranking` -- the default
+    ranking, or the first drawn -- as a band. None: no curve was measured."""
+    if not rankings:
+        return None
+    left, right, top, bottom = 52, 10, 10, 30
+    plot_w, plot_h = width - left - right, height - top - bottom
+    band_key = band_ranking if band_ranking in rankings else next(iter(rankings))
+    band_points = rankings[band_key]["points"]
+    lo, hi, ticks = _axis([v for r in rankings.values() for p in r["points"] for v in _finite(p["mean_delta"])]
+                          + [v for p in band_points for v in _finite(p["control_low"], p["control_high"])])
+    x = lambda n: round(left + plot_w * log10(n) / log10(n_max), 1)  # noqa: E731
+    y = lambda v: round(top + plot_h * (hi - v) / (hi - lo), 1)  # noqa: E731
+    lines = []
+    for key, r in rankings.items():
+        dots = [{**p, "x": x(p["n"]), "y": y(p["mean_delta"])} for p in r["points"] if p["mean_delta"] is not None]
+        lines.append({"key": key, "label": r["label"], "kind": r["kind"], "dots": dots,
+                      "path": " ".join(f"{d['x']},{d['y']}" for d in dots)})
+    drawn = [p for p in band_points if p["control_low"] is not None and p["control_high"] is not None]
+    band = " ".join([f"{x(p['n'])},{y(p['control_high'])}" for p in drawn]
+                    + [f"{x(p['n'])},{y(p['control_low'])}" for p in reversed(drawn)])
+    return {"width": width, "height": height, "left": left, "right": width - right, "top": top,
+            "base_y": top + plot_h, "zero_y": y(0.0), "lines": lines,
+            "band": band, "band_key": band_key,
+            "y_ticks": [{"v": v, "y": y(v)} for v in ticks],
+            "x_ticks": [{"n": n, "x": x(n)} for n in (1, 2, 5, 10, 20, 50, 100) if n <= n_max]}
+
+
+def calibration(features: Sequence[dict[str, Any]], size: int = 260) -> dict | None:
+    """Predicted vs measured single-feature Δ: one dot per measured feature and prediction
+    (regression, attribution), on one range for both axes so the diagonal y = x is where a
+    prediction is right. None: no feature was measured."""
+    series = ("regression", "attribution")
+    values = [v for f in features for v in _finite(f["measured_delta"], *(f[f"predicted_delta_{s}"] for s in series))]
+    if not values:
+        return None
+    left, right, top, bottom = 52, 16, 10, 34
+    plot = size - left - right
+    lo, hi, ticks = _axis(values)
+    x = lambda v: round(left + plot * (v - lo) / (hi - lo), 1)  # noqa: E731
+    y = lambda v: round(top + plot * (hi - v) / (hi - lo), 1)  # noqa: E731
+    dots = {s: [{**f, "predicted": f[f"predicted_delta_{s}"], "x": x(f[f"predicted_delta_{s}"]),
+                 "y": y(f["measured_delta"])}
+                for f in features if len(_finite(f[f"predicted_delta_{s}"], f["measured_delta"])) == 2]
+            for s in series}
+    return {"width": size, "height": top + plot + bottom, "left": left, "right": left + plot, "top": top,
+            "base_y": top + plot, "series": dots, "diagonal": {"x1": x(lo), "y1": y(lo), "x2": x(hi), "y2": y(hi)},
+            "zero_x": x(0.0), "zero_y": y(0.0), "ticks": [{"v": v, "x": x(v), "y": y(v)} for v in ticks]}

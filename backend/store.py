@@ -21,7 +21,7 @@ import numpy as np
 import orjson
 import pyarrow as pa
 
-from backend.store_schema import CARD_KEY, FEATURES, LAYERS, NORMALISED_TOKEN, STORE_VERSION, sorts
+from backend.store_schema import CARD_KEY, FEATURES, LAYERS, NORMALISED_TOKEN, STORE_VERSION, TABLES, sorts
 
 # Sort keys of the feature table (from the spec): key -> SQL expression. "key" puts the largest
 # first, "-key" the smallest; NULLs (a dead feature's correlation, say) always last, ties by feature id.
@@ -72,6 +72,10 @@ class FeatureFilter:
 
 LAYER_COLUMNS = ", ".join(LAYERS.names)
 FEATURE_COLUMNS = ", ".join(c.name for c in FEATURES.columns if c.table)  # a layer table row
+FAITHFULNESS_COLUMNS = ", ".join(TABLES["faithfulness"].names)
+# a measured feature's single-feature Δ beside both predictions of it: a calibration point
+MEASURED_COLUMNS = ("feature", "measured_delta", "measured_delta_low", "measured_delta_high", "measured_n",
+                    "predicted_delta_regression", "predicted_delta_attribution")
 
 
 class NotFound(LookupError):
@@ -189,6 +193,30 @@ def layer_info(path: Path, layer: int) -> dict[str, Any]:
     return dict(by_layer[layer])
 
 
+def _by_layer(rows: list[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
+    out: dict[int, list[dict[str, Any]]] = {}
+    for row in rows:
+        out.setdefault(row["layer"], []).append(row)
+    return out
+
+
+def faithfulness(path: Path, layer: int) -> list[dict[str, Any]]:
+    """The layer's deletion-curve points (table faithfulness), by ranking, then n; [] where none
+    was measured."""
+    layer_info(path, layer)  # NotFound for an unknown layer
+    by_layer = _memo(path, "faithfulness", lambda: _by_layer(
+        _rows(path, f"SELECT {FAITHFULNESS_COLUMNS} FROM faithfulness ORDER BY layer, ranking, n")))
+    return [dict(row) for row in by_layer.get(layer, [])]
+
+
+def measured_features(path: Path, layer: int) -> list[dict[str, Any]]:
+    """The layer's features whose Δ was measured zeroed alone (MEASURED_COLUMNS), by feature id."""
+    layer_info(path, layer)
+    by_layer = _memo(path, "measured_features", lambda: _by_layer(_rows(
+        path, f"SELECT layer, {', '.join(MEASURED_COLUMNS)} FROM features WHERE measured_n > 0 ORDER BY layer, feature")))
+    return [{name: row[name] for name in MEASURED_COLUMNS} for row in by_layer.get(layer, [])]
+
+
 def max_abs_weight(path: Path, layer: int) -> float:
     """The layer's largest |weight|: the scale for weight colours, the same on every page."""
     scales = _memo(path, "max_abs_weight", lambda: {
@@ -247,7 +275,7 @@ def _layer_rows(path: Path, layer: int) -> tuple[pa.Table, np.ndarray]:
                  lambda layers: sum(len(table) for table, _ in layers.values()) > LAYER_ROWS_CACHED)
 
 
-def features(path: Path, layer: int, sort: str = "weight", where: FeatureFilter = FeatureFilter(),
+def features(path: Path, layer: int, sort: str, where: FeatureFilter = FeatureFilter(),
              limit: int = 50, offset: int = 0) -> FeaturePage:
     """One page of a layer's feature table: the features `where` keeps, ordered by `sort`."""
     ids = view_order(path, layer, sort, where)

@@ -19,6 +19,7 @@ with warnings.catch_warnings():
 
 from backend import db, store_schema
 from backend.app import create_app
+from backend.rankings import RANKINGS
 from backend.settings import Settings
 from backend.store_schema import STORE_FILENAME
 from workers.publish import registry_rows, with_best_layer, write_store
@@ -34,6 +35,20 @@ VOCAB = ["good", "bad", "plot", "boring", "great", "awful", "the", "not", "film"
 QUANTILE_BINS = 5  # every live feature has one random example per activation bin
 QUANTILE_TOKEN = "meh"  # CONTEXT_FEATURE's quantile samples peak on this token
 WEIGHT_GROUP = (CONTEXT_FEATURE, 11, 12)  # near-duplicates fitted as one column: they share one weight
+
+# What the model uses (workers/causal.py), per layer. Layer 3: attribution is its default ranking,
+# whose top 10 move the reward well beyond the controls. Layer 5: the regression weight, but no
+# ranking's edits reach the score (most of its gradient sits at the token the head reads).
+DEFAULT_RANKING = {3: "attribution", 5: "weight"}
+CURVE_NS = (1, 2, 5, 10, 20, 50)
+N_MEASURED = 10  # features per layer zeroed one by one: the largest |attribution|
+CURVE_AT_10 = {  # mean Δ score zeroing each ranking's top 10; the curve grows as log(1 + n)
+    3: {"attribution": -0.080, "measured_delta": -0.060, "reward_effect": -0.040, "weight": -0.020, "abs_weight": -0.012},
+    5: {"weight": -0.0012, "abs_weight": -0.0010, "attribution": -0.0008, "reward_effect": -0.0006, "measured_delta": -0.0004},
+}
+CONTROL = {3: (0.001, 0.004), 5: (0.0, 0.0002)}  # the random draws' mean Δ, and how far apart the 3 draws lie
+SCORE_SPREAD = {3: 0.625, 5: 0.5}
+READ_TOKEN_GRADIENT_SHARE = {3: 0.41, 5: 0.97}
 
 
 def synthetic_value(sql_type: str, i: int) -> Any:
@@ -54,16 +69,74 @@ def spec_columns(table: str, rows: list[dict[str, Any]]) -> dict[str, list]:
             for c in spec.columns}
 
 
-def synthetic_tables(seed: int = 0) -> dict[str, dict[str, list]]:
-    """Plain columns for every store table: 2 layers x 64 features, a few contexts each."""
+def ranked(rows: list[dict[str, Any]], ranking: str) -> list[int]:
+    """Live features with a value in the ranking's column, in its order (workers/faithfulness.py)."""
+    r = RANKINGS[ranking]
+    live = [row for row in rows if row["frequency"] > 0 and row[r.column] is not None]
+    key = (lambda row: -abs(row[r.column])) if r.sign == 0 else (lambda row: -r.sign * row[r.column])
+    return [row["feature"] for row in sorted(live, key=lambda row: (key(row), row["feature"]))]
+
+
+def deletion_curves(layer: int, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Faithfulness rows: each ranking's top n zeroed beside 3 frequency-matched draws, for each
+    n its features allow (measured_delta ranks only the measured ones)."""
+    control, control_gap = CONTROL[layer]
+    out = []
+    for ranking, at_10 in CURVE_AT_10[layer].items():
+        order = ranked(rows, ranking)
+        for n in (n for n in CURVE_NS if n <= len(order)):
+            mean = at_10 * np.log1p(n) / np.log1p(10)
+            draws = [control - control_gap, control, control + control_gap]
+            difference = mean - control
+            out.append(dict(
+                layer=layer, ranking=ranking, n=n, features=order[:n], mean_delta=mean,
+                ci_low=mean - abs(mean) / 4, ci_high=mean + abs(mean) / 4,
+                predicted_mean_delta=3 * mean, attribution_mean_delta=1.2 * mean, predicted_ratio=3.0,
+                attribution_ratio=1.2, n_reads=40, n_fired=min(40, 5 + 3 * n), fired_mean_delta=1.5 * mean,
+                control_mean_delta=control, control_low=min(draws), control_high=max(draws),
+                control_draw_means=draws, difference=difference, difference_low=difference - abs(mean) / 4,
+                difference_high=difference + abs(mean) / 4,
+                p_value=0.001 if abs(difference) > 0.02 * SCORE_SPREAD[layer] else 0.6,
+            ))
+    return out
+
+
+def calibration(rows: list[dict[str, Any]], prediction: str) -> tuple[float, float]:
+    """Slope of measured on predicted single-feature Δ, and Pearson r (workers/measured_effects.py)."""
+    measured = [r for r in rows if r["measured_n"]]
+    x = np.array([r[f"predicted_delta_{prediction}"] for r in measured])
+    y = np.array([r["measured_delta"] for r in measured])
+    return float(np.polyfit(x, y, 1)[0]), float(np.corrcoef(x, y)[0, 1])
+
+
+def causal_layer_columns(layer: int, rows: list[dict[str, Any]], curves: list[dict[str, Any]]) -> dict[str, Any]:
+    """The layer's summary of its curves and measurements, as workers/causal.py derives it."""
+    spread, default = SCORE_SPREAD[layer], DEFAULT_RANKING[layer]
+    excess = lambda c: abs(c["mean_delta"] - c["control_mean_delta"])  # noqa: E731
+    at_10 = next(c for c in curves if c["ranking"] == default and c["n"] == 10)
+    (reg_slope, reg_r), (attr_slope, attr_r) = calibration(rows, "regression"), calibration(rows, "attribution")
+    return dict(default_ranking=default, faithfulness_delta=at_10["mean_delta"],
+                faithfulness_control=at_10["control_mean_delta"], faithfulness_relative=excess(at_10) / spread,
+                score_spread=spread, reach=max(map(excess, curves)) / spread,
+                read_token_gradient_share=READ_TOKEN_GRADIENT_SHARE[layer],
+                calibration_regression_slope=reg_slope, calibration_regression_r=reg_r,
+                calibration_attribution_slope=attr_slope, calibration_attribution_r=attr_r,
+                n_measured=sum(1 for r in rows if r["measured_n"]))
+
+
+def synthetic_tables(seed: int = 0, causal: bool = True) -> dict[str, dict[str, list]]:
+    """Plain columns for every store table: 2 layers x 64 features, a few contexts each.
+    causal=False: a score the model does not compute, so nothing measured (no curves, no
+    measured Δ, no default ranking)."""
     rng = np.random.default_rng(seed)
     n_texts = 20
     rewards, scores = rng.normal(size=n_texts), rng.normal(size=n_texts)
     texts = [dict(text_id=i, split="train" if i < 15 else "heldout", text=f"synthetic review number {i}",
                   reward=float(rewards[i]), score=float(scores[i]), n_tokens=8, reward_position=0)
              for i in range(n_texts)]
-    layers, features, contexts = [], [], []
+    layers, features, contexts, faithfulness = [], [], [], []
     extra = np.random.default_rng(seed + 1)  # separate stream: the columns above keep their values
+    uses = np.random.default_rng(seed + 2)  # ... and one for what the model uses
     for i, layer in enumerate(LAYERS):
         layers.append(dict(
             layer=layer, hook_name=f"blocks.{layer}.hook_resid_post", sae_path=f"saes/layer_{layer}",
@@ -78,6 +151,10 @@ def synthetic_tables(seed: int = 0) -> dict[str, dict[str, list]]:
         ))
         weights = rng.normal(size=N_FEATURES)  # distinct almost surely (but in WEIGHT_GROUP): orderings are exact
         weights[list(WEIGHT_GROUP)] = weights[WEIGHT_GROUP[0]]
+        attribution = uses.normal(0, 0.01, N_FEATURES)  # distinct: its order is exact too
+        attribution[DEAD_FEATURE] = np.nan
+        measured = set(np.argsort(-np.nan_to_num(np.abs(attribution)))[:N_MEASURED])
+        first_row = len(features)
         for f in range(N_FEATURES):
             dead = f == DEAD_FEATURE
             grouped = f in WEIGHT_GROUP
@@ -97,6 +174,7 @@ def synthetic_tables(seed: int = 0) -> dict[str, dict[str, list]]:
                 hist_counts=[] if dead else [int(c) for c in rng.integers(0, 50, 10)],
                 reward_correlation=None if dead else float(extra.uniform(-1, 1)),
                 reward_effect=None if dead else float(extra.normal()),
+                **uses_columns(dead, f in measured, attribution[f], float(weights[f]), max_act / 3, uses),
                 top_tokens=[] if dead else [
                     {"token": VOCAB[(f + j) % 10], "mean_activation": max_act / (j + 2), "count": 40 - 10 * j}
                     for j in range(3)],
@@ -130,14 +208,49 @@ def synthetic_tables(seed: int = 0) -> dict[str, dict[str, list]]:
                     text_id=(f + rank) % n_texts, position=4,
                     activation=float(max(acts)), window_start=0, tokens=tokens, acts=acts,
                 ))
+        if causal:
+            curves = deletion_curves(layer, features[first_row:])
+            faithfulness.extend(curves)
+            layers[-1].update(causal_layer_columns(layer, features[first_row:], curves))
+    if not causal:
+        unmeasured = dict(measured_delta=None, measured_delta_low=None, measured_delta_high=None, measured_n=0,
+                          predicted_delta_regression=None, predicted_delta_attribution=None)
+        features = [{**row, **unmeasured} for row in features]
+        layers = [{**row, **dict.fromkeys(CAUSAL_LAYER_COLUMNS), "n_measured": 0} for row in layers]
     return {"texts": spec_columns("texts", texts), "layers": spec_columns("layers", layers),
-            "features": spec_columns("features", features), "contexts": spec_columns("contexts", contexts)}
+            "features": spec_columns("features", features), "contexts": spec_columns("contexts", contexts),
+            "faithfulness": spec_columns("faithfulness", faithfulness)}
 
 
-def publish_synthetic_run(settings: Settings, run_id: str = "synthetic", replace: bool = False) -> dict[str, Any]:
+CAUSAL_LAYER_COLUMNS = ("default_ranking", "faithfulness_delta", "faithfulness_control", "faithfulness_relative",
+                        "score_spread", "reach", "read_token_gradient_share", "calibration_regression_slope",
+                        "calibration_regression_r", "calibration_attribution_slope", "calibration_attribution_r")
+
+
+def uses_columns(dead: bool, measured: bool, attribution: float, weight: float, mean_activation: float,
+                 rng: np.random.Generator) -> dict[str, Any]:
+    """A feature's attribution and, for the measured ones, its Δ zeroed alone (near 0.8x the
+    attribution's prediction; the regression's prediction is far larger and noisier)."""
+    out = dict(attribution=None, attribution_abs=None, attribution_share=None, measured_delta=None,
+               measured_delta_low=None, measured_delta_high=None, measured_n=0,
+               predicted_delta_regression=None, predicted_delta_attribution=None)
+    if dead:
+        return out
+    out.update(attribution=float(attribution), attribution_share=float(attribution) * 4,
+               attribution_abs=abs(float(attribution)) + float(rng.uniform(0, 0.005)))
+    if measured:
+        delta = -0.8 * attribution + float(rng.normal(0, 0.001))
+        out.update(measured_delta=delta, measured_delta_low=delta - 0.002, measured_delta_high=delta + 0.002,
+                   measured_n=int(rng.integers(5, 40)), predicted_delta_regression=-0.02 * weight * mean_activation,
+                   predicted_delta_attribution=-float(attribution))
+    return out
+
+
+def publish_synthetic_run(settings: Settings, run_id: str = "synthetic", replace: bool = False,
+                          causal: bool = True) -> dict[str, Any]:
     """Write a synthetic store under settings.run_dir(run_id) and register it, as the
     pipeline does (store first, SQL rows last). Returns the tables that were written."""
-    tables = synthetic_tables()
+    tables = synthetic_tables(causal=causal)
     run_dir = settings.run_dir(run_id)
     info = {"run_id": run_id, "name": f"Synthetic {run_id}", "model": "tiny-random-rm",
             "adapter": "seq-cls", "dataset": "synthetic", "config_yaml": "model: tiny-random-rm\n",

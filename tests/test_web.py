@@ -7,11 +7,11 @@ import sys
 
 import pytest
 
+from backend.rankings import RANKINGS
 from backend.routes.formats import fmt_num, fmt_pct, fmt_weight
 from backend.store import SORTS
-from tests.helpers import (CONTEXT_FEATURE, DEAD_FEATURE, LAYERS, N_FEATURES, QUANTILE_BINS, QUANTILE_TOKEN,
-                           WEIGHT_GROUP,
-                           REPO_ROOT, make_client, publish_synthetic_run)
+from tests.helpers import (CONTEXT_FEATURE, DEAD_FEATURE, DEFAULT_RANKING, LAYERS, N_FEATURES, QUANTILE_BINS,
+                           QUANTILE_TOKEN, WEIGHT_GROUP, REPO_ROOT, make_client, publish_synthetic_run)
 
 RUN = "/runs/synthetic"
 
@@ -19,6 +19,10 @@ RUN = "/runs/synthetic"
 def layer_features(tables, layer):
     f = tables["features"]
     return [{k: f[k][i] for k in f} for i in range(len(f["layer"])) if f["layer"][i] == layer]
+
+
+def absolute(column):
+    return lambda r: None if r[column] is None else abs(r[column])
 
 
 SORT_VALUE = {
@@ -30,6 +34,12 @@ SORT_VALUE = {
     "max_activation": lambda r: r["max_activation"],
     "correlation": lambda r: r["reward_correlation"],
     "reward_effect": lambda r: r["reward_effect"],
+    "attribution": lambda r: r["attribution"],
+    "abs_attribution": absolute("attribution"),
+    "attribution_abs": lambda r: r["attribution_abs"],
+    "attribution_share": lambda r: r["attribution_share"],
+    "measured_delta": lambda r: r["measured_delta"],
+    "abs_measured_delta": absolute("measured_delta"),
 }
 
 
@@ -126,7 +136,7 @@ def test_feature_page_names_the_near_duplicates_that_share_its_weight(client, sy
 
 
 def test_layer_table_is_ordered_by_weight_descending(client, synthetic_run):
-    html = client.get(f"{RUN}/layers/3").text
+    html = client.get(f"{RUN}/layers/3?sort=weight").text  # layer 3's default is its attribution
     expected = expected_order(synthetic_run, 3, "weight")[:50]
     assert html_rows(html, "feature") == expected
     weights = {r["feature"]: r["weight"] for r in layer_features(synthetic_run, 3)}
@@ -241,7 +251,7 @@ def test_bad_query_values_are_422(client, query):
 def test_replaced_store_is_reread(migrated, synthetic_run):
     """A run replaced by rename (same path, new file) shows the new numbers, not cached ones."""
     with make_client(migrated) as c:
-        before = c.get(f"/api{RUN}/layers/3").json()["features"][0]
+        before = c.get(f"/api{RUN}/layers/3?sort=weight").json()["features"][0]
         # rewrite the store at the same path with weights negated
         import workers.publish
         from backend.store_schema import STORE_FILENAME
@@ -249,7 +259,7 @@ def test_replaced_store_is_reread(migrated, synthetic_run):
         tables = synthetic_tables()
         tables["features"]["weight"] = [-w for w in tables["features"]["weight"]]
         workers.publish.write_store(migrated.run_dir("synthetic") / STORE_FILENAME, {"run_id": "synthetic"}, tables)
-        after = c.get(f"/api{RUN}/layers/3").json()["features"][0]
+        after = c.get(f"/api{RUN}/layers/3?sort=weight").json()["features"][0]
     assert after["feature"] == expected_order(synthetic_run, 3, "-weight")[0]
     assert after["weight"] == pytest.approx(-min(r["weight"] for r in layer_features(synthetic_run, 3)))
     assert after["feature"] != before["feature"]
@@ -352,7 +362,7 @@ def features_with_token(tables, layer, prefix):
 ])
 def test_filters_keep_exactly_the_matching_features(client, synthetic_run, query, keep):
     api = client.get(f"/api{RUN}/layers/3", params=query).json()
-    expected = expected_order(synthetic_run, 3, query.get("sort", "weight"), keep)
+    expected = expected_order(synthetic_run, 3, query.get("sort", DEFAULT_RANKING[3]), keep)
     assert api["total"] == len(expected) and [f["feature"] for f in api["features"]] == expected[:50]
     html = client.get(f"{RUN}/layers/3", params=query).text
     assert html_rows(html, "feature") == expected[:50]
@@ -434,7 +444,8 @@ def test_openapi_describes_every_json_twin_and_no_html_page(client):
     assert all(p.startswith("/api/") for p in paths)
     params = {p["name"]: p for p in spec["paths"]["/api/runs/{run_id}/layers/{layer}"]["get"]["parameters"]}
     assert {"sort", "sign", "min_freq", "max_freq", "token", "page"} <= set(params)
-    assert set(params["sort"]["schema"]["enum"]) == set(SORTS)
+    sort = params["sort"]["schema"]  # optional (none: the layer's default ranking): the enum or null
+    assert set(next(s["enum"] for s in sort.get("anyOf", [sort]) if "enum" in s)) == set(SORTS)
 
 
 def test_feature_cards_agree_with_the_tables_they_are_built_from(migrated, synthetic_run):
@@ -448,7 +459,8 @@ def test_feature_cards_agree_with_the_tables_they_are_built_from(migrated, synth
     for layer, feature in con.execute("SELECT layer, feature FROM features ORDER BY layer, feature").fetchall():
         card = store.feature(path, layer, feature)
         assert card["feature"] == feature
-        assert card["default_view"] == store.neighbours_in_order(path, layer, feature, "weight")
+        default_sort = RANKINGS[DEFAULT_RANKING[layer]].sort  # the layer table's default order
+        assert card["default_view"] == store.neighbours_in_order(path, layer, feature, default_sort)
         rank = con.execute("SELECT 1 + count(*) FILTER (WHERE abs(weight) > (SELECT abs(weight) FROM features "
                            "WHERE layer = $1 AND feature = $2)) FROM features WHERE layer = $1", [layer, feature]).fetchone()[0]
         assert card["abs_weight_rank"] == rank
@@ -476,15 +488,21 @@ def test_best_layer_is_explained_by_weights_that_agree_with_the_reward_effect():
                        {"layer": 6, "r2_heldout": 0.7, "weight_effect_agreement": -0.1}]) == 6  # all 0: R² breaks the tie
 
 
-def test_run_page_shows_weight_effect_agreement_and_the_best_layer_it_picks(client, synthetic_run):
+def test_run_page_shows_weight_effect_agreement_and_the_best_layer_it_picks(client, migrated, synthetic_run):
     stored = synthetic_run["layers"]
     html, api = client.get(RUN).text, client.get(f"/api{RUN}").json()
     assert [l["weight_effect_agreement"] for l in api["layers"]] == pytest.approx(stored["weight_effect_agreement"])
     for layer, agreement in zip(stored["layer"], stored["weight_effect_agreement"]):
         assert f'<td class="num agreement">{fmt_num(agreement, 2)}</td>' in row_html(html, "layer", layer)
     rule = re.search(r'<p class="muted small" id="best-rule"[^>]*>([^<]*)</p>', html).group(1)
-    assert api["best_layer"] == 3 and rule == "largest held-out R² × weight–effect agreement"
+    assert api["best_layer"] == 3 and rule == ("largest measured Δ of its default ranking's top 10, beyond controls, "
+                                               "relative to the score's spread")
     assert client.get("/api/runs").json()["runs"][0]["best_layer"] == 3
+    # nothing measured (a score the model does not compute): the agreement picks it, as it says
+    publish_synthetic_run(migrated, run_id="plain", causal=False)
+    plain = client.get("/runs/plain").text
+    rule = re.search(r'<p class="muted small" id="best-rule"[^>]*>([^<]*)</p>', plain).group(1)
+    assert rule == "largest held-out R² × weight–effect agreement" and 'id="best-layer-why"' not in plain
     layer_page = client.get(f"{RUN}/layers/5").text
     assert f'weight–effect agreement {fmt_num(stored["weight_effect_agreement"][1], 2)}</span>' in layer_page
 
@@ -522,8 +540,11 @@ def test_feature_rows_show_each_cell_and_escape_what_they_quote():
     from backend.routes.formats import feature_rows
     row = {"feature": 7, "weight": -0.25, "std_weight": 0.5, "weight_se": 0.01, "weight_group_size": 3,
            "reward_correlation": 0.123, "reward_effect": None, "frequency": 0.02, "max_activation": 4.0,
-           "top_token": "<b>", "label": "reward", "label_note": 'says "great"'}
-    html = feature_rows([row, {**row, "feature": 8, "weight_group_size": 1, "top_token": None, "label": None}],
+           "attribution": 0.0125, "measured_delta": -0.0311, "measured_delta_low": -0.04, "measured_delta_high": -0.02,
+           "measured_n": 17, "top_token": "<b>", "label": "reward", "label_note": 'says "great"'}
+    unmeasured = {"measured_delta": None, "measured_delta_low": None, "measured_delta_high": None, "measured_n": 0}
+    html = feature_rows([row, {**row, "feature": 8, "weight_group_size": 1, "top_token": None, "label": None,
+                               **unmeasured}],
                         first_rank=51, href="/runs/a b/layers/3/features/", query="?sort=weight&page=2",
                         max_abs_weight=0.5, label_names={"reward": "reward-related"})
     first, second = re.findall(r"<tr .*?</tr>", html)
@@ -532,7 +553,10 @@ def test_feature_rows_show_each_cell_and_escape_what_they_quote():
     assert '<a href="/runs/a b/layers/3/features/7?sort=weight&amp;page=2"><b>7</b></a>' in cells[2]
     assert "×3" in cells[2] and "2 near-duplicate features" in cells[2]
     assert 'class="num weight neg"' in first and 'style="width:25.0%"' in cells[3] and cells[3].endswith("-0.2500")
-    assert cells[4:10] == ["+0.5000", "0.010", "0.12", "—", "2.00%", "4.000"]
-    assert cells[10] == '<code class="token">&lt;b&gt;</code>'
-    assert cells[11] == '<span class="badge label-reward" title="says &quot;great&quot;">reward-related</span>'
+    assert cells[4:8] == ["+0.5000", "0.010", "0.12", "—"] and cells[8] == "+0.0125"
+    assert cells[9] == '-0.0311 <span class="ci">[-0.040, -0.020]</span>' and "on 17 reward reads" in first
+    assert cells[10:12] == ["2.00%", "4.000"]
+    assert cells[12] == '<code class="token">&lt;b&gt;</code>'
+    assert cells[13] == '<span class="badge label-reward" title="says &quot;great&quot;">reward-related</span>'
     assert "never fires" in second and "group-mark" not in second and "badge" not in second
+    assert re.findall(r"<td[^>]*>(.*?)</td>", second)[9] == "—" and "not measured" in second

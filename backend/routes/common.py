@@ -15,7 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from backend import db, store
 from backend.access import csrf_token
 from backend.models import LABELS
-from backend.routes.formats import context_rows, feature_rows, fmt_num, fmt_pct, fmt_weight, token_spans, weight_class
+from backend.rankings import FALLBACK_RANKING, RANKINGS, Ranking
+from backend.routes.formats import (context_rows, feature_rows, fmt_delta, fmt_num, fmt_pct, fmt_weight, token_spans,
+                                    weight_class)
 from backend.settings import Settings
 from backend.store import NotFound
 
@@ -65,9 +67,11 @@ class _PageEnvironment(jinja2.Environment):
 # mtime on each render cost ~1 ms a feature page); restart the server after editing one.
 templates = Jinja2Templates(env=_PageEnvironment(
     loader=jinja2.FileSystemLoader(FRONTEND_DIR / "templates"), autoescape=True, auto_reload=False))
-templates.env.filters.update(num=fmt_num, weight=fmt_weight, pct=fmt_pct, wclass=weight_class)
+templates.env.filters.update(num=fmt_num, weight=fmt_weight, pct=fmt_pct, delta=fmt_delta, wclass=weight_class)
+# what kind of number a ranking is, in a word after its name: "attribution (gradient)"
+KIND_TAGS = {"predicts": "predicts", "gradient": "gradient", "measured": "ablation"}
 templates.env.globals.update(csrf_token=csrf_token, token_spans=token_spans, context_rows=context_rows,
-                             feature_rows=feature_rows)
+                             feature_rows=feature_rows, kind_tag=KIND_TAGS)
 
 
 def json_response(data: dict[str, Any]) -> Response:
@@ -85,7 +89,20 @@ def render(request: Request, name: str, context: dict[str, Any], status_code: in
 # --- the feature table's view: sort, filters and page, all in the query string so a view can be shared ---
 
 Sort = Literal[store.SORTS]  # type: ignore[valid-type]
-DEFAULT_SORT = "weight"  # the store's feature cards hold each feature's place in this order
+
+
+def default_ranking(layer_info: dict[str, Any]) -> Ranking:
+    """The ranking a layer's table opens in: the one its deletion curves found the model uses
+    (layers.default_ranking), or FALLBACK_RANKING where none was measured. The store's feature
+    cards hold each feature's place in its order."""
+    return RANKINGS.get(layer_info.get("default_ranking") or FALLBACK_RANKING) or RANKINGS[FALLBACK_RANKING]
+
+
+def ranking_summary(layer_info: dict[str, Any]) -> dict[str, Any]:
+    """The layer's default ranking as the JSON says it; `measured` false: the fallback, no curve."""
+    r = default_ranking(layer_info)
+    return {"key": r.key, "sort": r.sort, "label": r.label, "kind": r.kind,
+            "measured": layer_info.get("default_ranking") in RANKINGS}
 
 
 class TableView(BaseModel):
@@ -93,7 +110,8 @@ class TableView(BaseModel):
     features in the order of the table the researcher came from."""
     model_config = ConfigDict(extra="ignore")
 
-    sort: Sort = Field(DEFAULT_SORT, description="column to sort by, largest first; prefix '-' for smallest first")
+    sort: Sort | None = Field(None, description="column to sort by, largest first; prefix '-' for smallest first; "
+                                                "none: the layer's default ranking")
     sign: Literal["pos", "neg"] | None = Field(None, description="only features whose weight raises (pos) or lowers (neg) the reward")
     min_freq: float | None = Field(None, ge=0, le=1, description="only features firing on at least this share of tokens")
     max_freq: float | None = Field(None, ge=0, le=1, description="only features firing on at most this share of tokens")
@@ -102,7 +120,7 @@ class TableView(BaseModel):
         None, description="only features with this label, or 'unlabelled' for those without one")
     page: int = Field(1, ge=1, description="1-based page number")
 
-    @field_validator("sign", "min_freq", "max_freq", "token", "label", mode="before")
+    @field_validator("sort", "sign", "min_freq", "max_freq", "token", "label", mode="before")
     @classmethod
     def _blank_is_none(cls, value):  # an empty form field means "no filter"
         return None if isinstance(value, str) and not value.strip() else value
@@ -112,6 +130,10 @@ class TableView(BaseModel):
         if self.min_freq is not None and self.max_freq is not None and self.min_freq > self.max_freq:
             raise ValueError(f"min_freq ({self.min_freq}) is above max_freq ({self.max_freq})")
         return self
+
+    def sorted_by(self, layer_info: dict[str, Any]) -> str:
+        """The sort this view lists the layer in: its own, or the layer's default ranking's."""
+        return self.sort or default_ranking(layer_info).sort
 
     @property
     def filter(self) -> store.FeatureFilter:

@@ -1,5 +1,6 @@
-"""One feature's page: stats, weight, reward effect, activation histogram, top tokens, top
-contexts and random examples per activation bin."""
+"""One feature's page: what predicts the score (weight), what the model uses (attribution,
+effect per unit, the measured change when zeroed beside both predictions of it), activation
+histogram, top tokens, top contexts and random examples per activation bin."""
 from __future__ import annotations
 
 from typing import Any
@@ -9,8 +10,8 @@ from fastapi.responses import HTMLResponse
 
 from backend import charts, labels, store
 from backend.routes.layers import describe_sort
-from backend.routes.common import (DEFAULT_SORT, SettingsDep, TableView, TableViewQ, get_run, json_response, render,
-                                   run_summary, store_path)
+from backend.routes.common import (SettingsDep, TableView, TableViewQ, default_ranking, get_run, json_response,
+                                   render, run_summary, store_path)
 from backend.settings import Settings
 
 router = APIRouter()
@@ -26,21 +27,24 @@ def feature_data(settings: Settings, run_id: str, layer: int, feature: int, view
         raise store.NotFound(f"run {run_id!r}: {exc}") from None
     contexts, quantiles = info.pop("contexts"), info.pop("quantile_contexts")
     default_view = info.pop("default_view")
-    if view.sort == DEFAULT_SORT and not view.filtered:
-        in_view = default_view  # the store holds each feature's place in the default view
+    layer_row = store.layer_info(path, layer)
+    sort = view.sorted_by(layer_row)
+    if sort == default_ranking(layer_row).sort and not view.filtered:
+        in_view = default_view  # the store holds each feature's place in the default ranking's order
     else:
         where = view.filter
         if view.label:  # the same label filter as the table, so j/k walk what the table lists
             where = labels.restrict(where, view.label, labels.labels_for_layer(settings, run_id, layer),
                                     store.layer_info(path, layer)["d_sae"])
-        in_view = store.neighbours_in_order(path, layer, feature, view.sort, where)
+        in_view = store.neighbours_in_order(path, layer, feature, sort, where)
     if in_view["index"] is not None:
         in_view["table_page"] = in_view["index"] // settings.page_size + 1
-    layer_row = store.layer_info(path, layer)  # the near-duplicate rule the fit used, for the page to state
-    info["merge_correlated"], info["merge_min_cosine"] = layer_row["merge_correlated"], layer_row["merge_min_cosine"]
+    # the near-duplicate rule the fit used, and how many features were measured, for the page to state
+    for name in ("merge_correlated", "merge_min_cosine", "n_measured"):
+        info[name] = layer_row[name]
     label, label_history = labels.current_and_history(settings, run_id, layer, feature)
     return {"run": run_summary(run), "layer": layer, "feature": info, "contexts": contexts,
-            "quantile_contexts": quantiles, "view": view.model_dump(exclude={"page"}), "in_view": in_view,
+            "quantile_contexts": quantiles, "view": view.model_dump(exclude={"page"}), "sort": sort, "in_view": in_view,
             "label": label, "label_history": label_history}
 
 
@@ -68,6 +72,6 @@ def render_feature_page(request: Request, settings: Settings, run_id: str, layer
     f = data["feature"]
     scale = f["max_activation"] or max((max(c["acts"], default=0) for c in data["contexts"]), default=0)
     return render(request, "feature.html", {
-        **data, "view_obj": view, "sort_name": describe_sort(view.sort), "scale": scale, "histogram": charts.histogram(f["hist_edges"], f["hist_counts"]),
+        **data, "view_obj": view, "sort_name": describe_sort(data["sort"]), "scale": scale, "histogram": charts.histogram(f["hist_edges"], f["hist_counts"]),
         "label_names": labels.LABEL_NAMES, "label_form": label_form or {**data["label"], "error": None},
     }, status_code=status_code)

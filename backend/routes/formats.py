@@ -26,10 +26,19 @@ def fmt_weight(x: float | None) -> str:
     return f"{x:+.4f}" if x == 0 or 1e-4 <= abs(x) < 1e5 else f"{x:+.2e}"
 
 
-def fmt_pct(x: float | None) -> str:
+def fmt_delta(x: float | None, digits: int = 3) -> str:
+    """A change in the score: signed, with a true minus sign, as the prose around it writes it."""
     if x is None:
         return "—"
-    return f"{100 * x:.2f}%" if x == 0 or x >= 1e-4 else f"{100 * x:.1e}%"
+    if x != 0 and abs(x) < 10 ** -digits:
+        return f"{x:+.1e}".replace("-", "−")
+    return f"{x:+.{digits}f}".replace("-", "−")
+
+
+def fmt_pct(x: float | None, digits: int = 2) -> str:
+    if x is None:
+        return "—"
+    return f"{100 * x:.{digits}f}%" if x == 0 or x >= 1e-4 else f"{100 * x:.1e}%"
 
 
 def weight_class(x: float | None) -> str:
@@ -121,12 +130,22 @@ def _weight_bar(weight: float | None, scale: float) -> str:
     return f'<i class="{weight_class(weight)}" style="width:{50 * abs(weight) / scale:.1f}%"></i>'
 
 
+def _measured_cell(f: Mapping[str, Any]) -> str:
+    if not f["measured_n"]:
+        return '<td class="num muted" title="not measured: not among the layer\'s top candidates">—</td>'
+    delta = f["measured_delta"]
+    return (f'<td class="num measured {weight_class(delta)}" title="zeroed alone on {f["measured_n"]} reward reads; '
+            f'95% CI">{fmt_weight(delta)} <span class="ci">[{fmt_num(f["measured_delta_low"])}, '
+            f'{fmt_num(f["measured_delta_high"])}]</span></td>')
+
+
 def feature_rows(rows: Sequence[Mapping[str, Any]], first_rank: int, href: str, query: str, max_abs_weight: float,
                  label_names: Mapping[str, str]) -> Markup:
-    """The feature table's rows (layer page): rank, feature id linking to `href` + id + `query`,
-    weight with a bar scaled to the layer's largest |weight|, std. weight, SE, correlation,
-    effect, frequency, max activation, top token and label. 50 rows of 12 cells cost Jinja
-    ~3.9 ms a page; these strings about a quarter of that."""
+    """The feature table's rows (layer page): rank, feature id linking to `href` + id + `query`;
+    what predicts the score: weight with a bar scaled to the layer's largest |weight|, std.
+    weight, SE, correlation; what the model uses: effect per unit, attribution, measured Δ with
+    its CI; then frequency, max activation, top token and label. 50 rows of 14 cells cost Jinja
+    ~4 ms a page; these strings about a quarter of that."""
     out = []
     link, query = html.escape(href), html.escape(query)
     for rank, f in enumerate(rows, first_rank):
@@ -152,6 +171,8 @@ def feature_rows(rows: Sequence[Mapping[str, Any]], first_rank: int, href: str, 
             f'<td class="num muted">{fmt_num(f["weight_se"])}</td>'
             f'<td class="num">{fmt_num(f["reward_correlation"], 2)}</td>'
             f'<td class="num {weight_class(f["reward_effect"])}">{fmt_weight(f["reward_effect"])}</td>'
+            f'<td class="num {weight_class(f["attribution"])}">{fmt_weight(f["attribution"])}</td>'
+            f'{_measured_cell(f)}'
             f'<td class="num">{fmt_pct(f["frequency"])}</td>'
             f'<td class="num">{fmt_num(f["max_activation"])}</td>'
             f'<td>{top}</td><td class="label-cell">{label}</td></tr>\n')

@@ -1,5 +1,6 @@
-"""One layer's feature table: sorted, filtered (sign, frequency, token) and paginated, with
-every choice in the query string."""
+"""One layer's feature table: sorted (by default in the layer's default ranking), filtered
+(sign, frequency, token) and paginated, with every choice in the query string; and what the
+layer's features do to the score when zeroed: deletion curves and calibration."""
 from __future__ import annotations
 
 from typing import Any
@@ -8,27 +9,38 @@ from urllib.parse import quote
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 
-from backend import labels, store
-from backend.routes.common import SettingsDep, TableView, TableViewQ, get_run, render, run_summary, store_path
+from backend import charts, labels, store
+from backend.rankings import RANKINGS
+from backend.routes.common import (SettingsDep, TableView, TableViewQ, default_ranking, get_run, render,
+                                   ranking_summary, run_summary, store_path)
 from backend.settings import Settings
 from backend.store_schema import FEATURES, sorts
 
 router = APIRouter()
 
-# The sorts offered as tabs, and what each means to a reader (the spec names the columns;
-# a tab can say more, e.g. which end of the sort it shows).
+# The sorts offered as tabs, and what each means to a reader: the order, and in brackets what
+# kind of number it is (a prediction of the score, the model's own gradient, or an ablation).
 SORT_LABELS = {
-    "weight": "most positive weight",
-    "-weight": "most negative weight",
-    "abs_weight": "largest |weight|",
-    "abs_std_weight": "largest |std. weight|",
-    "correlation": "reward correlation",
-    "reward_effect": "reward effect",
+    "attribution": "attribution (gradient)",
+    "-measured_delta": "measured Δ (ablation)",
+    "reward_effect": "effect per unit (gradient)",
+    "weight": "weight (predicts)",
+    "-weight": "most negative weight (predicts)",
+    "abs_weight": "|weight| (predicts)",
+    "abs_std_weight": "|std. weight| (predicts)",
+    "correlation": "reward correlation (predicts)",
     "frequency": "most frequent",
     "max_activation": "strongest activation",
 }
 assert set(SORT_LABELS) <= set(store.SORTS), set(SORT_LABELS) - set(store.SORTS)
+assert {r.sort for r in RANKINGS.values()} <= set(SORT_LABELS)  # every ranking has its tab
+RANKING_NAMES = {key: SORT_LABELS[r.sort] for key, r in RANKINGS.items()}  # "attribution (gradient)"
 COLUMN_NAMES = {sort.key: sort.label for sort in sorts(FEATURES)}
+CURVE_POINT = ("n", "mean_delta", "ci_low", "ci_high", "control_mean_delta", "control_low", "control_high",
+               "control_draw_means", "difference", "difference_low", "difference_high", "p_value",
+               "predicted_mean_delta", "attribution_mean_delta", "features")
+SUMMARY_N = 10  # the curve point the layer and run pages quote (as workers/causal.py does)
+BARELY_REACHES = 0.02  # reach below this: no edit at this layer moves the score 2% of its spread
 
 
 def describe_sort(sort: str) -> str:
@@ -36,17 +48,22 @@ def describe_sort(sort: str) -> str:
     return f"{COLUMN_NAMES[sort.lstrip('-')]}, {'smallest' if sort.startswith('-') else 'largest'} first"
 
 
+def _layer_info(path, run_id: str, layer: int) -> dict[str, Any]:
+    try:
+        return store.layer_info(path, layer)
+    except store.NotFound as exc:
+        raise store.NotFound(f"run {run_id!r}: {exc}") from None
+
+
 def layer_data(settings: Settings, run_id: str, layer: int, view: TableView) -> dict[str, Any]:
     run = get_run(settings, run_id)
     path = store_path(settings, run)
-    try:
-        info = store.layer_info(path, layer)
-    except store.NotFound as exc:
-        raise store.NotFound(f"run {run_id!r}: {exc}") from None
+    info = _layer_info(path, run_id, layer)
+    sort = view.sorted_by(info)
     size = settings.page_size
     labelled = labels.labels_for_layer(settings, run_id, layer)
     where = labels.restrict(view.filter, view.label, labelled, info["d_sae"])
-    result = store.features(path, layer, sort=view.sort, where=where, limit=size, offset=(view.page - 1) * size)
+    result = store.features(path, layer, sort=sort, where=where, limit=size, offset=(view.page - 1) * size)
     for row in result.rows:
         mine = labelled.get(row["feature"])
         row["label"], row["label_note"] = (mine["label"], mine["note"]) if mine else (None, None)
@@ -56,6 +73,8 @@ def layer_data(settings: Settings, run_id: str, layer: int, view: TableView) -> 
     return {
         "run": run_summary(run),
         "layer": info,
+        "default_ranking": ranking_summary(info),
+        "sort": sort,  # view.sort, or the default ranking's where the view names none
         "view": view.model_dump(),
         "page_size": size,
         "n_pages": n_pages,
@@ -65,10 +84,71 @@ def layer_data(settings: Settings, run_id: str, layer: int, view: TableView) -> 
     }
 
 
+def faithfulness_data(settings: Settings, run_id: str, layer: int) -> dict[str, Any]:
+    """The layer's deletion curves by ranking (RANKINGS order) and its calibration: each measured
+    feature's Δ beside what the regression and the attribution predicted for it."""
+    path = store_path(settings, get_run(settings, run_id))
+    info = _layer_info(path, run_id, layer)
+    points = store.faithfulness(path, layer)
+    rankings = {}
+    for key, r in RANKINGS.items():
+        mine = [{name: p[name] for name in CURVE_POINT} for p in points if p["ranking"] == key]
+        if mine:
+            rankings[key] = {"label": r.label, "kind": r.kind, "points": mine}
+    return {
+        "layer": layer,
+        "default_ranking": ranking_summary(info),
+        "rankings": rankings,
+        "calibration": {
+            "n_measured": info["n_measured"],
+            **{prediction: {"slope": info[f"calibration_{prediction}_slope"], "r": info[f"calibration_{prediction}_r"]}
+               for prediction in ("regression", "attribution")},
+            "features": store.measured_features(path, layer),
+        },
+    }
+
+
+def _point(curve: dict[str, Any] | None, n: int = SUMMARY_N) -> dict[str, Any] | None:
+    """A curve's point at n, or at the largest n below it that was measured."""
+    options = [p for p in (curve or {}).get("points", []) if p["n"] <= n]
+    return max(options, key=lambda p: p["n"]) if options else None
+
+
+def causal_summary(info: dict[str, Any], faithfulness: dict[str, Any]) -> dict[str, Any] | None:
+    """What the layer page says first: how far zeroing its default ranking's top 10 moves the
+    reward (beside controls, relative to the score's spread), against the regression's |weight|
+    ranking; and whether this layer's edits reach the score at all. None: nothing was measured."""
+    key = info["default_ranking"]
+    if key not in faithfulness["rankings"]:
+        return None
+    spread = info["score_spread"]
+
+    def moved(ranking: str) -> dict[str, Any] | None:
+        p = _point(faithfulness["rankings"].get(ranking))
+        if p is None:
+            return None
+        excess = abs(p["mean_delta"] - (p["control_mean_delta"] or 0.0))
+        return {**p, "relative": excess / spread if spread else None}
+
+    return {"ranking": RANKINGS[key], "default": moved(key),
+            "abs_weight": moved("abs_weight") if key != "abs_weight" else None,
+            "barely_reaches": info["reach"] is not None and info["reach"] < BARELY_REACHES}
+
+
 @router.get("/api/runs/{run_id}/layers/{layer}", tags=["features"])
 def api_layer(run_id: str, layer: int, settings: SettingsDep, view: TableViewQ) -> dict[str, Any]:
-    """A layer's metrics and one page of its feature table."""
+    """A layer's metrics, its default ranking, and one page of its feature table (in that
+    ranking's order unless `sort` says otherwise)."""
     return layer_data(settings, run_id, layer, view)
+
+
+@router.get("/api/runs/{run_id}/layers/{layer}/faithfulness", tags=["features"])
+def api_faithfulness(run_id: str, layer: int, settings: SettingsDep) -> dict[str, Any]:
+    """The layer's deletion curves: for each ranking and n, the mean change in the score with its
+    top n zeroed (95% CI), beside frequency-matched random draws, their paired difference and
+    p-value, and both predictions; and the calibration of single-feature predictions against
+    the measured changes."""
+    return faithfulness_data(settings, run_id, layer)
 
 
 @router.get("/runs/{run_id}/layers/{layer}", response_class=HTMLResponse, include_in_schema=False)
@@ -80,5 +160,13 @@ def layer_page(request: Request, run_id: str, layer: int, settings: SettingsDep,
         return RedirectResponse(f"/runs/{quote(run_id, safe='')}/layers/{layer}/features/{go}" + (f"?{query}" if query else ""),
                                 status_code=303)
     data = layer_data(settings, run_id, layer, view)
-    return render(request, "layer.html", {**data, "view_obj": view, "sort_labels": SORT_LABELS,
-                                          "label_names": labels.LABEL_NAMES})
+    faithfulness = faithfulness_data(settings, run_id, layer)
+    info = data["layer"]
+    return render(request, "layer.html", {
+        **data, "view_obj": view, "sort_labels": SORT_LABELS, "ranking_names": RANKING_NAMES,
+        "label_names": labels.LABEL_NAMES,
+        "default_sort": default_ranking(info).sort, "summary": causal_summary(info, faithfulness),
+        "faithfulness": faithfulness,
+        "curves_plot": charts.deletion_curves(faithfulness["rankings"], info["default_ranking"]),
+        "calibration_plot": charts.calibration(faithfulness["calibration"]["features"]),
+    })

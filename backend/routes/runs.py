@@ -1,4 +1,5 @@
-"""The runs list (/) and one run's page: held-out R² per layer and SAE metrics."""
+"""The runs list (/) and one run's page: per layer, what its features predict (held-out R²),
+what the model uses (its default ranking's deletion effect, calibration), and SAE metrics."""
 from __future__ import annotations
 
 from typing import Any
@@ -10,7 +11,8 @@ from sqlalchemy.orm import selectinload
 
 from backend import charts, db, store
 from backend.models import Run
-from backend.routes.common import SettingsDep, get_run, render, store_path
+from backend.routes.common import SettingsDep, default_ranking, get_run, render, store_path
+from backend.routes.layers import RANKING_NAMES
 from backend.settings import Settings
 
 router = APIRouter()
@@ -31,10 +33,11 @@ def runs_data(settings: Settings) -> dict[str, Any]:
 
 
 def run_data(settings: Settings, run_id: str) -> dict[str, Any]:
-    """One run: its registry row plus every layer's metrics and the best layer from its feature store."""
+    """One run: its registry row plus every layer's metrics (with the sort its table opens in,
+    `default_sort`) and the best layer from its feature store."""
     run = get_run(settings, run_id)
     path = store_path(settings, run)
-    layers = store.layers(path)
+    layers = [{**layer, "default_sort": default_ranking(layer).sort} for layer in store.layers(path)]
     return {
         "run": {
             "id": run.id, "name": run.name, "model": run.model, "adapter": run.adapter,
@@ -66,4 +69,6 @@ def runs_page(request: Request, settings: SettingsDep):
 @router.get("/runs/{run_id}", response_class=HTMLResponse, include_in_schema=False)
 def run_page(request: Request, run_id: str, settings: SettingsDep):
     data = run_data(settings, run_id)
-    return render(request, "run.html", {**data, "chart": charts.r2_bars(data["layers"], data["best_layer"])})
+    return render(request, "run.html", {**data, "chart": charts.r2_bars(data["layers"], data["best_layer"]),
+                                        "ranking_names": RANKING_NAMES,
+                                        "measured": any(l["faithfulness_relative"] is not None for l in data["layers"])})
