@@ -163,3 +163,30 @@ def test_label_three_features_filter_by_label_and_export(live_server, page):
     rows = list(csv.DictReader(io.StringIO(export.text())))
     assert [(r["layer"], int(r["feature"]), r["label"], r["note"]) for r in rows] == [
         ("3", f, "reward", f"feature {f} fires on praise") for f in chosen]
+
+
+def test_layer_page_draws_deletion_curves_and_calibration(live_server, page):
+    from backend.rankings import RANKINGS
+    from tests.helpers import N_MEASURED
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.goto(f"{live_server}/runs/synthetic/layers/3")
+    curves = page.locator("#faithfulness-chart")
+    assert curves.is_visible() and curves.bounding_box()["width"] > 300
+    lines = page.locator("#faithfulness-chart g.curve polyline")
+    assert lines.count() == len(RANKINGS)  # a line per ranking
+    assert all(box["width"] > 50 for box in (lines.nth(i).bounding_box() for i in range(lines.count())))
+    assert page.locator("#faithfulness-chart .control-band").is_visible()
+    drawn = page.locator("#faithfulness-chart g.curve").evaluate_all("gs => gs.map(g => g.dataset.ranking)")
+    assert drawn == list(RANKINGS)
+    # predicted-only rankings are dashed, so "predicts" and "uses" tell apart without colour
+    dash = page.locator("#faithfulness-chart g.curve.k-predicts polyline").first.evaluate(
+        "l => getComputedStyle(l).strokeDasharray")
+    assert dash not in ("", "none")
+    calibration = page.locator("#calibration-chart")
+    assert calibration.is_visible()
+    assert page.locator("#calibration-chart g.dots circle").count() == 2 * N_MEASURED
+    assert page.locator("#calibration-chart .diagonal").is_visible()
+    assert "slope" in page.locator("#calibration-fit").inner_text()
+    page.locator("#faithfulness").screenshot(path=str(ARTIFACTS / "layer-faithfulness.png"))
+    page.locator("#calibration").screenshot(path=str(ARTIFACTS / "layer-calibration.png"))
