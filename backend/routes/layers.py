@@ -10,7 +10,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 
 from backend import charts, labels, store
-from backend.rankings import RANKINGS
+from backend.rankings import RANKINGS, barely_reaches
 from backend.routes.common import (SettingsDep, TableView, TableViewQ, default_ranking, get_run, render,
                                    ranking_summary, run_summary, store_path)
 from backend.settings import Settings
@@ -40,7 +40,6 @@ CURVE_POINT = ("n", "mean_delta", "ci_low", "ci_high", "control_mean_delta", "co
                "control_draw_means", "difference", "difference_low", "difference_high", "p_value",
                "predicted_mean_delta", "attribution_mean_delta", "features")
 SUMMARY_N = 10  # the curve point the layer and run pages quote (as workers/causal.py does)
-BARELY_REACHES = 0.02  # reach below this: no edit at this layer moves the score 2% of its spread
 
 
 def describe_sort(sort: str) -> str:
@@ -132,7 +131,7 @@ def causal_summary(info: dict[str, Any], faithfulness: dict[str, Any]) -> dict[s
 
     return {"ranking": RANKINGS[key], "default": moved(key),
             "abs_weight": moved("abs_weight") if key != "abs_weight" else None,
-            "barely_reaches": info["reach"] is not None and info["reach"] < BARELY_REACHES}
+            "barely_reaches": barely_reaches(info)}
 
 
 @router.get("/api/runs/{run_id}/layers/{layer}", tags=["features"])
