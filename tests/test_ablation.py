@@ -11,7 +11,9 @@ from backend.settings import Settings
 from tests.test_pipeline import tiny_config, tiny_world  # noqa: F401  (module fixture)
 from workers.ablation import (FeatureEdit, control_features, edit_hidden, linear_decoder, mean_with_ci,
                               prepare_eval_set, run_ablation)
+from workers.analyze import forward_with_gradients
 from workers.pipeline import run_pipeline
+from workers.sae_ops import decoder_directions
 from workers.tasks import RunCache
 from workers.worker import Worker
 
@@ -189,3 +191,11 @@ def test_worker_runs_a_custom_text_job(tiny_run):
     assert result["tokens"][0] == "[CLS]" and len(result["acts"][str(features[0])]) == len(result["tokens"])
     assert result["edit"]["reward_before"] == pytest.approx(result["reward"], abs=1e-5)
     assert all(a == 0 for a in result["edit"]["acts_after"][str(features[0])])
+    # the first-order prediction: gradient at the layer . the edit's change of the layer output
+    adapter, sae = loaded.adapter, loaded.sae(LAYER)
+    batch = adapter.tokenize(["what a great movie"])
+    _, hidden, grads = forward_with_gradients(adapter, batch, [LAYER])
+    acts = sae.encode(hidden[LAYER][0].float()).detach()
+    f = features[0]
+    expected = -float((acts[:, f] * (grads[LAYER][0] @ decoder_directions(sae)[f])).sum())
+    assert result["edit"]["attribution_delta"] == pytest.approx(expected, abs=1e-5)

@@ -53,6 +53,8 @@ class AblationResult:
 # Keep at most this much of the edited layer's clean output per evaluation set; batches past it
 # run the whole model under each edit instead.
 HIDDEN_CACHE_BYTES = 1 << 30
+# ... and of a batch's SAE features (dense: d_sae / d_in times the output's size) at most this.
+FEATURES_KEPT_BYTES = 64 << 20
 
 
 @dataclass
@@ -65,6 +67,17 @@ class EvalBatch:
     clean: torch.Tensor  # [R] scores of its reward reads
     hidden: torch.Tensor | None  # [B, T, d] the layer's output; None: not kept
     grad: torch.Tensor | None = None  # [B, T, d] d(sum of the batch's scores)/d(layer output); None: not taken
+    features: torch.Tensor | None = None  # [B, T, d_sae] sae.encode(hidden), kept by the first edit that needs it
+
+    def encoded(self, sae) -> torch.Tensor:
+        """The SAE's features of the kept clean output: every zero or clamp edit of the set
+        starts from them, so they are encoded once (a set is prepared for one layer's SAE)."""
+        if self.features is not None:
+            return self.features
+        features = sae.encode(self.hidden.float())
+        if features.numel() * features.element_size() <= FEATURES_KEPT_BYTES:
+            self.features = features
+        return features
 
 
 @dataclass
@@ -146,8 +159,10 @@ def run_ablation(adapter: RewardModelAdapter, sae, layer: int, texts: list[str] 
         pool_args = (segment, ~torch.isin(token_ids, special_ids), read_rows, batch.n_reads, pooling)
         seen = {}
 
+        kept = item.encoded(sae) if item.hidden is not None else None
+
         def hook(hidden: torch.Tensor) -> torch.Tensor:
-            new, f_before, f_after = edit_hidden(sae, hidden, edit, directions, linear)
+            new, f_before, f_after = edit_hidden(sae, hidden, edit, directions, linear, kept)
             # the regression's view of the change: pooled features per reward read, as in analysis
             cols = slice(None) if changed is None else changed
             seen["pooled"] = (pool_reads(f_after[..., cols][keep].float(), *pool_args)

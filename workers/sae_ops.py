@@ -73,14 +73,14 @@ class FeatureEdit:
 
 @torch.no_grad()
 def edit_hidden(sae, hidden: torch.Tensor, edit: FeatureEdit, directions: torch.Tensor | None = None,
-                linear: bool = False):
+                linear: bool = False, before: torch.Tensor | None = None):
     """(new hidden, features before, features after) for hidden states [..., d_in].
 
     `directions`: the decoder rows (decoder_directions); with `linear` (see linear_decoder),
     zero and clamp apply the change as (after - before) x the chosen rows, instead of decoding
-    every feature twice."""
+    every feature twice. `before`: sae.encode(hidden), when the caller kept it."""
     h = hidden.float()
-    before = sae.encode(h)
+    before = sae.encode(h) if before is None else before
     index = torch.tensor(edit.features, device=h.device)
     if edit.mode == "steer":
         if directions is None:

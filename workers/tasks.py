@@ -193,6 +193,7 @@ def inference_task(params: dict, ctx) -> dict:
     """A typed text's reward and, per token, the activations of the chosen features; with an
     edit, the reward again with those features changed."""
     from workers.ablation import FeatureEdit, edit_hidden
+    from workers.analyze import adapter_has_gradient, forward_with_gradients
 
     run = ctx.cache.get(params["run_id"])
     layer = int(params["layer"])
@@ -200,7 +201,12 @@ def inference_task(params: dict, ctx) -> dict:
     features = [int(f) for f in params["features"]]
     adapter = run.adapter
     batch = adapter.tokenize([params["text"]])
-    score, captured = adapter.run(batch, capture=[layer])
+    grad = None
+    if params.get("edit") and adapter_has_gradient(adapter):  # for the edit's first-order prediction
+        score, captured, grads = forward_with_gradients(adapter, batch, [layer])
+        grad = grads[layer]
+    else:
+        score, captured = adapter.run(batch, capture=[layer])
     acts = sae.encode(captured[layer][0].float())  # [T, d_sae]
     keep = batch.attention_mask[0].bool()
     tokens = adapter.tokenizer.convert_ids_to_tokens(batch.input_ids[0][keep].tolist())
@@ -218,11 +224,12 @@ def inference_task(params: dict, ctx) -> dict:
         from workers.ablation import EvalBatch, EvalSet, run_ablation
 
         directions, linear = run.decoder(layer)
-        clean_pass = EvalSet(layer, 1, [EvalBatch(np.arange(1), batch, score.float(), captured[layer])])  # reused
+        clean_pass = EvalSet(layer, 1, [EvalBatch(np.arange(1), batch, score.float(), captured[layer], grad)])  # reused
         ablated = run_ablation(adapter, sae, layer, clean_pass, edit, np.asarray(vectors["weight"]),
                                run.config.regression.pooling, 1, None, directions, linear)
         result["edit"] = {**e, "reward_after": float(ablated.after.mean()), "reward_before": float(ablated.before.mean()),
-                          "predicted_delta": float(ablated.predicted.sum())}
+                          "predicted_delta": float(ablated.predicted.sum()),
+                          "attribution_delta": None if ablated.attributed is None else float(ablated.attributed.sum())}
         _, _, after = edit_hidden(sae, captured[layer][0].float(), edit, directions, linear)
         result["edit"]["acts_after"] = {str(f): [float(x) for x in after[keep, f].cpu()] for f in features}
     ctx.report(1.0, "done")
