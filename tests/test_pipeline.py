@@ -10,6 +10,7 @@ import pytest
 from backend import db
 from backend.layer_choice import best_layer
 from backend.models import Run
+from backend.rankings import RANKINGS
 from backend.settings import Settings
 from backend.store_schema import STORE_FILENAME
 from tests.helpers import make_client
@@ -151,13 +152,19 @@ def test_pages_show_the_run_ordered_by_weight(finished_run):
         "select feature from features where layer = 2 order by weight desc, feature limit 10").fetchall()]
     with make_client(settings) as client:
         assert "Tiny Run" in client.get("/").text
-        table = client.get("/api/runs/tiny-run/layers/2").json()
+        # by weight, as asked: the table's default is the layer's default ranking (test_web_causal.py)
+        table = client.get("/api/runs/tiny-run/layers/2", params={"sort": "weight"}).json()
         got = [row["feature"] for row in table["features"]][:10]
         assert got == expected
         weights = [row["weight"] for row in table["features"]]
         assert weights == sorted(weights, reverse=True)
-        html = client.get("/runs/tiny-run/layers/2").text
-        assert html.index(f"/features/{expected[0]}\"") < html.index(f"/features/{expected[1]}\"")
+        html = client.get("/runs/tiny-run/layers/2?sort=weight").text
+        assert html.index(f"/features/{expected[0]}?sort=weight\"") < html.index(f"/features/{expected[1]}?sort=weight\"")
+        # unsorted, the table opens in the layer's measured default ranking; its curves are drawn
+        stored_default = con.execute("select default_ranking from layers where layer = 2").fetchone()[0]
+        assert client.get("/api/runs/tiny-run/layers/2").json()["sort"] == RANKINGS[stored_default].sort
+        curves = client.get("/api/runs/tiny-run/layers/2/faithfulness").json()["rankings"]
+        assert stored_default in curves and html.count('<g class="curve ') == len(curves)
 
         top = expected[0]
         peak_token = con.execute(
