@@ -20,7 +20,8 @@ from workers.adapters import Batch, RewardModelAdapter
 from workers.analyze import forward_with_gradients
 from workers.batching import length_bucketed_batches, token_lengths
 from workers.controls import control_features, mean_with_ci  # noqa: F401
-from workers.sae_ops import FeatureEdit, decoder_directions, edit_hidden, linear_decoder, pool_reads  # noqa: F401
+from workers.sae_ops import (FeatureEdit, decoder_directions, edit_chosen, edit_hidden,  # noqa: F401
+                             linear_decoder, pool_reads)
 
 
 @dataclass
@@ -162,12 +163,13 @@ def run_ablation(adapter: RewardModelAdapter, sae, layer: int, texts: list[str] 
         kept = item.encoded(sae) if item.hidden is not None else None
 
         def hook(hidden: torch.Tensor) -> torch.Tensor:
-            new, f_before, f_after = edit_hidden(sae, hidden, edit, directions, linear, kept)
+            # f_before / f_after: the chosen features' columns (every column for steer)
+            new, f_before, f_after = edit_chosen(sae, hidden, edit, directions, linear, kept)
             # the regression's view of the change: pooled features per reward read, as in analysis
-            cols = slice(None) if changed is None else changed
-            seen["pooled"] = (pool_reads(f_after[..., cols][keep].float(), *pool_args)
-                              - pool_reads(f_before[..., cols][keep].float(), *pool_args))
-            seen["fired"] = per_read((f_before[..., chosen][keep] > 0).any(-1), segment, batch.n_reads, "any")
+            seen["pooled"] = (pool_reads(f_after[keep].float(), *pool_args)
+                              - pool_reads(f_before[keep].float(), *pool_args))
+            fired_on = (f_before[..., chosen] if changed is None else f_before)[keep] > 0
+            seen["fired"] = per_read(fired_on.any(-1), segment, batch.n_reads, "any")
             new = torch.where(keep.unsqueeze(-1), new, hidden)
             if item.grad is not None:
                 first_order = (item.grad.float() * (new.float() - hidden.float())).sum(-1)[keep]

@@ -153,7 +153,8 @@ class EffectsConfig(Strict):
     faithfulness_n: list[int] = Field([1, 2, 5, 10, 20, 50, 100], min_length=1,
                                       description="top-n of each ranking zeroed together")
     controls: int = Field(3, ge=1, le=20, description="frequency-matched random draws per curve point")
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(16, ge=1, description="texts per forward: length-sorted, so small batches pad little "
+                            "(the upper blocks' cost is all there is)")
 
     @field_validator("faithfulness_n")
     @classmethod

@@ -95,3 +95,23 @@ def edit_hidden(sae, hidden: torch.Tensor, edit: FeatureEdit, directions: torch.
         else:
             new = h + (sae.decode(after) - sae.decode(before))
     return new.to(hidden.dtype), before, after
+
+
+@torch.no_grad()
+def edit_chosen(sae, hidden: torch.Tensor, edit: FeatureEdit, directions: torch.Tensor | None = None,
+                linear: bool = False, before: torch.Tensor | None = None):
+    """As edit_hidden, but the features before and after only as far as the edit changes them:
+    the chosen columns for zero and clamp (all columns for steer, which moves every feature).
+    With a linear decoder this never copies or decodes the full feature matrix."""
+    if edit.mode == "steer" or not (linear and directions is not None):
+        new, f_before, f_after = edit_hidden(sae, hidden, edit, directions, linear, before)
+        if edit.mode == "steer":
+            return new, f_before, f_after
+        index = torch.tensor(edit.features, device=hidden.device)
+        return new, f_before[..., index], f_after[..., index]
+    h = hidden.float()
+    index = torch.tensor(edit.features, device=h.device)
+    before_chosen = (sae.encode(h) if before is None else before)[..., index]
+    after_chosen = torch.zeros_like(before_chosen) if edit.mode == "zero" else torch.full_like(before_chosen, edit.value)
+    new = h + (after_chosen - before_chosen) @ directions[index]
+    return new.to(hidden.dtype), before_chosen, after_chosen
