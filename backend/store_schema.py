@@ -163,10 +163,12 @@ TABLES: dict[str, Table] = {t.name: t for t in (
         Column("hist_counts", "BIGINT[]"),
         Column("reward_correlation", "DOUBLE", "Pearson r of the pooled activation with the RM score, per read",
                table=True, sort_key="correlation", label="reward correlation"),
-        Column("reward_effect", "DOUBLE", "mean d(score)/d(activation) along the decoder row, where it fires",
+        Column("reward_effect", "DOUBLE", "mean d(score)/d(activation) along the decoder row, where it fires on "
+               "the text's own tokens (special tokens left out, as token pooling does)",
                table=True, sort_key="reward_effect", label="effect per unit"),
         Column("attribution", "DOUBLE", "mean contribution to a text's score: activation x d(score)/d(activation) "
-               "summed over the text's tokens (0 where silent); NULL: never fired on a text with a gradient",
+               "summed over the text's own tokens (0 where silent; special tokens left out); NULL: never fired on the text "
+               "of one whose gradient was taken",
                table=True, sort_key="attribution", label="attribution", abs_label="|attribution|"),
         Column("attribution_abs", "DOUBLE", "mean |contribution| per text", table=True,
                sort_key="attribution_abs", label="mean |attribution|"),

@@ -225,13 +225,15 @@ def test_reward_effect_matches_a_finite_difference(tiny_rm):
     assert acts.n_effect_texts == len(TEXTS)
     eps, checked = 1e-2, 0
     batch = adapter.tokenize(TEXTS)  # texts do not see each other: the summed score moves by the sum
-    real = batch.attention_mask.bool()
+    # the text's own tokens: special tokens ([CLS], [SEP]) are left out, as token pooling does
+    special = torch.isin(batch.input_ids, torch.tensor(adapter.tokenizer.all_special_ids))
+    real = batch.attention_mask.bool() & ~special
     for layer, sae in saes.items():
         effect = acts.layers[layer].features.reward_effect()
         _, captured = adapter.run(batch, capture=[layer], need_score=False)
         codes = sae.encode(captured[layer])
         for f in range(16):
-            # raise feature f by eps at every token where it fires, through the SAE's decoder:
+            # raise feature f by eps at every text token where it fires, through the SAE's decoder:
             # the summed score's change per unit, over the number of firings
             fires = (codes[..., f] > 0) & real
             if not fires.any():

@@ -137,7 +137,10 @@ def test_weight_groups_and_weight_effect_agreement_follow_from_the_stored_featur
             "where layer = ? order by feature", [layer]).fetchall()))
         use = (fired > 0) & np.isfinite(e)
         stored = con.execute("select weight_effect_agreement from layers where layer = ?", [layer]).fetchone()[0]
-        assert stored == pytest.approx(np.corrcoef(w[use], e[use])[0, 1])
+        if np.ptp(e[use]) > 0:
+            assert stored == pytest.approx(np.corrcoef(w[use], e[use])[0, 1])
+        else:  # the last block: the head reads [CLS] only, so no text token moves the score
+            assert stored is None and layer == 2
         # every group's members share one weight, and the group is named by its smallest member
         groups = con.execute("select weight_group, list(feature), list(distinct weight), any_value(weight_group_size) "
                              "from features where layer = ? group by weight_group", [layer]).fetchall()

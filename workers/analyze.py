@@ -1,8 +1,13 @@
 """One pass over the corpus: RM scores, SAE features at every token of every chosen layer,
 reconstruction metrics, and for EVERY feature streamed statistics (workers/feature_stream.py):
 frequency, histogram, top and per-activation-bin contexts, top tokens, correlation with the
-reward and the reward effect (d score / d feature along its decoder direction, from one
-backward per sampled batch)."""
+reward, and from one backward per sampled batch the effect per unit (d score / d feature along
+its decoder direction) and the attribution (workers/attribution.py).
+
+The gradient statistics are taken over the text's own tokens, leaving out special tokens
+([CLS], [SEP], BOS), as token pooling does: at late layers an encoder's [CLS] already holds the
+score, so its features would top every gradient ranking while saying nothing about which parts
+of the text drive the reward. (Their effect is still measured: ablations edit every token.)"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -205,10 +210,12 @@ def collect_corpus_activations(
             res.sum_sq += float((x_eval**2).sum())
             res.sum_x = x_eval.sum(0).cpu() if res.sum_x is None else res.sum_x + x_eval.sum(0).cpu()
             res.n_eval_tokens += len(x_eval)
-            if grads is not None:
-                token_grads = grads[layer][keep_dev].float()
-                res.features.add_effects(acts, token_grads, directions[layer])
-                res.attribution.add(acts, token_grads, directions[layer], text_of_token.to(dev), text_scores)
+            if grads is not None:  # through the text's own tokens only, as token pooling reads them
+                on_text = content.to(dev)
+                text_acts, token_grads = acts[on_text], grads[layer][keep_dev][on_text].float()
+                res.features.add_effects(text_acts, token_grads, directions[layer])
+                res.attribution.add(text_acts, token_grads, directions[layer], text_of_token.to(dev)[on_text],
+                                    text_scores)
             acts = acts.float()  # stays on the device: only per-read rows and kept examples leave it
             res.features.add_tokens(acts, tokens)
             res.pooled_raw.append(pool_reads(x, *pool_args).cpu())

@@ -13,8 +13,10 @@ Per feature, over the texts whose gradients the analysis pass takes:
 - share of the score's variance: cov(contribution, score) / var(score). Where the score is
   the sum of the features' contributions (plus a constant), these shares add up to 1.
 
-For a process RM (several reward reads per text) the gradient is that of the sum of the
-text's step scores, and so is the contribution.
+The analysis pass sums over the text's own tokens, leaving out special tokens ([CLS], [SEP],
+BOS; workers/analyze.py says why), so a feature's attribution is what it contributes through
+the text. For a process RM (several reward reads per text) the gradient is that of the sum of
+the text's step scores, and so is the contribution.
 """
 from __future__ import annotations
 

@@ -25,10 +25,12 @@ from workers.sae_ops import FeatureEdit
 
 
 def ranked(columns: dict[str, np.ndarray], ranking: str) -> np.ndarray:
-    """Live features with a value in `ranking`'s column, in its order (ties by feature id)."""
+    """Live features with a nonzero value in `ranking`'s column, in its order (ties by feature
+    id). A zero ranks nothing: at an encoder's last block no text token reaches the score, so
+    every feature's attribution there is exactly 0."""
     column, sign = RANKINGS[ranking].column, RANKINGS[ranking].sign
     values = np.asarray(columns[column], dtype=np.float64)
-    ok = np.isfinite(values) & (np.asarray(columns["frequency"]) > 0)
+    ok = np.isfinite(values) & (values != 0) & (np.asarray(columns["frequency"]) > 0)
     ids = np.flatnonzero(ok)
     key = np.abs(values[ok]) if sign == 0 else values[ok] * sign
     return ids[np.argsort(-key, kind="stable")]

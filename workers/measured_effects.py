@@ -32,7 +32,7 @@ def candidate_features(attribution_abs: np.ndarray, weight: np.ndarray, frequenc
     orders = []
     for key in (attribution_abs, weight):
         key = np.abs(np.asarray(key, dtype=np.float64))
-        ok = live & np.isfinite(key)
+        ok = live & np.isfinite(key) & (key > 0)
         ids = np.flatnonzero(ok)
         orders.append(ids[np.argsort(-key[ok], kind="stable")])
     chosen: dict[int, None] = {}
