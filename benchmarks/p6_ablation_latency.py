@@ -1,5 +1,6 @@
-"""P6: from submitting an ablation of 10 features over 256 held-out texts on the demo RM to
-its result page being served, with a warm worker (model, SAE loaded; a first ablation done).
+"""P6: from submitting an ablation of 10 features (the top of the layer's default ranking) over
+256 held-out texts on the demo RM, with its 3 random controls, to its result page being served,
+with a warm worker (model, SAE loaded; a first ablation done).
 
 The server runs in this process (uvicorn, loopback) and so does one worker (a thread), as
 `rewardatlas serve` and `rewardatlas worker` would in two. Timed: POST the ablation, poll its
@@ -58,10 +59,15 @@ def ablate_and_show(client: httpx.Client, run: str, layer: int, body: dict, poll
 
 
 def report(job: dict, what: str) -> None:
-    s, c = job["result"]["summary"], job["result"]["control"]["summary"]
-    print(f"{what}, {s['n']} held-out texts: mean Δ reward {s['mean_delta']:+.3f} "
-          f"(95% CI {s['ci_low']:+.3f} .. {s['ci_high']:+.3f}); regression predicted {s['predicted_mean_delta']:+.3f}; "
-          f"random control {c['mean_delta']:+.3f} (95% CI {c['ci_low']:+.3f} .. {c['ci_high']:+.3f})")
+    r = job["result"]
+    s, c = r["summary"], r["control"]
+    t = c["test"]
+    print(f"{what}, {s['n']} held-out texts: measured mean Δ reward {s['mean_delta']:+.4f} "
+          f"(95% CI {s['ci_low']:+.4f} .. {s['ci_high']:+.4f}); predicted: regression {s['predicted_mean_delta']:+.4f}, "
+          f"attribution {s['attribution_mean_delta']:+.4f}; {c['n_draws']} random controls {c['mean_delta']:+.4f} "
+          f"({c['low']:+.4f} .. {c['high']:+.4f}); chosen - control {t['difference']:+.4f} "
+          f"(95% CI {t['ci_low']:+.4f} .. {t['ci_high']:+.4f}, p {t['p_value']:.4f}); "
+          f"where the features fire ({r['where_fired']['summary']['n']} texts): {r['where_fired']['summary']['mean_delta']:+.4f}")
 
 
 def main() -> None:
@@ -84,7 +90,7 @@ def main() -> None:
     with httpx.Client(base_url=url, timeout=120) as client:
         run = client.get(f"/api/runs/{args.run}").raise_for_status().json()
         layer = args.layer if args.layer is not None else run["best_layer"]
-        body = {"selection": "top_positive", "top_n": args.features, "mode": "zero", "n_texts": args.texts}
+        body = {"selection": "top_ranked", "top_n": args.features, "mode": "zero", "n_texts": args.texts}
         cold, _ = ablate_and_show(client, args.run, layer, body, args.poll)  # loads the RM and SAE
         print(f"first ablation (cold worker: loads the reward model and SAE): {cold:.2f} s")
         same, fresh = [], []
@@ -93,9 +99,9 @@ def main() -> None:
             same.append(elapsed)
             other = {**body, "n_texts": args.texts + 1 + i}  # a set whose clean scores are not cached
             fresh.append(ablate_and_show(client, args.run, layer, other, args.poll)[0])
-        report(job, f"zero the top {args.features} positive-weight features of layer {layer}")
-        _, by_effect = ablate_and_show(client, args.run, layer, {**body, "selection": "top_effect"}, args.poll)
-        report(by_effect, f"zero the top {args.features} features by reward effect of layer {layer}")
+        report(job, f"zero the top {args.features} features of layer {layer}'s default ranking")
+        _, by_weight = ablate_and_show(client, args.run, layer, {**body, "selection": "top_positive"}, args.poll)
+        report(by_weight, f"zero the top {args.features} features by weight of layer {layer}")
         print(f"P6 submit -> result page, warm worker, texts scored before: median {statistics.median(same):.2f} s "
               f"(runs: {', '.join(f'{t:.2f}' for t in same)})  target <= 3 s")
         print(f"P6 submit -> result page, warm worker, new texts:            median {statistics.median(fresh):.2f} s "

@@ -182,6 +182,9 @@ def causal_stage(config: RunConfig, adapter, corpus, layer: int, sae, feats: dic
                    "from the text, so no edit of the model moves it")
         return not_applicable(len(weights["weight"]))
     heldout = [t for t, held in zip(corpus.texts, corpus.heldout) if held]
+    if not heldout:
+        _stage(f"layer {layer}: no measured effects: the corpus has no held-out texts to measure them on")
+        return not_applicable(len(weights["weight"]))
     ranking_columns = {name: np.array([np.nan if v is None else v for v in feats[name]], dtype=np.float64)
                        for name in ("frequency", "reward_effect", "attribution", "attribution_abs")}
     result = run_causal_stage(adapter, sae, layer, heldout, ranking_columns, np.asarray(weights["weight"]),
