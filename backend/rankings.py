@@ -38,10 +38,20 @@ def ranking_for_sort(sort: str) -> Ranking | None:
     return next((r for r in RANKINGS.values() if r.sort == sort), None)
 
 # A layer whose deletion curves never move the score by more than this share of its spread
-# "barely reaches the score" (the demo's last layer: the head reads one token, and features
-# that fire elsewhere cannot move it); its pages say so in words.
+# "barely reaches the score"; so does one where the head reads one token (nearly all of the
+# score's gradient sits there: the demo's last layer, where only [CLS] reaches the head) and the
+# default ranking's top 10 move it less than that. Its pages say so in words.
 BARELY_REACHES = 0.02
+READS_ONE_TOKEN = 0.9
+
+
+def reads_one_token(layer: dict) -> bool:
+    share = layer.get("read_token_gradient_share")
+    return share is not None and share >= READS_ONE_TOKEN
 
 
 def barely_reaches(layer: dict) -> bool:
-    return layer.get("reach") is not None and layer["reach"] < BARELY_REACHES
+    if layer.get("reach") is not None and layer["reach"] < BARELY_REACHES:
+        return True
+    relative = layer.get("faithfulness_relative")
+    return reads_one_token(layer) and relative is not None and relative < BARELY_REACHES

@@ -209,3 +209,14 @@ def test_effects_config_sorts_n_and_rejects_nonsense():
     assert EffectsConfig(faithfulness_n=[10, 1, 5, 5]).faithfulness_n == [1, 5, 10]
     with pytest.raises(ValueError, match="positive"):
         EffectsConfig(faithfulness_n=[0, 5])
+
+
+def test_a_layer_barely_reaches_the_score_when_no_curve_moves_it_or_its_head_reads_one_token():
+    from backend.rankings import barely_reaches
+
+    assert barely_reaches({"reach": 0.01, "read_token_gradient_share": 0.2, "faithfulness_relative": 0.01})
+    # the demo's last layer: some curve moves it (features that also fire at [CLS]), its default top 10 do not
+    assert barely_reaches({"reach": 0.07, "read_token_gradient_share": 1.0, "faithfulness_relative": 0.007})
+    assert not barely_reaches({"reach": 0.07, "read_token_gradient_share": 0.5, "faithfulness_relative": 0.007})
+    assert not barely_reaches({"reach": 0.7, "read_token_gradient_share": 1.0, "faithfulness_relative": 0.3})
+    assert not barely_reaches({"reach": None, "read_token_gradient_share": None, "faithfulness_relative": None})

@@ -142,7 +142,7 @@ def test_layer_page_says_what_the_default_ranking_moves_and_where_edits_barely_r
     assert low["reach"] < 0.02
     said = text_of(client.get(f"{RUN}/layers/5").text, "barely-reaches")
     assert said.startswith("This layer's edits barely reach the score")
-    assert f"at most {fmt_pct(low['reach'], 1)} of its spread" in said and "97% of the score's gradient sits at " \
+    assert f"at most {fmt_pct(low['reach'], 1)}, " in said and "97% of the score's gradient sits at " \
         "the token the head reads" in said
 
 

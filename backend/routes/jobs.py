@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 
 from backend import charts, jobs, store
 from backend.access import check_csrf, current_author
-from backend.rankings import FALLBACK_RANKING, RANKINGS, barely_reaches
+from backend.rankings import FALLBACK_RANKING, RANKINGS, barely_reaches, reads_one_token
 from backend.routes.common import SettingsDep, get_run, render, store_path
 from backend.settings import Settings
 
@@ -334,7 +334,7 @@ def _layer_or_none(settings: Settings, run_id: str, layer: int | None) -> dict |
         info = store.layer_info(store_path(settings, get_run(settings, run_id)), int(layer))
     except (store.NotFound, store.StoreOutdated, TypeError, ValueError):
         return None
-    return {**info, "barely_reaches": barely_reaches(info)}
+    return {**info, "barely_reaches": barely_reaches(info), "reads_one_token": reads_one_token(info)}
 
 
 def _agreement(predicted: list[float], actual: list[float]) -> float | None:

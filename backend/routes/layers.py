@@ -10,7 +10,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 
 from backend import charts, labels, store
-from backend.rankings import RANKINGS, barely_reaches
+from backend.rankings import RANKINGS, barely_reaches, reads_one_token
 from backend.routes.common import (SettingsDep, TableView, TableViewQ, default_ranking, get_run, render,
                                    ranking_summary, run_summary, store_path)
 from backend.settings import Settings
@@ -131,7 +131,7 @@ def causal_summary(info: dict[str, Any], faithfulness: dict[str, Any]) -> dict[s
 
     return {"ranking": RANKINGS[key], "default": moved(key),
             "abs_weight": moved("abs_weight") if key != "abs_weight" else None,
-            "barely_reaches": barely_reaches(info)}
+            "barely_reaches": barely_reaches(info), "reads_one_token": reads_one_token(info)}
 
 
 @router.get("/api/runs/{run_id}/layers/{layer}", tags=["features"])
