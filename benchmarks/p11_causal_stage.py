@@ -52,9 +52,10 @@ def main() -> None:
         for ranking in ("weight", "abs_weight", "reward_effect", "attribution", "measured_delta"):
             p = point(result.curves, ranking)
             if p is not None:
-                ratio = excess(p) / max(abs(p["control_mean_delta"] or 0.0), 1e-9)
+                control = abs(p["control_mean_delta"] or 0.0)
+                times = f"{excess(p) / control:,.0f}x the control" if control >= 1e-4 else "control < 1e-4"
                 print(f"  top {p['n']:>3} by {ranking:<15} Δ {p['mean_delta']:+.4f} (control "
-                      f"{p['control_mean_delta']:+.4f}; {ratio:,.0f}x; p {p['p_value']:.4f}); predicted: regression "
+                      f"{p['control_mean_delta']:+.4f}; {times}; p {p['p_value']:.4f}); predicted: regression "
                       f"{p['predicted_mean_delta']:+.4f}, attribution {p['attribution_mean_delta']:+.4f}")
         print(f"  calibration over {c['n_measured']} measured features: regression slope "
               f"{c['calibration_regression_slope']:.3f} r {c['calibration_regression_r']:.3f}; attribution slope "
