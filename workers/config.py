@@ -152,7 +152,7 @@ class EffectsConfig(Strict):
     faithfulness_texts: int = Field(64, ge=8, description="held-out texts every deletion curve is measured on (each point costs 1 + controls passes over them through the blocks above the layer)")
     faithfulness_n: list[int] = Field([1, 2, 5, 10, 20, 50, 100], min_length=1,
                                       description="top-n of each ranking zeroed together")
-    controls: int = Field(3, ge=1, le=20, description="frequency-matched random draws per curve point")
+    controls: int = Field(3, ge=3, le=20, description="frequency-matched random draws per curve point (at least 3)")
     batch_size: int = Field(16, ge=1, description="texts per forward: length-sorted, so small batches pad little "
                             "(the upper blocks' cost is all there is)")
 

@@ -52,7 +52,7 @@ class AblationRequest(EditSpec):
     n_texts: int = Field(256, ge=1, le=2048, description="held-out texts of the run's corpus to evaluate on")
     texts: list[str] | None = Field(None, max_length=MAX_TYPED_TEXTS, description="typed texts instead of held-out ones")
     control: bool = Field(True, description="also ablate random features of similar frequency (n_controls draws)")
-    n_controls: int = Field(3, ge=1, le=20, description="random control draws, each as many features as chosen")
+    n_controls: int = Field(3, ge=3, le=20, description="random control draws (at least 3), each as many features as chosen")
 
 
 class InferenceRequest(BaseModel):
