@@ -58,7 +58,7 @@ def test_reward_change_matches_a_forward_with_the_hidden_state_edited_by_hand(ti
     chosen = live_features(loaded, 3)
     texts = ["a truly wonderful and moving film", "the plot was dull and the acting awful"]
     weights = np.asarray(store.layer_vectors(loaded.store_path, LAYER)["weight"])
-    result = run_ablation(adapter, sae, LAYER, texts, FeatureEdit(chosen, "zero"), weights, "mean")
+    result = run_ablation(adapter, sae, LAYER, texts, FeatureEdit(chosen, "zero"), weights, "mean", scope="all")
     for i, text in enumerate(texts):
         batch = adapter.tokenize([text])
         clean, captured = adapter.run(batch, capture=[LAYER])
@@ -111,13 +111,14 @@ def test_a_prepared_evaluation_set_gives_what_a_fresh_run_gives(tiny_run):
              for i in range(9)]
     weights = np.asarray(store.layer_vectors(loaded.store_path, LAYER)["weight"])
     edit = FeatureEdit(live_features(loaded, 3), "zero")
-    fresh = run_ablation(adapter, sae, LAYER, texts, edit, weights, "sum", batch_size=4)
+    fresh = run_ablation(adapter, sae, LAYER, texts, edit, weights, "sum", batch_size=4, scope="all")
     kept = prepare_eval_set(adapter, LAYER, texts, 4)
     not_kept = prepare_eval_set(adapter, LAYER, texts, 4, keep_bytes=0)
     assert all(b.hidden is not None for b in kept.batches) and all(b.hidden is None for b in not_kept.batches)
     rows, linear = loaded.decoder(LAYER)
     for evalset in (kept, not_kept, kept):
-        again = run_ablation(adapter, sae, LAYER, evalset, edit, weights, "sum", directions=rows, linear=linear)
+        again = run_ablation(adapter, sae, LAYER, evalset, edit, weights, "sum", directions=rows, linear=linear,
+                             scope="all")
         assert np.array_equal(again.text_index, fresh.text_index)
         np.testing.assert_allclose(again.before, fresh.before, rtol=1e-5, atol=1e-9)
         np.testing.assert_allclose(again.delta, fresh.delta, rtol=1e-3, atol=1e-9)  # the tiny RM's scores are ~1e-2
@@ -125,6 +126,21 @@ def test_a_prepared_evaluation_set_gives_what_a_fresh_run_gives(tiny_run):
     assert np.abs(fresh.delta).min() > 1e-5 and np.abs(fresh.predicted).max() > 1e-4
     with pytest.raises(ValueError, match="prepared at layer"):
         run_ablation(adapter, sae, LAYER - 1, kept, edit, weights, "sum")
+
+
+def test_an_edit_of_the_texts_own_tokens_leaves_special_tokens_as_they_are(tiny_run):
+    """At the tiny BERT's last block the head reads [CLS] only: zeroing features on the text's
+    own tokens cannot move the score there, zeroing them on every token can."""
+    _, loaded = tiny_run
+    adapter, sae = loaded.adapter, loaded.sae(LAYER)
+    texts = ["a truly wonderful and moving film", "the plot was dull and the acting awful"]
+    weights = np.asarray(store.layer_vectors(loaded.store_path, LAYER)["weight"])
+    edit = FeatureEdit(live_features(loaded, 3), "zero")
+    text_only = run_ablation(adapter, sae, LAYER, texts, edit, weights, "mean")
+    everywhere = run_ablation(adapter, sae, LAYER, texts, edit, weights, "mean", scope="all")
+    assert np.abs(text_only.delta).max() < 1e-6 < np.abs(everywhere.delta).max()
+    with pytest.raises(ValueError, match="tokens must be one of"):
+        run_ablation(adapter, sae, LAYER, texts, edit, weights, "mean", scope="special")
 
 
 def test_steering_along_a_decoder_direction_moves_the_hidden_state_by_it(tiny_run):
@@ -154,7 +170,8 @@ def test_worker_runs_an_ablation_job_end_to_end(tiny_run):
     settings, loaded = tiny_run
     chosen = list(live_features(loaded, 4))
     job = jobs.submit(settings, "ablation", {"run_id": loaded.run_id, "layer": LAYER, "features": chosen,
-                                             "mode": "zero", "n_texts": 40}, author="tester", run_id=loaded.run_id)
+                                             "mode": "zero", "n_texts": 40, "tokens": "all"},
+                       author="tester", run_id=loaded.run_id)
     worker = Worker(settings, lease_s=10)
     worker.cache = RunCache(settings)
     assert worker.run_one() is True
@@ -184,13 +201,24 @@ def test_worker_runs_a_custom_text_job(tiny_run):
     settings, loaded = tiny_run
     features = list(live_features(loaded, 3))
     job = jobs.submit(settings, "inference", {"run_id": loaded.run_id, "layer": LAYER, "text": "what a great movie",
-                                              "features": features, "edit": {"features": features[:1], "mode": "zero"}},
+                                              "features": features,
+                                              "edit": {"features": features[:1], "mode": "zero", "tokens": "all"}},
                       author="tester", run_id=loaded.run_id)
-    Worker(settings).run_one()
+    text_only = jobs.submit(settings, "inference", {"run_id": loaded.run_id, "layer": LAYER, "text": "what a great movie",
+                                                    "features": features, "edit": {"features": features[:1], "mode": "zero"}},
+                            author="tester", run_id=loaded.run_id)
+    worker = Worker(settings)
+    worker.run_one(), worker.run_one()
     result = jobs.get(settings, job["id"])["result"]
     assert result["tokens"][0] == "[CLS]" and len(result["acts"][str(features[0])]) == len(result["tokens"])
     assert result["edit"]["reward_before"] == pytest.approx(result["reward"], abs=1e-5)
     assert all(a == 0 for a in result["edit"]["acts_after"][str(features[0])])
+    # by default zeroed on the text's own tokens: [CLS] and [SEP] keep their activation
+    by_default = jobs.get(settings, text_only["id"])["result"]
+    special = [i for i, t in enumerate(by_default["tokens"]) if t in ("[CLS]", "[SEP]")]
+    after, before = by_default["edit"]["acts_after"][str(features[0])], by_default["acts"][str(features[0])]
+    assert special == [0, len(after) - 1] and all(a == 0 for i, a in enumerate(after) if i not in special)
+    assert all(after[i] == pytest.approx(before[i]) for i in special)
     # the first-order prediction: gradient at the layer . the edit's change of the layer output
     adapter, sae = loaded.adapter, loaded.sae(LAYER)
     batch = adapter.tokenize(["what a great movie"])

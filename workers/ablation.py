@@ -21,7 +21,7 @@ from workers.analyze import forward_with_gradients
 from workers.batching import length_bucketed_batches, token_lengths
 from workers.controls import control_features, mean_with_ci  # noqa: F401
 from workers.sae_ops import (FeatureEdit, decoder_directions, edit_chosen, edit_hidden,  # noqa: F401
-                             linear_decoder, pool_reads)
+                             edited_tokens, linear_decoder, pool_reads)
 
 
 @dataclass
@@ -131,8 +131,9 @@ def per_read(values: torch.Tensor, segment: torch.Tensor, n_reads: int, how: str
 def run_ablation(adapter: RewardModelAdapter, sae, layer: int, texts: list[str] | EvalSet, edit: FeatureEdit,
                  weights: np.ndarray, pooling: str, batch_size: int = 64,
                  progress: Callable[[float], None] | None = None,
-                 directions: torch.Tensor | None = None, linear: bool = False) -> AblationResult:
-    """Reward of every text's reward reads without and with `edit` at `layer`.
+                 directions: torch.Tensor | None = None, linear: bool = False, scope: str = "text") -> AblationResult:
+    """Reward of every text's reward reads without and with `edit` at `layer`, applied at the
+    tokens `scope` names (workers/sae_ops.py SCOPES: the text's own, or all).
 
     `texts` may be an EvalSet prepared earlier for this layer (its clean pass is then reused:
     the edit runs only the blocks above the layer). `directions`, `linear`: as edit_hidden.
@@ -153,6 +154,7 @@ def run_ablation(adapter: RewardModelAdapter, sae, layer: int, texts: list[str] 
     for item in evalset.batches:
         batch = item.batch
         keep = batch.attention_mask.bool()
+        edit_at = edited_tokens(batch, special_ids, scope)
         flat_index = keep.flatten().cumsum(0).reshape(keep.shape) - 1
         read_rows = flat_index[batch.reward_index[:, 0], batch.reward_index[:, 1]]
         token_ids = batch.input_ids[keep]
@@ -165,12 +167,13 @@ def run_ablation(adapter: RewardModelAdapter, sae, layer: int, texts: list[str] 
         def hook(hidden: torch.Tensor) -> torch.Tensor:
             # f_before / f_after: the chosen features' columns (every column for steer)
             new, f_before, f_after = edit_chosen(sae, hidden, edit, directions, linear, kept)
+            f_after = torch.where(edit_at.unsqueeze(-1), f_after, f_before)
             # the regression's view of the change: pooled features per reward read, as in analysis
             seen["pooled"] = (pool_reads(f_after[keep].float(), *pool_args)
                               - pool_reads(f_before[keep].float(), *pool_args))
-            fired_on = (f_before[..., chosen] if changed is None else f_before)[keep] > 0
-            seen["fired"] = per_read(fired_on.any(-1), segment, batch.n_reads, "any")
-            new = torch.where(keep.unsqueeze(-1), new, hidden)
+            fired_on = ((f_before[..., chosen] if changed is None else f_before) > 0) & edit_at.unsqueeze(-1)
+            seen["fired"] = per_read(fired_on[keep].any(-1), segment, batch.n_reads, "any")
+            new = torch.where(edit_at.unsqueeze(-1), new, hidden)
             if item.grad is not None:
                 first_order = (item.grad.float() * (new.float() - hidden.float())).sum(-1)[keep]
                 seen["attributed"] = per_read(first_order, segment, batch.n_reads)

@@ -1,5 +1,6 @@
-"""Measured single-feature effects: each candidate feature zeroed alone, SAE spliced in with
-its reconstruction error kept, on a sample of held-out texts where it fires.
+"""Measured single-feature effects: each candidate feature zeroed alone on the text's own tokens
+(special tokens left as they are: workers/sae_ops.py SCOPES), SAE spliced in with its
+reconstruction error kept, on a sample of held-out texts where it fires.
 
 The candidates are a layer's top features by |attribution| and by |weight| (interleaved, so
 both predictions get measured). Every (feature, text) pair is one row of a batched forward
@@ -21,7 +22,7 @@ from scipy import stats
 
 from workers.ablation import EvalSet, per_read
 from workers.controls import mean_with_ci
-from workers.sae_ops import pool_reads
+from workers.sae_ops import edited_tokens, pool_reads
 
 ROWS_PER_FORWARD = 64
 
@@ -53,9 +54,11 @@ class _BatchScan:
     contribution: torch.Tensor  # [R, C]
 
 
-def _scan(item, sae, candidates: torch.Tensor, directions: torch.Tensor, special_ids, pooling: str) -> _BatchScan:
+def _scan(item, sae, candidates: torch.Tensor, directions: torch.Tensor, special_ids, pooling: str,
+          scope: str) -> _BatchScan:
     batch, keep = item.batch, item.batch.attention_mask.bool()
-    acts = sae.encode(item.hidden.float())[..., candidates] * keep.unsqueeze(-1)
+    # the candidates' activations where an edit applies (0 elsewhere): removing them is the edit
+    acts = item.encoded(sae)[..., candidates] * edited_tokens(batch, special_ids, scope).unsqueeze(-1)
     flat_index = keep.flatten().cumsum(0).reshape(keep.shape) - 1
     read_rows = flat_index[batch.reward_index[:, 0], batch.reward_index[:, 1]]
     segment = batch.token_segment[keep]
@@ -71,17 +74,19 @@ def _scan(item, sae, candidates: torch.Tensor, directions: torch.Tensor, special
 @torch.no_grad()
 def measure_single_features(adapter, sae, layer: int, evalset: EvalSet, candidates: np.ndarray, weights: np.ndarray,
                             pooling: str, directions: torch.Tensor, texts_per_feature: int, seed: int = 0,
-                            progress: Callable[[float], None] | None = None) -> dict[str, np.ndarray]:
+                            progress: Callable[[float], None] | None = None,
+                            scope: str = "text") -> dict[str, np.ndarray]:
     """Columns over `candidates`: measured_delta, its CI (low, high), n (reads), and the mean
-    predicted change by regression and by attribution over the same reads. `evalset` must
-    hold its batches' hidden states and gradients (prepare_eval_set(with_gradients=True))."""
+    predicted change by regression and by attribution over the same reads; each feature is
+    zeroed at the tokens `scope` names, on texts where it fires there. `evalset` must hold its
+    batches' hidden states and gradients (prepare_eval_set(with_gradients=True))."""
     if any(item.hidden is None or item.grad is None for item in evalset.batches):
         raise ValueError("the measurement set must keep each batch's layer output and gradient")
     device = adapter.device
     cand = torch.as_tensor(candidates, dtype=torch.long, device=device)
     special_ids = torch.tensor(sorted(adapter.tokenizer.all_special_ids), device=device)
     w = torch.as_tensor(weights, dtype=torch.float32, device=device)[cand]
-    scans = [_scan(item, sae, cand, directions, special_ids, pooling) for item in evalset.batches]
+    scans = [_scan(item, sae, cand, directions, special_ids, pooling, scope) for item in evalset.batches]
 
     # each candidate's sample: up to texts_per_feature (batch, row) pairs where it fires
     rng = np.random.default_rng(seed)

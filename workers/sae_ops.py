@@ -9,6 +9,11 @@ from dataclasses import dataclass
 import torch
 
 MODES = ("zero", "clamp", "steer")
+# Where an edit applies: the text's own tokens (special tokens such as [CLS], [SEP] or BOS left as
+# they are, as token pooling and attribution read them), or every real token. At an encoder's
+# late layers [CLS] already holds the score: editing it answers "what if the summary changed",
+# not which features of the text drive the reward.
+SCOPES = ("text", "all")
 
 
 @torch.no_grad()
@@ -40,6 +45,14 @@ def linear_decoder(sae, rows: torch.Tensor | None = None) -> torch.Tensor | None
     expected = sae.decode(codes) - base
     error = (expected - codes @ rows).abs().max()
     return rows if float(error) <= 1e-4 * max(float(expected.abs().max()), 1.0) else None
+
+
+def edited_tokens(batch, special_ids: torch.Tensor, scope: str = "text") -> torch.Tensor:
+    """[B, T] where an edit of `scope` (SCOPES) applies."""
+    if scope not in SCOPES:
+        raise ValueError(f"tokens must be one of {', '.join(SCOPES)}, not {scope!r}")
+    real = batch.attention_mask.bool()
+    return real if scope == "all" else real & ~torch.isin(batch.input_ids, special_ids.to(batch.input_ids.device))
 
 
 def pool_reads(acts, segment, content, read_rows, n_reads: int, how: str) -> torch.Tensor:

@@ -155,11 +155,12 @@ def ablation_task(params: dict, ctx) -> dict:
 
     ctx.report(0.0, f"ablating {len(edit.features)} features over {len(texts)} texts")
     evalset = run.eval_set(layer, eval_key, texts, progress(parts[0]))
+    scope = params.get("tokens") or "text"
     chosen = run_ablation(run.adapter, sae, layer, evalset, edit, weights, pooling, ABLATION_BATCH,
-                          progress("the chosen features"), directions, linear)
+                          progress("the chosen features"), directions, linear, scope)
     controls = [run_ablation(run.adapter, sae, layer, evalset, FeatureEdit(draw, edit.mode, edit.value), weights,
                              pooling, ABLATION_BATCH, progress(f"random control {i + 1} of {len(draws)}"),
-                             directions, linear) for i, draw in enumerate(draws)]
+                             directions, linear, scope) for i, draw in enumerate(draws)]
     return ablation_result(chosen, controls, draws, texts, text_ids, seed=int(ctx.job["id"]))
 
 
@@ -194,6 +195,7 @@ def inference_task(params: dict, ctx) -> dict:
     edit, the reward again with those features changed."""
     from workers.ablation import FeatureEdit, edit_hidden
     from workers.analyze import adapter_has_gradient, forward_with_gradients
+    from workers.sae_ops import edited_tokens
 
     run = ctx.cache.get(params["run_id"])
     layer = int(params["layer"])
@@ -225,12 +227,15 @@ def inference_task(params: dict, ctx) -> dict:
 
         directions, linear = run.decoder(layer)
         clean_pass = EvalSet(layer, 1, [EvalBatch(np.arange(1), batch, score.float(), captured[layer], grad)])  # reused
+        scope = e.get("tokens") or "text"
         ablated = run_ablation(adapter, sae, layer, clean_pass, edit, np.asarray(vectors["weight"]),
-                               run.config.regression.pooling, 1, None, directions, linear)
+                               run.config.regression.pooling, 1, None, directions, linear, scope)
         result["edit"] = {**e, "reward_after": float(ablated.after.mean()), "reward_before": float(ablated.before.mean()),
                           "predicted_delta": float(ablated.predicted.sum()),
                           "attribution_delta": None if ablated.attributed is None else float(ablated.attributed.sum())}
-        _, _, after = edit_hidden(sae, captured[layer][0].float(), edit, directions, linear)
+        _, before, after = edit_hidden(sae, captured[layer][0].float(), edit, directions, linear)
+        special = torch.tensor(sorted(adapter.tokenizer.all_special_ids), device=adapter.device)
+        after = torch.where(edited_tokens(batch, special, scope)[0].unsqueeze(-1), after, before)
         result["edit"]["acts_after"] = {str(f): [float(x) for x in after[keep, f].cpu()] for f in features}
     ctx.report(1.0, "done")
     return result

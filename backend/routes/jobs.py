@@ -46,6 +46,9 @@ class EditSpec(BaseModel):
 
 
 class AblationRequest(EditSpec):
+    tokens: Literal["text", "all"] = Field("text", description="where the edit applies: the text's own tokens "
+                                          "(special tokens such as [CLS] left as they are, as the measured "
+                                          "effects do), or every token")
     features: list[int] = Field(default_factory=list, description="feature ids (or use `selection`)")
     selection: Literal[tuple(SELECTIONS)] | None = Field(None, description="choose features by rule instead")  # type: ignore[valid-type]
     top_n: int = Field(10, ge=1, le=500)
@@ -120,6 +123,7 @@ def submit_ablation(settings: Settings, run_id: str, layer: int, req: AblationRe
             _reject(422, "no evaluation texts: type at least one, or evaluate on held-out texts")
         _check_text_length(settings, req.texts)
     params = {"run_id": run_id, "layer": layer, "features": features, "mode": req.mode, "value": req.value,
+              "tokens": req.tokens,
               "n_texts": req.n_texts, "texts": req.texts, "control": req.control, "n_controls": req.n_controls,
               "described": described}
     return _submit(settings, "ablation", params, author, run_id)
@@ -138,7 +142,7 @@ def submit_inference(settings: Settings, run_id: str, layer: int, req: Inference
     if req.edit is not None:
         edit_features, described = _resolve_features(settings, run_id, layer, req.edit)
         params["edit"] = {"features": edit_features, "mode": req.edit.mode, "value": req.edit.value,
-                          "described": described}
+                          "tokens": req.edit.tokens, "described": described}
     return _submit(settings, "inference", params, author, run_id)
 
 
@@ -186,6 +190,7 @@ def _parse(model, data: dict):
 def _edit_fields(form: dict) -> dict:
     value = (form.get("value") or "").strip()
     return {"mode": form.get("mode") or "zero", "value": value or None, "selection": form.get("selection") or None,
+            "tokens": form.get("tokens") or "text",
             "top_n": form.get("top_n") or 10, "features": _feature_ids(form["_all"])}
 
 
