@@ -22,6 +22,10 @@ from workers.faithfulness import excess, point
 from workers.tasks import RunCache
 
 
+def fmt(value) -> str:
+    return "n/a (nothing to fit)" if value is None else f"{value:.3f}"
+
+
 def layer_columns(path, layer: int) -> dict[str, np.ndarray]:
     rows = store._rows(path, "SELECT frequency, reward_effect, attribution, attribution_abs, weight FROM features "
                              "WHERE layer = ? ORDER BY feature", [layer])
@@ -47,8 +51,8 @@ def main() -> None:
         c = result.layer_columns
         print(f"layer {layer}: {total:.1f} s (measured effects {result.timings['measured']:.1f} s, "
               f"deletion curves {result.timings['faithfulness']:.1f} s; target <= 60 s)")
-        print(f"  default ranking {c['default_ranking']}; reach {c['reach']:.3f} of the score's spread; "
-              f"{c['read_token_gradient_share']:.0%} of the gradient at the read token")
+        print(f"  default ranking {c['default_ranking']}; reach {fmt(c['reach'])} of the score's spread; "
+              f"{fmt(c['read_token_gradient_share'])} of the gradient at the read token")
         for ranking in ("weight", "abs_weight", "reward_effect", "attribution", "measured_delta"):
             p = point(result.curves, ranking)
             if p is not None:
@@ -57,9 +61,9 @@ def main() -> None:
                 print(f"  top {p['n']:>3} by {ranking:<15} Δ {p['mean_delta']:+.4f} (control "
                       f"{p['control_mean_delta']:+.4f}; {times}; p {p['p_value']:.4f}); predicted: regression "
                       f"{p['predicted_mean_delta']:+.4f}, attribution {p['attribution_mean_delta']:+.4f}")
-        print(f"  calibration over {c['n_measured']} measured features: regression slope "
-              f"{c['calibration_regression_slope']:.3f} r {c['calibration_regression_r']:.3f}; attribution slope "
-              f"{c['calibration_attribution_slope']:.3f} r {c['calibration_attribution_r']:.3f}")
+        fits = "; ".join(f"{name} slope {fmt(c[f'calibration_{name}_slope'])} r {fmt(c[f'calibration_{name}_r'])}"
+                         for name in ("regression", "attribution"))
+        print(f"  calibration over {c['n_measured']} measured features: {fits}")
 
 
 if __name__ == "__main__":
