@@ -21,7 +21,7 @@ import numpy as np
 import orjson
 import pyarrow as pa
 
-from backend.store_schema import CARD_KEY, FEATURES, LAYERS, NORMALISED_TOKEN, STORE_VERSION, TABLES, sorts
+from backend.store_schema import CARD_KEY, FEATURES, LAYERS, NORMALISED_TOKEN, STORE_VERSION, TABLES, order_sql, sorts
 
 # Sort keys of the feature table (from the spec): key -> SQL expression. "key" puts the largest
 # first, "-key" the smallest; NULLs (a dead feature's correlation, say) always last, ties by feature id.
@@ -29,11 +29,7 @@ SORT_COLUMNS = {sort.key: sort.expression for sort in sorts(FEATURES)}
 SORTS = tuple(key for column in SORT_COLUMNS for key in (column, f"-{column}"))
 
 
-def order_by(sort: str) -> str:
-    if sort not in SORTS:
-        raise ValueError(f"unknown sort {sort!r}; expected one of {', '.join(SORTS)}")
-    column = SORT_COLUMNS[sort.lstrip("-")]
-    return f"{column} {'ASC' if sort.startswith('-') else 'DESC'} NULLS LAST, feature"
+order_by = order_sql  # the layer table's ORDER BY for a sort key (one definition, in the spec)
 
 
 @dataclass(frozen=True)
