@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from backend.store_schema import LAYERS
 from workers.ablation import prepare_eval_set
 from workers.config import EffectsConfig
 from workers.faithfulness import default_ranking, deletion_curves, excess, point
@@ -40,10 +41,9 @@ def not_applicable(d_sae: int) -> CausalResult:
 
 
 def empty_layer_columns() -> dict[str, object]:
-    return {"default_ranking": None, "faithfulness_delta": None, "faithfulness_control": None,
-            "faithfulness_relative": None, "score_spread": None, "reach": None, "read_token_gradient_share": None,
-            "calibration_regression_slope": None, "calibration_regression_r": None,
-            "calibration_attribution_slope": None, "calibration_attribution_r": None, "n_measured": 0}
+    """The layers table's causal columns (the spec's, from default_ranking on), none measured."""
+    names = LAYERS.names[LAYERS.names.index("default_ranking"):]
+    return {name: 0 if name == "n_measured" else None for name in names}
 
 
 def run_causal_stage(adapter, sae, layer: int, heldout_texts: list[str], feature_columns: dict[str, np.ndarray],
