@@ -34,6 +34,9 @@ class Run(Base):
     best_layer: Mapped[int | None] = mapped_column(sa.Integer, nullable=True)
     best_r2_heldout: Mapped[float | None] = mapped_column(sa.Double, nullable=True)
     created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), default=utcnow)
+    # 1 when first registered, +1 each time the run is replaced (re-run with replace): the
+    # run's labels stay, and say which version they were made on
+    version: Mapped[int] = mapped_column(sa.Integer, default=1, server_default="1")
 
     saes: Mapped[list["Sae"]] = relationship(
         back_populates="run", cascade="all, delete-orphan", order_by="Sae.layer"
@@ -54,6 +57,8 @@ class Sae(Base):
     architecture: Mapped[str] = mapped_column(sa.String(50))
     d_in: Mapped[int] = mapped_column(sa.Integer)
     d_sae: Mapped[int] = mapped_column(sa.Integer)
+    # sha256 of its weights file: a label made on another SAE of this layer is marked as such
+    fingerprint: Mapped[str | None] = mapped_column(sa.String(64), nullable=True)
 
     run: Mapped[Run] = relationship(back_populates="saes")
 
@@ -108,6 +113,9 @@ class Label(Base):
     version: Mapped[int] = mapped_column(sa.Integer)
     author: Mapped[str] = mapped_column(sa.String(100))
     updated_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), default=utcnow)
+    # the layer's SAE (Sae.fingerprint) and the run's version the label was made on
+    sae_fingerprint: Mapped[str | None] = mapped_column(sa.String(64), nullable=True)
+    run_version: Mapped[int | None] = mapped_column(sa.Integer, nullable=True)
 
 
 class LabelEvent(Base):
@@ -125,5 +133,18 @@ class LabelEvent(Base):
     new_label: Mapped[str | None] = mapped_column(sa.String(20))
     old_note: Mapped[str | None] = mapped_column(sa.Text)
     new_note: Mapped[str | None] = mapped_column(sa.Text)
+    author: Mapped[str] = mapped_column(sa.String(100))
+    created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), default=utcnow)
+    sae_fingerprint: Mapped[str | None] = mapped_column(sa.String(64), nullable=True)
+    run_version: Mapped[int | None] = mapped_column(sa.Integer, nullable=True)
+
+
+class WebSession(Base):
+    """A signed-in browser session: the cookie names its id, and logging out deletes the row,
+    so a copied cookie stops working at logout (a signed cookie alone would stay valid)."""
+
+    __tablename__ = "web_sessions"
+
+    id: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
     author: Mapped[str] = mapped_column(sa.String(100))
     created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), default=utcnow)
