@@ -5,10 +5,7 @@ from __future__ import annotations
 import secrets
 
 from fastapi import FastAPI, Request
-from fastapi.exception_handlers import (
-    http_exception_handler,
-    request_validation_exception_handler,
-)
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
@@ -19,6 +16,7 @@ from backend.access import AccessMiddleware
 from backend.keepalive import RecycleConnections
 from backend.routes import auth, features, jobs, labels, layers, runs
 from backend.routes.common import FRONTEND_DIR, render
+from backend.routes.edge import validation_detail
 from backend.settings import Settings, get_settings
 from backend.store import NotFound, StoreOutdated
 
@@ -51,9 +49,10 @@ async def _http_error(request: Request, exc: StarletteHTTPException):
 
 
 async def _invalid(request: Request, exc: RequestValidationError):
+    detail = validation_detail(exc)  # FastAPI's own handler echoes inputs it cannot encode (NaN, \ud800)
     if _is_api(request):
-        return await request_validation_exception_handler(request, exc)
-    messages = [f"{'.'.join(map(str, e['loc'][1:]))}: {e['msg']}" for e in exc.errors()]
+        return JSONResponse({"detail": detail}, status_code=422)
+    messages = [f"{'.'.join(map(str, e['loc'][1:]))}: {e['msg']}".removeprefix(": ") for e in detail]
     return _error_page(request, 422, "Invalid request", messages)
 
 

@@ -37,16 +37,22 @@ def as_dict(job: Job) -> dict[str, Any]:
 def submit(settings: Settings, kind: str, params: dict, author: str, run_id: str | None = None) -> dict:
     if kind not in JOB_KINDS:
         raise JobRejected(f"unknown job kind {kind!r}")
+    # The cap is checked in the transaction that inserts, after the insert: on SQLite the insert
+    # takes the one writer lock first, so the count sees every committed job; on PostgreSQL one
+    # author's submissions queue on an advisory lock held until commit. A count before the
+    # insert, outside that, let concurrent submissions all pass it (25 accepted of 20).
     with db.session(settings) as s, s.begin():
-        queued = s.scalar(sa.select(sa.func.count()).select_from(Job)
-                          .where(Job.author == author, Job.status.in_(("queued", "running"))))
-        if queued >= settings.max_queued_jobs:
-            raise JobRejected(f"{author} already has {queued} jobs queued or running (the limit is "
-                              f"{settings.max_queued_jobs}): wait for some to finish or cancel them")
+        if s.bind.dialect.name == "postgresql":
+            s.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext(:author))"), {"author": author})
         job = Job(kind=kind, params=params, run_id=run_id, author=author, status="queued", progress=0.0,
                   message="queued", cancel_requested=False, attempts=0, created_at=utcnow())
         s.add(job)
         s.flush()
+        queued = s.scalar(sa.select(sa.func.count()).select_from(Job)
+                          .where(Job.author == author, Job.status.in_(("queued", "running"))))
+        if queued > settings.max_queued_jobs:  # rolled back with the transaction
+            raise JobRejected(f"{author} already has {queued - 1} jobs queued or running (the limit is "
+                              f"{settings.max_queued_jobs}): wait for some to finish or cancel them")
         return as_dict(job)
 
 

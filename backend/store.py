@@ -308,8 +308,10 @@ def feature(path: Path, layer: int, feature: int) -> dict[str, Any]:
     """One feature: stats, weight and its rank, histogram, correlation with the reward, reward
     effect, top tokens, nearest features, top contexts and per-activation-bin samples (with
     their texts' reward and score), and its place in the default table view: its card."""
-    rows = _rows(path, f"SELECT card FROM feature_cards WHERE card_key = {CARD_KEY.format(layer='?', feature='?')}",
-                 [layer, feature])
+    # the card key holds each id in 32 bits: a larger one would name another layer's feature
+    in_range = 0 <= layer < 2**31 and 0 <= feature < 2**31
+    rows = in_range and _rows(path, f"SELECT card FROM feature_cards WHERE card_key = "
+                                    f"{CARD_KEY.format(layer='?', feature='?')}", [layer, feature])
     if not rows:
         layer_info(path, layer)  # an unknown layer says so, rather than "feature not found"
         raise NotFound(f"feature {feature} not found in layer {layer}")

@@ -18,6 +18,7 @@ from backend.models import LABELS
 from backend.rankings import FALLBACK_RANKING, RANKINGS, Ranking
 from backend.routes.formats import (context_rows, feature_rows, fmt_delta, fmt_num, fmt_pct, fmt_weight, token_spans,
                                     weight_class)
+from backend.routes.edge import MAX_ID
 from backend.settings import Settings
 from backend.store import NotFound
 
@@ -118,7 +119,7 @@ class TableView(BaseModel):
     token: str | None = Field(None, max_length=100, description="only features with a top token or top-context token starting with this")
     label: Literal[(*LABELS, "unlabelled")] | None = Field(  # type: ignore[valid-type]
         None, description="only features with this label, or 'unlabelled' for those without one")
-    page: int = Field(1, ge=1, description="1-based page number")
+    page: int = Field(1, ge=1, le=MAX_ID, description="1-based page number")
 
     @field_validator("sort", "sign", "min_freq", "max_freq", "token", "label", mode="before")
     @classmethod

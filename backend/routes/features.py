@@ -12,9 +12,10 @@ from backend import charts, labels, store
 from backend.routes.layers import describe_sort
 from backend.routes.common import (SettingsDep, TableView, TableViewQ, default_ranking, get_run, json_response,
                                    render, run_summary, store_path)
+from backend.routes.edge import ERROR_RESPONSES, FeatureId, LayerId, StrictJSONRoute
 from backend.settings import Settings
 
-router = APIRouter()
+router = APIRouter(route_class=StrictJSONRoute, responses=ERROR_RESPONSES)
 
 def feature_data(settings: Settings, run_id: str, layer: int, feature: int, view: TableView) -> dict[str, Any]:
     """One feature, and where it stands in the table view the reader came from (`in_view`:
@@ -54,14 +55,14 @@ def feature_data(settings: Settings, run_id: str, layer: int, feature: int, view
 # that work under load (P5, 8 clients: p95 of the JSON 30-35 ms in threads, 23-26 ms here).
 # What they cannot bound: the first j/k lookup in a view not yet kept (one query, <= ~50 ms).
 @router.get("/api/runs/{run_id}/layers/{layer}/features/{feature}", tags=["features"])
-async def api_feature(run_id: str, layer: int, feature: int, settings: SettingsDep, view: TableViewQ) -> dict[str, Any]:
+async def api_feature(run_id: str, layer: LayerId, feature: FeatureId, settings: SettingsDep, view: TableViewQ) -> dict[str, Any]:
     """One feature: statistics, weight, histogram, top tokens, contexts, nearest features by
     decoder cosine, and its previous/next feature in the table view given by the query."""
     return json_response(feature_data(settings, run_id, layer, feature, view))
 
 
 @router.get("/runs/{run_id}/layers/{layer}/features/{feature}", response_class=HTMLResponse, include_in_schema=False)
-async def feature_page(request: Request, run_id: str, layer: int, feature: int, settings: SettingsDep, view: TableViewQ):
+async def feature_page(request: Request, run_id: str, layer: LayerId, feature: FeatureId, settings: SettingsDep, view: TableViewQ):
     return render_feature_page(request, settings, run_id, layer, feature, view)
 
 

@@ -4,21 +4,30 @@ request gets a 4xx with a message and creates no job."""
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from backend import charts, jobs, store
 from backend.access import check_csrf, current_author
 from backend.rankings import FALLBACK_RANKING, RANKINGS, barely_reaches, reads_one_token
 from backend.routes.common import SettingsDep, get_run, render, store_path
+from backend.routes.edge import ERROR_RESPONSES, MAX_ID, JobId, LayerId, StrictJSONRoute, invalid
 from backend.settings import Settings
 
-router = APIRouter()
+router = APIRouter(route_class=StrictJSONRoute, responses=ERROR_RESPONSES)
 
 MAX_TYPED_TEXTS = 256
+MAX_EDITED_FEATURES = 4096  # features one ablation edits at once
+MAX_SHOWN_FEATURES = 32  # features a custom text's page shades token by token (each is a row of the page)
+# |value| of a clamp or steer: activations and steering multiples are of order 1-100; far beyond
+# that the edited residual overflows and the reward comes back as NaN
+MAX_EDIT_VALUE = 1e4
+FeatureIds = Annotated[list[Annotated[int, Field(ge=0, le=MAX_ID)]], Field(max_length=MAX_EDITED_FEATURES)]
 SELECTIONS = {
     "top_ranked": ("default", "the top {n} features of the layer's default ranking ({ranking})"),
     "top_measured": ("-measured_delta", "the top {n} features by measured Δ when zeroed alone (most negative first)"),
@@ -32,9 +41,12 @@ SELECTIONS = {
 
 
 class EditSpec(BaseModel):
+    model_config = ConfigDict(allow_inf_nan=False)
+
     mode: Literal["zero", "clamp", "steer"] = Field(description="zero the features, clamp them to `value`, "
                                                                 "or add `value` x their decoder direction")
-    value: float | None = Field(None, description="clamp: the activation; steer: the multiple (required for both)")
+    value: float | None = Field(None, ge=-MAX_EDIT_VALUE, le=MAX_EDIT_VALUE,
+                                description="clamp: the activation; steer: the multiple (required for both)")
 
     @model_validator(mode="after")
     def _value_for_mode(self):
@@ -49,7 +61,7 @@ class AblationRequest(EditSpec):
     tokens: Literal["text", "all"] = Field("text", description="where the edit applies: the text's own tokens "
                                           "(special tokens such as [CLS] left as they are, as the measured "
                                           "effects do), or every token")
-    features: list[int] = Field(default_factory=list, description="feature ids (or use `selection`)")
+    features: FeatureIds = Field(default_factory=list, description="feature ids (or use `selection`)")
     selection: Literal[tuple(SELECTIONS)] | None = Field(None, description="choose features by rule instead")  # type: ignore[valid-type]
     top_n: int = Field(10, ge=1, le=500)
     n_texts: int = Field(256, ge=1, le=2048, description="held-out texts of the run's corpus to evaluate on")
@@ -60,7 +72,9 @@ class AblationRequest(EditSpec):
 
 class InferenceRequest(BaseModel):
     text: str = Field(min_length=1)
-    features: list[int] = Field(default_factory=list, description="features to show per token (default: the top 8 of the layer's default ranking)")
+    features: Annotated[list[Annotated[int, Field(ge=0, le=MAX_ID)]], Field(max_length=MAX_SHOWN_FEATURES)] = Field(
+        default_factory=list, description="features to show per token (default: the top 8 of the layer's default "
+        f"ranking; at most {MAX_SHOWN_FEATURES})")
     edit: AblationRequest | None = None
 
     @field_validator("text")
@@ -76,14 +90,11 @@ class PipelineRequest(BaseModel):
     replace: bool = False
 
 
-def _reject(status: int, message: str):
-    raise HTTPException(status, message)
-
-
-def _check_text_length(settings: Settings, texts: list[str]) -> None:
+def _check_text_length(settings: Settings, texts: list[str], field: str) -> None:
     for i, text in enumerate(texts):
         if len(text) > settings.max_text_chars:
-            _reject(422, f"text {i + 1} has {len(text):,} characters; the limit is {settings.max_text_chars:,}")
+            raise invalid(f"text {i + 1} has {len(text):,} characters; the limit is {settings.max_text_chars:,} "
+                          "(RA_MAX_TEXT_CHARS)", field)
 
 
 def _resolve_features(settings: Settings, run_id: str, layer: int, req: AblationRequest) -> tuple[list[int], str]:
@@ -107,12 +118,17 @@ def _resolve_features(settings: Settings, run_id: str, layer: int, req: Ablation
                         if not sort.endswith("measured_delta") or r.get("measured_delta") is not None]
         described = template.format(n=req.top_n, ranking=ranking.label if ranking else "")
     if not features:
-        _reject(422, "no features selected: pick some in the table, or a rule that selects at least one")
-    out_of_range = [f for f in features if not 0 <= f < info["d_sae"]]
-    if out_of_range:
-        _reject(422, f"feature {out_of_range[0]} is out of range: layer {layer} has features 0–{info['d_sae'] - 1}")
+        raise invalid("no features selected: pick some in the table, or a rule that selects at least one", "features")
+    _check_range(features, info, layer, "features")
     return features, described or f"feature{'s' if len(features) > 1 else ''} {', '.join(map(str, features[:20]))}" \
         + ("…" if len(features) > 20 else "")
+
+
+def _check_range(features: list[int], info: dict, layer: int, field: str) -> None:
+    out_of_range = [f for f in features if not 0 <= f < info["d_sae"]]
+    if out_of_range:
+        raise invalid(f"feature {out_of_range[0]} is out of range: layer {layer} has features 0–{info['d_sae'] - 1}",
+                      field)
 
 
 def submit_ablation(settings: Settings, run_id: str, layer: int, req: AblationRequest, author: str) -> dict:
@@ -120,8 +136,8 @@ def submit_ablation(settings: Settings, run_id: str, layer: int, req: AblationRe
     if req.texts is not None:
         req.texts = [t for t in req.texts if t.strip()]
         if not req.texts:
-            _reject(422, "no evaluation texts: type at least one, or evaluate on held-out texts")
-        _check_text_length(settings, req.texts)
+            raise invalid("no evaluation texts: type at least one, or evaluate on held-out texts", "texts")
+        _check_text_length(settings, req.texts, "texts")
     params = {"run_id": run_id, "layer": layer, "features": features, "mode": req.mode, "value": req.value,
               "tokens": req.tokens,
               "n_texts": req.n_texts, "texts": req.texts, "control": req.control, "n_controls": req.n_controls,
@@ -130,14 +146,13 @@ def submit_ablation(settings: Settings, run_id: str, layer: int, req: AblationRe
 
 
 def submit_inference(settings: Settings, run_id: str, layer: int, req: InferenceRequest, author: str) -> dict:
-    _check_text_length(settings, [req.text])
+    _check_text_length(settings, [req.text], "text")
     path = store_path(settings, get_run(settings, run_id))
     info = store.layer_info(path, layer)
     default_sort = RANKINGS[info.get("default_ranking") or FALLBACK_RANKING].sort  # what holds up under ablation
-    shown = req.features or [r["feature"] for r in store.features(path, layer, sort=default_sort, limit=8).rows]
-    bad = [f for f in shown if not 0 <= f < info["d_sae"]]
-    if bad:
-        _reject(422, f"feature {bad[0]} is out of range: layer {layer} has features 0–{info['d_sae'] - 1}")
+    shown = list(dict.fromkeys(req.features)) or [
+        r["feature"] for r in store.features(path, layer, sort=default_sort, limit=8).rows]
+    _check_range(shown, info, layer, "features")
     params: dict[str, Any] = {"run_id": run_id, "layer": layer, "text": req.text, "features": shown}
     if req.edit is not None:
         edit_features, described = _resolve_features(settings, run_id, layer, req.edit)
@@ -168,13 +183,20 @@ async def _form(request: Request) -> dict[str, Any]:
     return {"_all": form, **{k: v for k, v in form.items()}}
 
 
-def _feature_ids(form) -> list[int]:
+_FEATURE_ID = re.compile(r"[0-9]{1,10}")  # ASCII digits only: str.isdigit() also passes "²" and "١٢"
+
+
+def _feature_ids(values: list, field: str, limit: int) -> list[int]:
+    """Feature ids typed into a form field (separated by commas or spaces), each checked."""
     ids = []
-    for raw in form.getlist("features"):
+    for raw in values:
         for part in str(raw).replace(",", " ").split():
-            if not part.lstrip("-").isdigit():
-                _reject(422, f"features: {part!r} is not a feature id")
+            if not _FEATURE_ID.fullmatch(part) or int(part) > MAX_ID:
+                raise invalid(f"{part[:40]!r} is not a feature id (a whole number from 0)", field)
             ids.append(int(part))
+    ids = list(dict.fromkeys(ids))
+    if len(ids) > limit:
+        raise invalid(f"{len(ids):,} features given; at most {limit:,} at once", field)
     return ids
 
 
@@ -182,20 +204,19 @@ def _parse(model, data: dict):
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise HTTPException(422, "; ".join(
-            f"{'.'.join(map(str, e['loc'])) + ': ' if e['loc'] else ''}{e['msg'].removeprefix('Value error, ')}"
-            for e in exc.errors())) from None
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
 
 
 def _edit_fields(form: dict) -> dict:
     value = (form.get("value") or "").strip()
     return {"mode": form.get("mode") or "zero", "value": value or None, "selection": form.get("selection") or None,
             "tokens": form.get("tokens") or "text",
-            "top_n": form.get("top_n") or 10, "features": _feature_ids(form["_all"])}
+            "top_n": form.get("top_n") or 10,
+            "features": _feature_ids(form["_all"].getlist("features"), "features", MAX_EDITED_FEATURES)}
 
 
 @router.post("/runs/{run_id}/layers/{layer}/ablate", include_in_schema=False)
-async def ablate_form(request: Request, run_id: str, layer: int, settings: SettingsDep):
+async def ablate_form(request: Request, run_id: str, layer: LayerId, settings: SettingsDep):
     form = await _form(request)
     data = _edit_fields(form)
     if form.get("eval") == "typed":
@@ -209,17 +230,14 @@ async def ablate_form(request: Request, run_id: str, layer: int, settings: Setti
 
 
 @router.post("/runs/{run_id}/layers/{layer}/text", include_in_schema=False)
-async def text_form(request: Request, run_id: str, layer: int, settings: SettingsDep):
+async def text_form(request: Request, run_id: str, layer: LayerId, settings: SettingsDep):
     form = await _form(request)
-    data: dict[str, Any] = {"text": form.get("text") or "", "features": _feature_ids_of(form, "shown")}
+    data: dict[str, Any] = {"text": form.get("text") or "",
+                            "features": _feature_ids([form.get("shown") or ""], "shown", MAX_SHOWN_FEATURES)}
     if form.get("mode"):
         data["edit"] = _edit_fields(form)
     job = submit_inference(settings, run_id, layer, _parse(InferenceRequest, data), current_author(request))
     return RedirectResponse(f"/jobs/{job['id']}", status_code=303)
-
-
-def _feature_ids_of(form: dict, field: str) -> list[int]:
-    return [int(x) for x in str(form.get(field) or "").replace(",", " ").split() if x.isdigit()]
 
 
 @router.post("/jobs", include_in_schema=False)
@@ -238,13 +256,13 @@ def submit_pipeline(settings: Settings, req: PipelineRequest, author: str) -> di
     try:
         config = parse_config(yaml.safe_load(req.config_yaml))
     except (ConfigError, yaml.YAMLError, AttributeError) as exc:
-        _reject(422, f"invalid config: {exc}")
+        raise invalid(f"invalid config: {exc}", "config_yaml") from None
     return _submit(settings, "pipeline", {"config_yaml": req.config_yaml, "replace": req.replace}, author,
                    config.run_id)
 
 
 @router.post("/jobs/{job_id}/cancel", include_in_schema=False)
-async def cancel_form(request: Request, job_id: int, settings: SettingsDep):
+async def cancel_form(request: Request, job_id: JobId, settings: SettingsDep):
     await _form(request)
     _cancel(settings, job_id)
     return RedirectResponse(f"/jobs/{job_id}", status_code=303)
@@ -267,14 +285,14 @@ def _json_only(request: Request) -> None:
 
 
 @router.post("/api/runs/{run_id}/layers/{layer}/ablations", status_code=201, tags=["jobs"])
-def api_ablate(request: Request, run_id: str, layer: int, body: AblationRequest, settings: SettingsDep) -> dict:
+def api_ablate(request: Request, run_id: str, layer: LayerId, body: AblationRequest, settings: SettingsDep) -> dict:
     """Queue an ablation of features of one layer; poll GET /api/jobs/{id} for the result."""
     _json_only(request)
     return submit_ablation(settings, run_id, layer, body, current_author(request))
 
 
 @router.post("/api/runs/{run_id}/layers/{layer}/texts", status_code=201, tags=["jobs"])
-def api_text(request: Request, run_id: str, layer: int, body: InferenceRequest, settings: SettingsDep) -> dict:
+def api_text(request: Request, run_id: str, layer: LayerId, body: InferenceRequest, settings: SettingsDep) -> dict:
     """Queue a custom text: its reward, per-token activations and, with `edit`, the edited reward."""
     _json_only(request)
     return submit_inference(settings, run_id, layer, body, current_author(request))
@@ -288,18 +306,18 @@ def api_pipeline(request: Request, body: PipelineRequest, settings: SettingsDep)
 
 
 @router.get("/api/jobs", tags=["jobs"])
-def api_jobs(settings: SettingsDep, limit: int = 100) -> dict:
+def api_jobs(settings: SettingsDep, limit: int = Query(100, ge=1, le=500, description="how many jobs")) -> dict:
     """The most recent jobs, newest first (results left out)."""
-    return {"jobs": [{k: v for k, v in j.items() if k != "result"} for j in jobs.recent(settings, min(limit, 500))]}
+    return {"jobs": [{k: v for k, v in j.items() if k != "result"} for j in jobs.recent(settings, limit)]}
 
 
 @router.get("/api/jobs/{job_id}", tags=["jobs"])
-def api_job(job_id: int, settings: SettingsDep) -> dict:
+def api_job(job_id: JobId, settings: SettingsDep) -> dict:
     return _job_or_404(settings, job_id)
 
 
 @router.post("/api/jobs/{job_id}/cancel", tags=["jobs"])
-def api_cancel(request: Request, job_id: int, settings: SettingsDep) -> dict:
+def api_cancel(request: Request, job_id: JobId, settings: SettingsDep) -> dict:
     _json_only(request)
     return _cancel(settings, job_id)
 
@@ -312,7 +330,7 @@ def jobs_page(request: Request, settings: SettingsDep):
 
 
 @router.get("/jobs/{job_id}", response_class=HTMLResponse, include_in_schema=False)
-def job_page(request: Request, job_id: int, settings: SettingsDep):
+def job_page(request: Request, job_id: JobId, settings: SettingsDep):
     job = _job_or_404(settings, job_id)
     context: dict[str, Any] = {"job": job, "chart": None, "tokens": None}
     result = job.get("result") or {}

@@ -7,7 +7,7 @@ import re
 from typing import Any, Literal
 from urllib.parse import quote
 
-from fastapi import APIRouter, Depends, Form, HTTPException, Request
+from fastapi import APIRouter, Depends, Form, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from pydantic import BaseModel, Field
@@ -16,9 +16,10 @@ from backend import labels
 from backend.access import check_csrf, current_author
 from backend.models import LABELS
 from backend.routes.common import SettingsDep, TableViewQ
+from backend.routes.edge import ERROR_RESPONSES, MAX_ID, FeatureId, LayerId, StrictJSONRoute, invalid
 from backend.routes.features import render_feature_page
 
-router = APIRouter()
+router = APIRouter(route_class=StrictJSONRoute, responses=ERROR_RESPONSES)
 FEATURE = "/runs/{run_id}/layers/{layer}/features/{feature}"
 
 
@@ -26,7 +27,7 @@ class LabelEdit(BaseModel):
     label: Literal[(*LABELS, "")] | None = Field(  # type: ignore[valid-type]
         ..., description="the new label; empty or null clears it")
     note: str = Field("", max_length=labels.MAX_NOTE)
-    version: int = Field(..., ge=0, description="the label's version this edit was made from (0: never labelled)")
+    version: int = Field(..., ge=0, le=MAX_ID, description="the label's version this edit was made from (0: never labelled)")
 
 
 def _json_or_csrf(request: Request) -> None:
@@ -38,7 +39,7 @@ def _json_or_csrf(request: Request) -> None:
 
 
 @router.get("/api" + FEATURE + "/label", tags=["labels"])
-def api_label(run_id: str, layer: int, feature: int, settings: SettingsDep) -> dict[str, Any]:
+def api_label(run_id: str, layer: LayerId, feature: FeatureId, settings: SettingsDep) -> dict[str, Any]:
     """A feature's label (null when it has none), the version an edit must name, and its history."""
     labels.check_feature(settings, run_id, layer, feature)
     return {**labels.current(settings, run_id, layer, feature),
@@ -47,7 +48,7 @@ def api_label(run_id: str, layer: int, feature: int, settings: SettingsDep) -> d
 
 @router.put("/api" + FEATURE + "/label", tags=["labels"], dependencies=[Depends(_json_or_csrf)],
             responses={409: {"description": "the label changed since `version`; `current` is the label now"}})
-def api_set_label(request: Request, run_id: str, layer: int, feature: int, edit: LabelEdit,
+def api_set_label(request: Request, run_id: str, layer: LayerId, feature: FeatureId, edit: LabelEdit,
                   settings: SettingsDep) -> dict[str, Any]:
     """Set or clear a feature's label, if it is still at `version` (409 otherwise: nothing is saved)."""
     try:
@@ -56,12 +57,12 @@ def api_set_label(request: Request, run_id: str, layer: int, feature: int, edit:
     except labels.StaleLabel as exc:
         return JSONResponse({"detail": str(exc), "current": jsonable_encoder(exc.current)}, status_code=409)
     except labels.InvalidLabel as exc:
-        raise HTTPException(422, str(exc)) from None
+        raise invalid(str(exc), "label") from None
 
 
 @router.post(FEATURE + "/label", include_in_schema=False)
-def label_form(request: Request, run_id: str, layer: int, feature: int, settings: SettingsDep, view: TableViewQ,
-               label: str = Form(""), note: str = Form(""), version: int = Form(..., ge=0),
+def label_form(request: Request, run_id: str, layer: LayerId, feature: FeatureId, settings: SettingsDep, view: TableViewQ,
+               label: str = Form(""), note: str = Form(""), version: int = Form(..., ge=0, le=MAX_ID),
                csrf_token: str = Form("")):
     check_csrf(request, csrf_token)
     try:
@@ -76,6 +77,12 @@ def label_form(request: Request, run_id: str, layer: int, feature: int, settings
     return RedirectResponse(url + (f"?{query}" if query else "") + "#label", status_code=303)
 
 
+def _cell(value: Any) -> Any:
+    """A CSV cell a spreadsheet shows as typed: text starting =, +, -, @, tab or CR would be run
+    as a formula (=cmd|...), so it gets a leading apostrophe (OWASP's CSV-injection advice)."""
+    return "'" + value if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r") else value
+
+
 def _disposition(run_id: str, ext: str, kind: str = "attachment") -> dict[str, str]:
     return {"Content-Disposition": f'{kind}; filename="labels-{re.sub(r"[^A-Za-z0-9._-]", "_", run_id)}.{ext}"'}
 
@@ -87,7 +94,7 @@ def export_csv(run_id: str, settings: SettingsDep):
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=labels.EXPORT_COLUMNS)
     writer.writeheader()
-    writer.writerows(labels.export_rows(settings, run_id))
+    writer.writerows({k: _cell(v) for k, v in row.items()} for row in labels.export_rows(settings, run_id))
     return Response(out.getvalue(), media_type="text/csv; charset=utf-8", headers=_disposition(run_id, "csv"))
 
 

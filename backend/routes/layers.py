@@ -13,10 +13,11 @@ from backend import charts, labels, store
 from backend.rankings import RANKINGS, barely_reaches, reads_one_token
 from backend.routes.common import (SettingsDep, TableView, TableViewQ, default_ranking, get_run, render,
                                    ranking_summary, run_summary, store_path)
+from backend.routes.edge import ERROR_RESPONSES, MAX_ID, LayerId, StrictJSONRoute
 from backend.settings import Settings
 from backend.store_schema import FEATURES, sorts
 
-router = APIRouter()
+router = APIRouter(route_class=StrictJSONRoute, responses=ERROR_RESPONSES)
 
 # The sorts offered as tabs, and what each means to a reader: the order, and in brackets what
 # kind of number it is (a prediction of the score, the model's own gradient, or an ablation).
@@ -135,14 +136,14 @@ def causal_summary(info: dict[str, Any], faithfulness: dict[str, Any]) -> dict[s
 
 
 @router.get("/api/runs/{run_id}/layers/{layer}", tags=["features"])
-def api_layer(run_id: str, layer: int, settings: SettingsDep, view: TableViewQ) -> dict[str, Any]:
+def api_layer(run_id: str, layer: LayerId, settings: SettingsDep, view: TableViewQ) -> dict[str, Any]:
     """A layer's metrics, its default ranking, and one page of its feature table (in that
     ranking's order unless `sort` says otherwise)."""
     return layer_data(settings, run_id, layer, view)
 
 
 @router.get("/api/runs/{run_id}/layers/{layer}/faithfulness", tags=["features"])
-def api_faithfulness(run_id: str, layer: int, settings: SettingsDep) -> dict[str, Any]:
+def api_faithfulness(run_id: str, layer: LayerId, settings: SettingsDep) -> dict[str, Any]:
     """The layer's deletion curves: for each ranking and n, the mean change in the score with its
     top n zeroed (95% CI), beside frequency-matched random draws, their paired difference and
     p-value, and both predictions; and the calibration of single-feature predictions against
@@ -151,8 +152,8 @@ def api_faithfulness(run_id: str, layer: int, settings: SettingsDep) -> dict[str
 
 
 @router.get("/runs/{run_id}/layers/{layer}", response_class=HTMLResponse, include_in_schema=False)
-def layer_page(request: Request, run_id: str, layer: int, settings: SettingsDep, view: TableViewQ,
-               go: int | None = Query(None, ge=0, description="open this feature id")):
+def layer_page(request: Request, run_id: str, layer: LayerId, settings: SettingsDep, view: TableViewQ,
+               go: int | None = Query(None, ge=0, le=MAX_ID, description="open this feature id")):
     if go is not None:  # "go to feature #": straight to its page, keeping the view for j/k
         store.feature(store_path(settings, get_run(settings, run_id)), layer, go)  # 404 if unknown
         query = view.query(page=None)

@@ -12,10 +12,11 @@ from sqlalchemy.orm import selectinload
 from backend import charts, db, store
 from backend.models import Run
 from backend.routes.common import SettingsDep, default_ranking, get_run, render, store_path
+from backend.routes.edge import ERROR_RESPONSES, StrictJSONRoute
 from backend.routes.layers import RANKING_NAMES
 from backend.settings import Settings
 
-router = APIRouter()
+router = APIRouter(route_class=StrictJSONRoute, responses=ERROR_RESPONSES)
 
 
 def runs_data(settings: Settings) -> dict[str, Any]:

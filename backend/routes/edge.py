@@ -1,0 +1,127 @@
+"""What every request is checked for before a route sees it: ids in range, JSON bodies with
+finite numbers and valid Unicode, and the error bodies the API documents for each refusal.
+
+A 422 always has FastAPI's documented shape, `{"detail": [{"loc", "msg", "type", ...}]}`,
+whether pydantic or a route found the problem; every other refusal is `{"detail": "<message>"}`.
+"""
+from __future__ import annotations
+
+import json
+import math
+from typing import Annotated, Any, Callable
+
+from fastapi import Path, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
+from pydantic import BaseModel
+
+# SQL keeps layer, feature and job ids in INTEGER columns (4 bytes on PostgreSQL); the store's
+# card key packs layer and feature into one 64-bit key, 32 bits each
+MAX_ID = 2**31 - 1
+LayerId = Annotated[int, Path(ge=0, le=MAX_ID, description="layer (block) index")]
+FeatureId = Annotated[int, Path(ge=0, le=MAX_ID, description="feature id within the layer's SAE")]
+JobId = Annotated[int, Path(ge=1, le=MAX_ID, description="job id")]
+
+
+def invalid(message: str, *loc: str | int) -> RequestValidationError:
+    """A 422 in the documented shape, for problems a route finds itself; `loc` names the field."""
+    return RequestValidationError([{"type": "value_error", "loc": ("body", *loc), "msg": message, "input": None}])
+
+
+class Message(BaseModel):
+    detail: str
+
+
+def _message(description: str) -> dict[str, Any]:
+    return {"model": Message, "description": description}
+
+
+# What an API route can answer besides its success, documented on every route (OpenAPI).
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: _message("a request the server cannot read (e.g. a body that is not JSON, or a host it does not serve)"),
+    401: _message("authentication required: log in at /login, or send Authorization: Bearer <token>"),
+    403: _message("a cross-site request, or a form without its CSRF token"),
+    404: _message("no such run, layer, feature or job"),
+    409: _message("the state changed (a stale label version, a finished job) or the store needs rebuilding"),
+    413: _message("the request body is larger than the server accepts"),
+    415: _message("a write whose body is not application/json"),
+    429: _message("too many jobs queued or running for this author"),
+}
+
+
+def _refuse_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a number this API accepts: send a finite number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e309 parses as inf
+        raise ValueError(f"{text[:40]} is too large: send a finite number")
+    return value
+
+
+def parse_json(body: bytes) -> Any:
+    """JSON as the API accepts it: no NaN or Infinity, no number beyond a double, and strings
+    that are valid Unicode (a lone surrogate, \\ud800, cannot be stored or echoed back)."""
+    value = json.loads(body, parse_constant=_refuse_constant, parse_float=_finite)
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("the body holds a string that is not valid Unicode (a lone surrogate such as \\ud800)") \
+            from None
+    return value
+
+
+class _StrictJSONRequest(Request):
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            body = await self.body()
+            try:
+                self._json = parse_json(body)
+            except json.JSONDecodeError:
+                raise  # FastAPI reports it as a 422 json_invalid, with its position
+            except (ValueError, RecursionError) as exc:
+                raise invalid(str(exc) if not isinstance(exc, RecursionError) else "the body is nested too deeply") \
+                    from None
+        return self._json
+
+
+class StrictJSONRoute(APIRoute):
+    """Routes whose JSON bodies are parsed by parse_json."""
+
+    def get_route_handler(self) -> Callable:
+        handler = super().get_route_handler()
+
+        async def strict(request: Request) -> Response:
+            return await handler(_StrictJSONRequest(request.scope, request.receive))
+
+        return strict
+
+
+def printable(value: Any) -> Any:
+    """`value` made safe to echo in an error body: non-finite numbers and strings that are not
+    valid Unicode written out as text, long strings cut short."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, str):
+        value = value.encode("utf-8", "backslashreplace").decode("utf-8")
+        return value if len(value) <= 200 else value[:200] + "…"
+    if isinstance(value, (list, tuple)):
+        return [printable(v) for v in value[:20]]
+    if isinstance(value, dict):
+        return {printable(str(k)): printable(v) for k, v in list(value.items())[:20]}
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    return printable(str(value))
+
+
+def validation_detail(exc: RequestValidationError) -> list[dict[str, Any]]:
+    """The error list of a 422, every part of it printable."""
+    out = []
+    for error in exc.errors():
+        item = {"type": error.get("type", "value_error"), "loc": [printable(p) for p in error.get("loc", ())],
+                "msg": printable(error.get("msg", "")), "input": printable(error.get("input"))}
+        if error.get("ctx"):
+            item["ctx"] = printable(error["ctx"])
+        out.append(item)
+    return out
