@@ -11,8 +11,10 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.middleware.sessions import SessionMiddleware
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
-from backend.access import AccessMiddleware
+from backend.access import SESSION_MAX_AGE_S, AccessMiddleware
+from backend.guard import RequestGuard, SecurityHeaders, around_everything
 from backend.keepalive import RecycleConnections
 from backend.routes import auth, features, jobs, labels, layers, runs
 from backend.routes.common import FRONTEND_DIR, render
@@ -42,7 +44,20 @@ async def _outdated(request: Request, exc: StoreOutdated):
     return _error_page(request, 409, "Feature store needs rebuilding", [str(exc)])
 
 
+def _allowed_methods(request: Request) -> str:
+    """Every method some route serves at this path: Starlette's 405 names only the first
+    matching route's, and a path here has one route per method."""
+    methods = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches({**request.scope, "method": "GET"})
+        if match != Match.NONE and getattr(route, "methods", None):
+            methods |= route.methods
+    return ", ".join(sorted(methods))
+
+
 async def _http_error(request: Request, exc: StarletteHTTPException):
+    if exc.status_code == 405:
+        exc.headers = {**(exc.headers or {}), "Allow": _allowed_methods(request)}
     if _is_api(request):
         return await http_exception_handler(request, exc)
     return _error_page(request, exc.status_code, "Error", [str(exc.detail)])
@@ -68,8 +83,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # access runs inside the session middleware (added last, so outermost): it reads the session
     app.add_middleware(AccessMiddleware, settings=app.state.settings)
     app.add_middleware(SessionMiddleware, secret_key=app.state.settings.secret_key or secrets.token_hex(32),
-                       session_cookie="rewardatlas_session", same_site="lax")
-    app.add_middleware(RecycleConnections)  # outermost: it counts every request, even a refused one
+                       session_cookie="rewardatlas_session", same_site="lax", max_age=SESSION_MAX_AGE_S,
+                       https_only=app.state.settings.cookie_secure)
+    # host, origin and body size, before any session or database work
+    app.add_middleware(RequestGuard, settings=app.state.settings)
+    app.add_middleware(RecycleConnections)  # outermost of these: it counts every request, even a refused one
+    around_everything(app, SecurityHeaders)  # every response, a 500 included
     app.add_exception_handler(NotFound, _not_found)
     app.add_exception_handler(StoreOutdated, _outdated)
     app.add_exception_handler(StarletteHTTPException, _http_error)
