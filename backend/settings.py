@@ -21,6 +21,14 @@ class Settings(BaseSettings):
     token: str = ""
     users: str = ""
     secret_key: str = ""  # signs session cookies; empty: a random key per server start
+    # Host names the server answers to (comma-separated), besides the loopback names and the bind
+    # host; "*": any. A page on another name is refused: a DNS-rebinding site reaches 127.0.0.1
+    # under its own name.
+    allowed_hosts: str = ""
+    cookie_secure: bool = False  # session cookie only over https (set it behind a TLS proxy)
+    # Request bodies beyond this are refused (413). The largest real one, 256 typed texts of
+    # 4,000 characters, is 12 MB when every character is escaped (\uXXXX pairs, %XX bytes).
+    max_body_bytes: int = 16 * 1024 * 1024
     page_size: int = 50
     max_queued_jobs: int = 20  # per author
     max_text_chars: int = 4000  # custom texts and typed evaluation sets, per text

@@ -264,6 +264,7 @@ def publish_synthetic_run(settings: Settings, run_id: str = "synthetic", replace
 
 
 def make_client(settings: Settings) -> TestClient:
-    """A TestClient on a fresh app for `settings`, with the database at the latest schema."""
+    """A TestClient on a fresh app for `settings`, with the database at the latest schema. It
+    names 127.0.0.1 as its host (TestClient's own "testserver" is not a host the app answers to)."""
     db.upgrade(settings)
-    return TestClient(create_app(settings))
+    return TestClient(create_app(settings), base_url="http://127.0.0.1")

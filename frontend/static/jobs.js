@@ -28,3 +28,9 @@ function watchJobs(url, ids) {
   }
   poll();
 }
+
+// started by the page's own <script src=... data-watch="url" data-ids="1,2"> (no inline script: the CSP forbids it)
+{
+  const me = document.currentScript;
+  if (me && me.dataset.watch) watchJobs(me.dataset.watch, me.dataset.ids ? me.dataset.ids.split(",").map(Number) : undefined);
+}
