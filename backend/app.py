@@ -44,15 +44,16 @@ async def _outdated(request: Request, exc: StoreOutdated):
     return _error_page(request, 409, "Feature store needs rebuilding", [str(exc)])
 
 
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+
+
 def _allowed_methods(request: Request) -> str:
     """Every method some route serves at this path: Starlette's 405 names only the first
     matching route's, and a path here has one route per method."""
-    methods = set()
-    for route in request.app.router.routes:
-        match, _ = route.matches({**request.scope, "method": "GET"})
-        if match != Match.NONE and getattr(route, "methods", None):
-            methods |= route.methods
-    return ", ".join(sorted(methods))
+    allowed = [method for method in HTTP_METHODS
+               if any(route.matches({**request.scope, "method": method})[0] == Match.FULL
+                      for route in request.app.router.routes)]
+    return ", ".join(allowed)
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException):

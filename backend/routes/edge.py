@@ -8,19 +8,31 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Annotated, Any, Callable
 
 from fastapi import Path, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
-from pydantic import BaseModel
+from pydantic import BaseModel, BeforeValidator
 
 # SQL keeps layer, feature and job ids in INTEGER columns (4 bytes on PostgreSQL); the store's
 # card key packs layer and feature into one 64-bit key, 32 bits each
 MAX_ID = 2**31 - 1
-LayerId = Annotated[int, Path(ge=0, le=MAX_ID, description="layer (block) index")]
-FeatureId = Annotated[int, Path(ge=0, le=MAX_ID, description="feature id within the layer's SAE")]
-JobId = Annotated[int, Path(ge=1, le=MAX_ID, description="job id")]
+_DIGITS = re.compile(r"[0-9]{1,10}")
+
+
+def _digits(value: Any) -> Any:
+    """An id in a path is written in ASCII digits: pydantic would also read "7.0" as 7."""
+    if isinstance(value, str) and not _DIGITS.fullmatch(value):
+        raise ValueError("an id is a whole number written with the digits 0-9")
+    return value
+
+
+LayerId = Annotated[int, BeforeValidator(_digits), Path(ge=0, le=MAX_ID, description="layer (block) index")]
+FeatureId = Annotated[int, BeforeValidator(_digits),
+                      Path(ge=0, le=MAX_ID, description="feature id within the layer's SAE")]
+JobId = Annotated[int, BeforeValidator(_digits), Path(ge=1, le=MAX_ID, description="job id")]
 
 
 def invalid(message: str, *loc: str | int) -> RequestValidationError:
@@ -72,28 +84,32 @@ def parse_json(body: bytes) -> Any:
     return value
 
 
-class _StrictJSONRequest(Request):
-    async def json(self) -> Any:
-        if not hasattr(self, "_json"):
-            body = await self.body()
-            try:
-                self._json = parse_json(body)
-            except json.JSONDecodeError:
-                raise  # FastAPI reports it as a 422 json_invalid, with its position
-            except (ValueError, RecursionError) as exc:
-                raise invalid(str(exc) if not isinstance(exc, RecursionError) else "the body is nested too deeply") \
-                    from None
-        return self._json
+def _is_json(request: Request) -> bool:
+    content_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    return content_type == "application/json" or content_type.endswith("+json")
 
 
 class StrictJSONRoute(APIRoute):
-    """Routes whose JSON bodies are parsed by parse_json."""
+    """Routes whose JSON bodies are parsed by parse_json, before FastAPI reads them: a problem
+    becomes a 422 naming it (inside FastAPI's body reading, any error but a syntax error is a
+    bare 400)."""
 
     def get_route_handler(self) -> Callable:
         handler = super().get_route_handler()
 
         async def strict(request: Request) -> Response:
-            return await handler(_StrictJSONRequest(request.scope, request.receive))
+            if request.method in ("POST", "PUT", "PATCH") and _is_json(request):
+                body = await request.body()
+                if body:
+                    try:
+                        request._json = parse_json(body)  # what request.json() hands FastAPI
+                    except json.JSONDecodeError:
+                        pass  # FastAPI reports it as a 422 json_invalid, with its position
+                    except RecursionError:
+                        raise invalid("the body is nested too deeply") from None
+                    except (ValueError, UnicodeDecodeError) as exc:
+                        raise invalid(str(exc)) from None
+            return await handler(request)
 
         return strict
 
