@@ -8,6 +8,7 @@ import re
 import threading
 import time
 
+import httpx
 import pytest
 import uvicorn
 
@@ -15,7 +16,7 @@ from backend import jobs
 from backend.app import create_app
 from backend.guard import allowed_hosts, host_name
 from tests.helpers import CONTEXT_FEATURE, TestClient, make_client
-from tests.test_browser import _free_port
+from tests.test_browser import _free_port, live_server, page  # noqa: F401  (fixtures)
 
 RUN = "/runs/synthetic"
 ABLATE = f"/api{RUN}/layers/3/ablations"
@@ -204,3 +205,24 @@ def test_pages_have_no_inline_script_or_handler_the_policy_would_block(client, m
     assert {"/static/jobs.js", "/static/layer.js", "/static/feature.js", "/static/ablate.js"} <= scripts
     for src in scripts:
         assert client.get(src).status_code == 200 and "javascript" in client.get(src).headers["content-type"]
+
+
+# --- in a real browser: the pages work under the policy ---
+
+def test_pages_run_their_scripts_and_styles_under_the_policy_in_a_browser(live_server, page, migrated):  # noqa: F811
+    violations: list[str] = []
+    page.on("console", lambda m: violations.append(m.text) if "Content Security Policy" in m.text else None)
+    page.goto(f"{live_server}/runs/synthetic/layers/3/features/{CONTEXT_FEATURE}")
+    # token shading is a style attribute (--a), which the policy allows
+    shade = page.locator(".tok.peak").first.evaluate("t => getComputedStyle(t).getPropertyValue('--a')")
+    assert shade.strip() == "100%"
+    page.goto(f"{live_server}/runs/synthetic/layers/3")
+    page.keyboard.press("/")  # layer.js, from /static
+    assert page.evaluate("document.activeElement.id") == "token-search"
+    page.locator("table.features input[type=checkbox][name=features]").first.check()  # ablate.js
+    assert page.locator("#ablate-form select[name=selection]").input_value() == ""
+    job = httpx.post(f"{live_server}/api/runs/synthetic/layers/3/ablations", json=SMALL).json()
+    with page.expect_request(f"**/api/jobs/{job['id']}") as polled:  # jobs.js, started by its data-watch
+        page.goto(f"{live_server}/jobs/{job['id']}")
+    assert polled.value.method == "GET"
+    assert violations == []
