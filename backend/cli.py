@@ -1,4 +1,4 @@
-"""`rewardatlas demo | run CONFIG | serve | worker | db upgrade` — thin dispatch; heavy imports stay lazy
+"""`rewardatlas demo | run CONFIG | serve | worker | delete-run RUN_ID | db upgrade` — thin dispatch; heavy imports stay lazy
 so that `serve` never imports torch."""
 from __future__ import annotations
 
@@ -64,6 +64,20 @@ def cmd_run(args: argparse.Namespace) -> None:
     run_pipeline(config, get_settings(), replace=args.replace)
 
 
+def cmd_delete_run(args: argparse.Namespace) -> None:
+    from backend.db import ExportFailed, delete_run_with_export, upgrade
+
+    settings = get_settings()
+    upgrade(settings)
+    try:
+        export = delete_run_with_export(settings, args.run_id)
+    except ExportFailed as exc:
+        raise CliError(str(exc)) from exc
+    if export is None:
+        raise CliError(f"no run {args.run_id!r} is registered: nothing was deleted")
+    print(f"run {args.run_id!r} deleted; its registry row, config, labels and label history are in {export}")
+
+
 def cmd_worker(args: argparse.Namespace) -> None:
     from backend.db import upgrade
     from workers.worker import main as worker_main
@@ -101,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config")
     run.add_argument("--replace", action="store_true", help="overwrite a run with the same id")
     run.set_defaults(func=cmd_run)
+
+    delete_run = sub.add_parser("delete-run", help="delete a run for good, writing an export of it and its labels "
+                                                   "(with their history) under the data dir first")
+    delete_run.add_argument("run_id")
+    delete_run.set_defaults(func=cmd_delete_run)
 
     serve = sub.add_parser("serve", help="serve the dashboards")
     serving_options(serve)

@@ -22,6 +22,7 @@ from backend.app import create_app
 from backend.rankings import RANKINGS
 from backend.settings import Settings
 from backend.store_schema import STORE_FILENAME
+from workers import publish
 from workers.publish import registry_rows, with_best_layer, write_store
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -247,18 +248,28 @@ def uses_columns(dead: bool, measured: bool, attribution: float, weight: float, 
 
 
 def publish_synthetic_run(settings: Settings, run_id: str = "synthetic", replace: bool = False,
-                          causal: bool = True) -> dict[str, Any]:
+                          causal: bool = True, sae_weights: dict[int, bytes] | None = None) -> dict[str, Any]:
     """Write a synthetic store under settings.run_dir(run_id) and register it, as the
-    pipeline does (store first, SQL rows last). Returns the tables that were written."""
+    pipeline does (store first, SQL rows last). Returns the tables that were written.
+
+    A synthetic SAE has no weights file, so no fingerprint; `sae_weights` (layer -> bytes) writes
+    one for those layers, whose fingerprint is then these bytes' hash (a replaced run's SAE that
+    differs, or not)."""
     tables = synthetic_tables(causal=causal)
     run_dir = settings.run_dir(run_id)
+    for row in publish.layer_rows(tables["layers"]):
+        if row["layer"] in (sae_weights or {}):
+            weights = run_dir / row["sae_path"] / publish.SAE_WEIGHTS_FILENAME
+            weights.parent.mkdir(parents=True, exist_ok=True)
+            weights.write_bytes(sae_weights[row["layer"]])
     info = {"run_id": run_id, "name": f"Synthetic {run_id}", "model": "tiny-random-rm",
             "adapter": "seq-cls", "dataset": "synthetic", "config_yaml": "model: tiny-random-rm\n",
             "created_at": "2026-01-01T00:00:00", "n_texts": len(tables["texts"]["text_id"]),
             "n_tokens": sum(tables["texts"]["n_tokens"])}
     info = with_best_layer(info, tables["layers"])
     write_store(run_dir / STORE_FILENAME, info, tables)
-    run_row, sae_rows = registry_rows(info, tables["layers"], run_dir.relative_to(settings.data_dir))
+    run_row, sae_rows = registry_rows(info, tables["layers"], run_dir.relative_to(settings.data_dir),
+                                      data_dir=settings.data_dir)
     db.register_run(settings, run_row, sae_rows, replace=replace)
     return tables
 

@@ -20,6 +20,9 @@ from tests.test_browser import live_server  # noqa: F401  (a fixture: one real u
 RUN = "/runs/synthetic"
 FEATURE = f"{RUN}/layers/3/features"
 
+# what a label was made on: the synthetic run's SAEs have no weights file, so no fingerprint
+MADE_ON_THIS_RUN = {"run_version": 1, "sae_fingerprint": None, "made_on_current_sae": True}
+NO_LABEL_MADE_ON = dict.fromkeys(MADE_ON_THIS_RUN)
 
 def api(feature: int, layer: int = 3) -> str:
     return f"/api{RUN}/layers/{layer}/features/{feature}/label"
@@ -37,12 +40,12 @@ def n_events(settings) -> int:
 def test_set_read_and_clear_a_label(client):
     assert client.get(api(5)).json() | {"history": None} == {
         "run_id": "synthetic", "layer": 3, "feature": 5, "label": None, "note": "", "author": None,
-        "updated_at": None, "version": 0, "history": None}
+        "updated_at": None, "version": 0, "history": None, **NO_LABEL_MADE_ON}
     r = client.put(api(5), json={"label": "reward", "note": "fires on praise", "version": 0})
     assert r.status_code == 200
     assert r.json() | {"updated_at": None} == {"run_id": "synthetic", "layer": 3, "feature": 5, "label": "reward",
                                                "note": "fires on praise", "author": "local", "updated_at": None,
-                                               "version": 1}
+                                               "version": 1, **MADE_ON_THIS_RUN}
     page = client.get(f"/api{FEATURE}/5").json()
     assert page["label"]["label"] == "reward" and [e["new_label"] for e in page["label_history"]] == ["reward"]
     html = client.get(f"{FEATURE}/5").text
@@ -96,7 +99,7 @@ def test_stale_edit_is_refused_and_nothing_is_written(client, migrated):
     assert n_events(migrated) == before
     assert labels.current(migrated, "synthetic", 3, 4) | {"updated_at": None} == {
         "run_id": "synthetic", "layer": 3, "feature": 4, "label": "reward", "note": "first", "author": "alice",
-        "updated_at": None, "version": 1}
+        "updated_at": None, "version": 1, **MADE_ON_THIS_RUN}
 
 
 def test_html_form_saves_and_returns_to_the_same_view(client):
@@ -176,7 +179,7 @@ def test_exports_hold_the_same_rows(client, migrated):
     rows = list(csv.DictReader(io.StringIO(r.text)))
     assert list(rows[0]) == list(labels.EXPORT_COLUMNS)
     as_json = client.get(f"/api{RUN}/labels.json").json()
-    assert [{k: str(v) for k, v in row.items()} for row in as_json] == rows
+    assert [{k: "" if v is None else str(v) for k, v in row.items()} for row in as_json] == rows
     assert [(row["layer"], row["feature"], row["label"], row["author"]) for row in as_json] == [
         (3, 1, "unsure", "alice"), (3, 7, "reward", "alice"), (5, 2, "not_reward", "bob")]
     assert as_json[2]["note"] == 'says "meh",\nthen stops' and as_json[0]["version"] == 1

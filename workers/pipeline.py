@@ -238,7 +238,8 @@ def build_tables(config: RunConfig, adapter, corpus, acts, saes: dict, sae_paths
 def _register(settings: Settings, config: RunConfig, tables: dict, info: dict, replace: bool) -> None:
     from backend.db import register_run
 
-    run_row, sae_rows = registry_rows(info, tables["layers"], Path("runs") / config.run_id)
+    # called once the run directory is in place: each SAE's fingerprint hashes the published file
+    run_row, sae_rows = registry_rows(info, tables["layers"], Path("runs") / config.run_id, data_dir=settings.data_dir)
     register_run(settings, run_row, sae_rows, replace=replace)
 
 

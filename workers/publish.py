@@ -6,6 +6,7 @@ No torch here: tests and benchmarks build stores from plain columns too.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import zlib
 from pathlib import Path
@@ -125,10 +126,28 @@ def with_best_layer(run_info: Mapping[str, Any], layers: Columns) -> dict[str, A
     return {**run_info, "best_layer": None if layer is None else int(layer)}
 
 
-def registry_rows(run_info: Mapping[str, Any], layers: Columns, run_dir: Path) -> tuple[dict, list[dict]]:
+SAE_WEIGHTS_FILENAME = "sae_weights.safetensors"  # SAELens's name for an SAE's weights
+
+
+def sae_fingerprint(sae_dir: Path) -> str | None:
+    """sha256 of the SAE's weights file, or None where there is none (a synthetic run). A
+    label made on another SAE of the layer is recognised by it (backend/labels.py)."""
+    path = Path(sae_dir) / SAE_WEIGHTS_FILENAME
+    if not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def registry_rows(run_info: Mapping[str, Any], layers: Columns, run_dir: Path,
+                  data_dir: Path | None = None) -> tuple[dict, list[dict]]:
     """The SQL registry's rows for a run (backend/models.py): the runs row, with what the runs
     list shows, and each SAE's identity. `run_info` as written to the store (with_best_layer);
-    `run_dir` relative to the data dir (runs/<id>); the layers table's paths are relative to it."""
+    `run_dir` relative to the data dir (runs/<id>); the layers table's paths are relative to it.
+    With `data_dir`, each SAE's fingerprint is read from its weights file there (None without)."""
     rows = layer_rows(layers)
     best = run_info.get("best_layer")
     best_r2 = next((row["r2_heldout"] for row in rows if row["layer"] == best), None)
@@ -139,5 +158,7 @@ def registry_rows(run_info: Mapping[str, Any], layers: Columns, run_dir: Path) -
         "best_layer": best, "best_r2_heldout": None if best_r2 is None else float(best_r2),
     }
     sae_rows = [{"layer": row["layer"], "hook_name": row["hook_name"], "path": str(Path(run_dir) / row["sae_path"]),
-                 "architecture": row["architecture"], "d_in": row["d_in"], "d_sae": row["d_sae"]} for row in rows]
+                 "architecture": row["architecture"], "d_in": row["d_in"], "d_sae": row["d_sae"],
+                 "fingerprint": None if data_dir is None else sae_fingerprint(Path(data_dir) / run_dir / row["sae_path"])}
+                for row in rows]
     return run_row, sae_rows

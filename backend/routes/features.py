@@ -44,7 +44,8 @@ def feature_data(settings: Settings, run_id: str, layer: int, feature: int, view
     for name in ("merge_correlated", "merge_min_cosine", "n_measured"):
         info[name] = layer_row[name]
     label, label_history = labels.current_and_history(settings, run_id, layer, feature)
-    return {"run": run_summary(run), "layer": layer, "feature": info, "contexts": contexts,
+    # run_version: the run's version now; a label made on an earlier one says so (made_on_current_sae)
+    return {"run": run_summary(run), "run_version": run.version, "layer": layer, "feature": info, "contexts": contexts,
             "quantile_contexts": quantiles, "view": view.model_dump(exclude={"page"}), "sort": sort, "in_view": in_view,
             "label": label, "label_history": label_history}
 

@@ -159,6 +159,12 @@ def feature_rows(rows: Sequence[Mapping[str, Any]], first_rank: int, href: str, 
             note = f' title="{html.escape(f["label_note"])}"' if f.get("label_note") else ""
             label = (f'<span class="badge label-{html.escape(f["label"])}"{note}>'
                      f'{html.escape(label_names.get(f["label"], f["label"]))}</span>')
+            made_on = f.get("label_made_on_current_sae", True)
+            if made_on is not True:  # kept and shown, marked for review
+                why = ("whose SAE for this layer differed" if made_on is False
+                       else "and nothing tells whether this layer's SAE has changed since")
+                label += (f' <span class="badge label-stale" title="made on run version {f.get("label_run_version")}, '
+                          f'{why}: review it">review</span>')
         out.append(
             f'<tr data-feature="{fid}">'
             f'<td class="tick"><input type="checkbox" name="features" value="{fid}" form="ablate-form" '

@@ -67,6 +67,9 @@ def layer_data(settings: Settings, run_id: str, layer: int, view: TableView) -> 
     for row in result.rows:
         mine = labelled.get(row["feature"])
         row["label"], row["label_note"] = (mine["label"], mine["note"]) if mine else (None, None)
+        # a label made on an earlier run version whose SAE differed (False), or may have (None)
+        row["label_made_on_current_sae"] = mine["made_on_current_sae"] if mine else None
+        row["label_run_version"] = mine["run_version"] if mine else None
     n_pages = max(1, -(-result.total // size))
     if view.page > n_pages:
         raise store.NotFound(f"page {view.page} not found: this view of layer {layer} has {n_pages} page(s)")

@@ -1,20 +1,24 @@
 """The runs list (/) and one run's page: per layer, what its features predict (held-out R²),
-what the model uses (its default ranking's deletion effect, calibration), and SAE metrics."""
+what the model uses (its default ranking's deletion effect, calibration), and SAE metrics; and
+deleting a run, which first writes an export of it (its labels and their history included)."""
 from __future__ import annotations
 
 from typing import Any
 
 import sqlalchemy as sa
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse
 from sqlalchemy.orm import selectinload
 
 from backend import charts, db, store
+from backend.access import check_csrf
 from backend.models import Run
 from backend.routes.common import SettingsDep, default_ranking, get_run, render, store_path
 from backend.routes.edge import ERROR_RESPONSES, StrictJSONRoute
+from backend.routes.labels import _json_or_csrf
 from backend.routes.layers import RANKING_NAMES
 from backend.settings import Settings
+from backend.store import NotFound
 
 router = APIRouter(route_class=StrictJSONRoute, responses=ERROR_RESPONSES)
 
@@ -43,7 +47,7 @@ def run_data(settings: Settings, run_id: str) -> dict[str, Any]:
         "run": {
             "id": run.id, "name": run.name, "model": run.model, "adapter": run.adapter,
             "dataset": run.dataset, "n_texts": run.n_texts, "n_tokens": run.n_tokens,
-            "created_at": run.created_at, "config_yaml": run.config_yaml,
+            "created_at": run.created_at, "config_yaml": run.config_yaml, "version": run.version,
         },
         "best_layer": store.best_layer(path),
         "layers": layers,
@@ -69,7 +73,47 @@ def runs_page(request: Request, settings: SettingsDep):
 
 @router.get("/runs/{run_id}", response_class=HTMLResponse, include_in_schema=False)
 def run_page(request: Request, run_id: str, settings: SettingsDep):
+    return _render_run_page(request, settings, run_id)
+
+
+def _render_run_page(request: Request, settings: Settings, run_id: str, delete_error: str | None = None,
+                     status_code: int = 200):
     data = run_data(settings, run_id)
     return render(request, "run.html", {**data, "chart": charts.r2_bars(data["layers"], data["best_layer"]),
-                                        "ranking_names": RANKING_NAMES,
-                                        "measured": any(l["faithfulness_relative"] is not None for l in data["layers"])})
+                                        "ranking_names": RANKING_NAMES, "delete_error": delete_error,
+                                        "measured": any(l["faithfulness_relative"] is not None for l in data["layers"])},
+                  status_code=status_code)
+
+
+def delete_run(settings: Settings, run_id: str) -> str:
+    """Delete the run, its export written first; returns the export's path within the data dir."""
+    try:
+        path = db.delete_run_with_export(settings, run_id)
+    except db.ExportFailed as exc:
+        raise HTTPException(500, str(exc)) from None  # the server's disk, not the request: nothing was deleted
+    if path is None:
+        raise NotFound(f"run {run_id!r} not found")
+    return path.relative_to(settings.data_dir).as_posix()
+
+
+@router.delete("/api/runs/{run_id}", tags=["runs"], dependencies=[Depends(_json_or_csrf)],
+               responses={500: {"description": "the export could not be written: nothing was deleted"}})
+def api_delete_run(run_id: str, settings: SettingsDep) -> dict[str, Any]:
+    """Delete a run for good. First an export of its registry row, config, SAEs, every label and
+    every label event is written under the server's data dir (`export`: its path there); then the
+    run's SQL rows and its run directory go. Send it with content-type application/json, an
+    Authorization header, or the page's X-CSRF-Token."""
+    return {"run_id": run_id, "deleted": True, "export": delete_run(settings, run_id)}
+
+
+@router.post("/runs/{run_id}/delete", response_class=HTMLResponse, include_in_schema=False)
+def delete_run_form(request: Request, run_id: str, settings: SettingsDep, confirm: str = Form(""),
+                    csrf_token: str = Form("")):
+    check_csrf(request, csrf_token)
+    typed = confirm.strip()
+    if typed != run_id:
+        get_run(settings, run_id)  # an unknown run is a 404, not a confirmation to type again
+        why = "type the run id to confirm" if not typed else f"{typed!r} is not this run's id"
+        return _render_run_page(request, settings, run_id, status_code=422,
+                                delete_error=f"Nothing was deleted: {why} ({run_id}).")
+    return render(request, "run_deleted.html", {"run_id": run_id, "export": delete_run(settings, run_id)})
