@@ -19,10 +19,10 @@ from tests.test_browser import live_server  # noqa: F401  (a fixture: one real u
 
 RUN = "/runs/synthetic"
 FEATURE = f"{RUN}/layers/3/features"
-
 # what a label was made on: the synthetic run's SAEs have no weights file, so no fingerprint
 MADE_ON_THIS_RUN = {"run_version": 1, "sae_fingerprint": None, "made_on_current_sae": True}
 NO_LABEL_MADE_ON = dict.fromkeys(MADE_ON_THIS_RUN)
+
 
 def api(feature: int, layer: int = 3) -> str:
     return f"/api{RUN}/layers/{layer}/features/{feature}/label"
