@@ -15,7 +15,7 @@ $(BIN)/python:
 # would replace the CPU torch). Re-runs only when the package list changes.
 $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[test,bench]"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[test,bench,postgres]"
 	$(BIN)/pip install --quiet --no-deps sae-dashboard==0.8.0
 	touch $(STAMP)
 

@@ -8,6 +8,8 @@ import pytest
 
 from backend import jobs
 
+pytestmark = pytest.mark.sql_databases  # each test on SQLite and PostgreSQL (tests/conftest.py)
+
 
 def test_each_job_is_claimed_by_exactly_one_of_many_workers(migrated):
     ids = [jobs.submit(migrated, "ablation", {"i": i}, author=f"user{i % 3}")["id"] for i in range(30)]

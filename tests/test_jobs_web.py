@@ -11,6 +11,8 @@ from backend import jobs
 from backend.access import AccessConfigError, check_serving_is_safe
 from tests.helpers import N_FEATURES, make_client, publish_synthetic_run
 
+pytestmark = pytest.mark.sql_databases  # each test on SQLite and PostgreSQL (tests/conftest.py)
+
 RUN = "/runs/synthetic"
 
 

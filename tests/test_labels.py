@@ -13,9 +13,10 @@ import sqlalchemy as sa
 
 from backend import db, labels
 from backend.models import LABELS, LabelEvent
-from backend.settings import Settings
 from tests.helpers import N_FEATURES, make_client, publish_synthetic_run
 from tests.test_browser import live_server  # noqa: F401  (a fixture: one real uvicorn server)
+
+pytestmark = pytest.mark.sql_databases  # each test on SQLite and PostgreSQL (tests/conftest.py)
 
 RUN = "/runs/synthetic"
 FEATURE = f"{RUN}/layers/3/features"
@@ -60,7 +61,7 @@ def test_set_read_and_clear_a_label(client):
 
 
 def test_history_keeps_every_change_with_its_author(migrated, synthetic_run):
-    settings = Settings(data_dir=migrated.data_dir, users="alice:a-pw,bob:b-pw")
+    settings = migrated.model_copy(update={"users": "alice:a-pw,bob:b-pw"})  # same database, named users
     steps = [("alice", "reward", "praise"), ("bob", "unsure", "praise?"), ("alice", "not_reward", ""),
              ("bob", "", ""), ("alice", "reward", "back again")]
     with make_client(settings) as client:

@@ -9,6 +9,7 @@ import sys
 import time
 
 import duckdb
+import pytest
 import sqlalchemy as sa
 import yaml
 
@@ -19,6 +20,8 @@ from backend.store_schema import STORE_FILENAME
 from tests.helpers import REPO_ROOT
 from tests.test_pipeline import N_FEATURES, tiny_config, tiny_world  # noqa: F401  (module fixture)
 from workers.worker import Worker
+
+pytestmark = pytest.mark.sql_databases  # each test on SQLite and PostgreSQL (tests/conftest.py)
 
 LEASE_S = 2.0
 TRAINING_TOKENS = 200_000
@@ -34,8 +37,8 @@ def wait_for(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_killed_worker_job_finishes_on_another_worker_once(tiny_world, tmp_path):  # noqa: F811
-    settings = Settings(data_dir=tmp_path / "data")
+def test_killed_worker_job_finishes_on_another_worker_once(tiny_world, tmp_path, database_url):  # noqa: F811
+    settings = Settings(data_dir=tmp_path / "data", database_url=database_url)
     db.upgrade(settings)
     # enough SAE training that the kill lands inside it, whatever the machine's speed
     config = tiny_config(*tiny_world, sae={"width": N_FEATURES, "k": 4, "training_tokens": TRAINING_TOKENS,
@@ -43,7 +46,7 @@ def test_killed_worker_job_finishes_on_another_worker_once(tiny_world, tmp_path)
     config_yaml = yaml.safe_dump(config.model_dump(mode="json", exclude_unset=True))
     job = jobs.submit(settings, "pipeline", {"config_yaml": config_yaml}, "tester", config.run_id)
 
-    env = {**os.environ, "RA_DATA_DIR": str(settings.data_dir)}
+    env = {**os.environ, "RA_DATA_DIR": str(settings.data_dir), "RA_DATABASE_URL": database_url}
     log = (tmp_path / "first-worker.log").open("w")
     first = subprocess.Popen([sys.executable, "-m", "backend.cli", "worker", "--lease", str(LEASE_S), "--poll", "0.1"],
                              cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)

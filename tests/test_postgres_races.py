@@ -1,0 +1,129 @@
+"""Races on the multi-user database: concurrent label writers lose no edit, and concurrent
+workers claim each job exactly once. Run on PostgreSQL and, where the same promise holds,
+on SQLite."""
+from __future__ import annotations
+
+import multiprocessing
+import threading
+import time
+
+import pytest
+import sqlalchemy as sa
+
+from backend import db, jobs, labels
+from backend.models import LABELS, LabelEvent
+from backend.settings import Settings
+
+pytestmark = pytest.mark.sql_databases  # each test on SQLite and PostgreSQL (tests/conftest.py)
+
+RUN = "synthetic"
+N_WORKERS, N_JOBS = 4, 40
+# a clear ("") in the cycle: the label's row is deleted and inserted again, the racier path
+EDITS = (*LABELS, "")
+
+
+def test_concurrent_label_writers_lose_no_edit(migrated, synthetic_run):
+    """8 writers x 200 edits on 3 shared features; a refused (stale) edit is retried from the
+    version the refusal names, as a user reloading the page would."""
+    writers, edits, features = 8, 200, (20, 21, 22)
+    accepted: list[list[dict]] = [[] for _ in range(writers)]
+    refused = [0] * writers
+    errors: list[str] = []
+    start = threading.Barrier(writers)
+
+    def writer(w: int) -> None:
+        known = dict.fromkeys(features, 0)
+        try:
+            start.wait()
+            for i in range(edits):
+                feature = features[(w + i) % len(features)]
+                label = EDITS[(w + i) % len(EDITS)]
+                note = f"w{w} #{i}" if label else ""  # unique: every set changes the label
+                while True:
+                    try:
+                        done = labels.set_label(migrated, RUN, 3, feature, label, note, f"writer{w}", known[feature])
+                    except labels.StaleLabel as stale:
+                        known[feature] = stale.current["version"]
+                        refused[w] += 1
+                        continue
+                    if done["version"] != known[feature]:  # not a clear of a cleared label (no-op)
+                        accepted[w].append(done)
+                    known[feature] = done["version"]
+                    break
+        except Exception as exc:  # noqa: BLE001  (reported by the main thread)
+            errors.append(f"writer {w}: {exc!r}")
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(writers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    assert sum(refused) > 0, "the writers never collided: the test proved nothing"
+
+    with db.session(migrated) as s:
+        events = s.scalars(sa.select(LabelEvent).order_by(LabelEvent.feature, LabelEvent.version)).all()
+    made = sorted((e["feature"], e["version"], e["label"], e["note"] if e["label"] else None, e["author"])
+                  for mine in accepted for e in mine)
+    # every accepted edit is in the history, once, as it was accepted; nothing else is
+    assert sorted((e.feature, e.version, e.new_label, e.new_note, e.author) for e in events) == made
+    assert len(made) >= writers * edits * 3 // 4  # most edits change the label (few are no-op clears)
+    for feature in features:
+        mine = [e for e in events if e.feature == feature]
+        assert [e.version for e in mine] == list(range(1, len(mine) + 1))  # no gaps, no duplicates
+        for before, after in zip([None, *mine], mine):  # each event starts where the last one ended
+            assert (after.old_label, after.old_note) == ((before.new_label, before.new_note) if before else (None, None))
+        now = labels.current(migrated, RUN, 3, feature)
+        assert (now["label"], now["note"] or None, now["version"]) == (mine[-1].new_label, mine[-1].new_note, len(mine))
+
+
+def _claim_all(data_dir: str, database_url: str, name: str, start, results) -> None:
+    """One worker process: claim (and finish) jobs until the queue is empty."""
+    settings = Settings(data_dir=data_dir, database_url=database_url)
+    mine, busy = [], 0
+    try:
+        start.wait(60)
+        while True:
+            try:
+                job = jobs.claim(settings, name, lease_s=120)
+            except sa.exc.OperationalError as exc:  # SQLite: a writer with a stale snapshot is refused
+                assert "locked" in str(exc) or "busy" in str(exc).lower(), exc
+                busy += 1
+                time.sleep(0.001)
+                continue
+            if job is None:
+                break
+            mine.append(job["id"])
+            assert jobs.finish(settings, job["id"], name, result={"by": name}), f"{name} lost job {job['id']}"
+        results.put((name, mine, busy, None))
+    except Exception as exc:  # noqa: BLE001  (reported by the test)
+        results.put((name, mine, busy, repr(exc)))
+    finally:
+        db.dispose_engines()
+
+
+def test_concurrent_workers_claim_each_job_exactly_once(migrated):
+    """4 worker processes (each its own connections, as `rewardatlas worker` has) race for 40 jobs."""
+    ids = [jobs.submit(migrated, "ablation", {"i": i}, author=f"user{i % 4}")["id"] for i in range(N_JOBS)]
+    ctx = multiprocessing.get_context("spawn")  # no connection pool crosses a fork
+    start, results = ctx.Barrier(N_WORKERS), ctx.Queue()
+    procs = [ctx.Process(target=_claim_all, args=(str(migrated.data_dir), migrated.database_url, f"w{n}", start, results))
+             for n in range(N_WORKERS)]
+    for proc in procs:
+        proc.start()
+    try:
+        reports = [results.get(timeout=180) for _ in procs]
+    finally:
+        for proc in procs:
+            proc.join(30)
+            if proc.is_alive():
+                proc.kill()
+    assert [r[3] for r in reports] == [None] * N_WORKERS, reports
+    claimed = {name: mine for name, mine, _, _ in reports}
+    assert sorted(i for mine in claimed.values() for i in mine) == ids  # every job once, none twice
+    assert sum(1 for mine in claimed.values() if mine) >= 2, f"one worker took every job: {claimed}"
+    owner = {i: name for name, mine in claimed.items() for i in mine}
+    for i in ids:
+        job = jobs.get(migrated, i)
+        assert (job["status"], job["attempts"], job["lease_owner"], job["result"]) == (
+            "done", 1, owner[i], {"by": owner[i]})
