@@ -54,7 +54,10 @@ def get_engine(settings: Settings) -> sa.Engine:
                 engine = sa.create_engine(url, connect_args={"check_same_thread": False})
                 sa.event.listen(engine, "connect", _sqlite_pragmas)
             else:
-                engine = sa.create_engine(url, pool_pre_ping=True)
+                # PostgreSQL hands timestamptz back in the session's TimeZone (the server's default
+                # unless told), and the pages print times as UTC
+                utc = {"options": "-c TimeZone=UTC"} if url.startswith("postgresql") else {}
+                engine = sa.create_engine(url, pool_pre_ping=True, connect_args=utc)
             _engines[url] = engine
         return _engines[url]
 

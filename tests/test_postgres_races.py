@@ -1,11 +1,12 @@
-"""Races on the multi-user database: concurrent label writers lose no edit, and concurrent
-workers claim each job exactly once. Run on PostgreSQL and, where the same promise holds,
-on SQLite."""
+"""What the multi-user database must hold to: concurrent label writers lose no edit,
+concurrent workers claim each job exactly once (on PostgreSQL and, where the same promise
+holds, on SQLite), and times read back are UTC whatever the PostgreSQL server's time zone."""
 from __future__ import annotations
 
 import multiprocessing
 import threading
 import time
+from datetime import datetime, timedelta, timezone
 
 import pytest
 import sqlalchemy as sa
@@ -13,6 +14,7 @@ import sqlalchemy as sa
 from backend import db, jobs, labels
 from backend.models import LABELS, LabelEvent
 from backend.settings import Settings
+from tests.helpers import make_client, publish_synthetic_run
 
 pytestmark = pytest.mark.sql_databases  # each test on SQLite and PostgreSQL (tests/conftest.py)
 
@@ -127,3 +129,25 @@ def test_concurrent_workers_claim_each_job_exactly_once(migrated):
         job = jobs.get(migrated, i)
         assert (job["status"], job["attempts"], job["lease_owner"], job["result"]) == (
             "done", 1, owner[i], {"by": owner[i]})
+
+
+@pytest.mark.sql_databases("postgresql")  # SQLite keeps no time zone: it hands back what was written
+def test_times_are_utc_whatever_the_servers_time_zone(settings):
+    """timestamptz values come back in the session's TimeZone, and the pages print them as UTC:
+    a server set to UTC+14 must not shift a label's time by 14 hours."""
+    name = sa.engine.make_url(settings.database_url).database
+    with sa.create_engine(settings.database_url, poolclass=sa.NullPool).connect() as conn:
+        conn.execute(sa.text(f'ALTER DATABASE "{name}" SET TimeZone TO \'Pacific/Kiritimati\''))
+        conn.commit()
+    db.upgrade(settings)
+    publish_synthetic_run(settings)
+    before = datetime.now(timezone.utc)
+    labels.set_label(settings, RUN, 3, 5, "reward", "", "alice", 0)
+    job = jobs.submit(settings, "ablation", {}, author="alice")
+    for when in (labels.current(settings, RUN, 3, 5)["updated_at"], labels.history(settings, RUN, 3, 5)[0]["created_at"],
+                 jobs.get(settings, job["id"])["created_at"]):
+        assert when.utcoffset() == timedelta(0), f"{when} is not in UTC"
+        assert abs(when - before) < timedelta(minutes=5)
+    shown = labels.current(settings, RUN, 3, 5)["updated_at"].strftime("%Y-%m-%d %H:%M")
+    with make_client(settings) as client:
+        assert f"{shown} UTC</time>" in client.get(f"/runs/{RUN}/layers/3/features/5").text
