@@ -224,7 +224,7 @@ def test_a_failed_export_deletes_nothing(client, migrated):
     labels.set_label(migrated, RUN, 3, 7, "reward", "", "alice", 0)
     (migrated.data_dir / "exports").write_text("a file where the exports folder should be")
     r = client.delete(f"/api/runs/{RUN}", headers={"content-type": "application/json"})
-    assert r.status_code == 500 and "nothing was deleted" in r.json()["detail"]
+    assert r.status_code == 507 and "nothing was deleted" in r.json()["detail"]
     assert counts(migrated) == {"runs": 1, "saes": 2, "labels": 1, "label_events": 1}
     assert migrated.run_dir(RUN).is_dir() and client.get(f"/api/runs/{RUN}").status_code == 200
 

@@ -14,7 +14,7 @@ from backend import charts, db, store
 from backend.access import check_csrf
 from backend.models import Run
 from backend.routes.common import SettingsDep, default_ranking, get_run, render, store_path
-from backend.routes.edge import ERROR_RESPONSES, StrictJSONRoute
+from backend.routes.edge import ERROR_RESPONSES, Message, StrictJSONRoute
 from backend.routes.labels import _json_or_csrf
 from backend.routes.layers import RANKING_NAMES
 from backend.settings import Settings
@@ -90,14 +90,15 @@ def delete_run(settings: Settings, run_id: str) -> str:
     try:
         path = db.delete_run_with_export(settings, run_id)
     except db.ExportFailed as exc:
-        raise HTTPException(500, str(exc)) from None  # the server's disk, not the request: nothing was deleted
+        # the server's disk, not the request: 507 Insufficient Storage says so, and nothing was deleted
+        raise HTTPException(507, str(exc)) from None
     if path is None:
         raise NotFound(f"run {run_id!r} not found")
     return path.relative_to(settings.data_dir).as_posix()
 
 
 @router.delete("/api/runs/{run_id}", tags=["runs"], dependencies=[Depends(_json_or_csrf)],
-               responses={500: {"description": "the export could not be written: nothing was deleted"}})
+               responses={507: {"model": Message, "description": "the export could not be written: nothing was deleted"}})
 def api_delete_run(run_id: str, settings: SettingsDep) -> dict[str, Any]:
     """Delete a run for good. First an export of its registry row, config, SAEs, every label and
     every label event is written under the server's data dir (`export`: its path there); then the
