@@ -53,15 +53,17 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from workers.config import ConfigError, load_config
+    from workers.config import ConfigError, check_config, load_config
 
+    settings = get_settings()
     try:
         config = load_config(Path(args.config))
-    except ConfigError as exc:
-        raise CliError(str(exc)) from exc
-    from workers.pipeline import run_pipeline
+        check_config(config, settings)  # before torch and SAELens load (seconds), and before the data dir is made
+        from workers.pipeline import run_pipeline
 
-    run_pipeline(config, get_settings(), replace=args.replace)
+        run_pipeline(config, settings, replace=args.replace)
+    except ConfigError as exc:  # found before or after parsing: the dataset, the model, the device
+        raise CliError(str(exc)) from exc
 
 
 def cmd_delete_run(args: argparse.Namespace) -> None:
@@ -145,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a run stopped by hand keeps nothing (it publishes only when complete)
+        print("interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

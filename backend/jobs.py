@@ -70,11 +70,17 @@ def recent(settings: Settings, limit: int = 100) -> list[dict]:
 
 
 def claim(settings: Settings, worker: str, lease_s: float = DEFAULT_LEASE_S, kinds: tuple[str, ...] = JOB_KINDS) -> dict | None:
-    """Atomically take the oldest claimable job for `worker`; None when there is none."""
+    """Atomically take the oldest claimable job for `worker`; None when there is none. A job whose
+    worker died after its cancel was asked for ends cancelled here: it is never started again."""
     now = utcnow()
+    abandoned = sa.and_(Job.status == "running", Job.lease_expires_at < now)
+    cancel_abandoned = (sa.update(Job).where(Job.kind.in_(kinds), abandoned, Job.cancel_requested == sa.true())
+                        .values(status="cancelled", message="cancelled (its worker stopped before it could)",
+                                error="cancelled", finished_at=now, lease_expires_at=None))
     claimable = sa.and_(
         Job.kind.in_(kinds),
-        sa.or_(Job.status == "queued", sa.and_(Job.status == "running", Job.lease_expires_at < now)),
+        sa.or_(Job.status == "queued", abandoned),
+        sa.or_(Job.cancel_requested.is_(None), Job.cancel_requested == sa.false()),
     )
     oldest = (sa.select(Job.id).where(claimable).order_by(Job.id).limit(1)
               .with_for_update(skip_locked=True).scalar_subquery())
@@ -84,6 +90,7 @@ def claim(settings: Settings, worker: str, lease_s: float = DEFAULT_LEASE_S, kin
                     message="started")
             .returning(Job.id))
     with db.session(settings) as s, s.begin():
+        s.execute(cancel_abandoned)
         job_id = s.execute(stmt).scalar()
     return get(settings, job_id) if job_id is not None else None
 

@@ -32,6 +32,11 @@ class Settings(BaseSettings):
     page_size: int = 50
     max_queued_jobs: int = 20  # per author
     max_text_chars: int = 4000  # custom texts and typed evaluation sets, per text
+    # Pipeline runs: a config beyond these is refused before any compute (a typo such as
+    # training_tokens 1e15 would otherwise hold a worker for years). Raise them for big runs.
+    max_training_tokens: int = 1_000_000_000  # sae.training_tokens
+    max_sae_width: int = 131_072  # sae.width (latents per layer)
+    max_texts: int = 1_000_000  # dataset.n_texts, and the corpus when n_texts is unset
 
     @property
     def runs_dir(self) -> Path:

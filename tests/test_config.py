@@ -98,3 +98,52 @@ def test_demo_and_serve_hand_their_options_to_the_server(tmp_path, monkeypatch, 
     assert served[0]["port"] == (8123 if "--port" in argv else 8000)
     assert served[0].get("workers", 1) == n_workers
     get_settings.cache_clear()
+
+
+@pytest.fixture
+def cli_settings(migrated, monkeypatch):
+    """`rewardatlas` in this process, on the test's data dir and database, with a run 'synthetic'."""
+    from backend.settings import get_settings
+    from tests.helpers import publish_synthetic_run
+
+    publish_synthetic_run(migrated)
+    monkeypatch.setenv("RA_DATA_DIR", str(migrated.data_dir))
+    monkeypatch.setenv("RA_DATABASE_URL", migrated.database_url)
+    get_settings.cache_clear()
+    yield migrated
+    get_settings.cache_clear()
+
+
+def _config_file(tmp_path, **changes):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(with_(**changes)))
+    return str(path)
+
+
+@pytest.mark.sql_databases
+@pytest.mark.parametrize("changes, message", [
+    ({"run_id": "synthetic"}, "error: run_id: a run 'synthetic' already exists"),  # found by the pipeline
+    ({"sae": {"training_tokens": 10**15}}, "error: sae.training_tokens: 1,000,000,000,000,000 is beyond the limit"),
+    ({"model": {"path": "demo", "max_length": 1024}}, "error: model.max_length: 1024 is beyond the model's 512"),
+    ({"dataset": {"source": "null-texts.jsonl"}}, "error: dataset.text_column: 1 of 12 rows"),  # read by the pipeline
+    ({"dataset": {"source": "empty.jsonl"}}, "error: dataset.source: "),
+], ids=["existing-run", "training-tokens-limit", "max-length-beyond-positions", "null-texts", "empty-dataset"])
+def test_cli_prints_a_config_problem_found_after_parsing_without_a_traceback(cli_settings, tmp_path, capsys,
+                                                                            changes, message):
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "null-texts.jsonl").write_text("".join(
+        '{"text": %s, "reward": 1}\n' % ("null" if i == 4 else f'"text {i}"') for i in range(12)))
+    assert main(["run", _config_file(tmp_path, **changes)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and "Traceback" not in err
+    assert not any(p.name != "synthetic" for p in cli_settings.runs_dir.iterdir())
+
+
+def test_cli_prints_a_device_this_machine_lacks_without_a_traceback(cli_settings, tmp_path, capsys):
+    import torch
+
+    if torch.cuda.device_count() >= 8:
+        pytest.skip("this machine has 8 CUDA devices")
+    assert main(["run", _config_file(tmp_path, device="cuda:7")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: device: 'cuda:7' asked for") and "Traceback" not in err

@@ -81,3 +81,18 @@ def test_too_many_queued_jobs_from_one_author_are_refused(migrated):
     with pytest.raises(jobs.JobRejected, match="already has 3 jobs"):
         jobs.submit(limited, "ablation", {}, author="eager")
     jobs.submit(limited, "ablation", {}, author="someone else")  # the limit is per author
+
+
+def test_a_cancelled_job_whose_worker_died_is_never_claimed_again(migrated):
+    job = jobs.submit(migrated, "pipeline", {}, author="a")
+    assert jobs.claim(migrated, "killed-worker", lease_s=0.2)["id"] == job["id"]
+    assert jobs.cancel(migrated, job["id"])["status"] == "running"  # asked; the worker never hears it
+    later = jobs.submit(migrated, "pipeline", {}, author="a")
+    time.sleep(0.3)  # the dead worker's lease runs out
+    taken = jobs.claim(migrated, "other", lease_s=5)
+    assert taken["id"] == later["id"]  # the next job, not the cancelled one
+    cancelled = jobs.get(migrated, job["id"])
+    assert cancelled["status"] == "cancelled" and cancelled["attempts"] == 1 and cancelled["finished_at"] is not None
+    assert cancelled["lease_expires_at"] is None
+    assert jobs.claim(migrated, "other", lease_s=5) is None
+    assert jobs.finish(migrated, job["id"], "killed-worker", result={"x": 1}) is False  # nor finished late

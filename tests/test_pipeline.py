@@ -50,12 +50,43 @@ def tiny_world(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def finished_run(tiny_world, tmp_path_factory):
+def progress_log() -> list[tuple[str, float]]:
+    """(the stage's message, the run's progress) for every progress report of finished_run."""
+    return []
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_world, tmp_path_factory, progress_log):
     settings = Settings(data_dir=tmp_path_factory.mktemp("data"))
     config = tiny_config(*tiny_world)
-    run_dir = run_pipeline(config, settings)
+    stages = ["(before any stage)"]
+    run_dir = run_pipeline(config, settings, on_stage=stages.append,
+                           on_progress=lambda p: progress_log.append((stages[-1], p)))
     yield settings, run_dir
     db.dispose_engines()
+
+
+def test_every_stage_reports_progress_per_batch_and_the_bar_only_moves_forward(finished_run, progress_log):
+    """Each report is where a cancelled job stops: every stage must report at least per batch."""
+    values = [p for _, p in progress_log]
+    assert values == sorted(values) and 0 <= values[0] and values[-1] <= 1
+    settings, run_dir = finished_run
+    con = duckdb.connect(str(run_dir / STORE_FILENAME), read_only=True)
+    n_heldout = con.execute("select count(*) from texts where split = 'heldout'").fetchone()[0]
+    con.close()
+
+    def reports(stage: str) -> list[float]:
+        return [p for message, p in progress_log if stage in message]
+
+    # SAE training: one report per batch drawn, 20 for the norm estimate and one per step
+    training = reports("training 2 SAEs")
+    assert len(training) >= 20 + 4096 // 256 and training[-1] > training[0]
+    assert len(set(training)) >= 4096 // 256  # the bar moves during training, step by step
+    assert len(reports("analysing 240 texts")) >= 240 // 32  # one per batch of the analysis pass
+    assert len(reports("reward recovered")) >= -(-n_heldout // 32)
+    for layer in (0, 2):  # the causal stage: per chunk of measured effects, per deletion-curve point
+        assert len(reports(f"layer {layer}: measuring")) >= 2
+        assert len(reports(f"layer {layer}: deletion curves")) >= 5
 
 
 def test_store_holds_every_feature_with_weight_and_contexts(finished_run):

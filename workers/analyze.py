@@ -11,6 +11,7 @@ of the text drive the reward. (Their effect is still measured: ablations edit ev
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import scipy.sparse as sp
@@ -148,9 +149,11 @@ def collect_corpus_activations(
     rewards: np.ndarray | None = None,
     analysis: AnalysisConfig | None = None,
     seed: int = 0,
+    progress: Callable[[float], None] | None = None,
 ) -> CorpusActivations:
     """One pass over the corpus. Memory holds per-feature accumulators and one row per reward
-    read, never per-token activations or the corpus' tokens."""
+    read, never per-token activations or the corpus' tokens. `progress` hears the share done
+    before every batch (and may raise to stop the pass)."""
     analysis = analysis or AnalysisConfig()
     layers = sorted(saes)
     vocab_size = len(adapter.tokenizer)
@@ -168,6 +171,8 @@ def collect_corpus_activations(
     directions = {layer: decoder_directions(saes[layer]) for layer in layers} if with_gradient else {}
     n_reads = n_effect_texts = 0
     for batch_no, indices in enumerate(tqdm(batches, desc="analysing")):
+        if progress is not None:
+            progress(batch_no / len(batches))
         batch = adapter.tokenize([texts[i] for i in indices], None if rewards is None else rewards[indices])
         if batch_no in with_gradient:
             batch_scores, captured, grads = forward_with_gradients(adapter, batch, layers)

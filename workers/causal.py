@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -47,19 +48,26 @@ def empty_layer_columns() -> dict[str, object]:
 
 
 def run_causal_stage(adapter, sae, layer: int, heldout_texts: list[str], feature_columns: dict[str, np.ndarray],
-                     weights: np.ndarray, pooling: str, config: EffectsConfig, seed: int, report=print) -> CausalResult:
+                     weights: np.ndarray, pooling: str, config: EffectsConfig, seed: int, report=print,
+                     progress: Callable[[float], None] | None = None) -> CausalResult:
+    """`report` hears each part's message; `progress` the share done, per batch or chunk of every
+    part (weighted by their cost on the demo), and may raise to stop."""
+    def part(start: float, end: float):
+        return None if progress is None else lambda share: progress(start + (end - start) * share)
+
     timings = {}
     d_sae = len(weights)
     directions = decoder_directions(sae)
     linear = linear_decoder(sae, directions) is not None
     started = time.time()
-    pool = prepare_eval_set(adapter, layer, heldout_texts[: config.pool_texts], config.batch_size, with_gradients=True)
+    pool = prepare_eval_set(adapter, layer, heldout_texts[: config.pool_texts], config.batch_size, with_gradients=True,
+                            progress=part(0.0, 0.1))
     candidates = candidate_features(feature_columns["attribution_abs"], weights, feature_columns["frequency"],
                                     config.candidates)
     report(f"layer {layer}: measuring {len(candidates)} features, each zeroed alone on up to "
            f"{config.texts_per_feature} of {pool.n_texts} held-out texts where it fires")
     measured = measure_single_features(adapter, sae, layer, pool, candidates, weights, pooling, directions,
-                                       config.texts_per_feature, seed)
+                                       config.texts_per_feature, seed, progress=part(0.1, 0.5))
     timings["measured"] = time.time() - started
     columns = {name: np.full(d_sae, np.nan) for name in MEASURED_COLUMNS}
     for name in MEASURED_COLUMNS:
@@ -68,7 +76,7 @@ def run_causal_stage(adapter, sae, layer: int, heldout_texts: list[str], feature
 
     started = time.time()
     faith_set = prepare_eval_set(adapter, layer, heldout_texts[: config.faithfulness_texts], config.batch_size,
-                                 with_gradients=True)
+                                 with_gradients=True, progress=part(0.5, 0.55))
     ranking_columns = {**feature_columns, "weight": weights, "measured_delta": columns["measured_delta"]}
     n_live = int((np.asarray(feature_columns["frequency"]) > 0).sum())
     ns = [n for n in config.faithfulness_n if 2 * n <= n_live]
@@ -78,7 +86,7 @@ def run_causal_stage(adapter, sae, layer: int, heldout_texts: list[str], feature
            + (f" (n = {skipped} left out: the layer has {n_live} live features, and a control of n more "
               "must be drawn from them)" if skipped else ""))
     curves = deletion_curves(adapter, sae, layer, faith_set, ranking_columns, ns,
-                             config.controls, weights, pooling, directions, linear, seed)
+                             config.controls, weights, pooling, directions, linear, seed, progress=part(0.55, 1.0))
     timings["faithfulness"] = time.time() - started
     layer_columns = _layer_columns(curves, columns, faith_set.clean, pool)
     return CausalResult(_nullable(columns), curves, layer_columns, timings)

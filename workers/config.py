@@ -1,12 +1,17 @@
 """Run configuration: YAML validated by pydantic, checked against the model before any compute."""
 from __future__ import annotations
 
+import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+if TYPE_CHECKING:
+    from backend.settings import Settings
 
 DEMO_MODEL = "demo"  # stands for the demo reward model built into the data dir
 DEMO_MODEL_DIRNAME = "demo-rm"  # under the data dir's models/
@@ -189,6 +194,9 @@ class RegressionConfig(Strict):
         return alphas
 
 
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
+
+
 class RunConfig(Strict):
     name: str
     run_id: str | None = Field(None, description="defaults to a slug of name")
@@ -200,7 +208,14 @@ class RunConfig(Strict):
     regression: RegressionConfig = RegressionConfig()
     effects: EffectsConfig = EffectsConfig()
     seed: int = 0
-    device: str = "auto"
+    device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda, cuda:N or mps")
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, device):
+        if not DEVICE_PATTERN.fullmatch(device):
+            raise ValueError(f"device {device!r} is not one of auto, cpu, cuda, cuda:N (N a GPU number) or mps")
+        return device
 
     @field_validator("layers")
     @classmethod
@@ -252,24 +267,124 @@ def load_config(path: Path) -> RunConfig:
     return parse_config(data, base_dir=path.parent)
 
 
+@dataclass(frozen=True)
+class ModelFacts:
+    """What a model's config says about the blocks a run may hook and the tokens it may feed."""
+    depth: int | None  # transformer blocks
+    positions: int | None  # longest input, in tokens
+
+
+# The demo reward model is all-MiniLM-L6-v2 (BERT) with a scalar head: known without loading it.
+DEMO_MODEL_FACTS = ModelFacts(depth=6, positions=512)
+# RoBERTa-style models number positions from pad_token_id + 1: that many fewer are usable.
+OFFSET_POSITIONS = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "mpnet", "longformer", "data2vec-text"}
+
+
+def model_facts(hf_config: dict) -> ModelFacts:
+    """Depth and usable positions from a HF config's fields (config.json, or AutoConfig.to_dict())."""
+    sources = [hf_config, hf_config.get("text_config") or {}]
+
+    def first(*keys: str) -> int | None:
+        for source in sources:
+            for key in keys:
+                value = source.get(key)
+                if isinstance(value, int) and not isinstance(value, bool):
+                    return value
+        return None
+
+    positions = first("max_position_embeddings", "n_positions", "n_ctx")
+    if positions is not None and hf_config.get("model_type") in OFFSET_POSITIONS:
+        pad = hf_config.get("pad_token_id")
+        positions -= (1 if pad is None else pad) + 1
+    return ModelFacts(first("num_hidden_layers", "n_layer", "num_layers"), positions)
+
+
+def local_model_facts(config: RunConfig) -> ModelFacts | None:
+    """The model's facts when they can be read without loading it: the demo model, or a local
+    directory's config.json (read as JSON: transformers' AutoConfig may import torch). None for a
+    hub id, which only the worker resolves."""
+    if config.model.path == DEMO_MODEL:
+        return DEMO_MODEL_FACTS
+    path = Path(config.model.path) / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"model.path: {path} is not a readable model config: {exc}") from None
+    return model_facts(data) if isinstance(data, dict) else None
+
+
+def check_model_facts(config: RunConfig, facts: ModelFacts) -> None:
+    if facts.depth is not None:
+        too_deep = [layer for layer in config.layers if layer >= facts.depth]
+        if too_deep:
+            raise ConfigError(f"layers: {too_deep} beyond the model's depth "
+                              f"({facts.depth} blocks: 0..{facts.depth - 1})")
+    if facts.positions is not None and config.model.max_length > facts.positions:
+        raise ConfigError(f"model.max_length: {config.model.max_length} is beyond the model's {facts.positions} "
+                          f"positions (set it to at most {facts.positions})")
+
+
+def check_limits(config: RunConfig, settings: Settings) -> None:
+    """The sizes this deployment accepts (backend/settings.py; raise them by environment)."""
+    limits = [("sae.training_tokens", config.sae.training_tokens, settings.max_training_tokens,
+               "RA_MAX_TRAINING_TOKENS", "tokens"),
+              ("sae.width", config.sae.width, settings.max_sae_width, "RA_MAX_SAE_WIDTH", "latents"),
+              ("dataset.n_texts", config.dataset.n_texts, settings.max_texts, "RA_MAX_TEXTS", "texts")]
+    for key, value, limit, env, unit in limits:
+        if value is not None and value > limit:
+            raise ConfigError(f"{key}: {value:,} is beyond the limit of {limit:,} {unit} (lower it, or raise the "
+                              f"limit by setting {env} for the worker and the server)")
+
+
+def check_dataset_source(config: RunConfig) -> None:
+    source = config.dataset.source
+    if source == DEMO_DATASET or source.startswith(HF_PREFIX):
+        return
+    path = Path(source)
+    if not path.exists():
+        raise ConfigError(f"dataset.source: file not found: {source} (a HF dataset id is written 'hf:<id>')")
+    if path.is_file():
+        if path.suffix.lower() not in {".jsonl", ".json", ".csv", ".parquet"}:
+            raise ConfigError(f"dataset.source: unsupported file type {path.suffix!r} (use .jsonl, .csv or .parquet)")
+        if path.stat().st_size == 0:
+            raise ConfigError(f"dataset.source: {source} is empty")
+
+
+def check_config(config: RunConfig, settings: Settings) -> None:
+    """The config against this deployment's limits, the dataset file and the model's config,
+    read without torch and without the database."""
+    check_limits(config, settings)
+    check_dataset_source(config)
+    facts = local_model_facts(config)
+    if facts is not None:
+        check_model_facts(config, facts)
+
+
+def preflight(config: RunConfig, settings: Settings, replace: bool = False) -> None:
+    """Every check that needs neither torch nor the model's weights: the web server runs it before
+    queueing a pipeline job, the pipeline before anything else (the database must be migrated)."""
+    from backend.db import run_exists
+
+    check_config(config, settings)
+    if not replace and run_exists(settings, config.run_id):
+        raise ConfigError(f"run_id: a run {config.run_id!r} already exists (choose another run_id or name, or "
+                          "replace it: --replace on the command line, replace: true in a request)")
+
+
 def check_against_world(config: RunConfig, model_path: str) -> None:
     """Checks that need the file system or the model's config, still before any compute."""
-    source = config.dataset.source
-    if source != DEMO_DATASET and not source.startswith(HF_PREFIX):
-        path = Path(source)
-        if not path.exists():
-            raise ConfigError(f"dataset.source: file not found: {source} (a HF dataset id is written 'hf:<id>')")
-        if path.is_file() and path.suffix.lower() not in {".jsonl", ".json", ".csv", ".parquet"}:
-            raise ConfigError(f"dataset.source: unsupported file type {path.suffix!r} (use .jsonl, .csv or .parquet)")
+    check_dataset_source(config)
     from transformers import AutoConfig
 
     try:
         model_config = AutoConfig.from_pretrained(model_path)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"model.path: cannot load a model config from {config.model.path!r}: {exc}") from None
-    depth = model_config.num_hidden_layers
-    too_deep = [layer for layer in config.layers if layer >= depth]
-    if too_deep:
-        raise ConfigError(f"layers: {too_deep} beyond the model's depth ({depth} blocks: 0..{depth - 1})")
+    facts = model_facts(model_config.to_dict())
+    # the config object's own attribute maps each family's name for its depth (n_layer, ...)
+    check_model_facts(config, ModelFacts(getattr(model_config, "num_hidden_layers", None) or facts.depth,
+                                         facts.positions))
     if config.model.adapter == "seq_cls" and getattr(model_config, "num_labels", 1) != 1:
         raise ConfigError(f"model.path: a reward model needs one output label, this one has {model_config.num_labels}")

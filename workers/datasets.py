@@ -33,12 +33,17 @@ def _read_file(path: Path):
     import pyarrow.json
     import pyarrow.parquet
 
+    if path.stat().st_size == 0:
+        raise ConfigError(f"dataset.source: {path} is empty")
     suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        return pyarrow.parquet.read_table(path)
-    if suffix == ".csv":
-        return pyarrow.csv.read_csv(path)
-    return pyarrow.json.read_json(path)
+    try:
+        if suffix == ".parquet":
+            return pyarrow.parquet.read_table(path)
+        if suffix == ".csv":
+            return pyarrow.csv.read_csv(path)
+        return pyarrow.json.read_json(path)
+    except (pyarrow.ArrowException, OSError) as exc:  # malformed rows, a file that is not what its name says
+        raise ConfigError(f"dataset.source: cannot read {path}: {exc}") from None
 
 
 def _read_hf(source: str, split: str):
@@ -82,14 +87,23 @@ def read_table(config: DatasetConfig):
 
 def texts_and_rewards(table, config: DatasetConfig, step_separator: str) -> tuple[list[str], np.ndarray | None]:
     columns = table.column_names
+    if table.num_rows == 0:
+        raise ConfigError(f"dataset.source: {config.source} holds no rows")
     if config.steps_column and config.steps_column in columns:
         texts = []
         for i, steps in enumerate(table.column(config.steps_column).to_pylist()):
             if not isinstance(steps, list) or not steps:
                 raise ConfigError(f"dataset.steps_column: row {i} of {config.steps_column!r} is not a non-empty list")
             texts.append("".join(f"{step}{step_separator}" for step in steps))
+        _refuse_empty(texts, config, "dataset.steps_column")
     elif config.text_column in columns:
-        texts = ["" if t is None else str(t) for t in table.column(config.text_column).to_pylist()]
+        values = table.column(config.text_column).to_pylist()
+        missing = sum(t is None for t in values)
+        if missing:
+            raise ConfigError(f"dataset.text_column: {missing:,} of {len(values):,} rows of {config.source} have no "
+                              f"text (null in {config.text_column!r}): fill them in or drop those rows")
+        texts = [str(t) for t in values]
+        _refuse_empty(texts, config, "dataset.text_column")
     else:
         raise ConfigError(
             f"dataset.text_column: column {config.text_column!r} not in {config.source} "
@@ -102,7 +116,20 @@ def texts_and_rewards(table, config: DatasetConfig, step_separator: str) -> tupl
                                 for r in table.column(config.reward_column).to_pylist()])
         except (TypeError, ValueError):
             raise ConfigError(f"dataset.reward_column: {config.reward_column!r} holds non-numeric values") from None
+        unusable = int((~np.isfinite(rewards)).sum())
+        if unusable:  # stored beside the scores and read by reward_function 'dataset': never a silent NaN
+            raise ConfigError(f"dataset.reward_column: {unusable:,} of {len(rewards):,} rows of {config.source} have "
+                              f"no finite reward (null, NaN or infinite in {config.reward_column!r}): fill them in, "
+                              "drop those rows, or set dataset.reward_column: null to read no rewards")
     return texts, rewards
+
+
+def _refuse_empty(texts: list[str], config: DatasetConfig, key: str) -> None:
+    empty = sum(not t.strip() for t in texts)
+    if empty:
+        every = "all" if empty == len(texts) else f"{empty:,} of"
+        raise ConfigError(f"{key}: {every} {len(texts):,} texts of {config.source} are empty (or only whitespace): "
+                          "drop those rows, or name the column that holds the texts")
 
 
 def _within_limits(texts: list[str], config: DatasetConfig, tokenizer, max_length: int | None) -> np.ndarray:
@@ -128,17 +155,25 @@ def _within_limits(texts: list[str], config: DatasetConfig, tokenizer, max_lengt
     return np.array(keep, dtype=np.int64)
 
 
-def load_corpus(config: DatasetConfig, seed: int, tokenizer=None, max_length: int | None = None,
-                step_separator: str = "\n") -> Corpus:
-    """The run's texts (and the dataset's rewards, if it has them). `tokenizer` and `max_length`
-    are needed for token_budget and for truncation off."""
+def read_texts(config: DatasetConfig, seed: int, step_separator: str = "\n") -> tuple[list[str], np.ndarray | None]:
+    """Every text of the dataset (and its rewards), checked: no rows, null or empty texts and
+    missing rewards are refused here, before any model is loaded."""
     if config.source == DEMO_DATASET:
         texts = generate_corpus(config.n_texts or DEMO_CORPUS_SIZE, seed=seed)
-        rewards = np.array([vader_reward(t) for t in texts])
-    else:
-        texts, rewards = texts_and_rewards(read_table(config), config, step_separator)
+        return texts, np.array([vader_reward(t) for t in texts])
+    return texts_and_rewards(read_table(config), config, step_separator)
+
+
+def select_corpus(texts: list[str], rewards: np.ndarray | None, config: DatasetConfig, seed: int, tokenizer=None,
+                  max_length: int | None = None, max_texts: int | None = None) -> Corpus:
+    """The run's share of the texts (shuffle, truncation, n_texts, token_budget) and the
+    held-out split. `max_texts` (the deployment's limit) bounds a corpus taken whole."""
     order = np.random.default_rng([seed, 1]).permutation(len(texts)) if config.shuffle else np.arange(len(texts))
     chosen = order[_within_limits([texts[i] for i in order], config, tokenizer, max_length)]
+    if max_texts is not None and len(chosen) > max_texts:
+        raise ConfigError(f"dataset.n_texts: {config.source} gives {len(chosen):,} texts, beyond the limit of "
+                          f"{max_texts:,} texts (set dataset.n_texts or dataset.token_budget to take fewer, or "
+                          "raise the limit by setting RA_MAX_TEXTS for the worker and the server)")
     texts = [texts[i] for i in chosen]
     rewards = rewards[chosen] if rewards is not None else None
     if len(texts) < MIN_TEXTS:
@@ -146,4 +181,18 @@ def load_corpus(config: DatasetConfig, seed: int, tokenizer=None, max_length: in
                           f"at least {MIN_TEXTS} are needed (see dataset.token_budget, n_texts, truncation)")
     rng = np.random.default_rng(seed)
     heldout = rng.random(len(texts)) < config.heldout_fraction
+    n_held = int(heldout.sum())
+    if n_held in (0, len(texts)):
+        missing = "no held-out texts (the regression and effects are measured on them)" if n_held == 0 \
+            else "no texts to train on"
+        raise ConfigError(f"dataset.heldout_fraction: {config.heldout_fraction:g} of {len(texts)} texts leaves "
+                          f"{missing}: {'raise' if n_held == 0 else 'lower'} it, or use more texts")
     return Corpus(texts, rewards, heldout)
+
+
+def load_corpus(config: DatasetConfig, seed: int, tokenizer=None, max_length: int | None = None,
+                step_separator: str = "\n", max_texts: int | None = None) -> Corpus:
+    """The run's texts (and the dataset's rewards, if it has them). `tokenizer` and `max_length`
+    are needed for token_budget and for truncation off."""
+    texts, rewards = read_texts(config, seed, step_separator)
+    return select_corpus(texts, rewards, config, seed, tokenizer, max_length, max_texts)

@@ -9,6 +9,7 @@ counts (one per text, or one per step for a process RM).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -48,16 +49,22 @@ def _on_tokens(edit: LayerEdit, attention_mask: torch.Tensor) -> LayerEdit:
 
 @torch.no_grad()
 def reward_recovery(
-    adapter: RewardModelAdapter, edits: dict[int, LayerEdit], texts: list[str], batch_size: int
+    adapter: RewardModelAdapter, edits: dict[int, LayerEdit], texts: list[str], batch_size: int,
+    progress: Callable[[float], None] | None = None,
 ) -> dict[int, RewardRecovery]:
-    """For each layer, score `texts` with that layer's edit and with the layer zeroed."""
+    """For each layer, score `texts` with that layer's edit and with the layer zeroed.
+    `progress` hears the share of texts done before every batch (and may raise to stop)."""
     if not texts:
         raise ValueError("reward recovered needs at least one held-out text")
     abs_sae = {layer: 0.0 for layer in edits}
     abs_zero = {layer: 0.0 for layer in edits}
     n_reads = 0
     lengths = token_lengths(adapter.tokenizer, texts, adapter.max_length)
+    done = 0
     for indices in length_bucketed_batches(lengths, batch_size, None):
+        if progress is not None:
+            progress(done / len(texts))
+        done += len(indices)
         batch = adapter.tokenize([texts[i] for i in indices])
         clean, captured = adapter.run(batch, capture=list(edits))
         for layer, edit in edits.items():  # each edit runs only the blocks above its layer
@@ -75,6 +82,8 @@ def reward_recovery(
     return results
 
 
-def evaluate_saes(adapter: RewardModelAdapter, saes: dict, texts: list[str], batch_size: int) -> dict[int, RewardRecovery]:
+def evaluate_saes(adapter: RewardModelAdapter, saes: dict, texts: list[str], batch_size: int,
+                  progress: Callable[[float], None] | None = None) -> dict[int, RewardRecovery]:
     """Reward recovered per layer for loaded SAELens SAEs {layer: SAE}."""
-    return reward_recovery(adapter, {layer: sae_reconstruction(sae) for layer, sae in saes.items()}, texts, batch_size)
+    return reward_recovery(adapter, {layer: sae_reconstruction(sae) for layer, sae in saes.items()}, texts,
+                           batch_size, progress)

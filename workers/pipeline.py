@@ -20,13 +20,14 @@ from workers.adapters import adapter_from_config
 from workers.analyze import adapter_has_gradient, collect_corpus_activations, feature_tables
 from workers.causal import not_applicable, run_causal_stage
 from workers.config import (ARCHITECTURE_KNOBS, DEMO_MODEL, DEMO_MODEL_DIRNAME, ConfigError, RunConfig,
-                            check_against_world)
-from workers.datasets import load_corpus
+                            check_against_world, preflight)
+from workers.datasets import read_texts, select_corpus
 from workers.device import pick_device
 from workers.evaluate import evaluate_saes
 from workers.neighbours import decoder_neighbours
 from workers.publish import registry_rows, with_best_layer, write_store
 from workers.regress import fit_probe, fit_reward_regression, weight_effect_agreement
+from workers.staging import Toucher, clean_stale, previous_dir, staging_dir
 from workers.train import load_saes, train_saes
 
 
@@ -65,8 +66,13 @@ def _use_dataset_rewards(config: RunConfig, adapter, corpus) -> None:
     adapter.use_dataset_rewards(corpus.texts, corpus.rewards)
 
 
-# Who else hears about stages (a worker's job progress); set for the length of one run.
+# Who else hears about stages and progress (a worker's job); set for the length of one run.
 STAGE_LISTENER: ContextVar[Callable[[str], None] | None] = ContextVar("stage_listener", default=None)
+PROGRESS_LISTENER: ContextVar[Callable[[float], None] | None] = ContextVar("progress_listener", default=None)
+
+# Each stage's share of a run's progress bar, roughly its share of the time on the demo.
+SPANS = {"load": (0.0, 0.02), "train": (0.02, 0.55), "analyse": (0.55, 0.7), "recovery": (0.7, 0.75),
+         "layers": (0.75, 0.98), "write": (0.98, 1.0)}
 
 
 def _stage(message: str) -> None:
@@ -74,6 +80,24 @@ def _stage(message: str) -> None:
     listener = STAGE_LISTENER.get()
     if listener is not None:
         listener(message)
+
+
+def _span(stage: str) -> Callable[[float], None]:
+    """A stage's progress (0..1 of its own work) as the run's. Every stage reports at least per
+    batch or chunk, and each report is where a cancelled job stops (the listener raises)."""
+    start, end = SPANS[stage]
+    return lambda fraction: _report(start + (end - start) * min(max(fraction, 0.0), 1.0))
+
+
+def _report(progress: float) -> None:
+    listener = PROGRESS_LISTENER.get()
+    if listener is not None:
+        listener(progress)
+
+
+def _part(report: Callable[[float], None], start: float, end: float) -> Callable[[float], None]:
+    """Part [start, end] of a stage's own progress."""
+    return lambda fraction: report(start + (end - start) * min(max(fraction, 0.0), 1.0))
 
 
 def corpus_tables(corpus, acts) -> dict[str, dict]:
@@ -173,7 +197,8 @@ def _concatenated(per_layer: list[dict]) -> dict[str, list]:
     return out
 
 
-def causal_stage(config: RunConfig, adapter, corpus, layer: int, sae, feats: dict, weights: dict):
+def causal_stage(config: RunConfig, adapter, corpus, layer: int, sae, feats: dict, weights: dict,
+                 progress: Callable[[float], None] | None = None):
     """What the model uses at this layer, measured (workers/causal.py); nothing to measure where
     the score is computed from the text, not by the model."""
     if not config.effects.enabled or not adapter_has_gradient(adapter):
@@ -188,7 +213,8 @@ def causal_stage(config: RunConfig, adapter, corpus, layer: int, sae, feats: dic
     ranking_columns = {name: np.array([np.nan if v is None else v for v in feats[name]], dtype=np.float64)
                        for name in ("frequency", "reward_effect", "attribution", "attribution_abs")}
     result = run_causal_stage(adapter, sae, layer, heldout, ranking_columns, np.asarray(weights["weight"]),
-                              config.regression.pooling, config.effects, config.seed, report=_stage)
+                              config.regression.pooling, config.effects, config.seed, report=_stage,
+                              progress=progress)
     _stage(f"layer {layer}: measured effects {result.timings['measured']:.0f} s, deletion curves "
            f"{result.timings['faithfulness']:.0f} s; default ranking {result.layer_columns['default_ranking']}")
     return result
@@ -209,19 +235,23 @@ def _print_layer_summary(row: dict, weights: dict) -> None:
 
 
 def build_tables(config: RunConfig, adapter, corpus, acts, saes: dict, sae_paths: dict[int, Path], run_dir: Path,
-                 recovery: dict) -> dict:
+                 recovery: dict, progress: Callable[[float], None] = lambda fraction: None) -> dict:
     """Every table the store is written from: the corpus's, then per layer its row of `layers`
     and its features' and contexts' rows, each stage's columns side by side."""
     vocab = np.array(adapter.tokenizer.convert_ids_to_tokens(list(range(len(adapter.tokenizer)))), dtype=object)
     layer_rows, features, contexts, curves = [], [], [], []
-    for layer in config.layers:
+    for i, layer in enumerate(config.layers):
+        layer_progress = _part(progress, i / len(config.layers), (i + 1) / len(config.layers))
         layer_acts, sae = acts.layers[layer], saes[layer]
         _stage(f"layer {layer}: feature statistics and top contexts")
+        layer_progress(0.0)
         feats, layer_contexts = feature_tables(layer, layer_acts, vocab)
         _stage(f"layer {layer}: reward regression ({config.regression.method}, {config.regression.pooling} pooling)"
                " and raw-activation probe")
+        layer_progress(0.05)
         regression, weights = layer_regression(config, corpus, acts, layer_acts, sae, feats)
-        causal = causal_stage(config, adapter, corpus, layer, sae, feats, weights)
+        layer_progress(0.15)
+        causal = causal_stage(config, adapter, corpus, layer, sae, feats, weights, _part(layer_progress, 0.15, 1.0))
         row = merged(sae_identity(config, adapter, layer, sae_paths[layer], run_dir),
                      layer_statistics(layer_acts, acts.n_tokens, adapter.d_model, feats), regression,
                      reward_recovery_columns(recovery[layer]), causal.layer_columns)
@@ -244,52 +274,81 @@ def _register(settings: Settings, config: RunConfig, tables: dict, info: dict, r
 
 
 def run_pipeline(config: RunConfig, settings: Settings, replace: bool = False,
-                 on_stage: Callable[[str], None] | None = None) -> Path:
+                 on_stage: Callable[[str], None] | None = None,
+                 on_progress: Callable[[float], None] | None = None) -> Path:
     """Run every stage; the run appears (directory + SQL row) only once all of it succeeded.
-    `on_stage` hears each stage's message (and may raise to stop the run: nothing is kept)."""
-    token = STAGE_LISTENER.set(on_stage)
+    `on_stage` hears each stage's message, `on_progress` the run's progress (0..1) at least once
+    per batch or chunk of every stage; either may raise to stop the run (nothing is kept)."""
+    tokens = STAGE_LISTENER.set(on_stage), PROGRESS_LISTENER.set(on_progress)
     try:
         return _run_pipeline(config, settings, replace)
     finally:
-        STAGE_LISTENER.reset(token)
+        STAGE_LISTENER.reset(tokens[0])
+        PROGRESS_LISTENER.reset(tokens[1])
+
+
+def _load_adapter(config: RunConfig, model_path: str, device):
+    """The reward model; a checkpoint that does not load is the config's problem (model.path)."""
+    try:
+        return adapter_from_config(config.model, model_path, device)
+    except (OSError, ValueError) as exc:
+        message = str(exc)
+        if message.startswith("model."):  # the adapters name the key themselves
+            raise ConfigError(message) from None
+        raise ConfigError(f"model.path: cannot load a reward model from {config.model.path!r}: {message}") from None
 
 
 def _run_pipeline(config: RunConfig, settings: Settings, replace: bool) -> Path:
-    from backend.db import run_exists, upgrade
+    from backend.db import upgrade
 
     upgrade(settings)
-    if not replace and run_exists(settings, config.run_id):
-        raise ConfigError(f"run_id: a run {config.run_id!r} already exists (pass --replace to overwrite it)")
+    for line in clean_stale(settings.runs_dir):
+        _stage(line)
+    # every check before any compute: the config against this deployment's limits and the model's
+    # config, the device, the dataset's rows (before the demo model is built, which takes minutes)
+    preflight(config, settings, replace)
+    device = pick_device(config.device)
+    texts, rewards = read_texts(config.dataset, config.seed, config.model.step_separator)
     model_path = resolve_model_path(config, settings)
     check_against_world(config, model_path)
 
     started = time.time()
-    device = pick_device(config.device)
     torch.manual_seed(config.seed)
     final_dir = settings.run_dir(config.run_id)
-    staging = settings.runs_dir / f".{config.run_id}.partial-{os.getpid()}"
+    staging = staging_dir(settings.runs_dir, config.run_id)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
+    touch = Toucher(staging)
+    outer = PROGRESS_LISTENER.get()
+
+    def on_progress(progress: float) -> None:
+        touch()
+        if outer is not None:
+            outer(progress)
+
+    token = PROGRESS_LISTENER.set(on_progress)
     try:
         _stage(f"loading {model_path} on {device}")
-        adapter = adapter_from_config(config.model, model_path, device)
-        corpus = load_corpus(config.dataset, config.seed, adapter.tokenizer, config.model.max_length,
-                             config.model.step_separator)
+        adapter = _load_adapter(config, model_path, device)
+        corpus = select_corpus(texts, rewards, config.dataset, config.seed, adapter.tokenizer,
+                               config.model.max_length, settings.max_texts)
+        del texts, rewards  # the whole dataset: only the corpus taken from it is needed from here
         _use_dataset_rewards(config, adapter, corpus)
         train_texts = [t for t, held in zip(corpus.texts, corpus.heldout) if not held]
         _stage(f"training {len(config.layers)} SAEs (layers {config.layers}) on {config.sae.training_tokens:,} tokens")
-        sae_paths = train_saes(config, adapter, train_texts, staging)
+        sae_paths = train_saes(config, adapter, train_texts, staging, progress=_span("train"))
         _stage(f"analysing {len(corpus.texts):,} texts")
         saes = load_saes(sae_paths, device)  # exactly what was saved: proves the files load
         acts = collect_corpus_activations(adapter, saes, corpus.texts, corpus.heldout,
                                           config.dataset.batch_size, config.regression.pooling, corpus.rewards,
-                                          config.analysis, config.seed)
+                                          config.analysis, config.seed, progress=_span("analyse"))
         _stage(f"analysis pass done: reward effect from {acts.n_effect_texts:,} texts' gradients, "
                f"peak RSS {peak_rss_mib():,.0f} MiB")
         eval_texts = [t for t, held in zip(corpus.texts, corpus.heldout) if held][: config.sae.reward_recovered_texts]
         _stage(f"reward recovered: {len(eval_texts)} held-out texts with each SAE spliced in, and each layer zeroed")
-        recovery = evaluate_saes(adapter, saes, eval_texts, config.dataset.batch_size)
-        tables = build_tables(config, adapter, corpus, acts, saes, sae_paths, staging, recovery)
+        recovery = evaluate_saes(adapter, saes, eval_texts, config.dataset.batch_size, progress=_span("recovery"))
+        tables = build_tables(config, adapter, corpus, acts, saes, sae_paths, staging, recovery, _span("layers"))
+        _span("write")(0.0)
         # what the user wrote (plus the run id): parses again as it is, defaults included
         config_yaml = yaml.safe_dump({"run_id": config.run_id, **config.model_dump(mode="json", exclude_unset=True)},
                                      sort_keys=False)
@@ -307,15 +366,18 @@ def _run_pipeline(config: RunConfig, settings: Settings, replace: bool) -> Path:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        PROGRESS_LISTENER.reset(token)
     _stage(f"run {config.run_id!r} done in {time.time() - started:.0f} s (peak RSS {peak_rss_mib():,.0f} MiB): {final_dir}")
     return final_dir
 
 
 def _publish(staging: Path, final_dir: Path, register) -> None:
     """Rename the finished run into place, then register it; undo the rename if that fails."""
-    previous = final_dir.with_name(f".{final_dir.name}.previous-{os.getpid()}")
+    previous = previous_dir(final_dir)
     if final_dir.exists():
         final_dir.rename(previous)
+        os.utime(previous)  # fresh: another host's clean-up judges it by age (workers/staging.py)
     staging.rename(final_dir)
     try:
         register()

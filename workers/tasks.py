@@ -30,6 +30,40 @@ class JobStopped(Exception):
     """Raised inside a task when it must stop: 'cancelled' or 'lease lost'."""
 
 
+class JobFailed(Exception):
+    """A failure the user can act on: its message is the job's error, as it stands."""
+
+
+def _non_finite(value: Any, where: str = "result") -> str | None:
+    """Where the first NaN or infinity in a JSON-like result is, or None."""
+    if isinstance(value, float):
+        return None if np.isfinite(value) else where
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        found = _non_finite(item, f"{where}.{key}" if isinstance(key, str) else f"{where}[{key}]")
+        if found:
+            return found
+    return None
+
+
+def require_finite(result: dict, edit, before_scores) -> dict:
+    """A result holding NaN or infinity is never stored (its page could not be shown): the job
+    fails saying why, which is nearly always an edit value too large for the model's arithmetic."""
+    where = _non_finite(result)
+    if where is None:
+        return result
+    if not np.all(np.isfinite(np.asarray(before_scores, dtype=np.float64))):
+        raise JobFailed("the reward model's own score is non-finite on these texts, before any edit")
+    value = f" ({edit.mode} value {edit.value:g} is too large)" if edit.mode in ("clamp", "steer") else ""
+    raise JobFailed(f"the edit made the reward non-finite{value}: nothing was stored ({where} came out NaN or "
+                    "infinite)")
+
+
 @dataclass
 class LoadedRun:
     """A run's reward model, its SAEs and their decoder rows (loaded on first use), and the
@@ -114,7 +148,8 @@ def pipeline_task(params: dict, ctx) -> dict:
     from workers.pipeline import run_pipeline
 
     config = parse_config(yaml.safe_load(params["config_yaml"]))
-    run_pipeline(config, ctx.settings, replace=bool(params.get("replace")), on_stage=lambda m: ctx.report(message=m))
+    run_pipeline(config, ctx.settings, replace=bool(params.get("replace")), on_stage=lambda m: ctx.report(message=m),
+                 on_progress=lambda p: ctx.report(progress=p))
     return {"run_id": config.run_id}
 
 
@@ -161,7 +196,8 @@ def ablation_task(params: dict, ctx) -> dict:
     controls = [run_ablation(run.adapter, sae, layer, evalset, FeatureEdit(draw, edit.mode, edit.value), weights,
                              pooling, ABLATION_BATCH, progress(f"random control {i + 1} of {len(draws)}"),
                              directions, linear, scope) for i, draw in enumerate(draws)]
-    return ablation_result(chosen, controls, draws, texts, text_ids, seed=int(ctx.job["id"]))
+    result = ablation_result(chosen, controls, draws, texts, text_ids, seed=int(ctx.job["id"]))
+    return require_finite(result, edit, chosen.before)
 
 
 def ablation_result(chosen, controls, draws, texts, text_ids, seed: int) -> dict:
@@ -237,6 +273,10 @@ def inference_task(params: dict, ctx) -> dict:
         special = torch.tensor(sorted(adapter.tokenizer.all_special_ids), device=adapter.device)
         after = torch.where(edited_tokens(batch, special, scope)[0].unsqueeze(-1), after, before)
         result["edit"]["acts_after"] = {str(f): [float(x) for x in after[keep, f].cpu()] for f in features}
+    if params.get("edit"):
+        require_finite(result, edit, result["reads"])
+    elif _non_finite(result):
+        raise JobFailed("the reward model's score or the features' activations are non-finite on this text")
     ctx.report(1.0, "done")
     return result
 

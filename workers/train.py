@@ -7,7 +7,9 @@ reopens every one of them.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 from sae_lens import (
@@ -98,8 +100,30 @@ def trainer_config(sae: SaeConfig, device: torch.device) -> SAETrainerConfig:
     )
 
 
-def train_saes(config: RunConfig, adapter: RewardModelAdapter, texts: list[str], run_dir: Path) -> dict[int, Path]:
-    """Train and save (SAELens format) one SAE per configured layer; returns layer -> directory."""
+class _Reporting:
+    """Wraps the trainer's data provider: every batch it draws (the norm estimate's, then one per
+    step) reports training's progress, and so does every forward filling the shuffle buffer
+    between them. SAELens's trainer has no per-step callback; its draws are the steps."""
+
+    def __init__(self, total_draws: int, progress: Callable[[float], None]):
+        self.total, self.progress, self.drawn = total_draws, progress, 0
+
+    def forwards(self, stream: Iterator) -> Iterator:
+        for item in stream:
+            self.progress(self.drawn / self.total)
+            yield item
+
+    def draws(self, batches: Iterator) -> Iterator:
+        for batch in batches:
+            self.drawn += 1
+            self.progress(self.drawn / self.total)
+            yield batch
+
+
+def train_saes(config: RunConfig, adapter: RewardModelAdapter, texts: list[str], run_dir: Path,
+               progress: Callable[[float], None] | None = None) -> dict[int, Path]:
+    """Train and save (SAELens format) one SAE per configured layer; returns layer -> directory.
+    `progress` hears the share of training done at every step (and may raise to stop it)."""
     torch.manual_seed(config.seed)
     hooks = {f"layer_{layer}": adapter.hook_name(layer) for layer in config.layers}
     saes = {
@@ -108,9 +132,15 @@ def train_saes(config: RunConfig, adapter: RewardModelAdapter, texts: list[str],
         for (name, hook), layer in zip(hooks.items(), config.layers)
     }
     stream = activation_stream(adapter, texts, config.layers, config.dataset.batch_size, config.seed)
+    cfg = trainer_config(config.sae, adapter.device)
+    if progress is not None:
+        steps = math.ceil(cfg.total_training_samples / cfg.train_batch_size_samples)
+        reporting = _Reporting(cfg.n_batches_for_norm_estimate + steps, progress)
+        stream = reporting.forwards(stream)
     shuffled = shuffled_batches(stream, config.sae.buffer_tokens, config.sae.batch_size)
-    trainer = MultiSAETrainer(cfg=trainer_config(config.sae, adapter.device), saes=saes, hook_names=hooks,
-                              data_provider=shuffled)
+    if progress is not None:
+        shuffled = reporting.draws(shuffled)
+    trainer = MultiSAETrainer(cfg=cfg, saes=saes, hook_names=hooks, data_provider=shuffled)
     trained = trainer.fit()
     paths = {}
     for name, layer in zip(hooks, config.layers):

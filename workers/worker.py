@@ -14,7 +14,9 @@ import uuid
 
 from backend import jobs
 from backend.settings import Settings
-from workers.tasks import TASKS, JobStopped, RunCache
+from workers.config import ConfigError
+from workers.staging import clean_stale
+from workers.tasks import TASKS, JobFailed, JobStopped, RunCache
 
 
 class JobContext:
@@ -67,6 +69,8 @@ class Worker:
             outcome = dict(result=result)
         except JobStopped as stopped:
             outcome = dict(status="cancelled", error=str(stopped)) if str(stopped) == "cancelled" else None
+        except (JobFailed, ConfigError) as exc:  # explained by its message: no traceback, no exception name
+            outcome = dict(error=str(exc))
         except Exception as exc:  # the job failed, the worker goes on
             traceback.print_exc()
             outcome = dict(error=f"{type(exc).__name__}: {exc}")
@@ -91,7 +95,8 @@ class Worker:
             ctx.message_changed.clear()
             if done.is_set():
                 return
-            now = (round(ctx.progress, 3), ctx.message)
+            # 0.01 %: a long training moves the bar every few dozen steps
+            now = (round(ctx.progress, 4), ctx.message)
             owned, cancel = jobs.heartbeat(self.settings, ctx.job["id"], self.name, self.lease_s,
                                            *(now if now != reported else (None, None)))
             reported = now
@@ -103,6 +108,8 @@ class Worker:
 
 def main(settings: Settings, once: bool = False, lease_s: float = jobs.DEFAULT_LEASE_S, poll_s: float = 0.5) -> None:
     worker = Worker(settings, lease_s, poll_s)
+    for line in clean_stale(settings.runs_dir):  # what runs killed with an earlier worker left
+        print(f"worker {worker.name}: {line}", flush=True)
     if once:
         while worker.run_one():
             pass

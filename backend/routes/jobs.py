@@ -251,10 +251,13 @@ async def pipeline_form(request: Request, settings: SettingsDep):
 def submit_pipeline(settings: Settings, req: PipelineRequest, author: str) -> dict:
     import yaml
 
-    from workers.config import ConfigError, parse_config  # pydantic only: no torch on the server
+    from workers.config import ConfigError, parse_config, preflight  # pydantic and JSON only: no torch on the server
 
     try:
         config = parse_config(yaml.safe_load(req.config_yaml))
+        # what would only fail on the worker (an existing run, a missing file, layers or max_length
+        # the model lacks, this deployment's limits) is refused here, and no job is made
+        preflight(config, settings, req.replace)
     except (ConfigError, yaml.YAMLError, AttributeError) as exc:
         raise invalid(f"invalid config: {exc}", "config_yaml") from None
     return _submit(settings, "pipeline", {"config_yaml": req.config_yaml, "replace": req.replace}, author,
