@@ -101,7 +101,7 @@ def _resolve_features(settings: Settings, run_id: str, layer: int, req: Ablation
     """The feature ids a request names, checked against the layer; and a description."""
     path = store_path(settings, get_run(settings, run_id))
     info = store.layer_info(path, layer)  # 404 for an unknown layer
-    features, described = list(dict.fromkeys(req.features)), None
+    features, described, ranking = list(dict.fromkeys(req.features)), None, None
     if req.selection:
         sort, template = SELECTIONS[req.selection]
         if sort is None:
@@ -110,7 +110,6 @@ def _resolve_features(settings: Settings, run_id: str, layer: int, req: Ablation
             features = sorted(f for f, row in labels.labels_for_layer(settings, run_id, layer).items()
                               if row["label"] == "reward")
         else:
-            ranking = None
             if sort == "default":
                 ranking = RANKINGS[info.get("default_ranking") or FALLBACK_RANKING]
                 sort = ranking.sort
@@ -281,10 +280,16 @@ def _cancel(settings: Settings, job_id: int) -> dict:
 
 # --- JSON API ------------------------------------------------------------------------------
 
-def _json_only(request: Request) -> None:
-    """Cookie-authenticated JSON writes must be JSON: a cross-site form cannot send that."""
-    if not request.state.header_auth and request.headers.get("content-type", "").split(";")[0] != "application/json":
-        raise HTTPException(415, "send the request body as application/json")
+def _json_only(request: Request, body: bool = True) -> None:
+    """Cookie-authenticated JSON writes must be JSON: a cross-site form cannot send that. A
+    write without a body (`body` False) may also come without a content type: a form always
+    sends one, and the session cookie (SameSite=Lax) does not go with a cross-site fetch."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if request.state.header_auth or content_type == "application/json":
+        return
+    if not body and not content_type and request.headers.get("content-length", "0") == "0":
+        return
+    raise HTTPException(415, "send the request body as application/json")
 
 
 @router.post("/api/runs/{run_id}/layers/{layer}/ablations", status_code=201, tags=["jobs"])
@@ -321,7 +326,7 @@ def api_job(job_id: JobId, settings: SettingsDep) -> dict:
 
 @router.post("/api/jobs/{job_id}/cancel", tags=["jobs"])
 def api_cancel(request: Request, job_id: JobId, settings: SettingsDep) -> dict:
-    _json_only(request)
+    _json_only(request, body=False)
     return _cancel(settings, job_id)
 
 
