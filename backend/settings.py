@@ -37,6 +37,14 @@ class Settings(BaseSettings):
     max_training_tokens: int = 1_000_000_000  # sae.training_tokens
     max_sae_width: int = 131_072  # sae.width (latents per layer)
     max_texts: int = 1_000_000  # dataset.n_texts, and the corpus when n_texts is unset
+    # Folders a run config queued on the web may read datasets and models from (comma-separated);
+    # empty: the data dir and the server's working directory. The CLI reads what its user can.
+    input_dirs: str = ""
+
+    @property
+    def input_roots(self) -> list[Path]:
+        named = [Path(d.strip()) for d in self.input_dirs.split(",") if d.strip()]
+        return [p.resolve() for p in (named or [self.data_dir, Path.cwd()])]
 
     @property
     def runs_dir(self) -> Path:

@@ -198,7 +198,7 @@ def _yaml(**changes) -> str:
 @pytest.mark.sql_databases
 @pytest.mark.parametrize("config_yaml, key", [
     (_yaml(run_id="synthetic"), "run_id: a run 'synthetic' already exists"),
-    (_yaml(dataset={"source": "/nowhere/texts.jsonl"}), "dataset.source: file not found"),
+    (_yaml(dataset={"source": "nowhere/texts.jsonl"}), "dataset.source: file not found"),
     (_yaml(layers=[1, 6]), "layers: [6] beyond the model's depth (6 blocks"),
     (_yaml(model={"path": "demo", "max_length": 1024}), "model.max_length: 1024 is beyond the model's 512 positions"),
     (_yaml(sae={"training_tokens": 10**15}), "sae.training_tokens: 1,000,000,000,000,000 is beyond the limit"),
@@ -274,3 +274,19 @@ def test_the_pipeline_and_the_worker_clean_stale_directories_when_they_start(tin
     stale.mkdir()
     worker.main(settings, once=True)  # an empty queue: it starts, cleans, and ends
     assert not stale.exists()
+
+
+@pytest.mark.parametrize("outside", ["/etc/passwd", "/etc"], ids=["dataset-file", "model-dir"])
+def test_the_web_reads_local_files_only_under_the_input_dirs(client, migrated, tmp_path, monkeypatch, outside):
+    """A run queued on the web would show on the dashboards what the worker read: only the data
+    dir, the server's working directory and RA_INPUT_DIRS may be read."""
+    monkeypatch.chdir(tmp_path)
+    key = "dataset.source" if outside.endswith("passwd") else "model.path"
+    changes = {"dataset": {"source": outside}} if key == "dataset.source" else {"model": {"path": outside}}
+    refused = client.post("/api/jobs", json={"config_yaml": _yaml(**changes)})
+    assert refused.status_code == 422 and f"{key}: '{outside}' is outside the folders" in refused.text, refused.text
+    assert "RA_INPUT_DIRS" in refused.text and jobs.recent(migrated) == []
+    inside = tmp_path / "texts.jsonl"
+    inside.write_text('{"text": "a fine film", "reward": 1.0}\n' * 20)
+    queued = client.post("/api/jobs", json={"config_yaml": _yaml(dataset={"source": str(inside)})})
+    assert queued.status_code == 201, queued.text

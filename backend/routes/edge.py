@@ -114,21 +114,21 @@ class StrictJSONRoute(APIRoute):
         return strict
 
 
-def printable(value: Any) -> Any:
+def printable(value: Any, limit: int = 200) -> Any:
     """`value` made safe to echo in an error body: non-finite numbers and strings that are not
-    valid Unicode written out as text, long strings cut short."""
+    valid Unicode written out as text, strings over `limit` characters cut short."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     if isinstance(value, str):
         value = value.encode("utf-8", "backslashreplace").decode("utf-8")
-        return value if len(value) <= 200 else value[:200] + "…"
+        return value if len(value) <= limit else value[:limit] + "…"
     if isinstance(value, (list, tuple)):
-        return [printable(v) for v in value[:20]]
+        return [printable(v, limit) for v in value[:20]]
     if isinstance(value, dict):
-        return {printable(str(k)): printable(v) for k, v in list(value.items())[:20]}
+        return {printable(str(k), limit): printable(v, limit) for k, v in list(value.items())[:20]}
     if value is None or isinstance(value, (bool, int, float)):
         return value
-    return printable(str(value))
+    return printable(str(value), limit)
 
 
 def validation_detail(exc: RequestValidationError) -> list[dict[str, Any]]:
@@ -136,7 +136,7 @@ def validation_detail(exc: RequestValidationError) -> list[dict[str, Any]]:
     out = []
     for error in exc.errors():
         item = {"type": error.get("type", "value_error"), "loc": [printable(p) for p in error.get("loc", ())],
-                "msg": printable(error.get("msg", "")), "input": printable(error.get("input"))}
+                "msg": printable(error.get("msg", ""), limit=2000), "input": printable(error.get("input"))}
         if error.get("ctx"):
             item["ctx"] = printable(error["ctx"])
         out.append(item)
