@@ -365,3 +365,16 @@ def test_csv_export_escapes_formulas(client):
 
 def test_the_dead_feature_is_still_a_feature(client):
     assert client.get(f"{RUN}/layers/{LAYER}/features/{DEAD_FEATURE}").status_code == 200
+
+
+def test_an_ablation_of_the_labelled_features_names_them(client):
+    """selection labelled_reward has no ranking to describe: it once failed with a 500."""
+    none = client.post(ABLATE, json={"mode": "zero", "selection": "labelled_reward"})
+    assert none.status_code == 422 and "no features selected" in none.text
+    for feature in (9, 4):
+        assert client.put(f"{RUN}/layers/{LAYER}/features/{feature}/label",
+                          json={"label": "reward", "note": "", "version": 0}).status_code == 200
+    queued = client.post(ABLATE, json={"mode": "zero", "selection": "labelled_reward"})
+    assert queued.status_code == 201, queued.text
+    assert queued.json()["params"]["features"] == [4, 9]
+    assert "labelled reward-related" in queued.json()["params"]["described"]
