@@ -151,3 +151,33 @@ def test_times_are_utc_whatever_the_servers_time_zone(settings):
     shown = labels.current(settings, RUN, 3, 5)["updated_at"].strftime("%Y-%m-%d %H:%M")
     with make_client(settings) as client:
         assert f"{shown} UTC</time>" in client.get(f"/runs/{RUN}/layers/3/features/5").text
+
+
+def test_the_job_cap_holds_under_concurrent_submissions(migrated):
+    """8 threads submit 6 jobs each for one author with a cap of 20: exactly 20 are accepted.
+    A count read outside the inserting transaction let 25 of 20 through."""
+    capped = migrated.model_copy(update={"max_queued_jobs": 20})
+    threads, each = 8, 6
+    accepted, refused, errors = [], [], []
+    start = threading.Barrier(threads)
+
+    def submitter() -> None:
+        start.wait()
+        for _ in range(each):
+            try:
+                accepted.append(jobs.submit(capped, "inference", {"text": "x"}, "alice")["id"])
+            except jobs.JobRejected:
+                refused.append(1)
+            except Exception as exc:  # noqa: BLE001 -- any other failure fails the test below
+                errors.append(repr(exc))
+
+    pool = [threading.Thread(target=submitter) for _ in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join(120)
+    assert not errors, errors[:3]
+    assert len(accepted) == 20 and len(refused) == threads * each - 20
+    assert len(jobs.recent(capped, 1000)) == 20
+    # another author is not held back by alice's jobs
+    assert jobs.submit(capped, "inference", {"text": "x"}, "bob")["author"] == "bob"
