@@ -376,5 +376,6 @@ def test_an_ablation_of_the_labelled_features_names_them(client):
                           json={"label": "reward", "note": "", "version": 0}).status_code == 200
     queued = client.post(ABLATE, json={"mode": "zero", "selection": "labelled_reward"})
     assert queued.status_code == 201, queued.text
+    assert queued.headers["location"] == f"/api/jobs/{queued.json()['id']}"
     assert queued.json()["params"]["features"] == [4, 9]
     assert "labelled reward-related" in queued.json()["params"]["described"]

@@ -29,10 +29,11 @@ def _digits(value: Any) -> Any:
     return value
 
 
-LayerId = Annotated[int, BeforeValidator(_digits), Path(ge=0, le=MAX_ID, description="layer (block) index")]
-FeatureId = Annotated[int, BeforeValidator(_digits),
-                      Path(ge=0, le=MAX_ID, description="feature id within the layer's SAE")]
-JobId = Annotated[int, BeforeValidator(_digits), Path(ge=1, le=MAX_ID, description="job id")]
+# (Path first: after a validator its bounds would reach the schema as "ge"/"le", not minimum/maximum)
+LayerId = Annotated[int, Path(ge=0, le=MAX_ID, description="layer (block) index"), BeforeValidator(_digits)]
+FeatureId = Annotated[int, Path(ge=0, le=MAX_ID, description="feature id within the layer's SAE"),
+                      BeforeValidator(_digits)]
+JobId = Annotated[int, Path(ge=1, le=MAX_ID, description="job id"), BeforeValidator(_digits)]
 
 
 def invalid(message: str, *loc: str | int) -> RequestValidationError:

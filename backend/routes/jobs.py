@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Query, Request
-from fastapi.responses import HTMLResponse, RedirectResponse
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -312,24 +312,31 @@ def _json_only(request: Request, body: bool = True) -> None:
 
 
 @router.post("/api/runs/{run_id}/layers/{layer}/ablations", status_code=201, tags=["jobs"])
-def api_ablate(request: Request, run_id: str, layer: LayerId, body: AblationRequest, settings: SettingsDep) -> dict:
-    """Queue an ablation of features of one layer; poll GET /api/jobs/{id} for the result."""
+def api_ablate(request: Request, response: Response, run_id: str, layer: LayerId, body: AblationRequest,
+               settings: SettingsDep) -> dict:
+    """Queue an ablation of features of one layer; poll GET /api/jobs/{id} (the Location) for the result."""
     _json_only(request)
-    return submit_ablation(settings, run_id, layer, body, current_author(request))
+    return _created(response, submit_ablation(settings, run_id, layer, body, current_author(request)))
 
 
 @router.post("/api/runs/{run_id}/layers/{layer}/texts", status_code=201, tags=["jobs"])
-def api_text(request: Request, run_id: str, layer: LayerId, body: InferenceRequest, settings: SettingsDep) -> dict:
+def api_text(request: Request, response: Response, run_id: str, layer: LayerId, body: InferenceRequest,
+             settings: SettingsDep) -> dict:
     """Queue a custom text: its reward, per-token activations and, with `edit`, the edited reward."""
     _json_only(request)
-    return submit_inference(settings, run_id, layer, body, current_author(request))
+    return _created(response, submit_inference(settings, run_id, layer, body, current_author(request)))
 
 
 @router.post("/api/jobs", status_code=201, tags=["jobs"])
-def api_pipeline(request: Request, body: PipelineRequest, settings: SettingsDep) -> dict:
+def api_pipeline(request: Request, response: Response, body: PipelineRequest, settings: SettingsDep) -> dict:
     """Queue a pipeline run from a YAML config (validated now, run by a worker)."""
     _json_only(request)
-    return submit_pipeline(settings, body, current_author(request))
+    return _created(response, submit_pipeline(settings, body, current_author(request)))
+
+
+def _created(response: Response, job: dict) -> dict:
+    response.headers["Location"] = f"/api/jobs/{job['id']}"  # where the job's state and result are
+    return job
 
 
 @router.get("/api/jobs", tags=["jobs"])
