@@ -5,6 +5,7 @@ under `settings`, and `publish_synthetic_run(settings)` makes one without any mo
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -279,3 +280,14 @@ def make_client(settings: Settings) -> TestClient:
     names 127.0.0.1 as its host (TestClient's own "testserver" is not a host the app answers to)."""
     db.upgrade(settings)
     return TestClient(create_app(settings), base_url="http://127.0.0.1")
+
+
+def wait_for(predicate, timeout: float, what: str, every: float = 0.05):
+    """predicate()'s first truthy value, polled every `every` s; AssertionError after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")

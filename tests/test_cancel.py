@@ -10,6 +10,7 @@ import yaml
 
 from backend import db, jobs
 from backend.models import Run
+from tests.helpers import wait_for
 from tests.test_pipeline import N_FEATURES, tiny_config, tiny_world  # noqa: F401  (module fixture)
 from workers.pipeline import SPANS, run_pipeline
 from workers.worker import Worker
@@ -21,14 +22,6 @@ LONG_TRAINING_TOKENS = 10_000_000
 CANCEL_WITHIN_S = 10.0
 
 
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
 
 
 def test_a_pipeline_job_cancels_within_seconds_while_its_saes_train(tiny_world, migrated):  # noqa: F811

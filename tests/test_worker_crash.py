@@ -17,7 +17,7 @@ from backend import db, jobs
 from backend.models import Run
 from backend.settings import Settings
 from backend.store_schema import STORE_FILENAME
-from tests.helpers import REPO_ROOT
+from tests.helpers import REPO_ROOT, wait_for
 from tests.test_pipeline import N_FEATURES, tiny_config, tiny_world  # noqa: F401  (module fixture)
 from workers.worker import Worker
 
@@ -27,14 +27,6 @@ LEASE_S = 2.0
 TRAINING_TOKENS = 200_000
 
 
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_killed_worker_job_finishes_on_another_worker_once(tiny_world, tmp_path, database_url):  # noqa: F811
