@@ -10,7 +10,7 @@ import orjson
 import sqlalchemy as sa
 from fastapi import Depends, Query, Request, Response
 from fastapi.templating import Jinja2Templates
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from backend import db, store
 from backend.access import csrf_token
@@ -106,18 +106,23 @@ def ranking_summary(layer_info: dict[str, Any]) -> dict[str, Any]:
             "measured": layer_info.get("default_ranking") in RANKINGS}
 
 
+# A blank field is no filter (a form submits its empty inputs); it reads as None, and the
+# schema says so: without it, "sort=" was a request the schema calls invalid that the server takes.
+Blank = Annotated[str, StringConstraints(pattern=r"^\s*$")]
+
+
 class TableView(BaseModel):
     """A layer table view. The feature page takes the same parameters, so `j`/`k` walk the
     features in the order of the table the researcher came from."""
     model_config = ConfigDict(extra="ignore")
 
-    sort: Sort | None = Field(None, description="column to sort by, largest first; prefix '-' for smallest first; "
+    sort: Sort | Blank | None = Field(None, description="column to sort by, largest first; prefix '-' for smallest first; "
                                                 "none: the layer's default ranking")
-    sign: Literal["pos", "neg"] | None = Field(None, description="only features whose weight raises (pos) or lowers (neg) the reward")
-    min_freq: float | None = Field(None, ge=0, le=1, description="only features firing on at least this share of tokens")
-    max_freq: float | None = Field(None, ge=0, le=1, description="only features firing on at most this share of tokens")
+    sign: Literal["pos", "neg"] | Blank | None = Field(None, description="only features whose weight raises (pos) or lowers (neg) the reward")
+    min_freq: Annotated[float, Field(ge=0, le=1)] | Blank | None = Field(None, description="only features firing on at least this share of tokens")
+    max_freq: Annotated[float, Field(ge=0, le=1)] | Blank | None = Field(None, description="only features firing on at most this share of tokens")
     token: str | None = Field(None, max_length=100, description="only features with a top token or top-context token starting with this")
-    label: Literal[(*LABELS, "unlabelled")] | None = Field(  # type: ignore[valid-type]
+    label: Literal[(*LABELS, "unlabelled")] | Blank | None = Field(  # type: ignore[valid-type]
         None, description="only features with this label, or 'unlabelled' for those without one")
     page: int = Field(1, ge=1, le=MAX_ID, description="1-based page number")
 
