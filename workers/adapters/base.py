@@ -180,11 +180,16 @@ class RewardModelAdapter:
 
     @torch.no_grad()
     def run_from(self, batch: Batch, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """scores_from without gradients: what ablations run again and again."""
+        return self.scores_from(batch, layer, hidden)
+
+    def scores_from(self, batch: Batch, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         """The scores of `batch` when block `layer` outputs `hidden` [B, T, d]: only the blocks
         above it run. With `hidden` captured by `run` this is `run`'s score; with it edited, the
         score under that edit -- what an ablation over the same texts needs again and again.
         Blocks up to `layer` are swapped for stand-ins for this one forward; the model's own
-        forward still builds the masks and position encodings the later blocks take."""
+        forward still builds the masks and position encodings the later blocks take. With grad
+        enabled it is differentiable in `hidden` (workers/text_attribution.py)."""
         if self._blocks_return_tuple is None:
             self.run(batch, capture=[0], need_score=False)
         originals = [self.blocks[i] for i in range(layer + 1)]
