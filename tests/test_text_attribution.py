@@ -68,6 +68,8 @@ def test_the_decoder_shortcut_gives_autograd_s_gradient(tiny_run):  # noqa: F811
     full = (sae.decode(f) - sae.decode(torch.zeros_like(f))).detach()
     rows = linear_decoder(sae)
     assert rows is not None  # TopK decodes linearly: the fast path is the one the pipeline's SAEs take
-    through_rows = _feature_gradient(adapter, sae, batch, LAYER, h, f, full, 0.3, rows)
-    through_decode = _feature_gradient(adapter, sae, batch, LAYER, h, f, full, 0.3, None)
+    through_rows = _feature_gradient(adapter, sae, batch, LAYER, h, f, full, [0.3, 0.8], rows)
+    through_decode = _feature_gradient(adapter, sae, batch, LAYER, h, f, full, [0.3, 0.8], None)
     assert torch.allclose(through_rows, through_decode, atol=1e-5)
+    one_by_one = sum(_feature_gradient(adapter, sae, batch, LAYER, h, f, full, [a], rows) for a in (0.3, 0.8))
+    assert torch.allclose(through_rows, one_by_one, atol=1e-5)  # the batched path is the sum of its points

@@ -21,6 +21,7 @@ import torch
 from workers.sae_ops import edited_tokens, linear_decoder
 
 DEFAULT_STEPS = 16
+STEPS_PER_PASS = 16  # copies of the text in one forward and backward
 
 
 @dataclass
@@ -61,8 +62,8 @@ def attribute_text(adapter, sae, layer: int, text: str, steps: int = DEFAULT_STE
         rows = linear_decoder(sae)
     alphas = [1.0] if steps == 0 else [(k + 0.5) / steps for k in range(steps)]  # midpoint rule
     grad_f = torch.zeros_like(f)
-    for alpha in alphas:
-        grad_f += _feature_gradient(adapter, sae, batch, layer, h, f, full, alpha, rows)
+    for start in range(0, len(alphas), STEPS_PER_PASS):  # the path's points go as one batch
+        grad_f += _feature_gradient(adapter, sae, batch, layer, h, f, full, alphas[start:start + STEPS_PER_PASS], rows)
     contributions = (f * grad_f / len(alphas)).cpu().numpy()
     with torch.no_grad():
         score = float(adapter.run_from(batch, layer, h.unsqueeze(0).to(captured[layer].dtype)).sum())
@@ -72,17 +73,18 @@ def attribute_text(adapter, sae, layer: int, text: str, steps: int = DEFAULT_STE
     return TextAttribution(layer, tokens, score, baseline, contributions, steps)
 
 
-def _feature_gradient(adapter, sae, batch, layer: int, h, f, full, alpha: float, rows) -> torch.Tensor:
-    """d(score)/d(features) [T, d_sae] at α·f. With a linear decoder it is the gradient at the
-    layer's output through the decoder rows (no [T, d_sae] graph); otherwise autograd through decode."""
+def _feature_gradient(adapter, sae, batch, layer: int, h, f, full, alphas: list[float], rows) -> torch.Tensor:
+    """Σ over `alphas` of d(score)/d(features) [T, d_sae] at α·f, the points of the path run as
+    one batch of copies of the text. With a linear decoder it is the gradient at the layer's
+    output through the decoder rows (no [T, d_sae] graph); otherwise autograd through decode."""
+    copies = batch.select(torch.zeros(len(alphas), dtype=torch.long))
+    alpha = torch.tensor(alphas, dtype=h.dtype, device=h.device).view(-1, 1, 1)
     with torch.enable_grad():
         if rows is not None:
-            hidden = (h - (1 - alpha) * full).detach().requires_grad_()
-            scores = adapter.scores_from(batch, layer, hidden.unsqueeze(0))
-            (grad_h,) = torch.autograd.grad(scores.sum(), hidden)
-            return grad_h @ rows.T
-        scaled = (alpha * f).detach().requires_grad_()
+            hidden = (h - (1 - alpha) * full).detach().requires_grad_()  # [n, T, d_in]
+            (grad_h,) = torch.autograd.grad(adapter.scores_from(copies, layer, hidden).sum(), hidden)
+            return grad_h.sum(0) @ rows.T
+        scaled = (alpha * f).detach().requires_grad_()  # [n, T, d_sae]
         hidden = h - full + (sae.decode(scaled) - sae.decode(torch.zeros_like(scaled)))
-        scores = adapter.scores_from(batch, layer, hidden.unsqueeze(0))
-        (grad,) = torch.autograd.grad(scores.sum(), scaled)
-        return grad
+        (grad,) = torch.autograd.grad(adapter.scores_from(copies, layer, hidden).sum(), scaled)
+        return grad.sum(0)
