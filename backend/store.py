@@ -329,6 +329,19 @@ def layer_vectors(path: Path, layer: int) -> dict[str, list]:
     return {"weight": [w or 0.0 for w in rows[0]["weight"]], "frequency": rows[0]["frequency"]}
 
 
+def text(path: Path, text_id: int) -> dict[str, Any]:
+    """One corpus text: split, reward, RM score and the share of the corpus scoring below it
+    (`score_percentile`, 0-100), its token count and where the score is read."""
+    rows = _rows(path, "SELECT text_id, split, text, reward, score, n_tokens, reward_position, "
+                       "(SELECT count(*) FROM texts o WHERE o.score < t.score) AS below, "
+                       "(SELECT count(*) FROM texts) AS corpus FROM texts t WHERE text_id = ?", [text_id])
+    if not rows:
+        raise NotFound(f"text {text_id} not found")
+    row = rows[0]
+    row["score_percentile"] = 100.0 * row.pop("below") / row["corpus"]
+    return row
+
+
 def texts(path: Path, split: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
     """The run's texts by id (optionally one split), with the dataset reward and RM score."""
     where, params = ("WHERE split = ?", [split]) if split else ("", [])

@@ -34,6 +34,7 @@ LayerId = Annotated[int, Path(ge=0, le=MAX_ID, description="layer (block) index"
 FeatureId = Annotated[int, Path(ge=0, le=MAX_ID, description="feature id within the layer's SAE"),
                       BeforeValidator(_digits)]
 JobId = Annotated[int, Path(ge=1, le=MAX_ID, description="job id"), BeforeValidator(_digits)]
+TextId = Annotated[int, Path(ge=0, le=MAX_ID, description="text id in the run's corpus"), BeforeValidator(_digits)]
 
 
 def invalid(message: str, *loc: str | int) -> RequestValidationError:

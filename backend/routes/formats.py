@@ -102,10 +102,11 @@ def token_spans(tokens: Sequence[str], acts: Sequence[float], scale: float, peak
     return Markup("".join(parts))
 
 
-def context_rows(contexts: Sequence[Mapping[str, Any]], scale: float, by_bin: bool = False) -> Markup:
+def context_rows(contexts: Sequence[Mapping[str, Any]], scale: float, by_bin: bool = False,
+                 text_href: str = "") -> Markup:
     """A feature's contexts as table rows: rank (in `by_bin` tables, the activation bin, on the
-    bin's first row), activation, the window as token_spans, the text (h: held out), the
-    text's reward and RM score."""
+    bin's first row), activation, the window as token_spans, the text (h: held out; a link to
+    its page under `text_href`), the text's reward and RM score."""
     out, previous_bin = [], None
     for c in contexts:
         if by_bin:
@@ -119,7 +120,7 @@ def context_rows(contexts: Sequence[Mapping[str, Any]], scale: float, by_bin: bo
         spans = token_spans(c["tokens"], c["acts"], scale, c["position"] - c["window_start"])
         out.append(f'<tr data-{key}="{value}"><td class="num muted">{first}</td>'
                    f'<td class="num"><b>{fmt_num(c["activation"], 2)}</b></td><td class="ctx">{spans}</td>'
-                   f'<td class="num muted">#{c["text_id"]}{heldout}</td>'
+                   f'<td class="num muted"><a href="{text_href}{c["text_id"]}">#{c["text_id"]}</a>{heldout}</td>'
                    f'<td class="num">{fmt_num(c["reward"], 2)}</td><td class="num">{fmt_num(c["score"], 2)}</td></tr>\n')
     return Markup("".join(out))
 
