@@ -10,13 +10,12 @@ and every test in it that uses `settings` (or anything built on it: `migrated`,
 test_x[postgresql]. A test that holds on one database only narrows it with
 `@pytest.mark.sql_databases("sqlite")`. Each PostgreSQL test gets a new database of its own,
 dropped afterwards; tests/pg.py says where the server comes from (RA_TEST_POSTGRES_URL, else a
-throwaway cluster, else the PostgreSQL variants fail unless RA_TEST_SKIP_POSTGRES=1). A test
+throwaway cluster, else the PostgreSQL variants fail saying how to provide one). A test
 that builds its own Settings must pass `database_url=database_url` (and RA_DATABASE_URL to a
 subprocess), or it silently runs on SQLite. Modules without the marker run on SQLite only.
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 
@@ -50,8 +49,6 @@ def sql_database(request):
 
 @pytest.fixture(scope="session")
 def postgres_server():
-    if os.environ.get(pg.SKIP_ENV) == "1":
-        pytest.skip(f"PostgreSQL variants skipped: {pg.SKIP_ENV}=1")
     try:
         server, problem = pg.start(), None
     except pg.Unavailable as exc:

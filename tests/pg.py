@@ -9,8 +9,8 @@ Where the server comes from, first match wins:
    binaries are looked for via pg_config, PATH and /usr/lib/postgresql/*/bin (Debian's
    `apt-get install postgresql`); as root the cluster runs as the `postgres` user, since
    PostgreSQL refuses to run as root.
-3. Neither: each PostgreSQL test fails and says how to provide one, unless the developer
-   sets RA_TEST_SKIP_POSTGRES=1, which skips them instead (CI never does).
+3. Neither: each PostgreSQL test fails and says how to provide one (never skipped: the
+   promise they check is the multi-user database's).
 """
 from __future__ import annotations
 
@@ -28,10 +28,9 @@ from typing import Iterator
 import sqlalchemy as sa
 
 URL_ENV = "RA_TEST_POSTGRES_URL"
-SKIP_ENV = "RA_TEST_SKIP_POSTGRES"
 HOW_TO = (f"set {URL_ENV}=postgresql+psycopg://USER:PASSWORD@HOST:PORT/postgres (a role with CREATEDB), or "
           "install PostgreSQL's server binaries (apt-get install postgresql) so the tests can start a "
-          f"throwaway cluster, or set {SKIP_ENV}=1 to skip the PostgreSQL variants")
+          "throwaway cluster")
 
 
 class Unavailable(RuntimeError):
