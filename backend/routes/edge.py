@@ -86,8 +86,13 @@ def parse_json(body: bytes) -> Any:
     return value
 
 
+def media_type(request: Request) -> str:
+    """The request's content type without its parameters, lower case ("" when it sends none)."""
+    return request.headers.get("content-type", "").partition(";")[0].strip().lower()
+
+
 def _is_json(request: Request) -> bool:
-    content_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    content_type = media_type(request)
     return content_type == "application/json" or content_type.endswith("+json")
 
 

@@ -17,7 +17,8 @@ from backend import charts, jobs, store
 from backend.access import check_csrf, current_author
 from backend.rankings import FALLBACK_RANKING, RANKINGS, barely_reaches, reads_one_token
 from backend.routes.common import SettingsDep, get_run, render, store_path
-from backend.routes.edge import ERROR_RESPONSES, MAX_ID, JobId, LayerId, StrictJSONRoute, invalid
+from backend.routes.edge import (ERROR_RESPONSES, MAX_ID, JobId, LayerId, StrictJSONRoute, invalid,
+                                 media_type)
 from backend.settings import Settings
 
 router = APIRouter(route_class=StrictJSONRoute, responses=ERROR_RESPONSES)
@@ -303,7 +304,7 @@ def _json_only(request: Request, body: bool = True) -> None:
     """Cookie-authenticated JSON writes must be JSON: a cross-site form cannot send that. A
     write without a body (`body` False) may also come without a content type: a form always
     sends one, and the session cookie (SameSite=Lax) does not go with a cross-site fetch."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    content_type = media_type(request)
     if request.state.header_auth or content_type == "application/json":
         return
     if not body and not content_type and request.headers.get("content-length", "0") == "0":

@@ -16,7 +16,7 @@ from backend import labels
 from backend.access import check_csrf, current_author
 from backend.models import LABELS
 from backend.routes.common import SettingsDep, TableViewQ
-from backend.routes.edge import ERROR_RESPONSES, MAX_ID, FeatureId, LayerId, StrictJSONRoute, invalid
+from backend.routes.edge import ERROR_RESPONSES, MAX_ID, FeatureId, LayerId, StrictJSONRoute, invalid, media_type
 from backend.routes.features import render_feature_page
 
 router = APIRouter(route_class=StrictJSONRoute, responses=ERROR_RESPONSES)
@@ -33,8 +33,7 @@ class LabelEdit(BaseModel):
 def _json_or_csrf(request: Request) -> None:
     """Only JSON bodies, or scripts signed in by header, skip the CSRF token: a browser cannot
     send application/json cross-site without a CORS preflight, and this app enables no CORS."""
-    content_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
-    if not (request.state.header_auth or content_type == "application/json"):
+    if not (request.state.header_auth or media_type(request) == "application/json"):
         check_csrf(request, request.headers.get("x-csrf-token"))
 
 

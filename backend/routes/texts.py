@@ -2,6 +2,7 @@
 whether the model saw all of it (a text longer than model.max_length is cut there)."""
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 import yaml
@@ -17,6 +18,7 @@ router = APIRouter(route_class=StrictJSONRoute, responses=ERROR_RESPONSES)
 DEFAULT_MAX_LENGTH = 128  # workers/config.py ModelConfig.max_length's default
 
 
+@lru_cache(maxsize=64)  # a run's config is the same on every visit to its texts
 def _max_length(config_yaml: str) -> int:
     """The run's model.max_length, as its config says (the default where it says nothing)."""
     try:
