@@ -350,3 +350,91 @@ def texts(path: Path, split: str | None = None, limit: int | None = None) -> lis
         sql += " LIMIT ?"
         params.append(limit)
     return _rows(path, sql, params)
+
+
+# The corpus browser's sorts: key -> ORDER BY over texts t (and, for "feature", the feature's
+# ranked texts r); ties by text id, so every page of a sort is stable.
+CORPUS_SORTS = {
+    "score": "t.score DESC NULLS LAST, t.text_id",
+    "-score": "t.score ASC NULLS LAST, t.text_id",
+    "text_id": "t.text_id",
+    "reward": "t.reward DESC NULLS LAST, t.text_id",
+    "-reward": "t.reward ASC NULLS LAST, t.text_id",
+    "feature": "r.activation DESC, r.rank, t.text_id",
+}
+SPLITS = ("train", "heldout")
+CORPUS_COLUMNS = "t.text_id, t.split, t.text, t.score, t.reward, t.n_tokens"
+
+
+@dataclass
+class CorpusPage:
+    rows: list[dict[str, Any]]
+    total: int  # texts matching the filters, over all pages
+
+
+def _corpus_where(contains: str | None, split: str | None, score_min: float | None,
+                  score_max: float | None) -> tuple[str, list[Any]]:
+    """WHERE conditions on texts t and their parameters; the substring is matched literally
+    (contains(), not LIKE: a '%' or '_' the user types is that character) and case-blind."""
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    sql, params = [], []
+    if contains:
+        sql.append("contains(lower(t.text), lower(?))")
+        params.append(contains)
+    if split is not None:
+        sql.append("t.split = ?")
+        params.append(split)
+    if score_min is not None:
+        sql.append("t.score >= ?")
+        params.append(score_min)
+    if score_max is not None:
+        sql.append("t.score <= ?")
+        params.append(score_max)
+    return (" WHERE " + " AND ".join(sql) if sql else ""), params
+
+
+def corpus(path: Path, *, contains: str | None = None, split: str | None = None, score_min: float | None = None,
+           score_max: float | None = None, sort: str = "score", layer: int | None = None,
+           feature: int | None = None, offset: int = 0, limit: int = 50) -> CorpusPage:
+    """One page of the run's texts: those holding `contains` (case-blind), of `split`, with a
+    score in [score_min, score_max], in `sort` order (CORPUS_SORTS). With a layer and feature,
+    each row has the feature's `activation` (its max over the text's own tokens) where the text
+    is among the feature's ranked texts (feature_texts), else None; sort "feature" lists only
+    those, strongest first. NotFound for an unknown layer; ValueError for an unknown sort or
+    split, a feature out of the layer's range, or a feature sort without its layer and feature."""
+    if sort not in CORPUS_SORTS:
+        raise ValueError(f"unknown sort {sort!r}; expected one of {', '.join(CORPUS_SORTS)}")
+    if (layer is None) != (feature is None):
+        raise ValueError("layer and feature go together: name both, or neither")
+    if sort == "feature" and layer is None:
+        raise ValueError("sort 'feature' needs a layer and a feature")
+    where, params = _corpus_where(contains, split, score_min, score_max)
+    joined, columns, join_params = "", CORPUS_COLUMNS, []
+    if layer is not None:
+        check_feature(path, layer, feature)
+        kind = "JOIN" if sort == "feature" else "LEFT JOIN"  # a feature sort lists its ranked texts only
+        joined = (f" {kind} (SELECT text_id, rank, activation FROM feature_texts WHERE layer = ? AND feature = ?) r"
+                  " USING (text_id)")
+        columns += ", r.activation::DOUBLE AS activation, r.rank AS activation_rank"
+        join_params = [layer, feature]
+    total = _rows(path, f"SELECT count(*) AS n FROM texts t{joined}{where}", [*join_params, *params])[0]["n"]
+    rows = _rows(path, f"SELECT {columns} FROM texts t{joined}{where} ORDER BY {CORPUS_SORTS[sort]} LIMIT ? OFFSET ?",
+                 [*join_params, *params, limit, offset])
+    return CorpusPage(rows=rows, total=total)
+
+
+def check_feature(path: Path, layer: int, feature: int) -> dict[str, Any]:
+    """The layer's info when `feature` is one of its features: NotFound for an unknown layer,
+    ValueError for a feature id beyond its SAE's width."""
+    info = layer_info(path, layer)
+    if not 0 <= feature < info["d_sae"]:
+        raise ValueError(f"feature {feature} is out of range: layer {layer}'s SAE has {info['d_sae']} features "
+                         f"(0..{info['d_sae'] - 1})")
+    return info
+
+
+def ranked_text_count(path: Path, layer: int, feature: int) -> int:
+    """How many texts the store ranks for the feature (at most the run's analysis.ranked_texts)."""
+    return _rows(path, "SELECT count(*) AS n FROM feature_texts WHERE layer = ? AND feature = ?",
+                 [layer, feature])[0]["n"]

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 STORE_FILENAME = "features.duckdb"
-STORE_VERSION = 6
+STORE_VERSION = 7
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,8 @@ def sorts(table: Table) -> tuple[Sort, ...]:
 TABLES: dict[str, Table] = {t.name: t for t in (
     Table("run_info", (
         Column("key", "VARCHAR", "run_id, name, model, adapter, dataset, config_yaml, created_at, store_version, "
-                                 "n_texts, n_tokens, best_layer (absent: no layer has a held-out R²), ..."),
+                                 "n_texts, n_tokens, best_layer (absent: no layer has a held-out R²), "
+                                 "ranked_texts (feature_texts' N per feature), ..."),
         Column("value", "VARCHAR"),
     ), primary_key=("key",)),
 
@@ -206,6 +207,18 @@ TABLES: dict[str, Table] = {t.name: t for t in (
         Column("acts", "FLOAT[]", "the feature's activation on each window token"),
     ), primary_key=("layer", "feature", "kind", "rank")),
 
+    Table("feature_texts", (
+        Column("layer", "INTEGER"),
+        Column("feature", "INTEGER"),
+        Column("rank", "INTEGER", "0 = the text where the feature's max activation is largest"),
+        Column("text_id", "INTEGER"),
+        Column("activation", "FLOAT", "the feature's max activation over the text's own tokens (special tokens "
+               "left out)"),
+    ), primary_key=("layer", "feature", "rank"),
+        doc="Per feature, the texts it fires on most: the top analysis.ranked_texts by activation, only texts "
+            "where it fires (workers/ranked_texts.py). What the corpus browser sorts by when it sorts by a "
+            "feature; texts outside a feature's top N are not listed there."),
+
     Table("faithfulness", (
         Column("layer", "INTEGER"),
         Column("ranking", "VARCHAR", "backend/rankings.py"),
@@ -254,7 +267,7 @@ TABLES: dict[str, Table] = {t.name: t for t in (
 )}
 LAYERS, FEATURES = TABLES["layers"], TABLES["features"]
 # What the pipeline (and any other writer) gives; the rest are derived when the store is written.
-WRITTEN_TABLES = ("texts", "reward_reads", "layers", "features", "contexts", "faithfulness")
+WRITTEN_TABLES = ("texts", "reward_reads", "layers", "features", "contexts", "faithfulness", "feature_texts")
 
 
 def schema_sql() -> str:

@@ -37,6 +37,7 @@ VOCAB = ["good", "bad", "plot", "boring", "great", "awful", "the", "not", "film"
 QUANTILE_BINS = 5  # every live feature has one random example per activation bin
 QUANTILE_TOKEN = "meh"  # CONTEXT_FEATURE's quantile samples peak on this token
 WEIGHT_GROUP = (CONTEXT_FEATURE, 11, 12)  # near-duplicates fitted as one column: they share one weight
+RANKED_TEXTS = 8  # per live feature, the texts it fires on most (feature_texts)
 
 # What the model uses (workers/causal.py), per layer. Layer 3: attribution is its default ranking,
 # whose top 10 move the reward well beyond the controls. Layer 5: the regression weight, but no
@@ -136,7 +137,7 @@ def synthetic_tables(seed: int = 0, causal: bool = True) -> dict[str, dict[str, 
     texts = [dict(text_id=i, split="train" if i < 15 else "heldout", text=f"synthetic review number {i}",
                   reward=float(rewards[i]), score=float(scores[i]), n_tokens=8, reward_position=0)
              for i in range(n_texts)]
-    layers, features, contexts, faithfulness = [], [], [], []
+    layers, features, contexts, faithfulness, ranked_texts = [], [], [], [], []
     extra = np.random.default_rng(seed + 1)  # separate stream: the columns above keep their values
     uses = np.random.default_rng(seed + 2)  # ... and one for what the model uses
     for i, layer in enumerate(LAYERS):
@@ -197,6 +198,7 @@ def synthetic_tables(seed: int = 0, causal: bool = True) -> dict[str, dict[str, 
                     bin_high=width * (b + 1), text_id=(f + b) % n_texts, position=3, activation=acts[3],
                     window_start=0, tokens=tokens, acts=acts,
                 ))
+            ranked_texts.extend(ranked_text_rows(layer, f, max_act, n_texts))
             for rank in range(3):
                 if f == CONTEXT_FEATURE and rank == 0:
                     tokens, acts = CONTEXT_TOKENS, CONTEXT_ACTS
@@ -221,7 +223,18 @@ def synthetic_tables(seed: int = 0, causal: bool = True) -> dict[str, dict[str, 
         layers = [{**row, **dict.fromkeys(CAUSAL_LAYER_COLUMNS), "n_measured": 0} for row in layers]
     return {"texts": spec_columns("texts", texts), "layers": spec_columns("layers", layers),
             "features": spec_columns("features", features), "contexts": spec_columns("contexts", contexts),
-            "faithfulness": spec_columns("faithfulness", faithfulness)}
+            "faithfulness": spec_columns("faithfulness", faithfulness),
+            "feature_texts": spec_columns("feature_texts", ranked_texts)}
+
+
+def ranked_text_rows(layer: int, feature: int, max_act: float, n_texts: int) -> list[dict[str, Any]]:
+    """A live feature's RANKED_TEXTS strongest texts, activation falling with rank: first its
+    top contexts' texts with their peaks (feature + rank, max_act x (1 - 0.2 rank)), then the
+    next texts by id, each below those."""
+    acts = [max_act * (1 - 0.2 * rank) for rank in range(3)]
+    acts += [max_act * 0.5 * (1 - rank / RANKED_TEXTS) for rank in range(RANKED_TEXTS - 3)]
+    return [dict(layer=layer, feature=feature, rank=rank, text_id=(feature + rank) % n_texts, activation=act)
+            for rank, act in enumerate(acts)]
 
 
 CAUSAL_LAYER_COLUMNS = ("default_ranking", "faithfulness_delta", "faithfulness_control", "faithfulness_relative",
@@ -266,7 +279,7 @@ def publish_synthetic_run(settings: Settings, run_id: str = "synthetic", replace
     info = {"run_id": run_id, "name": f"Synthetic {run_id}", "model": "tiny-random-rm",
             "adapter": "seq-cls", "dataset": "synthetic", "config_yaml": "model: tiny-random-rm\n",
             "created_at": "2026-01-01T00:00:00", "n_texts": len(tables["texts"]["text_id"]),
-            "n_tokens": sum(tables["texts"]["n_tokens"])}
+            "n_tokens": sum(tables["texts"]["n_tokens"]), "ranked_texts": RANKED_TEXTS}
     info = with_best_layer(info, tables["layers"])
     write_store(run_dir / STORE_FILENAME, info, tables)
     run_row, sae_rows = registry_rows(info, tables["layers"], run_dir.relative_to(settings.data_dir),

@@ -1,8 +1,9 @@
 """One pass over the corpus: RM scores, SAE features at every token of every chosen layer,
 reconstruction metrics, and for EVERY feature streamed statistics (workers/feature_stream.py):
 frequency, histogram, top and per-activation-bin contexts, top tokens, correlation with the
-reward, and from one backward per sampled batch the effect per unit (d score / d feature along
-its decoder direction) and the attribution (workers/attribution.py).
+reward, the texts it fires on most (workers/ranked_texts.py), and from one backward per sampled
+batch the effect per unit (d score / d feature along its decoder direction) and the attribution
+(workers/attribution.py).
 
 The gradient statistics are taken over the text's own tokens, leaving out special tokens
 ([CLS], [SEP], BOS), as token pooling does: at late layers an encoder's [CLS] already holds the
@@ -23,6 +24,7 @@ from workers.attribution import AttributionAccumulator
 from workers.batching import length_bucketed_batches, token_lengths
 from workers.config import AnalysisConfig
 from workers.feature_stream import FeatureAccumulator, TokenBatch
+from workers.ranked_texts import RankedTexts
 from workers.sae_ops import decoder_directions, pool_reads
 
 
@@ -34,6 +36,7 @@ class LayerActivations:
     d_sae: int
     features: FeatureAccumulator
     attribution: AttributionAccumulator
+    ranked: RankedTexts  # per feature, the texts it fires on most (the corpus browser's sort)
     pooled: dict[str, list[torch.Tensor]] = field(default_factory=lambda: {"rows": [], "cols": [], "vals": []})
     pooled_raw: list[torch.Tensor] = field(default_factory=list)  # residual stream, pooled like the features
     sse: float = 0.0
@@ -161,7 +164,8 @@ def collect_corpus_activations(
         layer: LayerActivations(
             d_sae=saes[layer].cfg.d_sae,
             features=FeatureAccumulator(saes[layer].cfg.d_sae, vocab_size, analysis, seed + layer, adapter.device),
-            attribution=AttributionAccumulator(saes[layer].cfg.d_sae, adapter.device))
+            attribution=AttributionAccumulator(saes[layer].cfg.d_sae, adapter.device),
+            ranked=RankedTexts(saes[layer].cfg.d_sae, analysis.ranked_texts, adapter.device))
         for layer in layers
     }
     lengths, scores, read_texts, read_positions = [], [], [], []
@@ -203,6 +207,8 @@ def collect_corpus_activations(
         read_positions.append((keep.cumsum(1) - 1)[read_seq, read_pos])  # inside the text, as with tokens
         lengths.append(text_lengths)
         keep_dev = keep.to(adapter.device)
+        content_dev, text_of_token_dev = content.to(dev), text_of_token.to(dev)
+        batch_text_ids = torch.from_numpy(indices)
         if grads is not None:  # a text's score: the sum of its reads' (one read for most RMs)
             text_scores = torch.zeros(len(indices)).index_add_(0, read_seq, batch_scores)
         for layer in layers:
@@ -216,13 +222,13 @@ def collect_corpus_activations(
             res.sum_x = x_eval.sum(0).cpu() if res.sum_x is None else res.sum_x + x_eval.sum(0).cpu()
             res.n_eval_tokens += len(x_eval)
             if grads is not None:  # through the text's own tokens only, as token pooling reads them
-                on_text = content.to(dev)
-                text_acts, token_grads = acts[on_text], grads[layer][keep_dev][on_text].float()
+                text_acts, token_grads = acts[content_dev], grads[layer][keep_dev][content_dev].float()
                 res.features.add_effects(text_acts, token_grads, directions[layer])
-                res.attribution.add(text_acts, token_grads, directions[layer], text_of_token.to(dev)[on_text],
+                res.attribution.add(text_acts, token_grads, directions[layer], text_of_token_dev[content_dev],
                                     text_scores)
             acts = acts.float()  # stays on the device: only per-read rows and kept examples leave it
             res.features.add_tokens(acts, tokens)
+            res.ranked.add(acts, text_of_token_dev, content_dev, batch_text_ids)
             res.pooled_raw.append(pool_reads(x, *pool_args).cpu())
             pooled = pool_reads(acts, *pool_args).cpu()
             res.features.add_reads(pooled, batch_scores)

@@ -239,7 +239,7 @@ def build_tables(config: RunConfig, adapter, corpus, acts, saes: dict, sae_paths
     """Every table the store is written from: the corpus's, then per layer its row of `layers`
     and its features' and contexts' rows, each stage's columns side by side."""
     vocab = np.array(adapter.tokenizer.convert_ids_to_tokens(list(range(len(adapter.tokenizer)))), dtype=object)
-    layer_rows, features, contexts, curves = [], [], [], []
+    layer_rows, features, contexts, curves, ranked = [], [], [], [], []
     for i, layer in enumerate(config.layers):
         layer_progress = _part(progress, i / len(config.layers), (i + 1) / len(config.layers))
         layer_acts, sae = acts.layers[layer], saes[layer]
@@ -258,11 +258,13 @@ def build_tables(config: RunConfig, adapter, corpus, acts, saes: dict, sae_paths
         layer_rows.append(row)
         features.append(merged(feats, weights, decoder_columns(sae), causal.feature_columns))
         contexts.append(layer_contexts)
+        ranked.append(layer_acts.ranked.columns(layer))
         curves.extend(causal.curves)
         _print_layer_summary(row, weights)
     faithfulness = as_columns(curves) or {name: [] for name in TABLES["faithfulness"].names}
     return {**corpus_tables(corpus, acts), "layers": as_columns(layer_rows),
-            "features": _concatenated(features), "contexts": _concatenated(contexts), "faithfulness": faithfulness}
+            "features": _concatenated(features), "contexts": _concatenated(contexts), "faithfulness": faithfulness,
+            "feature_texts": _concatenated(ranked)}
 
 
 def _register(settings: Settings, config: RunConfig, tables: dict, info: dict, replace: bool) -> None:
@@ -356,7 +358,7 @@ def _run_pipeline(config: RunConfig, settings: Settings, replace: bool) -> Path:
             "run_id": config.run_id, "name": config.name, "model": config.model.path,
             "adapter": config.model.adapter, "dataset": config.dataset.source, "config_yaml": config_yaml,
             "created_at": datetime.now(timezone.utc).isoformat(), "n_texts": len(corpus.texts),
-            "n_tokens": acts.n_tokens, "device": str(device),
+            "n_tokens": acts.n_tokens, "device": str(device), "ranked_texts": config.analysis.ranked_texts,
         }
         info = with_best_layer(info, tables["layers"])
         _stage("writing the feature store")
