@@ -20,6 +20,7 @@ from workers.config import parse_config
 from workers.pipeline import run_pipeline
 
 N_FEATURES = 64
+RANKED_TEXTS = 50  # of the 240 texts: features firing on more keep only their strongest 50
 
 
 def tiny_config(model_path, dataset_path, **overrides):
@@ -29,7 +30,7 @@ def tiny_config(model_path, dataset_path, **overrides):
         "dataset": {"source": str(dataset_path), "batch_size": 32},
         "layers": [0, 2],
         "sae": {"width": N_FEATURES, "k": 4, "training_tokens": 4096, "batch_size": 256, "buffer_tokens": 1024},
-        "analysis": {"n_contexts": 5},
+        "analysis": {"n_contexts": 5, "ranked_texts": RANKED_TEXTS},
         "regression": {"pooling": "mean"},
         **overrides,
     }
@@ -262,6 +263,47 @@ def test_contexts_and_scores_point_at_the_right_texts(finished_run, tiny_world):
     sample = con.execute("select text, score from texts where text_id in (3, 100, 201) order by text_id").fetchall()
     scores, _ = adapter.run(adapter.tokenize([text for text, _ in sample]))
     assert np.allclose(scores.numpy(), [score for _, score in sample], atol=1e-4)
+
+
+def test_each_feature_ranks_the_texts_where_its_max_activation_is_largest(finished_run, tiny_world):
+    """feature_texts against the SAE run again on every text: per feature, the texts with the
+    largest max activation over the text's own tokens (special tokens left out), strongest first."""
+    import torch
+    from sae_lens import SAE
+
+    from workers.adapters import load_adapter
+
+    settings, run_dir = finished_run
+    adapter = load_adapter("seq_cls", str(tiny_world[0]), torch.device("cpu"), max_length=32)
+    special_ids = torch.tensor(adapter.tokenizer.all_special_ids)
+    con = duckdb.connect(str(run_dir / STORE_FILENAME), read_only=True)
+    texts = [text for (text,) in con.execute("select text from texts order by text_id").fetchall()]
+    assert dict(con.execute("select key, value from run_info").fetchall())["ranked_texts"] == str(RANKED_TEXTS)
+    checked_full = 0
+    for layer in (0, 2):
+        sae = SAE.load_from_disk(run_dir / "saes" / f"layer_{layer}").eval()
+        maxima = []
+        for start in range(0, len(texts), 32):
+            batch = adapter.tokenize(texts[start:start + 32])
+            with torch.no_grad():
+                _, captured = adapter.run(batch, capture=[layer], need_score=False)
+                codes = sae.encode(captured[layer].float())
+            own = batch.attention_mask.bool() & ~torch.isin(batch.input_ids, special_ids)
+            maxima.append((codes * own.unsqueeze(-1)).amax(dim=1))
+        maxima = torch.cat(maxima).numpy()  # [text, feature]
+        stored = con.execute("select feature, list(text_id order by rank), list(activation order by rank), "
+                             "list(rank order by rank) from feature_texts where layer = ? group by feature",
+                             [layer]).fetchall()
+        assert {f for f, *_ in stored} == set(np.flatnonzero(maxima.max(axis=0) > 0))  # every feature that fires
+        for feature, text_ids, activations, ranks in stored:
+            column = maxima[:, feature]
+            firing = int((column > 0).sum())
+            assert ranks == list(range(min(firing, RANKED_TEXTS)))
+            assert text_ids[0] == int(np.argmax(column))  # the top text is the one it fires on most
+            np.testing.assert_allclose(activations, np.sort(column)[::-1][:len(ranks)], rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(column[text_ids], activations, rtol=1e-4, atol=1e-5)
+            checked_full += firing > RANKED_TEXTS
+    assert checked_full > 0  # some feature fires on more texts than are kept, so the cut was tested
 
 
 def test_causal_columns_measured_and_the_default_ranking_is_the_curve_that_moves_most(finished_run):
