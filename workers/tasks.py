@@ -281,4 +281,7 @@ def inference_task(params: dict, ctx) -> dict:
     return result
 
 
-TASKS = {"pipeline": pipeline_task, "ablation": ablation_task, "inference": inference_task}
+from workers.probes import insertion_task, sweep_task, vocab_probe_task  # noqa: E402  (probes import tasks lazily)
+
+TASKS = {"pipeline": pipeline_task, "ablation": ablation_task, "inference": inference_task,
+         "vocab_probe": vocab_probe_task, "insertion": insertion_task, "sweep": sweep_task}
