@@ -23,12 +23,12 @@ MAX_QUERY_LENGTH = 200
 SNIPPET_CHARS = 400  # a longer text shows this much of itself, around its first match
 
 SORT_LABELS = {
-    "score": "RM score, highest first",
-    "-score": "RM score, lowest first",
-    "reward": "dataset reward, highest first",
-    "-reward": "dataset reward, lowest first",
+    "score": "score, highest first",
+    "-score": "score, lowest first",
+    "reward": "reward, highest first",
+    "-reward": "reward, lowest first",
     "text_id": "text id",
-    "feature": "a feature's activation, strongest first",
+    "feature": "feature activation",
 }
 assert set(SORT_LABELS) == set(store.CORPUS_SORTS)
 
