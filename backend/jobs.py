@@ -99,6 +99,19 @@ def _owned(job_id: int, worker: str):
     return sa.update(Job).where(Job.id == job_id, Job.lease_owner == worker, Job.status == "running")
 
 
+def of_run(settings: Settings, kind: str, run_id: str, where, limit: int = 500) -> list[dict]:
+    """A run's newest jobs of one kind whose params satisfy `where` (a predicate on the params
+    dict), newest first. Params are JSON, filtered here rather than in SQL: the same code on
+    SQLite and PostgreSQL; only the matching jobs' results are read."""
+    with db.session(settings) as s:
+        heads = s.execute(sa.select(Job.id, Job.params).where(Job.kind == kind, Job.run_id == run_id)
+                          .order_by(Job.id.desc()).limit(limit)).all()
+        ids = [job_id for job_id, params in heads if where(params or {})]
+        if not ids:
+            return []
+        return [as_dict(j) for j in s.scalars(sa.select(Job).where(Job.id.in_(ids)).order_by(Job.id.desc()))]
+
+
 def heartbeat(settings: Settings, job_id: int, worker: str, lease_s: float = DEFAULT_LEASE_S,
               progress: float | None = None, message: str | None = None) -> tuple[bool, bool]:
     """Extend the lease (and record progress). Returns (still ours, cancel requested)."""

@@ -223,22 +223,54 @@ def ablation_result(chosen, controls, draws, texts, text_ids, seed: int) -> dict
                          for draw, c in zip(draws, controls)]}
 
 
-# --- custom text ------------------------------------------------------------------------
+# --- one text: its score, attribution and edits ----------------------------------------
+
+SHOWN_BY_CONTRIBUTION = 8  # features shaded token by token when the request names none
+
+
+def text_attributions(run: LoadedRun, text: str, layers: list[int], steps: int, ctx=None) -> dict[str, dict]:
+    """Each layer's complete attribution of the text's score (workers/text_attribution.py), by
+    layer id as a string (JSON keys); {} where the score has no gradient through the model."""
+    from workers.analyze import adapter_has_gradient
+    from workers.text_attribution import attribute_text, attribution_result
+
+    if not adapter_has_gradient(run.adapter):
+        return {}
+    out = {}
+    for i, layer in enumerate(layers):
+        if ctx is not None:
+            ctx.report(i / (len(layers) + 1), f"attributing the score at layer {layer}")
+        out[str(layer)] = attribution_result(attribute_text(run.adapter, run.sae(layer), layer, text, steps))
+    return out
+
 
 @torch.no_grad()
 def inference_task(params: dict, ctx) -> dict:
-    """A typed text's reward and, per token, the activations of the chosen features; with an
-    edit, the reward again with those features changed."""
+    """A text's reward, its complete attribution over the SAE features of the chosen layers, and,
+    per token, the activations of the shown features (by default the ones that contribute most
+    to this text's score); with an edit, the reward again with those features changed."""
     from workers.ablation import FeatureEdit, edit_hidden
     from workers.analyze import adapter_has_gradient, forward_with_gradients
     from workers.sae_ops import edited_tokens
+    from workers.text_attribution import DEFAULT_STEPS, what_was_read
 
     run = ctx.cache.get(params["run_id"])
     layer = int(params["layer"])
     sae = run.sae(layer)
-    features = [int(f) for f in params["features"]]
+    d_sae = sae.cfg.d_sae
+    text = params["text"]
+    attribution_layers = [int(x) for x in params.get("attribution_layers") or [layer]]
+    attribution = text_attributions(run, text, attribution_layers,
+                                    int(params.get("steps", DEFAULT_STEPS)), ctx)
+    features = [int(f) for f in params.get("features") or []]
+    if not features:  # those that contribute most to this text's score; else the layer's default ranking's
+        features = ([row["feature"] for row in attribution[str(layer)]["features"][:SHOWN_BY_CONTRIBUTION]]
+                    if str(layer) in attribution else [int(f) for f in params.get("fallback_features") or []])
+    too_large = [f for f in features if f >= d_sae]
+    if too_large:
+        raise JobFailed(f"feature {too_large[0]} is out of range: layer {layer} has {d_sae} features")
     adapter = run.adapter
-    batch = adapter.tokenize([params["text"]])
+    batch = adapter.tokenize([text])
     grad = None
     if params.get("edit") and adapter_has_gradient(adapter):  # for the edit's first-order prediction
         score, captured, grads = forward_with_gradients(adapter, batch, [layer])
@@ -249,11 +281,15 @@ def inference_task(params: dict, ctx) -> dict:
     keep = batch.attention_mask[0].bool()
     tokens = adapter.tokenizer.convert_ids_to_tokens(batch.input_ids[0][keep].tolist())
     result: dict[str, Any] = {
+        "text": text,
+        "text_id": params.get("text_id"),
         "tokens": tokens,
         "reward": float(score.float().mean()),
         "reads": [float(x) for x in score.float().cpu()],
+        "read": what_was_read(adapter, text),
         "features": features,
         "acts": {str(f): [float(x) for x in acts[keep, f].cpu()] for f in features},
+        "attribution": attribution,
     }
     if params.get("edit"):
         e = params["edit"]
@@ -281,7 +317,31 @@ def inference_task(params: dict, ctx) -> dict:
     return result
 
 
+def text_diff_task(params: dict, ctx) -> dict:
+    """Two texts (a text and an edit of it) side by side at one layer: both scores and
+    attributions, the features whose contribution changed most, and the tokens aligned."""
+    from workers.analyze import adapter_has_gradient
+    from workers.text_attribution import (DEFAULT_STEPS, attribute_text, attribution_result, diff_attributions,
+                                          what_was_read)
+
+    run = ctx.cache.get(params["run_id"])
+    if not adapter_has_gradient(run.adapter):
+        raise JobFailed("this run's score has no gradient through the model: a text diff needs its attribution")
+    layer, steps = int(params["layer"]), int(params.get("steps", DEFAULT_STEPS))
+    attributions, sides = [], []
+    for i, text in enumerate([params["text_a"], params["text_b"]]):
+        ctx.report(i / 2, f"attributing text {'AB'[i]}")
+        attributions.append(attribute_text(run.adapter, run.sae(layer), layer, text, steps))
+        sides.append({"text": text, "text_id": params.get(f"text_id_{'ab'[i]}"), "read": what_was_read(run.adapter, text),
+                      **attribution_result(attributions[-1])})
+    result = {"layer": layer, "a": sides[0], "b": sides[1], **diff_attributions(*attributions)}
+    if _non_finite(result):
+        raise JobFailed("the reward model's score is non-finite on one of the texts")
+    ctx.report(1.0, "done")
+    return result
+
+
 from workers.probes import insertion_task, sweep_task, vocab_probe_task  # noqa: E402  (probes import tasks lazily)
 
-TASKS = {"pipeline": pipeline_task, "ablation": ablation_task, "inference": inference_task,
+TASKS = {"pipeline": pipeline_task, "ablation": ablation_task, "inference": inference_task, "text_diff": text_diff_task,
          "vocab_probe": vocab_probe_task, "insertion": insertion_task, "sweep": sweep_task}

@@ -16,7 +16,7 @@ from backend import db, store
 from backend.access import csrf_token
 from backend.models import LABELS
 from backend.rankings import FALLBACK_RANKING, RANKINGS, Ranking
-from backend.routes.formats import (context_rows, feature_rows, fmt_delta, fmt_num, fmt_pct, fmt_weight, token_spans,
+from backend.routes.formats import (context_rows, contribution_spans, feature_rows, fmt_delta, fmt_num, fmt_pct, fmt_weight, token_spans,
                                     weight_class)
 from backend.routes.edge import MAX_ID
 from backend.settings import Settings
@@ -73,6 +73,7 @@ templates.env.filters.update(num=fmt_num, weight=fmt_weight, pct=fmt_pct, delta=
 KIND_TAGS = {"predicts": "predicts", "gradient": "gradient", "measured": "ablation"}
 templates.env.globals.update(csrf_token=csrf_token, token_spans=token_spans, context_rows=context_rows,
                              feature_rows=feature_rows, kind_tag=KIND_TAGS)
+templates.env.globals["contribution_spans"] = contribution_spans  # a text's tokens by contribution
 
 
 def json_response(data: dict[str, Any]) -> Response:

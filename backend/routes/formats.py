@@ -102,6 +102,30 @@ def token_spans(tokens: Sequence[str], acts: Sequence[float], scale: float, peak
     return Markup("".join(parts))
 
 
+def contribution_spans(tokens: Sequence[str], per_token: Sequence[float], anchor: str | None,
+                       token_features: Sequence[Sequence[Mapping[str, Any]]], start: int = 0,
+                       scale: float | None = None) -> Markup:
+    """A text's tokens shaded by their total contribution to its score (blue raises it, red
+    lowers it; --a = |contribution| / `scale`, by default the largest, in per cent), each a link to
+    `#{anchor}-{i}`, the token's panel of features (shown by CSS :target, no script), or plain
+    with no anchor; hover names its top three. `start`: the first token's index (a slice of a text)."""
+    scale = max((abs(x) for x in per_token), default=0.0) if scale is None else scale
+    per_cent = 100.0 / scale if scale > 0 else 0.0
+    parts = []
+    for i, ((text, space), tok, value) in enumerate(zip(token_texts(tokens), tokens, per_token)):
+        classes = "tok contrib " + weight_class(value)
+        if len(tok) > 2 and tok[0] in "[<" and tok[-1] in "]>":
+            classes += " special"
+        shade = min(int(abs(value) * per_cent + 0.5), 100)
+        escaped = _escaped(tok)
+        top = ", ".join(f"{f['feature']} ({fmt_weight(f['contribution'])})" for f in token_features[i][:3])
+        title = f"{escaped}: {fmt_weight(value)}" + (f" · {_escaped(top)}" if top else "")
+        tag, link = ("a", f' href="#{anchor}-{start + i}"') if anchor else ("span", "")
+        parts.append(f'{" " if space else ""}<{tag} class="{classes}"{link} data-token="{start + i}" '
+                     f'style="--a:{shade}%" title="{title}">{escaped[len(tok) - len(text):]}</{tag}>')
+    return Markup("".join(parts))
+
+
 def context_rows(contexts: Sequence[Mapping[str, Any]], scale: float, by_bin: bool = False,
                  text_href: str = "") -> Markup:
     """A feature's contexts as table rows: rank (in `by_bin` tables, the activation bin, on the

@@ -72,19 +72,58 @@ class AblationRequest(EditSpec):
     n_controls: int = Field(3, ge=3, le=20, description="random control draws (at least 3), each as many features as chosen")
 
 
+MAX_ATTRIBUTION_STEPS = 64
+TextIdField = Field(None, ge=0, le=MAX_ID, description="a corpus text's id: score that text (then leave `text` out)")
+StepsField = Field(16, ge=0, le=MAX_ATTRIBUTION_STEPS, description="integrated-gradients steps for the text's "
+                   "attribution (complete: contributions add up to score − the score with the layer's features "
+                   "zeroed); 0: first order, activation × gradient")
+
+
 class InferenceRequest(BaseModel):
-    text: str = Field(min_length=1)
+    text: str | None = Field(None, min_length=1)
+    text_id: int | None = TextIdField
     features: Annotated[list[Annotated[int, Field(ge=0, le=MAX_ID)]], Field(max_length=MAX_SHOWN_FEATURES)] = Field(
-        default_factory=list, description="features to show per token (default: the top 8 of the layer's default "
-        f"ranking; at most {MAX_SHOWN_FEATURES})")
+        default_factory=list, description="features to show per token (default: the 8 that contribute most to this "
+        f"text's score; at most {MAX_SHOWN_FEATURES})")
+    steps: int = StepsField
+    attribution_layers: Annotated[list[Annotated[int, Field(ge=0, le=MAX_ID)]], Field(max_length=64)] | None = Field(
+        None, description="layers to attribute the score at (default: this layer)")
     edit: AblationRequest | None = None
 
     @field_validator("text")
     @classmethod
-    def _not_blank(cls, text: str) -> str:
-        if not text.strip():
+    def _not_blank(cls, text: str | None) -> str | None:
+        if text is not None and not text.strip():
             raise ValueError("type a text")
         return text
+
+    @model_validator(mode="after")
+    def _one_text(self):
+        if (self.text is None) == (self.text_id is None):
+            raise ValueError("give either `text` or `text_id` (a corpus text), not both" if self.text is not None
+                             else "type a text, or name a corpus text by `text_id`")
+        return self
+
+
+class DiffRequest(BaseModel):
+    text_a: str | None = Field(None, min_length=1, description="the first text (or name it by `text_id_a`)")
+    text_id_a: int | None = Field(None, ge=0, le=MAX_ID, description="a corpus text as the first text")
+    text_b: str = Field(min_length=1, description="the second text: an edit of the first")
+    steps: int = StepsField
+
+    @field_validator("text_a", "text_b")
+    @classmethod
+    def _not_blank(cls, text: str | None) -> str | None:
+        if text is not None and not text.strip():
+            raise ValueError("type a text")
+        return text
+
+    @model_validator(mode="after")
+    def _one_first_text(self):
+        if (self.text_a is None) == (self.text_id_a is None):
+            raise ValueError("give either `text_a` or `text_id_a`, not both" if self.text_a is not None
+                             else "give the first text as `text_a`, or name a corpus text by `text_id_a`")
+        return self
 
 
 class PipelineRequest(BaseModel):
@@ -146,20 +185,48 @@ def submit_ablation(settings: Settings, run_id: str, layer: int, req: AblationRe
     return _submit(settings, "ablation", params, author, run_id)
 
 
+def corpus_text(settings: Settings, run_id: str, text_id: int, field: str) -> str:
+    """A corpus text by id, for a job that names it (404 when the run has no such text)."""
+    try:
+        return store.text(store_path(settings, get_run(settings, run_id)), text_id)["text"]
+    except store.NotFound as exc:
+        raise store.NotFound(f"run {run_id!r}: {exc} ({field})") from None
+
+
 def submit_inference(settings: Settings, run_id: str, layer: int, req: InferenceRequest, author: str) -> dict:
-    _check_text_length(settings, [req.text], "text")
+    text = req.text if req.text_id is None else corpus_text(settings, run_id, req.text_id, "text_id")
+    _check_text_length(settings, [text], "text")
     path = store_path(settings, get_run(settings, run_id))
     info = store.layer_info(path, layer)
-    default_sort = RANKINGS[info.get("default_ranking") or FALLBACK_RANKING].sort  # what holds up under ablation
-    shown = list(dict.fromkeys(req.features)) or [
-        r["feature"] for r in store.features(path, layer, sort=default_sort, limit=8).rows]
+    shown = list(dict.fromkeys(req.features))
     _check_range(shown, info, layer, "features")
-    params: dict[str, Any] = {"run_id": run_id, "layer": layer, "text": req.text, "features": shown}
+    attribution_layers = list(dict.fromkeys(req.attribution_layers or [layer]))
+    known = {row["layer"] for row in store.layers(path)}
+    unknown = [x for x in attribution_layers if x not in known]
+    if unknown:
+        raise invalid(f"layer {unknown[0]} has no SAE in this run (its layers: {', '.join(map(str, sorted(known)))})",
+                      "attribution_layers")
+    # without a gradient (a score computed from the text) the worker has no attribution to rank
+    # by and shows the layer's default ranking, the one that holds up under ablation
+    default_sort = RANKINGS[info.get("default_ranking") or FALLBACK_RANKING].sort
+    fallback = [r["feature"] for r in store.features(path, layer, sort=default_sort, limit=8).rows]
+    params: dict[str, Any] = {"run_id": run_id, "layer": layer, "text": text, "text_id": req.text_id,
+                              "features": shown, "fallback_features": fallback, "steps": req.steps,
+                              "attribution_layers": attribution_layers}
     if req.edit is not None:
         edit_features, described = _resolve_features(settings, run_id, layer, req.edit)
         params["edit"] = {"features": edit_features, "mode": req.edit.mode, "value": req.edit.value,
                           "tokens": req.edit.tokens, "described": described}
     return _submit(settings, "inference", params, author, run_id)
+
+
+def submit_diff(settings: Settings, run_id: str, layer: int, req: DiffRequest, author: str) -> dict:
+    text_a = req.text_a if req.text_id_a is None else corpus_text(settings, run_id, req.text_id_a, "text_id_a")
+    _check_text_length(settings, [text_a, req.text_b], "text_b")
+    store.layer_info(store_path(settings, get_run(settings, run_id)), layer)  # 404 for an unknown layer
+    params = {"run_id": run_id, "layer": layer, "text_a": text_a, "text_id_a": req.text_id_a, "text_b": req.text_b,
+              "steps": req.steps}
+    return _submit(settings, "text_diff", params, author, run_id)
 
 
 def _submit(settings: Settings, kind: str, params: dict, author: str, run_id: str | None) -> dict:
@@ -233,11 +300,27 @@ async def ablate_form(request: Request, run_id: str, layer: LayerId, settings: S
 @router.post("/runs/{run_id}/layers/{layer}/text", include_in_schema=False)
 async def text_form(request: Request, run_id: str, layer: LayerId, settings: SettingsDep):
     form = await _form(request)
-    data: dict[str, Any] = {"text": form.get("text") or "",
-                            "features": _feature_ids([form.get("shown") or ""], "shown", MAX_SHOWN_FEATURES)}
+    data: dict[str, Any] = {"features": _feature_ids([form.get("shown") or ""], "shown", MAX_SHOWN_FEATURES),
+                            "steps": form.get("steps") or 16}
+    if (form.get("text_id") or "").strip():
+        data["text_id"] = form["text_id"]
+    else:
+        data["text"] = form.get("text") or ""
     if form.get("mode"):
         data["edit"] = _edit_fields(form)
     job = submit_inference(settings, run_id, layer, _parse(InferenceRequest, data), current_author(request))
+    return RedirectResponse(f"/jobs/{job['id']}", status_code=303)
+
+
+@router.post("/runs/{run_id}/layers/{layer}/diff", include_in_schema=False)
+async def diff_form(request: Request, run_id: str, layer: LayerId, settings: SettingsDep):
+    form = await _form(request)
+    data: dict[str, Any] = {"text_b": form.get("text_b") or "", "steps": form.get("steps") or 16}
+    if (form.get("text_id_a") or "").strip():
+        data["text_id_a"] = form["text_id_a"]
+    else:
+        data["text_a"] = form.get("text_a") or ""
+    job = submit_diff(settings, run_id, layer, _parse(DiffRequest, data), current_author(request))
     return RedirectResponse(f"/jobs/{job['id']}", status_code=303)
 
 
@@ -323,9 +406,19 @@ def api_ablate(request: Request, response: Response, run_id: str, layer: LayerId
 @router.post("/api/runs/{run_id}/layers/{layer}/texts", status_code=201, tags=["jobs"])
 def api_text(request: Request, response: Response, run_id: str, layer: LayerId, body: InferenceRequest,
              settings: SettingsDep) -> dict:
-    """Queue a custom text: its reward, per-token activations and, with `edit`, the edited reward."""
+    """Queue a text (typed, or a corpus text by `text_id`): its reward, its score's attribution over
+    the SAE features of the chosen layers, per-token activations and, with `edit`, the edited reward."""
     _json_only(request)
     return _created(response, submit_inference(settings, run_id, layer, body, current_author(request)))
+
+
+@router.post("/api/runs/{run_id}/layers/{layer}/diffs", status_code=201, tags=["jobs"])
+def api_diff(request: Request, response: Response, run_id: str, layer: LayerId, body: DiffRequest,
+             settings: SettingsDep) -> dict:
+    """Queue a diff of two texts (a text and an edit of it) at one layer: both scores and
+    attributions, the features whose contribution changed most, the tokens aligned."""
+    _json_only(request)
+    return _created(response, submit_diff(settings, run_id, layer, body, current_author(request)))
 
 
 @router.post("/api/jobs", status_code=201, tags=["jobs"])
