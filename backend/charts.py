@@ -177,3 +177,38 @@ def calibration(features: Sequence[dict[str, Any]], size: int = 260) -> dict | N
     return {"width": size, "height": top + plot + bottom, "left": left, "right": left + plot, "top": top,
             "base_y": top + plot, "series": dots, "diagonal": {"x1": x(lo), "y1": y(lo), "x2": x(hi), "y2": y(hi)},
             "zero_x": x(0.0), "zero_y": y(0.0), "ticks": [{"v": v, "x": x(v), "y": y(v)} for v in ticks]}
+
+
+def dose_response(points: Sequence[dict[str, Any]], width: int = 560, height: int = 240) -> dict | None:
+    """A sweep's mean Δ score (y) against the edit's value (x, linear): the chosen features as a
+    line with its 95% CI as a band, the random controls' mean as a second line with their range
+    (lowest to highest draw mean) as a band; a zero line. None: no point."""
+    if not points:
+        return None
+    left, right, top, bottom = 52, 12, 10, 30
+    plot_w, plot_h = width - left - right, height - top - bottom
+    chosen = [p["chosen"] for p in points]
+    control = [p["control"] for p in points]
+    lo, hi, ticks = _axis([v for c in chosen for v in _finite(c["mean_delta"], c["ci_low"], c["ci_high"])]
+                          + [v for c in control for v in _finite(c["mean_delta"], c["low"], c["high"])])
+    values = [float(p["value"]) for p in points]
+    v_lo, v_hi = min(values), max(values)
+    span = (v_hi - v_lo) or 1.0
+    x = lambda v: round(left + plot_w * ((v - v_lo) / span if v_hi > v_lo else 0.5), 1)  # noqa: E731
+    y = lambda v: round(top + plot_h * (hi - v) / (hi - lo), 1)  # noqa: E731
+
+    def series(rows, mean_key, low_key, high_key):
+        dots = [{"x": x(v), "y": y(r[mean_key]), "value": v, "row": r} for v, r in zip(values, rows)
+                if _finite(r[mean_key])]
+        banded = [(v, r) for v, r in zip(values, rows) if len(_finite(r[low_key], r[high_key])) == 2]
+        band = " ".join([f"{x(v)},{y(r[high_key])}" for v, r in banded]
+                        + [f"{x(v)},{y(r[low_key])}" for v, r in reversed(banded)])
+        return {"dots": dots, "path": " ".join(f"{d['x']},{d['y']}" for d in dots), "band": band}
+
+    shown = values if len(values) <= 12 else values[:: -(-len(values) // 8)]
+    return {"width": width, "height": height, "left": left, "right": width - right, "top": top,
+            "base_y": top + plot_h, "zero_y": y(0.0),
+            "chosen": series(chosen, "mean_delta", "ci_low", "ci_high"),
+            "control": series(control, "mean_delta", "low", "high"),
+            "y_ticks": [{"v": v, "y": y(v)} for v in ticks],
+            "x_ticks": [{"v": v, "x": x(v)} for v in shown]}

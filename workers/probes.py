@@ -9,6 +9,9 @@ to the score, and how the score follows a feature pushed harder (dose-response).
   paired difference is what the phrase itself does beyond "one more word there".
 - sweep: a clamp or steer of chosen features at several values on one prepared evaluation set,
   each value beside frequency-matched random features given the same edit.
+
+The server reads this module's defaults (carriers, control word, sweep values) to validate and
+describe requests, so torch and scipy are imported inside the functions that measure.
 """
 from __future__ import annotations
 
@@ -16,11 +19,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-import torch
 
 from backend import store
 from workers.batching import length_bucketed_batches, token_lengths
-from workers.controls import control_draws, control_summary, mean_with_ci, paired_test
 
 # Bland sentences with one slot: no sentiment, no topic, so what a feature does at the slot is
 # the token's own doing. The slot follows a space, so byte-level BPE spells the word as it
@@ -114,13 +115,21 @@ class VocabProbe:
     n_carriers: int
 
 
-@torch.no_grad()
 def probe_vocabulary(adapter, sae, layer: int, candidates: list[tuple[int, str]], carriers: list[str],
                      top_k: int = TOP_TOKENS, batch_size: int = VOCAB_BATCH,
                      progress: Callable[[float], None] | None = None) -> VocabProbe:
     """Every candidate in every carrier, its feature activations at its own position; per
     feature the top_k candidates by mean activation. A carrier where the word does not come out
     as its own token (a tokenizer that merges it with a neighbour) is left out of its mean."""
+    import torch
+
+    with torch.no_grad():
+        return _probe_vocabulary(adapter, sae, layer, candidates, carriers, top_k, batch_size, progress)
+
+
+def _probe_vocabulary(adapter, sae, layer, candidates, carriers, top_k, batch_size, progress) -> VocabProbe:
+    import torch
+
     device = adapter.device
     d_sae, n_carriers = sae.cfg.d_sae, len(carriers)
     slots = torch.tensor(slot_positions(adapter.tokenizer, carriers), device=device)
@@ -227,25 +236,29 @@ def excerpt(text: str, span: tuple[int, int], limit: int = EXCERPT_CHARS) -> str
 
 def _last_read_of_each(batch) -> torch.Tensor:
     """Each sequence's last reward read: the text's (final) score, as the store keeps it."""
+    import torch
+
     seq = batch.reward_index[:, 0]
     reads = torch.arange(len(seq), device=seq.device)
     out = torch.zeros(len(batch.texts), dtype=torch.long, device=seq.device)
     return out.scatter_reduce(0, seq, reads, "amax", include_self=False)
 
 
-@torch.no_grad()
 def final_scores(adapter, texts: list[str], batch_size: int = INSERTION_BATCH, layer: int | None = None,
                  on_layer: Callable | None = None, progress: Callable[[float], None] | None = None) -> np.ndarray:
     """Each text's final score, in length-bucketed batches; with `layer`, on_layer(indices,
     batch, hidden) sees that layer's output of every batch."""
+    import torch
+
     out = np.empty(len(texts))
     done = 0
     for indices in length_bucketed_batches(token_lengths(adapter.tokenizer, texts, adapter.max_length), batch_size, None):
         batch = adapter.tokenize([texts[i] for i in indices])
-        scores, captured = adapter.run(batch, capture=[] if layer is None else [layer])
-        out[indices] = scores.float()[_last_read_of_each(batch)].cpu().numpy()
-        if on_layer is not None:
-            on_layer(indices, batch, captured[layer])
+        with torch.no_grad():
+            scores, captured = adapter.run(batch, capture=[] if layer is None else [layer])
+            out[indices] = scores.float()[_last_read_of_each(batch)].cpu().numpy()
+            if on_layer is not None:
+                on_layer(indices, batch, captured[layer])
         done += len(indices)
         if progress:
             progress(done / len(texts))
@@ -255,6 +268,8 @@ def final_scores(adapter, texts: list[str], batch_size: int = INSERTION_BATCH, l
 def span_tokens(adapter, batch, spans: list[tuple[int, int]]) -> torch.Tensor | None:
     """[B, T] the tokens covering each text's character span; None when the tokenizer cannot
     say where its tokens come from (no offsets) or tokenises differently from the adapter."""
+    import torch
+
     if not getattr(adapter.tokenizer, "is_fast", False):
         return None
     enc = adapter.tokenizer(batch.texts, padding=True, truncation=True, max_length=adapter.max_length,
@@ -303,6 +318,8 @@ def measure_insertion(adapter, texts: list[str], phrase: str, control: str, posi
                       progress: Callable[[float], None] | None = None) -> Insertion:
     """Score every text as it is, with the phrase inserted, and with the control inserted the
     same way; with a feature (its layer's SAE), its activation on the inserted tokens."""
+    import torch
+
     edits = [insert_phrase(t, phrase, position, repeat) for t in texts]
     controls = [insert_phrase(t, control, position, repeat)[0] for t in texts]
     arm = (lambda i: (lambda share: progress((i + share) / 3))) if progress else (lambda i: None)
@@ -327,6 +344,8 @@ def measure_insertion(adapter, texts: list[str], phrase: str, control: str, posi
 def insertion_result(measured: Insertion, rows: list[dict], cut: np.ndarray, seed: int) -> dict:
     """Mean Δ of the phrase and of the control, each with its 95% t-interval, their paired
     difference per text with its CI and sign-flip p-value, and every text's numbers."""
+    from workers.controls import mean_with_ci, paired_test
+
     delta, control = measured.delta, measured.control_delta
     examples = []
     for i, row in enumerate(rows):
@@ -398,6 +417,8 @@ def default_sweep_values(mode: str, max_activation: float | None) -> list[float]
 def sweep_point(value: float, chosen, controls: list, seed: int) -> dict:
     """One value of a sweep: the chosen features' mean Δ with its CI, the controls' mean and
     range, and the paired test of chosen against them, over all reward reads."""
+    from workers.controls import control_summary, mean_with_ci
+
     return {"value": value, "chosen": {"n": int(len(chosen.delta)), **mean_with_ci(chosen.delta),
                                        "fired_share": float(np.mean(chosen.fired)) if len(chosen.fired) else None},
             "control": control_summary(chosen.delta, [c.delta for c in controls], seed)}
@@ -423,6 +444,7 @@ def run_sweep(adapter, sae, layer: int, evalset, features: tuple[int, ...], mode
 
 
 def sweep_task(params: dict, ctx) -> dict:
+    from workers.controls import control_draws
     from workers.tasks import JobFailed, _eval_texts, _non_finite
 
     run = ctx.cache.get(params["run_id"])
