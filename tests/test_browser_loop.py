@@ -93,9 +93,9 @@ def test_type_a_text_see_its_features_and_change_one(loop_server, page):  # noqa
     assert "wonderful" in page.locator("table.text-features").inner_text()
     # zero the most active of the shown features on this text
     strongest = max(result["features"], key=lambda f: max(result["acts"][str(f)]))
-    page.locator("input[name=features]").fill(str(strongest))
-    page.locator("select[name=mode]").select_option("zero")
-    page.locator("form[action$='/text'] button").first.click()
+    page.locator("#edit-form input[name=features]").fill(str(strongest))
+    page.locator("#edit-form select[name=mode]").select_option("zero")
+    page.locator("#edit-form button").click()
     edited = finished_job(page, url)["result"]["edit"]
     assert edited["features"] == [strongest] and edited["reward_before"] == pytest.approx(result["reward"], abs=1e-5)
     assert page.locator("#edited-reward").inner_text() == f"{edited['reward_after']:.3f}"

@@ -100,7 +100,11 @@ def test_custom_text_form_queues_inference_with_the_top_features(client, migrate
     job = jobs.get(migrated, int(r.headers["location"].rsplit("/", 1)[1]))
     # the layer's default ranking (the one that held up when ablated), as its table lists it
     top = [f["feature"] for f in client.get(f"/api{RUN}/layers/5").json()["features"][:8]]
-    assert job["kind"] == "inference" and job["params"]["features"] == top
+    # none asked for: the worker shows those that contribute most to this text's score, or, where
+    # none does, the layer's default ranking (the one that held up when ablated), as its table lists it
+    assert job["kind"] == "inference" and job["params"]["features"] == [] and job["params"]["fallback_features"] == top
+    assert job["params"]["text"] == "a truly great film" and job["params"]["steps"] == 16
+    assert job["params"]["attribution_layers"] == [5]
     too_long = client.post(f"{RUN}/layers/5/text", data={"csrf_token": csrf(client), "text": "y" * 4001})
     assert too_long.status_code == 422 and "4,001 characters" in too_long.text
 

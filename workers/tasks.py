@@ -263,9 +263,10 @@ def inference_task(params: dict, ctx) -> dict:
     attribution = text_attributions(run, text, attribution_layers,
                                     int(params.get("steps", DEFAULT_STEPS)), ctx)
     features = [int(f) for f in params.get("features") or []]
-    if not features:  # those that contribute most to this text's score; else the layer's default ranking's
-        features = ([row["feature"] for row in attribution[str(layer)]["features"][:SHOWN_BY_CONTRIBUTION]]
-                    if str(layer) in attribution else [int(f) for f in params.get("fallback_features") or []])
+    if not features:  # those that contribute most to this text's score; where none does (no gradient,
+        # or a layer whose text tokens do not reach the score), the layer's default ranking's top
+        contributing = attribution.get(str(layer), {}).get("features", [])[:SHOWN_BY_CONTRIBUTION]
+        features = [row["feature"] for row in contributing] or [int(f) for f in params.get("fallback_features") or []]
     too_large = [f for f in features if f >= d_sae]
     if too_large:
         raise JobFailed(f"feature {too_large[0]} is out of range: layer {layer} has {d_sae} features")
