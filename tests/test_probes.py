@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from backend import jobs, store
 from tests.test_ablation import tiny_run  # noqa: F401  (module fixture: a tiny pipeline run, layers 0 and 2)
 from tests.test_pipeline import tiny_world  # noqa: F401  (module fixture)
@@ -20,6 +21,7 @@ LAYER = 0
 TEXTS = ["the film runs about two hours.", "a quiet story told slowly, with care", "it was on at eight"]
 
 
+@torch.no_grad()
 def activation_in_carrier(adapter, sae, word: str, carrier: str, feature: int) -> float:
     """The feature's activation at the word, in the carrier alone (one sequence, no padding)."""
     batch = adapter.tokenize([carrier.replace("{}", word)])
