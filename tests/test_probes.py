@@ -6,7 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from backend import jobs, store
+from backend import db, jobs, store
+from backend.models import Run
+from tests.helpers import make_client
 from tests.test_ablation import tiny_run  # noqa: F401  (module fixture: a tiny pipeline run, layers 0 and 2)
 from tests.test_pipeline import tiny_world  # noqa: F401  (module fixture)
 from workers.ablation import FeatureEdit, run_ablation
@@ -124,7 +126,7 @@ def test_insertion_delta_is_the_edited_texts_score_minus_the_texts_score(tiny_ru
         # the feature's largest activation on the three inserted tokens
         batch = adapter.tokenize([edited])
         _, captured = adapter.run(batch, capture=[LAYER], need_score=False)
-        acts = sae.encode(captured[LAYER][0].float())[:, feature]
+        acts = sae.encode(captured[LAYER][0].float())[:, feature].detach()
         word = adapter.tokenizer.convert_tokens_to_ids("magnificent")
         at_word = acts[batch.input_ids[0] == word]
         assert len(at_word) == 3 and measured.activation[i] == pytest.approx(float(at_word.max()), abs=1e-5)
@@ -153,6 +155,9 @@ def test_insertion_job_reports_both_arms_their_difference_and_the_features_measu
     assert all(e["edited"].endswith("wonderful wonderful") for e in r["examples"])
     assert r["feature"]["measured_delta"] == card["measured_delta"] and r["feature"]["feature"] == card["feature"]
     assert all(e["activation"] is not None for e in r["examples"]) and "fired_share" in r["activation"]
+    with make_client(settings) as client:  # the page shows what the worker wrote
+        page = client.get(f"/jobs/{done['id']}").text
+    assert page.count('<a href="/runs/tiny-run/texts/') == 12 and 'id="insertion-vs-measured"' in page
 
 
 def test_a_steer_by_zero_changes_nothing_and_the_sweep_agrees_with_an_ablation(tiny_run):  # noqa: F811
@@ -177,18 +182,27 @@ def test_a_steer_by_zero_changes_nothing_and_the_sweep_agrees_with_an_ablation(t
     assert r["points"][2]["control"]["low"] == min(control_means)
     assert r["points"][2]["control"]["test"]["difference"] == pytest.approx(
         ablated.delta.mean() - np.mean(control_means), abs=1e-5)
+    with make_client(settings) as client:
+        page = client.get(f"/jobs/{done['id']}").text
+    assert 'id="dose-response-chart"' in page and page.count("<tr data-value=") == 3
 
 
 def test_vocab_probe_job_on_the_corpus_vocabulary_and_cancelled_midway(tiny_run):  # noqa: F811
     settings, loaded = tiny_run
+    with db.session(settings) as s:
+        version = s.get(Run, loaded.run_id).version
     done = run_job(settings, "vocab_probe", {"run_id": loaded.run_id, "layer": LAYER, "vocabulary": "corpus",
-                                             "carriers": ["a {} here.", "we saw {} there."]})
+                                             "carriers": ["a {} here.", "we saw {} there."], "run_version": version})
     r = done["result"]
     tokenizer = loaded.adapter.tokenizer
     corpus = {t for row in store.texts(loaded.store_path) for t in tokenizer.tokenize(row["text"])}
     assert r["n_carriers"] == 2 and 0 < r["n_candidates"] <= len(corpus)
     assert all(t in corpus for row in r["features"].values() for t in row["tokens"])
     assert all(max(row["fired"]) <= 2 for row in r["features"].values())
+    feature, row = next(iter(r["features"].items()))
+    with make_client(settings) as client:  # the feature page lists the probe's tokens for it
+        page = client.get(f"/runs/{loaded.run_id}/layers/{LAYER}/features/{feature}").text
+    assert f'<code class="token">{row["tokens"][0]}</code>' in page and "in 2 neutral carriers" in page
     # cancelled: the first progress report stops it
     job = jobs.submit(settings, "vocab_probe", {"run_id": loaded.run_id, "layer": LAYER}, "tester", loaded.run_id)
     ctx = JobContext(job, settings, RunCache(settings))
