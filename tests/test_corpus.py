@@ -141,35 +141,45 @@ def random_batches(n_batches: int, d_sae: int = 7, seed: int = 0):
         n = int(lengths.sum())
         acts = rng.exponential(1.0, (n, d_sae)) * (rng.random((n, d_sae)) < 0.25)
         acts[:, -1] = 0.0  # a feature that never fires
-        text_of_token = np.repeat(np.arange(len(lengths)), lengths)
         content = np.ones(n, bool)
         content[np.concatenate([[0], np.cumsum(lengths)[:-1]])] = False
         acts[~content, 0] = 50.0  # feature 0 peaks at special tokens only: they must not count
-        text_ids = np.arange(next_id, next_id + len(lengths))
+        token_text_ids = np.repeat(np.arange(next_id, next_id + len(lengths)), lengths)
         next_id += len(lengths)
-        out.append((acts.astype(np.float32), text_of_token, content, text_ids))
+        out.append((acts.astype(np.float32), token_text_ids, content))
     return out
+
+
+def firings(acts: np.ndarray):
+    """(token, feature, activation) where the feature fires, as FeatureAccumulator finds them."""
+    codes = torch.from_numpy(acts)
+    token, feature = codes.nonzero(as_tuple=True)
+    return token, feature, codes[token, feature]
 
 
 def brute_force_maxima(batches, d_sae: int = 7) -> dict[int, np.ndarray]:
     maxima = {}
-    for acts, text_of_token, content, text_ids in batches:
-        for row, text_id in enumerate(text_ids):
-            mine = (text_of_token == row) & content
+    for acts, token_text_ids, content in batches:
+        for text_id in np.unique(token_text_ids):
+            mine = (token_text_ids == text_id) & content
             maxima[int(text_id)] = acts[mine].max(axis=0) if mine.any() else np.zeros(d_sae, np.float32)
     return maxima
 
 
-@pytest.mark.parametrize("n", [1, 5, 1000])
-def test_running_top_n_is_each_feature_s_strongest_texts(n):
-    batches = random_batches(30)
+def rank(batches, n: int) -> dict[str, list]:
     ranked = RankedTexts(7, n)
-    for acts, text_of_token, content, text_ids in batches:
-        ranked.add(torch.from_numpy(acts), torch.from_numpy(text_of_token), torch.from_numpy(content),
-                   torch.from_numpy(text_ids))
-    columns = ranked.columns(layer=2)
+    for acts, token_text_ids, content in batches:
+        ranked.add(*firings(acts), torch.from_numpy(token_text_ids), torch.from_numpy(content))
+    return ranked.columns(layer=2)
+
+
+@pytest.mark.parametrize("n", [1, 5, 300, 1000])  # 300: some merges before the last, 1000: all at the end
+def test_running_top_n_is_each_feature_s_strongest_texts(n):
+    batches = random_batches(200)
+    columns = rank(batches, n)
     assert set(columns["layer"]) == {2}
     maxima = brute_force_maxima(batches)
+    assert len(maxima) > 300
     for f in range(7):
         expected = sorted(((m[f], t) for t, m in maxima.items() if m[f] > 0), reverse=True)[:n]
         mine = [i for i, feature in enumerate(columns["feature"]) if feature == f]
@@ -181,12 +191,46 @@ def test_running_top_n_is_each_feature_s_strongest_texts(n):
 
 
 def test_running_top_n_off_and_per_text_maxima():
-    off = RankedTexts(7, 0)
-    acts, text_of_token, content, text_ids = random_batches(1)[0]
-    off.add(torch.from_numpy(acts), torch.from_numpy(text_of_token), torch.from_numpy(content),
-            torch.from_numpy(text_ids))
-    assert off.columns(0) == {"layer": [], "feature": [], "rank": [], "text_id": [], "activation": []}
-    maxima = per_text_maxima(torch.from_numpy(acts), torch.from_numpy(text_of_token), torch.from_numpy(content),
-                             len(text_ids))
-    expected = brute_force_maxima([(acts, text_of_token, content, text_ids)])
-    np.testing.assert_allclose(maxima.numpy(), np.stack([expected[int(t)] for t in text_ids]))
+    acts, token_text_ids, content = random_batches(1, seed=3)[0]
+    assert rank([(acts, token_text_ids, content)], 0) == {
+        "layer": [], "feature": [], "rank": [], "text_id": [], "activation": []}
+    maxima, text_ids = per_text_maxima(*firings(acts), torch.from_numpy(token_text_ids + 40), 7)
+    assert text_ids.tolist() == sorted(set((token_text_ids + 40).tolist()))
+    expected = brute_force_maxima([(acts, token_text_ids, np.ones(len(acts), bool))])
+    np.testing.assert_allclose(maxima.numpy(), np.stack([expected[int(t) - 40] for t in text_ids]))
+
+
+def test_the_analysis_accumulator_ranks_texts_without_their_special_tokens():
+    from workers.config import AnalysisConfig
+    from workers.feature_stream import FeatureAccumulator, TokenBatch
+
+    batches = random_batches(20, seed=5)
+    acc = FeatureAccumulator(7, 10, AnalysisConfig(ranked_texts=4))
+    for acts, token_text_ids, content in batches:
+        n = len(acts)
+        acc.add_tokens(torch.from_numpy(acts), TokenBatch(
+            token_ids=torch.zeros(n, dtype=torch.int64), text_ids=torch.from_numpy(token_text_ids),
+            positions=torch.zeros(n, dtype=torch.int64), text_lengths=torch.ones(n, dtype=torch.int64),
+            content=torch.from_numpy(content)))
+    assert acc.ranked.columns(2) == rank(batches, 4)
+    maxima = brute_force_maxima(batches)
+    top = max(maxima, key=lambda t: maxima[t][0])
+    assert acc.ranked.columns(0)["text_id"][0] == top and float(acc.max[0]) == 50.0  # the peak, at a special token
+
+
+@pytest.mark.parametrize("value, message", [
+    (-1, "analysis.ranked_texts: Input should be greater than or equal to 0"),
+    (2.5, "analysis.ranked_texts: Input should be a valid integer"),
+    (True, "analysis.ranked_texts: Input should be a valid integer"),
+    ("100", "analysis.ranked_texts: Input should be a valid integer"),
+    (10**6, "analysis.ranked_texts: Input should be less than or equal to 10000"),
+])
+def test_ranked_texts_must_be_a_whole_number_from_0(value, message):
+    from workers.config import ConfigError, parse_config
+
+    base = {"name": "x", "model": {"path": "demo"}, "dataset": {"source": "demo"}, "layers": [1]}
+    with pytest.raises(ConfigError) as err:
+        parse_config({**base, "analysis": {"ranked_texts": value}})
+    assert message in str(err.value)
+    assert parse_config(base).analysis.ranked_texts == 1000
+    assert parse_config({**base, "analysis": {"ranked_texts": 0}}).analysis.ranked_texts == 0

@@ -24,7 +24,6 @@ from workers.attribution import AttributionAccumulator
 from workers.batching import length_bucketed_batches, token_lengths
 from workers.config import AnalysisConfig
 from workers.feature_stream import FeatureAccumulator, TokenBatch
-from workers.ranked_texts import RankedTexts
 from workers.sae_ops import decoder_directions, pool_reads
 
 
@@ -36,7 +35,6 @@ class LayerActivations:
     d_sae: int
     features: FeatureAccumulator
     attribution: AttributionAccumulator
-    ranked: RankedTexts  # per feature, the texts it fires on most (the corpus browser's sort)
     pooled: dict[str, list[torch.Tensor]] = field(default_factory=lambda: {"rows": [], "cols": [], "vals": []})
     pooled_raw: list[torch.Tensor] = field(default_factory=list)  # residual stream, pooled like the features
     sse: float = 0.0
@@ -164,8 +162,7 @@ def collect_corpus_activations(
         layer: LayerActivations(
             d_sae=saes[layer].cfg.d_sae,
             features=FeatureAccumulator(saes[layer].cfg.d_sae, vocab_size, analysis, seed + layer, adapter.device),
-            attribution=AttributionAccumulator(saes[layer].cfg.d_sae, adapter.device),
-            ranked=RankedTexts(saes[layer].cfg.d_sae, analysis.ranked_texts, adapter.device))
+            attribution=AttributionAccumulator(saes[layer].cfg.d_sae, adapter.device))
         for layer in layers
     }
     lengths, scores, read_texts, read_positions = [], [], [], []
@@ -193,11 +190,13 @@ def collect_corpus_activations(
         content = ~torch.isin(token_ids, special_ids)
         text_lengths = keep.sum(1)
         dev = adapter.device
+        content_dev, text_of_token_dev = content.to(dev), text_of_token.to(dev)
         tokens = TokenBatch(
             token_ids=token_ids.to(dev),
             text_ids=torch.from_numpy(indices)[text_of_token].to(dev),
             positions=(keep.cumsum(1) - 1)[keep].to(dev),  # index inside the text, whichever side is padded
             text_lengths=text_lengths[text_of_token].to(dev),
+            content=content_dev,
         )
         pool_args = (segment.to(dev), content.to(dev), read_rows.to(dev), batch.n_reads, pooling)
         eval_tokens = torch.from_numpy(heldout[indices])[text_of_token].to(adapter.device)
@@ -207,8 +206,6 @@ def collect_corpus_activations(
         read_positions.append((keep.cumsum(1) - 1)[read_seq, read_pos])  # inside the text, as with tokens
         lengths.append(text_lengths)
         keep_dev = keep.to(adapter.device)
-        content_dev, text_of_token_dev = content.to(dev), text_of_token.to(dev)
-        batch_text_ids = torch.from_numpy(indices)
         if grads is not None:  # a text's score: the sum of its reads' (one read for most RMs)
             text_scores = torch.zeros(len(indices)).index_add_(0, read_seq, batch_scores)
         for layer in layers:
@@ -228,7 +225,6 @@ def collect_corpus_activations(
                                     text_scores)
             acts = acts.float()  # stays on the device: only per-read rows and kept examples leave it
             res.features.add_tokens(acts, tokens)
-            res.ranked.add(acts, text_of_token_dev, content_dev, batch_text_ids)
             res.pooled_raw.append(pool_reads(x, *pool_args).cpu())
             pooled = pool_reads(acts, *pool_args).cpu()
             res.features.add_reads(pooled, batch_scores)

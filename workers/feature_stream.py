@@ -1,7 +1,8 @@
 """Per-feature statistics of one SAE, accumulated batch by batch in memory that does not grow
 with the corpus: running counts/sums/max, range-doubling histograms, top-k contexts and
 per-bin random samples (bottom-k reservoirs that merge exactly), per-token activation sums,
-running sums for the correlation with the reward, and the reward effect.
+running sums for the correlation with the reward, the reward effect, and the texts each
+feature fires on most (workers/ranked_texts.py).
 
 Only the kept examples' context windows (token ids and the feature's activations) are
 stored, never the corpus' tokens.
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 
 from workers.config import AnalysisConfig
+from workers.ranked_texts import RankedTexts
 
 # Beyond this many distinct (feature, token) pairs the per-token sums are pruned to each
 # feature's largest sums (exact below it; ~24 bytes a pair).
@@ -31,6 +33,7 @@ class TokenBatch:
     text_ids: torch.Tensor  # [N] int64 text id of each token
     positions: torch.Tensor  # [N] int64 index of the token inside its text
     text_lengths: torch.Tensor  # [N] int64 length of the token's text
+    content: torch.Tensor | None = None  # [N] bool, False at special tokens ([CLS], [SEP], BOS); None: no such
 
 
 def keep_smallest(groups: torch.Tensor, keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,6 +156,7 @@ class FeatureAccumulator:
         self.xy_sum = torch.zeros(d_sae, **f64)
         self.effect_sum = torch.zeros(d_sae, **f64)
         self.effect_count = torch.zeros(d_sae, **i64)
+        self.ranked = RankedTexts(d_sae, config.ranked_texts, device)  # the texts each fires on most
 
     # -- per batch -------------------------------------------------------------------------
     def add_tokens(self, acts: torch.Tensor, batch: TokenBatch) -> None:
@@ -181,6 +185,7 @@ class FeatureAccumulator:
         random_keys = torch.rand(len(vals), generator=self.generator, dtype=torch.float64, device=self.device)
         self.samples.add(feat * q + sample_bin, random_keys, fetch)
 
+        self.ranked.add(tok, feat, vals, batch.text_ids, batch.content)
         self.pending.append((feat * self.vocab_size + batch.token_ids[tok], vals.double()))
         self.n_pending += len(vals)
         if self.n_pending > max(len(self.pair_keys), PENDING_PAIRS):

@@ -258,7 +258,7 @@ def build_tables(config: RunConfig, adapter, corpus, acts, saes: dict, sae_paths
         layer_rows.append(row)
         features.append(merged(feats, weights, decoder_columns(sae), causal.feature_columns))
         contexts.append(layer_contexts)
-        ranked.append(layer_acts.ranked.columns(layer))
+        ranked.append(layer_acts.features.ranked.columns(layer))
         curves.extend(causal.curves)
         _print_layer_summary(row, weights)
     faithfulness = as_columns(curves) or {name: [] for name in TABLES["faithfulness"].names}
