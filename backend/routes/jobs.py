@@ -179,7 +179,7 @@ def submit_ablation(settings: Settings, run_id: str, layer: int, req: AblationRe
             raise invalid("no evaluation texts: type at least one, or evaluate on held-out texts", "texts")
         _check_text_length(settings, req.texts, "texts")
     params = {"run_id": run_id, "layer": layer, "features": features, "mode": req.mode, "value": req.value,
-              "tokens": req.tokens,
+              "tokens": req.tokens, "selection": req.selection,
               "n_texts": req.n_texts, "texts": req.texts, "control": req.control, "n_controls": req.n_controls,
               "described": described}
     return _submit(settings, "ablation", params, author, run_id)

@@ -17,6 +17,7 @@ from backend.routes.common import SettingsDep, default_ranking, get_run, render,
 from backend.routes.edge import ERROR_RESPONSES, Message, StrictJSONRoute
 from backend.routes.labels import _json_or_csrf
 from backend.routes.layers import RANKING_NAMES
+from backend.sections import SECTIONS, run_sections
 from backend.settings import Settings
 from backend.store import NotFound
 
@@ -51,6 +52,7 @@ def run_data(settings: Settings, run_id: str) -> dict[str, Any]:
         },
         "best_layer": store.best_layer(path),
         "layers": layers,
+        **run_sections(settings, run, path),
     }
 
 
@@ -62,7 +64,8 @@ def api_runs(settings: SettingsDep) -> dict[str, Any]:
 
 @router.get("/api/runs/{run_id}", tags=["runs"])
 def api_run(run_id: str, settings: SettingsDep) -> dict[str, Any]:
-    """One run: its configuration and every layer's SAE and regression metrics."""
+    """One run: its configuration, every layer's SAE and regression metrics, and its analyses
+    across layers (backend/sections: `irm_ablation`, ...)."""
     return run_data(settings, run_id)
 
 
@@ -81,6 +84,7 @@ def _render_run_page(request: Request, settings: Settings, run_id: str, delete_e
     data = run_data(settings, run_id)
     return render(request, "run.html", {**data, "chart": charts.r2_bars(data["layers"], data["best_layer"]),
                                         "ranking_names": RANKING_NAMES, "delete_error": delete_error,
+                                        "sections": list(SECTIONS),
                                         "measured": any(l["faithfulness_relative"] is not None for l in data["layers"])},
                   status_code=status_code)
 
