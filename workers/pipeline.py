@@ -17,6 +17,7 @@ import yaml
 from backend.settings import Settings
 from backend.store_schema import STORE_FILENAME, TABLES
 from workers.adapters import adapter_from_config
+from workers.analyses import RunContext, run_analyses
 from workers.analyze import adapter_has_gradient, collect_corpus_activations, feature_tables
 from workers.causal import not_applicable, run_causal_stage
 from workers.config import (ARCHITECTURE_KNOBS, DEMO_MODEL, DEMO_MODEL_DIRNAME, ConfigError, RunConfig,
@@ -72,7 +73,7 @@ PROGRESS_LISTENER: ContextVar[Callable[[float], None] | None] = ContextVar("prog
 
 # Each stage's share of a run's progress bar, roughly its share of the time on the demo.
 SPANS = {"load": (0.0, 0.02), "train": (0.02, 0.55), "analyse": (0.55, 0.7), "recovery": (0.7, 0.75),
-         "layers": (0.75, 0.98), "write": (0.98, 1.0)}
+         "layers": (0.75, 0.93), "analyses": (0.93, 0.98), "write": (0.98, 1.0)}
 
 
 def _stage(message: str) -> None:
@@ -350,6 +351,9 @@ def _run_pipeline(config: RunConfig, settings: Settings, replace: bool) -> Path:
         _stage(f"reward recovered: {len(eval_texts)} held-out texts with each SAE spliced in, and each layer zeroed")
         recovery = evaluate_saes(adapter, saes, eval_texts, config.dataset.batch_size, progress=_span("recovery"))
         tables = build_tables(config, adapter, corpus, acts, saes, sae_paths, staging, recovery, _span("layers"))
+        run_analyses(RunContext(config, settings, adapter, corpus, acts, saes, staging, device, tables, _stage,
+                                _span("analyses")))
+        analysed = tables.pop("_run_info", {})
         _span("write")(0.0)
         # what the user wrote (plus the run id): parses again as it is, defaults included
         config_yaml = yaml.safe_dump({"run_id": config.run_id, **config.model_dump(mode="json", exclude_unset=True)},
@@ -359,6 +363,7 @@ def _run_pipeline(config: RunConfig, settings: Settings, replace: bool) -> Path:
             "adapter": config.model.adapter, "dataset": config.dataset.source, "config_yaml": config_yaml,
             "created_at": datetime.now(timezone.utc).isoformat(), "n_texts": len(corpus.texts),
             "n_tokens": acts.n_tokens, "device": str(device), "ranked_texts": config.analysis.ranked_texts,
+            **analysed,
         }
         info = with_best_layer(info, tables["layers"])
         _stage("writing the feature store")
