@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 STORE_FILENAME = "features.duckdb"
-STORE_VERSION = 7
+STORE_VERSION = 8
 
 
 @dataclass(frozen=True)
