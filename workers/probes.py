@@ -25,15 +25,16 @@ from workers.batching import length_bucketed_batches, token_lengths
 
 # Bland sentences with one slot: no sentiment, no topic, so what a feature does at the slot is
 # the token's own doing. The slot follows a space, so byte-level BPE spells the word as it
-# would mid-sentence ("Ġword").
+# would mid-sentence ("Ġword"). Short, as every token of them is run once per word: on the
+# demo the whole vocabulary is ~22k words, so each carrier token costs ~22k token-forwards.
 DEFAULT_CARRIERS = (
     "I read the word {} today.",
-    "The note on the table said {} and nothing more.",
-    "She wrote {} in the margin of the page.",
-    "Next on the list was {}, then the rest.",
+    "The note said {} and nothing more.",
+    "She wrote {} on the page.",
+    "Next on the list was {}.",
 )
 SLOT = "{}"
-VOCAB_BATCH = 256  # carrier sequences per forward: a few dozen candidates times the carriers
+VOCAB_BATCH = 256  # candidate words per forward, one carrier at a time
 TOP_TOKENS = 20  # tokens kept per feature
 STRONGEST_SHOWN = 50  # features listed on the job page, by their top token's mean activation
 # Word-start marks of byte-level BPE (GPT-2, LLaMA 3) and SentencePiece; WordPiece marks the
@@ -131,30 +132,29 @@ def _probe_vocabulary(adapter, sae, layer, candidates, carriers, top_k, batch_si
     import torch
 
     device = adapter.device
-    d_sae, n_carriers = sae.cfg.d_sae, len(carriers)
-    slots = torch.tensor(slot_positions(adapter.tokenizer, carriers), device=device)
+    d_sae = sae.cfg.d_sae
+    slots = slot_positions(adapter.tokenizer, carriers)
     top_mean = torch.full((top_k, d_sae), -torch.inf, device=device)
     top_index = torch.full((top_k, d_sae), -1, dtype=torch.long, device=device)
     top_fired = torch.zeros((top_k, d_sae), dtype=torch.long, device=device)
     measured = torch.zeros(len(candidates), dtype=torch.long)
-    per_batch = max(1, batch_size // n_carriers)
-    for start in range(0, len(candidates), per_batch):
-        if progress:
-            progress(start / len(candidates))
-        chunk = candidates[start:start + per_batch]
-        batch = adapter.tokenize([c.replace(SLOT, word) for _, word in chunk for c in carriers])
-        _, captured = adapter.run(batch, capture=[layer], need_score=False)
-        rows = torch.arange(len(batch.texts), device=device)
-        first_real = batch.attention_mask.float().argmax(1)  # past any left padding
-        position = (first_real + slots.repeat(len(chunk))).clamp(max=batch.input_ids.shape[1] - 1)
-        token_ids = torch.tensor([i for i, _ in chunk], device=device).repeat_interleave(n_carriers)
-        intact = (batch.input_ids[rows, position] == token_ids).view(len(chunk), n_carriers)
-        acts = sae.encode(captured[layer][rows, position].float()).view(len(chunk), n_carriers, d_sae)
-        acts = acts * intact.unsqueeze(-1)
-        n_intact = intact.sum(1)
-        mean = acts.sum(1) / n_intact.clamp(min=1).unsqueeze(-1)
+    for start in range(0, len(candidates), batch_size):
+        chunk = candidates[start:start + batch_size]
+        token_ids = torch.tensor([i for i, _ in chunk], device=device)
+        total = torch.zeros(len(chunk), d_sae, device=device)
+        fired = torch.zeros(len(chunk), d_sae, dtype=torch.long, device=device)
+        n_intact = torch.zeros(len(chunk), dtype=torch.long, device=device)
+        for i, (carrier, slot) in enumerate(zip(carriers, slots)):
+            if progress:
+                progress((start + len(chunk) * i / len(carriers)) / len(candidates))
+            # one carrier per forward: its sequences are all as long, so nothing is padding
+            acts, intact = _acts_at_slot(adapter, sae, layer, [carrier.replace(SLOT, w) for _, w in chunk], slot,
+                                         token_ids)
+            total += acts
+            fired += acts > 0
+            n_intact += intact
+        mean = total / n_intact.clamp(min=1).unsqueeze(-1)
         mean[n_intact == 0] = -torch.inf
-        fired = (acts > 0).sum(1)
         ids = torch.arange(start, start + len(chunk), device=device).unsqueeze(-1).expand(-1, d_sae)
         merged = torch.cat([top_mean, mean])
         best = merged.topk(top_k, dim=0).indices
@@ -165,7 +165,22 @@ def _probe_vocabulary(adapter, sae, layer, candidates, carriers, top_k, batch_si
     if progress:
         progress(1.0)
     return VocabProbe([w for _, w in candidates], top_index.cpu().numpy(), top_mean.float().cpu().numpy(),
-                      top_fired.cpu().numpy(), measured.numpy(), n_carriers)
+                      top_fired.cpu().numpy(), measured.numpy(), len(carriers))
+
+
+def _acts_at_slot(adapter, sae, layer: int, texts: list[str], slot: int, token_ids):
+    """([N, d_sae] the SAE features at each text's slot, zero where the word is not its own
+    token there; [N] whether it is)."""
+    import torch
+
+    batch = adapter.tokenize(texts)
+    _, captured = adapter.run(batch, capture=[layer], need_score=False)
+    rows = torch.arange(len(texts), device=adapter.device)
+    first_real = batch.attention_mask.float().argmax(1)  # past any left padding
+    position = (first_real + slot).clamp(max=batch.input_ids.shape[1] - 1)
+    intact = batch.input_ids[rows, position] == token_ids
+    acts = sae.encode(captured[layer][rows, position].float())
+    return acts * intact.unsqueeze(-1), intact
 
 
 def vocab_probe_result(probe: VocabProbe) -> dict:
