@@ -189,6 +189,13 @@ TABLES: dict[str, Table] = {t.name: t for t in (
         Column("neighbours", "INTEGER[]", "the layer's features nearest by decoder cosine, nearest first",
                card=False),
         Column("neighbour_cosines", "FLOAT[]", card=False),
+        # base-model transfer (workers/analyses/transfer.py); NULL where the run has no transfer
+        Column("base_feature", "INTEGER", "the base model's SAE feature (same layer) whose activations correlate "
+               "most with this one's over held-out tokens; NULL: no transfer"),
+        Column("base_correlation", "DOUBLE", "Pearson r of the two over those tokens", table=True,
+               sort_key="base_correlation", label="base-model correlation"),
+        Column("base_decoder_cosine", "DOUBLE", "cosine of the two decoder directions; NULL where the residual "
+               "streams' widths differ"),
     ), primary_key=("layer", "feature")),
 
     Table("contexts", (
@@ -246,6 +253,38 @@ TABLES: dict[str, Table] = {t.name: t for t in (
         doc="Deletion curves (workers/faithfulness.py): per layer and ranking, the top n zeroed beside "
             "frequency-matched random draws of the same n."),
 
+    Table("transfer_layers", (
+        Column("layer", "INTEGER", "base-model block (the RM features matched are the RM's same layer's)"),
+        Column("base_sae_path", "VARCHAR", "the base SAE's SAELens directory, relative to the run directory"),
+        Column("d_in", "INTEGER", "the base model's residual-stream width"),
+        Column("base_explained_variance", "DOUBLE", "the base SAE's reconstruction, held-out tokens"),
+        Column("base_r2_train", "DOUBLE"),
+        Column("base_r2_heldout", "DOUBLE", "the RM's score regressed on the base SAE's pooled features "
+               "(regression.method and pooling, the RM's held-out texts)"),
+        Column("base_probe_r2_heldout", "DOUBLE", "... and on the base model's pooled raw residual stream"),
+        Column("rm_r2_heldout", "DOUBLE", "the RM's own layer's held-out R² (NULL: the RM has no SAE there)"),
+        Column("rm_probe_r2_heldout", "DOUBLE"),
+        Column("n_matched", "INTEGER", "RM features matched (those that fired on the matching tokens)"),
+        Column("n_matched_above_0_5", "INTEGER", "... whose best base feature correlates above 0.5"),
+        Column("median_base_correlation", "DOUBLE", "median r of the RM features' best matches"),
+        Column("mean_decoder_cosine", "DOUBLE", "mean decoder cosine of the matched pairs; NULL: widths differ"),
+        Column("match_tokens", "INTEGER", "held-out tokens the correlations are taken over"),
+    ), primary_key=("layer",),
+        doc="Base-model transfer (workers/analyses/transfer.py): SAEs trained on the base model the RM was tuned "
+            "from, on the same training texts; per layer, how well its features predict the RM's score, beside "
+            "the RM's own. Empty: no transfer configured."),
+
+    Table("divergence", (
+        Column("block", "INTEGER"),
+        Column("l2", "DOUBLE", "sqrt of the sum over the block's tensors of the squared differences between "
+               "the RM's and the base model's weights"),
+        Column("relative", "DOUBLE", "l2 / the base block's norm (over the same tensors)"),
+        Column("n_tensors", "INTEGER", "tensors compared in the block (present in both, same shape)"),
+        Column("chosen", "BOOLEAN", "one of the run's layers"),
+    ), primary_key=("block",),
+        doc="Parameter divergence per block between transfer.base_model and the RM (workers/divergence.py); "
+            "layers: {top_divergence: k} takes the k largest l2. Empty: no base model configured."),
+
     Table("feature_tokens", (
         Column("layer", "INTEGER"),
         Column("token", "VARCHAR"),
@@ -267,7 +306,8 @@ TABLES: dict[str, Table] = {t.name: t for t in (
 )}
 LAYERS, FEATURES = TABLES["layers"], TABLES["features"]
 # What the pipeline (and any other writer) gives; the rest are derived when the store is written.
-WRITTEN_TABLES = ("texts", "reward_reads", "layers", "features", "contexts", "faithfulness", "feature_texts")
+WRITTEN_TABLES = ("texts", "reward_reads", "layers", "features", "contexts", "faithfulness", "feature_texts",
+                 "transfer_layers", "divergence")
 
 
 def schema_sql() -> str:
