@@ -11,6 +11,9 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
                       model_validator)
 
+from workers.reference_words import (DEFAULT_LEXICON_CARRIERS, DEFAULT_NEUTRAL_WORD, VADER, VOCABULARIES,
+                                     check_carrier)
+
 if TYPE_CHECKING:
     from backend.settings import Settings
 
@@ -255,6 +258,47 @@ class TransferConfig(Strict):
         return None if layers is None else sorted(layers)
 
 
+class LexiconConfig(Strict):
+    """The implicit-reward lexicon (workers/analyses/lexicon.py): each single-token word of a
+    reference lexicon put in place of a neutral word in carrier sentences, its value to the
+    reward model measured and predicted by each layer's regression, each compared with the
+    reference by Kendall tau. Absent: off."""
+    enabled: bool = True
+    reference: str = Field(VADER, min_length=1, description="'vader' (the vaderSentiment package's lexicon) or a "
+                           "CSV file of word,value rows (bad rows are listed and skipped)")
+    carriers: list[str] = Field(default_factory=lambda: list(DEFAULT_LEXICON_CARRIERS), min_length=1,
+                                max_length=64, description="neutral sentences, each with one {} where the word goes")
+    neutral_word: str = Field(DEFAULT_NEUTRAL_WORD, min_length=1, max_length=64,
+                              description="the word each lexicon word replaces in the carriers")
+    batch_size: int = Field(512, ge=1, description="carrier sentences per forward")
+    divergent: int = Field(20, ge=1, le=500, description="words listed where the model and the reference "
+                           "disagree most (by rank), each way")
+
+    @field_validator("carriers")
+    @classmethod
+    def _one_slot(cls, carriers):
+        return [check_carrier(c) for c in carriers]
+
+
+class ReasonScoreConfig(Strict):
+    """ReasonScore (workers/analyses/reason_score.py): each feature's specificity to a
+    vocabulary, over the tokens of the first `texts` corpus texts. Absent: off."""
+    enabled: bool = True
+    vocabulary: str = Field("demo-negation", min_length=1, description="a file of words (separated by commas, "
+                            "spaces or newlines) or a shipped list: " + ", ".join(VOCABULARIES))
+    texts: int = Field(2000, ge=1, le=1_000_000, description="corpus texts whose tokens are scanned")
+    alpha: float = Field(0.7, ge=0, le=10, description="the entropy's exponent (the paper's 0.7)")
+    window: list[int] = Field([1, 2], min_length=2, max_length=2,
+                              description="[before, after]: tokens around a vocabulary word that count as its own")
+
+    @field_validator("window")
+    @classmethod
+    def _non_negative(cls, window):
+        if any(w < 0 or w > 64 for w in window):
+            raise ValueError("reason_score.window must be two token counts from 0 to 64: [before, after]")
+        return window
+
+
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
 
 
@@ -271,6 +315,8 @@ class RunConfig(Strict):
     regression: RegressionConfig = RegressionConfig()
     effects: EffectsConfig = EffectsConfig()
     transfer: TransferConfig | None = None
+    lexicon: LexiconConfig | None = None
+    reason_score: ReasonScoreConfig | None = None
     seed: int = 0
     device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda, cuda:N or mps")
 
@@ -341,6 +387,13 @@ def parse_config(data: dict, base_dir: Path | None = None) -> RunConfig:
         source = Path(config.dataset.source)
         if not source.is_absolute():
             config.dataset.source = str((base_dir / source).resolve())
+    if base_dir is not None:  # the analyses' word lists, read next to the config like the dataset
+        if config.lexicon is not None and config.lexicon.reference != VADER \
+                and not Path(config.lexicon.reference).is_absolute():
+            config.lexicon.reference = str((base_dir / config.lexicon.reference).resolve())
+        if config.reason_score is not None and config.reason_score.vocabulary not in VOCABULARIES \
+                and not Path(config.reason_score.vocabulary).is_absolute():
+            config.reason_score.vocabulary = str((base_dir / config.reason_score.vocabulary).resolve())
     return config
 
 
@@ -482,11 +535,27 @@ def check_dataset_source(config: RunConfig) -> None:
             raise ConfigError(f"dataset.source: {source} is empty")
 
 
+def check_word_lists(config: RunConfig) -> None:
+    """The lexicon's reference file and ReasonScore's vocabulary, read now: a file with no usable
+    row or word is refused before any compute (bad rows of a lexicon are skipped, and listed
+    when the analysis runs)."""
+    from workers.reference_words import ReferenceError, read_lexicon, read_vocabulary
+
+    try:
+        if config.lexicon is not None and config.lexicon.enabled:
+            read_lexicon(config.lexicon.reference)
+        if config.reason_score is not None and config.reason_score.enabled:
+            read_vocabulary(config.reason_score.vocabulary)
+    except ReferenceError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def check_config(config: RunConfig, settings: Settings) -> None:
     """The config against this deployment's limits, the dataset file and the model's config,
     read without torch and without the database."""
     check_limits(config, settings)
     check_dataset_source(config)
+    check_word_lists(config)
     facts = local_model_facts(config)
     if facts is not None:
         check_model_facts(config, facts)

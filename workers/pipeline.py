@@ -17,7 +17,7 @@ import yaml
 from backend.settings import Settings
 from backend.store_schema import STORE_FILENAME, TABLES
 from workers.adapters import adapter_from_config
-from workers.analyses import RunContext, run_analyses
+from workers.analyses import RunContext, check_analyses, run_analyses
 from workers.analyze import adapter_has_gradient, collect_corpus_activations, feature_tables
 from workers.causal import not_applicable, run_causal_stage
 from workers.config import (ARCHITECTURE_KNOBS, DEMO_MODEL, DEMO_MODEL_DIRNAME, ConfigError, RunConfig,
@@ -333,6 +333,7 @@ def _run_pipeline(config: RunConfig, settings: Settings, replace: bool) -> Path:
     try:
         _stage(f"loading {model_path} on {device}")
         adapter = _load_adapter(config, model_path, device)
+        check_analyses(config, adapter.tokenizer)  # e.g. a vocabulary with no known token: before training
         corpus = select_corpus(texts, rewards, config.dataset, config.seed, adapter.tokenizer,
                                config.model.max_length, settings.max_texts)
         del texts, rewards  # the whole dataset: only the corpus taken from it is needed from here

@@ -41,6 +41,15 @@ class AnalysisOutput:
 
 def run_analyses(ctx: RunContext, names: list[str] | None = None) -> None:
     """Run each analysis and merge its output into ctx.tables (and run_info into tables'
+def check_analyses(config: Any, tokenizer: Any, names: list[str] | None = None) -> None:
+    """Before any compute (the model loaded, nothing trained): each analysis's own
+    `check(config, tokenizer)`, where it has one, refuses what it could not use (ConfigError)."""
+    for name in ANALYSES if names is None else names:
+        check = getattr(import_module(f"workers.analyses.{name}"), "check", None)
+        if check is not None:
+            check(config, tokenizer)
+
+
     companion dict `ctx.tables["_run_info"]`), reporting progress across them."""
     names = ANALYSES if names is None else names
     for i, name in enumerate(names):
