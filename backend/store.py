@@ -438,3 +438,36 @@ def ranked_text_count(path: Path, layer: int, feature: int) -> int:
     """How many texts the store ranks for the feature (at most the run's analysis.ranked_texts)."""
     return _rows(path, "SELECT count(*) AS n FROM feature_texts WHERE layer = ? AND feature = ?",
                  [layer, feature])[0]["n"]
+
+
+def _has_table(path: Path, table: str) -> bool:
+    """Whether the store has `table` (a store written before the table was declared lacks it)."""
+    return _memo(path, f"has_table {table}", lambda: bool(_rows(
+        path, "SELECT count(*) AS n FROM duckdb_tables() WHERE database_name = 'store' AND table_name = ?",
+        [table])[0]["n"]))
+
+
+def lexicon_summary(path: Path) -> list[dict[str, Any]]:
+    """The implicit-reward lexicon's Kendall taus against the reference: the measured lexicon's
+    row first, then each layer's predicted one; [] where the run has no lexicon."""
+    if not _has_table(path, "lexicon_summary"):
+        return []
+    return _memo(path, "lexicon_summary", lambda: _rows(
+        path, f"SELECT {', '.join(TABLES['lexicon_summary'].names)} FROM lexicon_summary "
+              "ORDER BY layer NULLS FIRST"))
+
+
+def lexicon_words(path: Path) -> list[dict[str, Any]]:
+    """Every word of the lexicon (reference, measured, rank difference) with each layer's
+    predicted value under `predicted` (layer -> value); [] where the run has no lexicon."""
+    if not _has_table(path, "lexicon_words"):
+        return []
+
+    def compute():
+        rows = _rows(path, f"SELECT {', '.join(TABLES['lexicon_words'].names)} FROM lexicon_words ORDER BY word")
+        by_word = {row["word"]: {**row, "predicted": {}} for row in rows}
+        for p in _rows(path, "SELECT layer, word, predicted FROM lexicon_predictions ORDER BY layer, word"):
+            if p["word"] in by_word:
+                by_word[p["word"]]["predicted"][p["layer"]] = p["predicted"]
+        return list(by_word.values())
+    return [dict(row) for row in _memo(path, "lexicon_words", compute)]

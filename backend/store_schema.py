@@ -207,6 +207,9 @@ TABLES: dict[str, Table] = {t.name: t for t in (
         Column("bin_low", "DOUBLE", "quantile: the bin covers [bin_low, bin_high)"),
         Column("bin_high", "DOUBLE"),
         Column("text_id", "INTEGER"),
+        Column("reason_score", "DOUBLE", "ReasonScore (workers/analyses/reason_score.py): the feature's specificity "
+               "to reason_score.vocabulary over the corpus's tokens; NULL: not computed", table=True,
+               sort_key="reason_score", label="ReasonScore"),
         Column("position", "INTEGER", "token index of the peak inside the text"),
         Column("activation", "DOUBLE"),
         Column("window_start", "INTEGER", "token index of tokens[0] inside the text"),
@@ -297,6 +300,36 @@ TABLES: dict[str, Table] = {t.name: t for t in (
     Table("feature_cards", (
         Column("card_key", "BIGINT", "layer << 32 | feature (CARD_KEY); unique, indexed"),
         Column("card", "BLOB USING COMPRESSION uncompressed"),
+    Table("lexicon_words", (
+        Column("word", "VARCHAR", "a reference lexicon word that is one token at every carrier's slot"),
+        Column("reference", "DOUBLE", "its value in the reference lexicon (lexicon.reference: VADER or a CSV)"),
+        Column("measured", "DOUBLE", "mean over the carriers of the RM's score with the word in place of the "
+               "neutral word minus the score with the neutral word"),
+        Column("measured_se", "DOUBLE", "standard error of that mean over the carriers"),
+        Column("rank_difference", "DOUBLE", "the measured value's percentile rank minus the reference's: "
+               "+1 the RM likes it far more than the reference, -1 far less"),
+    ), primary_key=("word",),
+        doc="The implicit-reward lexicon (workers/analyses/lexicon.py). Empty or absent: no lexicon configured."),
+
+    Table("lexicon_predictions", (
+        Column("layer", "INTEGER"),
+        Column("word", "VARCHAR"),
+        Column("predicted", "DOUBLE", "mean over the carriers of the layer's regression weights · (pooled SAE "
+               "features with the word − with the neutral word): what the regression says the edit is worth"),
+    ), primary_key=("layer", "word")),
+
+    Table("lexicon_summary", (
+        Column("which", "VARCHAR", "'measured' or 'layer N' (that layer's predicted lexicon)"),
+        Column("layer", "INTEGER", "NULL for the measured lexicon"),
+        Column("tau", "DOUBLE", "Kendall tau-b against the reference (scipy.stats.kendalltau)"),
+        Column("p_value", "DOUBLE"),
+        Column("tau_vs_measured", "DOUBLE", "a predicted lexicon's Kendall tau against the measured one; NULL for "
+               "the measured"),
+        Column("n_words", "INTEGER", "single-token words compared"),
+        Column("n_multi_token_skipped", "INTEGER", "reference words skipped: more than one token at a slot"),
+        Column("n_bad_rows", "INTEGER", "rows of a reference file skipped (no value, not a number, a repeat)"),
+    ), primary_key=("which",)),
+
     ), doc="What a feature page shows, as one zlib-compressed JSON document per feature, derived from the tables "
            "above when the store is written (feature_card_sql): its row of `features` (its columns with card=True), "
            "rank by |weight|, the near-duplicates it shares its weight with, nearest features with their weights, "
@@ -308,7 +341,7 @@ TABLES: dict[str, Table] = {t.name: t for t in (
 LAYERS, FEATURES = TABLES["layers"], TABLES["features"]
 # What the pipeline (and any other writer) gives; the rest are derived when the store is written.
 WRITTEN_TABLES = ("texts", "reward_reads", "layers", "features", "contexts", "faithfulness", "feature_texts",
-                 "transfer_layers", "divergence")
+                 "transfer_layers", "divergence", "lexicon_words", "lexicon_predictions", "lexicon_summary")
 
 
 def schema_sql() -> str:

@@ -11,7 +11,10 @@ from importlib import import_module
 from pathlib import Path
 from typing import Any, Callable
 
-ANALYSES: list[str] = []  # module names under workers.analyses, in the order they run
+ANALYSES: list[str] = [  # module names under workers.analyses, in the order they run
+    "lexicon",  # the implicit-reward lexicon against a reference (lexicon)
+    "reason_score",  # ReasonScore of a vocabulary (reason_score)
+]
 
 
 @dataclass
