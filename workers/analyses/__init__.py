@@ -42,8 +42,6 @@ class AnalysisOutput:
     run_info: dict[str, str] = field(default_factory=dict)
 
 
-def run_analyses(ctx: RunContext, names: list[str] | None = None) -> None:
-    """Run each analysis and merge its output into ctx.tables (and run_info into tables'
 def check_analyses(config: Any, tokenizer: Any, names: list[str] | None = None) -> None:
     """Before any compute (the model loaded, nothing trained): each analysis's own
     `check(config, tokenizer)`, where it has one, refuses what it could not use (ConfigError)."""
@@ -53,6 +51,8 @@ def check_analyses(config: Any, tokenizer: Any, names: list[str] | None = None) 
             check(config, tokenizer)
 
 
+def run_analyses(ctx: RunContext, names: list[str] | None = None) -> None:
+    """Run each analysis and merge its output into ctx.tables (and run_info into tables'
     companion dict `ctx.tables["_run_info"]`), reporting progress across them."""
     names = ANALYSES if names is None else names
     for i, name in enumerate(names):
