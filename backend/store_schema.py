@@ -196,6 +196,9 @@ TABLES: dict[str, Table] = {t.name: t for t in (
                sort_key="base_correlation", label="base-model correlation"),
         Column("base_decoder_cosine", "DOUBLE", "cosine of the two decoder directions; NULL where the residual "
                "streams' widths differ"),
+        Column("reason_score", "DOUBLE", "ReasonScore (workers/analyses/reason_score.py): the feature's specificity "
+               "to reason_score.vocabulary over the corpus's tokens; NULL: not computed", table=True,
+               sort_key="reason_score", label="ReasonScore"),
     ), primary_key=("layer", "feature")),
 
     Table("contexts", (
@@ -207,9 +210,6 @@ TABLES: dict[str, Table] = {t.name: t for t in (
         Column("bin_low", "DOUBLE", "quantile: the bin covers [bin_low, bin_high)"),
         Column("bin_high", "DOUBLE"),
         Column("text_id", "INTEGER"),
-        Column("reason_score", "DOUBLE", "ReasonScore (workers/analyses/reason_score.py): the feature's specificity "
-               "to reason_score.vocabulary over the corpus's tokens; NULL: not computed", table=True,
-               sort_key="reason_score", label="ReasonScore"),
         Column("position", "INTEGER", "token index of the peak inside the text"),
         Column("activation", "DOUBLE"),
         Column("window_start", "INTEGER", "token index of tokens[0] inside the text"),
@@ -289,17 +289,6 @@ TABLES: dict[str, Table] = {t.name: t for t in (
         doc="Parameter divergence per block between transfer.base_model and the RM (workers/divergence.py); "
             "layers: {top_divergence: k} takes the k largest l2. Empty: no base model configured."),
 
-    Table("feature_tokens", (
-        Column("layer", "INTEGER"),
-        Column("token", "VARCHAR"),
-        Column("feature", "INTEGER"),
-    ), doc="Token search: every (layer, token, feature) where the token is one of the feature's top tokens or "
-           "appears in one of its top contexts. Derived from the two tables above when the store is written "
-           "(SEARCH_INDEX_SQL); tokens are normalised with NORMALISED_TOKEN."),
-
-    Table("feature_cards", (
-        Column("card_key", "BIGINT", "layer << 32 | feature (CARD_KEY); unique, indexed"),
-        Column("card", "BLOB USING COMPRESSION uncompressed"),
     Table("lexicon_words", (
         Column("word", "VARCHAR", "a reference lexicon word that is one token at every carrier's slot"),
         Column("reference", "DOUBLE", "its value in the reference lexicon (lexicon.reference: VADER or a CSV)"),
@@ -330,6 +319,17 @@ TABLES: dict[str, Table] = {t.name: t for t in (
         Column("n_bad_rows", "INTEGER", "rows of a reference file skipped (no value, not a number, a repeat)"),
     ), primary_key=("which",)),
 
+    Table("feature_tokens", (
+        Column("layer", "INTEGER"),
+        Column("token", "VARCHAR"),
+        Column("feature", "INTEGER"),
+    ), doc="Token search: every (layer, token, feature) where the token is one of the feature's top tokens or "
+           "appears in one of its top contexts. Derived from the two tables above when the store is written "
+           "(SEARCH_INDEX_SQL); tokens are normalised with NORMALISED_TOKEN."),
+
+    Table("feature_cards", (
+        Column("card_key", "BIGINT", "layer << 32 | feature (CARD_KEY); unique, indexed"),
+        Column("card", "BLOB USING COMPRESSION uncompressed"),
     ), doc="What a feature page shows, as one zlib-compressed JSON document per feature, derived from the tables "
            "above when the store is written (feature_card_sql): its row of `features` (its columns with card=True), "
            "rank by |weight|, the near-duplicates it shares its weight with, nearest features with their weights, "
