@@ -18,6 +18,7 @@ from backend.settings import Settings
 from backend.store_schema import STORE_FILENAME, TABLES
 from workers.adapters import adapter_from_config
 from workers.analyses import RunContext, check_analyses, run_analyses
+from workers.analyses.transfer import prepare_transfer
 from workers.analyze import adapter_has_gradient, collect_corpus_activations, feature_tables
 from workers.causal import not_applicable, run_causal_stage
 from workers.config import (ARCHITECTURE_KNOBS, DEMO_MODEL, DEMO_MODEL_DIRNAME, ConfigError, RunConfig,
@@ -314,6 +315,9 @@ def _run_pipeline(config: RunConfig, settings: Settings, replace: bool) -> Path:
     texts, rewards = read_texts(config.dataset, config.seed, config.model.step_separator)
     model_path = resolve_model_path(config, settings)
     check_against_world(config, model_path)
+    written = config  # what the user wrote, layers: {top_divergence: k} included: config_yaml keeps it
+    # the base model's tokenizer and depth, its parameter divergence, the layers it chooses
+    config, divergence = prepare_transfer(config, model_path, _stage)
 
     started = time.time()
     torch.manual_seed(config.seed)
@@ -352,12 +356,16 @@ def _run_pipeline(config: RunConfig, settings: Settings, replace: bool) -> Path:
         _stage(f"reward recovered: {len(eval_texts)} held-out texts with each SAE spliced in, and each layer zeroed")
         recovery = evaluate_saes(adapter, saes, eval_texts, config.dataset.batch_size, progress=_span("recovery"))
         tables = build_tables(config, adapter, corpus, acts, saes, sae_paths, staging, recovery, _span("layers"))
+        if divergence is not None:
+            tables["divergence"] = divergence["columns"]
+            tables["_run_info"] = {"divergence_tensors_compared": divergence["n_compared"],
+                                   "divergence_tensors_skipped": divergence["n_skipped"]}
         run_analyses(RunContext(config, settings, adapter, corpus, acts, saes, staging, device, tables, _stage,
                                 _span("analyses")))
         analysed = tables.pop("_run_info", {})
         _span("write")(0.0)
         # what the user wrote (plus the run id): parses again as it is, defaults included
-        config_yaml = yaml.safe_dump({"run_id": config.run_id, **config.model_dump(mode="json", exclude_unset=True)},
+        config_yaml = yaml.safe_dump({"run_id": config.run_id, **written.model_dump(mode="json", exclude_unset=True)},
                                      sort_keys=False)
         info = {
             "run_id": config.run_id, "name": config.name, "model": config.model.path,
