@@ -212,3 +212,79 @@ def dose_response(points: Sequence[dict[str, Any]], width: int = 560, height: in
             "control": series(control, "mean_delta", "low", "high"),
             "y_ticks": [{"v": v, "y": y(v)} for v in ticks],
             "x_ticks": [{"v": v, "x": x(v)} for v in shown]}
+
+
+def paired_bars(rows: Sequence[dict[str, Any]], first: str, second: str, height: int = 170, bar_w: int = 24,
+                gap: int = 16) -> dict | None:
+    """Two R²-like values (0..1 axis) per layer side by side: row[first] and, beside it,
+    row[second] (e.g. the base model's held-out R² beside the RM's). A negative value draws no
+    bar, only its label. None: no rows."""
+    if not rows:
+        return None
+    left, top, bottom = 34, 14, 22
+    plot_h = height - top - bottom
+
+    def y(v: float) -> float:
+        return round(top + plot_h * (1 - min(max(v, 0.0), 1.0)), 1)
+
+    def bar(x: float, value: float | None) -> dict:
+        return {"x": x, "w": bar_w, "value": value, "y": y(value or 0.0), "h": round(y(0.0) - y(value or 0.0), 1)}
+
+    group_w = 2 * bar_w + 2
+    groups = []
+    for i, row in enumerate(rows):
+        x = left + gap + i * (group_w + gap)
+        groups.append({"layer": row["layer"], "center": x + group_w / 2, "first": bar(x, row.get(first)),
+                       "second": bar(x + bar_w + 2, row.get(second))})
+    width = left + gap + len(rows) * (group_w + gap)
+    return {"width": max(width, 200), "height": height, "left": left, "base_y": y(0.0),
+            "ticks": [{"v": v, "y": y(v)} for v in (0, 0.25, 0.5, 0.75, 1.0)], "groups": groups}
+
+
+def divergence_bars(rows: Sequence[dict[str, Any]], height: int = 170, bar_w: int = 22, gap: int = 8) -> dict | None:
+    """Parameter divergence (l2) per block on a 0..nice-max axis, the run's layers (`chosen`)
+    marked. None: no rows."""
+    values = _finite(*(row.get("l2") for row in rows))
+    if not values:
+        return None
+    left, top, bottom = 44, 14, 22
+    plot_h = height - top - bottom
+    y_max = _nice_max(max(values))
+    y = lambda v: round(top + plot_h * (1 - min(max(v, 0.0), y_max) / y_max), 1)  # noqa: E731
+    bars = []
+    for i, row in enumerate(rows):
+        x = left + gap + i * (bar_w + gap)
+        v = row.get("l2") or 0.0
+        bars.append({"block": row["block"], "x": x, "w": bar_w, "y": y(v), "h": round(y(0.0) - y(v), 1),
+                     "value": row.get("l2"), "relative": row.get("relative"), "chosen": bool(row.get("chosen")),
+                     "center": x + bar_w / 2})
+    width = left + gap + len(rows) * (bar_w + gap)
+    return {"width": max(width, 200), "height": height, "left": left, "base_y": y(0.0), "y_max": y_max,
+            "ticks": [{"v": y_max * f, "y": y(y_max * f)} for f in (0, 0.25, 0.5, 0.75, 1.0)], "bars": bars}
+
+
+def lexicon_scatter(words: Sequence[dict[str, Any]], width: int = 460, height: int = 320,
+                    max_points: int = 3000) -> dict | None:
+    """The implicit-reward lexicon: each word's reference value (x) against its measured value to
+    the reward model (y), one dot per word (at most max_points, every k-th word by reference value
+    beyond that, the most divergent always kept). None: no word."""
+    rows = [w for w in words if len(_finite(w.get("reference"), w.get("measured"))) == 2]
+    if not rows:
+        return None
+    if len(rows) > max_points:
+        by_divergence = sorted(rows, key=lambda w: -abs(w.get("rank_difference") or 0.0))
+        kept = {id(w) for w in by_divergence[:max_points // 10]}
+        step = -(-len(rows) // (max_points - len(kept)))
+        kept |= {id(w) for w in sorted(rows, key=lambda w: w["reference"])[::step]}
+        rows = [w for w in rows if id(w) in kept]
+    left, right, top, bottom = 52, 12, 10, 34
+    plot_w, plot_h = width - left - right, height - top - bottom
+    x_lo, x_hi, x_ticks = _axis([w["reference"] for w in rows])
+    y_lo, y_hi, y_ticks = _axis([w["measured"] for w in rows])
+    x = lambda v: round(left + plot_w * (v - x_lo) / (x_hi - x_lo), 1)  # noqa: E731
+    y = lambda v: round(top + plot_h * (y_hi - v) / (y_hi - y_lo), 1)  # noqa: E731
+    dots = [{"word": w["word"], "reference": w["reference"], "measured": w["measured"], "x": x(w["reference"]),
+             "y": y(w["measured"])} for w in rows]
+    return {"width": width, "height": height, "left": left, "right": width - right, "top": top,
+            "base_y": top + plot_h, "zero_x": x(0.0), "zero_y": y(0.0), "dots": dots, "n": len(dots),
+            "x_ticks": [{"v": v, "x": x(v)} for v in x_ticks], "y_ticks": [{"v": v, "y": y(v)} for v in y_ticks]}

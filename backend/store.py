@@ -471,3 +471,15 @@ def lexicon_words(path: Path) -> list[dict[str, Any]]:
                 by_word[p["word"]]["predicted"][p["layer"]] = p["predicted"]
         return list(by_word.values())
     return [dict(row) for row in _memo(path, "lexicon_words", compute)]
+
+
+def table_rows(path: Path, table: str, order_by: str | None = None) -> list[dict[str, Any]]:
+    """Every row of a small per-run table of the spec (transfer_layers, divergence, ...), ordered
+    by `order_by` (default: its primary key); [] where the store lacks the table or it is empty."""
+    if not _has_table(path, table):
+        return []
+    spec = TABLES[table]
+    order = order_by or ", ".join(spec.primary_key) or spec.names[0]
+    rows = _memo(path, f"table_rows {table} {order}",
+                 lambda: _rows(path, f"SELECT {', '.join(spec.names)} FROM {table} ORDER BY {order}"))
+    return [dict(row) for row in rows]

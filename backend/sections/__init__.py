@@ -16,6 +16,8 @@ from backend.settings import Settings
 # name -> "module:function" under backend.sections, in the order the run page shows them
 SECTIONS: dict[str, str] = {
     "irm_ablation": "irm:irm_section",
+    "divergence": "transfer:divergence_section",
+    "transfer": "transfer:transfer_section",
 }
 
 
