@@ -65,7 +65,7 @@ class Sae(Base):
 
 # --- the interactive loop: jobs for the worker, labels and their history ---
 
-JOB_KINDS = ("pipeline", "ablation", "inference", "text_diff", "vocab_probe", "insertion", "sweep")
+JOB_KINDS = ("pipeline", "ablation", "inference", "text_diff", "vocab_probe", "insertion", "sweep", "reason_score")
 JOB_STATUSES = ("queued", "running", "done", "failed", "cancelled")
 
 
