@@ -40,6 +40,7 @@ class FeatureFilter:
     max_frequency: float | None = None
     token: str | None = None         # a top token or top-context token starts with this
     features: tuple[int, ...] | None = None  # only these ids (e.g. the ones with a label, from SQL)
+    min_pair_cosine: float | None = None  # present in both dictionaries: max cosine in the paired SAE >= this
 
     def where(self) -> tuple[str, list[Any]]:
         """SQL conditions (after 'WHERE layer = ?') and their parameters."""
@@ -56,6 +57,9 @@ class FeatureFilter:
         if self.max_frequency is not None:
             sql.append("frequency <= ?")
             params.append(self.max_frequency)
+        if self.min_pair_cosine is not None:
+            sql.append("pair_max_cosine >= ?")
+            params.append(self.min_pair_cosine)
         if self.token:
             sql.append("feature IN (SELECT t.feature FROM feature_tokens t WHERE t.layer = f.layer "
                        f"AND starts_with(t.token, {NORMALISED_TOKEN.format('?')}))")
@@ -187,6 +191,17 @@ def layer_info(path: Path, layer: int) -> dict[str, Any]:
     if layer not in by_layer:
         raise NotFound(f"layer {layer} not found")
     return dict(by_layer[layer])
+
+
+def present_in_both(path: Path, thresholds: tuple[float, ...]) -> dict[int, dict[float, int]]:
+    """Per layer with a paired dictionary (sae.widths): how many features have a max cosine of
+    at least each threshold in it."""
+    def compute():
+        counts = ", ".join(f"count(*) FILTER (WHERE pair_max_cosine >= {float(t)!r}) AS n{i}"
+                           for i, t in enumerate(thresholds))
+        rows = _rows(path, f"SELECT layer, {counts} FROM features WHERE pair_max_cosine IS NOT NULL GROUP BY layer")
+        return {row["layer"]: {t: row[f"n{i}"] for i, t in enumerate(thresholds)} for row in rows}
+    return _memo(path, f"present_in_both {thresholds}", compute)
 
 
 def _by_layer(rows: list[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:

@@ -141,6 +141,13 @@ TABLES: dict[str, Table] = {t.name: t for t in (
         Column("calibration_attribution_slope", "DOUBLE", "... on the attribution's prediction"),
         Column("calibration_attribution_r", "DOUBLE"),
         Column("n_measured", "INTEGER", "features whose single-feature Δ was measured"),
+        # paired dictionaries (workers/analyses/pairs.py); NULL where the run has no sae.widths
+        Column("pair_width", "INTEGER", "the paired SAE's width (sae.widths' smaller size), trained from the same "
+               "activation batches as this layer's SAE"),
+        Column("pair_sae_path", "VARCHAR", "its SAELens directory, relative to the run directory"),
+        Column("mmcs_to_pair", "DOUBLE", "mean over this SAE's decoder directions of the max cosine with any of the "
+               "pair's (MMCS, Marks et al. eq. 2)"),
+        Column("mmcs_from_pair", "DOUBLE", "... over the pair's directions, with this SAE's"),
     ), primary_key=("layer",)),
 
     Table("features", (
@@ -189,6 +196,10 @@ TABLES: dict[str, Table] = {t.name: t for t in (
         Column("neighbours", "INTEGER[]", "the layer's features nearest by decoder cosine, nearest first",
                card=False),
         Column("neighbour_cosines", "FLOAT[]", card=False),
+        Column("pair_max_cosine", "DOUBLE", "max cosine of its decoder direction with the paired (smaller) SAE's: "
+               "high is present in both dictionaries; NULL: no pair", table=True, sort_key="pair_cosine",
+               label="max cosine in the pair"),
+        Column("pair_feature", "INTEGER", "the paired SAE's feature reaching it"),
         # base-model transfer (workers/analyses/transfer.py); NULL where the run has no transfer
         Column("base_feature", "INTEGER", "the base model's SAE feature (same layer) whose activations correlate "
                "most with this one's over held-out tokens; NULL: no transfer"),

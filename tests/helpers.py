@@ -151,6 +151,7 @@ def synthetic_tables(seed: int = 0, causal: bool = True) -> dict[str, dict[str, 
             r2_cv=0.79 - 0.3 * i, regression_method="ridge", merge_correlated=0.9, merge_min_cosine=0.5,
             weight_effect_agreement=0.5 - 0.4 * i, cv_folds=5,
             probe_r2_train=0.9 - 0.05 * i, probe_r2_heldout=0.64 + 0.07 * i, probe_alpha=2.5,
+            **pair_layer_columns(layer, i),
         ))
         weights = rng.normal(size=N_FEATURES)  # distinct almost surely (but in WEIGHT_GROUP): orderings are exact
         weights[list(WEIGHT_GROUP)] = weights[WEIGHT_GROUP[0]]
@@ -183,6 +184,7 @@ def synthetic_tables(seed: int = 0, causal: bool = True) -> dict[str, dict[str, 
                     for j in range(3)],
                 # decoder neighbours: the next three ids, nearer first
                 neighbours=[(f + j) % N_FEATURES for j in (1, 2, 3)], neighbour_cosines=[0.9, 0.5, 0.1],
+                pair_max_cosine=pair_cosine(f, i), pair_feature=f % PAIR_WIDTH,
             ))
             if dead:
                 continue
@@ -225,6 +227,21 @@ def synthetic_tables(seed: int = 0, causal: bool = True) -> dict[str, dict[str, 
             "features": spec_columns("features", features), "contexts": spec_columns("contexts", contexts),
             "faithfulness": spec_columns("faithfulness", faithfulness),
             "feature_texts": spec_columns("feature_texts", ranked_texts)}
+
+
+PAIR_WIDTH = 16  # each layer's paired SAE (sae.widths' smaller size)
+
+
+def pair_cosine(feature: int, i: int) -> float:
+    """A feature's max cosine in the paired dictionary: distinct values spread over [0, 1]."""
+    return ((feature * 37 + 11 * i) % N_FEATURES) / (N_FEATURES - 1)
+
+
+def pair_layer_columns(layer: int, i: int) -> dict[str, Any]:
+    """The layer's MMCS both ways; the mean of its features' pair_cosine is mmcs_to_pair."""
+    return dict(pair_width=PAIR_WIDTH, pair_sae_path=f"saes/pair/layer_{layer}_w{PAIR_WIDTH}",
+                mmcs_to_pair=sum(pair_cosine(f, i) for f in range(N_FEATURES)) / N_FEATURES,
+                mmcs_from_pair=0.7 - 0.1 * i)
 
 
 def ranked_text_rows(layer: int, feature: int, max_act: float, n_texts: int) -> list[dict[str, Any]]:

@@ -42,8 +42,8 @@ def not_applicable(d_sae: int) -> CausalResult:
 
 
 def empty_layer_columns() -> dict[str, object]:
-    """The layers table's causal columns (the spec's, from default_ranking on), none measured."""
-    names = LAYERS.names[LAYERS.names.index("default_ranking"):]
+    """The layers table's causal columns (the spec's, default_ranking to n_measured), none measured."""
+    names = LAYERS.names[LAYERS.names.index("default_ranking"):LAYERS.names.index("n_measured") + 1]
     return {name: 0 if name == "n_measured" else None for name in names}
 
 

@@ -44,6 +44,15 @@ def sae_dir(run_dir: Path, layer: int) -> Path:
     return run_dir / "saes" / f"layer_{layer}"
 
 
+def pair_dir(run_dir: Path, layer: int, width: int) -> Path:
+    """Where the paired dictionary of `width` (sae.widths' smaller size) is saved for `layer`."""
+    return run_dir / "saes" / "pair" / f"layer_{layer}_w{width}"
+
+
+def pair_key(layer: int, width: int) -> str:
+    return f"layer_{layer}_w{width}"
+
+
 def build_training_sae(sae: SaeConfig, d_in: int, device: str, metadata: SAEMetadata | None = None) -> TrainingSAE:
     """The SAELens training SAE for `sae.architecture`, with that architecture's knobs."""
     common = dict(
@@ -123,7 +132,8 @@ class _Reporting:
 def train_saes(config: RunConfig, adapter: RewardModelAdapter, texts: list[str], run_dir: Path,
                progress: Callable[[float], None] | None = None) -> dict[int, Path]:
     """Train and save (SAELens format) one SAE per configured layer; returns layer -> directory.
-    `progress` hears the share of training done at every step (and may raise to stop it)."""
+    With sae.widths, a paired SAE of the smaller width per layer steps on the same batches and is
+    saved under pair_dir. `progress` hears the share of training done at every step (and may raise to stop it)."""
     torch.manual_seed(config.seed)
     hooks = {f"layer_{layer}": adapter.hook_name(layer) for layer in config.layers}
     saes = {
@@ -131,6 +141,20 @@ def train_saes(config: RunConfig, adapter: RewardModelAdapter, texts: list[str],
             model_name=config.model.path, hook_name=hook, hook_layer=layer, context_size=config.model.max_length))
         for (name, hook), layer in zip(hooks.items(), config.layers)
     }
+    pair_width = config.sae.pair_width
+    if pair_width is not None:
+        # the paired dictionaries step on the same batches as the main ones; built from their own
+        # seed, so the main SAEs (and the batches' order) are those of a run without sae.widths
+        devices = [adapter.device] if adapter.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(config.seed + 1)
+            pair_config = config.sae.model_copy(update={"width": pair_width})
+            for layer in config.layers:
+                hooks[pair_key(layer, pair_width)] = adapter.hook_name(layer)
+                saes[pair_key(layer, pair_width)] = build_training_sae(
+                    pair_config, adapter.d_model, str(adapter.device), SAEMetadata(
+                        model_name=config.model.path, hook_name=adapter.hook_name(layer), hook_layer=layer,
+                        context_size=config.model.max_length))
     stream = activation_stream(adapter, texts, config.layers, config.dataset.batch_size, config.seed)
     cfg = trainer_config(config.sae, adapter.device)
     if progress is not None:
@@ -146,6 +170,9 @@ def train_saes(config: RunConfig, adapter: RewardModelAdapter, texts: list[str],
     for name, layer in zip(hooks, config.layers):
         paths[layer] = sae_dir(run_dir, layer)
         trained[name].save_inference_model(paths[layer])
+    if pair_width is not None:  # found again by pair_dir (workers/analyses/pairs.py loads them)
+        for layer in config.layers:
+            trained[pair_key(layer, pair_width)].save_inference_model(pair_dir(run_dir, layer, pair_width))
     return paths
 
 

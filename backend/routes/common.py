@@ -123,11 +123,14 @@ class TableView(BaseModel):
     min_freq: Annotated[float, Field(ge=0, le=1)] | Blank | None = Field(None, description="only features firing on at least this share of tokens")
     max_freq: Annotated[float, Field(ge=0, le=1)] | Blank | None = Field(None, description="only features firing on at most this share of tokens")
     token: str | None = Field(None, max_length=100, description="only features with a top token or top-context token starting with this")
+    min_pair_cosine: Annotated[float, Field(ge=0, le=1)] | Blank | None = Field(
+        None, description="present in both dictionaries: only features whose decoder direction has a cosine of at "
+        "least this with one of the paired (smaller) SAE's (sae.widths)")
     label: Literal[(*LABELS, "unlabelled")] | Blank | None = Field(  # type: ignore[valid-type]
         None, description="only features with this label, or 'unlabelled' for those without one")
     page: int = Field(1, ge=1, le=MAX_ID, description="1-based page number")
 
-    @field_validator("sort", "sign", "min_freq", "max_freq", "token", "label", mode="before")
+    @field_validator("sort", "sign", "min_freq", "max_freq", "token", "label", "min_pair_cosine", mode="before")
     @classmethod
     def _blank_is_none(cls, value):  # an empty form field means "no filter"
         return None if isinstance(value, str) and not value.strip() else value
@@ -145,7 +148,7 @@ class TableView(BaseModel):
     @property
     def filter(self) -> store.FeatureFilter:
         return store.FeatureFilter(sign=self.sign, min_frequency=self.min_freq, max_frequency=self.max_freq,
-                                   token=self.token)
+                                   token=self.token, min_pair_cosine=self.min_pair_cosine)
 
     @property
     def filtered(self) -> bool:

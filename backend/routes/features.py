@@ -43,6 +43,7 @@ def feature_data(settings: Settings, run_id: str, layer: int, feature: int, view
     # the near-duplicate rule the fit used, and how many features were measured, for the page to state
     for name in ("merge_correlated", "merge_min_cosine", "n_measured"):
         info[name] = layer_row[name]
+    info["pair_width"] = layer_row["pair_width"]  # the paired dictionary pair_max_cosine is measured in
     label, label_history = labels.current_and_history(settings, run_id, layer, feature)
     # run_version: the run's version now; a label made on an earlier one says so (made_on_current_sae)
     return {"run": run_summary(run), "run_version": run.version, "layer": layer, "feature": info, "contexts": contexts,

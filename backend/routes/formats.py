@@ -165,12 +165,13 @@ def _measured_cell(f: Mapping[str, Any]) -> str:
 
 
 def feature_rows(rows: Sequence[Mapping[str, Any]], first_rank: int, href: str, query: str, max_abs_weight: float,
-                 label_names: Mapping[str, str]) -> Markup:
+                 label_names: Mapping[str, str], pair_column: bool = False) -> Markup:
     """The feature table's rows (layer page): rank, feature id linking to `href` + id + `query`;
     what predicts the score: weight with a bar scaled to the layer's largest |weight|, std.
     weight, SE, correlation; what the model uses: effect per unit, attribution, measured Δ with
     its CI; then frequency, max activation, top token and label. 50 rows of 12 cells cost Jinja
-    ~3.9 ms a page; these strings, at 14 cells, ~1.4 ms (measured on a busy 2-core machine)."""
+    ~3.9 ms a page; these strings, at 14 cells, ~1.4 ms (measured on a busy 2-core machine).
+    `pair_column`: after max activation, the max cosine in the paired dictionary (sae.widths)."""
     out = []
     link, query = html.escape(href), html.escape(query)
     for rank, f in enumerate(rows, first_rank):
@@ -206,5 +207,7 @@ def feature_rows(rows: Sequence[Mapping[str, Any]], first_rank: int, href: str, 
             f'{_measured_cell(f)}'
             f'<td class="num">{fmt_pct(f["frequency"])}</td>'
             f'<td class="num">{fmt_num(f["max_activation"])}</td>'
-            f'<td>{top}</td><td class="label-cell">{label}</td></tr>\n')
+            + (f'<td class="num pair-cosine" title="its nearest feature in the paired dictionary: '
+               f'{f.get("pair_feature")}">{fmt_num(f.get("pair_max_cosine"), 2)}</td>' if pair_column else '')
+            + f'<td>{top}</td><td class="label-cell">{label}</td></tr>\n')
     return Markup("".join(out))

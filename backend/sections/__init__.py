@@ -18,6 +18,7 @@ SECTIONS: dict[str, str] = {
     "irm_ablation": "irm:irm_section",
     "divergence": "transfer:divergence_section",
     "transfer": "transfer:transfer_section",
+    "mmcs": "mmcs:mmcs_section",
     "lexicon": "lexicon:lexicon_section",
 }
 

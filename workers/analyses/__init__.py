@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 ANALYSES: list[str] = [  # module names under workers.analyses, in the order they run
+    "pairs",  # paired dictionaries: MMCS (sae.widths)
     "transfer",  # base-model transfer (transfer.base_model)
     "lexicon",  # the implicit-reward lexicon against a reference (lexicon)
     "reason_score",  # ReasonScore of a vocabulary (reason_score)
