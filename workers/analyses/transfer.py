@@ -288,7 +288,8 @@ def run(ctx: RunContext) -> AnalysisOutput:
     tokens = config.transfer.training_tokens or config.sae.training_tokens
     base_config = config.model_copy(update={
         "layers": layers, "model": config.model.model_copy(update={"path": config.transfer.base_model}),
-        "sae": config.sae.model_copy(update={"training_tokens": tokens})})
+        # the base model gets the run SAE's width only: no paired dictionaries (sae.widths) there
+        "sae": config.sae.model_copy(update={"training_tokens": tokens, "widths": None})})
     corpus, acts = ctx.corpus, ctx.acts
     started = time.time()
     base = load_base_adapter(base_model_path(config), ctx.adapter)
