@@ -40,6 +40,7 @@ SORT_VALUE = {
     "attribution_share": lambda r: r["attribution_share"],
     "measured_delta": lambda r: r["measured_delta"],
     "abs_measured_delta": absolute("measured_delta"),
+    "pair_cosine": lambda r: r["pair_max_cosine"],
 }
 
 
