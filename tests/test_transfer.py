@@ -195,6 +195,11 @@ def test_the_run_page_and_its_json_show_the_transfer_and_divergence_sections(fin
         table = client.get("/api/runs/transfer-run/layers/2", params={"sort": "base_correlation"}).json()
         values = [row["base_correlation"] for row in table["features"] if row["base_correlation"] is not None]
         assert values == sorted(values, reverse=True) and len(values) > 1
+        sorted_page = client.get("/runs/transfer-run/layers/2?sort=base_correlation")
+        first, second = (row["feature"] for row in table["features"][:2])
+        assert sorted_page.status_code == 200
+        assert (sorted_page.text.index(f"/features/{first}?sort=base_correlation\"")
+                < sorted_page.text.index(f"/features/{second}?sort=base_correlation\""))
 
 
 def _other_tokenizer(out):
