@@ -498,3 +498,9 @@ def table_rows(path: Path, table: str, order_by: str | None = None) -> list[dict
     rows = _memo(path, f"table_rows {table} {order}",
                  lambda: _rows(path, f"SELECT {', '.join(spec.names)} FROM {table} ORDER BY {order}"))
     return [dict(row) for row in rows]
+
+
+def reason_scored(path: Path, layer: int) -> bool:
+    """Whether the layer's features have ReasonScores (the run's config had reason_score)."""
+    return _memo(path, f"reason_scored {layer}", lambda: _rows(
+        path, "SELECT count(reason_score) AS n FROM features WHERE layer = ?", [layer])[0]["n"] > 0)

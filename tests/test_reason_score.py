@@ -204,3 +204,14 @@ def test_the_json_endpoint_answers_201_with_its_location_and_refuses_bad_bodies(
     assert client.post(f"/api{RUN}/layers/99/reason-scores", json={"words": ["ok"]}).status_code == 404
     assert client.post(f"/api{RUN}/layers/3/reason-scores", data={"words": "ok"}).status_code in (415, 422)
     assert job_count(migrated) == before
+
+
+@pytest.mark.sql_databases("sqlite")
+def test_the_layer_table_sorts_by_reason_score_with_its_tab(client):
+    page = client.get(f"{RUN}/layers/3").text
+    assert 'data-sort="reason_score"' in page and "ReasonScore (vocabulary)" in page
+    rows = client.get(f"/api{RUN}/layers/3?sort=reason_score").json()["features"]
+    scores = [r["reason_score"] for r in rows]
+    assert len(scores) > 1 and scores == sorted(scores, reverse=True)
+    smallest = [r["reason_score"] for r in client.get(f"/api{RUN}/layers/3?sort=-reason_score").json()["features"]]
+    assert smallest == sorted(smallest) and smallest[0] < scores[0]
