@@ -24,7 +24,7 @@ router = APIRouter(route_class=StrictJSONRoute, responses=ERROR_RESPONSES)
 MAX_VOCABULARY_CHARS = 100_000
 MAX_REASON_TEXTS = 20_000
 
-Word = Annotated[str, Field(min_length=1, max_length=MAX_WORD_CHARS)]
+Word = Annotated[str, Field(min_length=1, max_length=MAX_WORD_CHARS, pattern=r"^[^\s,]+$")]
 
 
 class ReasonScoreRequest(BaseModel):

@@ -79,8 +79,9 @@ def vocabulary_tokens(tokenizer, words: list[str]) -> Vocabulary:
     return Vocabulary(known, sequences, unknown)
 
 
-def word_masks(input_ids, valid, vocab: Vocabulary, window: tuple[int, int]):
-    """[G, B, T] bool: each word's positions (its matches widened by window), valid tokens only."""
+def word_masks(input_ids, valid, vocab: Vocabulary, window: tuple[int, int], own: list | None = None):
+    """[G, B, T] bool: each word's positions (its matches widened by window), valid tokens only.
+    `own`, when given, receives each word's count of matched tokens before widening."""
     import torch
 
     before, after = window
@@ -96,6 +97,8 @@ def word_masks(input_ids, valid, vocab: Vocabulary, window: tuple[int, int]):
             starts = (input_ids.unfold(1, n, 1) == target).all(-1)  # [B, T - n + 1]
             for k in range(n):
                 hit[:, k:k + starts.shape[1]] |= starts
+        if own is not None:
+            own.append(int((hit & valid).sum()))
         widened = hit.clone()
         for d in range(1, before + 1):
             widened[:, :-d] |= hit[:, d:]
@@ -121,14 +124,15 @@ class ReasonScoreAccumulator:
 
     def add(self, acts, masks, valid) -> None:
         """acts [N, d_sae] at the N valid tokens; masks [G, N] the words' positions among them."""
-        acts = acts.double()
+        acts = acts.double()  # sums over many tokens: float32 would lose digits
         union = masks.any(0)
+        pos = union.double() @ acts
         self.word_sum += masks.double() @ acts
         self.word_count += masks.sum(1).double()
-        self.pos_sum += acts[union].sum(0)
-        self.neg_sum += acts[~union].sum(0)
+        self.pos_sum += pos
+        self.neg_sum += acts.sum(0) - pos
         self.pos_count += float(union.sum())
-        self.neg_count += float((~union).sum())
+        self.neg_count += float(len(union) - union.sum())
 
     def means(self):
         word = (self.word_sum / self.word_count.clamp(min=1).unsqueeze(1)).cpu().numpy()  # [G, d]
@@ -189,8 +193,8 @@ def compute_reason_scores(adapter, saes: dict, texts: list[str], vocab: Vocabula
             batch = adapter.tokenize([texts[k] for k in indices])
             _, captured = adapter.run(batch, capture=layers, need_score=False)
             valid = batch.attention_mask.bool() & ~torch.isin(batch.input_ids, special)
-            masks = word_masks(batch.input_ids, valid, vocab, window)
-            own_hits = word_masks(batch.input_ids, valid, vocab, (0, 0)).sum((1, 2)).tolist()
+            own_hits: list[int] = []
+            masks = word_masks(batch.input_ids, valid, vocab, window, own_hits)
             for w, n in zip(vocab.words, own_hits):
                 own[w] += int(n)
             flat_masks = masks[:, valid]
