@@ -41,6 +41,7 @@ SORT_VALUE = {
     "measured_delta": lambda r: r["measured_delta"],
     "abs_measured_delta": absolute("measured_delta"),
     "pair_cosine": lambda r: r["pair_max_cosine"],
+    "reason_score": lambda r: r["reason_score"],
 }
 
 
