@@ -215,3 +215,14 @@ def test_the_layer_table_sorts_by_reason_score_with_its_tab(client):
     assert len(scores) > 1 and scores == sorted(scores, reverse=True)
     smallest = [r["reason_score"] for r in client.get(f"/api{RUN}/layers/3?sort=-reason_score").json()["features"]]
     assert smallest == sorted(smallest) and smallest[0] < scores[0]
+
+
+@pytest.mark.sql_databases("sqlite")
+def test_the_feature_page_shows_its_reason_score(client):
+    card = client.get(f"/api{RUN}/layers/3/features/7").json()["feature"]
+    page = client.get(f"{RUN}/layers/3/features/7").text
+    assert card["reason_score"] is not None
+    assert f'<dd id="reason-score"><a href="{RUN}/layers/3?sort=reason_score"' in page
+    from backend.routes.formats import fmt_num
+
+    assert f"{fmt_num(card['reason_score'], 4)}</a></dd>" in page
