@@ -147,7 +147,19 @@ def layer_features(rng: np.random.Generator, layer: int, top_ids: np.ndarray, ma
         "top_tokens": list_array(top_tokens, np.full(width, TOP_TOKENS)),
         "neighbours": fixed_lists(neighbours.astype(np.int32)),
         "neighbour_cosines": fixed_lists(cosines),
+        **analyses_columns(rng, width),
     }
+
+
+def analyses_columns(rng: np.random.Generator, width: int) -> dict[str, pa.Array]:
+    """The run-level analyses' feature columns (workers/analyses): the paired dictionary's best
+    match, the base model's, and a ReasonScore, as a run with all of them configured has."""
+    return {"pair_max_cosine": pa.array(rng.uniform(0.2, 1.0, width)),
+            "pair_feature": pa.array(rng.integers(0, max(width // 4, 1), width).astype(np.int32)),
+            "base_feature": pa.array(rng.integers(0, width, width).astype(np.int32)),
+            "base_correlation": pa.array(rng.uniform(0.0, 1.0, width)),
+            "base_decoder_cosine": pa.array(rng.uniform(0.0, 1.0, width)),
+            "reason_score": pa.array(rng.normal(0, 1e-4, width))}
 
 
 def measured_columns(rng: np.random.Generator, weight: np.ndarray) -> dict[str, pa.Array]:
@@ -234,6 +246,9 @@ def layers_table(saes: int, width: int, rng: np.random.Generator) -> dict[str, l
         "calibration_regression_slope": [0.3] * saes, "calibration_regression_r": [0.6] * saes,
         "calibration_attribution_slope": [0.9] * saes, "calibration_attribution_r": [0.8] * saes,
         "n_measured": [64] * saes,
+        # paired dictionaries (workers/analyses/pairs.py): a quarter-width SAE beside each
+        "pair_width": [width // 4] * saes, "pair_sae_path": [f"saes/pair/layer_{i}_w{width // 4}" for i in range(saes)],
+        "mmcs_to_pair": rng.uniform(0.5, 0.8, saes).tolist(), "mmcs_from_pair": rng.uniform(0.6, 0.9, saes).tolist(),
     }
 
 

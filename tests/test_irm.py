@@ -21,7 +21,7 @@ def csrf(client):
 
 def test_nothing_labelled_is_refused_and_queues_nothing(client, migrated):
     r = client.post("/api/runs/synthetic/irm-ablations", json={})
-    assert r.status_code == 422 and "no feature of this run is labelled reward-related" in r.text
+    assert r.status_code == 409 and "no feature of this run is labelled reward-related" in r.json()["detail"]
     assert jobs.recent(migrated, 5) == []
     rows = client.get("/api/runs/synthetic").json()["irm_ablation"]["layers"]
     assert [(row["layer"], row["n_labelled"], row["job_id"]) for row in rows] == [(3, 0, None), (5, 0, None)]

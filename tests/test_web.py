@@ -42,6 +42,7 @@ SORT_VALUE = {
     "abs_measured_delta": absolute("measured_delta"),
     "pair_cosine": lambda r: r["pair_max_cosine"],
     "reason_score": lambda r: r["reason_score"],
+    "base_correlation": lambda r: r["base_correlation"],
 }
 
 

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from urllib.parse import quote
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.responses import RedirectResponse
 from pydantic import BaseModel, Field
 
 from backend import store
 from backend.access import current_author
 from backend.routes.common import SettingsDep, get_run, store_path
-from backend.routes.edge import ERROR_RESPONSES, StrictJSONRoute, invalid
+from backend.routes.edge import ERROR_RESPONSES, StrictJSONRoute
 from backend.routes.jobs import AblationRequest, _form, _json_only, _parse, submit_ablation
 from backend.sections.irm import SELECTION, reward_labelled
 from backend.settings import Settings
@@ -25,12 +25,13 @@ class IrmRequest(BaseModel):
 
 
 def submit_irm(settings: Settings, run_id: str, req: IrmRequest, author: str) -> list[dict]:
-    """One ablation job per layer that has features labelled reward-related; 422 where none has."""
+    """One ablation job per layer that has features labelled reward-related; 409 where none has
+    (the request is well formed: it is the run's labels that are not there yet)."""
     layers = [x["layer"] for x in store.layers(store_path(settings, get_run(settings, run_id)))]
     labelled = [layer for layer in layers if reward_labelled(settings, run_id, layer)]
     if not labelled:
-        raise invalid("no feature of this run is labelled reward-related yet: label some on their pages first",
-                      "layers")
+        raise HTTPException(409, "no feature of this run is labelled reward-related yet: label some on their pages "
+                                 "first")
     body = AblationRequest(mode="zero", selection=SELECTION, n_texts=req.n_texts, n_controls=req.n_controls)
     return [submit_ablation(settings, run_id, layer, body, author) for layer in labelled]
 
