@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 STORE_FILENAME = "features.duckdb"
-STORE_VERSION = 8
+STORE_VERSION = 9
 
 
 @dataclass(frozen=True)
@@ -277,8 +277,10 @@ TABLES: dict[str, Table] = {t.name: t for t in (
         Column("base_r2_heldout", "DOUBLE", "the RM's score regressed on the base SAE's pooled features "
                "(regression.method and pooling, the RM's held-out texts)"),
         Column("base_probe_r2_heldout", "DOUBLE", "... and on the base model's pooled raw residual stream"),
-        Column("rm_r2_heldout", "DOUBLE", "the RM's own layer's held-out R² (NULL: the RM has no SAE there)"),
+        Column("rm_r2_heldout", "DOUBLE", "the RM's own layer's held-out R² on the same texts (NULL: the RM has no "
+               "SAE there)"),
         Column("rm_probe_r2_heldout", "DOUBLE"),
+        Column("n_texts", "INTEGER", "corpus texts the regressions were fitted and scored on (transfer.texts)"),
         Column("n_matched", "INTEGER", "RM features matched (those that fired on the matching tokens)"),
         Column("n_matched_above_0_5", "INTEGER", "... whose best base feature correlates above 0.5"),
         Column("median_base_correlation", "DOUBLE", "median r of the RM features' best matches"),

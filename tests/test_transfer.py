@@ -119,6 +119,7 @@ def test_the_run_writes_the_transfer_table_and_feature_columns(finished):
                        "join layers l using (layer) order by layer").fetchall()
     assert [r[0] for r in rows] == [1, 2]
     for layer, base_r2, probe_r2, rm_r2, own_r2, n_matched, above, sae_path in rows:
+        # every text used (no transfer.texts): the RM's R² beside the base's is its layer's own
         assert np.isfinite(base_r2) and np.isfinite(probe_r2) and rm_r2 == pytest.approx(own_r2)
         assert 0 < n_matched <= N_FEATURES and 0 <= above <= n_matched
         assert (run_dir / sae_path / "cfg.json").is_file() and sae_path.startswith("base/")
@@ -129,6 +130,44 @@ def test_the_run_writes_the_transfer_table_and_feature_columns(finished):
     for stage in ("transfer: training 2 SAEs on the base model", "transfer: base SAEs trained in",
                   "transfer: regressions in", "transfer: features matched over"):
         assert any(s.startswith(stage) for s in stages), stage
+
+
+def test_reads_line_up_by_text_whatever_order_each_model_read_them_in():
+    from workers.analyses.transfer import aligned_reads, regression_texts
+
+    subset = regression_texts(10, 4, seed=3)
+    assert len(subset) == 4 and list(subset) == sorted(set(subset)) and subset.max() < 10
+    assert list(regression_texts(10, None, 0)) == list(range(10)) == list(regression_texts(10, 50, 0))
+    # the RM read all 10 texts, two reads each (a process RM's steps), in its own batch order
+    rm_texts = np.repeat(np.random.default_rng(0).permutation(10), 2)
+    base_texts = np.repeat(subset[::-1], 2)  # the base read only the subset, in another order
+    base_rows, rm_rows = aligned_reads(base_texts, rm_texts, subset)
+    assert list(base_texts[base_rows]) == list(rm_texts[rm_rows]) == list(np.repeat(subset, 2))
+    # a text's reads keep their order: its first read lines up with the other model's first
+    assert all(rm_rows[i] < rm_rows[i + 1] for i in range(0, len(rm_rows), 2))
+    with pytest.raises(RuntimeError, match="do not line up"):
+        aligned_reads(np.repeat(subset, 3), rm_texts, subset)  # a model that reads each text three times
+
+
+def test_a_sample_of_texts_fits_base_and_rm_on_the_same_reads(world, tmp_path):
+    root, rm, base, dataset = world
+    settings = Settings(data_dir=tmp_path / "data")
+    config = tiny_config(rm, dataset, name="Transfer Sample", layers=[1, 2],
+                         transfer={"base_model": str(base), "training_tokens": 2048, "match_tokens": 512,
+                                   "texts": 120})
+    stages: list[str] = []
+    run_dir = run_pipeline(config, settings, on_stage=stages.append)
+    con = duckdb.connect(str(run_dir / STORE_FILENAME), read_only=True)
+    rows = con.execute("select t.n_texts, t.base_r2_heldout, t.rm_r2_heldout, l.r2_heldout, t.rm_probe_r2_heldout "
+                       "from transfer_layers t join layers l using (layer) order by layer").fetchall()
+    assert [r[0] for r in rows] == [120, 120]
+    # the RM refitted on the sample: its R² there is not its layer's (fitted on all 240 texts)
+    assert all(np.isfinite(r[1]) and np.isfinite(r[2]) and np.isfinite(r[4]) and r[2] != r[3] for r in rows)
+    assert any("pooling their features over 120 texts" in s for s in stages)
+    with make_client(settings) as client:
+        page = client.get("/runs/transfer-sample").text
+        assert "fitted and scored on the same 120 corpus texts" in page and "a seeded sample of the 240" in page
+    db.dispose_engines()
 
 
 def test_each_match_is_the_base_feature_most_correlated_over_the_held_out_tokens(finished, world):

@@ -249,6 +249,9 @@ class TransferConfig(Strict):
                                         "(default: sae.training_tokens)")
     match_tokens: int = Field(65_536, ge=256, description="held-out tokens over which each RM feature is matched "
                               "to its most correlated base feature")
+    texts: int | None = Field(None, ge=10, description="corpus texts (a seeded sample, either split) the base "
+                              "regressions are fitted and scored on, the RM's own refitted on the same texts beside "
+                              "them (default: all)")
 
     @field_validator("layers")
     @classmethod

@@ -35,7 +35,29 @@ def build_demo_reward_model(
     max_length: int = 64,
     base_path: Path | None = None,
 ) -> dict:
-    """Fine-tune and save a HF model directory at out_dir (written to a temp dir, then renamed)."""
+    """The demo RM: MiniLM fine-tuned on the VADER reward of a corpus draw of its own."""
+    texts = generate_corpus(n_train + n_heldout, seed=BUILD_SEED)
+    rewards = np.array([vader_reward(t) for t in texts], dtype=np.float32)
+    return fine_tune_reward_model(out_dir, texts, rewards, n_train, "clip(sum of VADER lexicon values / 5, -10, 10)",
+                                  epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length,
+                                  base_path=base_path)
+
+
+def fine_tune_reward_model(
+    out_dir: Path,
+    texts: list[str],
+    rewards: np.ndarray,
+    n_train: int,
+    target: str,
+    epochs: int = 2,
+    lr: float = 1e-4,
+    batch_size: int = 32,
+    max_length: int = 64,
+    base_path: Path | None = None,
+) -> dict:
+    """MiniLM with a scalar head fine-tuned to predict `rewards` (the first n_train texts train, the
+    rest are held out for the R² it reports); a HF model directory saved at out_dir (written to a
+    temp dir, then renamed). `target` says in words what the reward is."""
     from transformers import AutoTokenizer, BertForSequenceClassification
 
     torch.manual_seed(BUILD_SEED)
@@ -45,8 +67,7 @@ def build_demo_reward_model(
     model = BertForSequenceClassification.from_pretrained(base_path, num_labels=1).to(device)
     tokenizer = AutoTokenizer.from_pretrained(base_path)
 
-    texts = generate_corpus(n_train + n_heldout, seed=BUILD_SEED)
-    rewards = np.array([vader_reward(t) for t in texts], dtype=np.float32)
+    rewards = np.asarray(rewards, dtype=np.float32)
     scale = float(rewards[:n_train].std()) or 1.0  # train on a unit-scale target, fold back after
     lengths = token_lengths(tokenizer, texts[:n_train], max_length)
     # The 30k x 384 word-embedding table is most of the parameters; freezing it makes each
@@ -94,10 +115,10 @@ def build_demo_reward_model(
     report = {
         "heldout_r2": r2,
         "n_train": n_train,
-        "n_heldout": n_heldout,
+        "n_heldout": len(texts) - n_train,
         "epochs": epochs,
         "seconds": round(time.time() - started, 1),
-        "target": "clip(sum of VADER lexicon values / 5, -10, 10)",
+        "target": target,
     }
 
     out_dir = Path(out_dir)

@@ -277,6 +277,43 @@ def _layer_value(tables: dict, layer: int, name: str):
     return None if value is None else float(value)
 
 
+def regression_texts(n_texts: int, wanted: int | None, seed: int) -> np.ndarray:
+    """The corpus texts the transfer regressions use: all of them, or a seeded sample (sorted)."""
+    if wanted is None or wanted >= n_texts:
+        return np.arange(n_texts)
+    return np.sort(np.random.default_rng(seed).choice(n_texts, wanted, replace=False))
+
+
+def aligned_reads(base_read_texts: np.ndarray, rm_read_texts: np.ndarray, subset: np.ndarray):
+    """Row orders that line up the base model's reward reads with the RM's over the same texts:
+    both sorted by text (stably, so a text's reads keep their order). Raises where the two
+    models read the texts differently."""
+    base_rows = np.argsort(base_read_texts, kind="stable")
+    rm_rows = np.flatnonzero(np.isin(rm_read_texts, subset))
+    rm_rows = rm_rows[np.argsort(rm_read_texts[rm_rows], kind="stable")]
+    if not np.array_equal(base_read_texts[base_rows], rm_read_texts[rm_rows]):
+        raise RuntimeError("transfer: the base model's reward reads do not line up with the reward model's")
+    return base_rows, rm_rows
+
+
+def rm_on_subset(ctx: RunContext, layer: int, rm_rows: np.ndarray, scores: np.ndarray, read_heldout: np.ndarray):
+    """The RM's own held-out R² (SAE features, raw probe) on the same reads as the base model's:
+    the layer's figures where every read is used, refitted on the sample otherwise."""
+    if layer not in ctx.saes:
+        return None, None
+    if len(rm_rows) == ctx.acts.n_reads:
+        return _layer_value(ctx.tables, layer, "r2_heldout"), _layer_value(ctx.tables, layer, "probe_r2_heldout")
+    from workers.regress import fit_probe, fit_reward_regression
+
+    config, layer_acts = ctx.config, ctx.acts.layers[layer]
+    fit = fit_reward_regression(layer_acts.pooled_matrix(ctx.acts.n_reads)[rm_rows], scores, read_heldout,
+                                config.regression, config.seed,
+                                ctx.saes[layer].W_dec.detach().float().cpu().numpy())
+    probe = fit_probe(layer_acts.raw_matrix()[rm_rows], scores, read_heldout, config.regression.cv_folds,
+                      config.seed)
+    return fit.r2_heldout, probe.r2_heldout
+
+
 def run(ctx: RunContext) -> AnalysisOutput:
     config = ctx.config
     if config.transfer is None:
@@ -300,24 +337,25 @@ def run(ctx: RunContext) -> AnalysisOutput:
     paths = train_saes(base_config, base, train_texts, ctx.run_dir / BASE_DIRNAME, progress=part(0.0, 0.6))
     saes = load_saes(paths, ctx.device)
     trained = time.time()
+    subset = regression_texts(len(corpus.texts), config.transfer.texts, config.seed)
     ctx.stage(f"transfer: base SAEs trained in {trained - started:.0f} s; pooling their features over "
-              f"{len(corpus.texts):,} texts")
-    pooled = pooled_base_features(base, saes, corpus.texts, corpus.heldout, config.dataset.batch_size,
-                                  config.regression.pooling, part(0.6, 0.8))
-    if not np.array_equal(pooled["read_text_ids"], acts.read_text_ids):
-        raise RuntimeError("transfer: the base model's reward reads do not line up with the reward model's")
-    read_heldout = corpus.heldout[acts.read_text_ids]
+              f"{len(subset):,} texts")
+    pooled = pooled_base_features(base, saes, [corpus.texts[i] for i in subset], corpus.heldout[subset],
+                                  config.dataset.batch_size, config.regression.pooling, part(0.6, 0.8))
+    base_rows, rm_rows = aligned_reads(subset[pooled["read_text_ids"]], acts.read_text_ids, subset)
+    scores = acts.scores[rm_rows]
+    read_heldout = corpus.heldout[acts.read_text_ids[rm_rows]]
     fits = {}
     for layer in layers:
         got = pooled["layers"][layer]
-        fit = fit_reward_regression(got["features"], acts.scores, read_heldout, config.regression, config.seed,
-                                    saes[layer].W_dec.detach().float().cpu().numpy())
-        probe = fit_probe(got["raw"], acts.scores, read_heldout, config.regression.cv_folds, config.seed)
-        fits[layer] = (fit, probe)
+        fit = fit_reward_regression(got["features"][base_rows], scores, read_heldout, config.regression,
+                                    config.seed, saes[layer].W_dec.detach().float().cpu().numpy())
+        probe = fit_probe(got["raw"][base_rows], scores, read_heldout, config.regression.cv_folds, config.seed)
+        fits[layer] = (fit, probe, rm_on_subset(ctx, layer, rm_rows, scores, read_heldout))
     regressed = time.time()
     ctx.stage(f"transfer: regressions in {regressed - trained:.0f} s (pass and fits); held-out R² "
-              + ", ".join(f"layer {l}: base {f.r2_heldout:.3f} (probe {p.r2_heldout:.3f}, RM "
-                          f"{_fmt(_layer_value(ctx.tables, l, 'r2_heldout'))})" for l, (f, p) in fits.items()))
+              + ", ".join(f"layer {l}: base {f.r2_heldout:.3f} (probe {p.r2_heldout:.3f}, RM {_fmt(rm[0])})"
+                          for l, (f, p, rm) in fits.items()))
     matched = [layer for layer in layers if layer in ctx.saes]
     texts = matching_texts(corpus.texts, corpus.heldout, ctx.adapter.tokenizer, ctx.adapter.max_length,
                            config.transfer.match_tokens, config.seed)
@@ -327,13 +365,12 @@ def run(ctx: RunContext) -> AnalysisOutput:
     out = _empty(config)
     rows = []
     for layer in layers:
-        fit, probe = fits[layer]
+        fit, probe, (rm_r2, rm_probe_r2) = fits[layer]
         row = {"layer": layer, "base_sae_path": str(paths[layer].relative_to(ctx.run_dir)), "d_in": base.d_model,
                "base_explained_variance": pooled["layers"][layer]["explained_variance"],
                "base_r2_train": fit.r2_train, "base_r2_heldout": fit.r2_heldout,
                "base_probe_r2_heldout": probe.r2_heldout,
-               "rm_r2_heldout": _layer_value(ctx.tables, layer, "r2_heldout"),
-               "rm_probe_r2_heldout": _layer_value(ctx.tables, layer, "probe_r2_heldout"),
+               "rm_r2_heldout": rm_r2, "rm_probe_r2_heldout": rm_probe_r2, "n_texts": len(subset),
                "n_matched": None, "n_matched_above_0_5": None, "median_base_correlation": None,
                "mean_decoder_cosine": None, "match_tokens": None}
         if layer in matched:
