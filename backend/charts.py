@@ -263,34 +263,6 @@ def divergence_bars(rows: Sequence[dict[str, Any]], height: int = 170, bar_w: in
             "ticks": [{"v": y_max * f, "y": y(y_max * f)} for f in (0, 0.25, 0.5, 0.75, 1.0)], "bars": bars}
 
 
-def mmcs_bars(layers: Sequence[dict[str, Any]], height: int = 170, bar_w: int = 24, gap: int = 16) -> dict | None:
-    """MMCS both ways per layer on a 0..1 axis (backend/sections/mmcs.py): the run SAE's
-    directions against the pair's (`mmcs_to_pair`) and, beside it, the pair's against the run
-    SAE's (`mmcs_from_pair`). None: no layer has a pair."""
-    layers = [l for l in layers if l.get("mmcs_to_pair") is not None]
-    if not layers:
-        return None
-    left, top, bottom = 34, 14, 22
-    plot_h = height - top - bottom
-
-    def y(v: float) -> float:
-        return round(top + plot_h * (1 - min(max(v, 0.0), 1.0)), 1)
-
-    def bar(x: float, value: float | None) -> dict:
-        return {"x": x, "w": bar_w, "value": value, "y": y(value or 0.0), "h": round(y(0.0) - y(value or 0.0), 1)}
-
-    group_w = 2 * bar_w + 2
-    groups = []
-    for i, l in enumerate(layers):
-        x = left + gap + i * (group_w + gap)
-        groups.append({"layer": l["layer"], "center": x + group_w / 2, "d_sae": l.get("d_sae"),
-                       "pair_width": l.get("pair_width"),
-                       "to_pair": bar(x, l["mmcs_to_pair"]), "from_pair": bar(x + bar_w + 2, l.get("mmcs_from_pair"))})
-    width = left + gap + len(layers) * (group_w + gap)
-    return {"width": max(width, 200), "height": height, "left": left, "base_y": y(0.0),
-            "ticks": [{"v": v, "y": y(v)} for v in (0, 0.25, 0.5, 0.75, 1.0)], "groups": groups}
-
-
 def lexicon_scatter(words: Sequence[dict[str, Any]], width: int = 460, height: int = 320,
                     max_points: int = 3000) -> dict | None:
     """The implicit-reward lexicon: each word's reference value (x) against its measured value to

@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import threading
 import time
 
 import httpx
 import numpy as np
 
-from backend import db, store
+from backend import store
 from backend.settings import Settings
-from p6_ablation_latency import serve
-from workers.worker import Worker
+from p6_ablation_latency import server_and_worker
 
 TYPED = ["The movie was not good at all, a total waste.", "An absolutely magnificent, heartfelt triumph.",
          "The film runs about two hours.", "I expected more, but the ending was lovely.",
@@ -83,13 +81,7 @@ def main() -> None:
     args = parser.parse_args()
 
     settings = Settings()
-    db.upgrade(settings)
-    url, server, server_thread = serve(settings)
-    worker = Worker(settings, poll_s=0.02)
-    stop = threading.Event()
-    worker_thread = threading.Thread(target=worker.run_forever, args=(stop,), daemon=True)
-    worker_thread.start()
-    with httpx.Client(base_url=url, timeout=120) as client:
+    with server_and_worker(settings) as url, httpx.Client(base_url=url, timeout=120) as client:
         run = client.get(f"/api/runs/{args.run}").raise_for_status().json()
         layer = args.layer if args.layer is not None else run["best_layer"]
         cold, _ = attribute_and_show(client, args.run, layer, "A first text, to load the model.", args.poll)
@@ -105,10 +97,6 @@ def main() -> None:
                   f"residual {att['residual_share']:.2%}  top: {top}  | {text}")
         print(f"P10 typed text -> attribution page, layer {layer}, IG m=16, warm worker: median "
               f"{statistics.median(timed):.2f} s, max {max(timed):.2f} s over {len(timed)} texts  target <= 1.5 s")
-    stop.set()
-    server.should_exit = True
-    for thread in (worker_thread, server_thread):  # let them end: a thread killed at exit aborts the process
-        thread.join(timeout=30)
     completeness(settings, args.run, [x["layer"] for x in run["layers"]], args.heldout)
 
 

@@ -12,6 +12,7 @@ JSON until done, GET its result page. Two cases: the same 256 held-out texts as 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import socket
 import statistics
 import threading
@@ -40,6 +41,24 @@ def serve(settings: Settings) -> tuple[str, uvicorn.Server, threading.Thread]:
     while not server.started:
         time.sleep(0.05)
     return f"http://127.0.0.1:{port}", server, thread
+
+
+@contextlib.contextmanager
+def server_and_worker(settings: Settings):
+    """The server (uvicorn) and one worker, each a thread of this process; yields the server's URL."""
+    db.upgrade(settings)
+    url, server, server_thread = serve(settings)
+    worker = Worker(settings, poll_s=0.02)
+    stop = threading.Event()
+    worker_thread = threading.Thread(target=worker.run_forever, args=(stop,), daemon=True)
+    worker_thread.start()
+    try:
+        yield url
+    finally:
+        stop.set()
+        server.should_exit = True
+        for thread in (worker_thread, server_thread):  # let them end: a thread killed at exit aborts the process
+            thread.join(timeout=30)
 
 
 def ablate_and_show(client: httpx.Client, run: str, layer: int, body: dict, poll_s: float) -> tuple[float, dict]:
@@ -81,13 +100,7 @@ def main() -> None:
     args = parser.parse_args()
 
     settings = Settings()
-    db.upgrade(settings)
-    url, server, server_thread = serve(settings)
-    worker = Worker(settings, poll_s=0.02)
-    stop = threading.Event()
-    worker_thread = threading.Thread(target=worker.run_forever, args=(stop,), daemon=True)
-    worker_thread.start()
-    with httpx.Client(base_url=url, timeout=120) as client:
+    with server_and_worker(settings) as url, httpx.Client(base_url=url, timeout=120) as client:
         run = client.get(f"/api/runs/{args.run}").raise_for_status().json()
         layer = args.layer if args.layer is not None else run["best_layer"]
         body = {"selection": "top_ranked", "top_n": args.features, "mode": "zero", "n_texts": args.texts}
@@ -106,10 +119,6 @@ def main() -> None:
               f"(runs: {', '.join(f'{t:.2f}' for t in same)})  target <= 3 s")
         print(f"P6 submit -> result page, warm worker, new texts:            median {statistics.median(fresh):.2f} s "
               f"(runs: {', '.join(f'{t:.2f}' for t in fresh)})")
-    stop.set()
-    server.should_exit = True
-    for thread in (worker_thread, server_thread):  # let them end: a thread killed at exit aborts the process
-        thread.join(timeout=30)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def fine_tune_reward_model(
     texts: list[str],
     rewards: np.ndarray,
     n_train: int,
-    target: str,
+    reward_description: str,
     epochs: int = 2,
     lr: float = 1e-4,
     batch_size: int = 32,
@@ -57,7 +57,7 @@ def fine_tune_reward_model(
 ) -> dict:
     """MiniLM with a scalar head fine-tuned to predict `rewards` (the first n_train texts train, the
     rest are held out for the R² it reports); a HF model directory saved at out_dir (written to a
-    temp dir, then renamed). `target` says in words what the reward is."""
+    temp dir, then renamed). `reward_description` says in words what the reward is."""
     from transformers import AutoTokenizer, BertForSequenceClassification
 
     torch.manual_seed(BUILD_SEED)
@@ -118,7 +118,7 @@ def fine_tune_reward_model(
         "n_heldout": len(texts) - n_train,
         "epochs": epochs,
         "seconds": round(time.time() - started, 1),
-        "target": target,
+        "target": reward_description,
     }
 
     out_dir = Path(out_dir)

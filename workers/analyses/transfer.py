@@ -18,7 +18,6 @@ and resolves layers: {top_divergence: k})."""
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
