@@ -286,6 +286,15 @@ def _layer_rows(path: Path, layer: int) -> tuple[pa.Table, np.ndarray]:
                  lambda layers: sum(len(table) for table, _ in layers.values()) > LAYER_ROWS_CACHED)
 
 
+def top_tokens(path: Path, layer: int, ids: list[int]) -> dict[int, str | None]:
+    """Each feature's top token (what a page shows beside its id), from the layer's rows in
+    memory; ids the layer lacks are left out."""
+    table, position = _layer_rows(path, layer)
+    known = [i for i in ids if 0 <= i < len(position) and position[i] >= 0]
+    tokens = table.column("top_token").take(position[known]).to_pylist() if known else []
+    return dict(zip(known, tokens))
+
+
 def features(path: Path, layer: int, sort: str, where: FeatureFilter = FeatureFilter(),
              limit: int = 50, offset: int = 0) -> FeaturePage:
     """One page of a layer's feature table: the features `where` keeps, ordered by `sort`."""

@@ -2,6 +2,7 @@
 whether it filled model.max_length; text ids on feature pages link to it."""
 from __future__ import annotations
 
+import html
 import re
 
 import pytest
@@ -110,6 +111,11 @@ def test_a_text_s_page_and_json_show_its_newest_attribution_per_layer(client, mi
     assert 'href="/runs/synthetic/layers/3/features/7"' in page and f'href="/jobs/{new}"' in page
     assert 'id="edits"' in page and f'href="/jobs/{edited}"' in page
     assert 'name="text_id" value="3"' in page  # the row's edit form names the corpus text, not a copy of it
+    # each listed feature says what it is: its top token from the store, beside its id
+    top = client.get("/api/runs/synthetic/layers/3/features/7").json()["feature"]["top_token"]
+    row = re.search(r'<tr data-feature="7"><td class="num"><a href="/runs/synthetic/layers/3/features/7"><b>7</b>'
+                    r'</a> <code class="token"[^>]*>([^<]*)</code>', page)
+    assert top and row and row.group(1) == html.escape(top)
 
 
 @pytest.mark.parametrize("body, status, message", [

@@ -563,3 +563,9 @@ def test_feature_rows_show_each_cell_and_escape_what_they_quote():
     assert cells[13] == '<span class="badge label-reward" title="says &quot;great&quot;">reward-related</span>'
     assert "never fires" in second and "group-mark" not in second and "badge" not in second
     assert re.findall(r"<td[^>]*>(.*?)</td>", second)[9] == "—" and "not measured" in second
+
+
+def test_percentages_keep_fixed_point_on_both_sides_of_zero():
+    # a negative share (an attribution against the score) reads like a positive one, not as 1e+00
+    assert fmt_pct(0.125) == "12.50%" and fmt_pct(-0.015) == "-1.50%" and fmt_pct(0) == "0.00%"
+    assert fmt_pct(-2e-6) == "-2.0e-04%" and fmt_pct(None) == "—"

@@ -76,6 +76,26 @@ templates.env.globals.update(csrf_token=csrf_token, token_spans=token_spans, con
 templates.env.globals["contribution_spans"] = contribution_spans  # a text's tokens by contribution
 
 
+def feature_top_tokens(request: Request, run_id: str, layer: int, ids: list[int]) -> dict[int, str | None]:
+    """Each listed feature's top token, so a list of feature ids says what each one is ({} where
+    the run's store cannot be read: the ids still link to the features' pages)."""
+    settings = request.app.state.settings
+    try:
+        return store.top_tokens(store_path(settings, get_run(settings, run_id)), int(layer), [int(i) for i in ids])
+    except (NotFound, store.StoreOutdated, OSError):
+        return {}
+
+
+def attributed_features(att: dict[str, Any]) -> list[int]:
+    """Every feature an attribution result lists: its ranked features and each token's."""
+    ids = {f["feature"] for f in att.get("features", [])}
+    ids.update(f["feature"] for token in att.get("token_features", []) for f in token)
+    return sorted(ids)
+
+
+templates.env.globals.update(feature_top_tokens=feature_top_tokens, attributed_features=attributed_features)
+
+
 def json_response(data: dict[str, Any]) -> Response:
     """`data` as JSON, written by orjson: FastAPI's value-by-value encoder walk and the json
     module took 1.5 and 0.8 ms of a feature's ~16 KB. Numbers and timestamps as Starlette

@@ -38,7 +38,7 @@ def fmt_delta(x: float | None, digits: int = 3) -> str:
 def fmt_pct(x: float | None, digits: int = 2) -> str:
     if x is None:
         return "—"
-    return f"{100 * x:.{digits}f}%" if x == 0 or x >= 1e-4 else f"{100 * x:.1e}%"
+    return f"{100 * x:.{digits}f}%" if x == 0 or abs(x) >= 1e-4 else f"{100 * x:.1e}%"
 
 
 def weight_class(x: float | None) -> str:
