@@ -2,7 +2,9 @@
 takes (every whole-word token in the 4 default carriers, one worker, model loaded), and whether
 writing the top token of the layer's strongest positive feature -- the one whose zeroing lowers
 the score most where it fires (measured Δ) -- into 128 neutral held-out texts raises their
-score by about what that measured Δ says, beside the control word and with the token repeated.
+score by about what that measured Δ says, beside the control word and with the token repeated:
+the whole insertion's Δ, and the part of it that goes through the feature (what zeroing the
+feature on the inserted tokens takes back), which is what its measured Δ speaks for.
 
     RA_DATA_DIR=data python benchmarks/p12_probes.py [--layer L]    # needs the demo run
 """
@@ -77,6 +79,12 @@ def main() -> None:
               f"difference {d['difference']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}], p {d['p_value']:.4f}; "
               f"the feature reaches {r['activation']['mean_peak']:.2f} on the inserted tokens "
               f"(fires in {100 * r['activation']['fired_share']:.0f}% of texts); {seconds:.1f} s")
+        tf, tl = r["through_feature"], r["through_layer"]
+        print(f"  of that Δ, through feature {feature['feature']} (zeroed on the inserted tokens): {tf['mean_delta']:+.3f} "
+              f"[{tf['ci_low']:+.3f}, {tf['ci_high']:+.3f}] -- its measured Δ says {-feature['measured_delta']:+.3f} where it "
+              f"fires in the corpus ({tf['mean_delta'] / -feature['measured_delta']:.2f}x; activation here "
+              f"{r['activation']['mean_peak']:.2f} vs {card['mean_activation']:.2f} on average where it fires); through all "
+              f"layer-{layer} features on the inserted tokens: {tl['mean_delta']:+.3f} [{tl['ci_low']:+.3f}, {tl['ci_high']:+.3f}]")
     texts = [EXAMPLE, f"{EXAMPLE} {' '.join([token] * 6)}"]
     before, after = final_scores(run.adapter, texts)
     print(f"{EXAMPLE!r}: {before:.3f}; with {token!r} x6 appended: {after:.3f}")

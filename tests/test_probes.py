@@ -130,7 +130,18 @@ def test_insertion_delta_is_the_edited_texts_score_minus_the_texts_score(tiny_ru
         word = adapter.tokenizer.convert_tokens_to_ids("magnificent")
         at_word = acts[batch.input_ids[0] == word]
         assert len(at_word) == 3 and measured.activation[i] == pytest.approx(float(at_word.max()), abs=1e-5)
+        # the edited text again with the feature (then every feature of the layer) zeroed on the inserted
+        # tokens only, by hand: h − a·d at those tokens (h − decode(f) + decode(0) for the whole layer)
+        f = sae.encode(captured[LAYER][0].float()).detach()
+        at = (batch.input_ids[0] == word).unsqueeze(-1)
+        direction = (sae.decode(torch.eye(sae.cfg.d_sae)[feature:feature + 1]) - sae.decode(torch.zeros(1, sae.cfg.d_sae))).detach()
+        one = captured[LAYER][0] - torch.where(at, f[:, feature:feature + 1] * direction, torch.zeros_like(direction))
+        every = captured[LAYER][0] - torch.where(at, (sae.decode(f) - sae.decode(torch.zeros_like(f))).detach(), 0.0)
+        for got, hidden in ((measured.without_feature[i], one), (measured.without_layer[i], every)):
+            expected = float(adapter.run_from(batch, LAYER, hidden.unsqueeze(0))[-1])
+            assert got == pytest.approx(expected, abs=1e-5)
     assert not np.allclose(measured.delta, measured.control_delta)  # the two arms are different edits
+    assert not np.allclose(measured.without_layer, measured.with_phrase)  # zeroing the layer there moves it
 
 
 def test_insertion_job_reports_both_arms_their_difference_and_the_features_measured_delta(tiny_run):  # noqa: F811
@@ -155,9 +166,12 @@ def test_insertion_job_reports_both_arms_their_difference_and_the_features_measu
     assert all(e["edited"].endswith("wonderful wonderful") for e in r["examples"])
     assert r["feature"]["measured_delta"] == card["measured_delta"] and r["feature"]["feature"] == card["feature"]
     assert all(e["activation"] is not None for e in r["examples"]) and "fired_share" in r["activation"]
+    for part in ("through_feature", "through_layer"):  # what zeroing on the inserted tokens takes back, with a CI
+        assert r[part]["ci_low"] <= r[part]["mean_delta"] <= r[part]["ci_high"] and r[part]["n"] == 12
     with make_client(settings) as client:  # the page shows what the worker wrote
         page = client.get(f"/jobs/{done['id']}").text
     assert page.count('<a href="/runs/tiny-run/texts/') == 12 and 'id="insertion-vs-measured"' in page
+    assert 'id="insertion-through-feature"' in page
 
 
 def test_a_steer_by_zero_changes_nothing_and_the_sweep_agrees_with_an_ablation(tiny_run):  # noqa: F811

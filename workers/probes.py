@@ -318,6 +318,10 @@ class Insertion:
     edited: list[str]  # the texts with the phrase
     spans: list[tuple[int, int]]  # the phrase's characters in each
     activation: np.ndarray | None  # [N] the feature's largest activation on the inserted tokens (None: no feature)
+    # [N] with the phrase, the feature / every feature of its layer zeroed on the inserted tokens
+    # (SAE spliced, reconstruction error kept); None: no feature named
+    without_feature: np.ndarray | None = None
+    without_layer: np.ndarray | None = None
 
     @property
     def delta(self) -> np.ndarray:
@@ -332,28 +336,48 @@ def measure_insertion(adapter, texts: list[str], phrase: str, control: str, posi
                       sae=None, layer: int | None = None, feature: int | None = None,
                       progress: Callable[[float], None] | None = None) -> Insertion:
     """Score every text as it is, with the phrase inserted, and with the control inserted the
-    same way; with a feature (its layer's SAE), its activation on the inserted tokens."""
+    same way. With a feature (its layer's SAE): its activation on the inserted tokens, and the
+    phrase's texts scored again with the feature zeroed on those tokens and with every feature of
+    the layer zeroed there: how much of the phrase's effect goes through that feature, and
+    through the layer's features at all (the rest through the SAE's reconstruction error)."""
     import torch
+
+    from workers.sae_ops import FeatureEdit, decoder_directions, edit_chosen, linear_decoder
 
     edits = [insert_phrase(t, phrase, position, repeat) for t in texts]
     controls = [insert_phrase(t, control, position, repeat)[0] for t in texts]
     arm = (lambda i: (lambda share: progress((i + share) / 3))) if progress else (lambda i: None)
-    activation = np.full(len(texts), np.nan) if feature is not None else None
+    named = feature is not None
+    activation, without_feature, without_layer = (np.full(len(texts), np.nan) for _ in range(3))
     spans = [span for _, span in edits]
+    if named:
+        rows = decoder_directions(sae)
+        linear = linear_decoder(sae, rows) is not None
 
     def on_layer(indices, batch, hidden):
         where = span_tokens(adapter, batch, [spans[i] for i in indices])
         if where is None:
             return
-        acts = sae.encode(hidden.float())[..., feature]
+        f = sae.encode(hidden.float())
+        acts = f[..., feature]
         peak = torch.where(where, acts, torch.zeros_like(acts)).amax(1)
         activation[indices] = peak.float().cpu().numpy()
+        inserted = where.unsqueeze(-1)
+        one, _, _ = edit_chosen(sae, hidden, FeatureEdit((feature,), "zero"), rows, linear, f)
+        written = sae.decode(f) - sae.decode(torch.zeros_like(f))  # every feature's part of the output
+        last = _last_read_of_each(batch)
+        for out, edited in ((without_feature, one), (without_layer, hidden.float() - written)):
+            h = torch.where(inserted, edited.to(hidden.dtype), hidden)
+            out[indices] = adapter.run_from(batch, layer, h).float()[last].cpu().numpy()
 
     before = final_scores(adapter, texts, progress=arm(0))
-    with_phrase = final_scores(adapter, [e for e, _ in edits], layer=layer if feature is not None else None,
-                               on_layer=on_layer if feature is not None else None, progress=arm(1))
+    with_phrase = final_scores(adapter, [e for e, _ in edits], layer=layer if named else None,
+                               on_layer=on_layer if named else None, progress=arm(1))
     with_control = final_scores(adapter, controls, progress=arm(2))
-    return Insertion(before, with_phrase, with_control, [e for e, _ in edits], spans, activation)
+    if not named:
+        return Insertion(before, with_phrase, with_control, [e for e, _ in edits], spans, None)
+    return Insertion(before, with_phrase, with_control, [e for e, _ in edits], spans, activation,
+                     without_feature, without_layer)
 
 
 def insertion_result(measured: Insertion, rows: list[dict], cut: np.ndarray, seed: int) -> dict:
@@ -376,6 +400,11 @@ def insertion_result(measured: Insertion, rows: list[dict], cut: np.ndarray, see
     if measured.activation is not None and not np.all(np.isnan(measured.activation)):
         acts = measured.activation[~np.isnan(measured.activation)]
         result["activation"] = {"mean_peak": rounded(acts.mean()), "fired_share": float((acts > 0).mean())}
+        # what zeroing it (or the whole layer's features) on the inserted tokens takes back: the
+        # part of the phrase's Δ that goes through it, comparable with its measured Δ in the corpus
+        known = ~np.isnan(measured.without_feature)
+        for part, without in (("through_feature", measured.without_feature), ("through_layer", measured.without_layer)):
+            result[part] = {**mean_with_ci((measured.with_phrase - without)[known]), "n": int(known.sum())}
     return result
 
 
