@@ -83,7 +83,7 @@ def fine_tune_reward_model(
 
     started = time.time()
     model.train()
-    progress = tqdm(total=n_steps, desc="fine-tuning demo reward model")
+    progress = tqdm(total=n_steps, desc="fine-tuning the reward model")
     rng = np.random.default_rng(BUILD_SEED)
     for _ in range(epochs):
         for idx in length_bucketed_batches(lengths, batch_size, rng):
