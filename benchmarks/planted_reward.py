@@ -187,7 +187,10 @@ def check_insertion(settings: Settings, path: Path, layer: int) -> None:
           f"{feature['measured_delta_high']:+.3f}]; its top vocabulary token {token!r} inserted at the end of "
           f"{r['n']} neutral held-out texts: Δ {r['phrase_delta']['mean_delta']:+.3f}, control "
           f"{r['control_delta']['mean_delta']:+.3f}, difference {d['difference']:+.3f} "
-          f"[{d['ci_low']:+.3f}, {d['ci_high']:+.3f}], p {d['p_value']:.4f}")
+          f"[{d['ci_low']:+.3f}, {d['ci_high']:+.3f}], p {d['p_value']:.4f}; of it through feature "
+          f"{feature['feature']} (zeroed on the inserted token) {r['through_feature']['mean_delta']:+.3f} -- its measured Δ "
+          f"says {-feature['measured_delta']:+.3f} -- and through all layer-{layer} features there "
+          f"{r['through_layer']['mean_delta']:+.3f}")
 
 
 def check_analyses(path: Path, layer: int) -> None:
