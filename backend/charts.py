@@ -16,14 +16,8 @@ def _nice_max(x: float) -> float:
     return next(m * base for m in (1, 2, 2.5, 5, 10) if m * base >= x)
 
 
-def r2_bars(layers: Sequence[dict[str, Any]], best_layer: int | None, height: int = 170, bar_w: int = 24,
-            gap: int = 16) -> dict:
-    """Held-out R² per layer on a 0..1 axis: the SAE-feature regression's bar (train R² as a
-    tick) and, beside it, the raw-activation probe's bar, the baseline it is judged against.
-
-    Negative held-out R² (worse than predicting the mean) draws no bar, only its label.
-    `best_layer` (backend/layer_choice.py) is drawn in the accent colour.
-    """
+def _unit_axis(height: int, bar_w: int):
+    """A 0..1 vertical axis for bars of R²-like values: (y of a value, a bar at x, left margin)."""
     left, top, bottom = 34, 14, 22
     plot_h = height - top - bottom
 
@@ -33,6 +27,18 @@ def r2_bars(layers: Sequence[dict[str, Any]], best_layer: int | None, height: in
     def bar(x: float, value: float | None) -> dict:
         return {"x": x, "w": bar_w, "value": value, "y": y(value or 0.0), "h": round(y(0.0) - y(value or 0.0), 1)}
 
+    return y, bar, left
+
+
+def r2_bars(layers: Sequence[dict[str, Any]], best_layer: int | None, height: int = 170, bar_w: int = 24,
+            gap: int = 16) -> dict:
+    """Held-out R² per layer on a 0..1 axis: the SAE-feature regression's bar (train R² as a
+    tick) and, beside it, the raw-activation probe's bar, the baseline it is judged against.
+
+    Negative held-out R² (worse than predicting the mean) draws no bar, only its label.
+    `best_layer` (backend/layer_choice.py) is drawn in the accent colour.
+    """
+    y, bar, left = _unit_axis(height, bar_w)
     group_w = 2 * bar_w + 2
     bars = []
     for i, l in enumerate(layers):
@@ -221,15 +227,7 @@ def paired_bars(rows: Sequence[dict[str, Any]], first: str, second: str, height:
     bar, only its label. None: no rows."""
     if not rows:
         return None
-    left, top, bottom = 34, 14, 22
-    plot_h = height - top - bottom
-
-    def y(v: float) -> float:
-        return round(top + plot_h * (1 - min(max(v, 0.0), 1.0)), 1)
-
-    def bar(x: float, value: float | None) -> dict:
-        return {"x": x, "w": bar_w, "value": value, "y": y(value or 0.0), "h": round(y(0.0) - y(value or 0.0), 1)}
-
+    y, bar, left = _unit_axis(height, bar_w)
     group_w = 2 * bar_w + 2
     groups = []
     for i, row in enumerate(rows):
