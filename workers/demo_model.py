@@ -25,22 +25,13 @@ def base_model_path() -> Path:
     return Path(get_model_path())
 
 
-def build_demo_reward_model(
-    out_dir: Path,
-    n_train: int = 5000,
-    n_heldout: int = 1000,
-    epochs: int = 2,
-    lr: float = 1e-4,
-    batch_size: int = 32,
-    max_length: int = 64,
-    base_path: Path | None = None,
-) -> dict:
-    """The demo RM: MiniLM fine-tuned on the VADER reward of a corpus draw of its own."""
+def build_demo_reward_model(out_dir: Path, n_train: int = 5000, n_heldout: int = 1000, **training) -> dict:
+    """The demo RM: MiniLM fine-tuned on the VADER reward of a corpus draw of its own
+    (`training`: fine_tune_reward_model's keywords)."""
     texts = generate_corpus(n_train + n_heldout, seed=BUILD_SEED)
     rewards = np.array([vader_reward(t) for t in texts], dtype=np.float32)
     return fine_tune_reward_model(out_dir, texts, rewards, n_train, "clip(sum of VADER lexicon values / 5, -10, 10)",
-                                  epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length,
-                                  base_path=base_path)
+                                  **training)
 
 
 def fine_tune_reward_model(

@@ -334,12 +334,13 @@ class Insertion:
 
 def measure_insertion(adapter, texts: list[str], phrase: str, control: str, position: str | int, repeat: int = 1,
                       sae=None, layer: int | None = None, feature: int | None = None,
-                      progress: Callable[[float], None] | None = None) -> Insertion:
+                      progress: Callable[[float], None] | None = None, decoder: tuple | None = None) -> Insertion:
     """Score every text as it is, with the phrase inserted, and with the control inserted the
     same way. With a feature (its layer's SAE): its activation on the inserted tokens, and the
     phrase's texts scored again with the feature zeroed on those tokens and with every feature of
     the layer zeroed there: how much of the phrase's effect goes through that feature, and
-    through the layer's features at all (the rest through the SAE's reconstruction error)."""
+    through the layer's features at all (the rest through the SAE's reconstruction error).
+    `decoder`: (decoder rows, whether decoding is linear), when the caller keeps them."""
     import torch
 
     from workers.sae_ops import FeatureEdit, decoder_directions, edit_chosen, linear_decoder
@@ -350,9 +351,9 @@ def measure_insertion(adapter, texts: list[str], phrase: str, control: str, posi
     named = feature is not None
     activation, without_feature, without_layer = (np.full(len(texts), np.nan) for _ in range(3))
     spans = [span for _, span in edits]
-    if named:
+    if named and decoder is None:
         rows = decoder_directions(sae)
-        linear = linear_decoder(sae, rows) is not None
+        decoder = rows, linear_decoder(sae, rows) is not None
 
     def on_layer(indices, batch, hidden):
         where = span_tokens(adapter, batch, [spans[i] for i in indices])
@@ -363,7 +364,7 @@ def measure_insertion(adapter, texts: list[str], phrase: str, control: str, posi
         peak = torch.where(where, acts, torch.zeros_like(acts)).amax(1)
         activation[indices] = peak.float().cpu().numpy()
         inserted = where.unsqueeze(-1)
-        one, _, _ = edit_chosen(sae, hidden, FeatureEdit((feature,), "zero"), rows, linear, f)
+        one, _, _ = edit_chosen(sae, hidden, FeatureEdit((feature,), "zero"), *decoder, f)
         written = sae.decode(f) - sae.decode(torch.zeros_like(f))  # every feature's part of the output
         last = _last_read_of_each(batch)
         for out, edited in ((without_feature, one), (without_layer, hidden.float() - written)):
@@ -435,7 +436,8 @@ def insertion_task(params: dict, ctx) -> dict:
     ctx.report(0.0, f"inserting {phrase[:40]!r} into {len(texts)} texts")
     measured = measure_insertion(run.adapter, texts, phrase, control, position, repeat, sae,
                                  None if layer is None else int(layer), None if feature is None else int(feature),
-                                 progress=lambda share: ctx.report(share))
+                                 progress=lambda share: ctx.report(share),
+                                 decoder=None if feature is None else run.decoder(int(layer)))
     lengths = token_lengths(run.adapter.tokenizer, measured.edited, 10**9)
     result = {"phrase": phrase, "control": control, "position": position, "repeat": repeat, "texts": chosen_by,
               **insertion_result(measured, rows, lengths > run.adapter.max_length, seed=int(ctx.job["id"]))}

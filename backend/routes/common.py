@@ -12,7 +12,7 @@ from fastapi import Depends, Query, Request, Response
 from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
-from backend import db, store
+from backend import charts, db, store
 from backend.access import csrf_token
 from backend.models import LABELS
 from backend.rankings import FALLBACK_RANKING, RANKINGS, Ranking
@@ -74,6 +74,9 @@ KIND_TAGS = {"predicts": "predicts", "gradient": "gradient", "measured": "ablati
 templates.env.globals.update(csrf_token=csrf_token, token_spans=token_spans, context_rows=context_rows,
                              feature_rows=feature_rows, kind_tag=KIND_TAGS)
 templates.env.globals["contribution_spans"] = contribution_spans  # a text's tokens by contribution
+# chart geometry the run page's sections draw from their own rows (backend/charts.py)
+templates.env.globals.update(paired_bars=charts.paired_bars, divergence_bars=charts.divergence_bars,
+                             lexicon_scatter=charts.lexicon_scatter)
 
 
 def feature_top_tokens(request: Request, run_id: str, layer: int, ids: list[int]) -> dict[int, str | None]:

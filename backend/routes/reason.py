@@ -10,9 +10,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import RedirectResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from backend import charts
 from backend.access import current_author
-from backend.routes.common import SettingsDep, get_run, store_path, templates
+from backend.routes.common import SettingsDep, get_run, store_path
 from backend.routes.edge import ERROR_RESPONSES, LayerId, StrictJSONRoute, invalid
 from backend.routes.jobs import _created, _form, _json_only, _parse, _submit
 from backend.settings import Settings
@@ -85,7 +84,3 @@ def api_reason_score(request: Request, response: Response, run_id: str, layer: L
     corpus's tokens (AIRI's SAE-Reasoning); poll GET /api/jobs/{id} (the Location) for the top features."""
     _json_only(request)
     return _created(response, submit_reason_score(settings, run_id, layer, body, current_author(request)))
-
-
-# The run page's lexicon section (frontend/templates/_run_lexicon.html) draws its scatter plot from this.
-templates.env.globals.update(lexicon_scatter=charts.lexicon_scatter)

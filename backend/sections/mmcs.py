@@ -9,15 +9,11 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from backend import charts, store
-from backend.routes.common import templates
+from backend import store
 from backend.settings import Settings
 
 THRESHOLDS = (0.5, 0.7, 0.9)  # "present in both (max cosine >= t)": the counts the section lists
 PRESENT = 0.9  # the threshold the run page links the layer table's filter with
-
-templates.env.globals["paired_bars"] = charts.paired_bars  # _run_mmcs.html draws its chart with it
-
 
 def mmcs_section(settings: Settings, run: sa.Row, path: Path) -> dict[str, Any] | None:
     paired = [layer for layer in store.layers(path) if layer["pair_width"] is not None]

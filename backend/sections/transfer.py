@@ -9,13 +9,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from backend import charts, store
-from backend.routes.common import templates
+from backend import store
 from backend.settings import Settings
-
-# _run_transfer.html and _run_divergence.html draw their charts with these
-templates.env.globals["paired_bars"] = charts.paired_bars
-templates.env.globals["divergence_bars"] = charts.divergence_bars
 
 
 def transfer_section(settings: Settings, run: sa.Row, path: Path) -> dict[str, Any] | None:

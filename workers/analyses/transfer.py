@@ -295,6 +295,16 @@ def aligned_reads(base_read_texts: np.ndarray, rm_read_texts: np.ndarray, subset
     return base_rows, rm_rows
 
 
+def fit_with_probe(config: RunConfig, features, raw, sae, scores: np.ndarray, read_heldout: np.ndarray):
+    """The score regressed on an SAE's pooled features and, beside it, the raw-stream probe, as
+    the pipeline fits a layer (workers/regress.py): (fit, probe)."""
+    from workers.regress import fit_probe, fit_reward_regression
+
+    fit = fit_reward_regression(features, scores, read_heldout, config.regression, config.seed,
+                                sae.W_dec.detach().float().cpu().numpy())
+    return fit, fit_probe(raw, scores, read_heldout, config.regression.cv_folds, config.seed)
+
+
 def rm_on_subset(ctx: RunContext, layer: int, rm_rows: np.ndarray, scores: np.ndarray, read_heldout: np.ndarray):
     """The RM's own held-out R² (SAE features, raw probe) on the same reads as the base model's:
     the layer's figures where every read is used, refitted on the sample otherwise."""
@@ -302,14 +312,9 @@ def rm_on_subset(ctx: RunContext, layer: int, rm_rows: np.ndarray, scores: np.nd
         return None, None
     if len(rm_rows) == ctx.acts.n_reads:
         return _layer_value(ctx.tables, layer, "r2_heldout"), _layer_value(ctx.tables, layer, "probe_r2_heldout")
-    from workers.regress import fit_probe, fit_reward_regression
-
-    config, layer_acts = ctx.config, ctx.acts.layers[layer]
-    fit = fit_reward_regression(layer_acts.pooled_matrix(ctx.acts.n_reads)[rm_rows], scores, read_heldout,
-                                config.regression, config.seed,
-                                ctx.saes[layer].W_dec.detach().float().cpu().numpy())
-    probe = fit_probe(layer_acts.raw_matrix()[rm_rows], scores, read_heldout, config.regression.cv_folds,
-                      config.seed)
+    layer_acts = ctx.acts.layers[layer]
+    fit, probe = fit_with_probe(ctx.config, layer_acts.pooled_matrix(ctx.acts.n_reads)[rm_rows],
+                                layer_acts.raw_matrix()[rm_rows], ctx.saes[layer], scores, read_heldout)
     return fit.r2_heldout, probe.r2_heldout
 
 
@@ -317,7 +322,6 @@ def run(ctx: RunContext) -> AnalysisOutput:
     config = ctx.config
     if config.transfer is None:
         return _empty(config)
-    from workers.regress import fit_probe, fit_reward_regression
     from workers.train import load_saes, train_saes
 
     layers = config.transfer_layers
@@ -347,9 +351,8 @@ def run(ctx: RunContext) -> AnalysisOutput:
     fits = {}
     for layer in layers:
         got = pooled["layers"][layer]
-        fit = fit_reward_regression(got["features"][base_rows], scores, read_heldout, config.regression,
-                                    config.seed, saes[layer].W_dec.detach().float().cpu().numpy())
-        probe = fit_probe(got["raw"][base_rows], scores, read_heldout, config.regression.cv_folds, config.seed)
+        fit, probe = fit_with_probe(config, got["features"][base_rows], got["raw"][base_rows], saes[layer], scores,
+                                    read_heldout)
         fits[layer] = (fit, probe, rm_on_subset(ctx, layer, rm_rows, scores, read_heldout))
     regressed = time.time()
     ctx.stage(f"transfer: regressions in {regressed - trained:.0f} s (pass and fits); held-out R² "
