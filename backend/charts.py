@@ -134,31 +134,36 @@ def _finite(*xs: float | None) -> list[float]:
 
 def deletion_curves(rankings: dict[str, dict[str, Any]], band_ranking: str | None, width: int = 560,
                     height: int = 230, n_max: int = 100) -> dict | None:
-    """Faithfulness curves: mean Δ score (y) with each ranking's top n zeroed, n on a log axis
-    1..n_max (x); one line per ranking (as faithfulness_data gives them), and the random
-    controls' range (lowest to highest draw mean per n) of `band_ranking` -- the default
-    ranking, or the first drawn -- as a band. None: no curve was measured."""
+    """Faithfulness curves: each ranking's effect (y) with its top n zeroed, n on a log axis
+    1..n_max (x), on the measure it is judged by (workers/faithfulness.py): the score lowered by
+    zeroing its raisers, raised by zeroing its lowerers, or |Δ| for a |value| ranking -- positive
+    is the way the ranking says. One line per ranking and direction (as faithfulness_data gives
+    them); the random controls' range (lowest to highest draw's effect per n) of `band_ranking`'s
+    first direction -- the default ranking, or the first drawn -- as a band. None: no curve."""
     if not rankings:
         return None
     left, right, top, bottom = 52, 10, 10, 30
     plot_w, plot_h = width - left - right, height - top - bottom
     band_key = band_ranking if band_ranking in rankings else next(iter(rankings))
-    band_points = rankings[band_key]["points"]
-    lo, hi, ticks = _axis([v for r in rankings.values() for p in r["points"] for v in _finite(p["mean_delta"])]
-                          + [v for p in band_points for v in _finite(p["control_low"], p["control_high"])])
+    band_direction = next(iter(rankings[band_key]["directions"]))
+    band_points = rankings[band_key]["directions"][band_direction]["points"]
+    curves = [(key, direction, r, c) for key, r in rankings.items() for direction, c in r["directions"].items()]
+    bounds = lambda p: _finite(min(p["control_effects"] or [None]), max(p["control_effects"] or [None]))  # noqa: E731
+    lo, hi, ticks = _axis([v for *_, c in curves for p in c["points"] for v in _finite(p["effect"])]
+                          + [v for p in band_points for v in bounds(p)] + [0.0])
     x = lambda n: round(left + plot_w * log10(n) / log10(n_max), 1)  # noqa: E731
     y = lambda v: round(top + plot_h * (hi - v) / (hi - lo), 1)  # noqa: E731
     lines = []
-    for key, r in rankings.items():
-        dots = [{**p, "x": x(p["n"]), "y": y(p["mean_delta"])} for p in r["points"] if p["mean_delta"] is not None]
-        lines.append({"key": key, "label": r["label"], "kind": r["kind"], "dots": dots,
+    for key, direction, r, c in curves:
+        dots = [{**p, "x": x(p["n"]), "y": y(p["effect"])} for p in c["points"] if p["effect"] is not None]
+        lines.append({"key": key, "direction": direction, "label": r["label"], "kind": r["kind"], "dots": dots,
                       "path": " ".join(f"{d['x']},{d['y']}" for d in dots)})
-    drawn = [p for p in band_points if p["control_low"] is not None and p["control_high"] is not None]
-    band = " ".join([f"{x(p['n'])},{y(p['control_high'])}" for p in drawn]
-                    + [f"{x(p['n'])},{y(p['control_low'])}" for p in reversed(drawn)])
+    drawn = [p for p in band_points if len(bounds(p)) == 2]
+    band = " ".join([f"{x(p['n'])},{y(bounds(p)[1])}" for p in drawn]
+                    + [f"{x(p['n'])},{y(bounds(p)[0])}" for p in reversed(drawn)])
     return {"width": width, "height": height, "left": left, "right": width - right, "top": top,
             "base_y": top + plot_h, "zero_y": y(0.0), "lines": lines,
-            "band": band, "band_key": band_key,
+            "band": band, "band_key": band_key, "band_direction": band_direction,
             "y_ticks": [{"v": v, "y": y(v)} for v in ticks],
             "x_ticks": [{"n": n, "x": x(n)} for n in (1, 2, 5, 10, 20, 50, 100) if n <= n_max]}
 

@@ -28,7 +28,7 @@ def _predictive_score(layer: Mapping[str, Any], use_agreement: bool) -> float | 
 
 def layer_score(layer: Mapping[str, Any], rule: str) -> float | None:
     if rule == "faithfulness":
-        return layer.get("faithfulness_relative")
+        return layer.get("faithfulness_relative")  # on its own measure: signs cannot cancel
     return _predictive_score(layer, rule == "r2_x_agreement")
 
 
@@ -39,6 +39,16 @@ def choice_rule(layers: list[Mapping[str, Any]]) -> str:
     if any(l.get("weight_effect_agreement") is not None for l in layers):
         return "r2_x_agreement"
     return "r2"
+
+
+RULE_WORDS = {
+    "faithfulness": "the layer where zeroing its default ranking's top 10 moves the reward most beyond random "
+                    "controls, relative to the score's spread (measured)",
+    "r2_x_agreement": "nothing was measured: the largest held-out R² × weight–effect agreement (predicts)",
+    "r2": "nothing was measured: the largest held-out R² (predicts)",
+}
+RULE = ("Best layer: " + RULE_WORDS["faithfulness"] + "; where a run measured nothing, the largest held-out R² "
+        "× weight–effect agreement (or held-out R² alone).")
 
 
 def best_layer(layers: Iterable[Mapping[str, Any]]) -> int | None:

@@ -31,6 +31,24 @@ KIND_WORDS = {"predicts": "predicts the score (regression over the corpus)",
               "gradient": "the model's own gradient (first-order estimate of zeroing)",
               "measured": "measured by zeroing each feature alone"}
 
+# A signed ranking is measured in both of its directions: its raisers zeroed (should lower the
+# score) and its lowerers zeroed (should raise it); a |value| ranking by the mean |Δ| per text
+# (workers/faithfulness.py).
+DIRECTION_WORDS = {"raises": "top raisers zeroed (should lower the score)",
+                   "lowers": "top lowerers zeroed (should raise the score)",
+                   "both": "top by magnitude zeroed (mean |Δ| per text)"}
+SUMMARY_N = 10  # the curve point the pages quote and the best layer is chosen at
+MEASURE_WORDS = {"signed": "its raisers zeroed lower the score, its lowerers zeroed raise it",
+                 "abs": "mean |Δ| per text"}
+VERDICT_WORDS = {"beyond_controls": "beyond every control draw",
+                 "within_controls": "undecided: a control draw reaches it",
+                 "too_few_controls": "undecided: too few control draws"}
+
+
+def directions_of(ranking: str) -> tuple[str, ...]:
+    return ("both",) if RANKINGS[ranking].sign == 0 else ("raises", "lowers")
+
+
 FALLBACK_RANKING = "weight"  # where no deletion curve was measured (a score the model does not compute)
 
 

@@ -212,11 +212,11 @@ def _by_layer(rows: list[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
 
 
 def faithfulness(path: Path, layer: int) -> list[dict[str, Any]]:
-    """The layer's deletion-curve points (table faithfulness), by ranking, then n; [] where none
+    """The layer's deletion-curve points (table faithfulness), by ranking, direction, then n; [] where none
     was measured."""
     layer_info(path, layer)  # NotFound for an unknown layer
     by_layer = _memo(path, "faithfulness", lambda: _by_layer(
-        _rows(path, f"SELECT {FAITHFULNESS_COLUMNS} FROM faithfulness ORDER BY layer, ranking, n")))
+        _rows(path, f"SELECT {FAITHFULNESS_COLUMNS} FROM faithfulness ORDER BY layer, ranking, direction, n")))
     return [dict(row) for row in by_layer.get(layer, [])]
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 STORE_FILENAME = "features.duckdb"
-STORE_VERSION = 9
+STORE_VERSION = 10
 
 
 @dataclass(frozen=True)
@@ -127,9 +127,15 @@ TABLES: dict[str, Table] = {t.name: t for t in (
         # what the model uses, measured (workers/causal.py); NULL where the score is not the model's
         Column("default_ranking", "VARCHAR", "the ranking (backend/rankings.py) whose deletion curve moves the "
                "reward most beyond its controls: the layer table's default sort and its 'top N'"),
-        Column("faithfulness_delta", "DOUBLE", "mean Δ score zeroing the default ranking's top 10"),
+        Column("faithfulness_measure", "VARCHAR", "how the default ranking is judged: 'signed' (its raisers zeroed "
+               "lower the score, its lowerers raise it) or 'abs' (mean |Δ| per text)"),
+        Column("faithfulness_effect", "DOUBLE", "the default ranking's top 10 zeroed, on its measure (mean over its "
+               "directions): how far the score moves the way the ranking says"),
         Column("faithfulness_control", "DOUBLE", "... the same for frequency-matched random draws (their mean)"),
-        Column("faithfulness_relative", "DOUBLE", "|delta - control| / score_spread: what picks the best layer"),
+        Column("faithfulness_relative", "DOUBLE", "(effect - control) / score_spread: what picks the best layer"),
+        Column("faithfulness_verdict", "VARCHAR", "beyond_controls (no control draw reaches the effect and the paired "
+               "test p < 0.05, in every direction), within_controls, or too_few_controls"),
+        Column("faithfulness_draws", "INTEGER", "control draws behind the verdict (the fewest of its directions)"),
         Column("score_spread", "DOUBLE", "standard deviation of the score over the faithfulness texts"),
         Column("reach", "DOUBLE", "the largest |delta - control| of any deletion curve / score_spread: small when "
                "this layer's edits barely reach the score"),
@@ -244,7 +250,9 @@ TABLES: dict[str, Table] = {t.name: t for t in (
     Table("faithfulness", (
         Column("layer", "INTEGER"),
         Column("ranking", "VARCHAR", "backend/rankings.py"),
-        Column("n", "INTEGER", "the ranking's top n zeroed together"),
+        Column("direction", "VARCHAR", "raises (the signed ranking's top raisers), lowers (its top lowerers) or "
+               "both (a |value| ranking's top by magnitude)"),
+        Column("n", "INTEGER", "the direction's top n zeroed together"),
         Column("features", "INTEGER[]"),
         Column("mean_delta", "DOUBLE", "mean Δ score over the faithfulness texts' reward reads"),
         Column("ci_low", "DOUBLE"),
@@ -264,7 +272,18 @@ TABLES: dict[str, Table] = {t.name: t for t in (
         Column("difference_low", "DOUBLE", "95% CI"),
         Column("difference_high", "DOUBLE"),
         Column("p_value", "DOUBLE", "two-sided sign-flip permutation test of the paired difference"),
-    ), primary_key=("layer", "ranking", "n"),
+        Column("abs_mean_delta", "DOUBLE", "mean |Δ score| over the reads: what the features carry, either way"),
+        Column("measure", "VARCHAR", "what the point is judged on: 'signed' (-Δ for raises, +Δ for lowers) or "
+               "'abs' (|Δ|), per read"),
+        Column("effect", "DOUBLE", "the chosen features' mean on that measure"),
+        Column("control_effect", "DOUBLE", "... the control draws' (their mean)"),
+        Column("control_effects", "DOUBLE[]", "... each draw's"),
+        Column("excess", "DOUBLE", "effect - control_effect: how the rankings are compared"),
+        Column("rank_p_value", "DOUBLE", "(1 + draws whose effect reaches the chosen one) / (1 + draws)"),
+        Column("effect_p_value", "DOUBLE", "sign-flip permutation test of the per-read difference on the measure"),
+        Column("verdict", "VARCHAR", "beyond_controls, within_controls (a draw reaches it, or p >= 0.05) or "
+               "too_few_controls (under 10 draws)"),
+    ), primary_key=("layer", "ranking", "direction", "n"),
         doc="Deletion curves (workers/faithfulness.py): per layer and ranking, the top n zeroed beside "
             "frequency-matched random draws of the same n."),
 

@@ -20,7 +20,7 @@ with warnings.catch_warnings():
 
 from backend import db, store_schema
 from backend.app import create_app
-from backend.rankings import RANKINGS
+from backend.rankings import RANKINGS, directions_of
 from backend.settings import Settings
 from backend.store_schema import STORE_FILENAME
 from workers import publish
@@ -72,35 +72,53 @@ def spec_columns(table: str, rows: list[dict[str, Any]]) -> dict[str, list]:
             for c in spec.columns}
 
 
-def ranked(rows: list[dict[str, Any]], ranking: str) -> list[int]:
-    """Live features with a value in the ranking's column, in its order (workers/faithfulness.py)."""
+def ranked(rows: list[dict[str, Any]], ranking: str, direction: str | None = None) -> list[int]:
+    """Live features with a nonzero value in the ranking's column, in its order, one direction
+    of a signed ranking (workers/faithfulness.py)."""
     r = RANKINGS[ranking]
-    live = [row for row in rows if row["frequency"] > 0 and row[r.column] is not None]
-    key = (lambda row: -abs(row[r.column])) if r.sign == 0 else (lambda row: -r.sign * row[r.column])
-    return [row["feature"] for row in sorted(live, key=lambda row: (key(row), row["feature"]))]
+    direction = direction or directions_of(ranking)[0]
+    live = [row for row in rows if row["frequency"] > 0 and row[r.column]]
+    signed = lambda row: (r.sign or 1) * row[r.column]  # noqa: E731
+    keep = {"raises": lambda row: signed(row) > 0, "lowers": lambda row: signed(row) < 0,
+            "both": lambda row: True}[direction]
+    key = {"raises": lambda row: -signed(row), "lowers": signed, "both": lambda row: -abs(row[r.column])}[direction]
+    return [row["feature"] for row in sorted(filter(keep, live), key=lambda row: (key(row), row["feature"]))]
 
 
 def deletion_curves(layer: int, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Faithfulness rows: each ranking's top n zeroed beside 3 frequency-matched draws, for each
-    n its features allow (measured_delta ranks only the measured ones)."""
+    """Faithfulness rows: each ranking's top n zeroed (signed ones in both directions) beside
+    frequency-matched draws (10 at n = 10, else 3), for each n its features allow. The effect
+    grows as log(1 + n); lowerers move the score half as far as raisers."""
     control, control_gap = CONTROL[layer]
     out = []
     for ranking, at_10 in CURVE_AT_10[layer].items():
-        order = ranked(rows, ranking)
-        for n in (n for n in CURVE_NS if n <= len(order)):
-            mean = at_10 * np.log1p(n) / np.log1p(10)
-            draws = [control - control_gap, control, control + control_gap]
-            difference = mean - control
-            out.append(dict(
-                layer=layer, ranking=ranking, n=n, features=order[:n], mean_delta=mean,
-                ci_low=mean - abs(mean) / 4, ci_high=mean + abs(mean) / 4,
-                predicted_mean_delta=3 * mean, attribution_mean_delta=1.2 * mean, predicted_ratio=3.0,
-                attribution_ratio=1.2, n_reads=40, n_fired=min(40, 5 + 3 * n), fired_mean_delta=1.5 * mean,
-                control_mean_delta=control, control_low=min(draws), control_high=max(draws),
-                control_draw_means=draws, difference=difference, difference_low=difference - abs(mean) / 4,
-                difference_high=difference + abs(mean) / 4,
-                p_value=0.001 if abs(difference) > 0.02 * SCORE_SPREAD[layer] else 0.6,
-            ))
+        for direction in directions_of(ranking):
+            order = ranked(rows, ranking, direction)
+            for n in (n for n in CURVE_NS if n <= len(order)):
+                scale = (0.5 if direction == "lowers" else 1.0) * np.log1p(n) / np.log1p(10)
+                effect = abs(at_10) * scale
+                mean = {"raises": -effect, "lowers": effect, "both": effect / 4}[direction]
+                n_draws = 10 if n == 10 else 3
+                draws = [control + control_gap * (i - (n_draws - 1) / 2) / n_draws for i in range(n_draws)]
+                draw_effects = [abs(d) for d in draws]
+                control_effect = float(np.mean(draw_effects))
+                beyond = effect > max(draw_effects) and n_draws >= 10 and effect - control_effect > 0.02 * SCORE_SPREAD[layer]
+                difference = mean - control
+                out.append(dict(
+                    layer=layer, ranking=ranking, direction=direction, n=n, features=order[:n], mean_delta=mean,
+                    ci_low=mean - abs(mean) / 4, ci_high=mean + abs(mean) / 4, abs_mean_delta=effect,
+                    predicted_mean_delta=3 * mean, attribution_mean_delta=1.2 * mean, predicted_ratio=3.0,
+                    attribution_ratio=1.2, n_reads=40, n_fired=min(40, 5 + 3 * n), fired_mean_delta=1.5 * mean,
+                    control_mean_delta=control, control_low=min(draws), control_high=max(draws),
+                    control_draw_means=draws, difference=difference, difference_low=difference - abs(mean) / 4,
+                    difference_high=difference + abs(mean) / 4,
+                    p_value=0.001 if abs(difference) > 0.02 * SCORE_SPREAD[layer] else 0.6,
+                    measure="abs" if direction == "both" else "signed", effect=effect, control_effect=control_effect,
+                    control_effects=draw_effects, excess=effect - control_effect,
+                    rank_p_value=1 / (1 + n_draws) if effect > max(draw_effects) else 1.0,
+                    effect_p_value=0.001 if beyond else 0.6,
+                    verdict="too_few_controls" if n_draws < 10 else "beyond_controls" if beyond else "within_controls",
+                ))
     return out
 
 
@@ -115,12 +133,15 @@ def calibration(rows: list[dict[str, Any]], prediction: str) -> tuple[float, flo
 def causal_layer_columns(layer: int, rows: list[dict[str, Any]], curves: list[dict[str, Any]]) -> dict[str, Any]:
     """The layer's summary of its curves and measurements, as workers/causal.py derives it."""
     spread, default = SCORE_SPREAD[layer], DEFAULT_RANKING[layer]
-    excess = lambda c: abs(c["mean_delta"] - c["control_mean_delta"])  # noqa: E731
-    at_10 = next(c for c in curves if c["ranking"] == default and c["n"] == 10)
+    at_10 = [c for c in curves if c["ranking"] == default and c["n"] == 10]
     (reg_slope, reg_r), (attr_slope, attr_r) = calibration(rows, "regression"), calibration(rows, "attribution")
-    return dict(default_ranking=default, faithfulness_delta=at_10["mean_delta"],
-                faithfulness_control=at_10["control_mean_delta"], faithfulness_relative=excess(at_10) / spread,
-                score_spread=spread, reach=max(map(excess, curves)) / spread,
+    effect, control = np.mean([c["effect"] for c in at_10]), np.mean([c["control_effect"] for c in at_10])
+    verdicts = {c["verdict"] for c in at_10}
+    return dict(default_ranking=default, faithfulness_measure=at_10[0]["measure"], faithfulness_effect=effect,
+                faithfulness_control=control, faithfulness_relative=(effect - control) / spread,
+                faithfulness_verdict="within_controls" if "within_controls" in verdicts else "beyond_controls",
+                faithfulness_draws=min(len(c["control_effects"]) for c in at_10),
+                score_spread=spread, reach=max(c["excess"] for c in curves) / spread,
                 read_token_gradient_share=READ_TOKEN_GRADIENT_SHARE[layer],
                 calibration_regression_slope=reg_slope, calibration_regression_r=reg_r,
                 calibration_attribution_slope=attr_slope, calibration_attribution_r=attr_r,
@@ -254,7 +275,8 @@ def ranked_text_rows(layer: int, feature: int, max_act: float, n_texts: int) -> 
             for rank, act in enumerate(acts)]
 
 
-CAUSAL_LAYER_COLUMNS = ("default_ranking", "faithfulness_delta", "faithfulness_control", "faithfulness_relative",
+CAUSAL_LAYER_COLUMNS = ("default_ranking", "faithfulness_measure", "faithfulness_effect", "faithfulness_control",
+                        "faithfulness_relative", "faithfulness_verdict", "faithfulness_draws",
                         "score_spread", "reach", "read_token_gradient_share", "calibration_regression_slope",
                         "calibration_regression_r", "calibration_attribution_slope", "calibration_attribution_r")
 

@@ -12,7 +12,7 @@ from workers.ablation import prepare_eval_set, run_ablation
 from workers.analyze import forward_with_gradients
 from workers.attribution import AttributionAccumulator, text_contributions
 from workers.config import EffectsConfig, ModelConfig, SaeConfig
-from workers.controls import control_draws, paired_test
+from workers.controls import control_draws, judge, paired_test
 from workers.faithfulness import RANKINGS, default_ranking, deletion_curves, ranked
 from workers.measured_effects import calibration, candidate_features, measure_single_features
 from workers.sae_ops import FeatureEdit, decoder_directions
@@ -159,36 +159,74 @@ def test_candidates_take_turns_between_attribution_and_weight():
     assert candidate_features(attribution, weight, frequency, 6).tolist() == [1, 0, 2, 5, 3]  # 4 is dead
 
 
-def test_rankings_order_live_features_by_their_column():
+def test_rankings_order_live_features_by_their_column_one_direction_at_a_time():
     columns = {"frequency": np.array([0.1, 0.2, 0.0, 0.3]), "weight": np.array([1.0, -3.0, 9.0, 2.0]),
                "reward_effect": np.array([0.5, np.nan, 1.0, 0.1]), "attribution": np.array([0.2, 0.1, 0.0, -0.4]),
                "measured_delta": np.array([np.nan, -0.5, np.nan, 0.2])}
-    assert ranked(columns, "weight").tolist() == [3, 0, 1]  # the dead feature 2 is never ranked
-    assert ranked(columns, "abs_weight").tolist() == [1, 3, 0]
-    assert ranked(columns, "reward_effect").tolist() == [0, 3]
-    assert ranked(columns, "measured_delta").tolist() == [1, 3]  # most negative change first
+    assert ranked(columns, "weight", "raises").tolist() == [3, 0]  # the dead feature 2 is never ranked
+    assert ranked(columns, "weight", "lowers").tolist() == [1]
+    assert ranked(columns, "abs_weight").tolist() == [1, 3, 0]  # |value|: both directions, one order
+    assert ranked(columns, "reward_effect", "raises").tolist() == [0, 3]
+    assert ranked(columns, "attribution", "lowers").tolist() == [3]
+    # measured Δ: a raiser is a feature whose zeroing lowers the score (most negative change first)
+    assert ranked(columns, "measured_delta", "raises").tolist() == [1]
+    assert ranked(columns, "measured_delta", "lowers").tolist() == [3]
     assert set(RANKINGS) == {"weight", "abs_weight", "reward_effect", "attribution", "measured_delta"}
 
 
-def test_deletion_curves_with_controls_pick_the_ranking_that_moves_the_reward(world):
+def test_deletion_curves_measure_each_direction_against_controls_and_pick_the_ranking_that_holds_up(world):
     adapter, sae = world
     evalset = prepare_eval_set(adapter, LAYER, TEXTS, batch_size=4, with_gradients=True)
     directions = decoder_directions(sae)
     columns = {"frequency": np.full(64, 0.1), "weight": np.linspace(1, -1, 64),
                "reward_effect": np.linspace(-1, 1, 64), "attribution": np.linspace(0, 1, 64),
                "measured_delta": np.full(64, np.nan)}
-    rows = deletion_curves(adapter, sae, LAYER, evalset, columns, [1, 5, 100], 3, np.zeros(64), "sum",
+    rows = deletion_curves(adapter, sae, LAYER, evalset, columns, [1, 5, 10, 100], 3, np.zeros(64), "sum",
                            directions, True, seed=1)
-    assert {(r["ranking"], r["n"]) for r in rows} == {
-        (k, n) for k in ("weight", "abs_weight", "reward_effect", "attribution") for n in (1, 5)}  # 100 > 64 live
-    for r in rows:
-        assert len(r["control_draw_means"]) == 3 and r["control_low"] <= r["control_mean_delta"] <= r["control_high"]
+    signed = ("weight", "reward_effect")  # both signs present; attribution has no lowerer (all >= 0)
+    assert {(r["ranking"], r["direction"], r["n"]) for r in rows} == (
+        {(k, d, n) for k in signed for d in ("raises", "lowers") for n in (1, 5, 10)}
+        | {("abs_weight", "both", n) for n in (1, 5, 10)} | {("attribution", "raises", n) for n in (1, 5, 10)})
+    for r in rows:  # 100 > the 64 live features
+        draws = len(r["control_effects"])
+        assert draws == (10 if r["n"] == 10 else 3) and len(r["control_draw_means"]) == draws
         assert r["n_reads"] == len(TEXTS) and 0 <= r["n_fired"] <= len(TEXTS)
         assert r["difference"] == pytest.approx(r["mean_delta"] - r["control_mean_delta"], abs=1e-9)
-    by_hand = {}
+        expected_effect = {"raises": -r["mean_delta"], "lowers": r["mean_delta"], "both": r["abs_mean_delta"]}
+        assert r["effect"] == pytest.approx(expected_effect[r["direction"]], abs=1e-9)
+        assert r["excess"] == pytest.approx(r["effect"] - np.mean(r["control_effects"]), abs=1e-9)
+        assert r["abs_mean_delta"] >= abs(r["mean_delta"]) - 1e-12  # |Δ| per text: signs cannot cancel
+        if r["direction"] != "both":  # a direction holds features of one sign only
+            values = np.asarray(columns[RANKINGS[r["ranking"]].column])[r["features"]]
+            assert np.all(values > 0) if r["direction"] == "raises" else np.all(values < 0)
+        if draws < 10:
+            assert r["verdict"] == "too_few_controls"
+    scores = {}
     for r in rows:
-        by_hand.setdefault(r["ranking"], []).append(abs(r["mean_delta"] - r["control_mean_delta"]))
-    assert default_ranking(rows) == max(by_hand, key=lambda k: np.mean(by_hand[k]))
+        scores.setdefault(r["ranking"], {}).setdefault(r["direction"], []).append(r["excess"])
+    by_hand = {k: np.mean([np.mean(v) for v in d.values()]) for k, d in scores.items()}
+    assert default_ranking(rows) == max(by_hand, key=lambda k: by_hand[k])
+
+
+def test_a_verdict_needs_ten_draws_none_reaching_the_effect_and_a_paired_test():
+    rng = np.random.default_rng(0)
+    chosen = rng.normal(-0.5, 0.05, 64)  # zeroing "raisers" lowers the score by 0.5
+    quiet = [rng.normal(0, 0.05, 64) for _ in range(10)]
+    clear = judge(chosen, quiet, "raises")
+    assert clear["verdict"] == "beyond_controls" and clear["effect"] == pytest.approx(0.5, abs=0.02)
+    assert clear["rank_p_value"] == pytest.approx(1 / 11) and clear["effect_p_value"] < 0.001
+    # one draw of ten reaches the chosen effect: the mean of the draws is far below, yet undecided
+    reaching = quiet[:9] + [rng.normal(-0.55, 0.05, 64)]
+    close = judge(chosen, reaching, "raises")
+    assert close["excess"] > 0.4 and close["verdict"] == "within_controls"
+    assert close["rank_p_value"] == pytest.approx(2 / 11)
+    assert judge(chosen, quiet[:3], "raises")["verdict"] == "too_few_controls"
+    # the wrong direction: zeroing "lowerers" that in fact lower the score is no effect at all
+    assert judge(chosen, quiet, "lowers")["excess"] < 0
+    # |Δ|: a set pushing both ways cancels in its mean but not per text
+    mixed = np.concatenate([np.full(32, 0.3), np.full(32, -0.3)])
+    both = judge(mixed, quiet, "both")
+    assert abs(mixed.mean()) < 1e-12 and both["effect"] == pytest.approx(0.3) and both["verdict"] == "beyond_controls"
 
 
 def test_controls_are_frequency_matched_and_the_test_decides():

@@ -3,11 +3,12 @@ default ranking's order, deletion curves, calibration, measured Δs and the best
 from __future__ import annotations
 
 import re
+from markupsafe import escape as markup_escape
 
 import pytest
 
-from backend.rankings import RANKINGS
-from backend.routes.formats import fmt_delta, fmt_pct
+from backend.rankings import RANKINGS, VERDICT_WORDS, directions_of
+from backend.routes.formats import fmt_delta, fmt_num, fmt_pct
 from tests.helpers import DEFAULT_RANKING, LAYERS, N_MEASURED, make_client, publish_synthetic_run
 from tests.test_web import RUN, expected_order, html_rows, layer_features
 
@@ -79,19 +80,30 @@ def test_faithfulness_endpoint_gives_each_rankings_curve_and_the_calibration(cli
     info = layer_row(synthetic_run, 3)
     data = client.get(f"/api{RUN}/layers/3/faithfulness").json()
     assert data["layer"] == 3 and data["default_ranking"]["key"] == "attribution"
+    assert data["compared"].startswith("Each ranking's top n features zeroed together")
     assert list(data["rankings"]) == list(RANKINGS)  # every ranking, in RANKINGS order
     for key, curve in data["rankings"].items():
         assert curve["label"] == RANKINGS[key].label and curve["kind"] == RANKINGS[key].kind
-        mine = sorted((r for r in stored if r["ranking"] == key), key=lambda r: r["n"])
-        assert [p["n"] for p in curve["points"]] == [r["n"] for r in mine]
-        for point, row in zip(curve["points"], mine):
-            assert set(point) == {"n", "mean_delta", "ci_low", "ci_high", "control_mean_delta", "control_low",
-                                  "control_high", "control_draw_means", "difference", "difference_low",
-                                  "difference_high", "p_value", "predicted_mean_delta", "attribution_mean_delta",
-                                  "features"}
-            assert point["mean_delta"] == pytest.approx(row["mean_delta"]) and point["features"] == row["features"]
-            assert point["control_draw_means"] == pytest.approx(row["control_draw_means"])
-    assert [p["n"] for p in data["rankings"]["measured_delta"]["points"]] == [1, 2, 5, 10]  # 10 measured
+        assert list(curve["directions"]) == list(directions_of(key))  # signed: raises and lowers; |weight|: both
+        assert curve["measure"] == ("abs" if key == "abs_weight" else "signed")
+        means = []
+        for direction, line in curve["directions"].items():
+            mine = sorted((r for r in stored if r["ranking"] == key and r["direction"] == direction),
+                          key=lambda r: r["n"])
+            assert [p["n"] for p in line["points"]] == [r["n"] for r in mine]
+            for point, row in zip(line["points"], mine):
+                assert {"effect", "control_effects", "excess", "verdict", "abs_mean_delta", "mean_delta"} <= set(point)
+                assert point["effect"] == pytest.approx(row["effect"]) and point["features"] == row["features"]
+                assert point["control_effects"] == pytest.approx(row["control_effects"])
+            means.append(sum(r["excess"] for r in mine) / len(mine))
+        assert curve["score"] == pytest.approx(sum(means) / len(means))
+    measured = [r["measured_delta"] for r in layer_features(synthetic_run, 3) if r["measured_n"]]
+    for direction, count in (("raises", sum(d < 0 for d in measured)), ("lowers", sum(d > 0 for d in measured))):
+        # a direction's curve stops where its features run out: raisers never mix with lowerers
+        ns = [p["n"] for p in data["rankings"]["measured_delta"]["directions"][direction]["points"]]
+        assert ns == [n for n in (1, 2, 5, 10) if n <= count]
+    at_10 = data["rankings"]["attribution"]["directions"]["raises"]["points"][3]
+    assert at_10["n"] == 10 and len(at_10["control_effects"]) == 10 and at_10["verdict"] == "beyond_controls"
     calibration = data["calibration"]
     assert calibration["n_measured"] == N_MEASURED == len(calibration["features"])
     assert calibration["regression"] == {"slope": pytest.approx(info["calibration_regression_slope"]),
@@ -127,15 +139,18 @@ def test_faithfulness_of_an_outdated_store_is_409(migrated):
 def test_layer_page_says_what_the_default_ranking_moves_and_where_edits_barely_reach(client, synthetic_run):
     html = client.get(f"{RUN}/layers/3").text
     info, rows = layer_row(synthetic_run, 3), curve_rows(synthetic_run, 3)
-    at_10 = {r["ranking"]: r for r in rows if r["n"] == 10}
-    weight_relative = abs(at_10["abs_weight"]["mean_delta"] - at_10["abs_weight"]["control_mean_delta"]) / info["score_spread"]
-    assert text_of(html, "default-ranking").startswith(
-        f"Default ranking: attribution (gradient) — zeroing its top 10 moves the reward by "
-        f"{fmt_delta(info['faithfulness_delta'])} (control {fmt_delta(info['faithfulness_control'])}), "
-        f"{fmt_pct(info['faithfulness_relative'], 1)} of the score's spread; the regression's |weight| ranking moves "
-        f"it by {fmt_delta(at_10['abs_weight']['mean_delta'])} (control "
-        f"{fmt_delta(at_10['abs_weight']['control_mean_delta'])}), {fmt_pct(weight_relative, 1)}.")
-    assert "−0.080 (control +0.001), 13.0% of the score's spread" in text_of(html, "default-ranking")
+    at_10 = {(r["ranking"], r["direction"]): r for r in rows if r["n"] == 10}
+    raises, lowers, both = at_10["attribution", "raises"], at_10["attribution", "lowers"], at_10["abs_weight", "both"]
+    said = text_of(html, "default-ranking")
+    spread = info["score_spread"]
+    assert said.startswith(
+        f"Default ranking: attribution (gradient) — its top 10 raisers, zeroed, lower the score by "
+        f"{fmt_num(raises['effect'])} (controls {fmt_num(raises['control_effect'])}, 10 draws up to "
+        f"{fmt_num(max(raises['control_effects']))}; {fmt_pct(raises['excess'] / spread, 1)} of the spread beyond them; "
+        f"beyond every control draw); its top 10 lowerers, zeroed, raise it by {fmt_num(lowers['effect'])}")
+    assert (f"The regression's |weight| ranking: its top 10, zeroed, move each text's score by "
+            f"{fmt_num(both['effect'])} (mean |Δ|)") in said
+    assert "Compared: Each ranking" in said and "top n features zeroed together" in said
     assert 'id="barely-reaches"' not in html  # layer 3's edits reach the score
 
     low = layer_row(synthetic_run, 5)
@@ -150,15 +165,19 @@ def test_layer_page_draws_the_deletion_curves_and_the_calibration(client, synthe
     html = client.get(f"{RUN}/layers/3").text
     chart = re.search(r'<svg class="chart faithfulness".*?</svg>', html, re.S).group(0)
     rows = curve_rows(synthetic_run, 3)
-    drawn = re.findall(r'<g class="curve r-(\w+) k-(\w+)( default)?" data-ranking="\w+">(.*?)</g>', chart, re.S)
-    assert [(key, kind) for key, kind, _, _ in drawn] == [(k, r.kind) for k, r in RANKINGS.items()]
-    assert [key for key, _, default, _ in drawn if default] == ["attribution"]
-    for key, _, _, body in drawn:
-        assert body.count("<polyline") == 1 and body.count("<circle") == sum(r["ranking"] == key for r in rows)
+    drawn = re.findall(r'<g class="curve r-(\w+) k-(\w+) d-(\w+)( default)?" data-ranking="\w+" '
+                       r'data-direction="\w+">(.*?)</g>', chart, re.S)
+    assert [(key, kind, d) for key, kind, d, _, _ in drawn] == [
+        (k, r.kind, d) for k, r in RANKINGS.items() for d in directions_of(k)]
+    assert {key for key, _, _, default, _ in drawn if default} == {"attribution"}
+    for key, _, direction, _, body in drawn:
+        assert body.count("<polyline") == 1 and body.count("<circle") == sum(
+            r["ranking"] == key and r["direction"] == direction for r in rows)
         assert body.count("<title>") == body.count("<circle") + 1  # each point and its line say what they are
     assert chart.count('class="control-band"') == 1
     legend = re.search(r'<p class="legend faithfulness-legend".*?</p>', html, re.S).group(0)
     assert "attribution (gradient) <b>default</b>" in legend and "measured Δ (ablation)" in legend
+    assert "raisers zeroed (score lowered)" in legend and "lowerers zeroed (score raised)" in legend
 
     calibration = re.search(r'<svg class="chart calibration".*?</svg>', html, re.S).group(0)
     for series in ("regression", "attribution"):
@@ -217,12 +236,17 @@ def test_run_page_explains_the_best_layer_by_what_zeroing_it_moves(client, synth
         (3, "attribution", "attribution"), (5, "weight", "weight")]
     assert text_of(html, "best-layer-why") == (
         f"Best layer: 3 — zeroing the top 10 of its default ranking, attribution (gradient), moves the reward "
-        f"{fmt_pct(best['faithfulness_relative'], 1)} of its spread (layer 5: {fmt_pct(other['faithfulness_relative'], 1)}); "
-        f"held-out R² {best['r2_heldout']:.3f}.")
+        f"{fmt_pct(best['faithfulness_relative'], 1)} of its spread beyond random controls (its raisers zeroed lower "
+        f"the score, its lowerers zeroed raise it; beyond every control draw) (layer 5: "
+        f"{fmt_pct(other['faithfulness_relative'], 1)}); held-out R² {best['r2_heldout']:.3f}.")
+    assert api["best_layer_rule"].startswith("the layer where zeroing its default ranking's top 10")
+    assert html.count(str(markup_escape(api["best_layer_rule"]))) == 2  # the card says it and its tooltip
     for layer in (best, other):
         row = re.search(rf'<tr data-uses="{layer["layer"]}".*?</tr>', html, re.S).group(0)
         cells = [re.sub(r"<[^>]+>", "", c).strip() for c in re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)]
-        assert cells[2:6] == [fmt_delta(layer["faithfulness_delta"]), fmt_delta(layer["faithfulness_control"]),
-                              fmt_pct(layer["faithfulness_relative"], 1), fmt_pct(layer["reach"], 1)]
-        assert cells[6] == f"{layer['calibration_regression_slope']:.2f} ({layer['calibration_regression_r']:.2f})"
+        assert cells[2:7] == [fmt_num(layer["faithfulness_effect"]), fmt_num(layer["faithfulness_control"]),
+                              fmt_pct(layer["faithfulness_relative"], 1), VERDICT_WORDS[layer["faithfulness_verdict"]],
+                              fmt_pct(layer["reach"], 1)]
+        assert cells[7] == f"{layer['calibration_regression_slope']:.2f} ({layer['calibration_regression_r']:.2f})"
         assert cells[-1] == f"{layer['r2_heldout']:.3f}"
+    assert other["faithfulness_verdict"] == "within_controls"

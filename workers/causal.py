@@ -20,7 +20,8 @@ import numpy as np
 from backend.store_schema import LAYERS
 from workers.ablation import prepare_eval_set
 from workers.config import EffectsConfig
-from workers.faithfulness import default_ranking, deletion_curves, excess, point
+from workers.controls import VERDICT_DRAWS
+from workers.faithfulness import default_ranking, deletion_curves, excess, summary_points
 from workers.measured_effects import calibration, candidate_features, measure_single_features
 from workers.sae_ops import decoder_directions, linear_decoder
 
@@ -81,8 +82,9 @@ def run_causal_stage(adapter, sae, layer: int, heldout_texts: list[str], feature
     n_live = int((np.asarray(feature_columns["frequency"]) > 0).sum())
     ns = [n for n in config.faithfulness_n if 2 * n <= n_live]
     skipped = [n for n in config.faithfulness_n if n not in ns]
-    report(f"layer {layer}: deletion curves of 5 rankings at n = {ns} on {faith_set.n_texts} held-out texts, "
-           f"{config.controls} random controls each"
+    report(f"layer {layer}: deletion curves of 5 rankings, signed ones in both directions, at n = {ns} on "
+           f"{faith_set.n_texts} held-out texts, {config.controls} random controls each (n = 10: at least "
+           f"{VERDICT_DRAWS})"
            + (f" (n = {skipped} left out: the layer has {n_live} live features, and a control of n more "
               "must be drawn from them)" if skipped else ""))
     curves = deletion_curves(adapter, sae, layer, faith_set, ranking_columns, ns,
@@ -96,19 +98,34 @@ def _layer_columns(curves: list[dict], columns: dict[str, np.ndarray], scores: n
     out = empty_layer_columns()
     spread = float(np.std(scores)) if len(scores) > 1 else None
     best = default_ranking(curves)
-    at_10 = point(curves, best)
     out.update(default_ranking=best, score_spread=spread,
                n_measured=int(np.isfinite(columns["measured_delta"]).sum()),
                read_token_gradient_share=read_token_gradient_share(pool))
-    if at_10 is not None:
-        out.update(faithfulness_delta=at_10["mean_delta"], faithfulness_control=at_10["control_mean_delta"],
-                   faithfulness_relative=excess(at_10) / spread if spread else None)
+    out.update(verdict_columns(summary_points(curves, best), spread))
     if curves and spread:
         out["reach"] = max(excess(r) for r in curves) / spread
     for prediction in ("regression", "attribution"):
         fit = calibration(columns[f"predicted_delta_{prediction}"], columns["measured_delta"])
         out[f"calibration_{prediction}_slope"], out[f"calibration_{prediction}_r"] = fit["slope"], fit["r"]
     return out
+
+
+def verdict_columns(points: list[dict], spread: float | None) -> dict:
+    """The layer's summary of its default ranking at n = 10, over the ranking's directions: the
+    mean effect on its measure, the controls', their excess relative to the score's spread (what
+    picks the best layer), and one verdict (beyond controls only when every direction is)."""
+    if not points:
+        return {}
+    verdicts = {p["verdict"] for p in points}
+    verdict = ("too_few_controls" if "too_few_controls" in verdicts else
+               "within_controls" if "within_controls" in verdicts else "beyond_controls")
+    effect = float(np.mean([p["effect"] for p in points]))
+    control = float(np.mean([p["control_effect"] for p in points]))
+    return {"faithfulness_measure": points[0]["measure"], "faithfulness_effect": effect,
+            "faithfulness_control": control,
+            "faithfulness_relative": (effect - control) / spread if spread else None,
+            "faithfulness_verdict": verdict,
+            "faithfulness_draws": min(len(p["control_effects"]) for p in points)}
 
 
 def read_token_gradient_share(evalset) -> float | None:

@@ -4,6 +4,10 @@ test of chosen against control on the same texts.
 Per text, the chosen edit's change minus the mean change of the control draws; its mean, a
 95% t-interval and a two-sided sign-flip permutation p-value (the texts are paired, so
 flipping the sign of each text's difference is the null of "no difference").
+
+A verdict also needs the draws' spread, not only their mean: `judge` ranks the chosen effect
+among the draws' own effects (a draw that reaches it makes the verdict undecided) and states
+a verdict only with at least VERDICT_DRAWS draws.
 """
 from __future__ import annotations
 
@@ -11,6 +15,14 @@ import numpy as np
 from scipy import stats
 
 PERMUTATIONS = 9999
+VERDICT_DRAWS = 10  # fewer draws than this: no verdict is stated
+SIGNIFICANCE = 0.05
+
+# How a ranking's claim is measured, per reward read's change Δ: features ranked as raising the
+# score, zeroed, should lower it (-Δ); those ranked as lowering it should raise it (+Δ); a
+# ranking by |value| claims only that the features matter, either way (|Δ|). Signs cannot cancel
+# in any of them: a set that mixes directions is measured by |Δ| or split by direction.
+MEASURES = {"raises": lambda delta: -delta, "lowers": lambda delta: delta, "both": np.abs}
 
 
 def mean_with_ci(values: np.ndarray, level: float = 0.95) -> dict:
@@ -81,3 +93,31 @@ def control_summary(chosen: np.ndarray, controls: list[np.ndarray], seed: int = 
             "mean_delta": float(np.mean(means)) if means else None,
             "low": min(means) if means else None, "high": max(means) if means else None,
             "test": paired_test(chosen, controls, seed)}
+
+
+def judge(chosen: np.ndarray, controls: list[np.ndarray], direction: str, seed: int = 0) -> dict:
+    """The chosen edit's effect on `direction`'s measure (MEASURES) against each control draw's:
+    the excess over their mean, the paired test per read, the chosen effect's rank among the
+    draws (p = (1 + draws reaching it) / (1 + draws)), and the verdict:
+    'beyond_controls' (no draw reaches it, the paired test p < 0.05, enough draws),
+    'within_controls' (a draw reaches it, or the test does not separate them), or
+    'too_few_controls'."""
+    measure = MEASURES[direction]
+    chosen_t = measure(np.asarray(chosen, dtype=np.float64))
+    draws_t = [measure(np.asarray(c, dtype=np.float64)) for c in controls]
+    effect = float(np.mean(chosen_t)) if len(chosen_t) else None
+    draw_effects = [float(np.mean(d)) for d in draws_t]
+    out = {"measure": "abs" if direction == "both" else "signed", "effect": effect,
+           "control_effect": float(np.mean(draw_effects)) if draw_effects else None,
+           "control_effects": draw_effects, "n_draws": len(draw_effects),
+           "excess": None, "rank_p_value": None, "effect_p_value": None, "verdict": "too_few_controls"}
+    if effect is None or not draw_effects:
+        return out
+    reaching = sum(d >= effect for d in draw_effects)
+    test = paired_test(chosen_t, draws_t, seed)
+    out.update(excess=effect - out["control_effect"], rank_p_value=(1 + reaching) / (1 + len(draw_effects)),
+               effect_p_value=test["p_value"])
+    if len(draw_effects) >= VERDICT_DRAWS:
+        separated = reaching == 0 and test["p_value"] is not None and test["p_value"] < SIGNIFICANCE
+        out["verdict"] = "beyond_controls" if separated else "within_controls"
+    return out

@@ -230,8 +230,9 @@ def _print_layer_summary(row: dict, weights: dict) -> None:
           f"explained variance {row['explained_variance']:.3f}, L0 {row['l0']:.1f}, "
           f"dead {row['dead_fraction']:.1%}, reward recovered {_fmt(row['reward_recovered'])}, "
           f"weight-effect agreement {_fmt(row['weight_effect_agreement'])}; default ranking "
-          f"{row['default_ranking']}, its top 10 move the reward {_fmt(row['faithfulness_delta'])} "
-          f"(control {_fmt(row['faithfulness_control'])}; {_fmt(row['faithfulness_relative'])} of the spread), "
+          f"{row['default_ranking']}, its top 10 zeroed move the reward {_fmt(row['faithfulness_effect'])} on its "
+          f"{row['faithfulness_measure']} measure (control {_fmt(row['faithfulness_control'])}; "
+          f"{_fmt(row['faithfulness_relative'])} of the spread; {row['faithfulness_verdict']}), "
           f"calibration slope regression {_fmt(row['calibration_regression_slope'])}, "
           f"attribution {_fmt(row['calibration_attribution_slope'])}")
 

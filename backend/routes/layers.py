@@ -10,7 +10,8 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 
 from backend import charts, labels, store
-from backend.rankings import RANKINGS, barely_reaches, reads_one_token
+from backend.rankings import (DIRECTION_WORDS, RANKINGS, SUMMARY_N, VERDICT_WORDS, barely_reaches, directions_of,
+                              reads_one_token)
 from backend.routes.common import (SettingsDep, TableView, TableViewQ, default_ranking, get_run, render,
                                    ranking_summary, run_summary, store_path)
 from backend.routes.edge import ERROR_RESPONSES, MAX_ID, LayerId, StrictJSONRoute
@@ -38,10 +39,10 @@ assert {r.sort for r in RANKINGS.values()} <= set(SORT_LABELS)  # every ranking 
 RANKING_NAMES = {key: SORT_LABELS[r.sort] for key, r in RANKINGS.items()}  # "attribution (gradient)"
 REASON_SORT = "reason_score"  # a tab only where the run has ReasonScores (workers/analyses/reason_score.py)
 COLUMN_NAMES = {sort.key: sort.label for sort in sorts(FEATURES)}
-CURVE_POINT = ("n", "mean_delta", "ci_low", "ci_high", "control_mean_delta", "control_low", "control_high",
-               "control_draw_means", "difference", "difference_low", "difference_high", "p_value",
-               "predicted_mean_delta", "attribution_mean_delta", "features")
-SUMMARY_N = 10  # the curve point the layer and run pages quote (as workers/causal.py does)
+CURVE_POINT = ("n", "mean_delta", "ci_low", "ci_high", "abs_mean_delta", "control_mean_delta", "control_low",
+               "control_high", "control_draw_means", "difference", "difference_low", "difference_high", "p_value",
+               "measure", "effect", "control_effect", "control_effects", "excess", "rank_p_value", "effect_p_value",
+               "verdict", "predicted_mean_delta", "attribution_mean_delta", "features")
 
 
 def describe_sort(sort: str) -> str:
@@ -89,19 +90,26 @@ def layer_data(settings: Settings, run_id: str, layer: int, view: TableView) -> 
 
 
 def faithfulness_data(settings: Settings, run_id: str, layer: int) -> dict[str, Any]:
-    """The layer's deletion curves by ranking (RANKINGS order) and its calibration: each measured
-    feature's Δ beside what the regression and the attribution predicted for it."""
+    """The layer's deletion curves by ranking (RANKINGS order) and direction, and its calibration:
+    each measured feature's Δ beside what the regression and the attribution predicted for it."""
     path = store_path(settings, get_run(settings, run_id))
     info = _layer_info(path, run_id, layer)
     points = store.faithfulness(path, layer)
     rankings = {}
     for key, r in RANKINGS.items():
-        mine = [{name: p[name] for name in CURVE_POINT} for p in points if p["ranking"] == key]
-        if mine:
-            rankings[key] = {"label": r.label, "kind": r.kind, "points": mine}
+        curves = {}
+        for direction in directions_of(key):
+            mine = [{name: p[name] for name in CURVE_POINT} for p in points
+                    if p["ranking"] == key and p["direction"] == direction]
+            if mine:
+                curves[direction] = {"label": DIRECTION_WORDS[direction], "points": mine}
+        if curves:
+            rankings[key] = {"label": r.label, "kind": r.kind, "measure": "abs" if r.sign == 0 else "signed",
+                             "score": _ranking_score(curves), "directions": curves}
     return {
         "layer": layer,
         "default_ranking": ranking_summary(info),
+        "compared": COMPARED,
         "rankings": rankings,
         "calibration": {
             "n_measured": info["n_measured"],
@@ -112,6 +120,20 @@ def faithfulness_data(settings: Settings, run_id: str, layer: int) -> dict[str, 
     }
 
 
+# What the layer page says was compared (workers/faithfulness.py does it)
+COMPARED = ("Each ranking's top n features zeroed together on held-out texts, beside frequency-matched random "
+            "draws: a signed ranking by how far its top raisers, zeroed, lower the score and its top lowerers "
+            "raise it; |weight| by the mean |Δ| per text; the default is the ranking that exceeds its controls "
+            "most, averaged over n and directions.")
+
+
+def _ranking_score(curves: dict[str, Any]) -> float | None:
+    """Mean excess over its points, per direction, then over directions (workers/faithfulness.py)."""
+    means = [sum(p["excess"] for p in c["points"]) / len(c["points"]) for c in curves.values()
+             if all(p["excess"] is not None for p in c["points"])]
+    return sum(means) / len(means) if means else None
+
+
 def _point(curve: dict[str, Any] | None, n: int = SUMMARY_N) -> dict[str, Any] | None:
     """A curve's point at n, or at the largest n below it that was measured."""
     options = [p for p in (curve or {}).get("points", []) if p["n"] <= n]
@@ -120,22 +142,28 @@ def _point(curve: dict[str, Any] | None, n: int = SUMMARY_N) -> dict[str, Any] |
 
 def causal_summary(info: dict[str, Any], faithfulness: dict[str, Any]) -> dict[str, Any] | None:
     """What the layer page says first: how far zeroing its default ranking's top 10 moves the
-    reward (beside controls, relative to the score's spread), against the regression's |weight|
-    ranking; and whether this layer's edits reach the score at all. None: nothing was measured."""
+    reward in each of its directions (beside controls, relative to the score's spread, with
+    the verdict), against the regression's |weight| ranking by |Δ|; and whether this layer's
+    edits reach the score at all. None: nothing was measured."""
     key = info["default_ranking"]
     if key not in faithfulness["rankings"]:
         return None
     spread = info["score_spread"]
 
-    def moved(ranking: str) -> dict[str, Any] | None:
-        p = _point(faithfulness["rankings"].get(ranking))
-        if p is None:
-            return None
-        excess = abs(p["mean_delta"] - (p["control_mean_delta"] or 0.0))
-        return {**p, "relative": excess / spread if spread else None}
+    def moved(ranking: str) -> list[dict[str, Any]]:
+        out = []
+        for direction, curve in faithfulness["rankings"].get(ranking, {}).get("directions", {}).items():
+            p = _point(curve)
+            if p is not None:
+                out.append({**p, "direction": direction, "verdict_words": VERDICT_WORDS.get(p["verdict"], ""),
+                            "relative": p["excess"] / spread if spread and p["excess"] is not None else None})
+        return out
 
     return {"ranking": RANKINGS[key], "default": moved(key),
             "abs_weight": moved("abs_weight") if key != "abs_weight" else None,
+            "verdict": info.get("faithfulness_verdict"), "verdict_words": VERDICT_WORDS.get(
+                info.get("faithfulness_verdict") or "", ""),
+            "compared": COMPARED,
             "barely_reaches": barely_reaches(info), "reads_one_token": reads_one_token(info)}
 
 
@@ -175,5 +203,6 @@ def layer_page(request: Request, run_id: str, layer: LayerId, settings: Settings
         "default_sort": default_ranking(info).sort, "summary": causal_summary(info, faithfulness),
         "faithfulness": faithfulness,
         "curves_plot": charts.deletion_curves(faithfulness["rankings"], info["default_ranking"]),
+        "direction_words": DIRECTION_WORDS,
         "calibration_plot": charts.calibration(faithfulness["calibration"]["features"]),
     })

@@ -10,9 +10,10 @@ from fastapi import APIRouter, Depends, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse
 from sqlalchemy.orm import selectinload
 
-from backend import charts, db, store
+from backend import charts, db, layer_choice, store
 from backend.access import check_csrf
 from backend.models import Run
+from backend.rankings import MEASURE_WORDS, VERDICT_WORDS
 from backend.routes.common import SettingsDep, default_ranking, get_run, render, store_path
 from backend.routes.edge import ERROR_RESPONSES, Message, StrictJSONRoute
 from backend.routes.labels import _json_or_csrf
@@ -35,7 +36,7 @@ def runs_data(settings: Settings) -> dict[str, Any]:
         "dataset": run.dataset, "n_texts": run.n_texts, "n_tokens": run.n_tokens,
         "n_layers": len(run.saes), "best_r2_heldout": run.best_r2_heldout, "best_layer": run.best_layer,
         "created_at": run.created_at,
-    } for run in runs]}
+    } for run in runs], "best_layer_rule": layer_choice.RULE}
 
 
 def run_data(settings: Settings, run_id: str) -> dict[str, Any]:
@@ -51,6 +52,7 @@ def run_data(settings: Settings, run_id: str) -> dict[str, Any]:
             "created_at": run.created_at, "config_yaml": run.config_yaml, "version": run.version,
         },
         "best_layer": store.best_layer(path),
+        "best_layer_rule": layer_choice.RULE_WORDS[layer_choice.choice_rule(layers)],
         "layers": layers,
         **run_sections(settings, run, path),
     }
@@ -84,6 +86,8 @@ def _render_run_page(request: Request, settings: Settings, run_id: str, delete_e
     data = run_data(settings, run_id)
     return render(request, "run.html", {**data, "chart": charts.r2_bars(data["layers"], data["best_layer"]),
                                         "ranking_names": RANKING_NAMES, "delete_error": delete_error,
+                                        "best_rule": data["best_layer_rule"], "verdict_words": VERDICT_WORDS,
+                                        "measure_words": MEASURE_WORDS,
                                         "sections": list(SECTIONS),
                                         "measured": any(l["faithfulness_relative"] is not None for l in data["layers"])},
                   status_code=status_code)
