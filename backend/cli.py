@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import subprocess
 import sys
 from pathlib import Path
 
@@ -40,16 +41,50 @@ def cmd_serve(args: argparse.Namespace) -> None:
     except AccessConfigError as exc:
         raise CliError(str(exc)) from exc
     upgrade(settings)
+    worker = start_embedded_worker(settings) if wants_embedded_worker(args, settings) else None
     print(f"rewardatlas dashboards: http://{host}:{port}", flush=True)
-    if args.workers <= 1:
-        uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
-        return
-    # Several processes (the pages are CPU-bound Python): each builds its app from the
-    # environment, so hand them this host and one session key (a login must hold in each).
-    os.environ.update(RA_HOST=host, RA_PORT=str(port),
-                      RA_SECRET_KEY=settings.secret_key or secrets.token_hex(32))
-    uvicorn.run("backend.app:create_app", factory=True, host=host, port=port, workers=args.workers,
-                log_level="warning")
+    try:
+        if args.workers <= 1:
+            uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
+            return
+        # Several processes (the pages are CPU-bound Python): each builds its app from the
+        # environment, so hand them this host and one session key (a login must hold in each).
+        os.environ.update(RA_HOST=host, RA_PORT=str(port),
+                          RA_SECRET_KEY=settings.secret_key or secrets.token_hex(32))
+        uvicorn.run("backend.app:create_app", factory=True, host=host, port=port, workers=args.workers,
+                    log_level="warning")
+    finally:
+        if worker is not None:
+            stop_embedded_worker(worker)
+
+
+def wants_embedded_worker(args: argparse.Namespace, settings) -> bool:
+    """On the default SQLite file the server brings its own worker (a new user has no second
+    terminal); with a database of its own (PostgreSQL, docker-compose) workers run apart."""
+    return not args.no_worker and not settings.database_url
+
+
+def start_embedded_worker(settings) -> subprocess.Popen:
+    """`rewardatlas worker` in a process of its own (torch stays out of the server's), warmed on
+    the newest run, ending when this process does."""
+    from backend.db import newest_run_id
+
+    command = [sys.executable, "-m", "backend.cli", "worker", "--exit-with", str(os.getpid())]
+    warm = newest_run_id(settings)
+    if warm:
+        command += ["--warm", warm]
+    print(f"worker started beside the server{f', loading run {warm!r}' if warm else ''} "
+          "(--no-worker: none)", flush=True)
+    return subprocess.Popen(command, env=os.environ.copy())
+
+
+def stop_embedded_worker(worker: subprocess.Popen, wait_s: float = 10.0) -> None:
+    worker.terminate()
+    try:
+        worker.wait(wait_s)
+    except subprocess.TimeoutExpired:
+        worker.kill()
+        worker.wait()
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -86,7 +121,8 @@ def cmd_worker(args: argparse.Namespace) -> None:
 
     settings = get_settings()
     upgrade(settings)
-    worker_main(settings, once=args.once, lease_s=args.lease, poll_s=args.poll)
+    worker_main(settings, once=args.once, lease_s=args.lease, poll_s=args.poll, warm=args.warm,
+                exit_with=args.exit_with)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -107,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--port", type=int, default=None)
         command.add_argument("--workers", type=int, default=1,
                              help="server processes (default 1; up to one per core for many concurrent readers)")
+        command.add_argument("--no-worker", action="store_true",
+                             help="start no job worker beside the server (by default one starts on the default "
+                                  "SQLite database; with RA_DATABASE_URL set, workers run apart)")
 
     demo = sub.add_parser("demo", help="build the demo reward model and run, then serve them")
     demo.add_argument("--no-serve", action="store_true", help="build only")
@@ -132,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--lease", type=float, default=30.0,
                         help="seconds a claimed job stays ours without a heartbeat (default 30)")
     worker.add_argument("--poll", type=float, default=0.5, help="seconds between looks at an empty queue")
+    worker.add_argument("--warm", metavar="RUN_ID", default=None,
+                        help="load this run's model, SAEs and default evaluation set before taking jobs")
+    worker.add_argument("--exit-with", metavar="PID", type=int, default=None,
+                        help="stop when the process PID ends (the server that started this worker)")
     worker.set_defaults(func=cmd_worker)
 
     db = sub.add_parser("db", help="database maintenance")

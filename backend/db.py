@@ -143,6 +143,12 @@ def find_run(settings: Settings, run_id: str) -> sa.Row | None:
         return conn.execute(_RUN_BY_ID, {"run_id": run_id}).first()
 
 
+def newest_run_id(settings: Settings) -> str | None:
+    """The most recently registered run's id (what a freshly started worker loads first)."""
+    with get_engine(settings).connect() as conn:
+        return conn.execute(sa.select(_RUNS.c.id).order_by(_RUNS.c.created_at.desc(), _RUNS.c.id).limit(1)).scalar()
+
+
 def run_exists(settings: Settings, run_id: str) -> bool:
     return find_run(settings, run_id) is not None
 

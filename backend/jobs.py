@@ -15,10 +15,12 @@ from typing import Any
 import sqlalchemy as sa
 
 from backend import db
-from backend.models import JOB_KINDS, Job, utcnow
+from backend.models import JOB_KINDS, Job, WorkerPresence, utcnow
 from backend.settings import Settings
 
 DEFAULT_LEASE_S = 30.0
+PRESENCE_S = 5.0  # how often a live worker touches its row
+WORKER_GONE_S = 20.0  # a worker not seen for this long is taken for dead
 FINISHED = ("done", "failed", "cancelled")
 
 
@@ -127,6 +129,13 @@ def heartbeat(settings: Settings, job_id: int, worker: str, lease_s: float = DEF
     return owned, cancel
 
 
+def publish_partial(settings: Settings, job_id: int, worker: str, result: dict) -> bool:
+    """A running job's result so far (e.g. an ablation's chosen features before its controls),
+    shown while the rest runs; only the lease owner may write it. False: not ours any more."""
+    with db.session(settings) as s, s.begin():
+        return s.execute(_owned(job_id, worker).values(result=result)).rowcount == 1
+
+
 def finish(settings: Settings, job_id: int, worker: str, result: dict | None = None,
            error: str | None = None, status: str | None = None) -> bool:
     """Record the outcome, only if `worker` still holds the lease. False: someone else does."""
@@ -151,3 +160,30 @@ def cancel(settings: Settings, job_id: int) -> dict:
         job.cancel_requested = True
         s.flush()
         return as_dict(job)
+
+
+# --- worker presence: whether a queued job will run at all ---
+
+def worker_seen(settings: Settings, name: str, state: str) -> None:
+    """Create or touch the worker's row (one statement each way: works on SQLite and PostgreSQL)."""
+    now = utcnow()
+    with db.session(settings) as s, s.begin():
+        row = s.get(WorkerPresence, name)
+        if row is None:
+            s.add(WorkerPresence(name=name, started_at=now, seen_at=now, state=state[:200]))
+        else:
+            row.seen_at, row.state = now, state[:200]
+
+
+def worker_gone(settings: Settings, name: str) -> None:
+    with db.session(settings) as s, s.begin():
+        s.execute(sa.delete(WorkerPresence).where(WorkerPresence.name == name))
+
+
+def live_workers(settings: Settings) -> list[dict[str, Any]]:
+    """Workers seen within WORKER_GONE_S, newest first."""
+    since = utcnow() - timedelta(seconds=WORKER_GONE_S)
+    with db.session(settings) as s:
+        rows = s.scalars(sa.select(WorkerPresence).where(WorkerPresence.seen_at >= since)
+                         .order_by(WorkerPresence.started_at.desc())).all()
+        return [{"name": r.name, "started_at": r.started_at, "seen_at": r.seen_at, "state": r.state} for r in rows]

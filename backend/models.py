@@ -65,6 +65,17 @@ class Sae(Base):
 
 # --- the interactive loop: jobs for the worker, labels and their history ---
 
+class WorkerPresence(Base):
+    """A live worker: touched every few seconds (workers/worker.py), removed when it stops; one
+    not seen for backend.jobs.WORKER_GONE_S is taken for dead."""
+    __tablename__ = "workers"
+
+    name: Mapped[str] = mapped_column(sa.String(200), primary_key=True)
+    started_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), default=utcnow)
+    seen_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), default=utcnow)
+    state: Mapped[str] = mapped_column(sa.String(200), default="")  # "loading run demo", "waiting for jobs"
+
+
 JOB_KINDS = ("pipeline", "ablation", "inference", "text_diff", "vocab_probe", "insertion", "sweep", "reason_score")
 JOB_STATUSES = ("queued", "running", "done", "failed", "cancelled")
 

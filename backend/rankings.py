@@ -73,3 +73,17 @@ def barely_reaches(layer: dict) -> bool:
         return True
     relative = layer.get("faithfulness_relative")
     return reads_one_token(layer) and relative is not None and relative < BARELY_REACHES
+
+
+def directions_said(feature: dict) -> dict[str, int]:
+    """What each kind of number says the feature does to the score: +1 raises, -1 lowers, for
+    its weight (predicts), attribution (gradient) and measured Δ (zeroing it lowers the score:
+    it raises it); numbers that are missing or zero say nothing."""
+    said = {"weight": feature.get("weight"), "attribution": feature.get("attribution"),
+            "measured": None if feature.get("measured_delta") is None else -feature["measured_delta"]}
+    return {k: (1 if v > 0 else -1) for k, v in said.items() if v}
+
+
+def signs_disagree(feature: dict) -> bool:
+    """Its weight, attribution and measured Δ do not agree on whether it raises the score."""
+    return len(set(directions_said(feature).values())) > 1

@@ -32,10 +32,15 @@ SORTS = tuple(key for column in SORT_COLUMNS for key in (column, f"-{column}"))
 order_by = order_sql  # the layer table's ORDER BY for a sort key (one definition, in the spec)
 
 
+SIGN_COLUMNS = ("weight", "reward_effect", "attribution", "measured_delta")  # the rankings' columns
+
+
 @dataclass(frozen=True)
 class FeatureFilter:
     """Which of a layer's features a table view shows; every field optional."""
-    sign: str | None = None          # 'pos' or 'neg' weight
+    sign: str | None = None          # 'pos' (raises the score) or 'neg' (lowers it), by `sign_column`
+    sign_column: str = "weight"      # whose sign says so: the default ranking's column
+    sign_flip: bool = False          # True for measured_delta: a feature whose zeroing lowers the score raises it
     min_frequency: float | None = None
     max_frequency: float | None = None
     token: str | None = None         # a top token or top-context token starts with this
@@ -45,10 +50,11 @@ class FeatureFilter:
     def where(self) -> tuple[str, list[Any]]:
         """SQL conditions (after 'WHERE layer = ?') and their parameters."""
         sql, params = [], []
-        if self.sign == "pos":
-            sql.append("weight > 0")
-        elif self.sign == "neg":
-            sql.append("weight < 0")
+        if self.sign in ("pos", "neg"):
+            if self.sign_column not in SIGN_COLUMNS:
+                raise ValueError(f"cannot filter by the sign of {self.sign_column!r}")
+            raises = (self.sign == "pos") != self.sign_flip
+            sql.append(f"{self.sign_column} {'>' if raises else '<'} 0")
         elif self.sign is not None:
             raise ValueError(f"unknown sign {self.sign!r}; expected 'pos' or 'neg'")
         if self.min_frequency is not None:
@@ -254,6 +260,26 @@ VIEW_CACHE_SIZE = 128  # table views (layer, sort, filter) whose feature order e
 LAYER_ROWS_CACHED = 1_500_000  # feature-table rows (all layers together) each process keeps
 
 
+# A token search's features that fire *on* the typed token: it (or a token it starts) is one of
+# their top tokens; their mean activation on it, the exact token preferred. Parameters:
+# the typed token (parameters in that order: token, layer, token). The others the search keeps only share a top context with the token.
+ON_TOKEN_SQL = f"""
+WITH on_token AS (
+    SELECT feature, max(t.mean_activation) AS activation,
+           bool_or({NORMALISED_TOKEN.format('t.token')} = {NORMALISED_TOKEN.format('?')}) AS exact
+    FROM (SELECT feature, unnest(top_tokens) AS t FROM features WHERE layer = ?)
+    WHERE starts_with({NORMALISED_TOKEN.format('t.token')}, {NORMALISED_TOKEN.format('?')})
+    GROUP BY feature)"""
+
+
+def on_token(path: Path, layer: int, token: str) -> dict[int, float]:
+    """The layer's features that fire on `token` (ON_TOKEN_SQL), with their mean activation on it."""
+    cur = _cursor(path)
+    typed = token.strip()
+    cur.execute(f"{ON_TOKEN_SQL} SELECT feature, activation FROM on_token", [typed, layer, typed])
+    return {int(f): float(a) for f, a in cur.fetchall()}
+
+
 def view_order(path: Path, layer: int, sort: str, where: FeatureFilter = FeatureFilter()) -> np.ndarray:
     """The ids of the features `where` keeps, in `sort` order: one query per view, then every
     page of it and every j/k step through it is a slice or a lookup. The file never changes,
@@ -264,7 +290,12 @@ def view_order(path: Path, layer: int, sort: str, where: FeatureFilter = Feature
         layer_info(path, layer)  # NotFound for an unknown layer
         conditions, params = where.where()
         cur = _cursor(path)
-        cur.execute(f"SELECT feature FROM features f WHERE layer = ?{conditions} ORDER BY {order}", [layer, *params])
+        if where.token:  # those that fire on the token first (by their activation on it), then the rest
+            cur.execute(f"{ON_TOKEN_SQL} SELECT feature FROM features f LEFT JOIN on_token o USING (feature) "
+                        f"WHERE layer = ?{conditions} ORDER BY o.activation IS NULL, o.exact DESC, o.activation DESC, "
+                        f"{order}", [where.token.strip(), layer, where.token.strip(), layer, *params])
+        else:
+            cur.execute(f"SELECT feature FROM features f WHERE layer = ?{conditions} ORDER BY {order}", [layer, *params])
         return cur.fetchnumpy()["feature"].astype(np.int64)
 
     return _kept(_open(path).views, (layer, sort, where), read, lambda views: len(views) > VIEW_CACHE_SIZE)

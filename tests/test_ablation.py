@@ -166,8 +166,11 @@ def test_confidence_interval_covers_the_mean():
     assert mean_with_ci(np.array([1.0]))["ci_low"] is None
 
 
-def test_worker_runs_an_ablation_job_end_to_end(tiny_run):
+def test_worker_runs_an_ablation_job_end_to_end(tiny_run, monkeypatch):
     settings, loaded = tiny_run
+    partials = []
+    publish = jobs.publish_partial
+    monkeypatch.setattr(jobs, "publish_partial", lambda *a: partials.append(a[3]) or publish(*a))
     chosen = list(live_features(loaded, 4))
     job = jobs.submit(settings, "ablation", {"run_id": loaded.run_id, "layer": LAYER, "features": chosen,
                                              "mode": "zero", "n_texts": 40, "tokens": "all"},
@@ -181,7 +184,7 @@ def test_worker_runs_an_ablation_job_end_to_end(tiny_run):
     assert result["summary"]["n"] == 40 and len(result["examples"]) == 40
     deltas = [e["after"] - e["before"] for e in result["examples"]]
     assert result["summary"]["mean_delta"] == pytest.approx(np.mean(deltas))
-    assert len(result["controls"]) == 3  # three frequency-matched draws, each as large as the choice
+    assert len(result["controls"]) == 10  # ten frequency-matched draws by default, each as large as the choice
     for control in result["controls"]:
         assert len(control["features"]) == 4 and not set(control["features"]) & set(chosen)
     draw_means = [c["summary"]["mean_delta"] for c in result["controls"]]
@@ -189,6 +192,17 @@ def test_worker_runs_an_ablation_job_end_to_end(tiny_run):
     test = result["control"]["test"]
     per_read = np.array(deltas) - np.mean([c["deltas"] for c in result["controls"]], axis=0)
     assert test["difference"] == pytest.approx(per_read.mean()) and 0 <= test["p_value"] <= 1
+    # the verdict: beyond controls only when no draw reaches the chosen effect (in its direction)
+    chosen_effect = abs(np.mean(deltas))
+    sign = -1 if np.mean(deltas) < 0 else 1
+    reached = sum(sign * m >= chosen_effect for m in draw_means)
+    assert result["control"]["reached_by"] == reached
+    if reached:
+        assert result["control"]["verdict"] == "within_controls"
+    # the chosen features' result was on the page before the controls ran: no controls, 10 pending
+    (first,) = partials
+    assert first["controls_pending"] == 10 and first["controls"] == [] and first["control"]["n_draws"] == 0
+    assert first["summary"] == result["summary"] and first["control"]["verdict"] == "too_few_controls"
     # the first-order prediction beside the regression's, and the summary where the features fire
     assert result["summary"]["attribution_mean_delta"] == pytest.approx(np.mean([e["attributed"] for e in result["examples"]]))
     fired = [e for e in result["examples"] if e["fired"]]

@@ -39,7 +39,7 @@ def test_one_ablation_per_labelled_layer_and_the_newest_shown(client, migrated):
     p = job["params"]
     assert (p["layer"], p["features"], p["mode"], p["n_texts"], p["selection"]) == (3, [4, 9], "zero", 40,
                                                                                       "labelled_reward")
-    assert p["control"] is True and p["n_controls"] == 3
+    assert p["control"] is True and p["n_controls"] == 10  # enough draws for a verdict
     claimed = jobs.claim(migrated, "w")
     examples = [{"text_id": i, "text": "t", "before": 1.0 + i, "after": 0.5 + i, "predicted": 0.0, "attributed": None,
                  "fired": True} for i in range(4)]

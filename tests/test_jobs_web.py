@@ -183,13 +183,13 @@ def test_token_and_named_users_guard_every_page_and_name_the_author(migrated, sy
         assert r.status_code == 201 and r.json()["author"] == "alice"
 
 
-def test_top_ranked_ablates_the_top_of_the_layers_default_ranking_with_three_controls_at_least(client, migrated):
+def test_top_ranked_ablates_the_top_of_the_layers_default_ranking_with_ten_controls_by_default(client, migrated):
     layer = client.get(f"/api{RUN}/layers/3").json()
     top = [f["feature"] for f in layer["features"][:5]]  # the table's default order: the default ranking's
     r = client.post(f"/api{RUN}/layers/3/ablations", json={"selection": "top_ranked", "top_n": 5, "mode": "zero"})
     assert r.status_code == 201, r.text
     job = jobs.get(migrated, r.json()["id"])
-    assert job["params"]["features"] == top and job["params"]["n_controls"] == 3
+    assert job["params"]["features"] == top and job["params"]["n_controls"] == 10  # enough for a verdict
     assert layer["default_ranking"]["label"] in job["params"]["described"]
     few = client.post(f"/api{RUN}/layers/3/ablations", json={"features": [1], "mode": "zero", "n_controls": 2})
     assert few.status_code == 422 and "n_controls" in few.text

@@ -199,7 +199,8 @@ def test_pages_show_the_run_ordered_by_weight(finished_run):
         stored_default = con.execute("select default_ranking from layers where layer = 2").fetchone()[0]
         assert client.get("/api/runs/tiny-run/layers/2").json()["sort"] == RANKINGS[stored_default].sort
         curves = client.get("/api/runs/tiny-run/layers/2/faithfulness").json()["rankings"]
-        assert stored_default in curves and html.count('<g class="curve ') == len(curves)
+        assert stored_default in curves and html.count('<g class="curve ') == sum(
+            len(c["directions"]) for c in curves.values())
 
         top = expected[0]
         peak_token = con.execute(
@@ -318,7 +319,12 @@ def test_causal_columns_measured_and_the_default_ranking_is_the_curve_that_moves
                 con.execute("select * from faithfulness where layer = ?", [layer]).fetchall()]
         assert {r["ranking"] for r in rows} <= set(RANKINGS) and {r["n"] for r in rows} <= {1, 2, 5, 10, 20}
         assert stored_default == default_ranking(rows)
-        assert all(len(r["control_draw_means"]) == 3 and r["n_reads"] > 0 for r in rows)
+        for r in rows:  # the point each direction is summarised by (n = 10, or the largest below) has 10 draws
+            summary_n = max(o["n"] for o in rows if (o["ranking"], o["direction"]) == (r["ranking"], r["direction"])
+                            and o["n"] <= 10)
+            assert len(r["control_draw_means"]) == (10 if r["n"] == summary_n else 3) and r["n_reads"] > 0
+        assert all(r["direction"] == ("both" if r["ranking"] == "abs_weight" else r["direction"]) for r in rows)
+        assert {r["direction"] for r in rows} <= {"raises", "lowers", "both"}
         measured = con.execute("select count(*), min(measured_n) from features where layer = ? and "
                                "measured_delta is not null", [layer]).fetchone()
         assert measured[0] == n_measured > 10 and measured[1] > 0

@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from backend import layer_choice
+from markupsafe import escape
 from backend.rankings import RANKINGS
 from backend.routes.formats import fmt_num, fmt_pct, fmt_weight
 from backend.store import SORTS
@@ -270,7 +272,7 @@ def test_replaced_store_is_reread(migrated, synthetic_run):
 
 def test_empty_registry_and_static_files(migrated):
     with make_client(migrated) as c:
-        assert c.get("/api/runs").json() == {"runs": []}
+        assert c.get("/api/runs").json() == {"runs": [], "best_layer_rule": layer_choice.RULE}
         assert "No runs yet" in c.get("/").text
         css = c.get("/static/style.css")
         assert css.status_code == 200 and "tabular-nums" in css.text
@@ -330,7 +332,7 @@ def test_store_of_another_schema_version_is_answered_with_409(migrated, tmp_path
         assert "schema version 1" in api.json()["detail"] and "--replace" in api.json()["detail"]
         page = client.get("/runs/old/layers/3")
         assert page.status_code == 409 and "re-run its pipeline" in page.text
-    assert store.STORE_VERSION == 9
+    assert store.STORE_VERSION == 10
 
 
 # --- filters, token search, j/k order, nearest features, OpenAPI ---
@@ -356,11 +358,12 @@ def features_with_token(tables, layer, prefix):
     return found
 
 
-@pytest.mark.parametrize("query, keep", [
-    ({"sign": "pos"}, lambda r: r["weight"] > 0),
-    ({"sign": "neg", "sort": "-weight"}, lambda r: r["weight"] < 0),
+@pytest.mark.parametrize("query, keep", [  # layer 3's default ranking is attribution: "raises" is by its sign
+    ({"sign": "pos"}, lambda r: (r["attribution"] or 0) > 0),
+    ({"sign": "neg", "sort": "-weight"}, lambda r: (r["attribution"] or 0) < 0),
     ({"min_freq": "0.1", "max_freq": "0.2", "sort": "frequency"}, lambda r: 0.1 <= r["frequency"] <= 0.2),
-    ({"min_freq": "0.05", "sign": "pos", "sort": "correlation"}, lambda r: r["frequency"] >= 0.05 and r["weight"] > 0),
+    ({"min_freq": "0.05", "sign": "pos", "sort": "correlation"},
+     lambda r: r["frequency"] >= 0.05 and (r["attribution"] or 0) > 0),
     ({"min_freq": "", "max_freq": "", "sign": ""}, lambda r: True),  # an empty form field is no filter
 ])
 def test_filters_keep_exactly_the_matching_features(client, synthetic_run, query, keep):
@@ -371,14 +374,43 @@ def test_filters_keep_exactly_the_matching_features(client, synthetic_run, query
     assert html_rows(html, "feature") == expected[:50]
 
 
+def test_the_sign_filter_reads_the_default_rankings_sign():
+    from backend.store import FeatureFilter
+
+    assert FeatureFilter(sign="pos", sign_column="attribution").where()[0] == " AND attribution > 0"
+    # measured Δ is the change when zeroed: a feature whose zeroing lowers the score raises it
+    assert FeatureFilter(sign="pos", sign_column="measured_delta", sign_flip=True).where()[0] == " AND measured_delta < 0"
+    assert FeatureFilter(sign="neg", sign_column="measured_delta", sign_flip=True).where()[0] == " AND measured_delta > 0"
+    with pytest.raises(ValueError):
+        FeatureFilter(sign="pos", sign_column="weight; DROP TABLE features").where()
+
+
 @pytest.mark.parametrize("typed", ["amaz", "AMAZ", " ing ", "bor", "lov"])
 def test_token_search_finds_features_whose_contexts_or_top_tokens_hold_the_token(client, synthetic_run, typed):
     expected = features_with_token(synthetic_run, 5, typed.strip().lower())
     assert expected  # the synthetic store has every one of these
     api = client.get(f"/api{RUN}/layers/5", params={"token": typed, "sort": "abs_weight"}).json()
     assert api["total"] == len(expected)
-    assert [f["feature"] for f in api["features"]] == expected_order(
-        synthetic_run, 5, "abs_weight", lambda r: r["feature"] in expected)[:50]
+    # those that fire on the token (it starts one of their top tokens) first, by their mean activation on
+    # it (the exact token first), then the rest in the table's order
+    prefix = typed.strip().lower()
+    firing = {}
+    f = synthetic_run["features"]
+    for i in range(len(f["layer"])):
+        if f["layer"][i] == 5:
+            hits = [(normalised(t["token"]) == prefix, t["mean_activation"]) for t in f["top_tokens"][i]
+                    if normalised(t["token"]).startswith(prefix)]
+            if hits:
+                firing[f["feature"][i]] = (any(e for e, _ in hits), max(a for _, a in hits))
+    rest = expected_order(synthetic_run, 5, "abs_weight", lambda r: r["feature"] in expected - set(firing))
+    first = sorted(firing, key=lambda fid: (not firing[fid][0], -firing[fid][1],
+                                            expected_order(synthetic_run, 5, "abs_weight").index(fid)))
+    assert [r["feature"] for r in api["features"]] == (first + rest)[:50]
+    assert api["token_search"] == {"token": typed.strip(), "n_on_token": len(firing), "n_in_contexts": len(rest)}
+    assert all(r["on_token"] == (r["feature"] in firing) for r in api["features"])
+    html = client.get(f"{RUN}/layers/5", params={"token": typed, "sort": "abs_weight"}).text
+    heads = re.findall(r'<tr class="group-head" data-group="([\w-]+)">', html)
+    assert heads == (["on-token"] if firing else []) + (["in-contexts"] if rest else [])
     if typed in ("amaz", " ing "):  # "amaz ##ing" is only in CONTEXT_FEATURE's strongest context
         assert CONTEXT_FEATURE in expected
 
@@ -498,14 +530,14 @@ def test_run_page_shows_weight_effect_agreement_and_the_best_layer_it_picks(clie
     for layer, agreement in zip(stored["layer"], stored["weight_effect_agreement"]):
         assert f'<td class="num agreement">{fmt_num(agreement, 2)}</td>' in row_html(html, "layer", layer)
     rule = re.search(r'<p class="muted small" id="best-rule"[^>]*>([^<]*)</p>', html).group(1)
-    assert api["best_layer"] == 3 and rule == ("largest measured Δ of its default ranking's top 10, beyond controls, "
-                                               "relative to the score's spread")
+    assert api["best_layer"] == 3 and rule == str(escape(layer_choice.RULE_WORDS["faithfulness"]))
+    assert api["best_layer_rule"] == layer_choice.RULE_WORDS["faithfulness"]  # one definition, page and JSON
     assert client.get("/api/runs").json()["runs"][0]["best_layer"] == 3
     # nothing measured (a score the model does not compute): the agreement picks it, as it says
     publish_synthetic_run(migrated, run_id="plain", causal=False)
     plain = client.get("/runs/plain").text
     rule = re.search(r'<p class="muted small" id="best-rule"[^>]*>([^<]*)</p>', plain).group(1)
-    assert rule == "largest held-out R² × weight–effect agreement" and 'id="best-layer-why"' not in plain
+    assert rule == str(escape(layer_choice.RULE_WORDS["r2_x_agreement"])) and 'id="best-layer-why"' not in plain
     layer_page = client.get(f"{RUN}/layers/5").text
     assert f'weight–effect agreement {fmt_num(stored["weight_effect_agreement"][1], 2)}</span>' in layer_page
 

@@ -89,10 +89,17 @@ def control_summary(chosen: np.ndarray, controls: list[np.ndarray], seed: int = 
     """What a result reports of its controls: each draw's mean change, their mean and range,
     and the paired test of chosen against them."""
     means = [float(np.mean(c)) for c in controls] if controls else []
+    chosen = np.asarray(chosen, dtype=np.float64)
+    # judged in the direction the chosen edit moved the score: lowered (its features raised it) or raised
+    direction = "raises" if len(chosen) and np.mean(chosen) < 0 else "lowers"
+    verdict = judge(chosen, controls, direction, seed)
     return {"n_draws": len(controls), "draw_means": means,
             "mean_delta": float(np.mean(means)) if means else None,
             "low": min(means) if means else None, "high": max(means) if means else None,
-            "test": paired_test(chosen, controls, seed)}
+            "test": paired_test(chosen, controls, seed),
+            "verdict": verdict["verdict"], "rank_p_value": verdict["rank_p_value"],
+            "reached_by": sum(e >= verdict["effect"] for e in verdict["control_effects"])
+            if verdict["effect"] is not None else 0}
 
 
 def judge(chosen: np.ndarray, controls: list[np.ndarray], direction: str, seed: int = 0) -> dict:

@@ -20,6 +20,8 @@ from backend.models import Run
 from backend.settings import Settings
 
 HELDOUT_DEFAULT = 256
+# Control draws of an ablation: a verdict needs their spread (workers/controls.py VERDICT_DRAWS)
+DEFAULT_CONTROLS = 10
 # Texts per forward in ablations: on a 2-core CPU, 16 ran 256 texts 15% faster than 64
 # (length buckets pad less; the SAE edit's tensors stay in cache).
 ABLATION_BATCH = 16
@@ -141,6 +143,19 @@ class RunCache:
         return loaded
 
 
+def warm_run(cache: RunCache, run_id: str) -> None:
+    """Load a run's model, every layer's SAE and decoder rows, and the default ablation's
+    evaluation set (the first HELDOUT_DEFAULT held-out texts) at its best layer."""
+    run = cache.get(run_id)
+    layers = [row["layer"] for row in store.layers(run.store_path)]
+    for layer in layers:
+        run.decoder(layer)
+    best = store.best_layer(run.store_path)
+    if best is not None:
+        texts, _, key = _eval_texts(run, {"n_texts": HELDOUT_DEFAULT})
+        run.eval_set(best, key, texts)
+
+
 # --- pipeline ---------------------------------------------------------------------------
 
 def pipeline_task(params: dict, ctx) -> dict:
@@ -180,7 +195,7 @@ def ablation_task(params: dict, ctx) -> dict:
     texts, text_ids, eval_key = _eval_texts(run, params)
     pooling = run.config.regression.pooling
     directions, linear = run.decoder(layer)
-    n_controls = int(params.get("n_controls", 3)) if params.get("control", True) else 0
+    n_controls = int(params.get("n_controls", DEFAULT_CONTROLS)) if params.get("control", True) else 0
     draws = control_draws(frequency, edit.features, n_controls, seed=int(ctx.job["id"])) if n_controls else []
     parts = (["scoring the texts unedited"] if (layer, eval_key) not in run.eval_sets else []) + [
         "the chosen features"] + [f"random control {i + 1} of {len(draws)}" for i in range(len(draws))]
@@ -193,10 +208,14 @@ def ablation_task(params: dict, ctx) -> dict:
     scope = params.get("tokens") or "text"
     chosen = run_ablation(run.adapter, sae, layer, evalset, edit, weights, pooling, ABLATION_BATCH,
                           progress("the chosen features"), directions, linear, scope)
+    seed = int(ctx.job["id"])
+    if draws:  # the chosen features' result first; the controls' verdict follows when they are done
+        first = ablation_result(chosen, [], [], texts, text_ids, seed)
+        ctx.partial(require_finite({**first, "controls_pending": len(draws)}, edit, chosen.before))
     controls = [run_ablation(run.adapter, sae, layer, evalset, FeatureEdit(draw, edit.mode, edit.value), weights,
                              pooling, ABLATION_BATCH, progress(f"random control {i + 1} of {len(draws)}"),
                              directions, linear, scope) for i, draw in enumerate(draws)]
-    result = ablation_result(chosen, controls, draws, texts, text_ids, seed=int(ctx.job["id"]))
+    result = ablation_result(chosen, controls, draws, texts, text_ids, seed=seed)
     return require_finite(result, edit, chosen.before)
 
 

@@ -6,6 +6,7 @@ worker costs only its own forward passes. Several workers can serve one database
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import threading
 import time
@@ -39,6 +40,11 @@ class JobContext:
         if self.stop_reason:
             raise JobStopped(self.stop_reason)
 
+    def partial(self, result: dict) -> None:
+        """Show the result so far on the job's page while the rest runs."""
+        if not jobs.publish_partial(self.settings, self.job["id"], self.job["lease_owner"], result):
+            raise JobStopped("lease lost")
+
 
 class Worker:
     def __init__(self, settings: Settings, lease_s: float = jobs.DEFAULT_LEASE_S, poll_s: float = 0.5,
@@ -46,19 +52,59 @@ class Worker:
         self.settings, self.lease_s, self.poll_s = settings, lease_s, poll_s
         self.name = name or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.cache = RunCache(settings)
+        self.state = "starting"  # what the jobs pages show of it (presence)
+        self.exit_with: int | None = None  # a process whose end ends this worker (the server that started it)
 
-    def run_forever(self, stop: threading.Event | None = None) -> None:
+    def run_forever(self, stop: threading.Event | None = None, warm: str | None = None) -> None:
+        """Serve the queue until `stop` is set, keeping a presence row the pages read (is any
+        worker alive?); `warm`: a run whose model, SAEs and default evaluation set are loaded
+        first, so its first ablation costs only its own passes."""
         stop = stop or threading.Event()
-        print(f"worker {self.name}: waiting for jobs (lease {self.lease_s:g} s)", flush=True)
+        presence = threading.Thread(target=self._presence, args=(stop,), daemon=True)
+        presence.start()
+        try:
+            if warm:
+                self.warm_up(warm)
+            self.state = "waiting for jobs"
+            print(f"worker {self.name}: waiting for jobs (lease {self.lease_s:g} s)", flush=True)
+            while not stop.is_set():
+                if not self.run_one():
+                    stop.wait(self.poll_s)
+        finally:
+            stop.set()
+            presence.join(timeout=jobs.PRESENCE_S)
+            jobs.worker_gone(self.settings, self.name)
+
+    def warm_up(self, run_id: str) -> None:
+        from workers.tasks import warm_run
+
+        self.state = f"loading run {run_id}"
+        started = time.time()
+        try:
+            warm_run(self.cache, run_id)
+        except Exception as exc:  # a run that cannot load is the jobs' to report, not the worker's end
+            print(f"worker {self.name}: could not warm run {run_id!r}: {exc}", flush=True)
+            return
+        print(f"worker {self.name}: run {run_id!r} loaded in {time.time() - started:.1f} s", flush=True)
+
+    def _presence(self, stop: threading.Event) -> None:
         while not stop.is_set():
-            if not self.run_one():
-                stop.wait(self.poll_s)
+            if self.exit_with is not None and not _alive(self.exit_with):
+                print(f"worker {self.name}: process {self.exit_with} ended, stopping", flush=True)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            try:
+                jobs.worker_seen(self.settings, self.name, self.state)
+            except Exception as exc:  # the database is briefly away: try again next beat
+                print(f"worker {self.name}: presence not recorded: {exc}", flush=True)
+            stop.wait(jobs.PRESENCE_S)
 
     def run_one(self) -> bool:
         """Claim and run one job; False when the queue had none."""
         job = jobs.claim(self.settings, self.name, self.lease_s)
         if job is None:
             return False
+        self.state = f"running job {job['id']} ({job['kind']})"
         ctx = JobContext(job, self.settings, self.cache)
         beating = threading.Event()
         beat = threading.Thread(target=self._heartbeat, args=(ctx, beating), daemon=True)
@@ -85,6 +131,7 @@ class Worker:
         else:
             print(f"job {job['id']}: {outcome.get('status') or ('failed' if outcome.get('error') else 'done')}",
                   flush=True)
+        self.state = "waiting for jobs"
         return True
 
     def _heartbeat(self, ctx: JobContext, done: threading.Event) -> None:
@@ -106,16 +153,35 @@ class Worker:
                 ctx.stop_reason = "cancelled"
 
 
-def main(settings: Settings, once: bool = False, lease_s: float = jobs.DEFAULT_LEASE_S, poll_s: float = 0.5) -> None:
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def main(settings: Settings, once: bool = False, lease_s: float = jobs.DEFAULT_LEASE_S, poll_s: float = 0.5,
+         warm: str | None = None, exit_with: int | None = None) -> None:
     worker = Worker(settings, lease_s, poll_s)
+    worker.exit_with = exit_with
     for line in clean_stale(settings.runs_dir):  # what runs killed with an earlier worker left
         print(f"worker {worker.name}: {line}", flush=True)
     if once:
         while worker.run_one():
             pass
         return
+    stop = threading.Event()
+    # SIGTERM (the server stopping the worker it started, or a process manager) ends the wait for
+    # jobs as Ctrl-C does; a job in progress is left to its lease, which another worker takes over
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
-        worker.run_forever()
+        worker.run_forever(stop, warm)
     except KeyboardInterrupt:
         print("worker stopped", flush=True)
-        time.sleep(0)

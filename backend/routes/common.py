@@ -15,8 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 from backend import charts, db, store
 from backend.access import csrf_token
 from backend.models import LABELS
-from backend.rankings import FALLBACK_RANKING, RANKINGS, Ranking
-from backend.routes.formats import (context_rows, contribution_spans, feature_rows, fmt_delta, fmt_num, fmt_pct, fmt_weight, token_spans,
+from backend.rankings import VERDICT_WORDS, directions_said, FALLBACK_RANKING, RANKINGS, Ranking
+from backend.routes.formats import (context_rows, contribution_spans, edit_class, feature_rows, zeroing_class, fmt_delta, fmt_num, fmt_pct, fmt_weight, token_spans,
                                     weight_class)
 from backend.routes.edge import MAX_ID
 from backend.settings import Settings
@@ -68,12 +68,15 @@ class _PageEnvironment(jinja2.Environment):
 # mtime on each render cost ~1 ms a feature page); restart the server after editing one.
 templates = Jinja2Templates(env=_PageEnvironment(
     loader=jinja2.FileSystemLoader(FRONTEND_DIR / "templates"), autoescape=True, auto_reload=False))
-templates.env.filters.update(num=fmt_num, weight=fmt_weight, pct=fmt_pct, delta=fmt_delta, wclass=weight_class)
+templates.env.filters.update(num=fmt_num, weight=fmt_weight, pct=fmt_pct, delta=fmt_delta, wclass=weight_class,
+                             zclass=zeroing_class, eclass=edit_class)
 # what kind of number a ranking is, in a word after its name: "attribution (gradient)"
 KIND_TAGS = {"predicts": "predicts", "gradient": "gradient", "measured": "ablation"}
 templates.env.globals.update(csrf_token=csrf_token, token_spans=token_spans, context_rows=context_rows,
                              feature_rows=feature_rows, kind_tag=KIND_TAGS)
 templates.env.globals["contribution_spans"] = contribution_spans  # a text's tokens by contribution
+templates.env.globals["directions_said"] = directions_said  # what weight, attribution and measured Δ each say
+templates.env.globals["verdict_text"] = lambda verdict: VERDICT_WORDS.get(verdict, "")  # a control test, in words
 # chart geometry the run page's sections draw from their own rows (backend/charts.py)
 templates.env.globals.update(paired_bars=charts.paired_bars, divergence_bars=charts.divergence_bars,
                              lexicon_scatter=charts.lexicon_scatter)
@@ -142,7 +145,8 @@ class TableView(BaseModel):
 
     sort: Sort | Blank | None = Field(None, description="column to sort by, largest first; prefix '-' for smallest first; "
                                                 "none: the layer's default ranking")
-    sign: Literal["pos", "neg"] | Blank | None = Field(None, description="only features whose weight raises (pos) or lowers (neg) the reward")
+    sign: Literal["pos", "neg"] | Blank | None = Field(None, description="only features that raise (pos) or lower (neg) "
+                                                       "the reward by the layer's default ranking (its column's sign)")
     min_freq: Annotated[float, Field(ge=0, le=1)] | Blank | None = Field(None, description="only features firing on at least this share of tokens")
     max_freq: Annotated[float, Field(ge=0, le=1)] | Blank | None = Field(None, description="only features firing on at most this share of tokens")
     token: str | None = Field(None, max_length=100, description="only features with a top token or top-context token starting with this")
@@ -168,14 +172,18 @@ class TableView(BaseModel):
         """The sort this view lists the layer in: its own, or the layer's default ranking's."""
         return self.sort or default_ranking(layer_info).sort
 
-    @property
-    def filter(self) -> store.FeatureFilter:
-        return store.FeatureFilter(sign=self.sign, min_frequency=self.min_freq, max_frequency=self.max_freq,
+    def filter_for(self, layer_info: dict[str, Any]) -> store.FeatureFilter:
+        """The store's filter for this view; "raises"/"lowers" by the sign of the layer's default
+        ranking's column (a feature whose zeroing lowers the score raises it)."""
+        ranking = default_ranking(layer_info)
+        return store.FeatureFilter(sign=self.sign, sign_column=ranking.column, sign_flip=ranking.sign < 0,
+                                   min_frequency=self.min_freq, max_frequency=self.max_freq,
                                    token=self.token, min_pair_cosine=self.min_pair_cosine)
 
     @property
     def filtered(self) -> bool:
-        return self.filter != store.FeatureFilter() or self.label is not None
+        return any(v is not None for v in (self.sign, self.min_freq, self.max_freq, self.token,
+                                            self.min_pair_cosine, self.label))
 
     def query(self, **changes: Any) -> str:
         """This view's query string with `changes` applied; defaults and empty values left out."""

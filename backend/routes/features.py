@@ -33,7 +33,7 @@ def feature_data(settings: Settings, run_id: str, layer: int, feature: int, view
     if sort == default_ranking(layer_row).sort and not view.filtered:
         in_view = default_view  # the store holds each feature's place in the default ranking's order
     else:
-        where = view.filter
+        where = view.filter_for(layer_row)
         if view.label:  # the same label filter as the table, so j/k walk what the table lists
             where = labels.restrict(where, view.label, labels.labels_for_layer(settings, run_id, layer),
                                     store.layer_info(path, layer)["d_sae"])

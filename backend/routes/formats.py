@@ -10,6 +10,8 @@ from typing import Any, Mapping, Sequence
 
 from markupsafe import Markup
 
+from backend.rankings import directions_said
+
 
 def fmt_num(x: float | None, digits: int = 3) -> str:
     if x is None:
@@ -42,10 +44,32 @@ def fmt_pct(x: float | None, digits: int = 2) -> str:
 
 
 def weight_class(x: float | None) -> str:
-    """CSS class for a weight's sign: blue raises the reward, red lowers it (everywhere)."""
+    """CSS class for what a number says the feature does: blue raises the reward, red lowers it
+    (everywhere)."""
     if not x:
         return "zero"
     return "pos" if x > 0 else "neg"
+
+
+def zeroing_class(delta: float | None) -> str:
+    """CSS class of a change measured by zeroing (after - before): a feature whose zeroing lowers
+    the score raises it, so it is blue, as its weight or attribution would be."""
+    return weight_class(None if delta is None else -delta)
+
+
+def edit_class(delta: float | None, mode: str | None) -> str:
+    """A measured change coloured by what the edited features do: zeroing's Δ flipped; a clamp's
+    or steer's change is what the edit itself does to the score."""
+    return zeroing_class(delta) if mode in (None, "zero") else weight_class(delta)
+
+
+def sign_mark(f: Mapping[str, Any]) -> str:
+    """A visible mark where the feature's weight, attribution and measured Δ disagree in direction."""
+    said = directions_said(dict(f))
+    if len(set(said.values())) < 2:
+        return ""
+    words = ", ".join(f"{name} {'raises' if d > 0 else 'lowers'}" for name, d in said.items())
+    return f' <span class="sign-mark" title="the numbers disagree on its direction: {words}">±</span>'
 
 
 SPACE_MARKS = ("▁", "Ġ")  # SentencePiece / GPT-2 byte-level BPE: "a space precedes me"
@@ -155,26 +179,42 @@ def _weight_bar(weight: float | None, scale: float) -> str:
     return f'<i class="{weight_class(weight)}" style="width:{50 * abs(weight) / scale:.1f}%"></i>'
 
 
+def _token_activation(f: Mapping[str, Any]) -> str:
+    if f.get("token_activation") is None:
+        return ""
+    return (f' <span class="muted small" title="its mean activation on the searched token">'
+            f'on it {fmt_num(f["token_activation"], 2)}</span>')
+
+
 def _measured_cell(f: Mapping[str, Any]) -> str:
     if not f["measured_n"]:
         return '<td class="num muted" title="not measured: not among the layer\'s top candidates">—</td>'
     delta = f["measured_delta"]
-    return (f'<td class="num measured {weight_class(delta)}" title="zeroed alone on {f["measured_n"]} reward reads; '
+    return (f'<td class="num measured {zeroing_class(delta)}" title="zeroed alone on {f["measured_n"]} reward reads; '
             f'95% CI">{fmt_weight(delta)} <span class="ci">[{fmt_num(f["measured_delta_low"])}, '
             f'{fmt_num(f["measured_delta_high"])}]</span></td>')
 
 
 def feature_rows(rows: Sequence[Mapping[str, Any]], first_rank: int, href: str, query: str, max_abs_weight: float,
-                 label_names: Mapping[str, str], pair_column: bool = False) -> Markup:
+                 label_names: Mapping[str, str], pair_column: bool = False, token: str | None = None) -> Markup:
     """The feature table's rows (layer page): rank, feature id linking to `href` + id + `query`;
     what predicts the score: weight with a bar scaled to the layer's largest |weight|, std.
     weight, SE, correlation; what the model uses: effect per unit, attribution, measured Δ with
     its CI; then frequency, max activation, top token and label. 50 rows of 12 cells cost Jinja
     ~3.9 ms a page; these strings, at 14 cells, ~1.4 ms (measured on a busy 2-core machine).
-    `pair_column`: after max activation, the max cosine in the paired dictionary (sae.widths)."""
+    `pair_column`: after max activation, the max cosine in the paired dictionary (sae.widths).
+    `token`: a token search's rows, headed by their group where it starts (fires on the token, or
+    only shares a context with it)."""
     out = []
     link, query = html.escape(href), html.escape(query)
+    token_group = None
     for rank, f in enumerate(rows, first_rank):
+        if token is not None and f.get("on_token") != token_group:
+            token_group = f.get("on_token")
+            words = (f"fire on <code class=\"token\">{html.escape(token)}</code> (by their mean activation on it)"
+                     if token_group else f"only share a top context with <code class=\"token\">{html.escape(token)}</code>")
+            out.append(f'<tr class="group-head" data-group="{"on-token" if token_group else "in-contexts"}">'
+                       f'<td colspan="{15 if pair_column else 14}">{words}</td></tr>\n')
         fid, weight, group = f["feature"], f["weight"], f["weight_group_size"] or 1
         group_mark = (f' <span class="group-mark" title="fitted as one with {group - 1} near-duplicate feature'
                       f'{"s" if group > 2 else ""}: they share this weight">×{group}</span>' if group > 1 else "")
@@ -196,7 +236,7 @@ def feature_rows(rows: Sequence[Mapping[str, Any]], first_rank: int, href: str, 
             f'<td class="tick"><input type="checkbox" name="features" value="{fid}" form="ablate-form" '
             f'aria-label="select feature {fid}"></td>'
             f'<td class="num muted">{rank}</td>'
-            f'<td class="num"><a href="{link}{fid}{query}"><b>{fid}</b></a>{group_mark}</td>'
+            f'<td class="num"><a href="{link}{fid}{query}"><b>{fid}</b></a>{group_mark}{sign_mark(f)}</td>'
             f'<td class="num weight {weight_class(weight)}"><span class="wbar" aria-hidden="true">'
             f'{_weight_bar(weight, max_abs_weight)}</span>{fmt_weight(weight)}</td>'
             f'<td class="num {weight_class(f["std_weight"])}">{fmt_weight(f["std_weight"])}</td>'
@@ -209,5 +249,5 @@ def feature_rows(rows: Sequence[Mapping[str, Any]], first_rank: int, href: str, 
             f'<td class="num">{fmt_num(f["max_activation"])}</td>'
             + (f'<td class="num pair-cosine" title="its nearest feature in the paired dictionary: '
                f'{f.get("pair_feature")}">{fmt_num(f.get("pair_max_cosine"), 2)}</td>' if pair_column else '')
-            + f'<td>{top}</td><td class="label-cell">{label}</td></tr>\n')
+            + f'<td>{top}{_token_activation(f)}</td><td class="label-cell">{label}</td></tr>\n')
     return Markup("".join(out))

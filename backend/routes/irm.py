@@ -21,7 +21,7 @@ router = APIRouter(route_class=StrictJSONRoute, responses=ERROR_RESPONSES)
 
 class IrmRequest(BaseModel):
     n_texts: int = Field(256, ge=1, le=2048, description="held-out texts each layer's ablation is measured on")
-    n_controls: int = Field(3, ge=3, le=20, description="frequency-matched random draws per layer")
+    n_controls: int = Field(10, ge=3, le=50, description="frequency-matched random draws per layer (a verdict from 10 on)")
 
 
 def submit_irm(settings: Settings, run_id: str, req: IrmRequest, author: str) -> list[dict]:
@@ -39,7 +39,7 @@ def submit_irm(settings: Settings, run_id: str, req: IrmRequest, author: str) ->
 @router.post("/runs/{run_id}/irm-ablation", include_in_schema=False)
 async def irm_form(request: Request, run_id: str, settings: SettingsDep):
     form = await _form(request)
-    req = _parse(IrmRequest, {"n_texts": form.get("n_texts") or 256, "n_controls": form.get("n_controls") or 3})
+    req = _parse(IrmRequest, {"n_texts": form.get("n_texts") or 256, "n_controls": form.get("n_controls") or 10})
     submit_irm(settings, run_id, req, current_author(request))
     return RedirectResponse(f"/runs/{quote(run_id, safe='')}#irm-ablation", status_code=303)
 

@@ -69,7 +69,8 @@ class AblationRequest(EditSpec):
     n_texts: int = Field(256, ge=1, le=2048, description="held-out texts of the run's corpus to evaluate on")
     texts: list[str] | None = Field(None, max_length=MAX_TYPED_TEXTS, description="typed texts instead of held-out ones")
     control: bool = Field(True, description="also ablate random features of similar frequency (n_controls draws)")
-    n_controls: int = Field(3, ge=3, le=20, description="random control draws (at least 3), each as many features as chosen")
+    n_controls: int = Field(10, ge=3, le=50, description="random control draws, each as many features as chosen; a "
+                            "verdict is stated from 10 on (fewer: the page says undecided)")
 
 
 MAX_ATTRIBUTION_STEPS = 64
@@ -292,7 +293,7 @@ async def ablate_form(request: Request, run_id: str, layer: LayerId, settings: S
     else:
         data["n_texts"] = form.get("n_texts") or 256
     data["control"] = form.get("control") == "on"  # an unticked box is simply absent
-    data["n_controls"] = form.get("n_controls") or 3
+    data["n_controls"] = form.get("n_controls") or 10
     job = submit_ablation(settings, run_id, layer, _parse(AblationRequest, data), current_author(request))
     return RedirectResponse(f"/jobs/{job['id']}", status_code=303)
 
@@ -439,6 +440,13 @@ def api_jobs(settings: SettingsDep, limit: int = Query(100, ge=1, le=500, descri
     return {"jobs": [{k: v for k, v in j.items() if k != "result"} for j in jobs.recent(settings, limit)]}
 
 
+@router.get("/api/workers", tags=["jobs"])
+def api_workers(settings: SettingsDep) -> dict:
+    """The live workers (seen within the last seconds) and what each is doing: a queued job runs
+    only when one exists."""
+    return {"workers": jobs.live_workers(settings)}
+
+
 @router.get("/api/jobs/{job_id}", tags=["jobs"])
 def api_job(job_id: JobId, settings: SettingsDep) -> dict:
     return _job_or_404(settings, job_id)
@@ -454,13 +462,14 @@ def api_cancel(request: Request, job_id: JobId, settings: SettingsDep) -> dict:
 
 @router.get("/jobs", response_class=HTMLResponse, include_in_schema=False)
 def jobs_page(request: Request, settings: SettingsDep):
-    return render(request, "jobs.html", {"jobs": jobs.recent(settings, 200)})
+    return render(request, "jobs.html", {"jobs": jobs.recent(settings, 200), "workers": jobs.live_workers(settings)})
 
 
 @router.get("/jobs/{job_id}", response_class=HTMLResponse, include_in_schema=False)
 def job_page(request: Request, job_id: JobId, settings: SettingsDep):
     job = _job_or_404(settings, job_id)
-    context: dict[str, Any] = {"job": job, "chart": None, "tokens": None}
+    context: dict[str, Any] = {"job": job, "chart": None, "tokens": None,
+                               "workers": jobs.live_workers(settings) if job["status"] in ("queued", "running") else []}
     result = job.get("result") or {}
     if job["kind"] == "ablation" and result:
         examples = result["examples"]

@@ -6,6 +6,8 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import quote
 
+import numpy as np
+
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 
@@ -64,7 +66,7 @@ def layer_data(settings: Settings, run_id: str, layer: int, view: TableView) -> 
     sort = view.sorted_by(info)
     size = settings.page_size
     labelled = labels.labels_for_layer(settings, run_id, layer)
-    where = labels.restrict(view.filter, view.label, labelled, info["d_sae"])
+    where = labels.restrict(view.filter_for(info), view.label, labelled, info["d_sae"])
     result = store.features(path, layer, sort=sort, where=where, limit=size, offset=(view.page - 1) * size)
     for row in result.rows:
         mine = labelled.get(row["feature"])
@@ -72,6 +74,14 @@ def layer_data(settings: Settings, run_id: str, layer: int, view: TableView) -> 
         # a label made on an earlier run version whose SAE differed (False), or may have (None)
         row["label_made_on_current_sae"] = mine["made_on_current_sae"] if mine else None
         row["label_run_version"] = mine["run_version"] if mine else None
+    token_search = None
+    if view.token:  # which of them fire on the token itself (listed first), which only share a context
+        firing = store.on_token(path, layer, view.token)
+        for row in result.rows:
+            row["on_token"], row["token_activation"] = row["feature"] in firing, firing.get(row["feature"])
+        listed = store.view_order(path, layer, sort, where)  # cached: the page's own order
+        n_on = int(np.isin(listed, list(firing)).sum()) if firing else 0
+        token_search = {"token": view.token.strip(), "n_on_token": n_on, "n_in_contexts": int(len(listed)) - n_on}
     n_pages = max(1, -(-result.total // size))
     if view.page > n_pages:
         raise store.NotFound(f"page {view.page} not found: this view of layer {layer} has {n_pages} page(s)")
@@ -86,6 +96,7 @@ def layer_data(settings: Settings, run_id: str, layer: int, view: TableView) -> 
         "total": result.total,
         "max_abs_weight": store.max_abs_weight(path, layer),
         "features": result.rows,
+        "token_search": token_search,
     }
 
 

@@ -44,7 +44,8 @@ def _row(job: dict | None, labelled: list[int]) -> dict[str, Any]:
         out.update({"n_texts": len(examples), "before": _mean([e["before"] for e in examples]),
                     "after": _mean([e["after"] for e in examples]), "mean_delta": s["mean_delta"],
                     "ci_low": s["ci_low"], "ci_high": s["ci_high"], "control_delta": c.get("mean_delta"),
-                    "difference": c.get("test", {}).get("difference"), "p_value": c.get("test", {}).get("p_value")})
+                    "difference": c.get("test", {}).get("difference"), "p_value": c.get("test", {}).get("p_value"),
+                    "verdict": c.get("verdict") or "too_few_controls", "n_draws": c.get("n_draws")})
     return out
 
 

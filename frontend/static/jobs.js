@@ -3,8 +3,11 @@
 function watchJobs(url, ids) {
   // start from the statuses the page was rendered with: a job that finished before the first
   // poll still counts as changed
-  const known = {};
-  for (const el of document.querySelectorAll("[data-job][data-status]")) known[el.dataset.job] = el.dataset.status;
+  const known = {}, hadResult = {};
+  for (const el of document.querySelectorAll("[data-job][data-status]")) {
+    known[el.dataset.job] = el.dataset.status;
+    hadResult[el.dataset.job] = el.dataset.hasResult === "1";
+  }
   async function poll() {
     let data;
     try { data = await (await fetch(url, {headers: {accept: "application/json"}})).json(); }
@@ -20,6 +23,8 @@ function watchJobs(url, ids) {
         if (msg) msg.textContent = job.message;
       }
       if (known[job.id] !== undefined && known[job.id] !== job.status) changed = true;
+      // a running job's first result (an ablation's chosen features, before its controls) is shown at once
+      if (hadResult[job.id] === false && job.result) changed = true;
       known[job.id] = job.status;
       if (job.status === "queued" || job.status === "running") active = true;
     }
