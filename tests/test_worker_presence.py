@@ -97,8 +97,9 @@ def _workers_started_by(pid: int) -> list[int]:
 def test_serve_on_the_default_database_runs_a_worker_and_takes_it_down_with_it(tmp_path, how):
     port = _free_port()
     env = {**os.environ, "RA_DATA_DIR": str(tmp_path), "RA_DATABASE_URL": ""}
+    log = open(tmp_path / "serve.log", "w")
     server = subprocess.Popen([sys.executable, "-m", "backend.cli", "serve", "--port", str(port)], cwd=REPO_ROOT,
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                              env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}/api/workers"
 
@@ -120,6 +121,10 @@ def test_serve_on_the_default_database_runs_a_worker_and_takes_it_down_with_it(t
     finally:
         if server.poll() is None:
             server.kill()
+        server.wait()
+        log.close()
+        for pid in _workers_started_by(server.pid):  # never leave one behind, whatever failed above
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_serve_starts_no_worker_when_told_not_to_or_on_a_database_of_its_own():

@@ -66,7 +66,7 @@ class Worker:
             if warm:
                 self.warm_up(warm)
             self.state = "waiting for jobs"
-            print(f"worker {self.name}: waiting for jobs (lease {self.lease_s:g} s)", flush=True)
+            _say(f"worker {self.name}: waiting for jobs (lease {self.lease_s:g} s)")
             while not stop.is_set():
                 if not self.run_one():
                     stop.wait(self.poll_s)
@@ -83,20 +83,20 @@ class Worker:
         try:
             warm_run(self.cache, run_id)
         except Exception as exc:  # a run that cannot load is the jobs' to report, not the worker's end
-            print(f"worker {self.name}: could not warm run {run_id!r}: {exc}", flush=True)
+            _say(f"worker {self.name}: could not warm run {run_id!r}: {exc}")
             return
-        print(f"worker {self.name}: run {run_id!r} loaded in {time.time() - started:.1f} s", flush=True)
+        _say(f"worker {self.name}: run {run_id!r} loaded in {time.time() - started:.1f} s")
 
     def _presence(self, stop: threading.Event) -> None:
         while not stop.is_set():
             if self.exit_with is not None and not _alive(self.exit_with):
-                print(f"worker {self.name}: process {self.exit_with} ended, stopping", flush=True)
-                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signal.SIGTERM)  # before any print: the server's stdout may be gone with it
+                _say(f"worker {self.name}: process {self.exit_with} ended, stopping")
                 return
             try:
                 jobs.worker_seen(self.settings, self.name, self.state)
             except Exception as exc:  # the database is briefly away: try again next beat
-                print(f"worker {self.name}: presence not recorded: {exc}", flush=True)
+                _say(f"worker {self.name}: presence not recorded: {exc}")
             stop.wait(jobs.PRESENCE_S)
 
     def run_one(self) -> bool:
@@ -109,7 +109,7 @@ class Worker:
         beating = threading.Event()
         beat = threading.Thread(target=self._heartbeat, args=(ctx, beating), daemon=True)
         beat.start()
-        print(f"job {job['id']} ({job['kind']}, attempt {job['attempts']}): started", flush=True)
+        _say(f"job {job['id']} ({job['kind']}, attempt {job['attempts']}): started")
         try:
             result = TASKS[job["kind"]](job["params"], ctx)
             outcome = dict(result=result)
@@ -125,12 +125,11 @@ class Worker:
             ctx.message_changed.set()  # wakes the heartbeat to see it is done
             beat.join()
         if outcome is None:
-            print(f"job {job['id']}: lease lost to another worker, result dropped", flush=True)
+            _say(f"job {job['id']}: lease lost to another worker, result dropped")
         elif not jobs.finish(self.settings, job["id"], self.name, **outcome):
-            print(f"job {job['id']}: finished after losing its lease, result dropped", flush=True)
+            _say(f"job {job['id']}: finished after losing its lease, result dropped")
         else:
-            print(f"job {job['id']}: {outcome.get('status') or ('failed' if outcome.get('error') else 'done')}",
-                  flush=True)
+            _say(f"job {job['id']}: {outcome.get('status') or ('failed' if outcome.get('error') else 'done')}")
         self.state = "waiting for jobs"
         return True
 
@@ -153,6 +152,14 @@ class Worker:
                 ctx.stop_reason = "cancelled"
 
 
+def _say(message: str) -> None:
+    """Print, unless stdout is gone (a pipe whose reader ended: the server that started us)."""
+    try:
+        print(message, flush=True)
+    except OSError:
+        pass
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -172,7 +179,7 @@ def main(settings: Settings, once: bool = False, lease_s: float = jobs.DEFAULT_L
     worker = Worker(settings, lease_s, poll_s)
     worker.exit_with = exit_with
     for line in clean_stale(settings.runs_dir):  # what runs killed with an earlier worker left
-        print(f"worker {worker.name}: {line}", flush=True)
+        _say(f"worker {worker.name}: {line}")
     if once:
         while worker.run_one():
             pass
@@ -184,4 +191,4 @@ def main(settings: Settings, once: bool = False, lease_s: float = jobs.DEFAULT_L
     try:
         worker.run_forever(stop, warm)
     except KeyboardInterrupt:
-        print("worker stopped", flush=True)
+        _say("worker stopped")
