@@ -138,7 +138,13 @@ def class_share(path: Path, layer: int, features: list[int], words: set[str]) ->
 def check_rankings(path: Path, layer: int, words: set[str]) -> None:
     info = store.layer_info(path, layer)
     print(f"\nbest layer {layer}: default ranking {info['default_ranking']}; its top 10 move the reward "
-          f"{info['faithfulness_delta']:+.3f} (control {info['faithfulness_control']:+.3f})")
+          f"{info['faithfulness_effect']:.3f} on its {info['faithfulness_measure']} measure (control "
+          f"{info['faithfulness_control']:+.3f}; {info['faithfulness_verdict']})")
+    for point in store.faithfulness(path, layer):  # every ranking at n = 10, each direction on its measure
+        if point["n"] == 10:
+            print(f"  deletion at n = 10, {point['ranking']:14s} {point['direction']:6s}: {point['effect']:.3f} "
+                  f"(controls {point['control_effect']:+.3f}, max {max(point['control_effects']):.3f}; mean Δ "
+                  f"{point['mean_delta']:+.3f}, mean |Δ| {point['abs_mean_delta']:.3f}; {point['verdict']})")
     for sort in ("attribution", "abs_attribution", "measured_delta", "reward_effect", "weight", "abs_weight"):
         top = [int(r["feature"]) for r in store.features(path, layer, sort, limit=10).rows]
         tokens = [top_token(path, layer, f) for f in top]
