@@ -166,7 +166,7 @@ def test_label_three_features_filter_by_label_and_export(live_server, page):
 
 
 def test_layer_page_draws_deletion_curves_and_calibration(live_server, page):
-    from backend.rankings import RANKINGS
+    from backend.rankings import RANKINGS, directions_of
     from tests.helpers import N_MEASURED
 
     ARTIFACTS.mkdir(exist_ok=True)
@@ -174,11 +174,19 @@ def test_layer_page_draws_deletion_curves_and_calibration(live_server, page):
     curves = page.locator("#faithfulness-chart")
     assert curves.is_visible() and curves.bounding_box()["width"] > 300
     lines = page.locator("#faithfulness-chart g.curve polyline")
-    assert lines.count() == len(RANKINGS)  # a line per ranking
-    assert all(box["width"] > 50 for box in (lines.nth(i).bounding_box() for i in range(lines.count())))
+    # a line per ranking and direction: a signed ranking's raisers and lowerers, |weight| by |Δ|
+    expected = [(key, d) for key in RANKINGS for d in directions_of(key)]
+    drawn = page.locator("#faithfulness-chart g.curve").evaluate_all(
+        "gs => gs.map(g => [g.dataset.ranking, g.dataset.direction])")
+    assert [tuple(x) for x in drawn] == expected and lines.count() == len(expected)
+    assert all(box["width"] > 20 for box in (lines.nth(i).bounding_box() for i in range(lines.count()))
+               if box is not None)
     assert page.locator("#faithfulness-chart .control-band").is_visible()
-    drawn = page.locator("#faithfulness-chart g.curve").evaluate_all("gs => gs.map(g => g.dataset.ranking)")
-    assert drawn == list(RANKINGS)
+    lowers = page.locator("#faithfulness-chart g.curve.d-lowers circle").first.evaluate(
+        "c => getComputedStyle(c).fill")
+    raises = page.locator("#faithfulness-chart g.curve.d-raises circle").first.evaluate(
+        "c => getComputedStyle(c).fill")
+    assert lowers != raises  # the two directions tell apart without colour
     # predicted-only rankings are dashed, so "predicts" and "uses" tell apart without colour
     dash = page.locator("#faithfulness-chart g.curve.k-predicts polyline").first.evaluate(
         "l => getComputedStyle(l).strokeDasharray")

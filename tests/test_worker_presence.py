@@ -8,27 +8,19 @@ import socket
 import subprocess
 import sys
 import threading
-import time
+from datetime import timedelta
 from pathlib import Path
 
 import httpx
 import pytest
+import sqlalchemy as sa
 
-from backend import jobs
-from tests.helpers import REPO_ROOT, make_client, publish_synthetic_run
+from backend import db, jobs
+from backend.models import WorkerPresence, utcnow
+from tests.helpers import REPO_ROOT, make_client, publish_synthetic_run, wait_for
 from workers.worker import Worker
 
 pytestmark = pytest.mark.sql_databases
-
-
-def wait_for(predicate, timeout: float = 60.0, every: float = 0.2):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"not within {timeout:g} s")
 
 
 def test_a_worker_is_seen_while_it_waits_and_gone_once_it_stops(migrated):
@@ -37,9 +29,9 @@ def test_a_worker_is_seen_while_it_waits_and_gone_once_it_stops(migrated):
     worker = Worker(migrated, poll_s=0.05)
     thread = threading.Thread(target=worker.run_forever, args=(stop,), daemon=True)
     thread.start()
-    (seen,) = wait_for(lambda: jobs.live_workers(migrated), timeout=10)
+    (seen,) = wait_for(lambda: jobs.live_workers(migrated), 10, "the worker's presence row")
     assert seen["name"] == worker.name
-    wait_for(lambda: jobs.live_workers(migrated)[0]["state"] == "waiting for jobs", timeout=10)
+    wait_for(lambda: jobs.live_workers(migrated)[0]["state"] == "waiting for jobs", 10, "it to wait for jobs")
     stop.set()
     thread.join(10)
     assert not thread.is_alive() and jobs.live_workers(migrated) == []
@@ -48,11 +40,6 @@ def test_a_worker_is_seen_while_it_waits_and_gone_once_it_stops(migrated):
 def test_a_worker_not_seen_lately_counts_as_gone(migrated):
     jobs.worker_seen(migrated, "old-worker", "waiting for jobs")
     assert [w["name"] for w in jobs.live_workers(migrated)] == ["old-worker"]
-    from backend import db
-    from backend.models import WorkerPresence, utcnow
-    from datetime import timedelta
-    import sqlalchemy as sa
-
     with db.session(migrated) as s, s.begin():
         s.execute(sa.update(WorkerPresence).values(seen_at=utcnow() - timedelta(seconds=jobs.WORKER_GONE_S + 1)))
     assert jobs.live_workers(migrated) == []
@@ -108,7 +95,7 @@ def test_serve_on_the_default_database_runs_a_worker_and_takes_it_down_with_it(t
                 return httpx.get(url, timeout=2).json()["workers"]
             except httpx.HTTPError:
                 return None
-        (worker,) = wait_for(live, timeout=120, every=0.5)
+        (worker,) = wait_for(live, 120, "the worker serve starts", every=0.5)
         assert worker["state"] in ("starting", "waiting for jobs") or worker["state"].startswith("loading")
         (worker_pid,) = _workers_started_by(server.pid)
         if how == "stopped":
@@ -117,7 +104,7 @@ def test_serve_on_the_default_database_runs_a_worker_and_takes_it_down_with_it(t
             server.kill()  # no way out: the worker sees its server gone and stops itself
         server.wait(30)
         wait_for(lambda: not Path(f"/proc/{worker_pid}").exists() or
-                 b"Z" in Path(f"/proc/{worker_pid}/stat").read_bytes().split(b")")[-1][:3], timeout=30)
+                 b"Z" in Path(f"/proc/{worker_pid}/stat").read_bytes().split(b")")[-1][:3], 30, "the worker to end")
     finally:
         if server.poll() is None:
             server.kill()
