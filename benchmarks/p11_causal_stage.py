@@ -18,7 +18,8 @@ import numpy as np
 from backend import store
 from backend.settings import Settings
 from workers.causal import run_causal_stage
-from workers.faithfulness import excess, point
+from backend.rankings import directions_of
+from workers.faithfulness import point
 from workers.tasks import RunCache
 
 
@@ -54,13 +55,14 @@ def main() -> None:
         print(f"  default ranking {c['default_ranking']}; reach {fmt(c['reach'])} of the score's spread; "
               f"{fmt(c['read_token_gradient_share'])} of the gradient at the read token")
         for ranking in ("weight", "abs_weight", "reward_effect", "attribution", "measured_delta"):
-            p = point(result.curves, ranking)
-            if p is not None:
-                control = abs(p["control_mean_delta"] or 0.0)
-                times = f"{excess(p) / control:,.0f}x the control" if control >= 1e-4 else "control < 1e-4"
-                print(f"  top {p['n']:>3} by {ranking:<15} Δ {p['mean_delta']:+.4f} (control "
-                      f"{p['control_mean_delta']:+.4f}; {times}; p {p['p_value']:.4f}); predicted: regression "
-                      f"{p['predicted_mean_delta']:+.4f}, attribution {p['attribution_mean_delta']:+.4f}")
+            for direction in directions_of(ranking):  # each on its own measure: signs cannot cancel
+                p = point(result.curves, ranking, direction)
+                if p is not None:
+                    print(f"  top {p['n']:>3} by {ranking:<15} {direction:<6} effect {p['effect']:.4f} (controls "
+                          f"{p['control_effect']:+.4f}, max of {len(p['control_effects'])} draws "
+                          f"{max(p['control_effects']):+.4f}; {p['verdict']}, p {p['effect_p_value']:.4f}); mean Δ "
+                          f"{p['mean_delta']:+.4f}, predicted: regression {p['predicted_mean_delta']:+.4f}, "
+                          f"attribution {p['attribution_mean_delta']:+.4f}")
         fits = "; ".join(f"{name} slope {fmt(c[f'calibration_{name}_slope'])} r {fmt(c[f'calibration_{name}_r'])}"
                          for name in ("regression", "attribution"))
         print(f"  calibration over {c['n_measured']} measured features: {fits}")

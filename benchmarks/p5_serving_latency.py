@@ -240,8 +240,10 @@ def layers_table(saes: int, width: int, rng: np.random.Generator) -> dict[str, l
         "n_train": [8000] * saes, "n_heldout": [2000] * saes, "reward_recovered": rng.uniform(0.5, 0.95, saes).tolist(),
         "reward_mae_sae": rng.uniform(0.05, 0.2, saes).tolist(), "reward_mae_zero": [0.8] * saes,
         # the causal stage's per-layer summary (workers/causal.py)
-        "default_ranking": ["weight"] * saes, "faithfulness_delta": (-0.1 * r2).tolist(),
-        "faithfulness_control": [-0.01] * saes, "faithfulness_relative": (0.2 * r2).tolist(),
+        "default_ranking": ["weight"] * saes, "faithfulness_measure": ["signed"] * saes,
+        "faithfulness_effect": (0.1 * r2).tolist(), "faithfulness_control": [0.01] * saes,
+        "faithfulness_relative": (0.2 * r2).tolist(), "faithfulness_verdict": ["beyond_controls"] * saes,
+        "faithfulness_draws": [10] * saes,
         "score_spread": [0.5] * saes, "reach": (0.3 * r2).tolist(), "read_token_gradient_share": [0.4] * saes,
         "calibration_regression_slope": [0.3] * saes, "calibration_regression_r": [0.6] * saes,
         "calibration_attribution_slope": [0.9] * saes, "calibration_attribution_r": [0.8] * saes,

@@ -85,7 +85,7 @@ def test_feature_page_shades_tokens_and_joins_wordpieces(live_server, page):
 
 
 def _shown_features(page) -> list[int]:
-    return [int(x) for x in page.locator("table.features tbody tr").evaluate_all(
+    return [int(x) for x in page.locator("table.features tbody tr[data-feature]").evaluate_all(
         "rows => rows.map(r => r.dataset.feature)")]
 
 
@@ -115,7 +115,7 @@ def test_sort_search_and_walk_features_with_j_and_k(live_server, page):
     page.screenshot(path=str(ARTIFACTS / "layer-search.png"), full_page=True)
 
     # open the first hit; j and k walk the same filtered, sorted list
-    page.locator("table.features tbody tr").first.locator("a").first.click()
+    page.locator("table.features tbody tr[data-feature]").first.locator("a").first.click()
     assert f"/features/{shown[0]}?" in page.url
     assert page.locator("#position").inner_text().startswith(f"1 of {expected['total']}")
     page.keyboard.press("j")

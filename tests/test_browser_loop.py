@@ -69,7 +69,7 @@ def test_ablate_top_features_then_ticked_ones_from_the_table(loop_server, page):
     page.screenshot(path=str(ARTIFACTS / "ablation-result.png"), full_page=True)
 
     page.goto(f"{url}/runs/{run_id}/layers/{LAYER}?sort=frequency")
-    rows = page.locator("table.features tbody tr")
+    rows = page.locator("table.features tbody tr[data-feature]")
     ticked = [int(rows.nth(i).get_attribute("data-feature")) for i in (0, 2)]
     for i in (0, 2):
         rows.nth(i).locator("input[type=checkbox]").check()
