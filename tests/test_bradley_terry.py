@@ -77,3 +77,15 @@ def test_bad_shapes_are_refused():
         heldout_split(10, 1.0, seed=0)
     with pytest.raises(ValueError, match="at least one"):
         pairwise_accuracy([], [])
+
+
+def test_sparse_features_and_a_cross_validated_penalty_give_the_dense_fit():
+    import scipy.sparse as sp
+
+    chosen, rejected, true_w = _planted_pairs(n_pairs=400, d=6, seed=5)
+    chosen[:, 3] = rejected[:, 3] = 0.0  # a dead feature: its weight stays 0
+    dense = fit_bradley_terry(chosen, rejected, C=None)
+    sparse = fit_bradley_terry(sp.csr_matrix(chosen), sp.csr_matrix(rejected), C=None)
+    np.testing.assert_allclose(sparse.weights, dense.weights, rtol=1e-4, atol=1e-6)
+    assert dense.weights[3] == 0.0
+    assert sparse.heldout_accuracy == dense.heldout_accuracy > 0.8
