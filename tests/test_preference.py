@@ -247,8 +247,13 @@ def test_conversational_pairs_run_end_to_end_on_a_tiny_llama(settings, world):
     check_pairs_run(con, world["llama"], expected)
 
 
-def test_string_pairs_with_a_prompt_run_end_to_end_on_a_tiny_bert(settings, world):
-    con = run(settings, "pairs-bert", world["bert"], world["strings"])
+@pytest.fixture(scope="module")
+def bert_run(settings, world):
+    return run(settings, "pairs-bert", world["bert"], world["strings"])
+
+
+def test_string_pairs_with_a_prompt_run_end_to_end_on_a_tiny_bert(bert_run, world):
+    con = bert_run
     expected = [(p["prompt"] + p["chosen"], p["prompt"] + p["rejected"]) for p in string_pairs()]
     check_pairs_run(con, world["bert"], expected)
 
@@ -259,3 +264,80 @@ def test_bad_pairs_stop_the_run_before_compute_and_register_nothing(settings, wo
         run(settings, "bad-pairs", world["bert"], bad)
     assert not settings.run_dir("bad-pairs").exists()
     assert not db.run_exists(settings, "bad-pairs")
+
+
+# --- the web: run and layer pages, the pairs browser -----------------------------------------
+
+def test_run_api_and_page_carry_the_preference_summary(settings, bert_run):
+    from tests.helpers import make_client
+
+    info = dict(bert_run.execute("select key, value from run_info").fetchall())
+    with make_client(settings) as client:
+        data = client.get("/api/runs/pairs-bert").json()["preference"]
+        assert data["n_pairs"] == N_PAIRS and data["n_heldout_pairs"] == int(info["n_heldout_pairs"])
+        assert data["pairwise_accuracy"] == pytest.approx(float(info["pairwise_accuracy"]))
+        layers = {row["layer"]: row for row in rows(bert_run, "select * from layers")}
+        assert [l["layer"] for l in data["layers"]] == [0, 1]
+        for l in data["layers"]:
+            assert l["spliced_accuracy"] == layers[l["layer"]]["spliced_accuracy"]
+            assert l["surrogate_accuracy"] == layers[l["layer"]]["surrogate_accuracy"]
+        page = client.get("/runs/pairs-bert")
+        assert page.status_code == 200 and 'id="preference"' in page.text and "/runs/pairs-bert/pairs" in page.text
+        layer_page = client.get("/runs/pairs-bert/layers/1")
+        assert 'id="preference-layer"' in layer_page.text and 'data-sort="margin_attribution"' in layer_page.text
+
+
+def test_layer_table_ranks_by_margin_attribution(settings, bert_run):
+    from tests.helpers import make_client
+
+    with make_client(settings) as client:
+        features = client.get("/api/runs/pairs-bert/layers/1?sort=margin_attribution").json()["features"]
+        values = [f["margin_attribution"] for f in features if f["margin_attribution"] is not None]
+        assert values and values == sorted(values, reverse=True)
+        top = bert_run.execute("select feature from features where layer = 1 "
+                               "order by margin_attribution desc nulls last, feature limit 1").fetchone()[0]
+        assert features[0]["feature"] == top
+
+
+def test_pairs_browser_pages_filters_and_lists_the_wrong_side_features(settings, bert_run):
+    from tests.helpers import make_client
+
+    held = rows(bert_run, "select * from preference_pairs where split = 'heldout' order by pair_id")
+    wrong = [p for p in held if not p["correct"]]
+    with make_client(settings) as client:
+        every = client.get("/api/runs/pairs-bert/pairs").json()
+        size = every["page_size"]
+        assert every["total"] == N_PAIRS and every["n_pages"] == 2 and len(every["pairs"]) == size
+        second = client.get("/api/runs/pairs-bert/pairs?page=2").json()["pairs"]
+        assert [p["pair_id"] for p in every["pairs"] + second] == list(range(N_PAIRS))
+        data = client.get("/api/runs/pairs-bert/pairs?split=heldout&wrong=true").json()
+        assert data["total"] == len(wrong) and [p["pair_id"] for p in data["pairs"]] == [p["pair_id"] for p in wrong]
+        texts = dict(bert_run.execute("select text_id, text from texts").fetchall())
+        for pair, stored in zip(data["pairs"], wrong):
+            assert pair["chosen"]["text"] == texts[stored["chosen_text_id"]]
+            assert pair["margin"] == pytest.approx(pair["chosen"]["score"] - pair["rejected"]["score"])
+            assert not pair["correct"] and pair["split"] == "heldout"
+            # BERT's head reads [CLS] after the last block: its text tokens there carry no gradient, no push
+            assert 0 in {l["layer"] for l in pair["wrong_side_features"]}
+            assert all(f["margin_attribution"] < 0 for l in pair["wrong_side_features"] for f in l["features"])
+        train = client.get("/api/runs/pairs-bert/pairs?split=train").json()
+        assert train["total"] == N_PAIRS - len(held) and all(p["split"] == "train" for p in train["pairs"])
+        html = client.get("/runs/pairs-bert/pairs?split=heldout&wrong=true").text
+        first = data["pairs"][0]
+        assert f'/runs/pairs-bert/texts/{first["chosen"]["text_id"]}' in html
+        assert f'/runs/pairs-bert/texts/{first["rejected"]["text_id"]}' in html
+        feature = first["wrong_side_features"][0]
+        assert f'/runs/pairs-bert/layers/{feature["layer"]}/features/{feature["features"][0]["feature"]}' in html
+        assert client.get("/api/runs/pairs-bert/pairs?split=sideways").status_code == 422
+        assert client.get("/api/runs/pairs-bert/pairs?page=99").status_code == 404
+
+
+def test_a_text_corpus_run_has_no_pairs(settings):
+    from tests.helpers import make_client, publish_synthetic_run
+
+    publish_synthetic_run(settings, "corpus-only")
+    with make_client(settings) as client:
+        assert client.get("/api/runs/corpus-only").json()["preference"] is None
+        missing = client.get("/api/runs/corpus-only/pairs")
+        assert missing.status_code == 404 and "no preference pairs" in missing.json()["detail"]
+        assert 'id="preference"' not in client.get("/runs/corpus-only").text
