@@ -166,7 +166,7 @@ def settings(tmp_path_factory):
     db.dispose_engines()
 
 
-def run(settings, name, model_path, dataset, **extra):
+def run(settings, name, model_path, dataset, pairs=500, **extra):
     config = parse_config({
         "name": name, "model": {"path": str(model_path), "max_length": 64},
         "dataset": {"source": str(dataset), "batch_size": 16, "heldout_fraction": 0.3},
@@ -174,7 +174,7 @@ def run(settings, name, model_path, dataset, **extra):
         "sae": {"width": 32, "k": 4, "training_tokens": 2048, "batch_size": 256, "buffer_tokens": 512},
         "analysis": {"n_contexts": 3},
         "effects": {"enabled": False},
-        "preference": {"measured_features": 3, "wrong_pair_features": 2}, **extra,
+        "preference": {"pairs": pairs, "measured_features": 3, "wrong_pair_features": 2}, **extra,
     })
     return duckdb.connect(str(run_pipeline(config, settings) / STORE_FILENAME), read_only=True)
 
@@ -186,12 +186,23 @@ def rows(con, sql):
 
 
 @torch.no_grad()
-def direct_scores(model_path, texts: list[str]) -> np.ndarray:
-    """The RM on each text alone, straight from transformers (no batching, no padding)."""
+def direct_scores(model_path, texts: list[str], spliced: tuple | None = None) -> np.ndarray:
+    """The RM on each text alone, straight from transformers (no batching, no padding);
+    spliced=(layer, SAE directory): a LLaMA block's output replaced by the SAE's reconstruction."""
+    from sae_lens import SAE
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForSequenceClassification.from_pretrained(model_path).eval()
+    if spliced is not None:
+        sae = SAE.load_from_disk(str(spliced[1]))
+
+        def reconstruct(module, args, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            new = sae.decode(sae.encode(hidden.float()))
+            return (new, *output[1:]) if isinstance(output, tuple) else new
+
+        model.model.layers[spliced[0]].register_forward_hook(reconstruct)
     return np.array([float(model(**tokenizer(t, return_tensors="pt", truncation=True, max_length=64)).logits[0, 0])
                      for t in texts])
 
@@ -240,11 +251,21 @@ def check_pairs_run(con, model_path, expected_texts):
 
 
 def test_conversational_pairs_run_end_to_end_on_a_tiny_llama(settings, world):
-    con = run(settings, "pairs-llama", world["llama"], world["chat"])
+    # attribution and edits on 8 of the held-out pairs; the accuracies on all of them
+    con = run(settings, "pairs-llama", world["llama"], world["chat"], pairs=8)
     expected = [(f"<user> {p['prompt'][0]['content']}\n<assistant> {response_text(p['chosen'])}\n",
                  f"<user> {p['prompt'][0]['content']}\n<assistant> {response_text(p['rejected'])}\n")
                 for p in generate_pairs(N_PAIRS, seed=7)]
-    check_pairs_run(con, world["llama"], expected)
+    info = check_pairs_run(con, world["llama"], expected)
+    assert int(info["preference_analysed_pairs"]) == 8 < int(info["n_heldout_pairs"])
+    # the spliced accuracy is the RM's with the SAE's reconstruction in place of the block's output
+    held = rows(con, "select * from preference_pairs where split = 'heldout' order by pair_id")
+    texts = dict(con.execute("select text_id, text from texts").fetchall())
+    for layer in rows(con, "select layer, sae_path, spliced_accuracy from layers"):
+        sae_dir = settings.run_dir("pairs-llama") / layer["sae_path"]
+        chosen = direct_scores(world["llama"], [texts[p["chosen_text_id"]] for p in held], (layer["layer"], sae_dir))
+        rejected = direct_scores(world["llama"], [texts[p["rejected_text_id"]] for p in held], (layer["layer"], sae_dir))
+        assert layer["spliced_accuracy"] == float(np.mean(chosen - rejected > 0))
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,8 @@
 score(chosen) − score(rejected).
 
 - The RM's pairwise accuracy on held-out pairs (margin > 0 counts as right), from the scores of
-  the analysis pass; per layer, the same with the layer's SAE reconstruction spliced in.
+  the analysis pass; per layer, the same with the layer's SAE reconstruction spliced in (on every
+  held-out pair too).
 - Per feature, its attribution (activation × d score / d activation, summed over the text's own
   tokens, workers/attribution.py) on the chosen side, on the rejected side, and their difference:
   its share of the margin, averaged over up to preference.pairs held-out pairs.
@@ -11,7 +12,8 @@ score(chosen) − score(rejected).
   pairs where it fires on either side, with a 95% CI.
 - The held-out pairs the RM gets wrong, each with the features whose margin attribution is most
   negative: those that pushed it toward the rejected side.
-- The surrogate reward model per layer: the SAE's pooled features and a linear map fitted with
+- The surrogate reward model per layer: the SAE's features, pooled per text as the regression
+  pools them (regression.pooling), and a linear map fitted with
   the Bradley–Terry loss on training pairs (workers/bradley_terry.py), and its held-out pairwise
   accuracy beside the RM's: "the last layers replaced by SAE features, the reward unchanged".
 
@@ -196,6 +198,7 @@ def run(ctx: RunContext) -> AnalysisOutput:
     accuracy = float(np.mean(margin[held] > 0))
     sample = held[np.sort(np.random.default_rng([ctx.config.seed, 5]).permutation(len(held))[:settings.pairs])]
     texts = [corpus.texts[t] for t in corpus.pairs[sample].ravel()]  # chosen, rejected, chosen, ...
+    all_held_texts = [corpus.texts[t] for t in corpus.pairs[held].ravel()]
     wrong = np.flatnonzero(margin[sample] <= 0)
     ctx.stage(f"preference: {len(corpus.pairs):,} pairs, RM pairwise accuracy {accuracy:.3f} on {len(held):,} "
               f"held-out pairs ({len(wrong)} of the {len(sample):,} analysed ordered wrongly)")
@@ -208,7 +211,10 @@ def run(ctx: RunContext) -> AnalysisOutput:
         sae = ctx.saes[layer]
         evalset = prepare_eval_set(ctx.adapter, layer, texts, ctx.config.dataset.batch_size,
                                    with_gradients=with_gradient)
-        spliced = spliced_scores(ctx.adapter, sae, layer, evalset).reshape(-1, 2)
+        # every held-out pair, as the RM's accuracy: beyond the sample, the whole model runs under the edit
+        spliced_set = evalset if len(sample) == len(held) else prepare_eval_set(
+            ctx.adapter, layer, all_held_texts, ctx.config.dataset.batch_size, keep_bytes=0)
+        spliced = spliced_scores(ctx.adapter, sae, layer, spliced_set).reshape(-1, 2)
         columns = {"spliced_accuracy": float(np.mean(spliced[:, 0] - spliced[:, 1] > 0)),
                    **surrogate(ctx.acts.layers[layer], ctx.acts, corpus, ctx.config.seed)}
         if with_gradient:
