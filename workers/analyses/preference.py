@@ -182,6 +182,27 @@ def _none_if_nan(values) -> list:
     return [None if v is None or not np.isfinite(v) else float(v) for v in values]
 
 
+def margin_columns(ctx: RunContext, sae, layer: int, evalset) -> tuple[dict[str, list], np.ndarray, np.ndarray]:
+    """The layer's feature columns (margin attribution both sides and their difference, measured
+    margin Δ of the top features), and the per-text attributions of the chosen and rejected sides.
+    A feature with no attribution on any analysed text (silent, or no gradient reaches it) is NULL."""
+    per_text = text_attributions(ctx.adapter, sae, layer, evalset)
+    chosen, rejected = per_text[0::2], per_text[1::2]
+    seen = (chosen != 0).any(0) | (rejected != 0).any(0)
+    columns = {"margin_attribution_chosen": chosen.mean(0), "margin_attribution_rejected": rejected.mean(0),
+               "margin_attribution": (chosen - rejected).mean(0)}
+    columns = {name: np.where(seen, values, np.nan) for name, values in columns.items()}
+    top = top_by_magnitude(columns["margin_attribution"], ctx.config.preference.measured_features)
+    measured = measured_margin_deltas(ctx.adapter, sae, layer, evalset, top, ctx.config.regression.pooling)
+    out = {name: _none_if_nan(values) for name, values in columns.items()}
+    for name, values in measured.items():
+        column: list = [0 if name == "margin_delta_n" else None] * sae.cfg.d_sae
+        for feature, value in zip(top, values):
+            column[feature] = int(value) if name == "margin_delta_n" else _none_if_nan([value])[0]
+        out[name] = column
+    return out, chosen, rejected
+
+
 def run(ctx: RunContext) -> AnalysisOutput:
     from workers.ablation import prepare_eval_set
     from workers.analyze import adapter_has_gradient
@@ -218,18 +239,8 @@ def run(ctx: RunContext) -> AnalysisOutput:
         columns = {"spliced_accuracy": float(np.mean(spliced[:, 0] - spliced[:, 1] > 0)),
                    **surrogate(ctx.acts.layers[layer], ctx.acts, corpus, ctx.config.seed)}
         if with_gradient:
-            per_text_attribution = text_attributions(ctx.adapter, sae, layer, evalset)
-            chosen, rejected = per_text_attribution[0::2], per_text_attribution[1::2]
-            features = {"margin_attribution_chosen": chosen.mean(0), "margin_attribution_rejected": rejected.mean(0),
-                        "margin_attribution": (chosen - rejected).mean(0)}
-            top = top_by_magnitude(features["margin_attribution"], settings.measured_features)
-            measured = measured_margin_deltas(ctx.adapter, sae, layer, evalset, top, ctx.config.regression.pooling)
-            for name, values in measured.items():
-                column = np.full(sae.cfg.d_sae, np.nan if name != "margin_delta_n" else 0.0)
-                column[top] = values
-                features[name] = column
-            out.feature_columns[layer] = {name: _none_if_nan(values) if name != "margin_delta_n"
-                                          else [int(v) for v in values] for name, values in features.items()}
+            features, chosen, rejected = margin_columns(ctx, sae, layer, evalset)
+            out.feature_columns[layer] = features
             wrong_rows.append(wrong_pair_rows(layer, sample[wrong], chosen[wrong], rejected[wrong],
                                               settings.wrong_pair_features))
         out.layer_columns[layer] = columns
