@@ -154,6 +154,12 @@ TABLES: dict[str, Table] = {t.name: t for t in (
         Column("mmcs_to_pair", "DOUBLE", "mean over this SAE's decoder directions of the max cosine with any of the "
                "pair's (MMCS, Marks et al. eq. 2)"),
         Column("mmcs_from_pair", "DOUBLE", "... over the pair's directions, with this SAE's"),
+        # preference pairs (workers/analyses/preference.py); NULL where the dataset is not pairs
+        Column("spliced_accuracy", "DOUBLE", "pairwise accuracy on held-out pairs with this layer's SAE "
+               "reconstruction spliced in"),
+        Column("surrogate_accuracy", "DOUBLE", "held-out pairwise accuracy of the surrogate RM: this layer's pooled "
+               "SAE features and a linear map fitted with the Bradley–Terry loss on the training pairs"),
+        Column("surrogate_train_accuracy", "DOUBLE", "... on the training pairs"),
     ), primary_key=("layer",)),
 
     Table("features", (
@@ -213,6 +219,18 @@ TABLES: dict[str, Table] = {t.name: t for t in (
                sort_key="base_correlation", label="base-model correlation"),
         Column("base_decoder_cosine", "DOUBLE", "cosine of the two decoder directions; NULL where the residual "
                "streams' widths differ"),
+        # preference pairs (workers/analyses/preference.py); NULL where the dataset is not pairs
+        Column("margin_attribution", "DOUBLE", "mean over held-out pairs of its attribution on the chosen side minus "
+               "on the rejected side: its share of the margin score(chosen) - score(rejected)", table=True,
+               sort_key="margin_attribution", label="margin attribution", abs_label="|margin attribution|"),
+        Column("margin_attribution_chosen", "DOUBLE", "mean attribution on the chosen side", table=True),
+        Column("margin_attribution_rejected", "DOUBLE", "mean attribution on the rejected side", table=True),
+        Column("margin_delta", "DOUBLE", "mean Δ margin with the feature zeroed on both sides (reconstruction error "
+               "kept), over held-out pairs where it fires on either side; NULL: not measured", table=True,
+               sort_key="margin_delta", label="measured margin Δ", abs_label="|measured margin Δ|"),
+        Column("margin_delta_low", "DOUBLE", "95% CI of margin_delta", table=True),
+        Column("margin_delta_high", "DOUBLE", table=True),
+        Column("margin_delta_n", "INTEGER", "pairs margin_delta is the mean of (0: not measured)", table=True),
         Column("reason_score", "DOUBLE", "ReasonScore (workers/analyses/reason_score.py): the feature's specificity "
                "to reason_score.vocabulary over the corpus's tokens; NULL: not computed", table=True,
                sort_key="reason_score", label="ReasonScore"),
@@ -351,6 +369,33 @@ TABLES: dict[str, Table] = {t.name: t for t in (
         Column("n_bad_rows", "INTEGER", "rows of a reference file skipped (no value, not a number, a repeat)"),
     ), primary_key=("which",)),
 
+    Table("preference_pairs", (
+        Column("pair_id", "INTEGER"),
+        Column("row", "INTEGER", "the pair's row in the dataset (0-based)"),
+        Column("split", "VARCHAR", "'train' (the surrogate's fit) or 'heldout'; both sides share it"),
+        Column("chosen_text_id", "INTEGER", "the chosen side as the model read it (texts)"),
+        Column("rejected_text_id", "INTEGER"),
+        Column("chosen_score", "DOUBLE", "the RM's score of the chosen side"),
+        Column("rejected_score", "DOUBLE"),
+        Column("margin", "DOUBLE", "chosen_score - rejected_score"),
+        Column("correct", "BOOLEAN", "margin > 0: the RM prefers the chosen side"),
+    ), primary_key=("pair_id",),
+        doc="Preference pairs (workers/preference_data.py): each pair's two texts and the RM's margin. Empty: the "
+            "dataset is a text corpus."),
+
+    Table("preference_wrong_features", (
+        Column("layer", "INTEGER"),
+        Column("pair_id", "INTEGER", "a held-out pair the RM orders wrongly (margin <= 0)"),
+        Column("rank", "INTEGER", "0 = the feature pushing most toward the rejected side"),
+        Column("feature", "INTEGER"),
+        Column("margin_attribution", "DOUBLE", "its attribution on the chosen side minus on the rejected side "
+               "(negative: toward the rejected side)"),
+        Column("chosen_attribution", "DOUBLE"),
+        Column("rejected_attribution", "DOUBLE"),
+    ), primary_key=("layer", "pair_id", "rank"),
+        doc="Per layer, for each wrongly ordered held-out pair analysed, the features that pushed the margin most "
+            "toward the rejected side (preference.wrong_pair_features)."),
+
     Table("feature_tokens", (
         Column("layer", "INTEGER"),
         Column("token", "VARCHAR"),
@@ -373,7 +418,8 @@ TABLES: dict[str, Table] = {t.name: t for t in (
 LAYERS, FEATURES = TABLES["layers"], TABLES["features"]
 # What the pipeline (and any other writer) gives; the rest are derived when the store is written.
 WRITTEN_TABLES = ("texts", "reward_reads", "layers", "features", "contexts", "faithfulness", "feature_texts",
-                 "transfer_layers", "divergence", "lexicon_words", "lexicon_predictions", "lexicon_summary")
+                 "transfer_layers", "divergence", "lexicon_words", "lexicon_predictions", "lexicon_summary",
+                 "preference_pairs", "preference_wrong_features")
 
 
 def schema_sql() -> str:

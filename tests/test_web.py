@@ -45,6 +45,10 @@ SORT_VALUE = {
     "pair_cosine": lambda r: r["pair_max_cosine"],
     "reason_score": lambda r: r["reason_score"],
     "base_correlation": lambda r: r["base_correlation"],
+    "margin_attribution": lambda r: r["margin_attribution"],
+    "abs_margin_attribution": absolute("margin_attribution"),
+    "margin_delta": lambda r: r["margin_delta"],
+    "abs_margin_delta": absolute("margin_delta"),
 }
 
 

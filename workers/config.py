@@ -302,6 +302,17 @@ class ReasonScoreConfig(Strict):
         return window
 
 
+class PreferenceConfig(Strict):
+    """Preference pairs (workers/analyses/preference.py): read where the dataset has `chosen` and
+    `rejected` columns; ignored for a text corpus."""
+    pairs: int = Field(500, ge=1, le=100_000, description="held-out pairs whose margins are attributed and "
+                       "edited (the RM's and the surrogate's accuracies use every held-out pair)")
+    measured_features: int = Field(10, ge=0, le=200, description="top features by |margin attribution| whose "
+                                   "margin Δ is measured, zeroed on both sides")
+    wrong_pair_features: int = Field(5, ge=1, le=50, description="features listed per held-out pair the RM gets "
+                                     "wrong: those pushing it most toward the rejected side")
+
+
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
 
 
@@ -320,6 +331,7 @@ class RunConfig(Strict):
     transfer: TransferConfig | None = None
     lexicon: LexiconConfig | None = None
     reason_score: ReasonScoreConfig | None = None
+    preference: PreferenceConfig = PreferenceConfig()
     seed: int = 0
     device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda, cuda:N or mps")
 

@@ -2,7 +2,8 @@
 (`datasets` save_to_disk or data files), or a HF hub dataset ('hf:<id>', online or cached).
 
 Columns: `text` (or a `steps` list, joined into a text with model.step_separator after every
-step), optional `reward`. Then, in order: shuffle (seeded), skip texts longer than
+step), optional `reward`; or `chosen` / `rejected` (and optional `prompt`): preference pairs,
+read by workers/preference_data.py, each pair two texts of the corpus. Then, in order: shuffle (seeded), skip texts longer than
 model.max_length when truncation is off, take at most n_texts and stop once the texts'
 tokens reach token_budget, and hold out a random fraction.
 """
@@ -15,6 +16,7 @@ import numpy as np
 
 from workers.config import DEMO_DATASET, HF_PREFIX, ConfigError, DatasetConfig
 from workers.demo_corpus import generate_corpus, vader_reward
+from workers.preference_data import PreferencePairs, is_pair_table, read_pairs, select_pairs
 
 DEMO_CORPUS_SIZE = 20_000
 MIN_TEXTS = 10
@@ -26,6 +28,8 @@ class Corpus:
     texts: list[str]
     rewards: np.ndarray | None  # the dataset's own reward column, if any
     heldout: np.ndarray  # bool per text: held out from SAE training and regression fitting
+    pairs: np.ndarray | None = None  # preference pairs: [n_pairs, 2] text ids (chosen, rejected)
+    pair_rows: np.ndarray | None = None  # ... and each pair's row in the dataset
 
 
 def _read_file(path: Path):
@@ -155,19 +159,27 @@ def _within_limits(texts: list[str], config: DatasetConfig, tokenizer, max_lengt
     return np.array(keep, dtype=np.int64)
 
 
-def read_texts(config: DatasetConfig, seed: int, step_separator: str = "\n") -> tuple[list[str], np.ndarray | None]:
+def read_texts(config: DatasetConfig, seed: int, step_separator: str = "\n"
+               ) -> tuple[list[str] | PreferencePairs, np.ndarray | None]:
     """Every text of the dataset (and its rewards), checked: no rows, null or empty texts and
-    missing rewards are refused here, before any model is loaded."""
+    missing rewards are refused here, before any model is loaded. A table of preference pairs
+    gives its pairs (rendered into texts once the tokenizer is loaded) and no rewards."""
     if config.source == DEMO_DATASET:
         texts = generate_corpus(config.n_texts or DEMO_CORPUS_SIZE, seed=seed)
         return texts, np.array([vader_reward(t) for t in texts])
-    return texts_and_rewards(read_table(config), config, step_separator)
+    table = read_table(config)
+    if is_pair_table(table.column_names, config):
+        return read_pairs(table, config), None
+    return texts_and_rewards(table, config, step_separator)
 
 
-def select_corpus(texts: list[str], rewards: np.ndarray | None, config: DatasetConfig, seed: int, tokenizer=None,
-                  max_length: int | None = None, max_texts: int | None = None) -> Corpus:
+def select_corpus(texts: list[str] | PreferencePairs, rewards: np.ndarray | None, config: DatasetConfig, seed: int,
+                  tokenizer=None, max_length: int | None = None, max_texts: int | None = None) -> Corpus:
     """The run's share of the texts (shuffle, truncation, n_texts, token_budget) and the
     held-out split. `max_texts` (the deployment's limit) bounds a corpus taken whole."""
+    if isinstance(texts, PreferencePairs):
+        chosen = select_pairs(texts, config, seed, tokenizer, max_length, max_texts)
+        return Corpus(chosen.texts, None, chosen.heldout, chosen.pairs, chosen.rows)
     order = np.random.default_rng([seed, 1]).permutation(len(texts)) if config.shuffle else np.arange(len(texts))
     chosen = order[_within_limits([texts[i] for i in order], config, tokenizer, max_length)]
     if max_texts is not None and len(chosen) > max_texts:

@@ -40,6 +40,7 @@ assert set(SORT_LABELS) <= set(store.SORTS), set(SORT_LABELS) - set(store.SORTS)
 assert {r.sort for r in RANKINGS.values()} <= set(SORT_LABELS)  # every ranking has its tab
 RANKING_NAMES = {key: SORT_LABELS[r.sort] for key, r in RANKINGS.items()}  # "attribution (gradient)"
 REASON_SORT = "reason_score"  # a tab only where the run has ReasonScores (workers/analyses/reason_score.py)
+MARGIN_SORT = "margin_attribution"  # a tab only where the run is on preference pairs (workers/analyses/preference.py)
 COLUMN_NAMES = {sort.key: sort.label for sort in sorts(FEATURES)}
 CURVE_POINT = ("n", "mean_delta", "ci_low", "ci_high", "abs_mean_delta", "control_mean_delta", "control_low",
                "control_high", "control_draw_means", "difference", "difference_low", "difference_high", "p_value",
@@ -209,7 +210,8 @@ def layer_page(request: Request, run_id: str, layer: LayerId, settings: Settings
         **data, "view_obj": view, "ranking_names": RANKING_NAMES,
         # the ReasonScore tab where the run scored its vocabulary (reason_score in its config)
         "sort_labels": {**SORT_LABELS, **({REASON_SORT: "ReasonScore (vocabulary)"} if store.reason_scored(
-            store_path(settings, get_run(settings, run_id)), layer) else {})},
+            store_path(settings, get_run(settings, run_id)), layer) else {}),
+            **({MARGIN_SORT: "margin attribution (gradient)"} if info["spliced_accuracy"] is not None else {})},
         "label_names": labels.LABEL_NAMES,
         "default_sort": default_ranking(info).sort, "summary": causal_summary(info, faithfulness),
         "faithfulness": faithfulness,

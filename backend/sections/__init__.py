@@ -20,6 +20,7 @@ SECTIONS: dict[str, str] = {
     "transfer": "transfer:transfer_section",
     "mmcs": "mmcs:mmcs_section",
     "lexicon": "lexicon:lexicon_section",
+    "preference": "preference:preference_section",
 }
 
 

@@ -16,6 +16,7 @@ ANALYSES: list[str] = [  # module names under workers.analyses, in the order the
     "transfer",  # base-model transfer (transfer.base_model)
     "lexicon",  # the implicit-reward lexicon against a reference (lexicon)
     "reason_score",  # ReasonScore of a vocabulary (reason_score)
+    "preference",  # preference pairs: margins, wrong pairs, the surrogate RM (a dataset of chosen/rejected)
 ]
 
 
