@@ -346,6 +346,8 @@ def _run_pipeline(config: RunConfig, settings: Settings, replace: bool) -> Path:
     try:
         _stage(f"loading {model_path} on {device}")
         adapter = _load_adapter(config, model_path, device)
+        if getattr(adapter, "output", None) is not None:
+            _stage(f"explaining the head's {adapter.output.describe()} (model.output)")
         check_analyses(config, adapter.tokenizer)  # e.g. a vocabulary with no known token: before training
         corpus = select_corpus(texts, rewards, config.dataset, config.seed, adapter.tokenizer,
                                config.model.max_length, settings.max_texts)
