@@ -296,3 +296,23 @@ def test_a_run_records_the_output_it_explains_and_every_page_says_so(custom_run)
         text = client.get("/api/runs/multi-objective/texts/0").json()["text"]
         p = direct_values([text["text"]])[0].softmax(-1)[1]
         assert text["score"] == pytest.approx(float(torch.log(p / (1 - p))), abs=1e-4)
+
+
+def test_the_web_refuses_a_missing_loader_or_output_before_queueing(client, migrated, tmp_path):
+    from backend import jobs
+
+    def submit(model: str):
+        return client.post("/api/jobs", json={"config_yaml": f"name: web\nmodel: {model}\ndataset: {{source: demo}}\n"
+                                                             "layers: [0]\n"})
+
+    missing = submit("{path: '-', loader: 'tests.nowhere_to_be_found:load'}")
+    assert missing.status_code == 422 and "model.loader: no module 'tests.nowhere_to_be_found'" in missing.text
+    from transformers import BertForSequenceClassification
+
+    path = save_tiny_bert(tmp_path / "three")
+    BertForSequenceClassification.from_pretrained(path, num_labels=3, ignore_mismatched_sizes=True).save_pretrained(path)
+    unnamed = submit(f"{{path: '{path}'}}")
+    assert unnamed.status_code == 422 and "model.output: the head has 3 outputs" in unnamed.text
+    assert jobs.recent(migrated, 10) == []
+    queued = submit(f"{{path: '-', loader: '{FIXTURES}:load_tiny', output: safety}}")
+    assert queued.status_code == 201 and queued.json()["kind"] == "pipeline"
