@@ -212,6 +212,7 @@ def _tokenizer_of(built: CustomRewardModel, ref: str):
     return tokenizer
 
 
+@torch.no_grad()
 def _probe(adapter: CustomRewardAdapter, ref: str) -> None:
     """One forward over two probe texts: every block must run (hooks fire), each output a
     [B, d] residual stream, the score [B] or [B, n_outputs]. Learns d_model and n_outputs."""
