@@ -2,7 +2,9 @@
 its generated corpus, and a small version of workers/configs/nanoguard.yaml end to end."""
 from __future__ import annotations
 
+import importlib.resources
 import json
+import pickle
 from pathlib import Path
 
 import duckdb
@@ -15,6 +17,7 @@ from backend import db
 from backend.settings import Settings
 from backend.store_schema import STORE_FILENAME
 from tests.helpers import make_client
+from workers.adapters.nanoguard import token_texts
 from workers.config import parse_config
 from workers.injection_corpus import generate
 from workers.pipeline import run_pipeline
@@ -72,8 +75,12 @@ def test_nanoguard_runs_end_to_end_and_explains_its_injection_output(nanoguard_r
     # ... and they separate the corpus's injection-like texts from its benign ones
     labels = np.array([r for _, r, _ in texts])
     assert np.mean((stored > 0) == (labels == 1)) >= 0.8
+    # contexts show NanoGuard's own token strings (tiktoken bytes decoded), not ids
     tokens = {t for (t,) in con.execute("select unnest(tokens) from contexts where layer = 3").fetchall()}
-    assert " instructions" in tokens or " previous" in tokens or " ignore" in tokens  # tiktoken strings, not ids
+    with open(importlib.resources.files("nanoguard.assets") / "tokenizer.pkl", "rb") as f:
+        vocabulary = set(token_texts(pickle.load(f)))
+    assert tokens and tokens <= vocabulary
+    assert any(len(t.strip()) >= 4 and t.strip().isalpha() for t in tokens)
     with make_client(settings) as client:
         assert client.get("/api/runs/nanoguard").json()["run"]["output"]["output_name"] == "injection"
         for page in ("/runs/nanoguard", "/runs/nanoguard/layers/3", "/runs/nanoguard/texts/0"):
