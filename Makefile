@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test serve clean
+.PHONY: install demo test serve clean nanoguard
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ demo: install
 
 serve: install
 	$(BIN)/rewardatlas serve
+
+# NanoGuard, a prompt-injection classifier, through the model.loader extension point (README)
+nanoguard: install
+	$(BIN)/rewardatlas run workers/configs/nanoguard.yaml --replace
 
 test: install
 	$(BIN)/python -m pytest

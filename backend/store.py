@@ -176,6 +176,22 @@ def run_info(path: Path) -> dict[str, str]:
     return {r["key"]: r["value"] for r in _rows(path, "SELECT key, value FROM run_info")}
 
 
+OUTPUT_KEYS = ("output", "output_index", "output_name", "n_outputs", "output_score")
+
+
+def explained_output(path: Path) -> dict[str, Any] | None:
+    """Which output of a multi-output head the run explains (workers/head_outputs.py: `output`
+    says it in words), None for a one-output head."""
+    def compute():
+        info = run_info(path)
+        if "output" not in info:
+            return None
+        record: dict[str, Any] = {key: info.get(key) for key in OUTPUT_KEYS}
+        record["output_index"], record["n_outputs"] = int(record["output_index"]), int(record["n_outputs"])
+        return record
+    return _memo(path, "explained_output", compute)
+
+
 def best_layer(path: Path) -> int | None:
     """The layer the pipeline chose to open first (backend/layer_choice.py), as the runs list has it."""
     value = run_info(path).get("best_layer")

@@ -11,6 +11,8 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
                       model_validator)
 
+from workers.head_outputs import OUTPUT_SCORES, OutputError, hf_label_names, hf_output_count, resolve_output
+from workers.loader_ref import LOADER_PATTERN, LoaderRefError, locate_loader
 from workers.reference_words import (DEFAULT_LEXICON_CARRIERS, DEFAULT_NEUTRAL_WORD, VADER, VOCABULARIES,
                                      check_carrier)
 
@@ -34,14 +36,47 @@ class Strict(BaseModel):
 ADAPTER_KEYS: dict[str, str] = {"good_token": "process", "bad_token": "process", "reward_function": "causal_lm"}
 
 
+# Adapters whose head may have several outputs, one of which model.output picks.
+OUTPUT_ADAPTERS = ("seq_cls", "custom")
+
+
 class ModelConfig(Strict):
-    path: str = Field(description="HF model id or local directory; 'demo' for the built-in demo RM")
-    adapter: Literal["seq_cls", "process", "causal_lm"] = "seq_cls"
+    path: str = Field(description="HF model id or local directory; 'demo' for the built-in demo RM; with "
+                      "model.loader, whatever the loader takes (handed to it as is)")
+    adapter: Literal["seq_cls", "process", "causal_lm", "custom"] = Field(
+        "seq_cls", description="custom: a model built by model.loader (the default when a loader is set)")
+    loader: str | None = Field(None, pattern=LOADER_PATTERN, description="'package.module:function' called as "
+                               "function(path, max_length) and returning a CustomRewardModel "
+                               "(workers/adapters/custom.py): a reward model that is not a HF class")
+    trust_remote_code: bool = Field(False, description="run the modelling code a HF model directory ships "
+                                    "(its config's auto_map); off: such a model is refused")
+    output: int | str | None = Field(None, description="the head output the run explains: a 0-based index or a "
+                                     "label name (config id2label, or the loader's output_names); needed when "
+                                     "the head has several outputs")
+    output_score: Literal[OUTPUT_SCORES] = Field(  # type: ignore[valid-type]
+        "logit", description="logit: the output's value as the head gives it; probability: softmax over the head's "
+        "outputs; log_odds: log p / (1 - p) of that output")
     max_length: int = Field(128, ge=8, le=8192)
     step_separator: str = Field("\n", min_length=1, description="ends every reasoning step; process RMs read there")
     good_token: str = Field("+", min_length=1, description="process RM with an LM head: step score = P(good)")
     bad_token: str = Field("-", min_length=1, description="... normalised over the good and bad tokens")
     reward_function: Literal["vader", "dataset"] = Field("vader", description="causal_lm: where the reward comes from")
+
+    @model_validator(mode="after")
+    def _loader_fits_the_adapter(self):
+        if self.loader is not None and "adapter" not in self.model_fields_set:
+            self.adapter = "custom"
+        if self.loader is not None and self.adapter != "custom":
+            raise ValueError(f"model.loader builds a custom model: model.adapter must be 'custom' (or left out), "
+                             f"not {self.adapter!r}")
+        if self.adapter == "custom" and self.loader is None:
+            raise ValueError("model.adapter 'custom' needs model.loader ('package.module:function')")
+        if self.loader is not None and self.trust_remote_code:
+            raise ValueError("model.trust_remote_code is for HF directories; a model.loader runs its own code")
+        for key in sorted(self.model_fields_set & {"output", "output_score"}):
+            if self.adapter not in OUTPUT_ADAPTERS:
+                raise ValueError(f"model.{key} is read by adapters {', '.join(OUTPUT_ADAPTERS)}, not {self.adapter!r}")
+        return self
 
     @model_validator(mode="after")
     def _keys_fit_the_adapter(self):
@@ -430,6 +465,8 @@ class ModelFacts:
     """What a model's config says about the blocks a run may hook and the tokens it may feed."""
     depth: int | None  # transformer blocks
     positions: int | None  # longest input, in tokens
+    outputs: int | None = None  # the head's outputs (num_labels)
+    labels: tuple[str, ...] | None = None  # their names (id2label), in index order
 
 
 # The demo reward model is all-MiniLM-L6-v2 (BERT) with a scalar head: known without loading it.
@@ -454,7 +491,9 @@ def model_facts(hf_config: dict) -> ModelFacts:
     if positions is not None and hf_config.get("model_type") in OFFSET_POSITIONS:
         pad = hf_config.get("pad_token_id")
         positions -= (1 if pad is None else pad) + 1
-    return ModelFacts(first("num_hidden_layers", "n_layer", "num_layers"), positions)
+    labels = hf_label_names(hf_config)
+    return ModelFacts(first("num_hidden_layers", "n_layer", "num_layers"), positions, hf_output_count(hf_config),
+                      None if labels is None else tuple(labels))
 
 
 def local_model_facts(config: RunConfig) -> ModelFacts | None:
@@ -463,6 +502,8 @@ def local_model_facts(config: RunConfig) -> ModelFacts | None:
     hub id, which only the worker resolves."""
     if config.model.path == DEMO_MODEL:
         return DEMO_MODEL_FACTS
+    if config.model.loader is not None:  # the loader knows the model; checked once it is loaded
+        return None
     path = Path(config.model.path) / "config.json"
     if not path.is_file():
         return None
@@ -486,6 +527,17 @@ def check_model_facts(config: RunConfig, facts: ModelFacts) -> None:
     if facts.positions is not None and config.model.max_length > facts.positions:
         raise ConfigError(f"model.max_length: {config.model.max_length} is beyond the model's {facts.positions} "
                           f"positions (set it to at most {facts.positions})")
+    if facts.outputs is not None and config.model.adapter in OUTPUT_ADAPTERS:
+        check_output(config, facts.outputs, facts.labels)
+
+
+def check_output(config: RunConfig, n_outputs: int, names=None):
+    """model.output / model.output_score against the head's outputs: the HeadOutput the run
+    explains (None: a one-output head, its value is the score)."""
+    try:
+        return resolve_output(config.model.output, config.model.output_score, n_outputs, names)
+    except OutputError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def base_model_path(config: RunConfig) -> str:
@@ -571,6 +623,7 @@ def check_config(config: RunConfig, settings: Settings) -> None:
     check_limits(config, settings)
     check_dataset_source(config)
     check_word_lists(config)
+    check_loader(config)
     facts = local_model_facts(config)
     if facts is not None:
         check_model_facts(config, facts)
@@ -590,18 +643,41 @@ def preflight(config: RunConfig, settings: Settings, replace: bool = False) -> N
                           "replace it: --replace on the command line, replace: true in a request)")
 
 
+def check_loader(config: RunConfig) -> None:
+    """model.loader's module is where it says, found without importing it (the server never runs
+    model code); the worker imports it and checks what it returns before any compute."""
+    if config.model.loader is None:
+        return
+    try:
+        locate_loader(config.model.loader)
+    except LoaderRefError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def check_against_world(config: RunConfig, model_path: str) -> None:
-    """Checks that need the file system or the model's config, still before any compute."""
+    """Checks that need the file system or the model's config, still before any compute. A
+    model.loader's model is checked once loaded (workers/adapters/custom.py), before compute."""
     check_dataset_source(config)
+    if config.model.loader is not None:
+        return
     from transformers import AutoConfig
 
     try:
-        model_config = AutoConfig.from_pretrained(model_path)
+        model_config = AutoConfig.from_pretrained(model_path, trust_remote_code=config.model.trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"model.path: cannot load a model config from {config.model.path!r}: {exc}") from None
+        raise ConfigError(f"model.path: cannot load a model config from {config.model.path!r}: "
+                          f"{remote_code_hint(exc)}") from None
     facts = model_facts(model_config.to_dict())
     # the config object's own attribute maps each family's name for its depth (n_layer, ...)
     check_model_facts(config, ModelFacts(getattr(model_config, "num_hidden_layers", None) or facts.depth,
-                                         facts.positions))
-    if config.model.adapter == "seq_cls" and getattr(model_config, "num_labels", 1) != 1:
-        raise ConfigError(f"model.path: a reward model needs one output label, this one has {model_config.num_labels}")
+                                         facts.positions, getattr(model_config, "num_labels", None) or facts.outputs,
+                                         facts.labels))
+
+
+def remote_code_hint(exc: Exception) -> str:
+    """transformers' refusal of a directory with its own code, as the config key that allows it."""
+    message = str(exc)
+    if "trust_remote_code" in message:
+        return ("the model directory ships its own modelling code; set model.trust_remote_code: true to run it "
+                f"(only for code you trust). ({message.splitlines()[0]})")
+    return message

@@ -21,8 +21,8 @@ from workers.analyses import RunContext, check_analyses, run_analyses
 from workers.analyses.transfer import prepare_transfer
 from workers.analyze import adapter_has_gradient, collect_corpus_activations, feature_tables
 from workers.causal import not_applicable, run_causal_stage
-from workers.config import (ARCHITECTURE_KNOBS, DEMO_MODEL, DEMO_MODEL_DIRNAME, ConfigError, RunConfig,
-                            check_against_world, preflight)
+from workers.config import (ARCHITECTURE_KNOBS, DEMO_MODEL, DEMO_MODEL_DIRNAME, ConfigError, ModelFacts, RunConfig,
+                            check_against_world, check_model_facts, preflight)
 from workers.datasets import read_texts, select_corpus
 from workers.device import pick_device
 from workers.evaluate import evaluate_saes
@@ -295,12 +295,21 @@ def run_pipeline(config: RunConfig, settings: Settings, replace: bool = False,
 def _load_adapter(config: RunConfig, model_path: str, device):
     """The reward model; a checkpoint that does not load is the config's problem (model.path)."""
     try:
-        return adapter_from_config(config.model, model_path, device)
+        adapter = adapter_from_config(config.model, model_path, device)
     except (OSError, ValueError) as exc:
         message = str(exc)
         if message.startswith("model."):  # the adapters name the key themselves
             raise ConfigError(message) from None
         raise ConfigError(f"model.path: cannot load a reward model from {config.model.path!r}: {message}") from None
+    if config.model.loader is not None:  # a loader's model is only known once built: its depth now
+        check_model_facts(config, ModelFacts(adapter.n_layers, adapter.max_positions))
+    return adapter
+
+
+def explained_output_info(adapter) -> dict:
+    """The run's record of the head output it explains (model.output); {} for a one-output head."""
+    output = getattr(adapter, "output", None)
+    return output.record() if output is not None else {}
 
 
 def _run_pipeline(config: RunConfig, settings: Settings, replace: bool) -> Path:
@@ -338,6 +347,8 @@ def _run_pipeline(config: RunConfig, settings: Settings, replace: bool) -> Path:
     try:
         _stage(f"loading {model_path} on {device}")
         adapter = _load_adapter(config, model_path, device)
+        if getattr(adapter, "output", None) is not None:
+            _stage(f"explaining the head's {adapter.output.describe()} (model.output)")
         check_analyses(config, adapter.tokenizer)  # e.g. a vocabulary with no known token: before training
         corpus = select_corpus(texts, rewards, config.dataset, config.seed, adapter.tokenizer,
                                config.model.max_length, settings.max_texts)
@@ -373,7 +384,7 @@ def _run_pipeline(config: RunConfig, settings: Settings, replace: bool) -> Path:
             "adapter": config.model.adapter, "dataset": config.dataset.source, "config_yaml": config_yaml,
             "created_at": datetime.now(timezone.utc).isoformat(), "n_texts": len(corpus.texts),
             "n_tokens": acts.n_tokens, "device": str(device), "ranked_texts": config.analysis.ranked_texts,
-            **analysed,
+            **explained_output_info(adapter), **analysed,
         }
         info = with_best_layer(info, tables["layers"])
         _stage("writing the feature store")

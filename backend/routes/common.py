@@ -99,7 +99,20 @@ def attributed_features(att: dict[str, Any]) -> list[int]:
     return sorted(ids)
 
 
-templates.env.globals.update(feature_top_tokens=feature_top_tokens, attributed_features=attributed_features)
+def explained_output(request: Request, run_id: str | None) -> dict[str, Any] | None:
+    """What a run's pages say it explains, for a head with several outputs (model.output);
+    None for a one-output head, no run, or a store that cannot be read."""
+    if not run_id:
+        return None
+    settings = request.app.state.settings
+    try:
+        return store.explained_output(store_path(settings, get_run(settings, run_id)))
+    except (NotFound, store.StoreOutdated, OSError):
+        return None
+
+
+templates.env.globals.update(feature_top_tokens=feature_top_tokens, attributed_features=attributed_features,
+                             explained_output=explained_output)
 
 
 def json_response(data: dict[str, Any]) -> Response:

@@ -50,6 +50,7 @@ def run_data(settings: Settings, run_id: str) -> dict[str, Any]:
             "id": run.id, "name": run.name, "model": run.model, "adapter": run.adapter,
             "dataset": run.dataset, "n_texts": run.n_texts, "n_tokens": run.n_tokens,
             "created_at": run.created_at, "config_yaml": run.config_yaml, "version": run.version,
+            "output": store.explained_output(path),  # the head output explained (model.output); None: one output
         },
         "best_layer": store.best_layer(path),
         "best_layer_rule": layer_choice.RULE_WORDS[layer_choice.choice_rule(layers)],

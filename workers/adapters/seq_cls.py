@@ -1,10 +1,13 @@
-"""Sequence-classification reward models: any HF AutoModelForSequenceClassification with one label."""
+"""Sequence-classification reward models: any HF AutoModelForSequenceClassification. A head with
+one label is the score; with several (a 2-label classifier, a multi-objective head) model.output
+picks the one the run explains (workers/head_outputs.py)."""
 from __future__ import annotations
 
 import torch
 
 from workers.adapters.base import Batch, RewardModelAdapter, whole_text_segments
 from workers.device import autocast
+from workers.head_outputs import resolve_output
 
 PROBE_TEXT = "a short text to find where the score is read"
 
@@ -12,9 +15,10 @@ PROBE_TEXT = "a short text to find where the score is read"
 class SequenceClassifierAdapter(RewardModelAdapter):
     kind = "seq_cls"
 
-    def __init__(self, model, tokenizer, device, max_length):
-        if model.config.num_labels != 1:
-            raise ValueError(f"model.path: a reward model needs one output label, this one has {model.config.num_labels}")
+    def __init__(self, model, tokenizer, device, max_length, output: int | str | None = None,
+                 output_score: str = "logit"):
+        names = [model.config.id2label[i] for i in range(model.config.num_labels)] if model.config.id2label else None
+        self.output = resolve_output(output, output_score, model.config.num_labels, names)
         super().__init__(model, tokenizer, device, max_length)
         self.reads_last_token = self._head_reads_last_token()
 
@@ -65,4 +69,4 @@ class SequenceClassifierAdapter(RewardModelAdapter):
     def score(self, batch: Batch) -> torch.Tensor:
         with autocast(self.device):
             logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        return logits[:, 0].float()
+        return logits[:, 0].float() if self.output is None else self.output.select(logits)
