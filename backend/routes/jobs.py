@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from backend import charts, jobs, store
-from backend.access import check_csrf, current_author
+from backend.access import check_csrf, current_author, named_users
 from backend.rankings import FALLBACK_RANKING, RANKINGS, barely_reaches, reads_one_token
 from backend.routes.common import SettingsDep, get_run, render, store_path
 from backend.routes.edge import (ERROR_RESPONSES, MAX_ID, JobId, LayerId, StrictJSONRoute, invalid,
@@ -369,12 +369,14 @@ def _check_readable_here(config, settings: Settings) -> None:
 @router.post("/jobs/{job_id}/cancel", include_in_schema=False)
 async def cancel_form(request: Request, job_id: JobId, settings: SettingsDep):
     await _form(request)
-    _cancel(settings, job_id)
+    _cancel(settings, job_id, current_author(request))
     return RedirectResponse(f"/jobs/{job_id}", status_code=303)
 
 
-def _cancel(settings: Settings, job_id: int) -> dict:
-    _job_or_404(settings, job_id)
+def _cancel(settings: Settings, job_id: int, author: str) -> dict:
+    job = _job_or_404(settings, job_id)
+    if named_users(settings) and job["author"] != author:  # with RA_USERS, a job is its author's to stop
+        raise HTTPException(403, f"job {job_id} was queued by {job['author']!r}: only its author may cancel it")
     try:
         return jobs.cancel(settings, job_id)
     except jobs.JobRejected as exc:
@@ -447,7 +449,7 @@ def api_job(job_id: JobId, settings: SettingsDep) -> dict:
 @router.post("/api/jobs/{job_id}/cancel", tags=["jobs"])
 def api_cancel(request: Request, job_id: JobId, settings: SettingsDep) -> dict:
     _json_only(request, body=False)
-    return _cancel(settings, job_id)
+    return _cancel(settings, job_id, current_author(request))
 
 
 # --- pages -----------------------------------------------------------------------------------
