@@ -147,7 +147,9 @@ def pipeline_task(params: dict, ctx) -> dict:
     from workers.config import parse_config
     from workers.pipeline import run_pipeline
 
-    config = parse_config(yaml.safe_load(params["config_yaml"]))
+    # queued on the web: its paths are resolved and checked against the input folders again here,
+    # where they are read (a symlink changed since the server checked it is caught)
+    config = parse_config(yaml.safe_load(params["config_yaml"]), input_roots=ctx.settings.input_roots)
     run_pipeline(config, ctx.settings, replace=bool(params.get("replace")), on_stage=lambda m: ctx.report(message=m),
                  on_progress=lambda p: ctx.report(progress=p))
     return {"run_id": config.run_id}

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import re
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Query, Request
@@ -338,32 +337,16 @@ def submit_pipeline(settings: Settings, req: PipelineRequest, author: str) -> di
     from workers.config import ConfigError, parse_config, preflight  # pydantic and JSON only: no torch on the server
 
     try:
-        config = parse_config(yaml.safe_load(req.config_yaml))
+        # every key naming a file, folder, model or dataset is resolved first, and a path outside
+        # the input folders (RA_INPUT_DIRS) refused before anything is opened (workers/config_keys.py);
         # what would only fail on the worker (an existing run, a missing file, layers or max_length
         # the model lacks, this deployment's limits) is refused here, and no job is made
-        _check_readable_here(config, settings)  # before preflight looks at any file
+        config = parse_config(yaml.safe_load(req.config_yaml), input_roots=settings.input_roots)
         preflight(config, settings, req.replace)
     except (ConfigError, yaml.YAMLError, AttributeError) as exc:
         raise invalid(f"invalid config: {exc}", "config_yaml") from None
     return _submit(settings, "pipeline", {"config_yaml": req.config_yaml, "replace": req.replace}, author,
                    config.run_id)
-
-
-def _check_readable_here(config, settings: Settings) -> None:
-    """A config queued on the web reads local files only under RA_INPUT_DIRS: the worker can read
-    any file its user can, and a pipeline run shows what it read on the dashboards."""
-    from workers.config import DEMO_DATASET, DEMO_MODEL, HF_PREFIX, ConfigError
-
-    local = {"dataset.source": config.dataset.source} if config.dataset.source != DEMO_DATASET \
-        and not config.dataset.source.startswith(HF_PREFIX) else {}
-    if config.model.path != DEMO_MODEL and Path(config.model.path).exists():  # else a hub id
-        local["model.path"] = config.model.path
-    roots = settings.input_roots
-    for key, value in local.items():
-        path = Path(value).resolve()
-        if not any(path.is_relative_to(root) for root in roots):
-            raise ConfigError(f"{key}: {value!r} is outside the folders runs queued here may read "
-                              f"({', '.join(map(str, roots))}): move it there, or name its folder in RA_INPUT_DIRS")
 
 
 @router.post("/jobs/{job_id}/cancel", include_in_schema=False)
