@@ -50,7 +50,6 @@ def test_the_walk_sees_nested_optional_and_list_keys():
     ({"transfer": {"base_model": "demo-base", "texts": 10**9}}, "transfer.texts"),
     ({"dataset": {"source": "demo", "token_budget": 10**15}}, "dataset.token_budget"),
     ({"sae": {"widths": [64, 1 << 22], "k": 32}}, "sae.width"),  # the larger of widths is the run's width
-    ({"analysis": {"reward_effect_texts": 10**9}}, "analysis.reward_effect_texts"),
 ])
 def test_deployment_limits_hold_on_every_key_they_mark(sections, key):
     config = parse_config(_config(**sections))

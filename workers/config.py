@@ -189,7 +189,7 @@ class AnalysisConfig(Strict):
     quantile_examples: int = Field(5, ge=1, le=100, description="random examples kept per activation bin")
     top_tokens: int = Field(10, ge=1, le=100, description="tokens listed per feature, by mean activation")
     top_token_min_count: int = Field(3, ge=1, le=1_000_000, description="a token must occur this often to be listed")
-    reward_effect_texts: Annotated[int, TEXTS] = Field(2048, ge=0, description="texts whose reward gradient gives the reward effect (0: off)")
+    reward_effect_texts: int = Field(2048, ge=0, le=1_000_000, description="texts whose reward gradient gives the reward effect (0: off)")
     ranked_texts: int = Field(
         1000, ge=0, le=10_000, strict=True,
         description="per feature, the texts it fires on most (by its max over the text's own tokens) kept "
