@@ -210,6 +210,11 @@ def ablation_result(chosen, controls, draws, texts, text_ids, seed: int) -> dict
     fired = chosen.fired
 
     def summaries(where):
+        if not where.any():  # the chosen features fire on none of these texts: nothing changed there
+            return {"summary": {**chosen.summary(where), "mean_delta": 0.0, "fires_on_none": True},
+                    "control": {"n_draws": len(controls), "draw_means": [], "mean_delta": None, "low": None,
+                                "high": None, "test": {"difference": None, "ci_low": None, "ci_high": None,
+                                                       "p_value": None, "n": 0}}}
         return {"summary": chosen.summary(where),
                 "control": control_summary(chosen.delta[where], [c.delta[where] for c in controls], seed)}
 
@@ -220,7 +225,7 @@ def ablation_result(chosen, controls, draws, texts, text_ids, seed: int) -> dict
                          "after": float(chosen.after[row]), "predicted": float(chosen.predicted[row]),
                          "attributed": None if chosen.attributed is None else float(chosen.attributed[row]),
                          "fired": bool(fired[row])})
-    return {**everywhere, "where_fired": where_fired, "examples": examples,
+    return {**everywhere, "where_fired": where_fired, "examples": examples, "fires_on_none": not fired.any(),
             "controls": [{"features": list(draw), "summary": c.summary(), "deltas": [float(d) for d in c.delta]}
                          for draw, c in zip(draws, controls)]}
 

@@ -170,8 +170,20 @@ def _check_range(features: list[int], info: dict, layer: int, field: str) -> Non
                       field)
 
 
+def check_control_pool(n_chosen: int, d_sae: int, field: str) -> None:
+    """Each control draw is as many other features as chosen (workers/controls.py): more than half
+    the layer leaves too few, and the job would fail on the worker."""
+    if n_chosen > d_sae - n_chosen:
+        raise invalid(f"{n_chosen:,} features chosen of the layer's {d_sae:,} leaves {d_sae - n_chosen:,} for each "
+                      f"random control draw, which needs as many as are chosen: choose at most {d_sae // 2:,}, or "
+                      "turn the controls off (control: false)", field)
+
+
 def submit_ablation(settings: Settings, run_id: str, layer: int, req: AblationRequest, author: str) -> dict:
     features, described = _resolve_features(settings, run_id, layer, req)
+    if req.control:
+        info = store.layer_info(store_path(settings, get_run(settings, run_id)), layer)
+        check_control_pool(len(features), info["d_sae"], "features")
     if req.texts is not None:
         req.texts = [t for t in req.texts if t.strip()]
         if not req.texts:
