@@ -145,12 +145,17 @@ class RunCache:
 
 def pipeline_task(params: dict, ctx) -> dict:
     from workers.config import parse_config
-    from workers.pipeline import run_pipeline
+    from workers.pipeline import PUBLISHING, run_pipeline
+
+    def on_stage(message: str) -> None:
+        if message == PUBLISHING:  # a cancel asked for since the last heartbeat still stops it here
+            ctx.ask_queue()
+        ctx.report(message=message)
 
     # queued on the web: its paths are resolved and checked against the input folders again here,
     # where they are read (a symlink changed since the server checked it is caught)
     config = parse_config(yaml.safe_load(params["config_yaml"]), input_roots=ctx.settings.input_roots)
-    run_pipeline(config, ctx.settings, replace=bool(params.get("replace")), on_stage=lambda m: ctx.report(message=m),
+    run_pipeline(config, ctx.settings, replace=bool(params.get("replace")), on_stage=on_stage,
                  on_progress=lambda p: ctx.report(progress=p))
     return {"run_id": config.run_id}
 
