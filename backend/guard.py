@@ -212,8 +212,13 @@ class RequestGuard:
             await nul_refusal(scope, "body")(scope, receive, send)
 
 
-class NulInBody(Exception):
-    """Raised from `receive` when a form body holds a NUL; answered as a 422 by RequestGuard."""
+class NulInBody(HTTPException):
+    """Raised from `receive` when a form body holds a NUL: a 422 in FastAPI's documented shape
+    (an HTTPException, so that FastAPI's form parsing passes it on instead of making it a 400)."""
+
+    def __init__(self):
+        super().__init__(422, [{"type": "value_error", "loc": ["body"], "msg": f"the body {NUL_MESSAGE}",
+                                "input": None}])
 
 
 class SecurityHeaders:
