@@ -467,3 +467,58 @@ def test_an_ablation_of_the_labelled_features_names_them(client):
     assert queued.headers["location"] == f"/api/jobs/{queued.json()['id']}"
     assert queued.json()["params"]["features"] == [4, 9]
     assert "labelled reward-related" in queued.json()["params"]["described"]
+
+
+def _basic(user: str, password: str) -> dict:
+    import base64
+
+    return {"authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+def test_with_named_users_only_a_jobs_author_may_cancel_it(migrated, synthetic_run):
+    """alice's browser once cancelled bob's job: cancel checked no one."""
+    users = migrated.model_copy(update={"users": "alice:pa55,bob:pa55"})
+    alice, bob = _basic("alice", "pa55"), _basic("bob", "pa55")
+    with make_client(users) as client:
+        job = client.post(ABLATE, json={"mode": "zero", "features": [1]}, headers=bob)
+        assert job.status_code == 201, job.text
+        cancel = f"/api/jobs/{job.json()['id']}/cancel"
+        refused = client.post(cancel, headers=alice)
+        assert refused.status_code == 403 and "only its author" in refused.json()["detail"]
+        assert jobs.get(users, job.json()["id"])["status"] == "queued"
+        assert client.post(cancel, headers=bob).json()["status"] == "cancelled"
+
+
+def test_a_config_pointing_outside_the_input_folders_echoes_nothing_it_names(client, migrated, tmp_path_factory,
+                                                                           monkeypatch):
+    secret_dir = tmp_path_factory.mktemp("elsewhere")  # beside the data dir, not in it
+    (secret_dir / "lexicon.csv").write_text("word,value\npassword,S3cr3tP4ssw0rd!\n")
+    (secret_dir / "words.txt").write_text("hunter2\n")
+    monkeypatch.setenv("RA_PROBE_SECRET", "environ-S3cr3t")
+    for changes in ({"lexicon": {"reference": "/proc/self/environ"}},
+                    {"reason_score": {"vocabulary": "/proc/self/environ"}},
+                    {"lexicon": {"reference": str(secret_dir / "lexicon.csv")}},
+                    {"reason_score": {"vocabulary": str(secret_dir / "words.txt")}},
+                    {"reason_score": {"vocabulary": str(secret_dir / "absent.txt")}},
+                    {"dataset": {"source": f"hf:{secret_dir}"}}):
+        response = client.post("/api/jobs", json={"config_yaml": _config(**changes)})
+        assert response.status_code == 422, response.text
+        for leaked in ("S3cr3t", "hunter2", "PATH=", "not found", "line"):
+            assert leaked not in response.text, response.text
+    assert jobs.recent(migrated) == []
+
+
+def test_a_model_folder_without_a_tokenizer_is_refused_at_submission(client, migrated):
+    base = migrated.data_dir / "models" / "no-tokenizer"
+    base.mkdir(parents=True)
+    (base / "config.json").write_text('{"model_type": "bert", "num_hidden_layers": 6}')
+    response = client.post("/api/jobs", json={"config_yaml": _config(transfer={"base_model": str(base)})})
+    assert response.status_code == 422 and "no tokenizer" in response.text, response.text
+    assert jobs.recent(migrated) == []
+
+
+def test_half_the_layer_may_be_ablated_with_controls_and_more_without(client):
+    half = client.post(ABLATE, json={"mode": "zero", "features": list(range(N_FEATURES // 2))})
+    assert half.status_code == 201, half.text
+    more = client.post(ABLATE, json={"mode": "zero", "features": list(range(N_FEATURES // 2 + 1)), "control": False})
+    assert more.status_code == 201, more.text
