@@ -6,17 +6,16 @@ whether pydantic or a route found the problem; every other refusal is `{"detail"
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 from typing import Annotated, Any, Callable
 
-import orjson
 from fastapi import Path, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, BeforeValidator
-from starlette.concurrency import run_in_threadpool
+
+from backend.body_parsing import NUL_MESSAGE, BodyRefused, parse_body  # noqa: F401  (NUL_MESSAGE: the guard's)
 
 # SQL keeps layer, feature and job ids in INTEGER columns (4 bytes on PostgreSQL); the store's
 # card key packs layer and feature into one 64-bit key, 32 bits each
@@ -65,45 +64,6 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-# PostgreSQL's text type cannot hold NUL (SQLite can): refused at the edge, in every body, path
-# and query, so that no store is ever asked to
-NUL = "\x00"
-NUL_MESSAGE = "holds a NUL character (\\u0000), which no text here may contain"
-
-
-class BodyRefused(ValueError):
-    """A JSON body the API does not accept; `kind` is the 422's error type."""
-
-    def __init__(self, message: str, kind: str = "value_error"):
-        super().__init__(message)
-        self.kind = kind
-
-
-def _has_nul(value: Any) -> bool:
-    if isinstance(value, str):
-        return NUL in value
-    if isinstance(value, dict):
-        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(_has_nul(v) for v in value)
-    return False
-
-
-def parse_json(body: bytes) -> Any:
-    """JSON as the API accepts it: no NaN or Infinity, no number beyond a double, strings that
-    are valid Unicode (a lone surrogate, \\ud800, cannot be stored or echoed back) and hold no NUL.
-    orjson refuses the first three itself, ~5x faster than json with a number hook (a 15 MB body
-    of floats: 0.08 s); the routes run it off the event loop."""
-    try:
-        value = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise BodyRefused(f"the body is not JSON this API accepts ({exc}): send finite numbers (no NaN, Infinity "
-                          "or numbers beyond a double) and strings of valid Unicode", "json_invalid") from None
-    if b"\\u0000" in body and _has_nul(value):  # a NUL can only arrive escaped: walk only then
-        raise BodyRefused(f"the body {NUL_MESSAGE}")
-    return value
-
-
 def media_type(request: Request) -> str:
     """The request's content type without its parameters, lower case ("" when it sends none)."""
     return request.headers.get("content-type", "").partition(";")[0].strip().lower()
@@ -126,8 +86,8 @@ class StrictJSONRoute(APIRoute):
             if request.method in ("POST", "PUT", "PATCH") and _is_json(request):
                 body = await request.body()
                 if body:
-                    try:  # in a thread: a 15 MB body would hold every other request for its parse
-                        request._json = await run_in_threadpool(parse_json, body)  # what request.json() hands FastAPI
+                    try:  # a large body is read in another process (backend/body_parsing.py)
+                        request._json = await parse_body(body)  # what request.json() hands FastAPI
                     except BodyRefused as exc:
                         raise RequestValidationError([{"type": exc.kind, "loc": ("body",), "msg": str(exc),
                                                        "input": None}]) from None
