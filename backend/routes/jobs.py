@@ -147,8 +147,11 @@ def _resolve_features(settings: Settings, run_id: str, layer: int, req: Ablation
         if sort is None:
             from backend import labels
 
-            features = sorted(f for f, row in labels.labels_for_layer(settings, run_id, layer).items()
+            labelled = sorted(f for f, row in labels.labels_for_layer(settings, run_id, layer).items()
                               if row["label"] == "reward")
+            features = [f for f in labelled if f < info["d_sae"]]  # a label kept past a replace that shrank the layer
+            if len(features) < len(labelled):
+                template += f" ({len(labelled) - len(features)} on features the layer no longer has left out)"
         else:
             if sort == "default":
                 ranking = RANKINGS[info.get("default_ranking") or FALLBACK_RANKING]
