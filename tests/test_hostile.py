@@ -185,7 +185,7 @@ def _list_cases() -> list[Case]:
              json={"mode": "zero", "selection": "top_abs", "top_n": N_FEATURES // 2 + 1}),
         Case("sweep half the layer and one", "POST", f"{RUN}/layers/{LAYER}/sweeps", (422,), says="control",
              json={"features": list(range(N_FEATURES // 2 + 1)), "mode": "steer"}),
-        Case("15 MB of floats", "PUT", f"{FEATURE}/label", (422,), says="version",
+        Case("15 MB of floats", "PUT", f"{FEATURE}/label", (422,), says="values",
              json={"label": "reward", "note": "", "version": [0.5] * 1_500_000}),
     ]
 
@@ -522,3 +522,14 @@ def test_half_the_layer_may_be_ablated_with_controls_and_more_without(client):
     assert half.status_code == 201, half.text
     more = client.post(ABLATE, json={"mode": "zero", "features": list(range(N_FEATURES // 2 + 1)), "control": False})
     assert more.status_code == 201, more.text
+
+
+def test_a_large_body_within_the_value_limit_is_read_in_another_process_and_served(client):
+    """256 typed texts of 4,000 characters: over the size parsed inline, a few hundred values."""
+    texts = [("fine film " * 400)[:4000] + str(i) for i in range(256)]
+    queued = client.post(ABLATE, json={"mode": "zero", "features": [1], "texts": texts})
+    assert queued.status_code == 422 and "characters" in queued.text  # 4,001 characters: the route's own rule
+    texts = [t[:3999] for t in texts]
+    queued = client.post(ABLATE, json={"mode": "zero", "features": [1], "texts": texts})
+    assert queued.status_code == 201, queued.text[:500]
+    assert len(queued.json()["params"]["texts"]) == 256
