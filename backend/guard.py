@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from backend.access import LOOPBACK_HOSTS
-from backend.routes.edge import NUL_MESSAGE
+from backend.body_parsing import NUL_MESSAGE
 from backend.settings import Settings
 
 WILDCARD_BINDS = {"0.0.0.0", "::", ""}  # a bind address that is no name a browser would use

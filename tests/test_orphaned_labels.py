@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from backend import jobs, labels
+from backend import labels
 
 pytestmark = pytest.mark.sql_databases
 

@@ -19,7 +19,7 @@ import re
 import types
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Iterator, Literal, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Annotated, Any, Iterator, Union, get_args, get_origin
 
 import annotated_types
 from pydantic import BaseModel
@@ -105,10 +105,6 @@ def _flatten(metadata: tuple) -> tuple:
 
 def is_number(key: Key) -> bool:
     return key.leaf in (int, float)
-
-
-def is_text(key: Key) -> bool:
-    return key.leaf is str and get_origin(key.leaf) is not Literal
 
 
 def upper_bound(key: Key) -> Any:

@@ -1,5 +1,5 @@
 """What every request is checked for before a route sees it: ids in range, JSON bodies with
-finite numbers and valid Unicode, and the error bodies the API documents for each refusal.
+finite numbers, valid Unicode and no NUL, and the error bodies the API documents for each refusal.
 
 A 422 always has FastAPI's documented shape, `{"detail": [{"loc", "msg", "type", ...}]}`,
 whether pydantic or a route found the problem; every other refusal is `{"detail": "<message>"}`.
@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, BeforeValidator
 
-from backend.body_parsing import NUL_MESSAGE, BodyRefused, parse_body  # noqa: F401  (NUL_MESSAGE: the guard's)
+from backend.body_parsing import BodyRefused, parse_body
 
 # SQL keeps layer, feature and job ids in INTEGER columns (4 bytes on PostgreSQL); the store's
 # card key packs layer and feature into one 64-bit key, 32 bits each
@@ -75,7 +75,7 @@ def _is_json(request: Request) -> bool:
 
 
 class StrictJSONRoute(APIRoute):
-    """Routes whose JSON bodies are parsed by parse_json, before FastAPI reads them: a problem
+    """Routes whose JSON bodies are parsed by backend/body_parsing.py (off the event loop when large), before FastAPI reads them: a problem
     becomes a 422 naming it (inside FastAPI's body reading, any error but a syntax error is a
     bare 400)."""
 
