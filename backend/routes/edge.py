@@ -75,9 +75,9 @@ def _is_json(request: Request) -> bool:
 
 
 class StrictJSONRoute(APIRoute):
-    """Routes whose JSON bodies are parsed by backend/body_parsing.py (off the event loop when large), before FastAPI reads them: a problem
-    becomes a 422 naming it (inside FastAPI's body reading, any error but a syntax error is a
-    bare 400)."""
+    """Routes whose JSON bodies are parsed by backend/body_parsing.py (a large one off the event
+    loop), before FastAPI reads them: a problem becomes a 422 naming it (inside FastAPI's body
+    reading, any error but a syntax error is a bare 400)."""
 
     def get_route_handler(self) -> Callable:
         handler = super().get_route_handler()
