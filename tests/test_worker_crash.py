@@ -63,7 +63,7 @@ def test_killed_worker_job_finishes_on_another_worker_once(tiny_world, tmp_path,
     killed = jobs.get(settings, job["id"])
     assert killed["status"] == "running" and killed["attempts"] == 1  # the queue has not noticed yet
 
-    second = Worker(settings, lease_s=LEASE_S)
+    second = Worker(settings.model_copy(update={"input_dirs": env["RA_INPUT_DIRS"]}), lease_s=LEASE_S)
     assert second.run_one() is False  # the dead worker's lease still holds
     wait_for(second.run_one, 30, "the lease to expire and the job to be taken over")
 
