@@ -61,7 +61,8 @@ async def _http_error(request: Request, exc: StarletteHTTPException):
         exc.headers = {**(exc.headers or {}), "Allow": _allowed_methods(request)}
     if _is_api(request):
         return await http_exception_handler(request, exc)
-    return _error_page(request, exc.status_code, "Error", [str(exc.detail)])
+    detail = exc.detail if isinstance(exc.detail, list) else [exc.detail]  # a 422 raised as one lists its errors
+    return _error_page(request, exc.status_code, "Error", [e["msg"] if isinstance(e, dict) else str(e) for e in detail])
 
 
 async def _invalid(request: Request, exc: RequestValidationError):

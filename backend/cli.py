@@ -29,6 +29,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     from backend.app import create_app
     from backend.db import upgrade
+    from backend.header_timeout import HeaderTimeoutProtocol
 
     from backend.access import AccessConfigError, check_serving_is_safe
 
@@ -45,14 +46,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
     print(f"rewardatlas dashboards: http://{host}:{port}", flush=True)
     try:
         if args.workers <= 1:
-            uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
+            uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", http=HeaderTimeoutProtocol)
             return
         # Several processes (the pages are CPU-bound Python): each builds its app from the
         # environment, so hand them this host and one session key (a login must hold in each).
         os.environ.update(RA_HOST=host, RA_PORT=str(port),
                           RA_SECRET_KEY=settings.secret_key or secrets.token_hex(32))
         uvicorn.run("backend.app:create_app", factory=True, host=host, port=port, workers=args.workers,
-                    log_level="warning")
+                    log_level="warning", http=HeaderTimeoutProtocol)
     finally:
         if worker is not None:
             stop_embedded_worker(worker)

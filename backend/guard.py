@@ -3,10 +3,12 @@ come from, how large a request body may be, and the headers that tell a browser 
 
 Plain ASGI classes, as AccessMiddleware. The host check is what keeps an open loopback server
 from a DNS-rebinding page: that page reaches 127.0.0.1 under its own name, so its requests carry
-that name as Host. The Origin check refuses a form or fetch sent from another site.
+that name as Host. The Origin check refuses a form or fetch sent from another origin: another
+site, or another port or scheme of this one (a page served on localhost:9999 is not this server).
 """
 from __future__ import annotations
 
+import re
 from typing import Callable
 from urllib.parse import urlsplit
 
@@ -16,10 +18,14 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from backend.access import LOOPBACK_HOSTS
+from backend.body_parsing import NUL_MESSAGE
 from backend.settings import Settings
 
 WILDCARD_BINDS = {"0.0.0.0", "::", ""}  # a bind address that is no name a browser would use
 STATE_CHANGING = {"POST", "PUT", "PATCH", "DELETE"}
+DEFAULT_PORTS = {"http": 80, "https": 443}
+FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
+_ESCAPED_NUL = re.compile(rb"%00")
 
 # No inline script anywhere (page scripts are files under /static). Style attributes stay
 # allowed, and only they (style-src-attr): token shading and weight bars carry each value as
@@ -63,11 +69,48 @@ def host_name(host: str) -> str:
     return _bare(host)
 
 
-def _url_host(url: str) -> str | None:
+def _url_origin(url: str) -> tuple[str, str, int] | None:
+    """(scheme, host, port) of an Origin or Referer, the port its scheme's default when unnamed;
+    None for "null" or anything that is no http(s) address."""
     try:
-        return _bare(urlsplit(url).hostname or "") or None
-    except ValueError:  # e.g. an unclosed "[" in the address
+        parts = urlsplit(url.strip())
+        scheme, host, port = parts.scheme.lower(), _bare(parts.hostname or ""), parts.port
+    except ValueError:  # an unclosed "[", a port beyond 65535 or not a number
         return None
+    if scheme not in DEFAULT_PORTS or not host:
+        return None
+    return scheme, host, port if port is not None else DEFAULT_PORTS[scheme]
+
+
+def request_port(scope: Scope, host_header: str) -> int:
+    """The port a request was sent to, as its Host header says (browsers name any port but the
+    scheme's default), else the scheme's default."""
+    name, port = host_header.strip(), ""
+    if name.startswith("["):
+        port = name[name.find("]") + 1:].lstrip(":") if "]" in name else ""
+    elif name.count(":") == 1:
+        port = name.partition(":")[2]
+    scheme = scope.get("scheme", "http")
+    return int(port) if port.isdigit() and len(port) <= 5 else DEFAULT_PORTS.get(scheme, 80)
+
+
+def _has_nul(scope: Scope) -> str | None:
+    """Where a NUL sits in the request line ("path" or "query"), or None."""
+    if "\x00" in scope.get("path", ""):
+        return "path"
+    query = scope.get("query_string", b"")
+    if b"\x00" in query or _ESCAPED_NUL.search(query):
+        return "query"
+    return None
+
+
+def nul_refusal(scope: Scope, where: str) -> Response:
+    """The 422 for a NUL, in FastAPI's documented shape under /api."""
+    message = f"the {where} {NUL_MESSAGE}"
+    if _is_api(scope):
+        return JSONResponse({"detail": [{"type": "value_error", "loc": [where], "msg": message, "input": None}]},
+                            status_code=422)
+    return PlainTextResponse(message, status_code=422)
 
 
 def _is_api(scope: Scope) -> bool:
@@ -109,30 +152,47 @@ class RequestGuard:
             shown = repr(host[:100]) if host else "(no Host header)"
             return await refusal(scope, 400, f"host {shown} is not one this server answers to: add it to "
                                              "RA_ALLOWED_HOSTS (comma-separated host names)")(scope, receive, send)
+        nul_at = _has_nul(scope)
+        if nul_at:
+            return await nul_refusal(scope, nul_at)(scope, receive, send)
         if scope["method"] in STATE_CHANGING:
             source = headers.get("origin") or headers.get("referer")
-            if source is not None:
-                source_host = _url_host(source)
-                if source_host is None or not self._host_allowed(source_host, host):
-                    kind = "Origin" if headers.get("origin") else "Referer"
-                    message = (f"cross-site request refused: its {kind} {source[:200]!r} is not a host this server "
-                               "answers to (RA_ALLOWED_HOSTS)")
-                    return await refusal(scope, 403, message)(scope, receive, send)
+            if source is not None and not self._same_origin(source, scope, host, headers.get("host", "")):
+                kind = "Origin" if headers.get("origin") else "Referer"
+                message = (f"cross-site request refused: its {kind} {source[:200]!r} is not this server (its "
+                           "scheme, a host it answers to (RA_ALLOWED_HOSTS) and its port)")
+                return await refusal(scope, 403, message)(scope, receive, send)
         length = headers.get("content-length")
         if length is not None and length.strip().isdigit() and int(length) > self.max_body:
             return await refusal(scope, 413, self.too_large)(scope, receive, send)
-        await self._limited(scope, receive, send)
+        form = headers.get("content-type", "").lower().startswith(FORM_TYPES)
+        await self._limited(scope, receive, send, form)
 
-    async def _limited(self, scope: Scope, receive: Receive, send: Send) -> None:
-        received, started = 0, False
+    def _same_origin(self, source: str, scope: Scope, host: str, host_header: str) -> bool:
+        """Scheme, host and port: a page on another port of a loopback name is another origin."""
+        origin = _url_origin(source)
+        if origin is None:
+            return False
+        scheme, source_host, port = origin
+        return (scheme == scope.get("scheme", "http") and port == request_port(scope, host_header)
+                and self._host_allowed(source_host, host))
+
+    async def _limited(self, scope: Scope, receive: Receive, send: Send, form: bool) -> None:
+        received, started, tail = 0, False, b""
 
         async def limited_receive() -> Message:
-            nonlocal received
+            nonlocal received, tail
             message = await receive()
             if message["type"] == "http.request":
-                received += len(message.get("body", b""))
+                chunk = message.get("body", b"")
+                received += len(chunk)
                 if received > self.max_body:
                     raise BodyTooLarge(413, self.too_large)
+                if form:  # a NUL in a form field, raw or %00, even split across chunks
+                    seen = tail + chunk
+                    if b"\x00" in seen or _ESCAPED_NUL.search(seen):
+                        raise NulInBody()
+                    tail = seen[-2:]
             return message
 
         async def watched_send(message: Message) -> None:
@@ -146,6 +206,19 @@ class RequestGuard:
             if started:
                 raise
             await refusal(scope, 413, self.too_large)(scope, receive, send)
+        except NulInBody:
+            if started:
+                raise
+            await nul_refusal(scope, "body")(scope, receive, send)
+
+
+class NulInBody(HTTPException):
+    """Raised from `receive` when a form body holds a NUL: a 422 in FastAPI's documented shape
+    (an HTTPException, so that FastAPI's form parsing passes it on instead of making it a 400)."""
+
+    def __init__(self):
+        super().__init__(422, [{"type": "value_error", "loc": ["body"], "msg": f"the body {NUL_MESSAGE}",
+                                "input": None}])
 
 
 class SecurityHeaders:

@@ -155,6 +155,26 @@ def check_feature(settings: Settings, run_id: str, layer: int, feature: int) -> 
         raise NotFound(f"run {run_id!r}: feature {feature} not found in layer {layer}")
 
 
+def is_orphaned(settings: Settings, run_id: str, layer: int, feature: int) -> bool:
+    """Whether the feature has a label although the run's store no longer has it (a replace that
+    shrank the layer, or dropped it): such a label is kept, shown on the labels page and clearable."""
+    try:
+        check_feature(settings, run_id, layer, feature)
+    except NotFound:
+        _run(settings, run_id)  # an unknown run is a 404, not an orphan
+        return current(settings, run_id, layer, feature)["label"] is not None
+    return False
+
+
+def orphaned_rows(settings: Settings, run_id: str, widths: dict[int, int]) -> list[dict[str, Any]]:
+    """The run's labels (export_rows), each marked `orphaned` where its layer is gone or narrower
+    than its feature id (`widths`: each layer's features now)."""
+    rows = export_rows(settings, run_id)
+    for row in rows:
+        row["orphaned"] = row["layer"] not in widths or row["feature"] >= widths[row["layer"]]
+    return rows
+
+
 def current(settings: Settings, run_id: str, layer: int, feature: int) -> dict[str, Any]:
     """The feature's label (label None when it has none) and the version an edit must name."""
     with db.session(settings) as s:
@@ -171,7 +191,11 @@ def set_label(settings: Settings, run_id: str, layer: int, feature: int, label: 
         raise InvalidLabel(f"unknown label {label!r}; expected one of {', '.join(LABELS)}, or empty to clear it")
     if len(note) > MAX_NOTE:
         raise InvalidLabel(f"the note has {len(note)} characters; at most {MAX_NOTE} are kept")
-    check_feature(settings, run_id, layer, feature)
+    try:
+        check_feature(settings, run_id, layer, feature)
+    except NotFound:  # a label left on a feature the run no longer has (a replace shrank the layer) may be cleared
+        if label is not None or not is_orphaned(settings, run_id, layer, feature):
+            raise
     for attempt in range(LOCKED_RETRIES):
         try:
             return _write(settings, run_id, layer, feature, label, note, author, expected_version)

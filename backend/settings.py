@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     # Request bodies beyond this are refused (413). The largest real one, 256 typed texts of
     # 4,000 characters, is 12 MB when every character is escaped (\uXXXX pairs, %XX bytes).
     max_body_bytes: int = 16 * 1024 * 1024
+    # Seconds a connection has to send a request's headers (backend/header_timeout.py): a client
+    # that trickles them in would otherwise hold its connection for ever
+    header_timeout_s: float = 10.0
     page_size: int = 50
     max_queued_jobs: int = 20  # per author
     max_text_chars: int = 4000  # custom texts and typed evaluation sets, per text

@@ -24,8 +24,13 @@ CANCEL_WITHIN_S = 10.0
 
 
 
+def readable(settings, tiny_world):  # noqa: F811
+    """The settings with the tiny world among the input folders: a queued run reads only there."""
+    return settings.model_copy(update={"input_dirs": f"{settings.data_dir},{tiny_world[0].parent}"})
+
+
 def test_a_pipeline_job_cancels_within_seconds_while_its_saes_train(tiny_world, migrated):  # noqa: F811
-    settings = migrated
+    settings = readable(migrated, tiny_world)
     config = tiny_config(*tiny_world, sae={"width": N_FEATURES, "k": 4, "training_tokens": LONG_TRAINING_TOKENS,
                                            "batch_size": 256, "buffer_tokens": 1024})
     config_yaml = yaml.safe_dump(config.model_dump(mode="json", exclude_unset=True))
@@ -79,6 +84,29 @@ def test_a_stop_deep_in_the_causal_stage_keeps_nothing(tiny_world, migrated):  #
     with pytest.raises(Stop) as stopped:
         run_pipeline(config, migrated, on_stage=stages.append, on_progress=on_progress)
     assert SPANS["layers"][0] < stopped.value.args[0] < SPANS["layers"][1]
+    with db.session(migrated) as s:
+        assert s.query(Run).count() == 0
+    assert list(migrated.runs_dir.iterdir()) == []
+
+
+def test_a_cancel_while_the_store_is_written_ends_the_job_cancelled(tiny_world, migrated, monkeypatch):  # noqa: F811
+    """Acknowledged during "writing the feature store", a cancel once let the run publish and the
+    job end "done": the job now asks the queue just before publishing."""
+    import workers.pipeline as pipeline
+
+    config = tiny_config(*tiny_world, layers=[0], effects={"enabled": False})
+    config_yaml = yaml.safe_dump(config.model_dump(mode="json", exclude_unset=True))
+    job_id = jobs.submit(migrated, "pipeline", {"config_yaml": config_yaml}, "tester", config.run_id)["id"]
+    write_store = pipeline.write_store
+
+    def cancelled_while_writing(*args, **kwargs):
+        jobs.cancel(migrated, job_id)  # the user's cancel, arriving mid-write
+        return write_store(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "write_store", cancelled_while_writing)
+    assert Worker(readable(migrated, tiny_world), lease_s=600).run_one() is True  # a heartbeat every 2 s: it may not come in time
+    done = jobs.get(migrated, job_id)
+    assert done["status"] == "cancelled" and done["result"] is None, (done["status"], done["error"])
     with db.session(migrated) as s:
         assert s.query(Run).count() == 0
     assert list(migrated.runs_dir.iterdir()) == []

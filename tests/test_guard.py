@@ -70,6 +70,13 @@ def test_allowed_hosts_adds_names_and_the_bind_host_counts_unless_it_is_a_wildca
     ({"origin": "http://127.0.0.1.evil.example:8000"}, "Origin"),
     ({"referer": "https://evil.example/page?x=1"}, "Referer"),
     ({"origin": "http://evil.example", "referer": "http://127.0.0.1/runs"}, "Origin"),
+    # another port or scheme of a loopback name is another origin: a page served there is not this server
+    ({"origin": "http://127.0.0.1:9999"}, "Origin"),
+    ({"origin": "http://localhost:9999"}, "Origin"),
+    ({"origin": "https://127.0.0.1"}, "Origin"),
+    ({"referer": "http://localhost:5000/page"}, "Referer"),
+    ({"origin": "http://127.0.0.1:99999"}, "Origin"),
+    ({"origin": "file://"}, "Origin"),
 ])
 def test_state_changing_requests_from_another_site_are_403(client, migrated, headers, named):
     for method in ("post", "put", "delete"):
@@ -81,8 +88,9 @@ def test_state_changing_requests_from_another_site_are_403(client, migrated, hea
     assert client.get("/api/runs", headers=headers).status_code == 200  # reading is left to the browser's same-origin rule
 
 
-@pytest.mark.parametrize("headers", [{}, {"origin": "http://127.0.0.1:8000"}, {"origin": "http://localhost:5000"},
-                                     {"referer": "http://[::1]:8000/runs/synthetic"}])
+@pytest.mark.parametrize("headers", [{}, {"origin": "http://127.0.0.1"}, {"origin": "http://localhost"},
+                                     {"origin": "http://127.0.0.1:80"}, {"referer": "http://[::1]/runs/synthetic"},
+                                     {"host": "127.0.0.1:8000", "origin": "http://localhost:8000"}])
 def test_requests_from_this_site_or_a_script_are_served(client, migrated, headers):
     r = client.post(ABLATE, json=SMALL, headers=headers)
     assert r.status_code == 201, r.text

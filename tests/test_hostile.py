@@ -1,6 +1,6 @@
-"""Hand-made hostile requests, each replayed against the app on the synthetic run: none may be
-a 500, every refusal is a 4xx whose body names the problem, and a refused write changes
-nothing (no job queued, no label written).
+"""Hand-made hostile requests, each replayed against the app on the synthetic run, on SQLite and
+on PostgreSQL: none may be a 500, every refusal is a 4xx whose body names the problem, and a
+refused write changes nothing (no job queued, no label written).
 
 The cases are built per family below (ids, numbers, strings, forms, bodies, queries, headers,
 methods), so a new route or field joins by adding one line to a family."""
@@ -14,8 +14,13 @@ from typing import Any
 
 import pytest
 
+import yaml
+
 from backend import jobs, labels
+from tests.conftest import SQL_DATABASES
 from tests.helpers import DEAD_FEATURE, LAYERS, N_FEATURES, make_client
+
+pytestmark = pytest.mark.sql_databases  # the tests on `client` too, on both databases
 
 RUN = "/api/runs/synthetic"
 LAYER = LAYERS[0]
@@ -173,6 +178,15 @@ def _list_cases() -> list[Case]:
         Case("clamp without value", "POST", ABLATE, (422,), json={"mode": "clamp", "features": [1]}, says="value"),
         Case("unknown mode", "POST", ABLATE, (422,), json={"mode": "explode", "features": [1]}),
         Case("unknown tokens", "POST", ABLATE, (422,), json={"mode": "zero", "features": [1], "tokens": "some"}),
+        # each control draw needs as many other features as are chosen
+        Case("ablate half the layer and one", "POST", ABLATE, (422,), says="control",
+             json={"mode": "zero", "features": list(range(N_FEATURES // 2 + 1))}),
+        Case("ablate top 33 of 64", "POST", ABLATE, (422,), says="control",
+             json={"mode": "zero", "selection": "top_abs", "top_n": N_FEATURES // 2 + 1}),
+        Case("sweep half the layer and one", "POST", f"{RUN}/layers/{LAYER}/sweeps", (422,), says="control",
+             json={"features": list(range(N_FEATURES // 2 + 1)), "mode": "steer"}),
+        Case("15 MB of floats", "PUT", f"{FEATURE}/label", (422,), says="values",
+             json={"label": "reward", "note": "", "version": [0.5] * 1_500_000}),
     ]
 
 
@@ -247,7 +261,69 @@ def _query_cases() -> list[Case]:
               for x in ["-1", str(2**31), str(2**40), "²", str(N_FEATURES)]]
     cases += [Case(f"run id {name}", "GET", f"/api/runs/{rid}", (404,))
               for name, rid in {"traversal": "..%2F..%2Fetc", "long": "r" * 5000, "quote": "%27%22",
-                                "null": "%00", "unicode": "%E2%80%AE"}.items()]
+                                "unicode": "%E2%80%AE"}.items()]
+    return cases
+
+
+# --- NUL: PostgreSQL's text cannot hold it; refused at the edge on both databases ----------------
+
+def _nul_cases() -> list[Case]:
+    cases = [Case(f"nul {method} {url}", method, url, (422,), says="NUL")
+             for method, url in [("GET", "/api/runs/l%00r"), ("GET", "/api/runs/%00"), ("DELETE", "/api/runs/l%00r"),
+                                 ("GET", "/api/runs/l%00r/labels.csv"), ("GET", "/runs/l%00r/layers/1"),
+                                 ("GET", f"{RUN}/layers/{LAYER}?token=a%00b"), ("GET", f"{RUN}/texts?q=%00"),
+                                 ("GET", f"{FEATURE}/label?x=%00")]]
+    cases += [
+        Case("nul in a label note", "PUT", f"{FEATURE}/label", (422,), says="NUL",
+             **_raw('{"label": "reward", "note": "a\\u0000b", "version": 0}')),
+        Case("nul in a key", "POST", ABLATE, (422,), says="NUL", **_raw('{"mode": "zero", "features": [1], "\\u0000": 1}')),
+        Case("nul in a typed text", "POST", TEXT, (422,), says="NUL", json={"text": "good\x00 film"}),
+        Case("nul in a form note", "POST", f"/runs/synthetic/layers/{LAYER}/features/7/label", (422,), says="NUL",
+             data={"label": "reward", "note": "a\x00b", "version": "0"}),
+        Case("nul in a config's name", "POST", "/api/jobs", (422,), says="NUL",
+             json={"config_yaml": 'name: "a\\0b"\nmodel: {path: demo}\ndataset: {source: demo}\nlayers: [1]'}),
+    ]
+    return cases
+
+
+# --- run configs: every key that names a path, every limit -----------------------------------------
+
+def _config(**changes) -> str:
+    return yaml.safe_dump({"name": "hostile", "model": {"path": "demo"}, "dataset": {"source": "demo"},
+                           "layers": [1], **changes})
+
+
+def _config_cases() -> list[Case]:
+    paths = {  # every key that names something to read, pointed outside the input folders
+        "hf absolute": ({"dataset": {"source": "hf:/etc"}}, "dataset.source"),
+        "hf parent": ({"dataset": {"source": "hf:../../etc/passwd"}}, "dataset.source"),
+        "hf home": ({"dataset": {"source": "hf:~/.ssh"}}, "dataset.source"),
+        "dataset file": ({"dataset": {"source": "/etc/passwd"}}, "dataset.source"),
+        "model dir": ({"model": {"path": "/etc"}}, "model.path"),
+        "lexicon environ": ({"lexicon": {"reference": "/proc/self/environ"}}, "lexicon.reference"),
+        "lexicon csv": ({"lexicon": {"reference": "../../../../etc/passwd"}}, "lexicon.reference"),
+        "vocabulary environ": ({"reason_score": {"vocabulary": "/proc/self/environ"}}, "reason_score.vocabulary"),
+        "vocabulary missing": ({"reason_score": {"vocabulary": "/nonexistent/words.txt"}}, "reason_score.vocabulary"),
+        "base model": ({"transfer": {"base_model": "/usr"}}, "transfer.base_model"),
+        "base model parent": ({"transfer": {"base_model": "../../../../usr/lib"}}, "transfer.base_model"),
+    }
+    cases = [Case(f"config path {name}", "POST", "/api/jobs", (422,), json={"config_yaml": _config(**changes)},
+                  says=key) for name, (changes, key) in paths.items()]
+    limits = {  # every key the probe found unbounded, each far beyond
+        "transfer.training_tokens": {"transfer": {"base_model": "demo-base", "training_tokens": 10**15}},
+        "sae.buffer_tokens": {"sae": {"buffer_tokens": 10**12}},
+        "sae.batch_size": {"sae": {"batch_size": 10**12}},
+        "dataset.batch_size": {"dataset": {"source": "demo", "batch_size": 10**12}},
+        "analysis.window_before": {"analysis": {"window_before": 10**9}},
+        "effects.pool_texts": {"effects": {"pool_texts": 10**12}},
+        "effects.faithfulness_texts": {"effects": {"faithfulness_texts": 10**12}},
+        "lexicon.batch_size": {"lexicon": {"batch_size": 10**12}},
+        "transfer.match_tokens": {"transfer": {"base_model": "demo-base", "match_tokens": 10**15}},
+        "sae.dead_feature_window": {"sae": {"dead_feature_window": 10**15}},
+        "seed": {"seed": 10**30},
+    }
+    cases += [Case(f"config limit {key}", "POST", "/api/jobs", (422,), json={"config_yaml": _config(**changes)},
+                   says=key) for key, changes in limits.items()]
     return cases
 
 
@@ -256,13 +332,15 @@ def _query_cases() -> list[Case]:
 def _header_cases() -> list[Case]:
     cases = [Case(f"host {h}", "GET", "/api/runs", (400,), headers={"host": h}, says="host")
              for h in ["evil.example", "127.0.0.1.evil.example", "localhost.evil.example", "[::2]", "10.0.0.1"]]
-    for origin in ["http://evil.example", "null", "http://127.0.0.1.evil.example", "https://localhost.evil.example"]:
+    for origin in ["http://evil.example", "null", "http://127.0.0.1.evil.example", "https://localhost.evil.example",
+                   "http://127.0.0.1:9999", "http://localhost:9999", "https://127.0.0.1", "http://[::1]:8000"]:
         cases.append(Case(f"origin {origin} label", "PUT", f"{FEATURE}/label", (403,),
                           json={"label": "reward", "note": "", "version": 0}, headers={"origin": origin}))
         cases.append(Case(f"origin {origin} ablate", "POST", ABLATE, (403,),
                           json={"mode": "zero", "features": [1]}, headers={"origin": origin}))
         cases.append(Case(f"origin {origin} form", "POST", f"/runs/synthetic/layers/{LAYER}/ablate", (403,),
                           data={"mode": "zero", "features": "1"}, headers={"origin": origin}))
+        cases.append(Case(f"origin {origin} cancel", "POST", "/api/jobs/1/cancel", (403,), headers={"origin": origin}))
     cases.append(Case("referer elsewhere", "POST", "/api/jobs", (403,), json={"config_yaml": "name: x"},
                       headers={"referer": "http://evil.example/page"}))
     for method, url in [("PATCH", f"{FEATURE}/label"), ("DELETE", f"{FEATURE}/label"), ("PUT", "/api/jobs"),
@@ -272,7 +350,7 @@ def _header_cases() -> list[Case]:
 
 
 CASES = (_id_cases() + _number_cases() + _string_cases() + _list_cases() + _form_cases() + _body_cases()
-         + _query_cases() + _header_cases())
+         + _query_cases() + _header_cases() + _nul_cases() + _config_cases())
 
 
 def test_there_are_at_least_300_hostile_requests():
@@ -280,13 +358,23 @@ def test_there_are_at_least_300_hostile_requests():
     assert len({c.id for c in CASES}) == len(CASES), "case ids repeat"
 
 
-@pytest.fixture(scope="module")
-def hostile_app(tmp_path_factory):
+@pytest.fixture(scope="module", params=SQL_DATABASES)
+def hostile_app(request, tmp_path_factory):
+    import contextlib
+
     from backend import db
     from backend.settings import Settings
+
+    with (request.getfixturevalue("postgres_server").database() if request.param == "postgresql"
+          else contextlib.nullcontext("")) as database_url:
+        yield from _hostile_app(Settings(data_dir=tmp_path_factory.mktemp("hostile"), database_url=database_url))
+        db.dispose_engines()
+
+
+def _hostile_app(settings):
+    from backend import db
     from tests.helpers import publish_synthetic_run
 
-    settings = Settings(data_dir=tmp_path_factory.mktemp("hostile"))
     db.upgrade(settings)
     publish_synthetic_run(settings)
     with make_client(settings) as client:
@@ -379,3 +467,69 @@ def test_an_ablation_of_the_labelled_features_names_them(client):
     assert queued.headers["location"] == f"/api/jobs/{queued.json()['id']}"
     assert queued.json()["params"]["features"] == [4, 9]
     assert "labelled reward-related" in queued.json()["params"]["described"]
+
+
+def _basic(user: str, password: str) -> dict:
+    import base64
+
+    return {"authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+def test_with_named_users_only_a_jobs_author_may_cancel_it(migrated, synthetic_run):
+    """alice's browser once cancelled bob's job: cancel checked no one."""
+    users = migrated.model_copy(update={"users": "alice:pa55,bob:pa55"})
+    alice, bob = _basic("alice", "pa55"), _basic("bob", "pa55")
+    with make_client(users) as client:
+        job = client.post(ABLATE, json={"mode": "zero", "features": [1]}, headers=bob)
+        assert job.status_code == 201, job.text
+        cancel = f"/api/jobs/{job.json()['id']}/cancel"
+        refused = client.post(cancel, headers=alice)
+        assert refused.status_code == 403 and "only its author" in refused.json()["detail"]
+        assert jobs.get(users, job.json()["id"])["status"] == "queued"
+        assert client.post(cancel, headers=bob).json()["status"] == "cancelled"
+
+
+def test_a_config_pointing_outside_the_input_folders_echoes_nothing_it_names(client, migrated, tmp_path_factory,
+                                                                           monkeypatch):
+    secret_dir = tmp_path_factory.mktemp("elsewhere")  # beside the data dir, not in it
+    (secret_dir / "lexicon.csv").write_text("word,value\npassword,S3cr3tP4ssw0rd!\n")
+    (secret_dir / "words.txt").write_text("hunter2\n")
+    monkeypatch.setenv("RA_PROBE_SECRET", "environ-S3cr3t")
+    for changes in ({"lexicon": {"reference": "/proc/self/environ"}},
+                    {"reason_score": {"vocabulary": "/proc/self/environ"}},
+                    {"lexicon": {"reference": str(secret_dir / "lexicon.csv")}},
+                    {"reason_score": {"vocabulary": str(secret_dir / "words.txt")}},
+                    {"reason_score": {"vocabulary": str(secret_dir / "absent.txt")}},
+                    {"dataset": {"source": f"hf:{secret_dir}"}}):
+        response = client.post("/api/jobs", json={"config_yaml": _config(**changes)})
+        assert response.status_code == 422, response.text
+        for leaked in ("S3cr3t", "hunter2", "PATH=", "not found", "line"):
+            assert leaked not in response.text, response.text
+    assert jobs.recent(migrated) == []
+
+
+def test_a_model_folder_without_a_tokenizer_is_refused_at_submission(client, migrated):
+    base = migrated.data_dir / "models" / "no-tokenizer"
+    base.mkdir(parents=True)
+    (base / "config.json").write_text('{"model_type": "bert", "num_hidden_layers": 6}')
+    response = client.post("/api/jobs", json={"config_yaml": _config(transfer={"base_model": str(base)})})
+    assert response.status_code == 422 and "no tokenizer" in response.text, response.text
+    assert jobs.recent(migrated) == []
+
+
+def test_half_the_layer_may_be_ablated_with_controls_and_more_without(client):
+    half = client.post(ABLATE, json={"mode": "zero", "features": list(range(N_FEATURES // 2))})
+    assert half.status_code == 201, half.text
+    more = client.post(ABLATE, json={"mode": "zero", "features": list(range(N_FEATURES // 2 + 1)), "control": False})
+    assert more.status_code == 201, more.text
+
+
+def test_a_large_body_within_the_value_limit_is_read_in_another_process_and_served(client):
+    """256 typed texts of 4,000 characters: over the size parsed inline, a few hundred values."""
+    texts = [("fine film " * 400)[:4000] + str(i) for i in range(256)]
+    queued = client.post(ABLATE, json={"mode": "zero", "features": [1], "texts": texts})
+    assert queued.status_code == 422 and "characters" in queued.text  # 4,001 characters: the route's own rule
+    texts = [t[:3999] for t in texts]
+    queued = client.post(ABLATE, json={"mode": "zero", "features": [1], "texts": texts})
+    assert queued.status_code == 201, queued.text[:500]
+    assert len(queued.json()["params"]["texts"]) == 256

@@ -41,7 +41,7 @@ def n_events(settings) -> int:
 def test_set_read_and_clear_a_label(client):
     assert client.get(api(5)).json() | {"history": None} == {
         "run_id": "synthetic", "layer": 3, "feature": 5, "label": None, "note": "", "author": None,
-        "updated_at": None, "version": 0, "history": None, **NO_LABEL_MADE_ON}
+        "updated_at": None, "version": 0, "history": None, "orphaned": False, **NO_LABEL_MADE_ON}
     r = client.put(api(5), json={"label": "reward", "note": "fires on praise", "version": 0})
     assert r.status_code == 200
     assert r.json() | {"updated_at": None} == {"run_id": "synthetic", "layer": 3, "feature": 5, "label": "reward",

@@ -59,3 +59,23 @@ def test_a_finite_edit_is_stored_as_before(tiny_run):
                                           "value": 2.0, "n_texts": 16, "tokens": "all", "n_controls": 3})
     assert done["status"] == "done", done["error"]
     assert np.isfinite(done["result"]["summary"]["mean_delta"])
+
+
+@pytest.mark.parametrize("mode, value", [("zero", None), ("clamp", 0.0)])
+def test_a_feature_that_fires_on_none_of_the_texts_is_answered_as_such(tiny_run, mode, value):
+    """Zeroing a dead feature once failed with "draw_means[0] came out NaN": the texts where it
+    fires are none, and their mean was taken anyway."""
+    settings, run_id, _ = tiny_run
+    path = settings.run_dir(run_id) / STORE_FILENAME
+    freq = np.asarray(store.layer_vectors(path, LAYER)["frequency"])
+    dead = [int(f) for f in np.flatnonzero(freq == 0)[:2]]
+    assert dead, "the tiny run's SAE has no dead feature to edit"
+    for params in ({"n_texts": 16}, {"texts": ["what a great movie", "a dull film"]}):
+        done = run_job(settings, "ablation", {"run_id": run_id, "layer": LAYER, "features": dead, "mode": mode,
+                                              "value": value, "tokens": "text", "n_controls": 3, **params})
+        assert done["status"] == "done", done["error"]
+        result = done["result"]
+        assert result["fires_on_none"] is True
+        assert result["where_fired"]["summary"]["n"] == 0 and result["where_fired"]["summary"]["mean_delta"] == 0.0
+        assert result["where_fired"]["summary"]["fires_on_none"] is True
+        assert abs(result["summary"]["mean_delta"]) < 1e-5  # set to 0 where it is 0 already: nothing moves

@@ -240,7 +240,7 @@ def test_run_page_explains_the_best_layer_by_what_zeroing_it_moves(client, synth
         f"the score, its lowerers zeroed raise it; beyond every control draw) (layer 5: "
         f"{fmt_pct(other['faithfulness_relative'], 1)}); held-out R² {best['r2_heldout']:.3f}.")
     assert api["best_layer_rule"].startswith("the layer where zeroing its default ranking's top 10")
-    assert html.count(str(markup_escape(api["best_layer_rule"]))) == 2  # the card says it and its tooltip
+    assert html.count(str(markup_escape(api["best_layer_rule"]))) == 1  # the best-layer card says it
     for layer in (best, other):
         row = re.search(rf'<tr data-uses="{layer["layer"]}".*?</tr>', html, re.S).group(0)
         cells = [re.sub(r"<[^>]+>", "", c).strip() for c in re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)]

@@ -38,7 +38,9 @@ def test_killed_worker_job_finishes_on_another_worker_once(tiny_world, tmp_path,
     config_yaml = yaml.safe_dump(config.model_dump(mode="json", exclude_unset=True))
     job = jobs.submit(settings, "pipeline", {"config_yaml": config_yaml}, "tester", config.run_id)
 
-    env = {**os.environ, "RA_DATA_DIR": str(settings.data_dir), "RA_DATABASE_URL": database_url}
+    # a queued run reads only under the input folders, on the worker too: the tiny world's among them
+    env = {**os.environ, "RA_DATA_DIR": str(settings.data_dir), "RA_DATABASE_URL": database_url,
+           "RA_INPUT_DIRS": f"{settings.data_dir},{tiny_world[0].parent}"}
     log = (tmp_path / "first-worker.log").open("w")
     first = subprocess.Popen([sys.executable, "-m", "backend.cli", "worker", "--lease", str(LEASE_S), "--poll", "0.1"],
                              cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -61,7 +63,7 @@ def test_killed_worker_job_finishes_on_another_worker_once(tiny_world, tmp_path,
     killed = jobs.get(settings, job["id"])
     assert killed["status"] == "running" and killed["attempts"] == 1  # the queue has not noticed yet
 
-    second = Worker(settings, lease_s=LEASE_S)
+    second = Worker(settings.model_copy(update={"input_dirs": env["RA_INPUT_DIRS"]}), lease_s=LEASE_S)
     assert second.run_one() is False  # the dead worker's lease still holds
     wait_for(second.run_one, 30, "the lease to expire and the job to be taken over")
 

@@ -13,6 +13,7 @@ from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, Validati
 
 from workers.head_outputs import OUTPUT_SCORES, OutputError, hf_label_names, hf_output_count, resolve_output
 from workers.loader_ref import LOADER_PATTERN, LoaderRefError, locate_loader
+from workers.config_keys import DeploymentLimit, InputRef, InputRefused, check_deployment_limits, resolve_inputs
 from workers.reference_words import (DEFAULT_LEXICON_CARRIERS, DEFAULT_NEUTRAL_WORD, VADER, VOCABULARIES,
                                      check_carrier)
 
@@ -40,9 +41,19 @@ ADAPTER_KEYS: dict[str, str] = {"good_token": "process", "bad_token": "process",
 OUTPUT_ADAPTERS = ("seq_cls", "custom")
 
 
+# Upper bounds the environment sets (RA_MAX_*), shared by the keys they bound
+TRAINING_TOKENS = DeploymentLimit("max_training_tokens", "tokens")
+SAE_WIDTH = DeploymentLimit("max_sae_width", "latents")
+TEXTS = DeploymentLimit("max_texts", "texts")
+MAX_BLOCK = 1023  # a block index; no model here has that many
+MAX_BATCH = 65_536  # items per forward or step
+SAE_K_MAX = 4096  # active latents per token
+
+
 class ModelConfig(Strict):
-    path: str = Field(description="HF model id or local directory; 'demo' for the built-in demo RM; with "
-                      "model.loader, whatever the loader takes (handed to it as is)")
+    path: Annotated[str, InputRef(frozenset({DEMO_MODEL}), hub_ids=True)] = Field(
+        description="HF model id or local directory; 'demo' for the built-in demo RM; with model.loader, whatever "
+        "the loader takes (handed to it as is)")
     adapter: Literal["seq_cls", "process", "causal_lm", "custom"] = Field(
         "seq_cls", description="custom: a model built by model.loader (the default when a loader is set)")
     loader: str | None = Field(None, pattern=LOADER_PATTERN, description="'package.module:function' called as "
@@ -92,17 +103,19 @@ HF_PREFIX = "hf:"  # dataset.source "hf:<id>" loads a dataset from the HF hub (o
 
 
 class DatasetConfig(Strict):
-    source: str = Field(description="'demo', a local .jsonl/.csv/.parquet file or dataset directory, or 'hf:<id>'")
+    source: Annotated[str, InputRef(frozenset({DEMO_DATASET}), hub_prefix=HF_PREFIX, next_to_config=True)] = Field(
+        description="'demo', a local .jsonl/.csv/.parquet file or dataset directory, or 'hf:<id>'")
     split: str = Field("train", description="split of a HF dataset or dataset directory")
     text_column: str = "text"
     reward_column: str | None = "reward"
     steps_column: str | None = Field("steps", description="list of steps, joined by model.step_separator")
-    n_texts: int | None = Field(None, ge=10, description="use at most this many texts")
-    token_budget: int | None = Field(None, ge=100, description="stop taking texts once their tokens reach this")
+    n_texts: Annotated[int | None, TEXTS] = Field(None, ge=10, description="use at most this many texts")
+    token_budget: Annotated[int | None, TRAINING_TOKENS] = Field(
+        None, ge=100, description="stop taking texts once their tokens reach this")
     shuffle: bool = Field(False, description="shuffle texts (seeded) before n_texts / token_budget take theirs")
     truncation: bool = Field(True, description="cut texts at model.max_length; false: skip longer texts")
     heldout_fraction: float = Field(0.2, gt=0.0, lt=0.9)
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1, le=4096)
 
 
 SaeArchitecture = Literal["topk", "batchtopk", "jumprelu", "standard", "l1_sqrt"]
@@ -126,38 +139,39 @@ ARCHITECTURE_KNOBS: dict[str, set[str]] = {
 class SaeConfig(Strict):
     architecture: SaeArchitecture = Field(
         "topk", description="topk | batchtopk | jumprelu | standard (L1 penalty) | l1_sqrt (L_p penalty, p=0.5)")
-    width: int = Field(3072, ge=8, description="the run's SAE per layer: the one every analysis, page and "
+    width: Annotated[int, SAE_WIDTH] = Field(3072, ge=8, description="the run's SAE per layer: the one every analysis, page and "
                        "ablation uses (with widths: the larger, max(widths))")
-    widths: list[int] | None = Field(
+    widths: list[Annotated[int, SAE_WIDTH]] | None = Field(
         None, description="[small, large]: two dictionary sizes per layer, trained from the same activations; the "
         "larger is the run's SAE, the other its pair (saes/pair/), compared by mean max cosine (MMCS)")
-    k: int = Field(32, ge=1, description="topk: active features per token; batchtopk: per token on average")
+    k: int = Field(32, ge=1, le=SAE_K_MAX, description="topk: active features per token; batchtopk: per token on average")
     aux_loss_coefficient: float = Field(
-        1.0, ge=0, description="topk/batchtopk: weight of the loss reviving dead features (0: off, and not computed)")
+        1.0, ge=0, le=1e3, description="topk/batchtopk: weight of the loss reviving dead features (0: off, and not computed)")
     rescale_acts_by_decoder_norm: bool = Field(
         False, description="topk: rank pre-activations as if decoder rows had unit norm (on: SAELens's training default; slower steps and more dead features on the demo)")
     topk_threshold_lr: float = Field(0.01, gt=0, le=1, description="batchtopk: rate of the inference threshold's moving average")
     l1_coefficient: float | None = Field(
-        None, gt=0, description="standard/l1_sqrt: weight of the sparsity penalty (default 5 and 0.15: the p=0.5 "
+        None, gt=0, le=1e4, description="standard/l1_sqrt: weight of the sparsity penalty (default 5 and 0.15: the p=0.5 "
         "penalty grows about L0 times faster)")
-    jumprelu_init_threshold: float = Field(0.01, ge=0)
-    jumprelu_bandwidth: float = Field(0.05, gt=0, description="jumprelu: width of the threshold's gradient estimator")
-    l0_coefficient: float = Field(1.0, gt=0, description="jumprelu: weight of the L0 penalty")
+    jumprelu_init_threshold: float = Field(0.01, ge=0, le=1e3)
+    jumprelu_bandwidth: float = Field(0.05, gt=0, le=10, description="jumprelu: width of the threshold's gradient estimator")
+    l0_coefficient: float = Field(1.0, gt=0, le=1e3, description="jumprelu: weight of the L0 penalty")
     pre_act_loss_coefficient: float | None = Field(
-        None, ge=0, description="jumprelu: weight of the loss pushing dead features' pre-activations up (e.g. 3e-6)")
+        None, ge=0, le=1e3, description="jumprelu: weight of the loss pushing dead features' pre-activations up (e.g. 3e-6)")
     sparsity_warm_up_fraction: float = Field(
         0.05, ge=0, lt=1, description="standard/l1_sqrt/jumprelu: share of training over which the penalty ramps up")
-    training_tokens: int = Field(300_000, ge=1000)
-    batch_size: int = Field(1024, ge=16, description="tokens per SAE training step")
+    training_tokens: Annotated[int, TRAINING_TOKENS] = Field(300_000, ge=1000)
+    batch_size: int = Field(1024, ge=16, le=MAX_BATCH, description="tokens per SAE training step")
     lr: float = Field(4e-4, gt=0, lt=1)
     lr_scheduler: Literal["constant", "cosineannealing"] = "constant"
     lr_warm_up_fraction: float = Field(0.0, ge=0, lt=1, description="share of steps with a linear lr warm-up")
     lr_decay_fraction: float = Field(0.2, ge=0, lt=1, description="share of final steps with a linear decay to 0")
-    lr_end: float | None = Field(None, gt=0, description="cosineannealing: floor before the decay (default lr/10)")
+    lr_end: float | None = Field(None, gt=0, lt=1, description="cosineannealing: floor before the decay (default lr/10)")
     dead_feature_window: int | None = Field(
-        None, ge=1, description="steps without firing before a feature counts as dead (default: a quarter of training, at most 1000)")
-    buffer_tokens: int = Field(32_768, ge=256, description="shuffle buffer, in tokens")
-    reward_recovered_texts: int = Field(256, ge=1, description="held-out texts scored with each SAE spliced in")
+        None, ge=1, le=10_000_000, description="steps without firing before a feature counts as dead (default: a quarter of training, at most 1000)")
+    buffer_tokens: int = Field(32_768, ge=256, le=4_194_304, description="shuffle buffer, in tokens (memory: this "
+                               "x d_model x 4 bytes per layer)")
+    reward_recovered_texts: int = Field(256, ge=1, le=100_000, description="held-out texts scored with each SAE spliced in")
 
     @field_validator("widths")
     @classmethod
@@ -204,14 +218,14 @@ class SaeConfig(Strict):
 
 class AnalysisConfig(Strict):
     n_contexts: int = Field(20, ge=1, le=200)
-    window_before: int = Field(10, ge=0)
-    window_after: int = Field(5, ge=0)
+    window_before: int = Field(10, ge=0, le=256)
+    window_after: int = Field(5, ge=0, le=256)
     histogram_bins: int = Field(24, ge=2, le=200)
     quantile_bins: int = Field(5, ge=1, le=50, description="activation bins sampled (at least this many below max)")
     quantile_examples: int = Field(5, ge=1, le=100, description="random examples kept per activation bin")
     top_tokens: int = Field(10, ge=1, le=100, description="tokens listed per feature, by mean activation")
-    top_token_min_count: int = Field(3, ge=1, description="a token must occur this often to be listed")
-    reward_effect_texts: int = Field(2048, ge=0, description="texts whose reward gradient gives the reward effect (0: off)")
+    top_token_min_count: int = Field(3, ge=1, le=1_000_000, description="a token must occur this often to be listed")
+    reward_effect_texts: int = Field(2048, ge=0, le=1_000_000, description="texts whose reward gradient gives the reward effect (0: off)")
     ranked_texts: int = Field(
         1000, ge=0, le=10_000, strict=True,
         description="per feature, the texts it fires on most (by its max over the text's own tokens) kept "
@@ -225,12 +239,12 @@ class EffectsConfig(Strict):
     enabled: bool = Field(True, description="measure effects and faithfulness (off: rankings are predictions only)")
     candidates: int = Field(100, ge=1, le=2000, description="features measured per layer: top by |attribution| and |weight|")
     texts_per_feature: int = Field(64, ge=2, le=1024, description="held-out texts where it fires, each zeroed alone")
-    pool_texts: int = Field(512, ge=8, description="held-out texts searched for those where a candidate fires")
-    faithfulness_texts: int = Field(64, ge=8, description="held-out texts every deletion curve is measured on (each point costs 1 + controls passes over them through the blocks above the layer)")
-    faithfulness_n: list[int] = Field([1, 2, 5, 10, 20, 50, 100], min_length=1,
+    pool_texts: int = Field(512, ge=8, le=100_000, description="held-out texts searched for those where a candidate fires")
+    faithfulness_texts: int = Field(64, ge=8, le=10_000, description="held-out texts every deletion curve is measured on (each point costs 1 + controls passes over them through the blocks above the layer)")
+    faithfulness_n: list[Annotated[int, Field(le=4096)]] = Field([1, 2, 5, 10, 20, 50, 100], min_length=1, max_length=64,
                                       description="top-n of each ranking zeroed together")
     controls: int = Field(3, ge=3, le=20, description="frequency-matched random draws per curve point (at least 3)")
-    batch_size: int = Field(16, ge=1, description="texts per forward: length-sorted, so small batches pad little "
+    batch_size: int = Field(16, ge=1, le=4096, description="texts per forward: length-sorted, so small batches pad little "
                             "(the upper blocks' cost is all there is)")
 
     @field_validator("faithfulness_n")
@@ -244,7 +258,7 @@ class EffectsConfig(Strict):
 class RegressionConfig(Strict):
     pooling: Literal["reward_token", "sum", "mean", "max"] = "reward_token"
     method: Literal["ridge", "lasso"] = Field("ridge", description="lasso: sparse selection of features")
-    alphas: list[float] | None = Field(None, description="penalty grid; default: ridge 33 points relative to "
+    alphas: list[Annotated[float, Field(le=1e12)]] | None = Field(None, max_length=1000, description="penalty grid; default: ridge 33 points relative to "
                                        "the features' scale (GCV), lasso sklearn's automatic path (k-fold)")
     cv_folds: int = Field(5, ge=2, le=50, description="folds for lasso's alpha and for fold stability")
     stability: Literal["folds", "bootstrap", "none"] = Field(
@@ -272,19 +286,20 @@ DEMO_BASE = "demo-base"  # transfer.base_model: raw all-MiniLM-L6-v2, the model 
 class LayerSelection(Strict):
     """`layers: {top_divergence: k}`: the k blocks whose weights changed most between
     transfer.base_model and the reward model (workers/divergence.py), chosen before any training."""
-    top_divergence: int = Field(ge=1, strict=True, description="how many of the most-changed blocks to take")
+    top_divergence: int = Field(ge=1, le=MAX_BLOCK, strict=True, description="how many of the most-changed blocks to take")
 
 
 class TransferConfig(Strict):
     """SAEs on the model the RM was tuned from (workers/analyses/transfer.py): the RM's score
     regressed on the base model's features, and each RM feature matched to a base feature."""
-    base_model: str = Field(min_length=1, description="HF id, local directory, or 'demo-base' (raw MiniLM)")
-    layers: list[int] | None = Field(None, min_length=1, description="base-model blocks (default: the run's layers)")
-    training_tokens: int | None = Field(None, ge=1000, description="tokens the base SAEs train on "
+    base_model: Annotated[str, InputRef(frozenset({DEMO_BASE}), hub_ids=True)] = Field(
+        min_length=1, description="HF id, local directory, or 'demo-base' (raw MiniLM)")
+    layers: list[Annotated[int, Field(le=MAX_BLOCK)]] | None = Field(None, min_length=1, description="base-model blocks (default: the run's layers)")
+    training_tokens: Annotated[int | None, TRAINING_TOKENS] = Field(None, ge=1000, description="tokens the base SAEs train on "
                                         "(default: sae.training_tokens)")
-    match_tokens: int = Field(65_536, ge=256, description="held-out tokens over which each RM feature is matched "
+    match_tokens: int = Field(65_536, ge=256, le=10_000_000, description="held-out tokens over which each RM feature is matched "
                               "to its most correlated base feature")
-    texts: int | None = Field(None, ge=10, description="corpus texts (a seeded sample, either split) the base "
+    texts: Annotated[int | None, TEXTS] = Field(None, ge=10, description="corpus texts (a seeded sample, either split) the base "
                               "regressions are fitted and scored on, the RM's own refitted on the same texts beside "
                               "them (default: all)")
 
@@ -302,13 +317,13 @@ class LexiconConfig(Strict):
     reward model measured and predicted by each layer's regression, each compared with the
     reference by Kendall tau. Absent: off."""
     enabled: bool = True
-    reference: str = Field(VADER, min_length=1, description="'vader' (the vaderSentiment package's lexicon) or a "
+    reference: Annotated[str, InputRef(frozenset({VADER}), next_to_config=True)] = Field(VADER, min_length=1, description="'vader' (the vaderSentiment package's lexicon) or a "
                            "CSV file of word,value rows (bad rows are listed and skipped)")
     carriers: list[str] = Field(default_factory=lambda: list(DEFAULT_LEXICON_CARRIERS), min_length=1,
                                 max_length=64, description="neutral sentences, each with one {} where the word goes")
     neutral_word: str = Field(DEFAULT_NEUTRAL_WORD, min_length=1, max_length=64,
                               description="the word each lexicon word replaces in the carriers")
-    batch_size: int = Field(512, ge=1, description="carrier sentences per forward")
+    batch_size: int = Field(512, ge=1, le=MAX_BATCH, description="carrier sentences per forward")
     divergent: int = Field(20, ge=1, le=500, description="words listed where the model and the reference "
                            "disagree most (by rank), each way")
 
@@ -322,11 +337,12 @@ class ReasonScoreConfig(Strict):
     """ReasonScore (workers/analyses/reason_score.py): each feature's specificity to a
     vocabulary, over the tokens of the first `texts` corpus texts. Absent: off."""
     enabled: bool = True
-    vocabulary: str = Field("demo-negation", min_length=1, description="a file of words (separated by commas, "
+    vocabulary: Annotated[str, InputRef(frozenset(VOCABULARIES), next_to_config=True)] = Field(
+        "demo-negation", min_length=1, description="a file of words (separated by commas, "
                             "spaces or newlines) or a shipped list: " + ", ".join(VOCABULARIES))
     texts: int = Field(2000, ge=1, le=1_000_000, description="corpus texts whose tokens are scanned")
     alpha: float = Field(0.7, ge=0, le=10, description="the entropy's exponent (the paper's 0.7)")
-    window: list[int] = Field([1, 2], min_length=2, max_length=2,
+    window: list[Annotated[int, Field(le=64)]] = Field([1, 2], min_length=2, max_length=2,
                               description="[before, after]: tokens around a vocabulary word that count as its own")
 
     @field_validator("window")
@@ -356,7 +372,7 @@ class RunConfig(Strict):
     run_id: str | None = Field(None, description="defaults to a slug of name")
     model: ModelConfig
     dataset: DatasetConfig
-    layers: Annotated[Union[Annotated[list[int], Tag("list")], Annotated[LayerSelection, Tag("selection")]],
+    layers: Annotated[Union[Annotated[list[Annotated[int, Field(le=MAX_BLOCK)]], Tag("list")], Annotated[LayerSelection, Tag("selection")]],
                       Discriminator(lambda v: "selection" if isinstance(v, (dict, LayerSelection)) else "list")] = Field(
         description="0-based blocks, or {top_divergence: k} (needs transfer.base_model)")
     sae: SaeConfig = SaeConfig()
@@ -367,7 +383,7 @@ class RunConfig(Strict):
     lexicon: LexiconConfig | None = None
     reason_score: ReasonScoreConfig | None = None
     preference: PreferenceConfig = PreferenceConfig()
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1)
     device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda, cuda:N or mps")
 
     @field_validator("device")
@@ -428,23 +444,56 @@ def _format_validation(exc: ValidationError) -> str:
     return "invalid config:\n  " + "\n  ".join(lines)
 
 
-def parse_config(data: dict, base_dir: Path | None = None) -> RunConfig:
+def _nul_key(value, key: str = "") -> str | None:
+    """The first key whose text holds a NUL (PostgreSQL cannot store one: the run would fail at
+    registration, after all its compute), or None."""
+    if isinstance(value, str):
+        return key or "(top level)" if "\x00" in value else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        found = _nul_key(str(k), key) or _nul_key(v, f"{key}.{k}".lstrip(".") if isinstance(k, str) else f"{key}[{k}]")
+        if found:
+            return found
+    return None
+
+
+def parse_config(data: dict, base_dir: Path | None = None, input_roots: list[Path] | None = None) -> RunConfig:
+    """The config, every key that names a file, folder, model or dataset resolved
+    (workers/config_keys.py): a relative dataset or word-list path next to the config file
+    (`base_dir`), a relative model path in the working directory. With `input_roots` (a run
+    queued on the web) a path outside them is refused before anything is opened."""
+    nul = _nul_key(data)
+    if nul:
+        raise ConfigError(f"invalid config:\n  {nul}: holds a NUL character (\\u0000), which no text here may contain")
     try:
         config = RunConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format_validation(exc)) from None
-    if base_dir is not None and config.dataset.source != DEMO_DATASET and not config.dataset.source.startswith(HF_PREFIX):
-        source = Path(config.dataset.source)
-        if not source.is_absolute():
-            config.dataset.source = str((base_dir / source).resolve())
-    if base_dir is not None:  # the analyses' word lists, read next to the config like the dataset
-        if config.lexicon is not None and config.lexicon.reference != VADER \
-                and not Path(config.lexicon.reference).is_absolute():
-            config.lexicon.reference = str((base_dir / config.lexicon.reference).resolve())
-        if config.reason_score is not None and config.reason_score.vocabulary not in VOCABULARIES \
-                and not Path(config.reason_score.vocabulary).is_absolute():
-            config.reason_score.vocabulary = str((base_dir / config.reason_score.vocabulary).resolve())
+    try:
+        resolve_inputs(config, base_dir, input_roots)
+    except InputRefused as exc:
+        raise ConfigError(str(exc)) from None
+    if input_roots is not None:
+        check_code_from_the_web(config)
     return config
+
+
+# A run queued on the web runs no code its sender chose: only the loaders shipped in this package.
+WEB_LOADER_PACKAGE = "workers.adapters."
+
+
+def check_code_from_the_web(config: RunConfig) -> None:
+    """model.loader names a function the worker calls, and trust_remote_code runs a model
+    directory's own code: from the web, only this package's loaders and no remote code (the
+    command line, run by the machine's own user, may name any)."""
+    loader = config.model.loader
+    if loader is not None and not loader.startswith(WEB_LOADER_PACKAGE):
+        raise ConfigError(f"model.loader: a run queued on the web may use only the loaders shipped in "
+                          f"{WEB_LOADER_PACKAGE.rstrip('.')} (e.g. workers.adapters.nanoguard:load); run "
+                          f"{loader[:200]!r} with `rewardatlas run` on the machine instead")
+    if config.model.trust_remote_code:
+        raise ConfigError("model.trust_remote_code: a run queued on the web may not run a model directory's own "
+                          "code; run it with `rewardatlas run` on the machine instead")
 
 
 def load_config(path: Path) -> RunConfig:
@@ -576,16 +625,32 @@ def local_base_facts(config: RunConfig) -> ModelFacts | None:
     return model_facts(data) if isinstance(data, dict) else None
 
 
+# What transformers' AutoTokenizer reads from a model folder (one of them is enough)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model")
+
+
+def check_local_tokenizers(config: RunConfig) -> None:
+    """A local model folder (model.path, transfer.base_model) without a tokenizer is refused
+    now: the worker would fail on it only once it loads the model."""
+    folders = {"model.path": config.model.path,
+               "transfer.base_model": config.transfer.base_model if config.transfer is not None else None}
+    for key, folder in folders.items():
+        if folder is None or not (Path(folder) / "config.json").is_file():
+            continue  # a built-in name or a hub id: the worker resolves those
+        if not any((Path(folder) / name).is_file() for name in TOKENIZER_FILES):
+            raise ConfigError(f"{key}: the folder {folder} holds a model config but no tokenizer (one of "
+                              f"{', '.join(TOKENIZER_FILES)}): save the tokenizer beside the model "
+                              "(tokenizer.save_pretrained(folder))")
+
+
 def check_limits(config: RunConfig, settings: Settings) -> None:
-    """The sizes this deployment accepts (backend/settings.py; raise them by environment)."""
-    limits = [("sae.training_tokens", config.sae.training_tokens, settings.max_training_tokens,
-               "RA_MAX_TRAINING_TOKENS", "tokens"),
-              ("sae.width", config.sae.width, settings.max_sae_width, "RA_MAX_SAE_WIDTH", "latents"),
-              ("dataset.n_texts", config.dataset.n_texts, settings.max_texts, "RA_MAX_TEXTS", "texts")]
-    for key, value, limit, env, unit in limits:
-        if value is not None and value > limit:
-            raise ConfigError(f"{key}: {value:,} is beyond the limit of {limit:,} {unit} (lower it, or raise the "
-                              f"limit by setting {env} for the worker and the server)")
+    """The sizes this deployment accepts (backend/settings.py; raise them by environment): every
+    key marked with a DeploymentLimit."""
+    try:
+        check_deployment_limits(config, settings)
+    except InputRefused as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def check_dataset_source(config: RunConfig) -> None:
@@ -624,6 +689,7 @@ def check_config(config: RunConfig, settings: Settings) -> None:
     check_dataset_source(config)
     check_word_lists(config)
     check_loader(config)
+    check_local_tokenizers(config)
     facts = local_model_facts(config)
     if facts is not None:
         check_model_facts(config, facts)

@@ -77,6 +77,9 @@ SPANS = {"load": (0.0, 0.02), "train": (0.02, 0.55), "analyse": (0.55, 0.7), "re
          "layers": (0.75, 0.93), "analyses": (0.93, 0.98), "write": (0.98, 1.0)}
 
 
+PUBLISHING = "publishing the run"
+
+
 def _stage(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
     listener = STAGE_LISTENER.get()
@@ -390,6 +393,7 @@ def _run_pipeline(config: RunConfig, settings: Settings, replace: bool) -> Path:
         _stage("writing the feature store")
         write_store(staging / STORE_FILENAME, info, tables)
         (staging / "config.yaml").write_text(config_yaml)
+        _stage(PUBLISHING)  # the last point where a stop leaves nothing: the job asks the queue now
         _publish(staging, final_dir, lambda: _register(settings, config, tables, info, replace))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -90,9 +90,9 @@ def read_lexicon_csv(path: Path) -> Lexicon:
         raise ReferenceError(f"lexicon.reference: file not found: {path} (or write 'vader')")
     try:
         text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ReferenceError(f"lexicon.reference: cannot read {path} as UTF-8 text: {exc}") from None
-    words, values, bad, seen = [], [], [], {}
+    except (OSError, UnicodeDecodeError) as exc:  # the reason, never the bytes read
+        raise ReferenceError(f"lexicon.reference: cannot read {path} as UTF-8 text ({type(exc).__name__})") from None
+    words, values, bad, bad_lines, seen = [], [], [], [], {}
     for n, row in enumerate(csv.reader(text.splitlines()), start=1):
         cells = [c.strip() for c in row]
         if not any(cells):
@@ -118,14 +118,17 @@ def read_lexicon_csv(path: Path) -> Lexicon:
             why = f"{word!r} already given on line {seen[word]}"
         if why is not None:
             bad.append(f"line {n}: {why}")
+            bad_lines.append(n)
             continue
         seen[word] = n
         words.append(word)
         values.append(value)
     if not words:
-        shown = "; ".join(bad[:5]) + ("; ..." if len(bad) > 5 else "")
+        # line numbers only: an error never echoes what the file holds
+        shown = ", ".join(map(str, bad_lines[:10])) + (", ..." if len(bad_lines) > 10 else "")
         raise ReferenceError(f"lexicon.reference: {path} has no usable word,value row"
-                             + (f" ({len(bad)} bad: {shown})" if bad else " (it is empty)"))
+                             + (f" ({len(bad)} bad, on lines {shown}: each needs a word and a finite number)"
+                                if bad else " (it is empty)"))
     return Lexicon(words, values, str(path), bad, len(bad))
 
 
@@ -146,7 +149,7 @@ def parse_vocabulary(text: str, where: str = "vocabulary") -> list[str]:
         for word in _SEPARATORS.split(line):
             if word and word.lower() not in words:
                 if len(word) > MAX_WORD_CHARS:
-                    raise ReferenceError(f"{where}: {word[:40]!r}… is longer than {MAX_WORD_CHARS} characters")
+                    raise ReferenceError(f"{where}: a word of {len(word):,} characters; at most {MAX_WORD_CHARS}")
                 words[word.lower()] = word
     if not words:
         raise ReferenceError(f"{where}: no words (separate them by commas, spaces or newlines)")
@@ -168,5 +171,6 @@ def read_vocabulary(name: str) -> list[str]:
     try:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
-        raise ReferenceError(f"reason_score.vocabulary: cannot read {path} as UTF-8 text: {exc}") from None
+        raise ReferenceError(f"reason_score.vocabulary: cannot read {path} as UTF-8 text ({type(exc).__name__})") \
+            from None
     return parse_vocabulary(text, "reason_score.vocabulary")

@@ -160,10 +160,17 @@ def warm_run(cache: RunCache, run_id: str) -> None:
 
 def pipeline_task(params: dict, ctx) -> dict:
     from workers.config import parse_config
-    from workers.pipeline import run_pipeline
+    from workers.pipeline import PUBLISHING, run_pipeline
 
-    config = parse_config(yaml.safe_load(params["config_yaml"]))
-    run_pipeline(config, ctx.settings, replace=bool(params.get("replace")), on_stage=lambda m: ctx.report(message=m),
+    def on_stage(message: str) -> None:
+        if message == PUBLISHING:  # a cancel asked for since the last heartbeat still stops it here
+            ctx.ask_queue()
+        ctx.report(message=message)
+
+    # queued on the web: its paths are resolved and checked against the input folders again here,
+    # where they are read (a symlink changed since the server checked it is caught)
+    config = parse_config(yaml.safe_load(params["config_yaml"]), input_roots=ctx.settings.input_roots)
+    run_pipeline(config, ctx.settings, replace=bool(params.get("replace")), on_stage=on_stage,
                  on_progress=lambda p: ctx.report(progress=p))
     return {"run_id": config.run_id}
 
@@ -227,6 +234,11 @@ def ablation_result(chosen, controls, draws, texts, text_ids, seed: int) -> dict
     fired = chosen.fired
 
     def summaries(where):
+        if not where.any():  # the chosen features fire on none of these texts: nothing changed there
+            return {"summary": {**chosen.summary(where), "mean_delta": 0.0, "fires_on_none": True},
+                    "control": {"n_draws": len(controls), "draw_means": [], "mean_delta": None, "low": None,
+                                "high": None, "test": {"difference": None, "ci_low": None, "ci_high": None,
+                                                       "p_value": None, "n": 0}}}
         return {"summary": chosen.summary(where),
                 "control": control_summary(chosen.delta[where], [c.delta[where] for c in controls], seed)}
 
@@ -237,7 +249,7 @@ def ablation_result(chosen, controls, draws, texts, text_ids, seed: int) -> dict
                          "after": float(chosen.after[row]), "predicted": float(chosen.predicted[row]),
                          "attributed": None if chosen.attributed is None else float(chosen.attributed[row]),
                          "fired": bool(fired[row])})
-    return {**everywhere, "where_fired": where_fired, "examples": examples,
+    return {**everywhere, "where_fired": where_fired, "examples": examples, "fires_on_none": not fired.any(),
             "controls": [{"features": list(draw), "summary": c.summary(), "deltas": [float(d) for d in c.delta]}
                          for draw, c in zip(draws, controls)]}
 

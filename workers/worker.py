@@ -45,6 +45,11 @@ class JobContext:
         if not jobs.publish_partial(self.settings, self.job["id"], self.job["lease_owner"], result):
             raise JobStopped("lease lost")
 
+    def ask_queue(self) -> None:
+        """Whether a cancel was asked for, read from the queue now rather than at the next heartbeat."""
+        if jobs.get(self.settings, self.job["id"]).get("cancel_requested"):
+            self.stop_reason = self.stop_reason or "cancelled"
+
 
 class Worker:
     def __init__(self, settings: Settings, lease_s: float = jobs.DEFAULT_LEASE_S, poll_s: float = 0.5,

@@ -1,12 +1,11 @@
 """What every request is checked for before a route sees it: ids in range, JSON bodies with
-finite numbers and valid Unicode, and the error bodies the API documents for each refusal.
+finite numbers, valid Unicode and no NUL, and the error bodies the API documents for each refusal.
 
 A 422 always has FastAPI's documented shape, `{"detail": [{"loc", "msg", "type", ...}]}`,
 whether pydantic or a route found the problem; every other refusal is `{"detail": "<message>"}`.
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 from typing import Annotated, Any, Callable
@@ -15,6 +14,8 @@ from fastapi import Path, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, BeforeValidator
+
+from backend.body_parsing import BodyRefused, parse_body
 
 # SQL keeps layer, feature and job ids in INTEGER columns (4 bytes on PostgreSQL); the store's
 # card key packs layer and feature into one 64-bit key, 32 bits each
@@ -54,36 +55,13 @@ def _message(description: str) -> dict[str, Any]:
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: _message("a request the server cannot read (e.g. a body that is not JSON, or a host it does not serve)"),
     401: _message("authentication required: log in at /login, or send Authorization: Bearer <token>"),
-    403: _message("a cross-site request, or a form without its CSRF token"),
+    403: _message("a cross-site request, a form without its CSRF token, or a job another user queued"),
     404: _message("no such run, layer, feature or job"),
     409: _message("the state changed (a stale label version, a finished job) or the store needs rebuilding"),
     413: _message("the request body is larger than the server accepts"),
     415: _message("a write whose body is not application/json"),
     429: _message("too many jobs queued or running for this author"),
 }
-
-
-def _refuse_constant(name: str) -> float:
-    raise ValueError(f"{name} is not a number this API accepts: send a finite number")
-
-
-def _finite(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):  # 1e309 parses as inf
-        raise ValueError(f"{text[:40]} is too large: send a finite number")
-    return value
-
-
-def parse_json(body: bytes) -> Any:
-    """JSON as the API accepts it: no NaN or Infinity, no number beyond a double, and strings
-    that are valid Unicode (a lone surrogate, \\ud800, cannot be stored or echoed back)."""
-    value = json.loads(body, parse_constant=_refuse_constant, parse_float=_finite)
-    try:
-        json.dumps(value, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("the body holds a string that is not valid Unicode (a lone surrogate such as \\ud800)") \
-            from None
-    return value
 
 
 def media_type(request: Request) -> str:
@@ -97,9 +75,9 @@ def _is_json(request: Request) -> bool:
 
 
 class StrictJSONRoute(APIRoute):
-    """Routes whose JSON bodies are parsed by parse_json, before FastAPI reads them: a problem
-    becomes a 422 naming it (inside FastAPI's body reading, any error but a syntax error is a
-    bare 400)."""
+    """Routes whose JSON bodies are parsed by backend/body_parsing.py (a large one off the event
+    loop), before FastAPI reads them: a problem becomes a 422 naming it (inside FastAPI's body
+    reading, any error but a syntax error is a bare 400)."""
 
     def get_route_handler(self) -> Callable:
         handler = super().get_route_handler()
@@ -108,14 +86,11 @@ class StrictJSONRoute(APIRoute):
             if request.method in ("POST", "PUT", "PATCH") and _is_json(request):
                 body = await request.body()
                 if body:
-                    try:
-                        request._json = parse_json(body)  # what request.json() hands FastAPI
-                    except json.JSONDecodeError:
-                        pass  # FastAPI reports it as a 422 json_invalid, with its position
-                    except RecursionError:
-                        raise invalid("the body is nested too deeply") from None
-                    except (ValueError, UnicodeDecodeError) as exc:
-                        raise invalid(str(exc)) from None
+                    try:  # a large body is read in another process (backend/body_parsing.py)
+                        request._json = await parse_body(body)  # what request.json() hands FastAPI
+                    except BodyRefused as exc:
+                        raise RequestValidationError([{"type": exc.kind, "loc": ("body",), "msg": str(exc),
+                                                       "input": None}]) from None
             return await handler(request)
 
         return strict

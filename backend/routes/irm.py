@@ -27,8 +27,8 @@ class IrmRequest(BaseModel):
 def submit_irm(settings: Settings, run_id: str, req: IrmRequest, author: str) -> list[dict]:
     """One ablation job per layer that has features labelled reward-related; 409 where none has
     (the request is well formed: it is the run's labels that are not there yet)."""
-    layers = [x["layer"] for x in store.layers(store_path(settings, get_run(settings, run_id)))]
-    labelled = [layer for layer in layers if reward_labelled(settings, run_id, layer)]
+    widths = {x["layer"]: x["d_sae"] for x in store.layers(store_path(settings, get_run(settings, run_id)))}
+    labelled = [layer for layer, width in widths.items() if reward_labelled(settings, run_id, layer, width)]
     if not labelled:
         raise HTTPException(409, "no feature of this run is labelled reward-related yet: label some on their pages "
                                  "first")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import re
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Query, Request
@@ -14,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from backend import charts, jobs, store
-from backend.access import check_csrf, current_author
+from backend.access import check_csrf, current_author, named_users
 from backend.rankings import FALLBACK_RANKING, RANKINGS, barely_reaches, reads_one_token
 from backend.routes.common import SettingsDep, get_run, render, store_path
 from backend.routes.edge import (ERROR_RESPONSES, MAX_ID, JobId, LayerId, StrictJSONRoute, invalid,
@@ -149,8 +148,11 @@ def _resolve_features(settings: Settings, run_id: str, layer: int, req: Ablation
         if sort is None:
             from backend import labels
 
-            features = sorted(f for f, row in labels.labels_for_layer(settings, run_id, layer).items()
+            labelled = sorted(f for f, row in labels.labels_for_layer(settings, run_id, layer).items()
                               if row["label"] == "reward")
+            features = [f for f in labelled if f < info["d_sae"]]  # a label kept past a replace that shrank the layer
+            if len(features) < len(labelled):
+                template += f" ({len(labelled) - len(features)} on features the layer no longer has left out)"
         else:
             if sort == "default":
                 ranking = RANKINGS[info.get("default_ranking") or FALLBACK_RANKING]
@@ -172,8 +174,20 @@ def _check_range(features: list[int], info: dict, layer: int, field: str) -> Non
                       field)
 
 
+def check_control_pool(n_chosen: int, d_sae: int, field: str) -> None:
+    """Each control draw is as many other features as chosen (workers/controls.py): more than half
+    the layer leaves too few, and the job would fail on the worker."""
+    if n_chosen > d_sae - n_chosen:
+        raise invalid(f"{n_chosen:,} features chosen of the layer's {d_sae:,} leaves {d_sae - n_chosen:,} for each "
+                      f"random control draw, which needs as many as are chosen: choose at most {d_sae // 2:,}, or "
+                      "turn the controls off (control: false)", field)
+
+
 def submit_ablation(settings: Settings, run_id: str, layer: int, req: AblationRequest, author: str) -> dict:
     features, described = _resolve_features(settings, run_id, layer, req)
+    if req.control:
+        info = store.layer_info(store_path(settings, get_run(settings, run_id)), layer)
+        check_control_pool(len(features), info["d_sae"], "features")
     if req.texts is not None:
         req.texts = [t for t in req.texts if t.strip()]
         if not req.texts:
@@ -339,10 +353,11 @@ def submit_pipeline(settings: Settings, req: PipelineRequest, author: str) -> di
     from workers.config import ConfigError, parse_config, preflight  # pydantic and JSON only: no torch on the server
 
     try:
-        config = parse_config(yaml.safe_load(req.config_yaml))
+        # every key naming a file, folder, model or dataset is resolved first, and a path outside
+        # the input folders (RA_INPUT_DIRS) refused before anything is opened (workers/config_keys.py);
         # what would only fail on the worker (an existing run, a missing file, layers or max_length
         # the model lacks, this deployment's limits) is refused here, and no job is made
-        _check_readable_here(config, settings)  # before preflight looks at any file
+        config = parse_config(yaml.safe_load(req.config_yaml), input_roots=settings.input_roots)
         preflight(config, settings, req.replace)
     except (ConfigError, yaml.YAMLError, AttributeError) as exc:
         raise invalid(f"invalid config: {exc}", "config_yaml") from None
@@ -350,32 +365,17 @@ def submit_pipeline(settings: Settings, req: PipelineRequest, author: str) -> di
                    config.run_id)
 
 
-def _check_readable_here(config, settings: Settings) -> None:
-    """A config queued on the web reads local files only under RA_INPUT_DIRS: the worker can read
-    any file its user can, and a pipeline run shows what it read on the dashboards."""
-    from workers.config import DEMO_DATASET, DEMO_MODEL, HF_PREFIX, ConfigError
-
-    local = {"dataset.source": config.dataset.source} if config.dataset.source != DEMO_DATASET \
-        and not config.dataset.source.startswith(HF_PREFIX) else {}
-    if config.model.path != DEMO_MODEL and Path(config.model.path).exists():  # else a hub id
-        local["model.path"] = config.model.path
-    roots = settings.input_roots
-    for key, value in local.items():
-        path = Path(value).resolve()
-        if not any(path.is_relative_to(root) for root in roots):
-            raise ConfigError(f"{key}: {value!r} is outside the folders runs queued here may read "
-                              f"({', '.join(map(str, roots))}): move it there, or name its folder in RA_INPUT_DIRS")
-
-
 @router.post("/jobs/{job_id}/cancel", include_in_schema=False)
 async def cancel_form(request: Request, job_id: JobId, settings: SettingsDep):
     await _form(request)
-    _cancel(settings, job_id)
+    _cancel(settings, job_id, current_author(request))
     return RedirectResponse(f"/jobs/{job_id}", status_code=303)
 
 
-def _cancel(settings: Settings, job_id: int) -> dict:
-    _job_or_404(settings, job_id)
+def _cancel(settings: Settings, job_id: int, author: str) -> dict:
+    job = _job_or_404(settings, job_id)
+    if named_users(settings) and job["author"] != author:  # with RA_USERS, a job is its author's to stop
+        raise HTTPException(403, f"job {job_id} was queued by {job['author']!r}: only its author may cancel it")
     try:
         return jobs.cancel(settings, job_id)
     except jobs.JobRejected as exc:
@@ -455,7 +455,7 @@ def api_job(job_id: JobId, settings: SettingsDep) -> dict:
 @router.post("/api/jobs/{job_id}/cancel", tags=["jobs"])
 def api_cancel(request: Request, job_id: JobId, settings: SettingsDep) -> dict:
     _json_only(request, body=False)
-    return _cancel(settings, job_id)
+    return _cancel(settings, job_id, current_author(request))
 
 
 # --- pages -----------------------------------------------------------------------------------

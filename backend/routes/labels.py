@@ -7,17 +7,18 @@ import re
 from typing import Any, Literal
 from urllib.parse import quote
 
-from fastapi import APIRouter, Depends, Form, Request
+from fastapi import APIRouter, Depends, Form, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
-from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from pydantic import BaseModel, Field
 
-from backend import labels
+from backend import labels, store
 from backend.access import check_csrf, current_author
 from backend.models import LABELS
-from backend.routes.common import SettingsDep, TableViewQ
+from backend.routes.common import SettingsDep, TableViewQ, get_run, render, store_path
 from backend.routes.edge import ERROR_RESPONSES, MAX_ID, FeatureId, LayerId, StrictJSONRoute, invalid, media_type
 from backend.routes.features import render_feature_page
+from backend.store import NotFound
 
 router = APIRouter(route_class=StrictJSONRoute, responses=ERROR_RESPONSES)
 FEATURE = "/runs/{run_id}/layers/{layer}/features/{feature}"
@@ -40,8 +41,14 @@ def _json_or_csrf(request: Request) -> None:
 @router.get("/api" + FEATURE + "/label", tags=["labels"])
 def api_label(run_id: str, layer: LayerId, feature: FeatureId, settings: SettingsDep) -> dict[str, Any]:
     """A feature's label (null when it has none), the version an edit must name, and its history."""
-    labels.check_feature(settings, run_id, layer, feature)
-    return {**labels.current(settings, run_id, layer, feature),
+    try:
+        labels.check_feature(settings, run_id, layer, feature)
+        orphaned = False
+    except NotFound:  # a label kept after its feature went (a replace narrowed the layer): shown, and clearable
+        if not labels.is_orphaned(settings, run_id, layer, feature):
+            raise
+        orphaned = True
+    return {**labels.current(settings, run_id, layer, feature), "orphaned": orphaned,
             "history": labels.history(settings, run_id, layer, feature)}
 
 
@@ -62,8 +69,14 @@ def api_set_label(request: Request, run_id: str, layer: LayerId, feature: Featur
 @router.post(FEATURE + "/label", include_in_schema=False)
 def label_form(request: Request, run_id: str, layer: LayerId, feature: FeatureId, settings: SettingsDep, view: TableViewQ,
                label: str = Form(""), note: str = Form(""), version: int = Form(..., ge=0, le=MAX_ID),
-               csrf_token: str = Form("")):
+               csrf_token: str = Form(""), back: Literal["", "labels"] = Form("")):
     check_csrf(request, csrf_token)
+    if back == "labels":  # cleared from the labels page (an orphaned label has no feature page to go back to)
+        try:
+            labels.set_label(settings, run_id, layer, feature, None, "", current_author(request), version)
+        except labels.StaleLabel as exc:
+            raise HTTPException(409, str(exc)) from None
+        return RedirectResponse(f"/runs/{quote(run_id, safe='')}/labels", status_code=303)
     try:
         labels.set_label(settings, run_id, layer, feature, label, note, current_author(request), version)
     except (labels.StaleLabel, labels.InvalidLabel) as exc:
@@ -101,3 +114,14 @@ def export_csv(run_id: str, settings: SettingsDep):
 def export_json(run_id: str, settings: SettingsDep):
     """Every label of the run: the same rows as the CSV."""
     return JSONResponse(labels.export_rows(settings, run_id), headers=_disposition(run_id, "json", "inline"))
+
+
+@router.get("/runs/{run_id}/labels", response_class=HTMLResponse, include_in_schema=False)
+def labels_page(request: Request, run_id: str, settings: SettingsDep):
+    """Every label of the run; those whose feature the run no longer has (orphaned) marked, with
+    what was recorded of them, and a button that clears each."""
+    path = store_path(settings, get_run(settings, run_id))
+    widths = {info["layer"]: info["d_sae"] for info in store.layers(path)}
+    rows = labels.orphaned_rows(settings, run_id, widths)
+    return render(request, "labels.html", {"run_id": run_id, "rows": rows, "widths": widths,
+                                           "n_orphaned": sum(r["orphaned"] for r in rows)})

@@ -19,7 +19,7 @@ from backend.models import Job
 from backend.routes.common import SettingsDep, get_run, store_path, templates
 from backend.routes.edge import ERROR_RESPONSES, MAX_ID, LayerId, StrictJSONRoute, invalid
 from backend.routes.jobs import (MAX_EDIT_VALUE, _check_range, _created, _feature_ids, _form, _json_only, _parse,
-                                 _submit)
+                                 _submit, check_control_pool)
 from backend.settings import Settings
 from workers.probes import (CONTROL_PHRASE, DEFAULT_CARRIERS, POSITIONS, SLOT, TEXT_SELECTIONS,  # torch-free
                             default_sweep_values)
@@ -148,6 +148,7 @@ def submit_sweep(settings: Settings, run_id: str, layer: int, req: SweepRequest,
     run, path, info = _layer(settings, run_id, layer)
     features = list(dict.fromkeys(req.features))
     _check_range(features, info, layer, "features")
+    check_control_pool(len(features), info["d_sae"], "features")  # every sweep value has its controls
     if req.values:
         values = sorted(set(req.values))
     else:

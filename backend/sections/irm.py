@@ -15,8 +15,10 @@ from backend.settings import Settings
 SELECTION = "labelled_reward"  # backend/routes/jobs.py SELECTIONS: every feature labelled reward-related
 
 
-def reward_labelled(settings: Settings, run_id: str, layer: int) -> list[int]:
-    return sorted(f for f, row in labels.labels_for_layer(settings, run_id, layer).items() if row["label"] == "reward")
+def reward_labelled(settings: Settings, run_id: str, layer: int, width: int | None = None) -> list[int]:
+    """The layer's features labelled reward-related; with `width`, only those the layer still has."""
+    return sorted(f for f, row in labels.labels_for_layer(settings, run_id, layer).items()
+                  if row["label"] == "reward" and (width is None or f < width))
 
 
 def irm_section(settings: Settings, run: sa.Row, path: Path) -> dict[str, Any]:
@@ -24,7 +26,7 @@ def irm_section(settings: Settings, run: sa.Row, path: Path) -> dict[str, Any]:
     rows = []
     for info in store.layers(path):
         layer = info["layer"]
-        labelled = reward_labelled(settings, run.id, layer)
+        labelled = reward_labelled(settings, run.id, layer, info["d_sae"])
         newest = next((j for j in found if j["params"]["layer"] == layer), None)
         rows.append({"layer": layer, "n_labelled": len(labelled), **_row(newest, labelled)})
     return {"selection": SELECTION, "layers": rows}

@@ -63,7 +63,7 @@ def prepare_transfer(config: RunConfig, model_path: str, report: Callable[[str],
     try:
         base_config = AutoConfig.from_pretrained(base_path)
         base_tokenizer = AutoTokenizer.from_pretrained(base_path)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, TypeError) as exc:  # TypeError: a folder without a tokenizer
         raise ConfigError(f"transfer.base_model: cannot load a model from {config.transfer.base_model!r}: {exc}") from None
     rm_config = AutoConfig.from_pretrained(model_path)
     difference = _vocab_difference(AutoTokenizer.from_pretrained(model_path), base_tokenizer)
