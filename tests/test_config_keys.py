@@ -17,7 +17,9 @@ DEMO = {"name": "x", "model": {"path": "demo"}, "dataset": {"source": "demo"}, "
 # (so that a path in it is resolved and checked against the input folders like every other).
 PLAIN_TEXT = {"name", "run_id", "device", "model.step_separator", "model.good_token", "model.bad_token",
               "dataset.split", "dataset.text_column", "dataset.reward_column", "dataset.steps_column",
-              "lexicon.carriers[]", "lexicon.neutral_word"}
+              "lexicon.carriers[]", "lexicon.neutral_word",
+              # a function in an installed package (from the web: only this package's, workers/config.py)
+              "model.loader", "model.output"}
 
 
 def _config(**sections) -> dict:
@@ -170,3 +172,18 @@ def test_a_model_folder_without_a_tokenizer_is_refused_before_any_compute(roots,
         check_local_tokenizers(config)
     (base / "vocab.txt").write_text("[PAD]\n")
     check_local_tokenizers(config)
+
+
+@pytest.mark.parametrize("model, refused", [
+    ({"path": "bundled", "loader": "os:system"}, "model.loader"),  # any installed function: never from the web
+    ({"path": "bundled", "loader": "tests.custom_model_fixtures:load_tiny"}, "model.loader"),
+    ({"path": "demo", "trust_remote_code": True}, "model.trust_remote_code"),
+])
+def test_a_run_queued_on_the_web_runs_no_code_its_sender_chose(tmp_path, model, refused):
+    with pytest.raises(ConfigError) as info:
+        parse_config(_config(model=model), tmp_path, input_roots=[tmp_path])
+    assert str(info.value).startswith(f"{refused}:")
+    parse_config(_config(model=model), tmp_path, input_roots=None)  # the command line may
+    web = parse_config(_config(model={"path": "bundled", "loader": "workers.adapters.nanoguard:load"}), tmp_path,
+                       input_roots=[tmp_path])
+    assert web.model.loader == "workers.adapters.nanoguard:load"  # this package's own loaders may

@@ -48,6 +48,7 @@ TEXTS = DeploymentLimit("max_texts", "texts")
 MAX_BLOCK = 1023  # a block index; no model here has that many
 MAX_BATCH = 65_536  # items per forward or step
 SAE_K_MAX = 4096  # active latents per token
+MAX_OUTPUTS = 4095  # a head output's index (ArmoRM has 19)
 
 
 class ModelConfig(Strict):
@@ -61,7 +62,7 @@ class ModelConfig(Strict):
                                "(workers/adapters/custom.py): a reward model that is not a HF class")
     trust_remote_code: bool = Field(False, description="run the modelling code a HF model directory ships "
                                     "(its config's auto_map); off: such a model is refused")
-    output: int | str | None = Field(None, description="the head output the run explains: a 0-based index or a "
+    output: Annotated[int, Field(ge=0, le=MAX_OUTPUTS)] | str | None = Field(None, description="the head output the run explains: a 0-based index or a "
                                      "label name (config id2label, or the loader's output_names); needed when "
                                      "the head has several outputs")
     output_score: Literal[OUTPUT_SCORES] = Field(  # type: ignore[valid-type]
