@@ -25,6 +25,7 @@ from workers.batching import length_bucketed_batches, token_lengths
 from workers.config import AnalysisConfig
 from workers.feature_stream import FeatureAccumulator, TokenBatch
 from workers.sae_ops import decoder_directions, pool_reads
+from workers.sinks import SinkReport, sink_rule_of
 
 
 @dataclass
@@ -41,6 +42,7 @@ class LayerActivations:
     sum_sq: float = 0.0
     sum_x: torch.Tensor | None = None
     n_eval_tokens: int = 0
+    sinks: SinkReport | None = None  # what the layer's sink rule left out (workers/sinks.py)
 
     def pooled_matrix(self, n_reads: int) -> sp.csr_matrix:
         """One row per reward read (in read order), one column per feature."""
@@ -162,7 +164,8 @@ def collect_corpus_activations(
         layer: LayerActivations(
             d_sae=saes[layer].cfg.d_sae,
             features=FeatureAccumulator(saes[layer].cfg.d_sae, vocab_size, analysis, seed + layer, adapter.device),
-            attribution=AttributionAccumulator(saes[layer].cfg.d_sae, adapter.device))
+            attribution=AttributionAccumulator(saes[layer].cfg.d_sae, adapter.device),
+            sinks=SinkReport(sink_rule_of(saes[layer])))
         for layer in layers
     }
     lengths, scores, read_texts, read_positions = [], [], [], []
@@ -189,16 +192,16 @@ def collect_corpus_activations(
         token_ids = batch.input_ids.cpu()[keep]
         content = ~torch.isin(token_ids, special_ids)
         text_lengths = keep.sum(1)
+        positions = (keep.cumsum(1) - 1)[keep]  # index inside the text, whichever side is padded
         dev = adapter.device
         content_dev, text_of_token_dev = content.to(dev), text_of_token.to(dev)
         tokens = TokenBatch(
             token_ids=token_ids.to(dev),
             text_ids=torch.from_numpy(indices)[text_of_token].to(dev),
-            positions=(keep.cumsum(1) - 1)[keep].to(dev),  # index inside the text, whichever side is padded
+            positions=positions.to(dev),
             text_lengths=text_lengths[text_of_token].to(dev),
             content=content_dev,
         )
-        pool_args = (segment.to(dev), content.to(dev), read_rows.to(dev), batch.n_reads, pooling)
         eval_tokens = torch.from_numpy(heldout[indices])[text_of_token].to(adapter.device)
         batch_scores = batch_scores.float().cpu()
         scores.append(batch_scores)
@@ -211,9 +214,13 @@ def collect_corpus_activations(
         for layer in layers:
             res, sae = results[layer], saes[layer]
             x = captured[layer][keep_dev].float()
-            acts = sae.encode(x)
-            x_eval = x[eval_tokens]
-            recon_err = sae.decode(acts[eval_tokens]) - x_eval
+            acts = sae.encode(x)  # no features at the layer's sinks (workers/sinks.py)
+            kept = res.sinks.rule.kept(x)
+            res.sinks.add(x.norm(dim=-1).cpu(), ~kept.cpu(), positions, token_ids)
+            pool_args = (segment.to(dev), content_dev & kept, read_rows.to(dev), batch.n_reads, pooling)
+            # reconstruction measured on the tokens the SAE is meant for: the sinks are not
+            x_eval = x[eval_tokens & kept]
+            recon_err = sae.decode(acts[eval_tokens & kept]) - x_eval
             res.sse += float((recon_err**2).sum())
             res.sum_sq += float((x_eval**2).sum())
             res.sum_x = x_eval.sum(0).cpu() if res.sum_x is None else res.sum_x + x_eval.sum(0).cpu()

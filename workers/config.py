@@ -167,6 +167,15 @@ class SaeConfig(Strict):
         return None if self.widths is None else min(self.widths)
 
 
+class SinkConfig(Strict):
+    """Attention sinks (workers/sinks.py): tokens left out of SAE training and every feature read."""
+    rule: Literal["norm", "none"] = Field(
+        "norm", description="norm: per layer, leave out tokens whose residual norm exceeds norm_ratio x the layer's "
+        "median token norm (measured on calibration_texts texts before training); none: keep every token")
+    norm_ratio: float = Field(10.0, gt=1.0, description="how far beyond the layer's median norm a token is a sink")
+    calibration_texts: int = Field(256, ge=1, description="training texts whose token norms give each layer's median")
+
+
 class AnalysisConfig(Strict):
     n_contexts: int = Field(20, ge=1, le=200)
     window_before: int = Field(10, ge=0)
@@ -314,6 +323,7 @@ class RunConfig(Strict):
                       Discriminator(lambda v: "selection" if isinstance(v, (dict, LayerSelection)) else "list")] = Field(
         description="0-based blocks, or {top_divergence: k} (needs transfer.base_model)")
     sae: SaeConfig = SaeConfig()
+    sinks: SinkConfig = SinkConfig()
     analysis: AnalysisConfig = AnalysisConfig()
     regression: RegressionConfig = RegressionConfig()
     effects: EffectsConfig = EffectsConfig()

@@ -255,7 +255,8 @@ def build_tables(config: RunConfig, adapter, corpus, acts, saes: dict, sae_paths
         layer_progress(0.15)
         causal = causal_stage(config, adapter, corpus, layer, sae, feats, weights, _part(layer_progress, 0.15, 1.0))
         row = merged(sae_identity(config, adapter, layer, sae_paths[layer], run_dir),
-                     layer_statistics(layer_acts, acts.n_tokens, adapter.d_model, feats), regression,
+                     layer_statistics(layer_acts, acts.n_tokens, adapter.d_model, feats),
+                     layer_acts.sinks.columns(vocab), regression,
                      reward_recovery_columns(recovery[layer]), causal.layer_columns)
         layer_rows.append(row)
         features.append(merged(feats, weights, decoder_columns(sae), causal.feature_columns))

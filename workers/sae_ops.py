@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from workers.sinks import sink_rule_of
+
 MODES = ("zero", "clamp", "steer")
 # Where an edit applies: the text's own tokens (special tokens such as [CLS], [SEP] or BOS left as
 # they are, as token pooling and attribution read them), or every real token. At an encoder's
@@ -107,7 +109,13 @@ def edit_hidden(sae, hidden: torch.Tensor, edit: FeatureEdit, directions: torch.
             new = h + (after[..., index] - before[..., index]) @ directions[index]
         else:
             new = h + (sae.decode(after) - sae.decode(before))
-    return new.to(hidden.dtype), before, after
+    return _sinks_untouched(sae, h, new).to(hidden.dtype), before, after
+
+
+def _sinks_untouched(sae, h: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """`new` where the SAE reads, `h` at its layer's sinks (workers/sinks.py): no edit reaches them."""
+    rule = sink_rule_of(sae)
+    return new if rule.max_norm is None else torch.where(rule.kept(h).unsqueeze(-1), new, h)
 
 
 @torch.no_grad()
@@ -127,4 +135,4 @@ def edit_chosen(sae, hidden: torch.Tensor, edit: FeatureEdit, directions: torch.
     before_chosen = (sae.encode(h) if before is None else before)[..., index]
     after_chosen = torch.zeros_like(before_chosen) if edit.mode == "zero" else torch.full_like(before_chosen, edit.value)
     new = h + (after_chosen - before_chosen) @ directions[index]
-    return new.to(hidden.dtype), before_chosen, after_chosen
+    return _sinks_untouched(sae, h, new).to(hidden.dtype), before_chosen, after_chosen

@@ -79,10 +79,10 @@ class LoadedRun:
 
     def sae(self, layer: int):
         if layer not in self.saes:
-            from sae_lens import SAE
+            from workers.train import load_sae
 
             info = store.layer_info(self.store_path, layer)
-            self.saes[layer] = SAE.load_from_disk(self.run_dir / info["sae_path"], device=str(self.adapter.device)).eval()
+            self.saes[layer] = load_sae(self.run_dir / info["sae_path"], self.adapter.device)
         return self.saes[layer]
 
     def decoder(self, layer: int) -> tuple[torch.Tensor, bool]:
