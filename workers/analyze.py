@@ -191,6 +191,9 @@ def collect_corpus_activations(
         text_of_token = torch.arange(len(indices)).unsqueeze(1).expand_as(keep)[keep]
         token_ids = batch.input_ids.cpu()[keep]
         content = ~torch.isin(token_ids, special_ids)
+        in_scope = None if batch.scope is None else batch.scope.cpu()[keep]  # a chat run's response tokens
+        if in_scope is not None:
+            content &= in_scope
         text_lengths = keep.sum(1)
         positions = (keep.cumsum(1) - 1)[keep]  # index inside the text, whichever side is padded
         dev = adapter.device
@@ -231,7 +234,7 @@ def collect_corpus_activations(
                 res.attribution.add(text_acts, token_grads, directions[layer], text_of_token_dev[content_dev],
                                     text_scores)
             acts = acts.float()  # stays on the device: only per-read rows and kept examples leave it
-            res.features.add_tokens(acts, tokens)
+            res.features.add_tokens(acts if in_scope is None else acts * in_scope.to(dev).unsqueeze(1), tokens)
             res.pooled_raw.append(pool_reads(x, *pool_args).cpu())
             pooled = pool_reads(acts, *pool_args).cpu()
             res.features.add_reads(pooled, batch_scores)

@@ -102,3 +102,95 @@ def render_chat(tokenizer, messages: list[dict], template: str) -> RenderedChat:
         spans.append(RoleSpan(message["role"], start, end))
         cursor = end
     return RenderedChat(text, tuple(spans))
+
+
+@dataclass(frozen=True)
+class ChatMarkers:
+    """What opens and closes the assistant's turn in a template's rendering: how the response of
+    any rendered text is found again (a corpus text, or one a user types on a text page)."""
+    assistant_header: str
+    end_of_turn: str
+
+    def response_span(self, text: str) -> tuple[int, int] | None:
+        """Character offsets of the last assistant turn's content; None when the text has none."""
+        start = text.rfind(self.assistant_header)
+        if start < 0:
+            return None
+        start += len(self.assistant_header)
+        end = text.find(self.end_of_turn, start) if self.end_of_turn else -1
+        return start, end if end >= 0 else len(text)
+
+
+PROBE_USER, PROBE_ASSISTANT = "\u2063user\u2063", "\u2063assistant\u2063"
+
+
+def chat_markers(tokenizer, template: str) -> ChatMarkers:
+    """The assistant header (what the generation prompt adds after a user turn) and the end of
+    turn (what follows an assistant message's content, up to its first line break)."""
+    user = [{"role": "user", "content": PROBE_USER}]
+    prompt = _render(tokenizer, user, template)
+    header = _render(tokenizer, user, template, generation_prompt=True)[len(prompt):]
+    full = _render(tokenizer, user + [{"role": "assistant", "content": PROBE_ASSISTANT}], template)
+    after = full[full.index(PROBE_ASSISTANT) + len(PROBE_ASSISTANT):]
+    end = after.strip().split("\n")[0] if after.strip() else ""
+    if not header.strip():
+        raise ConfigError("dataset.chat_template: the template's generation prompt is empty, so the response cannot "
+                          "be told apart from the prompt (set analysis.tokens: all)")
+    return ChatMarkers(header, end)
+
+
+def chat_conversations(table, columns, key_prefix: str = "dataset") -> list[list[dict]] | None:
+    """The rows of a pyarrow table as conversations when it has a messages column or prompt and
+    response columns (`columns`: the DatasetConfig naming them); None when it has neither."""
+    names = table.column_names
+    if columns.messages_column in names:
+        key = f"{key_prefix}.messages_column"
+        return [check_messages(m, key, i) for i, m in enumerate(table.column(columns.messages_column).to_pylist())]
+    if columns.prompt_column in names and columns.response_column in names:
+        key = f"{key_prefix}.response_column"
+        prompts = table.column(columns.prompt_column).to_pylist()
+        responses = table.column(columns.response_column).to_pylist()
+        return [prompt_response_messages(p, r, key, i) for i, (p, r) in enumerate(zip(prompts, responses))]
+    return None
+
+
+def render_conversations(tokenizer, conversations: list[list[dict]], chat_template: str | None
+                         ) -> tuple[list[str], ChatMarkers]:
+    """Each conversation as the text the model reads, and the markers its response is found by."""
+    template = require_chat_template(tokenizer, "dataset.chat_template", chat_template)
+    texts = [render_chat(tokenizer, messages, template).text for messages in conversations]
+    return texts, chat_markers(tokenizer, template)
+
+
+def is_conversation_list(texts: list) -> bool:
+    return bool(texts) and isinstance(texts[0], list)
+
+
+def prepare_chat_texts(texts: list, model_path: str, dataset, analysis) -> tuple[list[str], ChatMarkers | None]:
+    """A dataset's texts as the model reads them: conversations rendered with the chat template
+    (the tokenizer loaded alone, before any compute), plain texts as they are. Returns the markers
+    the response is found by when analysis reads only the response (analysis.tokens, whose default
+    is response for chat data), else None."""
+    if not is_conversation_list(texts):
+        if analysis.tokens == "response":
+            raise ConfigError("analysis.tokens: 'response' needs chat data (a messages column, or prompt and response "
+                              f"columns: dataset.messages_column, prompt_column, response_column); "
+                              f"{dataset.source} has plain texts")
+        return texts, None
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    rendered, markers = render_conversations(tokenizer, texts, dataset.chat_template)
+    return rendered, markers if (analysis.tokens or "response") == "response" else None
+
+
+MARKER_KEYS = ("chat_assistant_header", "chat_end_of_turn")
+
+
+def markers_info(markers: ChatMarkers | None) -> dict:
+    """The run_info entries a run's later jobs find the response by (none: every token is read)."""
+    return {} if markers is None else dict(zip(MARKER_KEYS, (markers.assistant_header, markers.end_of_turn)))
+
+
+def markers_from_info(info: dict) -> ChatMarkers | None:
+    return ChatMarkers(info[MARKER_KEYS[0]], info.get(MARKER_KEYS[1], "")) if info.get(MARKER_KEYS[0]) else None

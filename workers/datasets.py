@@ -2,7 +2,8 @@
 (`datasets` save_to_disk or data files), or a HF hub dataset ('hf:<id>', online or cached).
 
 Columns: `text` (or a `steps` list, joined into a text with model.step_separator after every
-step), optional `reward`. Then, in order: shuffle (seeded), skip texts longer than
+step; or chat: a `messages` list, or `prompt` and `response`, rendered with the model's chat
+template once its tokenizer is loaded, workers/chat.py), optional `reward`. Then, in order: shuffle (seeded), skip texts longer than
 model.max_length when truncation is off, take at most n_texts and stop once the texts'
 tokens reach token_budget, and hold out a random fraction.
 """
@@ -13,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from workers.config import DEMO_DATASET, HF_PREFIX, ConfigError, DatasetConfig
+from workers.chat import chat_conversations
+from workers.config import DEMO_CHAT_DATASET, DEMO_DATASET, HF_PREFIX, ConfigError, DatasetConfig
 from workers.demo_corpus import generate_corpus, vader_reward
 
 DEMO_CORPUS_SIZE = 20_000
@@ -89,7 +91,10 @@ def texts_and_rewards(table, config: DatasetConfig, step_separator: str) -> tupl
     columns = table.column_names
     if table.num_rows == 0:
         raise ConfigError(f"dataset.source: {config.source} holds no rows")
-    if config.steps_column and config.steps_column in columns:
+    conversations = None if config.text_column in columns else chat_conversations(table, config)
+    if conversations is not None:  # rendered with the model's chat template once its tokenizer is loaded
+        texts = conversations
+    elif config.steps_column and config.steps_column in columns:
         texts = []
         for i, steps in enumerate(table.column(config.steps_column).to_pylist()):
             if not isinstance(steps, list) or not steps:
@@ -161,6 +166,12 @@ def read_texts(config: DatasetConfig, seed: int, step_separator: str = "\n") -> 
     if config.source == DEMO_DATASET:
         texts = generate_corpus(config.n_texts or DEMO_CORPUS_SIZE, seed=seed)
         return texts, np.array([vader_reward(t) for t in texts])
+    if config.source == DEMO_CHAT_DATASET:
+        import pyarrow
+
+        from workers.demo_llama import demo_chat_rows
+        return texts_and_rewards(pyarrow.Table.from_pylist(demo_chat_rows(config.n_texts or DEMO_CORPUS_SIZE, seed)),
+                                 config, step_separator)
     return texts_and_rewards(read_table(config), config, step_separator)
 
 

@@ -29,10 +29,12 @@ def smollm2_gguf() -> Path:
 
 
 def fix_tokenizer(tokenizer):
-    """eos <|im_end|> (the end of a chat turn), pad <|endoftext|>, padded on the right."""
+    """eos <|im_end|> (the end of a chat turn), pad <|endoftext|>, padded on the right, and no BOS
+    added (the GGUF's tokenizer adds <|im_start|>, which the chat template already writes)."""
     tokenizer.eos_token = EOS_TOKEN
     tokenizer.pad_token = PAD_TOKEN
-    tokenizer.padding_side = "right"
+    tokenizer.padding_side = tokenizer.init_kwargs["padding_side"] = "right"  # saved with it: rotary positions count from the left
+    tokenizer.add_bos_token = False
     return tokenizer
 
 

@@ -21,7 +21,8 @@ from workers.analyses import RunContext, check_analyses, run_analyses
 from workers.analyses.transfer import prepare_transfer
 from workers.analyze import adapter_has_gradient, collect_corpus_activations, feature_tables
 from workers.causal import not_applicable, run_causal_stage
-from workers.config import (ARCHITECTURE_KNOBS, DEMO_MODEL, DEMO_MODEL_DIRNAME, ConfigError, RunConfig,
+from workers.chat import markers_info, prepare_chat_texts
+from workers.config import (ARCHITECTURE_KNOBS, DEMO_LLAMA_MODEL, DEMO_MODEL, DEMO_MODEL_DIRNAME, ConfigError, RunConfig,
                             check_against_world, preflight)
 from workers.datasets import read_texts, select_corpus
 from workers.device import pick_device
@@ -34,6 +35,10 @@ from workers.train import load_saes, train_saes
 
 
 def resolve_model_path(config: RunConfig, settings: Settings) -> str:
+    if config.model.path == DEMO_LLAMA_MODEL:
+        from workers.demo_llama import ensure_demo_llama_rm
+
+        return str(ensure_demo_llama_rm(settings.models_dir, _stage))
     if config.model.path != DEMO_MODEL:
         return config.model.path
     path = settings.models_dir / DEMO_MODEL_DIRNAME
@@ -316,6 +321,7 @@ def _run_pipeline(config: RunConfig, settings: Settings, replace: bool) -> Path:
     texts, rewards = read_texts(config.dataset, config.seed, config.model.step_separator)
     model_path = resolve_model_path(config, settings)
     check_against_world(config, model_path)
+    texts, chat_markers = prepare_chat_texts(texts, model_path, config.dataset, config.analysis)
     written = config  # what the user wrote, layers: {top_divergence: k} included: config_yaml keeps it
     # the base model's tokenizer and depth, its parameter divergence, the layers it chooses
     config, divergence = prepare_transfer(config, model_path, _stage)
@@ -338,6 +344,7 @@ def _run_pipeline(config: RunConfig, settings: Settings, replace: bool) -> Path:
     try:
         _stage(f"loading {model_path} on {device}")
         adapter = _load_adapter(config, model_path, device)
+        adapter.response_markers = chat_markers  # analysis.tokens: response reads the response's tokens only
         check_analyses(config, adapter.tokenizer)  # e.g. a vocabulary with no known token: before training
         corpus = select_corpus(texts, rewards, config.dataset, config.seed, adapter.tokenizer,
                                config.model.max_length, settings.max_texts)
@@ -373,6 +380,7 @@ def _run_pipeline(config: RunConfig, settings: Settings, replace: bool) -> Path:
             "adapter": config.model.adapter, "dataset": config.dataset.source, "config_yaml": config_yaml,
             "created_at": datetime.now(timezone.utc).isoformat(), "n_texts": len(corpus.texts),
             "n_tokens": acts.n_tokens, "device": str(device), "ranked_texts": config.analysis.ranked_texts,
+            **markers_info(chat_markers),
             **analysed,
         }
         info = with_best_layer(info, tables["layers"])

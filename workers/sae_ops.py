@@ -53,8 +53,14 @@ def edited_tokens(batch, special_ids: torch.Tensor, scope: str = "text") -> torc
     """[B, T] where an edit of `scope` (SCOPES) applies."""
     if scope not in SCOPES:
         raise ValueError(f"tokens must be one of {', '.join(SCOPES)}, not {scope!r}")
-    real = batch.attention_mask.bool()
-    return real if scope == "all" else real & ~torch.isin(batch.input_ids, special_ids.to(batch.input_ids.device))
+    return batch.attention_mask.bool() if scope == "all" else content_tokens(batch, special_ids)
+
+
+def content_tokens(batch, special_ids: torch.Tensor) -> torch.Tensor:
+    """[B, T] the text's own tokens: real, not special, and inside the batch's scope (a chat run's
+    response, with analysis.tokens: response)."""
+    content = batch.attention_mask.bool() & ~torch.isin(batch.input_ids, special_ids.to(batch.input_ids.device))
+    return content if batch.scope is None else content & batch.scope.bool()
 
 
 def pool_reads(acts, segment, content, read_rows, n_reads: int, how: str) -> torch.Tensor:

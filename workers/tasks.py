@@ -123,6 +123,7 @@ class RunCache:
             self.runs[run_id] = self.runs.pop(run_id)  # most recent last
             return self.runs[run_id]
         from workers.adapters import adapter_from_config
+        from workers.chat import markers_from_info
         from workers.config import parse_config
         from workers.device import pick_device
         from workers.pipeline import resolve_model_path
@@ -134,6 +135,7 @@ class RunCache:
         config = parse_config(yaml.safe_load(run.config_yaml))
         path = self.settings.data_dir / run.store_path
         adapter = adapter_from_config(config.model, resolve_model_path(config, self.settings), pick_device(config.device))
+        adapter.response_markers = markers_from_info(store.run_info(path))  # a chat run reads responses only
         loaded = LoadedRun(run_id, config, path, path.parent, adapter)
         self.runs[run_id] = loaded
         while len(self.runs) > self.size:

@@ -352,9 +352,9 @@ def submit_pipeline(settings: Settings, req: PipelineRequest, author: str) -> di
 def _check_readable_here(config, settings: Settings) -> None:
     """A config queued on the web reads local files only under RA_INPUT_DIRS: the worker can read
     any file its user can, and a pipeline run shows what it read on the dashboards."""
-    from workers.config import DEMO_DATASET, DEMO_MODEL, HF_PREFIX, ConfigError
+    from workers.config import DEMO_MODEL, GENERATED_DATASETS, HF_PREFIX, ConfigError
 
-    local = {"dataset.source": config.dataset.source} if config.dataset.source != DEMO_DATASET \
+    local = {"dataset.source": config.dataset.source} if config.dataset.source not in GENERATED_DATASETS \
         and not config.dataset.source.startswith(HF_PREFIX) else {}
     if config.model.path != DEMO_MODEL and Path(config.model.path).exists():  # else a hub id
         local["model.path"] = config.model.path

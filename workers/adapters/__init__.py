@@ -27,7 +27,8 @@ def _model_class(kind: str, path: str):
     return transformers.AutoModelForCausalLM
 
 
-def load_adapter(kind: str, path: str, device: torch.device, max_length: int, **options) -> RewardModelAdapter:
+def load_adapter(kind: str, path: str, device: torch.device, max_length: int, dtype: str = "float32",
+                 **options) -> RewardModelAdapter:
     """Load a checkpoint for one adapter family. `options` are the family's own settings:
     process: step_separator, good_token, bad_token; causal_lm: reward_function."""
     from transformers import AutoTokenizer
@@ -39,7 +40,7 @@ def load_adapter(kind: str, path: str, device: torch.device, max_length: int, **
         if tokenizer.eos_token is None:
             raise ValueError(f"model.path: the tokenizer of {path} has neither a pad nor an eos token")
         tokenizer.pad_token = tokenizer.eos_token
-    model = _model_class(kind, path).from_pretrained(path)
+    model = _model_class(kind, path).from_pretrained(path, torch_dtype=getattr(torch, dtype))
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return ADAPTERS[kind](model, tokenizer, device, max_length, **options)
@@ -57,7 +58,8 @@ def adapter_options(model_config) -> dict:
 
 def adapter_from_config(model_config, path: str, device: torch.device) -> RewardModelAdapter:
     """The adapter a run config's `model` section describes (`path` resolved, e.g. for 'demo')."""
-    return load_adapter(model_config.adapter, path, device, model_config.max_length, **adapter_options(model_config))
+    return load_adapter(model_config.adapter, path, device, model_config.max_length, model_config.dtype,
+                        **adapter_options(model_config))
 
 
 __all__ = ["ADAPTERS", "Batch", "RewardModelAdapter", "StopForward", "adapter_from_config", "adapter_options",
