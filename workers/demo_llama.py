@@ -49,7 +49,7 @@ def last_token_features(model, tokenizer, texts: list[str], max_length: int, bat
     return np.concatenate(out)
 
 
-def build_demo_llama_rm(out_dir: Path, backbone_dir: Path, n_pairs: int = 1500, max_length: int = 128,
+def build_demo_llama_rm(out_dir: Path, backbone_dir: Path, n_pairs: int = 1000, max_length: int = 128,
                         batch_size: int = 32, heldout_fraction: float = 0.2) -> dict:
     """The demo LLaMA RM saved as a HF directory at out_dir (written to a temp dir, then renamed);
     returns the head fit's report (pairwise accuracy on training and held-out pairs)."""
