@@ -7,11 +7,13 @@ import json
 
 import duckdb
 import pytest
+from markupsafe import escape
 
 from backend import db
 from backend.db import run_exists
 from backend.settings import Settings
 from backend.store_schema import STORE_FILENAME
+from tests.helpers import make_client
 from tests.tiny_models import save_tiny_decoder
 from workers.chat import (ChatMarkers, chat_markers, check_messages, prompt_response_messages, render_chat,
                           require_chat_template)
@@ -96,16 +98,18 @@ def test_a_chat_run_reads_only_the_response(chat_world, tmp_path):
 
     model, _, dataset, messages, _ = chat_world
     settings = Settings(data_dir=tmp_path)
-    try:
-        run_dir = run_pipeline(chat_config(model, messages, run_id="chat"), settings)
-    finally:
-        db.dispose_engines()
+    run_dir = run_pipeline(chat_config(model, messages, run_id="chat"), settings)
     con = duckdb.connect(str(run_dir / STORE_FILENAME), read_only=True)
     texts = dict(con.execute("select text_id, text from texts").fetchall())
     contexts = con.execute("select text_id, position from contexts").fetchall()
     info = dict(con.execute("select key, value from run_info").fetchall())
     con.close()
     assert all(text.startswith("<|user|>\n") and "<|assistant|>\n" in text for text in texts.values())
+    client = make_client(settings)
+    page = client.get("/runs/chat/texts/0").text
+    response = markers_response(texts[0])
+    assert 'data-role="prompt"' in page and f'data-role="response" title="the response: what the analysis reads">{escape(response)}<' in page
+    assert client.get("/api/runs/chat/texts/0").json()["text"]["roles"][1] == {"part": "response", "text": response}
     assert info["chat_assistant_header"] == "<|assistant|>\n"
     tokenizer = AutoTokenizer.from_pretrained(model)
     markers = ChatMarkers("<|assistant|>\n", "<|end|>")
@@ -115,6 +119,12 @@ def test_a_chat_run_reads_only_the_response(chat_world, tmp_path):
         start, end = markers.response_span(text)
         offsets = tokenizer(text, return_offsets_mapping=True, truncation=True, max_length=64)["offset_mapping"]
         assert start <= offsets[position][0] < end, (text, position)
+    db.dispose_engines()
+
+
+def markers_response(text: str) -> str:
+    start, end = ChatMarkers("<|assistant|>\n", "<|end|>").response_span(text)
+    return text[start:end]
 
 
 def test_chat_inputs_are_refused_before_compute(chat_world, tmp_path):

@@ -194,3 +194,15 @@ def markers_info(markers: ChatMarkers | None) -> dict:
 
 def markers_from_info(info: dict) -> ChatMarkers | None:
     return ChatMarkers(info[MARKER_KEYS[0]], info.get(MARKER_KEYS[1], "")) if info.get(MARKER_KEYS[0]) else None
+
+
+def role_parts(text: str, markers: ChatMarkers | None) -> list[dict] | None:
+    """A rendered chat text cut where the response begins and ends: [{part, text}] with part
+    'prompt' (the template and every earlier turn), 'response' (what the analysis reads) and
+    'end' (the template after it); None when the run reads every token or the text has no response."""
+    span = None if markers is None else markers.response_span(text)
+    if span is None:
+        return None
+    start, end = span
+    parts = [("prompt", text[:start]), ("response", text[start:end]), ("end", text[end:])]
+    return [{"part": part, "text": piece} for part, piece in parts if piece]
