@@ -93,7 +93,10 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from workers.demo import ensure_demo
 
     settings = get_settings()
-    ensure_demo(settings, llama=args.llama)
+    if args.llama:
+        ensure_demo(settings, llama=True)
+    else:
+        ensure_demo(settings)
     if not args.no_serve:
         cmd_serve(args)
 
