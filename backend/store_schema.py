@@ -133,7 +133,8 @@ TABLES: dict[str, Table] = {t.name: t for t in (
         Column("n_heldout", "INTEGER"),
         Column("reward_recovered", "DOUBLE", "1 - reward_mae_sae / reward_mae_zero; NULL if zeroing changes nothing"),
         Column("reward_mae_sae", "DOUBLE", "mean |RM score with the SAE reconstruction spliced in - score|"),
-        Column("reward_mae_zero", "DOUBLE", "mean |RM score with the layer's output zeroed - score|"),
+        Column("reward_mae_zero", "DOUBLE", "mean |RM score with the layer's output zeroed - score| (attention sinks "
+               "keep their state, as with the SAE)"),
         # what the model uses, measured (workers/causal.py); NULL where the score is not the model's
         Column("default_ranking", "VARCHAR", "the ranking (backend/rankings.py) whose deletion curve moves the "
                "reward most beyond its controls: the layer table's default sort and its 'top N'"),
