@@ -104,7 +104,8 @@ TABLES: dict[str, Table] = {t.name: t for t in (
         Column("mse", "DOUBLE"),
         Column("explained_variance", "DOUBLE", "on held-out tokens the SAE is meant for (attention sinks left out)"),
         Column("l0", "DOUBLE"),
-        Column("dead_fraction", "DOUBLE", "share of features that never fired in the analysis pass"),
+        Column("dead_fraction", "DOUBLE", "share of features that never fired in the analysis pass on a token the SAE is "
+               "meant for (attention sinks left out; every token, even where analysis.tokens reads responses)"),
         Column("sink_max_norm", "DOUBLE", "attention sinks (sinks.rule): tokens whose residual norm exceeds this are "
                "left out of SAE training and every feature read; NULL: no rule"),
         Column("sink_count", "INTEGER", "tokens of the corpus the rule left out at this layer"),

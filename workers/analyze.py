@@ -43,6 +43,10 @@ class LayerActivations:
     sum_x: torch.Tensor | None = None
     n_eval_tokens: int = 0
     sinks: SinkReport | None = None  # what the layer's sink rule left out (workers/sinks.py)
+    # over every token the SAE is meant for, whatever analysis.tokens reads: dead latents and L0
+    fired: torch.Tensor | None = None
+    firings: int = 0
+    n_meant_tokens: int = 0
 
     def pooled_matrix(self, n_reads: int) -> sp.csr_matrix:
         """One row per reward read (in read order), one column per feature."""
@@ -60,7 +64,7 @@ class LayerActivations:
         return {
             "mse": self.sse / (n * d_in),
             "explained_variance": 1.0 - self.sse / total_var if total_var > 0 else 0.0,
-            "l0": int(self.features.count.sum()) / max(n_tokens, 1),  # firings per token
+            "l0": self.firings / max(self.n_meant_tokens, 1),  # firings per token the SAE is meant for
         }
 
 
@@ -219,6 +223,10 @@ def collect_corpus_activations(
             x = captured[layer][keep_dev].float()
             acts = sae.encode(x)  # no features at the layer's sinks (workers/sinks.py)
             kept = res.sinks.rule.kept(x)
+            fired = (acts[kept] > 0)
+            res.fired = fired.any(0) if res.fired is None else res.fired | fired.any(0)
+            res.firings += int(fired.sum())
+            res.n_meant_tokens += int(kept.sum())
             res.sinks.add(x.norm(dim=-1).cpu(), ~kept.cpu(), positions, token_ids)
             pool_args = (segment.to(dev), content_dev & kept, read_rows.to(dev), batch.n_reads, pooling)
             # reconstruction measured on the tokens the SAE is meant for: the sinks are not

@@ -139,7 +139,9 @@ def sae_identity(config: RunConfig, adapter, layer: int, sae_path: Path, run_dir
 def layer_statistics(layer_acts, n_tokens: int, d_model: int, feats: dict) -> dict:
     """How well the SAE reconstructs its layer, and how many of its features never fired."""
     return {**layer_acts.metrics(n_tokens, d_model),
-            "dead_fraction": float(np.mean(np.asarray(feats["frequency"]) == 0))}
+            # dead: never fired on a token the SAE is meant for (a chat run's statistics read responses only)
+            "dead_fraction": float(1 - layer_acts.fired.float().mean()) if layer_acts.fired is not None
+            else float(np.mean(np.asarray(feats["frequency"]) == 0))}
 
 
 def layer_regression(config: RunConfig, corpus, acts, layer_acts, sae, feats: dict) -> tuple[dict, dict]:
