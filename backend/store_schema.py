@@ -102,9 +102,20 @@ TABLES: dict[str, Table] = {t.name: t for t in (
         Column("d_sae", "INTEGER"),
         Column("k", "INTEGER", "TopK k (NULL for other architectures)"),
         Column("mse", "DOUBLE"),
-        Column("explained_variance", "DOUBLE", "on held-out tokens"),
+        Column("explained_variance", "DOUBLE", "on held-out tokens the SAE is meant for (attention sinks left out)"),
         Column("l0", "DOUBLE"),
-        Column("dead_fraction", "DOUBLE", "share of features that never fired in the analysis pass"),
+        Column("dead_fraction", "DOUBLE", "share of features that never fired in the analysis pass on a token the SAE is "
+               "meant for (attention sinks left out; every token, even where analysis.tokens reads responses)"),
+        Column("sink_max_norm", "DOUBLE", "attention sinks (sinks.rule): tokens whose residual norm exceeds this are "
+               "left out of SAE training and every feature read; NULL: no rule"),
+        Column("sink_count", "INTEGER", "tokens of the corpus the rule left out at this layer"),
+        Column("sink_fraction", "DOUBLE", "... their share of the corpus' tokens"),
+        Column("sink_positions", "STRUCT(position INTEGER, count BIGINT)[]",
+               "where in their texts they were, most common first"),
+        Column("sink_tokens", "STRUCT(token VARCHAR, count BIGINT)[]", "which token strings they were"),
+        Column("sink_mean_norm", "DOUBLE", "their mean residual norm; NULL when none was left out"),
+        Column("other_mean_norm", "DOUBLE", "the mean residual norm of every other token"),
+        Column("other_max_norm", "DOUBLE", "... and the largest"),
         Column("pooling", "VARCHAR", "how token features become one row per text"),
         Column("r2_train", "DOUBLE"),
         Column("r2_heldout", "DOUBLE"),
@@ -123,7 +134,8 @@ TABLES: dict[str, Table] = {t.name: t for t in (
         Column("n_heldout", "INTEGER"),
         Column("reward_recovered", "DOUBLE", "1 - reward_mae_sae / reward_mae_zero; NULL if zeroing changes nothing"),
         Column("reward_mae_sae", "DOUBLE", "mean |RM score with the SAE reconstruction spliced in - score|"),
-        Column("reward_mae_zero", "DOUBLE", "mean |RM score with the layer's output zeroed - score|"),
+        Column("reward_mae_zero", "DOUBLE", "mean |RM score with the layer's output zeroed - score| (attention sinks "
+               "keep their state, as with the SAE)"),
         # what the model uses, measured (workers/causal.py); NULL where the score is not the model's
         Column("default_ranking", "VARCHAR", "the ranking (backend/rankings.py) whose deletion curve moves the "
                "reward most beyond its controls: the layer table's default sort and its 'top N'"),

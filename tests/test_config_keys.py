@@ -19,7 +19,9 @@ PLAIN_TEXT = {"name", "run_id", "device", "model.step_separator", "model.good_to
               "dataset.split", "dataset.text_column", "dataset.reward_column", "dataset.steps_column",
               "lexicon.carriers[]", "lexicon.neutral_word",
               # a function in an installed package (from the web: only this package's, workers/config.py)
-              "model.loader", "model.output"}
+              "model.loader", "model.output",
+              # chat data: column names, and a Jinja template rendered in a sandbox by transformers
+              "dataset.messages_column", "dataset.prompt_column", "dataset.response_column", "dataset.chat_template"}
 
 
 def _config(**sections) -> dict:

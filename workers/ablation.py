@@ -21,7 +21,7 @@ from workers.analyze import forward_with_gradients
 from workers.batching import length_bucketed_batches, token_lengths
 from workers.controls import control_features, mean_with_ci  # noqa: F401
 from workers.sae_ops import (FeatureEdit, decoder_directions, edit_chosen, edit_hidden,  # noqa: F401
-                             edited_tokens, linear_decoder, pool_reads)
+                             content_tokens, edited_tokens, linear_decoder, pool_reads)
 
 
 @dataclass
@@ -159,7 +159,7 @@ def run_ablation(adapter: RewardModelAdapter, sae, layer: int, texts: list[str] 
         read_rows = flat_index[batch.reward_index[:, 0], batch.reward_index[:, 1]]
         token_ids = batch.input_ids[keep]
         segment = batch.token_segment[keep]
-        pool_args = (segment, ~torch.isin(token_ids, special_ids), read_rows, batch.n_reads, pooling)
+        pool_args = (segment, content_tokens(batch, special_ids)[keep], read_rows, batch.n_reads, pooling)
         seen = {}
 
         kept = item.encoded(sae) if item.hidden is not None else None

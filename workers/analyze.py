@@ -25,6 +25,7 @@ from workers.batching import length_bucketed_batches, token_lengths
 from workers.config import AnalysisConfig
 from workers.feature_stream import FeatureAccumulator, TokenBatch
 from workers.sae_ops import decoder_directions, pool_reads
+from workers.sinks import SinkReport, sink_rule_of
 
 
 @dataclass
@@ -41,6 +42,11 @@ class LayerActivations:
     sum_sq: float = 0.0
     sum_x: torch.Tensor | None = None
     n_eval_tokens: int = 0
+    sinks: SinkReport | None = None  # what the layer's sink rule left out (workers/sinks.py)
+    # over every token the SAE is meant for, whatever analysis.tokens reads: dead latents and L0
+    fired: torch.Tensor | None = None
+    firings: int = 0
+    n_meant_tokens: int = 0
 
     def pooled_matrix(self, n_reads: int) -> sp.csr_matrix:
         """One row per reward read (in read order), one column per feature."""
@@ -58,7 +64,7 @@ class LayerActivations:
         return {
             "mse": self.sse / (n * d_in),
             "explained_variance": 1.0 - self.sse / total_var if total_var > 0 else 0.0,
-            "l0": int(self.features.count.sum()) / max(n_tokens, 1),  # firings per token
+            "l0": self.firings / max(self.n_meant_tokens, 1),  # firings per token the SAE is meant for
         }
 
 
@@ -162,7 +168,8 @@ def collect_corpus_activations(
         layer: LayerActivations(
             d_sae=saes[layer].cfg.d_sae,
             features=FeatureAccumulator(saes[layer].cfg.d_sae, vocab_size, analysis, seed + layer, adapter.device),
-            attribution=AttributionAccumulator(saes[layer].cfg.d_sae, adapter.device))
+            attribution=AttributionAccumulator(saes[layer].cfg.d_sae, adapter.device),
+            sinks=SinkReport(sink_rule_of(saes[layer])))
         for layer in layers
     }
     lengths, scores, read_texts, read_positions = [], [], [], []
@@ -188,17 +195,20 @@ def collect_corpus_activations(
         text_of_token = torch.arange(len(indices)).unsqueeze(1).expand_as(keep)[keep]
         token_ids = batch.input_ids.cpu()[keep]
         content = ~torch.isin(token_ids, special_ids)
+        in_scope = None if batch.scope is None else batch.scope.cpu()[keep]  # a chat run's response tokens
+        if in_scope is not None:
+            content &= in_scope
         text_lengths = keep.sum(1)
+        positions = (keep.cumsum(1) - 1)[keep]  # index inside the text, whichever side is padded
         dev = adapter.device
         content_dev, text_of_token_dev = content.to(dev), text_of_token.to(dev)
         tokens = TokenBatch(
             token_ids=token_ids.to(dev),
             text_ids=torch.from_numpy(indices)[text_of_token].to(dev),
-            positions=(keep.cumsum(1) - 1)[keep].to(dev),  # index inside the text, whichever side is padded
+            positions=positions.to(dev),
             text_lengths=text_lengths[text_of_token].to(dev),
             content=content_dev,
         )
-        pool_args = (segment.to(dev), content.to(dev), read_rows.to(dev), batch.n_reads, pooling)
         eval_tokens = torch.from_numpy(heldout[indices])[text_of_token].to(adapter.device)
         batch_scores = batch_scores.float().cpu()
         scores.append(batch_scores)
@@ -211,9 +221,17 @@ def collect_corpus_activations(
         for layer in layers:
             res, sae = results[layer], saes[layer]
             x = captured[layer][keep_dev].float()
-            acts = sae.encode(x)
-            x_eval = x[eval_tokens]
-            recon_err = sae.decode(acts[eval_tokens]) - x_eval
+            acts = sae.encode(x)  # no features at the layer's sinks (workers/sinks.py)
+            kept = res.sinks.rule.kept(x)
+            fired = (acts[kept] > 0)
+            res.fired = fired.any(0) if res.fired is None else res.fired | fired.any(0)
+            res.firings += int(fired.sum())
+            res.n_meant_tokens += int(kept.sum())
+            res.sinks.add(x.norm(dim=-1).cpu(), ~kept.cpu(), positions, token_ids)
+            pool_args = (segment.to(dev), content_dev & kept, read_rows.to(dev), batch.n_reads, pooling)
+            # reconstruction measured on the tokens the SAE is meant for: the sinks are not
+            x_eval = x[eval_tokens & kept]
+            recon_err = sae.decode(acts[eval_tokens & kept]) - x_eval
             res.sse += float((recon_err**2).sum())
             res.sum_sq += float((x_eval**2).sum())
             res.sum_x = x_eval.sum(0).cpu() if res.sum_x is None else res.sum_x + x_eval.sum(0).cpu()
@@ -224,7 +242,7 @@ def collect_corpus_activations(
                 res.attribution.add(text_acts, token_grads, directions[layer], text_of_token_dev[content_dev],
                                     text_scores)
             acts = acts.float()  # stays on the device: only per-read rows and kept examples leave it
-            res.features.add_tokens(acts, tokens)
+            res.features.add_tokens(acts if in_scope is None else acts * in_scope.to(dev).unsqueeze(1), tokens)
             res.pooled_raw.append(pool_reads(x, *pool_args).cpu())
             pooled = pool_reads(acts, *pool_args).cpu()
             res.features.add_reads(pooled, batch_scores)

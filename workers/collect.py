@@ -9,31 +9,42 @@ import torch
 
 from workers.adapters import RewardModelAdapter
 from workers.batching import length_bucketed_batches, token_lengths
+from workers.sinks import SinkRule
 
 Activations = dict[str, torch.Tensor]  # hook name -> [n_tokens, d_model]
 
 
 def activation_stream(
-    adapter: RewardModelAdapter, texts: list[str], layers: list[int], batch_size: int, seed: int
+    adapter: RewardModelAdapter, texts: list[str], layers: list[int], batch_size: int, seed: int,
+    sink_rules: dict[int, SinkRule] | None = None,
 ) -> Iterator[Activations]:
     """Endless {hook_name: [n_tokens, d_model]} dicts over shuffled texts, one forward per batch.
 
-    Padding is dropped; the forward stops after the deepest chosen layer."""
+    Padding is dropped, and so are each layer's attention sinks (`sink_rules`, workers/sinks.py):
+    a layer may then hold fewer tokens than another. The forward stops after the deepest chosen
+    layer."""
     rng = np.random.default_rng(seed)
     lengths = token_lengths(adapter.tokenizer, texts, adapter.max_length)
+    sink_rules = sink_rules or {}
     while True:
         for indices in length_bucketed_batches(lengths, batch_size, rng):
             batch = adapter.tokenize([texts[i] for i in indices])
             _, captured = adapter.run(batch, capture=layers, need_score=False)
             keep = batch.attention_mask.bool()
-            yield {adapter.hook_name(layer): captured[layer][keep].float() for layer in layers}
+            out = {}
+            for layer in layers:
+                rows = captured[layer][keep].float()
+                rule = sink_rules.get(layer)
+                out[adapter.hook_name(layer)] = rows if rule is None else rows[rule.kept(rows)]
+            yield out
 
 
 @torch.no_grad()
 def shuffled_batches(stream: Iterator[Activations], buffer_tokens: int, batch_size: int,
                      keep_fraction: float = 0.5) -> Iterator[Activations]:
-    """SAE training batches drawn from a buffer of `buffer_tokens` tokens, shuffled with ONE
-    permutation for every hook so a batch holds the same tokens at each layer.
+    """SAE training batches drawn from a buffer of `buffer_tokens` tokens per hook. While every
+    hook holds the same tokens, ONE permutation shuffles them all, so a batch holds the same
+    tokens at each layer; once a layer's sinks were left out, each hook is shuffled on its own.
 
     Same mixing as SAELens's `mixing_buffer` (serve a shuffled buffer, keep `keep_fraction` of
     it to mix with what comes next), but each hook keeps its own contiguous tensor and new
@@ -43,28 +54,30 @@ def shuffled_batches(stream: Iterator[Activations], buffer_tokens: int, batch_si
     """
     if buffer_tokens < batch_size:
         raise ValueError(f"buffer_tokens ({buffer_tokens}) must be at least the batch size ({batch_size})")
-    kept: Activations | None = None
-    pending: list[Activations] = []
-    pending_tokens = 0
+    kept: Activations = {}
+    pending: dict[str, list[torch.Tensor]] = {}
     keep = int(buffer_tokens * keep_fraction)
     for new in stream:
-        pending.append(new)
-        pending_tokens += len(next(iter(new.values())))
-        held = pending_tokens + (len(next(iter(kept.values()))) if kept else 0)
-        if held < buffer_tokens:
+        for hook, rows in new.items():
+            pending.setdefault(hook, []).append(rows)
+        held = {h: sum(len(p) for p in parts) + (len(kept[h]) if h in kept else 0) for h, parts in pending.items()}
+        if min(held.values()) < buffer_tokens:
             continue
-        buffer = {h: torch.cat(([kept[h]] if kept else []) + [p[h] for p in pending]) for h in new}
-        pending, pending_tokens = [], 0
-        order = torch.randperm(held)
-        n_served = max(1, (held - keep) // batch_size) * batch_size
-        served = {h: x[order[:n_served]] for h, x in buffer.items()}
-        kept = {h: x[order[n_served:]] for h, x in buffer.items()}
+        buffer = {h: torch.cat(([kept[h]] if h in kept else []) + parts) for h, parts in pending.items()}
+        pending = {}
+        n_served = max(1, (min(held.values()) - keep) // batch_size) * batch_size
+        shared = torch.randperm(len(next(iter(buffer.values())))) if len(set(held.values())) == 1 else None
+        served = {}
+        for h, x in buffer.items():
+            order = shared if shared is not None else torch.randperm(len(x))
+            served[h], kept[h] = x[order[:n_served]], x[order[n_served:]]
         for start in range(0, n_served, batch_size):
             yield {h: x[start:start + batch_size] for h, x in served.items()}
     # the stream ended (a finite one): serve what is left in whole batches
-    if kept is None and not pending:
+    hooks = list(kept or pending)
+    if not hooks:
         return
-    rest = {h: torch.cat(([kept[h]] if kept else []) + [p[h] for p in pending]) for h in (kept or pending[0])}
-    n_rest = len(next(iter(rest.values())))
+    rest = {h: torch.cat(([kept[h]] if h in kept else []) + pending.get(h, [])) for h in hooks}
+    n_rest = min(len(x) for x in rest.values())
     for start in range(0, n_rest - batch_size + 1, batch_size):
         yield {h: x[start:start + batch_size] for h, x in rest.items()}

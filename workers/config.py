@@ -23,6 +23,10 @@ if TYPE_CHECKING:
 DEMO_MODEL = "demo"  # stands for the demo reward model built into the data dir
 DEMO_MODEL_DIRNAME = "demo-rm"  # under the data dir's models/
 DEMO_DATASET = "demo"  # stands for the generated demo corpus
+DEMO_LLAMA_MODEL = "demo-llama"  # the LLaMA-family demo RM built into the data dir (workers/demo_llama.py)
+DEMO_LLAMA_DIRNAME = "demo-llama-rm"
+DEMO_CHAT_DATASET = "demo-chat"  # the demo corpus as chat: a review request and a review as the response
+GENERATED_DATASETS = {DEMO_DATASET, DEMO_CHAT_DATASET}
 
 
 class ConfigError(ValueError):
@@ -52,7 +56,7 @@ MAX_OUTPUTS = 4095  # a head output's index (ArmoRM has 19)
 
 
 class ModelConfig(Strict):
-    path: Annotated[str, InputRef(frozenset({DEMO_MODEL}), hub_ids=True)] = Field(
+    path: Annotated[str, InputRef(frozenset({DEMO_MODEL, DEMO_LLAMA_MODEL}), hub_ids=True)] = Field(
         description="HF model id or local directory; 'demo' for the built-in demo RM; with model.loader, whatever "
         "the loader takes (handed to it as is)")
     adapter: Literal["seq_cls", "process", "causal_lm", "custom"] = Field(
@@ -73,6 +77,8 @@ class ModelConfig(Strict):
     good_token: str = Field("+", min_length=1, description="process RM with an LM head: step score = P(good)")
     bad_token: str = Field("-", min_length=1, description="... normalised over the good and bad tokens")
     reward_function: Literal["vader", "dataset"] = Field("vader", description="causal_lm: where the reward comes from")
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="the weights' precision on the device (bfloat16: ~3x faster decoders on a recent CPU)")
 
     @model_validator(mode="after")
     def _loader_fits_the_adapter(self):
@@ -104,7 +110,7 @@ HF_PREFIX = "hf:"  # dataset.source "hf:<id>" loads a dataset from the HF hub (o
 
 
 class DatasetConfig(Strict):
-    source: Annotated[str, InputRef(frozenset({DEMO_DATASET}), hub_prefix=HF_PREFIX, next_to_config=True)] = Field(
+    source: Annotated[str, InputRef(frozenset(GENERATED_DATASETS), hub_prefix=HF_PREFIX, next_to_config=True)] = Field(
         description="'demo', a local .jsonl/.csv/.parquet file or dataset directory, or 'hf:<id>'")
     split: str = Field("train", description="split of a HF dataset or dataset directory")
     text_column: str = "text"
@@ -117,6 +123,12 @@ class DatasetConfig(Strict):
     truncation: bool = Field(True, description="cut texts at model.max_length; false: skip longer texts")
     heldout_fraction: float = Field(0.2, gt=0.0, lt=0.9)
     batch_size: int = Field(64, ge=1, le=4096)
+    # chat data (workers/chat.py): read when the text column is absent
+    messages_column: str = Field("messages", description="a list of {role, content} messages per row")
+    prompt_column: str = Field("prompt", description="with response_column: a user prompt (or message list) ...")
+    response_column: str = Field("response", description="... and the assistant's response")
+    chat_template: str | None = Field(None, description="Jinja chat template conversations are rendered with "
+                                      "(default: the tokenizer's own)")
 
 
 SaeArchitecture = Literal["topk", "batchtopk", "jumprelu", "standard", "l1_sqrt"]
@@ -217,7 +229,19 @@ class SaeConfig(Strict):
         return None if self.widths is None else min(self.widths)
 
 
+class SinkConfig(Strict):
+    """Attention sinks (workers/sinks.py): tokens left out of SAE training and every feature read."""
+    rule: Literal["norm", "none"] = Field(
+        "norm", description="norm: per layer, leave out tokens whose residual norm exceeds norm_ratio x the layer's "
+        "median token norm (measured on calibration_texts texts before training); none: keep every token")
+    norm_ratio: float = Field(10.0, gt=1.0, le=1e6, description="how far beyond the layer's median norm a token is a sink")
+    calibration_texts: int = Field(256, ge=1, le=100_000, description="training texts whose token norms give each layer's median")
+
+
 class AnalysisConfig(Strict):
+    tokens: Literal["all", "response"] | None = Field(
+        None, description="which tokens statistics, contexts, pooling, attribution and edits read: response (a chat "
+        "text's last assistant turn; the default for chat data) or all (the default otherwise)")
     n_contexts: int = Field(20, ge=1, le=200)
     window_before: int = Field(10, ge=0, le=256)
     window_after: int = Field(5, ge=0, le=256)
@@ -377,6 +401,7 @@ class RunConfig(Strict):
                       Discriminator(lambda v: "selection" if isinstance(v, (dict, LayerSelection)) else "list")] = Field(
         description="0-based blocks, or {top_divergence: k} (needs transfer.base_model)")
     sae: SaeConfig = SaeConfig()
+    sinks: SinkConfig = SinkConfig()
     analysis: AnalysisConfig = AnalysisConfig()
     regression: RegressionConfig = RegressionConfig()
     effects: EffectsConfig = EffectsConfig()
@@ -521,6 +546,7 @@ class ModelFacts:
 
 # The demo reward model is all-MiniLM-L6-v2 (BERT) with a scalar head: known without loading it.
 DEMO_MODEL_FACTS = ModelFacts(depth=6, positions=512)
+DEMO_LLAMA_FACTS = ModelFacts(depth=30, positions=8192)  # SmolLM2-135M-Instruct
 # RoBERTa-style models number positions from pad_token_id + 1: that many fewer are usable.
 OFFSET_POSITIONS = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "mpnet", "longformer", "data2vec-text"}
 
@@ -552,6 +578,8 @@ def local_model_facts(config: RunConfig) -> ModelFacts | None:
     hub id, which only the worker resolves."""
     if config.model.path == DEMO_MODEL:
         return DEMO_MODEL_FACTS
+    if config.model.path == DEMO_LLAMA_MODEL:
+        return DEMO_LLAMA_FACTS
     if config.model.loader is not None:  # the loader knows the model; checked once it is loaded
         return None
     path = Path(config.model.path) / "config.json"
@@ -656,7 +684,7 @@ def check_limits(config: RunConfig, settings: Settings) -> None:
 
 def check_dataset_source(config: RunConfig) -> None:
     source = config.dataset.source
-    if source == DEMO_DATASET or source.startswith(HF_PREFIX):
+    if source in GENERATED_DATASETS or source.startswith(HF_PREFIX):
         return
     path = Path(source)
     if not path.exists():

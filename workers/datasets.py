@@ -2,8 +2,10 @@
 (`datasets` save_to_disk or data files), or a HF hub dataset ('hf:<id>', online or cached).
 
 Columns: `text` (or a `steps` list, joined into a text with model.step_separator after every
-step), optional `reward`; or `chosen` / `rejected` (and optional `prompt`): preference pairs,
-read by workers/preference_data.py, each pair two texts of the corpus. Then, in order: shuffle (seeded), skip texts longer than
+step; or chat: a `messages` list, or `prompt` and `response`, rendered with the model's chat
+template once its tokenizer is loaded, workers/chat.py), optional `reward`; or `chosen` / `rejected`
+(and optional `prompt`): preference pairs, read by workers/preference_data.py, each pair two texts
+of the corpus. Then, in order: shuffle (seeded), skip texts longer than
 model.max_length when truncation is off, take at most n_texts and stop once the texts'
 tokens reach token_budget, and hold out a random fraction.
 """
@@ -14,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from workers.config import DEMO_DATASET, HF_PREFIX, ConfigError, DatasetConfig
+from workers.chat import chat_conversations
+from workers.config import DEMO_CHAT_DATASET, DEMO_DATASET, HF_PREFIX, ConfigError, DatasetConfig
 from workers.demo_corpus import generate_corpus, vader_reward
 from workers.preference_data import PreferencePairs, is_pair_table, read_pairs, select_pairs
 
@@ -93,7 +96,10 @@ def texts_and_rewards(table, config: DatasetConfig, step_separator: str) -> tupl
     columns = table.column_names
     if table.num_rows == 0:
         raise ConfigError(f"dataset.source: {config.source} holds no rows")
-    if config.steps_column and config.steps_column in columns:
+    conversations = None if config.text_column in columns else chat_conversations(table, config)
+    if conversations is not None:  # rendered with the model's chat template once its tokenizer is loaded
+        texts = conversations
+    elif config.steps_column and config.steps_column in columns:
         texts = []
         for i, steps in enumerate(table.column(config.steps_column).to_pylist()):
             if not isinstance(steps, list) or not steps:
@@ -167,6 +173,12 @@ def read_texts(config: DatasetConfig, seed: int, step_separator: str = "\n"
     if config.source == DEMO_DATASET:
         texts = generate_corpus(config.n_texts or DEMO_CORPUS_SIZE, seed=seed)
         return texts, np.array([vader_reward(t) for t in texts])
+    if config.source == DEMO_CHAT_DATASET:
+        import pyarrow
+
+        from workers.demo_llama import demo_chat_rows
+        return texts_and_rewards(pyarrow.Table.from_pylist(demo_chat_rows(config.n_texts or DEMO_CORPUS_SIZE, seed)),
+                                 config, step_separator)
     table = read_table(config)
     if is_pair_table(table.column_names, config):
         return read_pairs(table, config), None

@@ -7,9 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from backend.settings import Settings
-from workers.config import DEMO_MODEL_DIRNAME, load_config
+from workers.config import DEMO_LLAMA_DIRNAME, DEMO_MODEL_DIRNAME, load_config
 
 DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
+DEMO_LLAMA_CONFIG = Path(__file__).parent / "configs" / "demo-llama.yaml"  # `rewardatlas demo --llama`
 
 
 def _store_is_current(settings: Settings, run_id: str) -> bool:
@@ -26,14 +27,16 @@ def _store_is_current(settings: Settings, run_id: str) -> bool:
         return False
 
 
-def ensure_demo(settings: Settings) -> None:
+def ensure_demo(settings: Settings, llama: bool = False) -> None:
+    """The MiniLM demo, or with `llama` the LLaMA-family demo (workers/demo_llama.py)."""
     from backend.db import run_exists, upgrade
 
-    config = load_config(DEMO_CONFIG)
+    config = load_config(DEMO_LLAMA_CONFIG if llama else DEMO_CONFIG)
+    model_dirname = DEMO_LLAMA_DIRNAME if llama else DEMO_MODEL_DIRNAME
     upgrade(settings)
     registered = run_exists(settings, config.run_id)
     current = registered and _store_is_current(settings, config.run_id)
-    if (settings.models_dir / DEMO_MODEL_DIRNAME).is_dir() and current:
+    if (settings.models_dir / model_dirname).is_dir() and current:
         print(f"demo run {config.run_id!r} is already built")
         return
     from workers.pipeline import resolve_model_path, run_pipeline

@@ -16,6 +16,7 @@ import torch
 from workers.adapters import RewardModelAdapter
 from workers.adapters.base import LayerEdit
 from workers.batching import length_bucketed_batches, token_lengths
+from workers.sinks import NO_RULE, SinkRule, sink_rule_of
 
 
 @dataclass
@@ -41,18 +42,23 @@ def zero_output(hidden: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(hidden)
 
 
-def _on_tokens(edit: LayerEdit, attention_mask: torch.Tensor) -> LayerEdit:
-    """Apply `edit` at real tokens only: padding keeps its states, so padding can't matter."""
-    keep = attention_mask.bool().unsqueeze(-1)
-    return lambda hidden: torch.where(keep, edit(hidden), hidden)
+def _on_tokens(edit: LayerEdit, attention_mask: torch.Tensor, rule: SinkRule = NO_RULE) -> LayerEdit:
+    """Apply `edit` at real tokens only: padding keeps its states, so padding can't matter; nor
+    at the layer's sinks (workers/sinks.py), which no SAE is meant to reconstruct."""
+    def on_tokens(hidden: torch.Tensor) -> torch.Tensor:
+        keep = (attention_mask.bool() & rule.kept(hidden)).unsqueeze(-1)
+        return torch.where(keep, edit(hidden), hidden)
+
+    return on_tokens
 
 
 @torch.no_grad()
 def reward_recovery(
     adapter: RewardModelAdapter, edits: dict[int, LayerEdit], texts: list[str], batch_size: int,
-    progress: Callable[[float], None] | None = None,
+    progress: Callable[[float], None] | None = None, rules: dict[int, SinkRule] | None = None,
 ) -> dict[int, RewardRecovery]:
-    """For each layer, score `texts` with that layer's edit and with the layer zeroed.
+    """For each layer, score `texts` with that layer's edit and with the layer zeroed, both at the
+    tokens outside the layer's sinks (`rules`).
     `progress` hears the share of texts done before every batch (and may raise to stop)."""
     if not texts:
         raise ValueError("reward recovered needs at least one held-out text")
@@ -69,8 +75,9 @@ def reward_recovery(
         clean, captured = adapter.run(batch, capture=list(edits))
         for layer, edit in edits.items():  # each edit runs only the blocks above its layer
             hidden = captured[layer]
-            spliced = adapter.run_from(batch, layer, _on_tokens(edit, batch.attention_mask)(hidden))
-            zeroed = adapter.run_from(batch, layer, _on_tokens(zero_output, batch.attention_mask)(hidden))
+            rule = (rules or {}).get(layer, NO_RULE)
+            spliced = adapter.run_from(batch, layer, _on_tokens(edit, batch.attention_mask, rule)(hidden))
+            zeroed = adapter.run_from(batch, layer, _on_tokens(zero_output, batch.attention_mask, rule)(hidden))
             abs_sae[layer] += float((spliced - clean).abs().sum())
             abs_zero[layer] += float((zeroed - clean).abs().sum())
         n_reads += len(clean)
@@ -86,4 +93,4 @@ def evaluate_saes(adapter: RewardModelAdapter, saes: dict, texts: list[str], bat
                   progress: Callable[[float], None] | None = None) -> dict[int, RewardRecovery]:
     """Reward recovered per layer for loaded SAELens SAEs {layer: SAE}."""
     return reward_recovery(adapter, {layer: sae_reconstruction(sae) for layer, sae in saes.items()}, texts,
-                           batch_size, progress)
+                           batch_size, progress, {layer: sink_rule_of(sae) for layer, sae in saes.items()})

@@ -22,7 +22,7 @@ from scipy import stats
 
 from workers.ablation import EvalSet, per_read
 from workers.controls import mean_with_ci
-from workers.sae_ops import edited_tokens, pool_reads
+from workers.sae_ops import content_tokens, edited_tokens, pool_reads
 
 ROWS_PER_FORWARD = 64
 
@@ -62,7 +62,7 @@ def _scan(item, sae, candidates: torch.Tensor, directions: torch.Tensor, special
     flat_index = keep.flatten().cumsum(0).reshape(keep.shape) - 1
     read_rows = flat_index[batch.reward_index[:, 0], batch.reward_index[:, 1]]
     segment = batch.token_segment[keep]
-    content = ~torch.isin(batch.input_ids[keep], special_ids)
+    content = content_tokens(batch, special_ids)[keep]
     pooled = pool_reads(acts[keep], segment, content, read_rows, batch.n_reads, pooling)
     per_unit = item.grad[keep].float() @ directions[candidates].T  # d score / d activation
     contrib = acts[keep] * per_unit

@@ -21,8 +21,9 @@ from workers.analyses import RunContext, check_analyses, run_analyses
 from workers.analyses.transfer import prepare_transfer
 from workers.analyze import adapter_has_gradient, collect_corpus_activations, feature_tables
 from workers.causal import not_applicable, run_causal_stage
-from workers.config import (ARCHITECTURE_KNOBS, DEMO_MODEL, DEMO_MODEL_DIRNAME, ConfigError, ModelFacts, RunConfig,
-                            check_against_world, check_model_facts, preflight)
+from workers.chat import markers_info, prepare_chat_texts
+from workers.config import (ARCHITECTURE_KNOBS, DEMO_LLAMA_MODEL, DEMO_MODEL, DEMO_MODEL_DIRNAME, ConfigError,
+                            ModelFacts, RunConfig, check_against_world, check_model_facts, preflight)
 from workers.datasets import read_texts, select_corpus
 from workers.device import pick_device
 from workers.evaluate import evaluate_saes
@@ -34,6 +35,10 @@ from workers.train import load_saes, train_saes
 
 
 def resolve_model_path(config: RunConfig, settings: Settings) -> str:
+    if config.model.path == DEMO_LLAMA_MODEL:
+        from workers.demo_llama import ensure_demo_llama_rm
+
+        return str(ensure_demo_llama_rm(settings.models_dir, _stage))
     if config.model.path != DEMO_MODEL:
         return config.model.path
     path = settings.models_dir / DEMO_MODEL_DIRNAME
@@ -137,7 +142,9 @@ def sae_identity(config: RunConfig, adapter, layer: int, sae_path: Path, run_dir
 def layer_statistics(layer_acts, n_tokens: int, d_model: int, feats: dict) -> dict:
     """How well the SAE reconstructs its layer, and how many of its features never fired."""
     return {**layer_acts.metrics(n_tokens, d_model),
-            "dead_fraction": float(np.mean(np.asarray(feats["frequency"]) == 0))}
+            # dead: never fired on a token the SAE is meant for (a chat run's statistics read responses only)
+            "dead_fraction": float(1 - layer_acts.fired.float().mean()) if layer_acts.fired is not None
+            else float(np.mean(np.asarray(feats["frequency"]) == 0))}
 
 
 def layer_regression(config: RunConfig, corpus, acts, layer_acts, sae, feats: dict) -> tuple[dict, dict]:
@@ -259,7 +266,8 @@ def build_tables(config: RunConfig, adapter, corpus, acts, saes: dict, sae_paths
         layer_progress(0.15)
         causal = causal_stage(config, adapter, corpus, layer, sae, feats, weights, _part(layer_progress, 0.15, 1.0))
         row = merged(sae_identity(config, adapter, layer, sae_paths[layer], run_dir),
-                     layer_statistics(layer_acts, acts.n_tokens, adapter.d_model, feats), regression,
+                     layer_statistics(layer_acts, acts.n_tokens, adapter.d_model, feats),
+                     layer_acts.sinks.columns(vocab), regression,
                      reward_recovery_columns(recovery[layer]), causal.layer_columns)
         layer_rows.append(row)
         features.append(merged(feats, weights, decoder_columns(sae), causal.feature_columns))
@@ -328,6 +336,7 @@ def _run_pipeline(config: RunConfig, settings: Settings, replace: bool) -> Path:
     texts, rewards = read_texts(config.dataset, config.seed, config.model.step_separator)
     model_path = resolve_model_path(config, settings)
     check_against_world(config, model_path)
+    texts, chat_markers = prepare_chat_texts(texts, model_path, config.dataset, config.analysis)
     written = config  # what the user wrote, layers: {top_divergence: k} included: config_yaml keeps it
     # the base model's tokenizer and depth, its parameter divergence, the layers it chooses
     config, divergence = prepare_transfer(config, model_path, _stage)
@@ -352,6 +361,7 @@ def _run_pipeline(config: RunConfig, settings: Settings, replace: bool) -> Path:
         adapter = _load_adapter(config, model_path, device)
         if getattr(adapter, "output", None) is not None:
             _stage(f"explaining the head's {adapter.output.describe()} (model.output)")
+        adapter.response_markers = chat_markers  # analysis.tokens: response reads the response's tokens only
         check_analyses(config, adapter.tokenizer)  # e.g. a vocabulary with no known token: before training
         corpus = select_corpus(texts, rewards, config.dataset, config.seed, adapter.tokenizer,
                                config.model.max_length, settings.max_texts)
@@ -387,7 +397,7 @@ def _run_pipeline(config: RunConfig, settings: Settings, replace: bool) -> Path:
             "adapter": config.model.adapter, "dataset": config.dataset.source, "config_yaml": config_yaml,
             "created_at": datetime.now(timezone.utc).isoformat(), "n_texts": len(corpus.texts),
             "n_tokens": acts.n_tokens, "device": str(device), "ranked_texts": config.analysis.ranked_texts,
-            **explained_output_info(adapter), **analysed,
+            **explained_output_info(adapter), **markers_info(chat_markers), **analysed,
         }
         info = with_best_layer(info, tables["layers"])
         _stage("writing the feature store")

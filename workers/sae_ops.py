@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from workers.sinks import sink_rule_of
+
 MODES = ("zero", "clamp", "steer")
 # Where an edit applies: the text's own tokens (special tokens such as [CLS], [SEP] or BOS left as
 # they are, as token pooling and attribution read them), or every real token. At an encoder's
@@ -51,8 +53,14 @@ def edited_tokens(batch, special_ids: torch.Tensor, scope: str = "text") -> torc
     """[B, T] where an edit of `scope` (SCOPES) applies."""
     if scope not in SCOPES:
         raise ValueError(f"tokens must be one of {', '.join(SCOPES)}, not {scope!r}")
-    real = batch.attention_mask.bool()
-    return real if scope == "all" else real & ~torch.isin(batch.input_ids, special_ids.to(batch.input_ids.device))
+    return batch.attention_mask.bool() if scope == "all" else content_tokens(batch, special_ids)
+
+
+def content_tokens(batch, special_ids: torch.Tensor) -> torch.Tensor:
+    """[B, T] the text's own tokens: real, not special, and inside the batch's scope (a chat run's
+    response, with analysis.tokens: response)."""
+    content = batch.attention_mask.bool() & ~torch.isin(batch.input_ids, special_ids.to(batch.input_ids.device))
+    return content if batch.scope is None else content & batch.scope.bool()
 
 
 def pool_reads(acts, segment, content, read_rows, n_reads: int, how: str) -> torch.Tensor:
@@ -107,7 +115,13 @@ def edit_hidden(sae, hidden: torch.Tensor, edit: FeatureEdit, directions: torch.
             new = h + (after[..., index] - before[..., index]) @ directions[index]
         else:
             new = h + (sae.decode(after) - sae.decode(before))
-    return new.to(hidden.dtype), before, after
+    return _sinks_untouched(sae, h, new).to(hidden.dtype), before, after
+
+
+def _sinks_untouched(sae, h: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """`new` where the SAE reads, `h` at its layer's sinks (workers/sinks.py): no edit reaches them."""
+    rule = sink_rule_of(sae)
+    return new if rule.max_norm is None else torch.where(rule.kept(h).unsqueeze(-1), new, h)
 
 
 @torch.no_grad()
@@ -127,4 +141,4 @@ def edit_chosen(sae, hidden: torch.Tensor, edit: FeatureEdit, directions: torch.
     before_chosen = (sae.encode(h) if before is None else before)[..., index]
     after_chosen = torch.zeros_like(before_chosen) if edit.mode == "zero" else torch.full_like(before_chosen, edit.value)
     new = h + (after_chosen - before_chosen) @ directions[index]
-    return new.to(hidden.dtype), before_chosen, after_chosen
+    return _sinks_untouched(sae, h, new).to(hidden.dtype), before_chosen, after_chosen

@@ -81,10 +81,10 @@ class LoadedRun:
 
     def sae(self, layer: int):
         if layer not in self.saes:
-            from sae_lens import SAE
+            from workers.train import load_sae
 
             info = store.layer_info(self.store_path, layer)
-            self.saes[layer] = SAE.load_from_disk(self.run_dir / info["sae_path"], device=str(self.adapter.device)).eval()
+            self.saes[layer] = load_sae(self.run_dir / info["sae_path"], self.adapter.device)
         return self.saes[layer]
 
     def decoder(self, layer: int) -> tuple[torch.Tensor, bool]:
@@ -125,6 +125,7 @@ class RunCache:
             self.runs[run_id] = self.runs.pop(run_id)  # most recent last
             return self.runs[run_id]
         from workers.adapters import adapter_from_config
+        from workers.chat import markers_from_info
         from workers.config import parse_config
         from workers.device import pick_device
         from workers.pipeline import resolve_model_path
@@ -136,6 +137,7 @@ class RunCache:
         config = parse_config(yaml.safe_load(run.config_yaml))
         path = self.settings.data_dir / run.store_path
         adapter = adapter_from_config(config.model, resolve_model_path(config, self.settings), pick_device(config.device))
+        adapter.response_markers = markers_from_info(store.run_info(path))  # a chat run reads responses only
         loaded = LoadedRun(run_id, config, path, path.parent, adapter)
         self.runs[run_id] = loaded
         while len(self.runs) > self.size:

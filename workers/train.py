@@ -31,6 +31,7 @@ from sae_lens.training.multi_sae_trainer import MultiSAETrainer
 from workers.adapters import RewardModelAdapter
 from workers.collect import activation_stream, shuffled_batches
 from workers.config import RunConfig, SaeConfig
+from workers.sinks import SinkRule, measure_sink_rules, with_sink_rule
 
 NORM_ESTIMATE_BATCHES = 20
 # The "sqrt" penalty: SAELens's standard SAE with an L_p sparsity norm, p = 0.5.
@@ -155,7 +156,9 @@ def train_saes(config: RunConfig, adapter: RewardModelAdapter, texts: list[str],
                     pair_config, adapter.d_model, str(adapter.device), SAEMetadata(
                         model_name=config.model.path, hook_name=adapter.hook_name(layer), hook_layer=layer,
                         context_size=config.model.max_length))
-    stream = activation_stream(adapter, texts, config.layers, config.dataset.batch_size, config.seed)
+    # each layer's sinks, measured before training: left out of the stream, so of the norm estimate too
+    sink_rules = measure_sink_rules(adapter, texts, config.layers, config.sinks, config.dataset.batch_size)
+    stream = activation_stream(adapter, texts, config.layers, config.dataset.batch_size, config.seed, sink_rules)
     cfg = trainer_config(config.sae, adapter.device)
     if progress is not None:
         steps = math.ceil(cfg.total_training_samples / cfg.train_batch_size_samples)
@@ -170,11 +173,18 @@ def train_saes(config: RunConfig, adapter: RewardModelAdapter, texts: list[str],
     for name, layer in zip(hooks, config.layers):
         paths[layer] = sae_dir(run_dir, layer)
         trained[name].save_inference_model(paths[layer])
+        sink_rules[layer].save(paths[layer])
     if pair_width is not None:  # found again by pair_dir (workers/analyses/pairs.py loads them)
         for layer in config.layers:
             trained[pair_key(layer, pair_width)].save_inference_model(pair_dir(run_dir, layer, pair_width))
+            sink_rules[layer].save(pair_dir(run_dir, layer, pair_width))
     return paths
 
 
+def load_sae(path: Path, device: torch.device) -> SAE:
+    """A saved SAE with the sink rule it was trained under (workers/sinks.py) applied to its encode."""
+    return with_sink_rule(SAE.load_from_disk(path, device=str(device)).eval(), SinkRule.load(path))
+
+
 def load_saes(paths: dict[int, Path], device: torch.device) -> dict[int, SAE]:
-    return {layer: SAE.load_from_disk(path, device=str(device)).eval() for layer, path in paths.items()}
+    return {layer: load_sae(path, device) for layer, path in paths.items()}

@@ -17,6 +17,7 @@ from backend.routes.common import SettingsDep, get_run, json_response, render, r
 from backend.routes.edge import ERROR_RESPONSES, StrictJSONRoute, TextId, invalid
 from backend.routes.jobs import InferenceRequest, _form, _parse, submit_inference
 from backend.settings import Settings
+from workers.chat import markers_from_info, role_parts
 
 router = APIRouter(route_class=StrictJSONRoute, responses=ERROR_RESPONSES)
 DEFAULT_MAX_LENGTH = 128  # workers/config.py ModelConfig.max_length's default
@@ -45,6 +46,8 @@ def text_data(settings: Settings, run_id: str, text_id: int) -> dict[str, Any]:
     # the pipeline cuts a longer text at max_length (dataset.truncation), so a text that fills
     # it may have been longer: the page says so rather than let a score look like the whole text's
     row["reached_max_length"] = row["n_tokens"] >= max_length
+    # a chat run reading the response only: where it begins and ends in the rendered text
+    row["roles"] = role_parts(row["text"], markers_from_info(store.run_info(path)))
     return {"run": run_summary(run), "text": row, "max_length": max_length,
             "layers": [x["layer"] for x in store.layers(path)], "best_layer": run.best_layer, **_text_jobs(settings, run_id, text_id)}
 

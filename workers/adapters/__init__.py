@@ -30,6 +30,7 @@ def _model_class(kind: str, path: str, trust_remote_code: bool = False):
 
 
 def load_adapter(kind: str, path: str, device: torch.device, max_length: int, trust_remote_code: bool = False,
+                 dtype: str = "float32",
                  **options) -> RewardModelAdapter:
     """Load a checkpoint for one adapter family. `options` are the family's own settings:
     process: step_separator, good_token, bad_token; causal_lm: reward_function; seq_cls:
@@ -43,7 +44,8 @@ def load_adapter(kind: str, path: str, device: torch.device, max_length: int, tr
         if tokenizer.eos_token is None:
             raise ValueError(f"model.path: the tokenizer of {path} has neither a pad nor an eos token")
         tokenizer.pad_token = tokenizer.eos_token
-    model = _model_class(kind, path, trust_remote_code).from_pretrained(path, trust_remote_code=trust_remote_code)
+    model = _model_class(kind, path, trust_remote_code).from_pretrained(path, trust_remote_code=trust_remote_code,
+                                                                         torch_dtype=getattr(torch, dtype))
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return ADAPTERS[kind](model, tokenizer, device, max_length, **options)
@@ -67,7 +69,8 @@ def adapter_from_config(model_config, path: str, device: torch.device) -> Reward
         return load_custom_adapter(model_config.loader, path, device, model_config.max_length,
                                    **adapter_options(model_config))
     return load_adapter(model_config.adapter, path, device, model_config.max_length,
-                        trust_remote_code=model_config.trust_remote_code, **adapter_options(model_config))
+                        trust_remote_code=model_config.trust_remote_code, dtype=model_config.dtype,
+                        **adapter_options(model_config))
 
 
 __all__ = ["ADAPTERS", "Batch", "CustomRewardModel", "RewardModelAdapter", "StopForward", "adapter_from_config", "adapter_options",

@@ -47,6 +47,8 @@ class Batch:
     reward_index: torch.Tensor  # [R, 2] (sequence in batch, token position) of each reward read
     token_segment: torch.Tensor  # [B, T] the reward read each token belongs to; -1 for none
     rewards: np.ndarray | None = None  # the dataset's own reward per text, when it has one
+    # [B, T] the tokens analysis reads (analysis.tokens: response, workers/chat.py); None: every token
+    scope: torch.Tensor | None = None
 
     @property
     def n_reads(self) -> int:
@@ -73,7 +75,8 @@ class Batch:
         segment = self.token_segment[rows]
         segment = torch.where(segment >= 0, new_id.gather(1, segment.clamp(min=0)), segment)
         return Batch([self.texts[r] for r in rows.tolist()], self.input_ids[rows], self.attention_mask[rows],
-                     torch.cat(index), segment, None if self.rewards is None else self.rewards[rows.cpu().numpy()])
+                     torch.cat(index), segment, None if self.rewards is None else self.rewards[rows.cpu().numpy()],
+                     None if self.scope is None else self.scope[rows])
 
 
 def whole_text_segments(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -86,6 +89,21 @@ def last_token_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """Each sequence's last non-pad position, whichever side it is padded on."""
     positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
     return (attention_mask * positions).argmax(dim=1)
+
+
+def response_tokens(enc, texts: list[str], markers) -> torch.Tensor:
+    """[B, T] the tokens inside each text's response (markers.response_span); a text without
+    one (a plain text typed on a chat run's page) keeps every token."""
+    offsets, real = enc["offset_mapping"], enc["attention_mask"].bool()
+    inside = torch.zeros_like(real)
+    for row, text in enumerate(texts):
+        span = markers.response_span(text)
+        if span is None:
+            inside[row] = real[row]
+            continue
+        starts, ends = offsets[row, :, 0], offsets[row, :, 1]
+        inside[row] = real[row] & (ends > starts) & (starts >= span[0]) & (starts < span[1])
+    return inside
 
 
 def find_blocks(model: nn.Module, n_layers: int) -> nn.ModuleList:
@@ -102,6 +120,8 @@ class RewardModelAdapter:
     # edits then change the activations but not the score.
     score_from_model: bool = True
     needs_offsets: bool = False  # ask the tokenizer for character offsets (reward_reads gets them)
+    # chat runs reading only the response (workers/chat.py ChatMarkers): Batch.scope marks its tokens
+    response_markers = None
 
     def __init__(self, model: nn.Module, tokenizer, device: torch.device, max_length: int):
         self.model = model.eval().to(device)
@@ -125,13 +145,16 @@ class RewardModelAdapter:
     # -- shared machinery -------------------------------------------------------------
     def tokenize(self, texts: list[str], rewards: np.ndarray | None = None) -> Batch:
         texts = list(texts)
+        offsets = self.needs_offsets or self.response_markers is not None
         enc = self.tokenizer(
             texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt",
-            **({"return_offsets_mapping": True} if self.needs_offsets else {}),
+            **({"return_offsets_mapping": True} if offsets else {}),
         )
         index, segment = self.reward_reads(enc, texts)
         to = lambda t: t.to(self.device)  # noqa: E731
-        return Batch(texts, to(enc["input_ids"]), to(enc["attention_mask"]), to(index), to(segment), rewards=rewards)
+        scope = None if self.response_markers is None else to(response_tokens(enc, texts, self.response_markers))
+        return Batch(texts, to(enc["input_ids"]), to(enc["attention_mask"]), to(index), to(segment), rewards=rewards,
+                     scope=scope)
 
     def hook_name(self, layer: int) -> str:
         return f"blocks.{layer}.hook_resid_post"
