@@ -171,7 +171,12 @@ def measured_columns(rng: np.random.Generator, weight: np.ndarray) -> dict[str, 
     return {"measured_delta": pa.array(delta), "measured_delta_low": pa.array(delta - half),
             "measured_delta_high": pa.array(delta + half), "measured_n": pa.array(rng.integers(5, 200, width)),
             "predicted_delta_regression": pa.array(-weight * rng.uniform(0.5, 2.0, width)),
-            "predicted_delta_attribution": pa.array(delta * rng.uniform(0.5, 1.5, width))}
+            "predicted_delta_attribution": pa.array(delta * rng.uniform(0.5, 1.5, width)),
+            # preference pairs' margin columns, as a pairs run writes them (every column filled)
+            **{name: pa.array(delta * rng.uniform(0.5, 1.5, width)) for name in (
+                "margin_attribution", "margin_attribution_chosen", "margin_attribution_rejected", "margin_delta",
+                "margin_delta_low", "margin_delta_high")},
+            "margin_delta_n": pa.array(rng.integers(5, 200, width))}
 
 
 def layer_contexts(rng: np.random.Generator, layer: int, top_ids: np.ndarray, max_act: np.ndarray,
@@ -244,6 +249,12 @@ def layers_table(saes: int, width: int, rng: np.random.Generator) -> dict[str, l
         "faithfulness_effect": (0.1 * r2).tolist(), "faithfulness_control": [0.01] * saes,
         "faithfulness_relative": (0.2 * r2).tolist(), "faithfulness_verdict": ["beyond_controls"] * saes,
         "faithfulness_draws": [10] * saes,
+        # attention sinks (workers/sinks.py): an encoder's layers have none
+        "sink_max_norm": [None] * saes, "sink_count": [0] * saes, "sink_fraction": [0.0] * saes,
+        "sink_positions": [[]] * saes, "sink_tokens": [[]] * saes, "sink_mean_norm": [None] * saes,
+        "other_mean_norm": [10.0] * saes, "other_max_norm": [20.0] * saes,
+        # preference pairs (workers/analyses/preference.py): a text corpus has none
+        "spliced_accuracy": [None] * saes, "surrogate_accuracy": [None] * saes, "surrogate_train_accuracy": [None] * saes,
         "score_spread": [0.5] * saes, "reach": (0.3 * r2).tolist(), "read_token_gradient_share": [0.4] * saes,
         "calibration_regression_slope": [0.3] * saes, "calibration_regression_r": [0.6] * saes,
         "calibration_attribution_slope": [0.9] * saes, "calibration_attribution_r": [0.8] * saes,

@@ -305,8 +305,10 @@ def test_the_web_refuses_a_missing_loader_or_output_before_queueing(client, migr
         return client.post("/api/jobs", json={"config_yaml": f"name: web\nmodel: {model}\ndataset: {{source: demo}}\n"
                                                              "layers: [0]\n"})
 
-    missing = submit("{path: '-', loader: 'tests.nowhere_to_be_found:load'}")
-    assert missing.status_code == 422 and "model.loader: no module 'tests.nowhere_to_be_found'" in missing.text
+    missing = submit("{path: '-', loader: 'workers.adapters.nowhere_to_be_found:load'}")
+    assert missing.status_code == 422 and "model.loader: no module 'workers.adapters.nowhere_to_be_found'" in missing.text
+    elsewhere = submit("{path: '-', loader: 'tests.custom_model_fixtures:load_tiny'}")  # not this package's
+    assert elsewhere.status_code == 422 and "model.loader: a run queued on the web may use only" in elsewhere.text
     from transformers import BertForSequenceClassification
 
     path = save_tiny_bert(tmp_path / "three")
@@ -314,5 +316,5 @@ def test_the_web_refuses_a_missing_loader_or_output_before_queueing(client, migr
     unnamed = submit(f"{{path: '{path}'}}")
     assert unnamed.status_code == 422 and "model.output: the head has 3 outputs" in unnamed.text
     assert jobs.recent(migrated, 10) == []
-    queued = submit(f"{{path: '-', loader: '{FIXTURES}:load_tiny', output: safety}}")
+    queued = submit("{path: bundled, loader: 'workers.adapters.nanoguard:load', output: injection}")
     assert queued.status_code == 201 and queued.json()["kind"] == "pipeline"

@@ -183,7 +183,7 @@ def test_the_layer_page_form_queues_a_job_and_its_page_lists_the_features(client
 @pytest.mark.parametrize("data, message", [
     ({"vocabulary": " , \n "}, "no words"),
     ({"vocabulary": "not", "n_texts": "0"}, "greater than or equal to 1"),
-    ({"vocabulary": "x" * 70}, "longer than 64 characters"),
+    ({"vocabulary": "x" * 70}, "a word of 70 characters; at most 64"),
 ])
 def test_bad_forms_are_a_4xx_and_create_no_job(client, migrated, data, message):
     before = job_count(migrated)
