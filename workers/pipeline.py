@@ -25,6 +25,7 @@ from workers.chat import markers_info, prepare_chat_texts
 from workers.config import (ARCHITECTURE_KNOBS, DEMO_LLAMA_MODEL, DEMO_MODEL, DEMO_MODEL_DIRNAME, ConfigError,
                             ModelFacts, RunConfig, check_against_world, check_model_facts, preflight)
 from workers.datasets import read_texts, select_corpus
+from workers.preference_data import PreferencePairs
 from workers.device import pick_device
 from workers.evaluate import evaluate_saes
 from workers.neighbours import decoder_neighbours
@@ -336,7 +337,9 @@ def _run_pipeline(config: RunConfig, settings: Settings, replace: bool) -> Path:
     texts, rewards = read_texts(config.dataset, config.seed, config.model.step_separator)
     model_path = resolve_model_path(config, settings)
     check_against_world(config, model_path)
-    texts, chat_markers = prepare_chat_texts(texts, model_path, config.dataset, config.analysis)
+    chat_markers = None
+    if not isinstance(texts, PreferencePairs):  # pairs are rendered with the tokenizer, as pairs (preference_data)
+        texts, chat_markers = prepare_chat_texts(texts, model_path, config.dataset, config.analysis)
     written = config  # what the user wrote, layers: {top_divergence: k} included: config_yaml keeps it
     # the base model's tokenizer and depth, its parameter divergence, the layers it chooses
     config, divergence = prepare_transfer(config, model_path, _stage)
