@@ -49,6 +49,19 @@ def directions_of(ranking: str) -> tuple[str, ...]:
     return ("both",) if RANKINGS[ranking].sign == 0 else ("raises", "lowers")
 
 
+def ranking_scores(points: list[dict]) -> dict[str, float]:
+    """What the default ranking is chosen by (workers/faithfulness.py) and the layer page shows:
+    each ranking's mean excess over its controls across its deletion points, per direction, then
+    over its directions (a point without controls counts 0)."""
+    by_direction: dict[tuple[str, str], list[float]] = {}
+    for point in points:
+        by_direction.setdefault((point["ranking"], point["direction"]), []).append(point.get("excess") or 0.0)
+    by_ranking: dict[str, list[float]] = {}
+    for (ranking, _), values in by_direction.items():
+        by_ranking.setdefault(ranking, []).append(sum(values) / len(values))
+    return {ranking: sum(values) / len(values) for ranking, values in by_ranking.items()}
+
+
 FALLBACK_RANKING = "weight"  # where no deletion curve was measured (a score the model does not compute)
 
 

@@ -29,7 +29,7 @@ from typing import Callable
 
 import numpy as np
 
-from backend.rankings import RANKINGS, SUMMARY_N, directions_of
+from backend.rankings import RANKINGS, SUMMARY_N, directions_of, ranking_scores
 from workers.ablation import EvalSet, run_ablation
 from workers.controls import VERDICT_DRAWS, control_draws, control_summary, judge, mean_with_ci
 from workers.sae_ops import FeatureEdit
@@ -131,17 +131,6 @@ def excess(row: dict) -> float:
     """How far a point moves the reward beyond its controls, on its own measure (negative: the
     ranking's claim goes the wrong way, or less far than random features)."""
     return row["excess"] if row.get("excess") is not None else 0.0
-
-
-def ranking_scores(rows: list[dict]) -> dict[str, float]:
-    """Each ranking's mean excess over its points, per direction, then over its directions."""
-    by_direction: dict[tuple[str, str], list[float]] = {}
-    for row in rows:
-        by_direction.setdefault((row["ranking"], row["direction"]), []).append(excess(row))
-    by_ranking: dict[str, list[float]] = {}
-    for (ranking, _), values in by_direction.items():
-        by_ranking.setdefault(ranking, []).append(float(np.mean(values)))
-    return {ranking: float(np.mean(values)) for ranking, values in by_ranking.items()}
 
 
 def default_ranking(rows: list[dict]) -> str | None:

@@ -13,7 +13,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 
 from backend import charts, labels, store
 from backend.rankings import (DIRECTION_WORDS, RANKINGS, SUMMARY_N, VERDICT_WORDS, barely_reaches, directions_of,
-                              reads_one_token)
+                              ranking_scores, reads_one_token)
 from backend.routes.common import (SettingsDep, TableView, TableViewQ, default_ranking, get_run, render,
                                    ranking_summary, run_summary, store_path)
 from backend.routes.edge import ERROR_RESPONSES, MAX_ID, LayerId, StrictJSONRoute
@@ -107,6 +107,7 @@ def faithfulness_data(settings: Settings, run_id: str, layer: int) -> dict[str, 
     path = store_path(settings, get_run(settings, run_id))
     info = _layer_info(path, run_id, layer)
     points = store.faithfulness(path, layer)
+    scores = ranking_scores(points)
     rankings = {}
     for key, r in RANKINGS.items():
         curves = {}
@@ -117,7 +118,7 @@ def faithfulness_data(settings: Settings, run_id: str, layer: int) -> dict[str, 
                 curves[direction] = {"label": DIRECTION_WORDS[direction], "points": mine}
         if curves:
             rankings[key] = {"label": r.label, "kind": r.kind, "measure": "abs" if r.sign == 0 else "signed",
-                             "score": _ranking_score(curves), "directions": curves}
+                             "score": scores.get(key), "directions": curves}
     return {
         "layer": layer,
         "default_ranking": ranking_summary(info),
@@ -137,13 +138,6 @@ COMPARED = ("Each ranking's top n features zeroed together on held-out texts, be
             "draws: a signed ranking by how far its top raisers, zeroed, lower the score and its top lowerers "
             "raise it; |weight| by the mean |Δ| per text; the default is the ranking that exceeds its controls "
             "most, averaged over n and directions.")
-
-
-def _ranking_score(curves: dict[str, Any]) -> float | None:
-    """Mean excess over its points, per direction, then over directions (workers/faithfulness.py)."""
-    means = [sum(p["excess"] for p in c["points"]) / len(c["points"]) for c in curves.values()
-             if all(p["excess"] is not None for p in c["points"])]
-    return sum(means) / len(means) if means else None
 
 
 def _point(curve: dict[str, Any] | None, n: int = SUMMARY_N) -> dict[str, Any] | None:
