@@ -29,7 +29,8 @@ LAYER = 3
 def path(tmp_path_factory):
     tables = synthetic_tables()
     tables["texts"] = spec_columns("texts", [
-        dict(text_id=i, split=split, text=text, score=score, reward=reward, n_tokens=5 + i, reward_position=0)
+        dict(text_id=i, split=split, text=text, score=score, reward=reward, n_tokens=5 + i, reward_position=0,
+             response_start=None, response_end=None)
         for i, split, text, score, reward in TEXTS])
     # feature 7 of layer 3 ranks four texts; feature 8 ranks none
     ranked = [(4, 2.5), (0, 2.0), (6, 1.5), (3, 0.25)]

@@ -336,7 +336,7 @@ def test_store_of_another_schema_version_is_answered_with_409(migrated, tmp_path
         assert "schema version 1" in api.json()["detail"] and "--replace" in api.json()["detail"]
         page = client.get("/runs/old/layers/3")
         assert page.status_code == 409 and "re-run its pipeline" in page.text
-    assert store.STORE_VERSION == 10
+    assert store.STORE_VERSION == 11
 
 
 # --- filters, token search, j/k order, nearest features, OpenAPI ---

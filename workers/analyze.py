@@ -81,6 +81,8 @@ class CorpusActivations:
     text_offsets: np.ndarray  # [n_texts + 1] start of each slot's tokens among all analysed tokens
     layers: dict[int, LayerActivations]
     n_effect_texts: int = 0  # texts whose reward gradient went into the reward effect
+    # [n_texts, 2] by text id: a chat text's response as [first, last + 1) token indices; -1: none
+    response_spans: np.ndarray | None = None
 
     @property
     def n_tokens(self) -> int:
@@ -178,6 +180,7 @@ def collect_corpus_activations(
     with_gradient = effect_batches(batches, analysis.reward_effect_texts, seed) if adapter_has_gradient(adapter) else set()
     directions = {layer: decoder_directions(saes[layer]) for layer in layers} if with_gradient else {}
     n_reads = n_effect_texts = 0
+    response_spans = np.full((len(texts), 2), -1, dtype=np.int64)
     for batch_no, indices in enumerate(tqdm(batches, desc="analysing")):
         if progress is not None:
             progress(batch_no / len(batches))
@@ -198,6 +201,7 @@ def collect_corpus_activations(
         in_scope = None if batch.scope is None else batch.scope.cpu()[keep]  # a chat run's response tokens
         if in_scope is not None:
             content &= in_scope
+            mark_response_spans(response_spans, indices, batch.scope.cpu() & keep, keep)
         text_lengths = keep.sum(1)
         positions = (keep.cumsum(1) - 1)[keep]  # index inside the text, whichever side is padded
         dev = adapter.device
@@ -259,7 +263,18 @@ def collect_corpus_activations(
         text_offsets=np.concatenate([[0], np.cumsum(torch.cat(lengths).numpy())]),
         layers=results,
         n_effect_texts=n_effect_texts,
+        response_spans=response_spans if adapter.response_markers is not None else None,
     )
+
+
+def mark_response_spans(out: np.ndarray, indices: np.ndarray, scope: torch.Tensor, keep: torch.Tensor) -> None:
+    """Write each text's response as [first, last + 1) token indices inside the text into `out`
+    (by text id): the role boundary contexts and text pages draw."""
+    positions = keep.cumsum(1) - 1
+    for row, text_id in enumerate(indices):
+        inside = positions[row][scope[row]]
+        if len(inside):
+            out[text_id] = (int(inside.min()), int(inside.max()) + 1)
 
 
 def adapter_has_gradient(adapter: RewardModelAdapter) -> bool:
