@@ -43,7 +43,7 @@ class LayerActivations:
     sum_x: torch.Tensor | None = None
     n_eval_tokens: int = 0
     sinks: SinkReport | None = None  # what the layer's sink rule left out (workers/sinks.py)
-    # over every token the SAE is meant for, whatever analysis.tokens reads: dead latents and L0
+    # over every token the SAE is meant for (what analysis.tokens reads, less sinks): dead latents and L0
     fired: torch.Tensor | None = None
     firings: int = 0
     n_meant_tokens: int = 0
@@ -227,15 +227,16 @@ def collect_corpus_activations(
             x = captured[layer][keep_dev].float()
             acts = sae.encode(x)  # no features at the layer's sinks (workers/sinks.py)
             kept = res.sinks.rule.kept(x)
-            fired = (acts[kept] > 0)
+            meant = kept if in_scope is None else kept & in_scope.to(dev)  # what the SAE was trained on
+            fired = (acts[meant] > 0)
             res.fired = fired.any(0) if res.fired is None else res.fired | fired.any(0)
             res.firings += int(fired.sum())
-            res.n_meant_tokens += int(kept.sum())
+            res.n_meant_tokens += int(meant.sum())
             res.sinks.add(x.norm(dim=-1).cpu(), ~kept.cpu(), positions, token_ids)
             pool_args = (segment.to(dev), content_dev & kept, read_rows.to(dev), batch.n_reads, pooling)
-            # reconstruction measured on the tokens the SAE is meant for: the sinks are not
-            x_eval = x[eval_tokens & kept]
-            recon_err = sae.decode(acts[eval_tokens & kept]) - x_eval
+            # reconstruction measured on the tokens the SAE is meant for: not the sinks, not a chat prompt
+            x_eval = x[eval_tokens & meant]
+            recon_err = sae.decode(acts[eval_tokens & meant]) - x_eval
             res.sse += float((recon_err**2).sum())
             res.sum_sq += float((x_eval**2).sum())
             res.sum_x = x_eval.sum(0).cpu() if res.sum_x is None else res.sum_x + x_eval.sum(0).cpu()

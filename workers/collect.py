@@ -20,7 +20,8 @@ def activation_stream(
 ) -> Iterator[Activations]:
     """Endless {hook_name: [n_tokens, d_model]} dicts over shuffled texts, one forward per batch.
 
-    Padding is dropped, and so are each layer's attention sinks (`sink_rules`, workers/sinks.py):
+    Padding is dropped, so are the tokens analysis does not read (a chat run's prompt: analysis.tokens
+    response), and so are each layer's attention sinks (`sink_rules`, workers/sinks.py):
     a layer may then hold fewer tokens than another. The forward stops after the deepest chosen
     layer."""
     rng = np.random.default_rng(seed)
@@ -30,7 +31,7 @@ def activation_stream(
         for indices in length_bucketed_batches(lengths, batch_size, rng):
             batch = adapter.tokenize([texts[i] for i in indices])
             _, captured = adapter.run(batch, capture=layers, need_score=False)
-            keep = batch.attention_mask.bool()
+            keep = batch.analysed_tokens()  # a chat run's SAEs learn its responses' tokens only
             out = {}
             for layer in layers:
                 rows = captured[layer][keep].float()
