@@ -192,7 +192,8 @@ def train_saes(config: RunConfig, adapter: RewardModelAdapter, texts: list[str],
                         context_size=config.model.max_length))
     # each layer's sinks, measured before training: left out of the stream, so of the norm estimate too
     sink_rules = measure_sink_rules(adapter, texts, config.layers, config.sinks, config.dataset.batch_size)
-    stream = activation_stream(adapter, texts, config.layers, config.dataset.batch_size, config.seed, sink_rules)
+    stream = activation_stream(adapter, texts, config.layers, config.dataset.batch_size, config.seed, sink_rules,
+                               cache_bytes=config.sae.cache_mb * 2**20)
     cfg = trainer_config(config.sae, adapter.device)
     if progress is not None:
         steps = math.ceil(cfg.total_training_samples / cfg.train_batch_size_samples)
