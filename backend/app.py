@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import secrets
 
+import swagger_ui_bundle
+
 from fastapi import FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.middleware.sessions import SessionMiddleware
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -73,13 +76,28 @@ async def _invalid(request: Request, exc: RequestValidationError):
     return _error_page(request, 422, "Invalid request", messages)
 
 
+def _api_docs() -> HTMLResponse:
+    return get_swagger_ui_html(openapi_url="/api/openapi.json", title="rewardatlas API",
+                               swagger_js_url="/static/swagger-ui/swagger-ui-bundle.js",
+                               swagger_css_url="/static/swagger-ui/swagger-ui.css",
+                               swagger_favicon_url="/static/favicon.svg")
+
+
+def _favicon() -> RedirectResponse:
+    """Browsers ask for /favicon.ico whatever the page links: send them to the page's icon."""
+    return RedirectResponse("/static/favicon.svg", status_code=301)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The web app for `settings` (the environment's by default). The database must already
     be at the latest schema (backend.db.upgrade); the CLI does that before serving."""
-    app = FastAPI(title="rewardatlas", docs_url="/api/docs", openapi_url="/api/openapi.json",
-                  redoc_url=None)
+    app = FastAPI(title="rewardatlas", docs_url=None, openapi_url="/api/openapi.json", redoc_url=None)
     app.state.settings = settings or get_settings()
+    # Swagger UI's own files from the swagger-ui-bundle package: /api/docs works offline (no CDN)
+    app.mount("/static/swagger-ui", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="swagger-ui")
     app.mount("/static", StaticFiles(directory=FRONTEND_DIR / "static"), name="static")
+    app.add_api_route("/api/docs", _api_docs, include_in_schema=False)
+    app.add_api_route("/favicon.ico", _favicon, include_in_schema=False)
     for module in (auth, runs, layers, features, labels, jobs, texts, corpus, probes, irm, reason, pairs):
         app.include_router(module.router)
     # access runs inside the session middleware (added last, so outermost): it reads the session

@@ -605,3 +605,13 @@ def test_percentages_keep_fixed_point_on_both_sides_of_zero():
     # a negative share (an attribution against the score) reads like a positive one, not as 1e+00
     assert fmt_pct(0.125) == "12.50%" and fmt_pct(-0.015) == "-1.50%" and fmt_pct(0) == "0.00%"
     assert fmt_pct(-2e-6) == "-2.0e-04%" and fmt_pct(None) == "—"
+
+
+def test_api_docs_and_favicon_are_served_without_a_cdn(client):
+    page = client.get("/api/docs").text
+    assert "/static/swagger-ui/swagger-ui-bundle.js" in page and "cdn" not in page.lower()
+    assert client.get("/static/swagger-ui/swagger-ui-bundle.js").status_code == 200
+    assert client.get("/static/swagger-ui/swagger-ui.css").status_code == 200
+    icon = client.get("/favicon.ico")
+    assert icon.status_code == 200 and icon.headers["content-type"].startswith("image/svg")
+    assert '<link rel="icon" href="/static/favicon.svg"' in client.get("/").text
