@@ -109,7 +109,7 @@ def test_feature_sort_needs_a_known_layer_and_feature_in_range(path):
         store.corpus(path, sort="feature", layer=LAYER)
     with pytest.raises(ValueError, match="layer and feature go together"):
         store.corpus(path, feature=3)
-    with pytest.raises(store.NotFound, match="layer 4 not found"):
+    with pytest.raises(store.NotFound, match="layer 4 not found: this run has SAEs at layers 3, 5"):
         store.corpus(path, sort="feature", layer=4, feature=0)
     with pytest.raises(ValueError, match="feature 64 is out of range: layer 3's SAE has 64 features"):
         store.corpus(path, sort="feature", layer=LAYER, feature=64)

@@ -463,11 +463,22 @@ class RunConfig(Strict):
         return self
 
 
+LIBRARY_PREFIXES = ("Value error, ", "Assertion failed, ")
+
+
+def plain_message(text: str) -> str:
+    """A message as a sentence: without pydantic's "Value error, " and without a lead said twice
+    ("invalid config: invalid config: ..." where one error wraps another that named it too)."""
+    for prefix in LIBRARY_PREFIXES:
+        text = text.replace(prefix, "")
+    return re.sub(r"(?<![\w.])([\w.]+(?: [\w.]+)?):\s+\1:", r"\1:", text)
+
+
 def _format_validation(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        message = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        message = "unknown key" if err["type"] == "extra_forbidden" else plain_message(err["msg"])
         lines.append(f"{key}: {message}")
     return "invalid config:\n  " + "\n  ".join(lines)
 

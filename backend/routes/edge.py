@@ -16,6 +16,7 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, BeforeValidator
 
 from backend.body_parsing import BodyRefused, parse_body
+from workers.config import plain_message
 
 # SQL keeps layer, feature and job ids in INTEGER columns (4 bytes on PostgreSQL); the store's
 # card key packs layer and feature into one 64-bit key, 32 bits each
@@ -118,7 +119,7 @@ def validation_detail(exc: RequestValidationError) -> list[dict[str, Any]]:
     out = []
     for error in exc.errors():
         item = {"type": error.get("type", "value_error"), "loc": [printable(p) for p in error.get("loc", ())],
-                "msg": printable(error.get("msg", ""), limit=2000), "input": printable(error.get("input"))}
+                "msg": printable(plain_message(str(error.get("msg", ""))), limit=2000), "input": printable(error.get("input"))}
         if error.get("ctx"):
             item["ctx"] = printable(error["ctx"])
         out.append(item)
