@@ -615,3 +615,10 @@ def test_api_docs_and_favicon_are_served_without_a_cdn(client):
     icon = client.get("/favicon.ico")
     assert icon.status_code == 200 and icon.headers["content-type"].startswith("image/svg")
     assert '<link rel="icon" href="/static/favicon.svg"' in client.get("/").text
+
+
+def test_the_text_box_counts_against_the_deployments_limit(client):
+    page = client.get(f"{RUN}/layers/3").text
+    assert 'maxlength="4000" data-limit="4000" data-counter="text-count"' in page
+    assert 'id="text-count">limit 4,000 characters' in page and '<script src="/static/forms.js" defer>' in page
+    assert "required for ${select.value}" in client.get("/static/forms.js").text  # clamp/steer need a value

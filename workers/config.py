@@ -748,7 +748,8 @@ def preflight(config: RunConfig, settings: Settings, replace: bool = False) -> N
     check_config(config, settings)
     if not replace and run_exists(settings, config.run_id):
         raise ConfigError(f"run_id: a run {config.run_id!r} already exists (choose another run_id or name, or "
-                          "replace it: --replace on the command line, replace: true in a request)")
+                          "replace it: tick \"replace a run with the same id\" on the jobs page, --replace on the command line, "
+                          "replace: true in an API request)")
 
 
 def check_loader(config: RunConfig) -> None:

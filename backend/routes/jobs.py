@@ -134,7 +134,8 @@ class PipelineRequest(BaseModel):
 def _check_text_length(settings: Settings, texts: list[str], field: str) -> None:
     for i, text in enumerate(texts):
         if len(text) > settings.max_text_chars:
-            raise invalid(f"text {i + 1} has {len(text):,} characters; the limit is {settings.max_text_chars:,} "
+            which = "the text" if len(texts) == 1 else f"text {i + 1} of {len(texts)}"
+            raise invalid(f"{which} has {len(text):,} characters; the limit is {settings.max_text_chars:,} "
                           "(RA_MAX_TEXT_CHARS)", field)
 
 
