@@ -259,7 +259,7 @@ def feature_rows(rows: Sequence[Mapping[str, Any]], first_rank: int, href: str, 
             f'<td class="tick"><input type="checkbox" name="features" value="{fid}" form="ablate-form" '
             f'aria-label="select feature {fid}"></td>'
             f'<td class="num muted">{rank}</td>'
-            f'<td class="num"><a href="{link}{fid}{query}"><b>{fid}</b></a>{group_mark}{sign_mark(f)}</td>'
+            f'<td class="num fid"><a href="{link}{fid}{query}"><b>{fid}</b></a>{group_mark}{sign_mark(f)}</td>'
             f'<td class="num weight {weight_class(weight)}"><span class="wbar" aria-hidden="true">'
             f'{_weight_bar(weight, max_abs_weight)}</span>{fmt_weight(weight)}</td>'
             f'<td class="num {weight_class(f["std_weight"])}">{fmt_weight(f["std_weight"])}</td>'
