@@ -132,9 +132,39 @@ def test_finished_ablation_page_shows_before_after_control_and_chart(client, mig
     assert 'id="attribution-delta">-0.9000 <span class="muted">(0.90× measured)' in html
     assert 'id="p-value">0.0123<' in html and 'id="difference">-1.0000' in html
     assert html.count("control 1:") + html.count("control 2:") + html.count("control 3:") == 3
-    assert html.count('class="dbar"') == 24 and html.count('class="cbar"') == 24  # both series on the chart
+    # both series on the chart (and once more each in its legend)
+    assert html.count('class="dbar"') == 25 and html.count('class="cbar"') == 25
     assert html.index("text 2") < html.index("text 0")  # largest drop first
     assert "done" in client.get("/jobs").text
+
+
+def test_a_large_ablation_pages_sorts_and_downloads_its_examples(client, migrated):
+    import csv
+    import io
+
+    job = jobs.submit(migrated, "ablation", {"run_id": "synthetic", "layer": 3, "features": [1], "mode": "zero",
+                                             "n_texts": 120, "described": "feature 1"}, "local", "synthetic")
+    jobs.claim(migrated, "w")
+    deltas = [((i * 37) % 120 - 60) / 10 for i in range(120)]  # every value once, shuffled
+    examples = [{"text_id": i, "text": f"text {i}", "before": 0.0, "after": d, "predicted": 0.0, "attributed": None}
+                for i, d in enumerate(deltas)]
+    jobs.finish(migrated, job["id"], "w", result={"summary": {
+        "n": 120, "mean_delta": 0.0, "ci_low": -1.0, "ci_high": 1.0, "predicted_mean_delta": 0.0,
+        "attribution_mean_delta": None, "predicted_ratio": None, "attribution_ratio": None}, "examples": examples})
+    page1 = client.get(f"/jobs/{job['id']}").text
+    assert page1.count("<tr><td class=\"num muted\">") == 50 and "page 1 of 3" in page1
+    assert 'rel="next" href="/jobs/%d?sort=delta&amp;page=2#examples"' % job["id"] in page1
+    assert "Distribution of Δ reward" in page1 and 'id="delta-legend"' in page1 and "mean Δ, chosen" in page1
+    last = client.get(f"/jobs/{job['id']}?sort=-delta&page=3").text
+    assert "page 3 of 3" in last and last.count("<tr><td class=\"num muted\">") == 20
+    assert client.get(f"/jobs/{job['id']}?page=4").status_code == 404
+    assert client.get(f"/jobs/{job['id']}?sort=weird").status_code == 422
+    api = client.get(f"/api/jobs/{job['id']}/examples?sort=abs").json()
+    assert api["n"] == 120 and [abs(e["delta"]) for e in api["examples"][:2]] == [6.0, 5.9]
+    rows = list(csv.DictReader(io.StringIO(client.get(f"/api/jobs/{job['id']}/examples?format=csv").text)))
+    assert len(rows) == 120 and float(rows[0]["delta"]) == -6.0 and rows[0]["text"].startswith("text ")
+    other = jobs.submit(migrated, "inference", {"run_id": "synthetic", "layer": 3, "text": "x"}, "local", "synthetic")
+    assert client.get(f"/api/jobs/{other['id']}/examples").status_code == 404
 
 
 def test_pipeline_run_from_the_web_is_validated_before_queueing(client, migrated):
