@@ -167,6 +167,32 @@ def test_a_large_ablation_pages_sorts_and_downloads_its_examples(client, migrate
     assert client.get(f"/api/jobs/{other['id']}/examples").status_code == 404
 
 
+def test_the_jobs_list_says_what_each_job_was_asked_and_came_to(client, migrated):
+    from datetime import timedelta
+
+    from backend import db
+    from backend.job_summaries import eta_s
+    from backend.models import Job
+
+    typed = jobs.submit(migrated, "inference", {"run_id": "synthetic", "layer": 3, "text": "loved every minute of it"},
+                        "local", "synthetic")
+    jobs.claim(migrated, "w")
+    jobs.finish(migrated, typed["id"], "w", result={"reward": 1.25})
+    running = jobs.submit(migrated, "ablation", {"run_id": "synthetic", "layer": 3, "features": [4, 7], "mode": "zero",
+                                                 "described": "features 4, 7"}, "local", "synthetic")
+    jobs.claim(migrated, "w")
+    with db.session(migrated) as s:  # a quarter done after 30 s: 90 s left at that pace
+        job = s.get(Job, running["id"])
+        job.progress, job.started_at = 0.25, job.started_at - timedelta(seconds=30)
+        s.commit()
+    html = client.get("/jobs").text
+    assert "Text attribution" in html and "“loved every minute of it”" in html and "inference</td>" not in html
+    assert '<span class="muted small">reward</span> 1.25' in html
+    assert "Ablation" in html and "zero features 4, 7" in html and "25%" in html and " left</span>" in html
+    job = jobs.get(migrated, running["id"])
+    assert 85 <= eta_s(job) <= 100
+
+
 def test_pipeline_run_from_the_web_is_validated_before_queueing(client, migrated):
     token = csrf(client, "/jobs")
     bad = client.post("/jobs", data={"csrf_token": token, "config_yaml": "name: x\nmodel: {path: demo}\nlayers: [1]\n"})
