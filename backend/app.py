@@ -3,6 +3,7 @@ never imports torch (models live in workers/)."""
 from __future__ import annotations
 
 import secrets
+from urllib.parse import urlsplit
 
 import swagger_ui_bundle
 
@@ -21,7 +22,7 @@ from backend.guard import RequestGuard, SecurityHeaders, around_everything
 from backend.keepalive import RecycleConnections
 from backend.routes import auth, corpus, features, irm, jobs, labels, layers, pairs, probes, reason, runs, texts
 from backend.routes.common import FRONTEND_DIR, render
-from backend.routes.edge import validation_detail
+from backend.routes.edge import typed_form, validation_detail
 from backend.settings import Settings, get_settings
 from backend.store import NotFound, StoreOutdated
 
@@ -31,8 +32,19 @@ def _is_api(request: Request) -> bool:
 
 
 def _error_page(request: Request, status: int, title: str, messages: list[str]):
-    return render(request, "error.html", {"status": status, "title": title, "messages": messages},
+    """The error, and what the user typed in a form that posts it again (fix it and resend), with a
+    link back to the page the form was on."""
+    return render(request, "error.html", {"status": status, "title": title, "messages": messages,
+                                          "typed": typed_form(request), "back": _same_site_referer(request)},
                   status_code=status)
+
+
+def _same_site_referer(request: Request) -> str | None:
+    """The page the request came from, as a path, when it is one of this site's."""
+    referer = urlsplit(request.headers.get("referer", ""))
+    if referer.netloc and referer.netloc != request.url.netloc or not referer.path.startswith("/"):
+        return None
+    return referer.path + (f"?{referer.query}" if referer.query else "")
 
 
 async def _not_found(request: Request, exc: NotFound):

@@ -249,3 +249,16 @@ def test_top_ranked_ablates_the_top_of_the_layers_default_ranking_with_ten_contr
     assert layer["default_ranking"]["label"] in job["params"]["described"]
     few = client.post(f"/api{RUN}/layers/3/ablations", json={"features": [1], "mode": "zero", "n_controls": 2})
     assert few.status_code == 422 and "n_controls" in few.text
+
+
+def test_an_error_page_keeps_what_was_typed_and_links_back(client):
+    typed = "y" * 4001
+    page = client.post(f"{RUN}/layers/5/text", data={"csrf_token": csrf(client), "text": typed},
+                       headers={"referer": f"http://127.0.0.1{RUN}/layers/5"})
+    assert page.status_code == 422 and "4,001 characters" in page.text
+    assert f'<form method="post" action="{RUN}/layers/5/text"' in page.text
+    assert f'<textarea name="text" rows="4" cols="80">{typed}</textarea>' in page.text
+    assert f'<a href="{RUN}/layers/5" id="back-to-form">' in page.text
+    elsewhere = client.post(f"{RUN}/layers/5/text", data={"csrf_token": csrf(client), "text": typed},
+                            headers={"referer": "http://evil.example/x"})
+    assert 'id="back-to-form"' not in elsewhere.text  # only this site's pages are linked back to
