@@ -273,3 +273,22 @@ def test_the_probe_keeps_a_penalty_when_texts_are_fewer_than_dimensions():
     grid = RELATIVE_RIDGE_GRID * ((Xt - Xt.mean(0)) ** 2).sum() / d
     assert fit.alpha == pytest.approx(RidgeCV(alphas=grid).fit(Xt, y[~heldout]).alpha_)
     assert fit.r2_heldout > 0.5, fit.r2_heldout
+
+
+def test_feature_regression_with_more_features_than_texts_takes_leave_one_outs_alpha():
+    """GCV calls a near-interpolating fit best once columns are as many as rows; the fit then
+    chooses alpha by exact leave-one-out, as sklearn's RidgeCV does."""
+    from sklearn.linear_model import RidgeCV
+
+    from workers.regress import RELATIVE_RIDGE_GRID
+
+    rng = np.random.default_rng(3)
+    n, d = 160, 240
+    X = sp.random(n, d, density=0.08, random_state=4, data_rvs=lambda k: rng.exponential(size=k)).tocsr()
+    y = X @ (rng.normal(size=d) * (rng.random(d) < 0.2)) + rng.normal(scale=0.7, size=n)
+    heldout = np.arange(n) >= 120
+    fit = fit_regression(X, y, heldout, method="ridge", stability="none")
+    Xt = X[~heldout].toarray()
+    live = Xt.std(0) > 0
+    grid = RELATIVE_RIDGE_GRID * ((Xt[:, live] - Xt[:, live].mean(0)) ** 2).sum() / live.sum()
+    assert fit.alpha == pytest.approx(RidgeCV(alphas=grid).fit(Xt[:, live], y[~heldout]).alpha_)
