@@ -622,3 +622,10 @@ def test_the_text_box_counts_against_the_deployments_limit(client):
     assert 'maxlength="4000" data-limit="4000" data-counter="text-count"' in page
     assert 'id="text-count">limit 4,000 characters' in page and '<script src="/static/forms.js" defer>' in page
     assert "required for ${select.value}" in client.get("/static/forms.js").text  # clamp/steer need a value
+
+
+def test_byte_level_line_breaks_show_as_arrows():
+    from backend.routes.formats import token_spans
+
+    html = str(token_spans(["<|im_start|>", "assistant", "\u010a", "I", "\u0120loved"], [0, 0, 0, 1.0, 2.0], 2.0))
+    assert ">\u21b5</span>" in html and "\u010a<" not in html and "> loved<" not in html and ">loved<" in html

@@ -93,6 +93,15 @@ def token_texts(tokens: Sequence[str]) -> list[tuple[str, bool]]:
     return out
 
 
+# byte-level BPE (GPT-2, LLaMA-3, SmolLM) spells a line break and a tab as these letters
+BYTE_LEVEL_MARKS = str.maketrans({"\u010a": "\u21b5", "\u0109": "\u21e5"})  # Ċ -> ↵, ĉ -> ⇥
+
+
+def _shown(escaped: str, tok: str, text: str) -> str:
+    """What a token shows: `text` (tok less its space or "##" mark), escaped, line breaks drawn."""
+    return escaped[len(tok) - len(text):].translate(BYTE_LEVEL_MARKS)
+
+
 @functools.lru_cache(maxsize=1 << 16)
 def _escaped(token: str) -> str:
     return html.escape(token)  # tokens repeat across a page's contexts and across pages
@@ -129,7 +138,7 @@ def token_spans(tokens: Sequence[str], acts: Sequence[float], scale: float, peak
             style, value = f' style="--a:{shade}%"', fmt_num(act)
         escaped = _escaped(tok)  # the text shown is tok less a leading "##", "Ġ" or "▁": escaping keeps those
         parts.append(f'{" " if space else ""}<span class="{classes}"{style} '
-                     f'title="{escaped}: {value}">{escaped[len(tok) - len(text):]}</span>')
+                     f'title="{escaped}: {value}">{_shown(escaped, tok, text)}</span>')
     return Markup("".join(parts))
 
 
@@ -169,7 +178,7 @@ def contribution_spans(tokens: Sequence[str], per_token: Sequence[float], anchor
         title = f"{escaped}: {fmt_weight(value)}" + (f" · {_escaped(top)}" if top else "")
         tag, link = ("a", f' href="#{anchor}-{start + i}"') if anchor else ("span", "")
         parts.append(f'{" " if space else ""}<{tag} class="{classes}"{link} data-token="{start + i}" '
-                     f'style="--a:{shade}%" title="{title}">{escaped[len(tok) - len(text):]}</{tag}>')
+                     f'style="--a:{shade}%" title="{title}">{_shown(escaped, tok, text)}</{tag}>')
     return Markup("".join(parts))
 
 
