@@ -365,8 +365,8 @@ def features_with_token(tables, layer, prefix):
 @pytest.mark.parametrize("query, keep", [  # layer 3's default ranking is attribution: "raises" is by its sign
     ({"sign": "pos"}, lambda r: (r["attribution"] or 0) > 0),
     ({"sign": "neg", "sort": "-weight"}, lambda r: (r["attribution"] or 0) < 0),
-    ({"min_freq": "0.1", "max_freq": "0.2", "sort": "frequency"}, lambda r: 0.1 <= r["frequency"] <= 0.2),
-    ({"min_freq": "0.05", "sign": "pos", "sort": "correlation"},
+    ({"min_freq": "10", "max_freq": "20", "sort": "frequency"}, lambda r: 0.1 <= r["frequency"] <= 0.2),
+    ({"min_freq": "5", "sign": "pos", "sort": "correlation"},
      lambda r: r["frequency"] >= 0.05 and (r["attribution"] or 0) > 0),
     ({"min_freq": "", "max_freq": "", "sign": ""}, lambda r: True),  # an empty form field is no filter
 ])
@@ -462,8 +462,8 @@ def test_feature_page_lists_nearest_features_by_decoder_cosine(client, synthetic
 
 @pytest.mark.parametrize("query, message", [
     ("sign=up", "sign"),
-    ("min_freq=0.5&max_freq=0.1", "min_freq (0.5) is above max_freq (0.1)"),
-    ("min_freq=2", "min_freq"),
+    ("min_freq=50&max_freq=10", "min_freq (50.0) is above max_freq (10.0)"),
+    ("min_freq=200", "min_freq"),
     ("token=" + "x" * 101, "token"),
     ("go=-1", "go"),
 ])

@@ -157,6 +157,11 @@ def ranking_summary(layer_info: dict[str, Any]) -> dict[str, Any]:
 Blank = Annotated[str, StringConstraints(pattern=r"^\s*$")]
 
 
+
+def _share(per_cent: float | None) -> float | None:
+    """A frequency filter (per cent, as pages show it) as the store's share of tokens."""
+    return None if per_cent is None else per_cent / 100
+
 class TableView(BaseModel):
     """A layer table view. The feature page takes the same parameters, so `j`/`k` walk the
     features in the order of the table the researcher came from."""
@@ -166,8 +171,9 @@ class TableView(BaseModel):
                                                 "none: the layer's default ranking")
     sign: Literal["pos", "neg"] | Blank | None = Field(None, description="only features that raise (pos) or lower (neg) "
                                                        "the reward by the layer's default ranking (its column's sign)")
-    min_freq: Annotated[float, Field(ge=0, le=1)] | Blank | None = Field(None, description="only features firing on at least this share of tokens")
-    max_freq: Annotated[float, Field(ge=0, le=1)] | Blank | None = Field(None, description="only features firing on at most this share of tokens")
+    # per cent, as every page shows frequency
+    min_freq: Annotated[float, Field(ge=0, le=100)] | Blank | None = Field(None, description="only features firing on at least this per cent of tokens")
+    max_freq: Annotated[float, Field(ge=0, le=100)] | Blank | None = Field(None, description="only features firing on at most this per cent of tokens")
     token: str | None = Field(None, max_length=100, description="only features with a top token or top-context token starting with this")
     min_pair_cosine: Annotated[float, Field(ge=0, le=1)] | Blank | None = Field(
         None, description="present in both dictionaries: only features whose decoder direction has a cosine of at "
@@ -196,7 +202,7 @@ class TableView(BaseModel):
         ranking's column (a feature whose zeroing lowers the score raises it)."""
         ranking = default_ranking(layer_info)
         return store.FeatureFilter(sign=self.sign, sign_column=ranking.column, sign_flip=ranking.sign < 0,
-                                   min_frequency=self.min_freq, max_frequency=self.max_freq,
+                                   min_frequency=_share(self.min_freq), max_frequency=_share(self.max_freq),
                                    token=self.token, min_pair_cosine=self.min_pair_cosine)
 
     @property
