@@ -629,3 +629,16 @@ def test_byte_level_line_breaks_show_as_arrows():
 
     html = str(token_spans(["<|im_start|>", "assistant", "\u010a", "I", "\u0120loved"], [0, 0, 0, 1.0, 2.0], 2.0))
     assert ">\u21b5</span>" in html and "\u010a<" not in html and "> loved<" not in html and ">loved<" in html
+
+
+def test_near_equal_r2_bars_are_drawn_on_an_axis_that_shows_their_differences():
+    from backend.charts import r2_bars
+
+    layers = [{"layer": i, "r2_heldout": v, "r2_train": 0.99, "probe_r2_heldout": 0.985}
+              for i, v in enumerate((0.980, 0.988, 0.987))]
+    chart = r2_bars(layers, best_layer=1)
+    heights = [b["h"] for b in chart["bars"]]
+    assert 0.9 < chart["floor"] < 0.98 and heights[1] - heights[0] > 10  # 0.008 apart: over 10 px
+    assert chart["ticks"][0]["v"] == chart["floor"] and chart["ticks"][-1]["v"] == 1.0
+    low = r2_bars([{"layer": 0, "r2_heldout": 0.3, "r2_train": 0.5}], best_layer=0)
+    assert low["floor"] == 0.0  # any value below a half: the axis starts at zero
