@@ -79,7 +79,9 @@ def test_contexts_show_where_the_response_begins(llama_run):
                                  "< (select response_start from texts t where t.text_id = contexts.text_id) "
                                  "limit 1").fetchone()
     con.close()
-    # every demo chat text has a response, inside the text, ending before its closing tokens
-    assert all(start is not None and 0 < start < end < n for start, end, n, _ in spans)
+    # every demo chat text has a response after its prompt, inside the text (a text cut at
+    # model.max_length may end inside it)
+    assert all(start is not None and 0 < start < end <= n for start, end, n, _ in spans)
+    assert sum(end < n for _, end, n, _ in spans) > len(spans) / 2  # most end before the closing tokens
     page = make_client(llama_run).get(f"/runs/demo-llama-small/layers/{layer}/features/{feature}").text
     assert 'class="role-mark"' in page and 'class="tok prompt' in page
