@@ -18,7 +18,7 @@ def _nice_max(x: float) -> float:
 
 def _unit_axis(height: int, bar_w: int, floor: float = 0.0):
     """A floor..1 vertical axis for bars of R²-like values: (y of a value, a bar at x, left margin)."""
-    left, top, bottom = 34, 14, 22
+    left, top, bottom = 40, 14, 22
     plot_h = height - top - bottom
 
     def y(v: float) -> float:
@@ -64,7 +64,8 @@ def r2_bars(layers: Sequence[dict[str, Any]], best_layer: int | None, height: in
             "probe": None if probe is None else {**bar(x + bar_w + 2, probe), "train": l.get("probe_r2_train")},
         })
     width = left + gap + len(layers) * (group_w + gap)
-    ticks = [{"v": round(low + (1 - low) * i / 4, 4), "y": y(low + (1 - low) * i / 4)} for i in range(5)]
+    step = next(t for t in (0.01, 0.02, 0.05, 0.1, 0.25) if (1 - low) / t <= 5)
+    ticks = [{"v": v, "y": y(v)} for v in (round(low + i * step, 2) for i in range(round((1 - low) / step) + 1))]
     return {"width": max(width, 200), "height": height, "left": left, "base_y": y(low), "floor": low,
             "ticks": ticks, "bars": bars}
 
