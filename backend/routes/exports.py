@@ -17,7 +17,7 @@ from backend.access import current_author
 from backend.exports import ExportError, labels_export, neuronpedia, tables
 from backend.exports.dashboards import SAEDASHBOARD_CSP, dashboard_path
 from backend.exports.source import chosen_features, open_layer, require_sae, safe_name
-from backend.routes.common import SettingsDep, TableViewQ
+from backend.routes.common import SettingsDep, TableViewQ, templates
 from backend.routes.edge import ERROR_RESPONSES, MAX_ID, FeatureId, LayerId, StrictJSONRoute, invalid
 from backend.routes.jobs import _created, _form, _json_only, _parse, _submit
 from backend.settings import Settings
@@ -176,5 +176,16 @@ def dashboard_page(run_id: str, layer: LayerId, feature: FeatureId, settings: Se
                                  "Content-Disposition": f'inline; filename="{path.name}"'})
 
 
-def dashboard_url(run_id: str, layer: int, feature: int) -> str:
+def saedashboard_url(request: Request, run_id: str, layer: int, feature: int) -> str | None:
+    """Where the feature's rendered SAEDashboard page is served; None before one was rendered."""
+    settings = request.app.state.settings
+    try:
+        source = open_layer(settings, run_id, int(layer))
+    except (store.NotFound, store.StoreOutdated):
+        return None
+    if not dashboard_path(source.run_dir, int(layer), int(feature)).is_file():
+        return None
     return f"/runs/{quote(run_id, safe='')}/layers/{layer}/features/{feature}/saedashboard.html"
+
+
+templates.env.globals["saedashboard_url"] = saedashboard_url  # the feature page's export bar
