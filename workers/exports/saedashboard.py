@@ -35,7 +35,9 @@ from backend.exports.dashboards import dashboard_path
 from backend.exports.source import LayerSource, chosen_features, require_sae
 from workers.adapters.base import Batch, last_token_positions, whole_text_segments
 
-VENDOR = Path(__file__).with_name("vendor")
+# d3-selection 3.0.1 (ISC licence: d3-selection.LICENSE beside it), from the npm registry: the page
+# loads all of d3 v6 from a CDN but calls only d3.select / d3.selectAll, which it provides
+D3_SELECTION = Path(__file__).with_name("d3-selection.min.js")
 D3_CDN = '<script src="https://d3js.org/d3.v6.min.js"></script>'
 PLOTLY_CDN = '<script src="https://cdn.plot.ly/plotly-latest.min.js"></script>'
 DEFAULT_TEXTS = 1024
@@ -139,7 +141,7 @@ def special_ids(tokenizer) -> set[int]:
 
 def _inline_assets(page: str) -> str:
     """SAEDashboard's page with its CDN scripts inlined and its data unable to close its script tag."""
-    d3 = (VENDOR / "d3-selection.min.js").read_text()
+    d3 = D3_SELECTION.read_text()
     plotly = importlib.resources.files("plotly").joinpath("package_data/plotly.min.js").read_text()
     if D3_CDN not in page or PLOTLY_CDN not in page:
         raise RuntimeError("the sae-dashboard page no longer loads d3 and plotly as expected: check the pinned version")
