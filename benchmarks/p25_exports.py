@@ -4,8 +4,9 @@
     python benchmarks/p25_exports.py                  # the demo run (rewardatlas demo), its best layer
     python benchmarks/p25_exports.py --run demo --layer 3
 
-Without the demo run in the data dir it builds a tiny random-model run first and says so: its
-figures are then those of 64 features, not the demo's thousands.
+Without the demo run in the data dir it builds a synthetic store shaped like a demo layer (3,072
+features, 20 top contexts and 20 per-bin samples each, 20,000 texts; P5's generator) and says so;
+`--tiny` builds a tiny random-model run through the real pipeline instead (64 features).
 """
 from __future__ import annotations
 
@@ -42,6 +43,21 @@ def tiny_run(root: Path) -> tuple[Settings, str]:
     return settings, "tiny"
 
 
+def synthetic_demo_layer(root: Path) -> tuple[Settings, str]:
+    """P5's synthetic store at the demo's shape for one layer, registered, with an SAE config on disk."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from p5_serving_latency import RUN_ID, build_store
+
+    settings = Settings(data_dir=root / "data", database_url="")
+    build_store(settings, saes=1, width=3072, n_contexts=40, n_texts=20_000)
+    sae_dir = settings.run_dir(RUN_ID) / "saes" / "layer_0"
+    sae_dir.mkdir(parents=True, exist_ok=True)
+    (sae_dir / "cfg.json").write_text(json.dumps({"d_in": 1024, "d_sae": 3072, "architecture": "topk", "k": 64}))
+    return settings, RUN_ID
+
+
 def timed(label: str, work) -> tuple[float, object]:
     start = time.perf_counter()
     out = work()
@@ -52,15 +68,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", default="demo")
     parser.add_argument("--layer", type=int, default=None, help="default: the run's best layer")
+    parser.add_argument("--tiny", action="store_true", help="without the run: a tiny real run, not a synthetic store")
     args = parser.parse_args()
 
     settings, run_id = get_settings(), args.run
     db.upgrade(settings)
     scratch = tempfile.TemporaryDirectory(prefix="p25-")
-    if db.find_run(settings, run_id) is None:
+    if db.find_run(settings, run_id) is None and args.tiny:
         print(f"run {run_id!r} is not in {settings.data_dir}: building a tiny random-model run instead "
               "(figures below are a 64-feature layer's, not the demo's)")
         settings, run_id = tiny_run(Path(scratch.name))
+    elif db.find_run(settings, run_id) is None:
+        print(f"run {run_id!r} is not in {settings.data_dir}: building a SYNTHETIC store shaped like a demo layer "
+              "instead (3,072 features, 20 top contexts + 20 bin samples each, 20,000 texts; not the demo's values)")
+        settings, run_id = synthetic_demo_layer(Path(scratch.name))
     _, path = run_and_store(settings, run_id)
     layer = args.layer if args.layer is not None else store.best_layer(path)
     layer = layer if layer is not None else store.layers(path)[0]["layer"]
