@@ -1,4 +1,4 @@
-"""`rewardatlas demo | run CONFIG | serve | worker | delete-run RUN_ID | db upgrade` — thin dispatch; heavy imports stay lazy
+"""`rewardatlas demo | run CONFIG | serve | worker | delete-run RUN_ID | export ... | db upgrade` — thin dispatch; heavy imports stay lazy
 so that `serve` never imports torch."""
 from __future__ import annotations
 
@@ -182,6 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--exit-with", metavar="PID", type=int, default=None,
                         help="stop when the process PID ends (the server that started this worker)")
     worker.set_defaults(func=cmd_worker)
+
+    from backend.exports.cli import add_export_parser  # torch-free; its model work loads lazily
+
+    add_export_parser(sub, CliError)
 
     db = sub.add_parser("db", help="database maintenance")
     db_sub = db.add_subparsers(dest="db_command", required=True)

@@ -76,7 +76,8 @@ class WorkerPresence(Base):
     state: Mapped[str] = mapped_column(sa.String(200), default="")  # "loading run demo", "waiting for jobs"
 
 
-JOB_KINDS = ("pipeline", "ablation", "inference", "text_diff", "vocab_probe", "insertion", "sweep", "reason_score")
+JOB_KINDS = ("pipeline", "ablation", "inference", "text_diff", "vocab_probe", "insertion", "sweep", "reason_score",
+             "saedashboard")
 JOB_STATUSES = ("queued", "running", "done", "failed", "cancelled")
 
 
