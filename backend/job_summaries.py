@@ -8,7 +8,7 @@ from typing import Any
 KIND_NAMES = {
     "pipeline": "Pipeline run", "ablation": "Ablation", "inference": "Text attribution",
     "text_diff": "Two texts compared", "vocab_probe": "Vocabulary probe", "insertion": "Phrase insertion",
-    "sweep": "Steering sweep", "reason_score": "ReasonScore",
+    "sweep": "Steering sweep", "reason_score": "ReasonScore", "saedashboard": "SAEDashboard page",
 }
 SNIPPET_CHARS = 60
 

@@ -58,7 +58,7 @@ def test_table_csv_lists_the_layer_pages_view_in_its_order_with_statistics_and_l
 
 
 def test_table_parquet_holds_the_same_rows_and_says_what_it_is(client):
-    query = "min_freq=0.05&token=good"
+    query = "min_freq=5&token=good"
     as_csv = list(csv.DictReader(io.StringIO(client.get(f"/api/runs/{RUN}/layers/{LAYER}/features.csv?{query}").text)))
     response = client.get(f"/api/runs/{RUN}/layers/{LAYER}/features.parquet?{query}")
     assert response.status_code == 200
@@ -71,10 +71,10 @@ def test_table_parquet_holds_the_same_rows_and_says_what_it_is(client):
 
 
 def test_an_empty_view_is_a_header_and_bad_views_are_refused(client):
-    empty = client.get(f"/api/runs/{RUN}/layers/{LAYER}/features.csv?min_freq=1")
+    empty = client.get(f"/api/runs/{RUN}/layers/{LAYER}/features.csv?min_freq=100")
     assert empty.status_code == 200 and empty.text.strip().splitlines()[0].startswith("layer,feature,")
     assert len(empty.text.strip().splitlines()) == 1
-    assert client.get(f"/api/runs/{RUN}/layers/{LAYER}/features.csv?min_freq=0.5&max_freq=0.1").status_code == 422
+    assert client.get(f"/api/runs/{RUN}/layers/{LAYER}/features.csv?min_freq=50&max_freq=10").status_code == 422
     assert client.get(f"/api/runs/{RUN}/layers/4/features.parquet").status_code == 404
     missing = client.get("/api/runs/nope/layers/3/features.csv")
     assert missing.status_code == 404 and "nope" in missing.json()["detail"]
@@ -143,7 +143,7 @@ def test_neuronpedia_refuses_missing_features_a_missing_sae_and_bad_names(client
     assert missing.status_code == 404 and f"no feature {N_FEATURES}" in missing.json()["detail"]
     assert client.get(f"/api/runs/{RUN}/layers/{LAYER}/neuronpedia.zip?model_id=Bad%20Name").status_code == 422
     assert client.get(f"/api/runs/{RUN}/layers/9/neuronpedia.zip").status_code == 404
-    nothing = client.get(f"/api/runs/{RUN}/layers/{LAYER}/neuronpedia.zip?min_freq=1")
+    nothing = client.get(f"/api/runs/{RUN}/layers/{LAYER}/neuronpedia.zip?min_freq=100")
     assert nothing.status_code == 422 and "no features" in nothing.text
 
 
@@ -215,7 +215,7 @@ def test_cli_errors_name_the_problem_and_write_nothing(cli, migrated, tmp_path, 
     assert "no feature 64" in capsys.readouterr().err and not out.exists()
     assert cli(["export", "table", "nope", "--layer", "3", "--out", str(folder / "t.csv")]) == 2
     assert "run 'nope' not found" in capsys.readouterr().err
-    assert cli(["export", "table", RUN, "--layer", "3", "--min-freq", "0.9", "--max-freq", "0.1"]) == 2
+    assert cli(["export", "table", RUN, "--layer", "3", "--min-freq", "90", "--max-freq", "10"]) == 2
     assert "min_freq" in capsys.readouterr().err
     assert list(folder.iterdir()) == []
 
