@@ -16,7 +16,8 @@ from starlette.routing import Match
 from backend.access import SESSION_MAX_AGE_S, AccessMiddleware
 from backend.guard import RequestGuard, SecurityHeaders, around_everything
 from backend.keepalive import RecycleConnections
-from backend.routes import auth, corpus, features, irm, jobs, labels, layers, pairs, probes, reason, runs, texts
+from backend.routes import (auth, corpus, explanations, features, irm, jobs, labels, layers, pairs, probes, reason, runs,
+                            texts)
 from backend.routes.common import FRONTEND_DIR, render
 from backend.routes.edge import validation_detail
 from backend.settings import Settings, get_settings
@@ -80,7 +81,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   redoc_url=None)
     app.state.settings = settings or get_settings()
     app.mount("/static", StaticFiles(directory=FRONTEND_DIR / "static"), name="static")
-    for module in (auth, runs, layers, features, labels, jobs, texts, corpus, probes, irm, reason, pairs):
+    for module in (auth, runs, layers, features, labels, jobs, texts, corpus, probes, irm, reason, pairs,
+                   explanations):
         app.include_router(module.router)
     # access runs inside the session middleware (added last, so outermost): it reads the session
     app.add_middleware(AccessMiddleware, settings=app.state.settings)

@@ -131,10 +131,18 @@ def set_scores(settings: Settings, explanation_id: int, scores: dict[str, Any], 
             scores=scores, scored_by=scored_by, updated_at=utcnow()))
 
 
-def features_matching(settings: Settings, run_id: str, layer: int, contains: str) -> set[int]:
-    """Features of the layer whose current explanation contains `contains` (case-blind)."""
-    needle = contains.strip().lower()
-    return {f for f, row in for_layer(settings, run_id, layer).items() if needle in row["text"].lower()}
+def restrict(where, contains: str | None, explained: dict[int, dict[str, Any]]):
+    """`where` (a store.FeatureFilter) narrowed to the features whose current explanation contains
+    `contains` (case-blind); as it is without one. Explanations live in SQL, the table in DuckDB."""
+    import dataclasses
+
+    if not contains:
+        return where
+    needle = " ".join(contains.split()).lower()
+    ids = {f for f, row in explained.items() if needle in row["text"].lower()}
+    if where.features is not None:
+        ids &= set(where.features)
+    return dataclasses.replace(where, features=tuple(sorted(ids)))
 
 
 def search(settings: Settings, run_id: str, query: str, mode: str = "semantic", layer: int | None = None,
@@ -176,3 +184,14 @@ def export_rows(settings: Settings, run_id: str) -> list[dict[str, Any]]:
         d["updated_at"] = d["updated_at"].isoformat()
         out.append({k: d.get(k) for k in EXPORT_COLUMNS})
     return out
+
+
+def with_explanations(settings: Settings, run_id: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Label export rows with the feature's current explanation, its model and its classification."""
+    with db.get_engine(settings).connect() as conn:
+        current = {(r.layer, r.feature): r for r in conn.execute(_current_query(run_id)).all()}
+    for row in rows:
+        e = current.get((row["layer"], row["feature"]))
+        row.update({"explanation": e.text if e else None, "explanation_model": e.model if e else None,
+                    "reward_related": e.reward_related if e else None})
+    return rows
