@@ -12,14 +12,21 @@ CLASSIFY_VERSION = "classify-v1"
 SCORE_VERSION = "score-v1"
 
 _TAG = re.compile(r"<[^<>]{0,200}>")
-EXPLAIN_SCHEMA = {"type": "object", "properties": {"explanation": {"type": "string"}}, "required": ["explanation"]}
+# Lengths are bounded in the schemas too: an endpoint that enforces them (llama.cpp turns a schema
+# into a grammar) cannot ramble until the token limit
+EXPLAIN_SCHEMA = {"type": "object", "properties": {"explanation": {"type": "string", "maxLength": 200}},
+                  "required": ["explanation"]}
 CLASSIFY_SCHEMA = {"type": "object", "properties": {"reward_related": {"type": "string", "enum": ["yes", "no", "unsure"]},
-                                                    "reason": {"type": "string"}},
+                                                    "reason": {"type": "string", "maxLength": 200}},
                    "required": ["reward_related", "reason"]}
-DETECT_SCHEMA = {"type": "object", "properties": {"active": {"type": "array", "items": {"type": "integer"}}},
-                 "required": ["active"]}
-FUZZ_SCHEMA = {"type": "object", "properties": {"correct": {"type": "array", "items": {"type": "integer"}}},
-               "required": ["correct"]}
+
+
+def numbers_schema(key: str, n: int) -> dict:
+    """{key: [distinct snippet numbers 1..n]}: what detection and fuzzing replies hold."""
+    return {"type": "object", "properties": {key: {"type": "array", "maxItems": n, "uniqueItems": True,
+                                                   "items": {"type": "integer", "minimum": 1, "maximum": n}}},
+            "required": [key]}
+
 
 EXPLAIN_SYSTEM = ("You explain one feature of a sparse autoencoder trained on a reward model's activations: what "
                   "text it fires on and what it does to the reward. Reply with a JSON object only.")

@@ -43,11 +43,10 @@ class Tally:
 def llm_detector(endpoint: Endpoint, tally: Tally) -> scorers.Detector:
     def detect(explanation: str, snippets: list[str], kind: str) -> np.ndarray:
         if kind == "detect":
-            prompt, schema, key, system = (prompts.detect_prompt(explanation, snippets), prompts.DETECT_SCHEMA,
-                                           "active", prompts.DETECT_SYSTEM)
+            prompt, key, system = prompts.detect_prompt(explanation, snippets), "active", prompts.DETECT_SYSTEM
         else:
-            prompt, schema, key, system = (prompts.fuzz_prompt(explanation, snippets), prompts.FUZZ_SCHEMA,
-                                           "correct", prompts.FUZZ_SYSTEM)
+            prompt, key, system = prompts.fuzz_prompt(explanation, snippets), "correct", prompts.FUZZ_SYSTEM
+        schema = prompts.numbers_schema(key, len(snippets))
         reply = chat_json(endpoint, system, prompt, schema, kind)
         tally.tokens["score"] += reply.tokens
         numbers = reply.data[key]
