@@ -32,6 +32,7 @@ router = APIRouter(route_class=StrictJSONRoute, responses=ERROR_RESPONSES)
 
 MAX_FEATURES = 500
 MAX_QUERY = 200
+MIN_REPLY_TOKENS = 64  # the longest reply a job asks for: 20-50 snippet numbers, or a 200-character explanation
 STAGE_NAMES = {"explain": "explain", "classify": "classify reward-related", "score": "score"}
 
 
@@ -88,6 +89,9 @@ def endpoint_checked(settings: Settings) -> Endpoint | None:
         return None
     if not endpoint.model:
         raise invalid("RA_LLM_BASE_URL is set but RA_LLM_MODEL is empty: name the model the endpoint serves", "llm")
+    if endpoint.max_tokens < MIN_REPLY_TOKENS:
+        raise invalid(f"RA_LLM_MAX_TOKENS is {endpoint.max_tokens}: an explanation or a list of snippet numbers needs "
+                      f"at least {MIN_REPLY_TOKENS} tokens a reply", "llm")
     try:
         probe(endpoint)
     except LLMError as exc:

@@ -165,7 +165,9 @@ def score_one(held: HeldOut, explanation: str, s: ScoringSet, deltas: np.ndarray
     return {"detection": balanced_accuracy(truth, picked),
             "fuzzing": balanced_accuracy(fuzz_truth, fuzz_picked) if len(fuzzed) else None,
             "embedding": embedding_auc(explanation, snippets, truth),
-            "causal": causal(picked, deltas[s.texts], sign, seed),
+            "causal": {**causal(picked, deltas[s.texts], sign, seed), "sign": sign,
+                       "selected_text_ids": [held.text_ids[i] for i, p in zip(s.texts, picked) if p],
+                       "rejected_text_ids": [held.text_ids[i] for i, p in zip(s.texts, picked) if not p]},
             "n_active": len(s.active), "n_silent": len(s.silent)}
 
 
