@@ -135,9 +135,9 @@ async def resume_form(request: Request, job_id: JobId, settings: SettingsDep):
         raise store.NotFound(str(exc)) from None
     if old["kind"] != "explanations":
         raise invalid(f"job {job_id} is a {old['kind']} job: only explanations jobs resume", "job")
-    endpoint_checked(settings)
+    endpoint = endpoint_checked(settings)  # the endpoint configured now, probed (it may be back, or another)
     params = {**old["params"], "overwrite": False, "resumes": job_id,
-              "llm": (Endpoint.from_settings(settings).describe() if Endpoint.from_settings(settings) else None)}
+              "llm": endpoint.describe() if endpoint else None}
     job = _submit(settings, "explanations", params, current_author(request), old["run_id"])
     return RedirectResponse(f"/jobs/{job['id']}", status_code=303)
 
@@ -268,10 +268,10 @@ def job_context(settings: Settings, job: dict) -> dict[str, Any]:
     try:
         explained = explanations.for_features(settings, p["run_id"], int(p["layer"]), list(p["features"]))
     except (KeyError, TypeError, ValueError):
-        return {"explained": {}, "means": None}
+        return {"feature_explanations": {}, "means": None}
     scored = [e["scores"] for e in explained.values() if e.get("scores")]
     if not scored:
-        return {"explained": explained, "means": None}
+        return {"feature_explanations": explained, "means": None}
 
     def mean(values):
         values = [v for v in values if v is not None]
@@ -283,4 +283,5 @@ def job_context(settings: Settings, job: dict) -> dict[str, Any]:
     means["causal"] = [mean([s["causal"]["score"] for s in scored]),
                        mean([(s["causal"]["shuffled"] or {}).get("score") for s in scored]),
                        mean([(s["causal"]["random_direction"] or {}).get("score") for s in scored])]
-    return {"explained": explained, "means": {"n": len(scored), "scores": means}}
+    # (not "explained": base.html names the run's explained model output so)
+    return {"feature_explanations": explained, "means": {"n": len(scored), "scores": means}}

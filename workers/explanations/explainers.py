@@ -55,9 +55,9 @@ def effect_words(card: dict) -> str:
     delta = card.get("measured_delta")
     if delta is not None:
         low, high = card.get("measured_delta_low"), card.get("measured_delta_high")
-        ci = f" (95% CI {low:+.3f} to {high:+.3f})" if low is not None and high is not None else ""
+        ci = f" (95% CI {low:+.3g} to {high:+.3g})" if low is not None and high is not None else ""
         way = "raises" if delta < 0 else "lowers"
-        return f"zeroing it changes the reward by {delta:+.3f}{ci} where it fires: it {way} the reward."
+        return f"zeroing it changes the reward by {delta:+.3g}{ci} where it fires: it {way} the reward."
     attribution = card.get("attribution")
     if attribution is not None:
         way = "raises" if attribution > 0 else "lowers"
@@ -115,9 +115,9 @@ def explain_offline(card: dict) -> Written:
     delta, attribution = card.get("measured_delta"), card.get("attribution")
     low, high = card.get("measured_delta_low"), card.get("measured_delta_high")
     if delta is not None and low is not None and high is not None and low <= 0 <= high:
-        parts.append(f"zeroing it does not clearly move the reward (Δ {delta:+.3f}, 95% CI includes 0)")
+        parts.append(f"zeroing it does not clearly move the reward (Δ {delta:+.3g}, 95% CI includes 0)")
     elif delta is not None:
-        parts.append(f"{'raises' if delta < 0 else 'lowers'} the reward (zeroed: Δ {delta:+.3f})")
+        parts.append(f"{'raises' if delta < 0 else 'lowers'} the reward (zeroed: Δ {delta:+.3g})")
     elif attribution is not None:
         parts.append(f"{'raises' if attribution > 0 else 'lowers'} the reward (attribution {attribution:+.4f})")
     return Written("; ".join(parts), 0)
