@@ -254,7 +254,7 @@ def feature_rows(rows: Sequence[Mapping[str, Any]], first_rank: int, href: str, 
     return Markup("".join(out))
 
 
-EXPLANATION_SHOWN = 90  # characters of an explanation in a table cell; the whole text is its title
+EXPLANATION_SHOWN = 60  # characters of an explanation in a table cell; the whole text is its title
 
 
 def _explanation_cell(e: Mapping[str, Any] | None) -> str:

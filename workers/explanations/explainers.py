@@ -140,7 +140,7 @@ def classify_offline(card: dict, attribution_abs_ranks: dict) -> tuple[str, str]
     share = attribution_abs_ranks.get(card["feature"])
     if share is None:
         return "unsure", "no attribution: it never fired where the gradient was taken (offline)"
-    place = f"|attribution| {abs(card.get('attribution') or 0):.4f} is above {share:.0%} of the layer's firing features"
+    place = f"|attribution| {abs(card.get('attribution') or 0):.3g} is above {share:.0%} of the layer's firing features"
     if share >= 0.9:
         return "yes", place + " (offline: by the gradient, not by reading)"
     if share < 0.5:
