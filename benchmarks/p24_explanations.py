@@ -58,7 +58,7 @@ def means(settings, run_id: str, layer: int, features: list[int]) -> dict[str, l
 def show(title: str, table: dict) -> None:
     print(f"  {title}: score / shuffled / random direction (means)")
     for name, (a, b, c) in table.items():
-        fmt = (lambda v: "  n/a " if v is None else f"{v:+.3f}") if name == "causal" else \
+        fmt = (lambda v: "  n/a " if v is None else f"{v:+.3g}") if name == "causal" else \
             (lambda v: " n/a" if v is None else f"{v:.2f}")
         print(f"    {name:10s} {fmt(a)}  {fmt(b)}  {fmt(c)}")
 
@@ -91,17 +91,20 @@ def main() -> None:
     offline = means(settings, args.run, layer, features)
     show("offline explainer", offline)
 
-    # the embedding score alone: MiniLM over the explanation and 20 snippets, for it and both baselines
+    # the embedding score alone: MiniLM over the explanation and its snippets, for it and both baselines
+    from backend import embedding
+
     held = explanations_held(run, layer, args.n_texts)
     feature = features[0]
     chosen = scorers.scoring_set(held.feature(feature), 10, set(), seed=feature)
-    snippets, truth = scorers.snippets_for(held, chosen), chosen.truth
+    snippets = scorers.snippets_for(held, chosen)
     text = explanations.current(settings, args.run, layer, feature)["text"]
     start = time.perf_counter()
     for _ in range(3):  # a feature's: its explanation, the shuffled one, and on the random direction's snippets
-        scorers.embedding_auc(text, snippets, truth)
+        vectors = embedding.embed([text] + snippets)
+        _ = vectors[1:] @ vectors[0]
     print(f"offline embedding score: {1000 * (time.perf_counter() - start):.0f} ms per feature "
-          f"(score + 2 baselines, {len(snippets)} snippets each)")
+          f"(score + 2 baselines, the explanation and {len(snippets)} snippets each)")
 
     from tests.llm_server import start
 

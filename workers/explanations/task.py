@@ -78,6 +78,7 @@ class ExplanationJob:
         self.author = (ctx.job or {}).get("author") or "worker"
         self._held: HeldOut | None = None
         self._ranks: dict[int, float] | None = None
+        self._shuffled_from: int | None = None  # whose explanation the last shuffled baseline used
 
     # --- bookkeeping ---------------------------------------------------------------------
     @property
@@ -176,7 +177,7 @@ class ExplanationJob:
         random_dir = scorers.score_one(held, mine["text"], control, held.direction_deltas(u), sign, detect,
                                        seed=feature)
         scores = scorers.combine(real, shuffled, random_dir, scorer, sign_from)
-        scores["n_texts"], scores["shuffled_from"] = len(held.texts), other and self._shuffled_from
+        scores["n_texts"], scores["shuffled_from"] = len(held.texts), self._shuffled_from if other else None
         explanations.set_scores(self.ctx.settings, mine["id"], scores, tag)
         return "done"
 
