@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo demo-llama test serve clean nanoguard
+.PHONY: install demo demo-llama test serve clean nanoguard llm-server
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ serve: install
 # NanoGuard, a prompt-injection classifier, through the model.loader extension point (README)
 nanoguard: install
 	$(BIN)/rewardatlas run workers/configs/nanoguard.yaml --replace
+
+# A local OpenAI-compatible LLM for feature explanations: llama-cpp-python's server (built once into
+# ~/.cache/rewardatlas-llm) with SmolLM2-135M-Instruct; it prints the RA_LLM_* settings to use
+llm-server: install
+	$(BIN)/python -m tests.llm_server
 
 test: install
 	$(BIN)/python -m pytest

@@ -20,8 +20,8 @@ from starlette.routing import Match
 from backend.access import SESSION_MAX_AGE_S, AccessMiddleware
 from backend.guard import RequestGuard, SecurityHeaders, around_everything
 from backend.keepalive import RecycleConnections
-from backend.routes import (auth, corpus, exports, features, irm, jobs, labels, layers, pairs, probes, reason, runs,
-                            texts)
+from backend.routes import (auth, corpus, explanations, exports, features, irm, jobs, labels, layers, pairs, probes,
+                            reason, runs, texts)
 from backend.routes.common import FRONTEND_DIR, render
 from backend.routes.edge import typed_form, validation_detail
 from backend.settings import Settings, get_settings
@@ -111,7 +111,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.mount("/static", StaticFiles(directory=FRONTEND_DIR / "static"), name="static")
     app.add_api_route("/api/docs", _api_docs, include_in_schema=False)
     app.add_api_route("/favicon.ico", _favicon, include_in_schema=False)
-    for module in (auth, runs, layers, features, labels, jobs, texts, corpus, probes, irm, reason, pairs, exports):
+    for module in (auth, runs, layers, features, labels, jobs, texts, corpus, probes, irm, reason, pairs, exports,
+                   explanations):
         app.include_router(module.router)
     # access runs inside the session middleware (added last, so outermost): it reads the session
     app.add_middleware(AccessMiddleware, settings=app.state.settings)

@@ -20,7 +20,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy.orm import Session
 
-from backend.models import Label, LabelEvent, Run, Sae, utcnow
+from backend.models import Explanation, Label, LabelEvent, Run, Sae, utcnow
 from backend.settings import Settings
 
 # migrations/ sits next to backend/ in the repo (works from an editable install).
@@ -133,6 +133,7 @@ def register_run(
 
 
 _RUNS, _SAES, _LABELS, _EVENTS = Run.__table__, Sae.__table__, Label.__table__, LabelEvent.__table__
+_EXPLANATIONS = Explanation.__table__
 _RUN_BY_ID = sa.select(_RUNS).where(_RUNS.c.id == sa.bindparam("run_id"))
 
 
@@ -155,7 +156,7 @@ def run_exists(settings: Settings, run_id: str) -> bool:
 
 def _delete_rows(conn: sa.Connection, run_id: str) -> bool:
     # each table by name, not through ON DELETE CASCADE: what goes is written here
-    for table in (_EVENTS, _LABELS, _SAES):
+    for table in (_EXPLANATIONS, _EVENTS, _LABELS, _SAES):
         conn.execute(sa.delete(table).where(table.c.run_id == run_id))
     return conn.execute(sa.delete(_RUNS).where(_RUNS.c.id == run_id)).rowcount == 1
 
@@ -225,6 +226,8 @@ def delete_run_with_export(settings: Settings, run_id: str) -> Path | None:
             "labels": _rows(conn, _LABELS, run_id, _LABELS.c.layer, _LABELS.c.feature),
             "label_events": _rows(conn, _EVENTS, run_id, _EVENTS.c.layer, _EVENTS.c.feature,
                                   _EVENTS.c.version, _EVENTS.c.id),
+            "explanations": [{k: v for k, v in row.items() if k != "embedding"} for row in _rows(
+                conn, _EXPLANATIONS, run_id, _EXPLANATIONS.c.layer, _EXPLANATIONS.c.feature, _EXPLANATIONS.c.version)],
         }
         path = _write_export(settings, run_id, export)
         _delete_rows(conn, run_id)

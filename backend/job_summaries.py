@@ -9,6 +9,7 @@ KIND_NAMES = {
     "pipeline": "Pipeline run", "ablation": "Ablation", "inference": "Text attribution",
     "text_diff": "Two texts compared", "vocab_probe": "Vocabulary probe", "insertion": "Phrase insertion",
     "sweep": "Steering sweep", "reason_score": "ReasonScore", "saedashboard": "SAEDashboard page",
+    "explanations": "Explanations",
 }
 SNIPPET_CHARS = 60
 

@@ -35,7 +35,9 @@ LABEL_NAMES = {"reward": "reward-related", "not_reward": "not reward-related", "
 UNLABELLED = "unlabelled"  # the table filter for features without a label
 MAX_NOTE = 2000
 EXPORT_COLUMNS = ("run_id", "layer", "feature", "label", "note", "author", "updated_at", "version",
-                  "run_version", "sae_fingerprint", "made_on_current_sae")
+                  "run_version", "sae_fingerprint", "made_on_current_sae",
+                  # the feature's current explanation beside its label (backend/explanations.with_explanations)
+                  "explanation", "explanation_model", "reward_related")
 # db.py sets no busy timeout of its own, so SQLite writers wait sqlite3's default 5 s for the
 # lock; a write that still finds the database locked is retried whole (it rolled back: nothing landed).
 LOCKED_RETRIES = 8

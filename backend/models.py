@@ -77,7 +77,7 @@ class WorkerPresence(Base):
 
 
 JOB_KINDS = ("pipeline", "ablation", "inference", "text_diff", "vocab_probe", "insertion", "sweep", "reason_score",
-             "saedashboard")
+             "saedashboard", "explanations")
 JOB_STATUSES = ("queued", "running", "done", "failed", "cancelled")
 
 
@@ -147,6 +147,45 @@ class LabelEvent(Base):
     new_note: Mapped[str | None] = mapped_column(sa.Text)
     author: Mapped[str] = mapped_column(sa.String(100))
     created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), default=utcnow)
+    sae_fingerprint: Mapped[str | None] = mapped_column(sa.String(64), nullable=True)
+    run_version: Mapped[int | None] = mapped_column(sa.Integer, nullable=True)
+
+
+REWARD_RELATED = ("yes", "no", "unsure")
+
+
+class Explanation(Base):
+    """One version of a feature's explanation (backend/explanations.py): its text and who wrote it
+    (an LLM endpoint's model, the offline explainer, or a person), then the reward-related
+    classification and the scores made on this text. A new text is a new version; the highest is
+    current. Kept through a replaced run (the run row is updated in place), like labels, with the
+    run version and SAE it was made on."""
+
+    __tablename__ = "explanations"
+    __table_args__ = (sa.UniqueConstraint("run_id", "layer", "feature", "version"),
+                      sa.Index("ix_explanations_feature", "run_id", "layer", "feature"))
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(sa.ForeignKey("runs.id", ondelete="CASCADE"))
+    layer: Mapped[int] = mapped_column(sa.Integer)
+    feature: Mapped[int] = mapped_column(sa.Integer)
+    version: Mapped[int] = mapped_column(sa.Integer)
+    text: Mapped[str] = mapped_column(sa.Text)
+    explainer: Mapped[str] = mapped_column(sa.String(20))  # "llm", "offline" or "human"
+    model: Mapped[str] = mapped_column(sa.String(200))
+    prompt_version: Mapped[str] = mapped_column(sa.String(20))
+    tokens: Mapped[int] = mapped_column(sa.Integer, default=0)  # sent + received writing it
+    embedding: Mapped[bytes | None] = mapped_column(sa.LargeBinary, nullable=True)  # MiniLM, float32
+    reward_related: Mapped[str | None] = mapped_column(sa.String(10), nullable=True)
+    reason: Mapped[str | None] = mapped_column(sa.Text, nullable=True)
+    classified_by: Mapped[str | None] = mapped_column(sa.String(250), nullable=True)  # "model @ prompt version"
+    classify_tokens: Mapped[int | None] = mapped_column(sa.Integer, nullable=True)
+    scores: Mapped[dict | None] = mapped_column(sa.JSON, nullable=True)
+    scored_by: Mapped[str | None] = mapped_column(sa.String(250), nullable=True)
+    job_id: Mapped[int | None] = mapped_column(sa.Integer, nullable=True)
+    author: Mapped[str] = mapped_column(sa.String(100))
+    created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), default=utcnow)
     sae_fingerprint: Mapped[str | None] = mapped_column(sa.String(64), nullable=True)
     run_version: Mapped[int | None] = mapped_column(sa.Integer, nullable=True)
 

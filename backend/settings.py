@@ -4,7 +4,9 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -43,6 +45,14 @@ class Settings(BaseSettings):
     # Folders a run config queued on the web may read datasets and models from (comma-separated);
     # empty: the data dir and the server's working directory. The CLI reads what its user can.
     input_dirs: str = ""
+    # The OpenAI-compatible chat endpoint that explains features (backend/llm.py); no base URL: the
+    # offline explainer. The key is read from the environment only, never stored with a job.
+    llm_base_url: str = ""
+    llm_model: str = ""
+    llm_api_key: str = ""
+    llm_json_mode: Literal["json_object", "schema", "json_schema", "none"] = "json_object"
+    llm_max_tokens: int = Field(300, ge=16, le=32_768)
+    llm_timeout_s: float = Field(60.0, gt=0, le=3600)
 
     @property
     def input_roots(self) -> list[Path]:

@@ -180,9 +180,12 @@ class TableView(BaseModel):
         "least this with one of the paired (smaller) SAE's (sae.widths)")
     label: Literal[(*LABELS, "unlabelled")] | Blank | None = Field(  # type: ignore[valid-type]
         None, description="only features with this label, or 'unlabelled' for those without one")
+    explanation: str | None = Field(None, max_length=200, description="only features whose current explanation "
+                                    "contains this (case-blind)")
     page: int = Field(1, ge=1, le=MAX_ID, description="1-based page number")
 
-    @field_validator("sort", "sign", "min_freq", "max_freq", "token", "label", "min_pair_cosine", mode="before")
+    @field_validator("sort", "sign", "min_freq", "max_freq", "token", "label", "min_pair_cosine", "explanation",
+                     mode="before")
     @classmethod
     def _blank_is_none(cls, value):  # an empty form field means "no filter"
         return None if isinstance(value, str) and not value.strip() else value
@@ -208,7 +211,7 @@ class TableView(BaseModel):
     @property
     def filtered(self) -> bool:
         return any(v is not None for v in (self.sign, self.min_freq, self.max_freq, self.token,
-                                            self.min_pair_cosine, self.label))
+                                            self.min_pair_cosine, self.label, self.explanation))
 
     def query(self, **changes: Any) -> str:
         """This view's query string with `changes` applied; defaults and empty values left out."""

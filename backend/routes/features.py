@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 
-from backend import charts, labels, store
+from backend import charts, explanations, labels, store
 from backend.routes.layers import describe_sort
 from backend.routes.common import (SettingsDep, TableView, TableViewQ, default_ranking, get_run, json_response,
                                    render, run_summary, store_path)
@@ -37,6 +37,8 @@ def feature_data(settings: Settings, run_id: str, layer: int, feature: int, view
         if view.label:  # the same label filter as the table, so j/k walk what the table lists
             where = labels.restrict(where, view.label, labels.labels_for_layer(settings, run_id, layer),
                                     store.layer_info(path, layer)["d_sae"])
+        if view.explanation:  # ... and the same explanation filter
+            where = explanations.restrict(where, view.explanation, explanations.for_layer(settings, run_id, layer))
         in_view = store.neighbours_in_order(path, layer, feature, sort, where)
     if in_view["index"] is not None:
         in_view["table_page"] = in_view["index"] // settings.page_size + 1
@@ -48,7 +50,8 @@ def feature_data(settings: Settings, run_id: str, layer: int, feature: int, view
     # run_version: the run's version now; a label made on an earlier one says so (made_on_current_sae)
     return {"run": run_summary(run), "run_version": run.version, "layer": layer, "feature": info, "contexts": contexts,
             "quantile_contexts": quantiles, "view": view.model_dump(exclude={"page"}), "sort": sort, "in_view": in_view,
-            "label": label, "label_history": label_history}
+            "label": label, "label_history": label_history,
+            "explanation": explanations.current(settings, run_id, layer, feature)}
 
 
 # The two feature routes run on the event loop (async def), not in the thread pool: their work

@@ -246,7 +246,7 @@ def feature_rows(rows: Sequence[Mapping[str, Any]], first_rank: int, href: str, 
             words = (f"fire on <code class=\"token\">{html.escape(token)}</code> (by their mean activation on it)"
                      if token_group else f"only share a top context with <code class=\"token\">{html.escape(token)}</code>")
             out.append(f'<tr class="group-head" data-group="{"on-token" if token_group else "in-contexts"}">'
-                       f'<td colspan="{15 if pair_column else 14}">{words}</td></tr>\n')
+                       f'<td colspan="{16 if pair_column else 15}">{words}</td></tr>\n')
         fid, weight, group = f["feature"], f["weight"], f["weight_group_size"] or 1
         group_mark = (f' <span class="group-mark" title="fitted as one with {group - 1} near-duplicate feature'
                       f'{"s" if group > 2 else ""}: they share this weight">×{group}</span>' if group > 1 else "")
@@ -281,5 +281,25 @@ def feature_rows(rows: Sequence[Mapping[str, Any]], first_rank: int, href: str, 
             f'<td class="num">{fmt_num(f["max_activation"])}</td>'
             + (f'<td class="num pair-cosine" title="its nearest feature in the paired dictionary: '
                f'{f.get("pair_feature")}">{fmt_num(f.get("pair_max_cosine"), 2)}</td>' if pair_column else '')
-            + f'<td>{top}{_token_activation(f)}</td><td class="label-cell">{label}</td></tr>\n')
+            + f'<td>{top}{_token_activation(f)}</td><td class="label-cell">{label}</td>'
+            f'{_explanation_cell(f.get("explanation"))}</tr>\n')
     return Markup("".join(out))
+
+
+EXPLANATION_SHOWN = 60  # characters of an explanation in a table cell; the whole text is its title
+
+
+def _explanation_cell(e: Mapping[str, Any] | None) -> str:
+    """The feature's current explanation (backend/explanations.py), escaped, marked offline where
+    the offline explainer wrote it, with its reward-related classification."""
+    if not e:
+        return '<td class="explanation muted">—</td>'
+    text = e["text"]
+    short = text if len(text) <= EXPLANATION_SHOWN else text[:EXPLANATION_SHOWN - 1] + "…"
+    badge = ' <span class="badge offline" title="written offline from top tokens and n-grams">offline</span>' \
+        if e["explainer"] == "offline" else ""
+    related = (f' <span class="badge related-{html.escape(e["reward_related"])}" title="reward-related? '
+               f'{html.escape(e.get("reason") or "")}">{html.escape(e["reward_related"])}</span>'
+               if e.get("reward_related") else "")
+    return f'<td class="explanation" title="{html.escape(text)}">{html.escape(short)}{badge}{related}</td>'
+

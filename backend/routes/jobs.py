@@ -516,6 +516,10 @@ def job_page(request: Request, job_id: JobId, settings: SettingsDep, sort: str =
         context["layer_info"] = _layer_or_none(settings, job["run_id"], job["params"].get("layer"))
     if job["kind"] == "inference" and result:
         context["tokens"] = _shaded(result)
+    if job["kind"] == "explanations":  # each feature's explanation as the database holds it now
+        from backend.routes.explanations import job_context
+
+        context.update(job_context(settings, job))
     return render(request, "job.html", context)
 
 

@@ -106,14 +106,21 @@ def export_csv(run_id: str, settings: SettingsDep):
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=labels.EXPORT_COLUMNS)
     writer.writeheader()
-    writer.writerows({k: _cell(v) for k, v in row.items()} for row in labels.export_rows(settings, run_id))
+    writer.writerows({k: _cell(v) for k, v in row.items()} for row in _export_rows(settings, run_id))
     return Response(out.getvalue(), media_type="text/csv; charset=utf-8", headers=_disposition(run_id, "csv"))
+
+
+def _export_rows(settings, run_id: str) -> list[dict[str, Any]]:
+    """The run's labels, each with its feature's current explanation (backend/explanations.py)."""
+    from backend import explanations
+
+    return explanations.with_explanations(settings, run_id, labels.export_rows(settings, run_id))
 
 
 @router.get("/api/runs/{run_id}/labels.json", tags=["labels"])
 def export_json(run_id: str, settings: SettingsDep):
     """Every label of the run: the same rows as the CSV."""
-    return JSONResponse(labels.export_rows(settings, run_id), headers=_disposition(run_id, "json", "inline"))
+    return JSONResponse(_export_rows(settings, run_id), headers=_disposition(run_id, "json", "inline"))
 
 
 @router.get("/runs/{run_id}/labels", response_class=HTMLResponse, include_in_schema=False)

@@ -11,7 +11,7 @@ import numpy as np
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 
-from backend import charts, labels, store
+from backend import charts, explanations, labels, store
 from backend.rankings import (DIRECTION_WORDS, RANKINGS, SUMMARY_N, VERDICT_WORDS, barely_reaches, directions_of,
                               ranking_scores, reads_one_token)
 from backend.routes.common import (SettingsDep, TableView, TableViewQ, default_ranking, get_run, render,
@@ -68,8 +68,11 @@ def layer_data(settings: Settings, run_id: str, layer: int, view: TableView) -> 
     size = settings.page_size
     labelled = labels.labels_for_layer(settings, run_id, layer)
     where = labels.restrict(view.filter_for(info), view.label, labelled, info["d_sae"])
+    explained = explanations.for_layer(settings, run_id, layer)
+    where = explanations.restrict(where, view.explanation, explained)
     result = store.features(path, layer, sort=sort, where=where, limit=size, offset=(view.page - 1) * size)
     for row in result.rows:
+        row["explanation"] = explained.get(row["feature"])
         mine = labelled.get(row["feature"])
         row["label"], row["label_note"] = (mine["label"], mine["note"]) if mine else (None, None)
         # a label made on an earlier run version whose SAE differed (False), or may have (None)
@@ -212,4 +215,13 @@ def layer_page(request: Request, run_id: str, layer: LayerId, settings: Settings
         "curves_plot": charts.deletion_curves(faithfulness["rankings"], info["default_ranking"]),
         "direction_words": DIRECTION_WORDS,
         "calibration_plot": charts.calibration(faithfulness["calibration"]["features"]),
+        **explanation_context(settings, run_id, layer),
     })
+
+
+def explanation_context(settings: Settings, run_id: str, layer: int) -> dict[str, Any]:
+    """The layer page's explanation form (the configured endpoint) and agreement tables."""
+    from backend.llm import Endpoint
+    from backend.routes.explanations import agreement_data
+
+    return {"llm": Endpoint.from_settings(settings), "agreement": agreement_data(settings, run_id, layer)}
