@@ -2,7 +2,7 @@
 that turns that stream into SAE training batches."""
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -16,18 +16,24 @@ Activations = dict[str, torch.Tensor]  # hook name -> [n_tokens, d_model]
 
 def activation_stream(
     adapter: RewardModelAdapter, texts: list[str], layers: list[int], batch_size: int, seed: int,
-    sink_rules: dict[int, SinkRule] | None = None,
-) -> Iterator[Activations]:
+    sink_rules: dict[int, SinkRule] | None = None, computes: Callable[[int], bool] | None = None,
+) -> Iterator[Activations | None]:
     """Endless {hook_name: [n_tokens, d_model]} dicts over shuffled texts, one forward per batch.
 
     Padding is dropped, and so are each layer's attention sinks (`sink_rules`, workers/sinks.py):
     a layer may then hold fewer tokens than another. The forward stops after the deepest chosen
-    layer."""
+    layer. With `computes`, the t-th batch is forwarded only where computes(t), else None stands
+    in for it (another rank forwards it: workers/distributed_train.py)."""
     rng = np.random.default_rng(seed)
     lengths = token_lengths(adapter.tokenizer, texts, adapter.max_length)
     sink_rules = sink_rules or {}
+    served = -1
     while True:
         for indices in length_bucketed_batches(lengths, batch_size, rng):
+            served += 1
+            if computes is not None and not computes(served):
+                yield None
+                continue
             batch = adapter.tokenize([texts[i] for i in indices])
             _, captured = adapter.run(batch, capture=layers, need_score=False)
             keep = batch.attention_mask.bool()

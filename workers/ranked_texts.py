@@ -81,7 +81,7 @@ class RankedTexts:
     def columns(self, layer: int) -> dict[str, list]:
         """The store's feature_texts rows of this layer: by feature, then rank (0 = strongest)."""
         self._merge()
-        order = torch.sort(self.values, dim=1, descending=True, stable=True).indices
+        order = torch.sort(order_key(self.values, self.text_ids), dim=1, descending=True).indices  # ties: by text id
         values = torch.gather(self.values, 1, order).cpu().numpy()
         ids = torch.gather(self.text_ids, 1, order).cpu().numpy()
         feature, rank = np.nonzero(values > 0)  # row-major: by feature, then rank
