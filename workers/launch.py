@@ -65,6 +65,7 @@ def _free_port() -> int:
 def run_spawned(config_path: Path, config: RunConfig, settings: Settings, replace: bool, nproc: int) -> None:
     """Spawn `nproc` ranks of one run here and wait for them; a failed rank -> RankFailure."""
     import torch.multiprocessing as mp
+    from torch.multiprocessing.spawn import ProcessException
 
     from workers.staging import clean_stale
 
@@ -75,7 +76,7 @@ def run_spawned(config_path: Path, config: RunConfig, settings: Settings, replac
         try:
             mp.start_processes(_spawned_rank, args=(nproc, str(config_path), replace, kind, errors), nprocs=nproc,
                                join=True, start_method="spawn")
-        except mp.ProcessException as exc:
+        except ProcessException as exc:
             failure = first_failure(Path(errors)) or (exc.error_index, _last_line(str(exc)))
             for line in clean_stale(settings.runs_dir):  # the stopped ranks' build directory
                 print(line)
