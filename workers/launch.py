@@ -65,7 +65,7 @@ def _free_port() -> int:
 def run_spawned(config_path: Path, config: RunConfig, settings: Settings, replace: bool, nproc: int) -> None:
     """Spawn `nproc` ranks of one run here and wait for them; a failed rank -> RankFailure."""
     import torch.multiprocessing as mp
-    from torch.multiprocessing.spawn import ProcessException
+    from torch.multiprocessing.spawn import ProcessException, ProcessExitedException
 
     from workers.staging import clean_stale
 
@@ -77,7 +77,10 @@ def run_spawned(config_path: Path, config: RunConfig, settings: Settings, replac
             mp.start_processes(_spawned_rank, args=(nproc, str(config_path), replace, kind, errors), nprocs=nproc,
                                join=True, start_method="spawn")
         except ProcessException as exc:
-            failure = first_failure(Path(errors)) or (exc.error_index, _last_line(str(exc)))
+            failure = first_failure(Path(errors))
+            if failure is None or (isinstance(exc, ProcessExitedException) and not
+                                   (Path(errors) / f"rank-{exc.error_index}").exists()):
+                failure = (exc.error_index, _last_line(str(exc)))  # killed (a signal): it wrote nothing
             for line in clean_stale(settings.runs_dir):  # the stopped ranks' build directory
                 print(line)
             rank, message = failure
@@ -109,11 +112,20 @@ def run_rank(config_path: Path, replace: bool, kind: str | None = None, nproc_he
         torch.set_num_threads(max(1, usable_cores() // per_node))
     ranks = distributed.join(distributed.backend_for(kind))
     if not ranks.leader:
-        os.environ["TQDM_DISABLE"] = "1"  # one progress display: rank 0's
+        _quiet_progress_bars()
     try:
         run_pipeline(config, get_settings(), replace=replace)
     finally:
         distributed.leave()
+
+
+def _quiet_progress_bars() -> None:
+    """One progress display, rank 0's (tqdm read TQDM_DISABLE when it was imported, long before)."""
+    from functools import partialmethod
+
+    import tqdm.std
+
+    tqdm.std.tqdm.__init__ = partialmethod(tqdm.std.tqdm.__init__, disable=True)
 
 
 def first_failure(errors: Path) -> tuple[int, str] | None:
