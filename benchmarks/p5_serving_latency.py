@@ -273,6 +273,7 @@ def texts_tables(n_texts: int, vocab: list[str], rng: np.random.Generator) -> tu
         "text": [" ".join(row) for row in words], "reward": np.tanh(score + rng.normal(0, 0.3, n_texts)),
         "score": score, "n_tokens": np.full(n_texts, TEXT_TOKENS, dtype=np.int32),
         "reward_position": np.full(n_texts, TEXT_TOKENS - 1, dtype=np.int32),
+        "response_start": [None] * n_texts, "response_end": [None] * n_texts,  # plain texts, not chat
     }
     reads = {"read_id": np.arange(n_texts, dtype=np.int32), "text_id": np.arange(n_texts, dtype=np.int32),
              "position": texts["reward_position"], "score": score}

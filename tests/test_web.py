@@ -336,7 +336,7 @@ def test_store_of_another_schema_version_is_answered_with_409(migrated, tmp_path
         assert "schema version 1" in api.json()["detail"] and "--replace" in api.json()["detail"]
         page = client.get("/runs/old/layers/3")
         assert page.status_code == 409 and "re-run its pipeline" in page.text
-    assert store.STORE_VERSION == 10
+    assert store.STORE_VERSION == 11
 
 
 # --- filters, token search, j/k order, nearest features, OpenAPI ---
@@ -605,3 +605,20 @@ def test_percentages_keep_fixed_point_on_both_sides_of_zero():
     # a negative share (an attribution against the score) reads like a positive one, not as 1e+00
     assert fmt_pct(0.125) == "12.50%" and fmt_pct(-0.015) == "-1.50%" and fmt_pct(0) == "0.00%"
     assert fmt_pct(-2e-6) == "-2.0e-04%" and fmt_pct(None) == "—"
+
+
+def test_api_docs_and_favicon_are_served_without_a_cdn(client):
+    page = client.get("/api/docs").text
+    assert "/static/swagger-ui/swagger-ui-bundle.js" in page and "cdn" not in page.lower()
+    assert client.get("/static/swagger-ui/swagger-ui-bundle.js").status_code == 200
+    assert client.get("/static/swagger-ui/swagger-ui.css").status_code == 200
+    icon = client.get("/favicon.ico")
+    assert icon.status_code == 200 and icon.headers["content-type"].startswith("image/svg")
+    assert '<link rel="icon" href="/static/favicon.svg"' in client.get("/").text
+
+
+def test_the_text_box_counts_against_the_deployments_limit(client):
+    page = client.get(f"{RUN}/layers/3").text
+    assert 'maxlength="4000" data-limit="4000" data-counter="text-count"' in page
+    assert 'id="text-count">limit 4,000 characters' in page and '<script src="/static/forms.js" defer>' in page
+    assert "required for ${select.value}" in client.get("/static/forms.js").text  # clamp/steer need a value

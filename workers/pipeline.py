@@ -128,6 +128,7 @@ def corpus_tables(corpus, acts) -> dict[str, dict]:
             "score": acts.scores[last_read],
             "n_tokens": acts.tokens_per_text(),
             "reward_position": acts.read_positions[last_read],
+            **response_span_columns(acts.response_spans, len(corpus.texts)),
         },
         "reward_reads": {
             "read_id": np.arange(acts.n_reads),
@@ -136,6 +137,15 @@ def corpus_tables(corpus, acts) -> dict[str, dict]:
             "score": acts.scores,
         },
     }
+
+
+def response_span_columns(spans: np.ndarray | None, n_texts: int) -> dict[str, list]:
+    """A chat text's response as token indices [response_start, response_end); None elsewhere."""
+    if spans is None:
+        return {"response_start": [None] * n_texts, "response_end": [None] * n_texts}
+    known = spans[:, 0] >= 0
+    return {"response_start": [int(a) if ok else None for a, ok in zip(spans[:, 0], known)],
+            "response_end": [int(b) if ok else None for b, ok in zip(spans[:, 1], known)]}
 
 
 def sae_identity(config: RunConfig, adapter, layer: int, sae_path: Path, run_dir: Path) -> dict:

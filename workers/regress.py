@@ -32,6 +32,7 @@ import scipy.linalg
 import scipy.linalg.blas
 import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
+from sklearn.linear_model import RidgeCV
 
 # Default ridge grid, relative to the mean eigenvalue of the centred Gram matrix so it fits
 # any feature scale (sum pooling over long texts, raw residual streams). GCV prices every
@@ -378,7 +379,16 @@ def fit_reward_regression(features, scores, heldout, config, seed: int = 0,
 
 
 def fit_probe(raw, scores, heldout, cv_folds: int = 5, seed: int = 0) -> RegressionResult:
-    """The baseline: ridge on the same layer's pooled raw residual stream, alpha by GCV on the
-    default relative grid (the raw stream's scale differs from the features')."""
-    return fit_regression(raw, scores, heldout, method="ridge", alphas=None, cv_folds=cv_folds,
+    """The baseline: ridge on the same layer's pooled raw residual stream, its penalty chosen on the
+    default relative grid (the raw stream's scale differs from the features') by exact
+    leave-one-out (sklearn's RidgeCV). Not GCV: with about as many dimensions as training texts a
+    near-interpolating fit leaves one residual degree of freedom and GCV calls it best (held-out
+    R^2 -0.06 on 404 texts x 576 dimensions, where leave-one-out's penalty gives 0.71)."""
+    raw = np.asarray(raw, dtype=np.float64)
+    train = ~np.asarray(heldout, dtype=bool)
+    X, y = raw[train], np.asarray(scores, dtype=np.float64)[train]
+    mean_eigenvalue = float(((X - X.mean(axis=0)) ** 2).sum()) / X.shape[1]  # of the centred X^T X
+    grid = RELATIVE_RIDGE_GRID * max(mean_eigenvalue, np.finfo(float).tiny)
+    alpha = float(RidgeCV(alphas=grid).fit(X, y).alpha_) if len(X) > 1 else float(grid[-1])
+    return fit_regression(raw, scores, heldout, method="ridge", alphas=[alpha], cv_folds=cv_folds,
                           stability="none", seed=seed)

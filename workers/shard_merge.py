@@ -30,6 +30,7 @@ class AnalysisShard:
     read_positions: list[torch.Tensor]
     lengths: list[torch.Tensor]
     n_effect_texts: int
+    response_spans: np.ndarray | None  # [n_texts, 2], -1 where the text is another rank's (or has none)
 
 
 def merge_analysis(ranks: Ranks, batches: list[np.ndarray], layers: dict, shard: AnalysisShard):
@@ -71,6 +72,7 @@ def merge_analysis(ranks: Ranks, batches: list[np.ndarray], layers: dict, shard:
         text_offsets=np.concatenate([[0], np.cumsum(torch.cat([by_batch[b][0][3] for b in order]).numpy())]),
         layers=layers,
         n_effect_texts=n_effect_texts,
+        response_spans=None if shard.response_spans is None else np.maximum.reduce([s.response_spans for s, _ in shards]),
     )
 
 

@@ -113,6 +113,40 @@ def trainer_config(sae: SaeConfig, device: torch.device) -> SAETrainerConfig:
     )
 
 
+class _FirstBatches:
+    """An iterator that keeps its first `n` items as it yields them."""
+
+    def __init__(self, items: Iterator, n: int):
+        self.items, self.n, self.kept = items, n, []
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = next(self.items)
+        if len(self.kept) < self.n:
+            self.kept.append(item)
+        return item
+
+
+class CentredStartTrainer(MultiSAETrainer):
+    """MultiSAETrainer whose SAEs start with b_dec at the mean of the norm-estimate batches, scaled
+    as the SAE sees them. SAELens 6 starts b_dec at zero; a residual stream's mean is far from zero,
+    so every token's pre-activations share one large component, the same few latents win the top-k
+    for every token and most never fire (on SmolLM2, 60% dead after 234 steps). Starting at the mean,
+    as the TopK SAE papers do (b_pre at the data's median), each latent reads what varies."""
+
+    def _estimate_scaling_factors(self) -> None:
+        first = self.data_provider = _FirstBatches(self.data_provider, self.cfg.n_batches_for_norm_estimate)
+        super()._estimate_scaling_factors()
+        self.data_provider = first.items
+        with torch.no_grad():
+            for name, sae in self.saes.items():
+                rows = torch.cat([batch[self.hook_names[name]] for batch in first.kept]).to(sae.b_dec.device)
+                scale = self.trainers[name].activation_scaler.scaling_factor or 1.0
+                sae.b_dec.data.copy_(rows.float().mean(0) * scale)
+
+
 class _Reporting:
     """Wraps the trainer's data provider: every batch it draws (the norm estimate's, then one per
     step) reports training's progress, and so does every forward filling the shuffle buffer
@@ -161,11 +195,13 @@ def train_saes(config: RunConfig, adapter: RewardModelAdapter, texts: list[str],
                                                                        str(adapter.device), SAEMetadata(**metadata))
     # each layer's sinks, measured before training: left out of the stream, so of the norm estimate too
     sink_rules = measure_sink_rules(adapter, texts, config.layers, config.sinks, config.dataset.batch_size)
+    cache_bytes = config.sae.cache_mb * 2**20
     if ranks.active:
         stream = sharded_activation_stream(adapter, texts, config.layers, config.dataset.batch_size, config.seed,
-                                           sink_rules, ranks, owners)
+                                           sink_rules, ranks, owners, cache_bytes)
     else:
-        stream = activation_stream(adapter, texts, config.layers, config.dataset.batch_size, config.seed, sink_rules)
+        stream = activation_stream(adapter, texts, config.layers, config.dataset.batch_size, config.seed, sink_rules,
+                                   cache_bytes=cache_bytes)
     cfg = trainer_config(config.sae, adapter.device)
     draws = cfg.n_batches_for_norm_estimate + math.ceil(cfg.total_training_samples / cfg.train_batch_size_samples)
     if progress is not None:
@@ -177,7 +213,7 @@ def train_saes(config: RunConfig, adapter: RewardModelAdapter, texts: list[str],
     if ranks.active:
         shuffled = own_hooks_only(shuffled, set(hooks.values()))
     if saes:
-        trained = MultiSAETrainer(cfg=cfg, saes=saes, hook_names=hooks, data_provider=shuffled).fit()
+        trained = CentredStartTrainer(cfg=cfg, saes=saes, hook_names=hooks, data_provider=shuffled).fit()
     else:  # more ranks than layers: this one only forwarded
         drain(shuffled, draws)
     saved = {}

@@ -16,6 +16,7 @@ from backend import charts, db, store
 from backend.access import csrf_token
 from backend.models import LABELS
 from backend.rankings import VERDICT_WORDS, directions_said, FALLBACK_RANKING, RANKINGS, Ranking
+from backend.job_summaries import summary as job_summary
 from backend.routes.formats import (context_rows, contribution_spans, edit_class, feature_rows, zeroing_class, fmt_delta, fmt_num, fmt_pct, fmt_weight, token_spans,
                                     weight_class)
 from backend.routes.edge import MAX_ID
@@ -72,7 +73,12 @@ templates.env.filters.update(num=fmt_num, weight=fmt_weight, pct=fmt_pct, delta=
                              zclass=zeroing_class, eclass=edit_class)
 # what kind of number a ranking is, in a word after its name: "attribution (gradient)"
 KIND_TAGS = {"predicts": "predicts", "gradient": "gradient", "measured": "ablation"}
-templates.env.globals.update(csrf_token=csrf_token, token_spans=token_spans, context_rows=context_rows,
+def max_text_chars(request) -> int:
+    """The deployment's limit on a typed text (RA_MAX_TEXT_CHARS): forms say it and count against it."""
+    return request.app.state.settings.max_text_chars
+
+
+templates.env.globals.update(max_text_chars=max_text_chars, job_summary=job_summary, csrf_token=csrf_token, token_spans=token_spans, context_rows=context_rows,
                              feature_rows=feature_rows, kind_tag=KIND_TAGS)
 templates.env.globals["contribution_spans"] = contribution_spans  # a text's tokens by contribution
 templates.env.globals["directions_said"] = directions_said  # what weight, attribution and measured Δ each say

@@ -98,11 +98,14 @@ def _escaped(token: str) -> str:
     return html.escape(token)  # tokens repeat across a page's contexts and across pages
 
 
-def token_spans(tokens: Sequence[str], acts: Sequence[float], scale: float, peak: int | None = -1) -> Markup:
+def token_spans(tokens: Sequence[str], acts: Sequence[float], scale: float, peak: int | None = -1,
+                response: tuple[int, int] | None = None) -> Markup:
     """A context as shaded token spans: shading --a = act / scale as a whole per cent (clipped
     to 0..100%; a token where the feature is off has none), hover = the token and its value,
     special tokens ([CLS], <s>) dimmed, the peak token outlined (`peak`: its index; -1: the
-    largest activation; None: no outline).
+    largest activation; None: no outline). `response`: a chat text's response as [start, end)
+    token indices of this window: the tokens outside it are the prompt's (greyed), and where the
+    response begins and ends a role mark is drawn.
 
     Built here in one pass, not in a template loop: a feature page has ~300 tokens, and Jinja
     spent 7 ms on them; whole per cents, not round(x, 3), halve what is left. Most tokens of a
@@ -113,6 +116,10 @@ def token_spans(tokens: Sequence[str], acts: Sequence[float], scale: float, peak
     parts = []
     for i, ((text, space), tok, act) in enumerate(zip(token_texts(tokens), tokens, acts)):
         classes = "tok peak" if i == peak else "tok"
+        if response is not None:
+            parts.append(_role_mark(i, response))
+            if not response[0] <= i < response[1]:
+                classes += " prompt"
         if len(tok) > 2 and tok[0] in "[<" and tok[-1] in "]>":
             classes += " special"
         if act == 0:
@@ -124,6 +131,22 @@ def token_spans(tokens: Sequence[str], acts: Sequence[float], scale: float, peak
         parts.append(f'{" " if space else ""}<span class="{classes}"{style} '
                      f'title="{escaped}: {value}">{escaped[len(tok) - len(text):]}</span>')
     return Markup("".join(parts))
+
+
+def _role_mark(i: int, response: tuple[int, int]) -> str:
+    """The mark drawn before token i where a chat text's response begins or ends."""
+    if i == response[0]:
+        return '<span class="role-mark" title="the response (the assistant turn) begins">assistant ▸</span>'
+    if i == response[1]:
+        return '<span class="role-mark" title="the response ends">◂</span>'
+    return ""
+
+
+def window_response(c: Mapping[str, Any]) -> tuple[int, int] | None:
+    """A context's response span relative to its window (None: a plain text)."""
+    if c.get("response_start") is None:
+        return None
+    return c["response_start"] - c["window_start"], c["response_end"] - c["window_start"]
 
 
 def contribution_spans(tokens: Sequence[str], per_token: Sequence[float], anchor: str | None,
@@ -165,7 +188,7 @@ def context_rows(contexts: Sequence[Mapping[str, Any]], scale: float, by_bin: bo
             key, value = "rank", c["rank"]
             first = value + 1
         heldout = '<sup title="held-out text">h</sup>' if c["split"] == "heldout" else ""
-        spans = token_spans(c["tokens"], c["acts"], scale, c["position"] - c["window_start"])
+        spans = token_spans(c["tokens"], c["acts"], scale, c["position"] - c["window_start"], window_response(c))
         out.append(f'<tr data-{key}="{value}"><td class="num muted">{first}</td>'
                    f'<td class="num"><b>{fmt_num(c["activation"], 2)}</b></td><td class="ctx">{spans}</td>'
                    f'<td class="num muted"><a href="{text_href}{c["text_id"]}">#{c["text_id"]}</a>{heldout}</td>'
@@ -236,7 +259,7 @@ def feature_rows(rows: Sequence[Mapping[str, Any]], first_rank: int, href: str, 
             f'<td class="tick"><input type="checkbox" name="features" value="{fid}" form="ablate-form" '
             f'aria-label="select feature {fid}"></td>'
             f'<td class="num muted">{rank}</td>'
-            f'<td class="num"><a href="{link}{fid}{query}"><b>{fid}</b></a>{group_mark}{sign_mark(f)}</td>'
+            f'<td class="num fid"><a href="{link}{fid}{query}"><b>{fid}</b></a>{group_mark}{sign_mark(f)}</td>'
             f'<td class="num weight {weight_class(weight)}"><span class="wbar" aria-hidden="true">'
             f'{_weight_bar(weight, max_abs_weight)}</span>{fmt_weight(weight)}</td>'
             f'<td class="num {weight_class(f["std_weight"])}">{fmt_weight(f["std_weight"])}</td>'
