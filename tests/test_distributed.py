@@ -24,11 +24,12 @@ from workers.launch import usable_cores
 from workers.pipeline import run_pipeline
 
 # small enough to run in seconds, large enough that every shared stage has work for both ranks:
-# 8 analysis batches, several measure chunks per layer, three layers over two ranks (uneven)
+# 8 analysis batches, several measure chunks per layer, three layers over two ranks (uneven),
+# training over about three passes of the texts (the later ones from the text cache)
 CONFIG = {
     "name": "Sharded Run",
     "layers": [0, 1, 2],
-    "sae": {"width": 64, "k": 4, "training_tokens": 2048, "batch_size": 128, "buffer_tokens": 512},
+    "sae": {"width": 64, "k": 4, "training_tokens": 6144, "batch_size": 128, "buffer_tokens": 512},
     "effects": {"candidates": 12, "texts_per_feature": 16, "pool_texts": 48, "faithfulness_texts": 16,
                 "faithfulness_n": [1, 2, 5], "controls": 3},
 }
