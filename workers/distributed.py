@@ -167,6 +167,10 @@ def join(backend: str) -> Ranks:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     if backend == "nccl":
+        gpus = torch.cuda.device_count()
+        if local_rank >= gpus:
+            raise RankFailure(f"rank {rank}: LOCAL_RANK {local_rank}, but this node has {gpus} GPU"
+                              f"{'s' if gpus != 1 else ''}: start at most {gpus} processes per node")
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend, rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT)
     _current = Ranks(rank, world, local_rank)
