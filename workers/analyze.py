@@ -19,11 +19,12 @@ import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
 
+from workers import distributed
 from workers.adapters import RewardModelAdapter
 from workers.attribution import AttributionAccumulator
 from workers.batching import length_bucketed_batches, token_lengths
 from workers.config import AnalysisConfig
-from workers.feature_stream import FeatureAccumulator, TokenBatch
+from workers.feature_stream import SEQ_BATCH_SHIFT, FeatureAccumulator, TokenBatch
 from workers.sae_ops import decoder_directions, pool_reads
 from workers.sinks import SinkReport, sink_rule_of
 
@@ -181,9 +182,15 @@ def collect_corpus_activations(
     directions = {layer: decoder_directions(saes[layer]) for layer in layers} if with_gradient else {}
     n_reads = n_effect_texts = 0
     response_spans = np.full((len(texts), 2), -1, dtype=np.int64)
+    ranks = distributed.current()
+    own: list[int] = []  # this rank's batches (all of them in one process): round-robin
+    ranks.fail_if_told("the analysis pass")
     for batch_no, indices in enumerate(tqdm(batches, desc="analysing")):
         if progress is not None:
             progress(batch_no / len(batches))
+        if not ranks.mine(batch_no):
+            continue
+        own.append(batch_no)
         batch = adapter.tokenize([texts[i] for i in indices], None if rewards is None else rewards[indices])
         if batch_no in with_gradient:
             batch_scores, captured, grads = forward_with_gradients(adapter, batch, layers)
@@ -212,6 +219,7 @@ def collect_corpus_activations(
             positions=positions.to(dev),
             text_lengths=text_lengths[text_of_token].to(dev),
             content=content_dev,
+            first_seq=batch_no << SEQ_BATCH_SHIFT,  # the same on any number of ranks
         )
         eval_tokens = torch.from_numpy(heldout[indices])[text_of_token].to(adapter.device)
         batch_scores = batch_scores.float().cpu()
@@ -256,6 +264,12 @@ def collect_corpus_activations(
             res.pooled["cols"].append(cols.int())
             res.pooled["vals"].append(pooled[rows, cols])
         n_reads += batch.n_reads
+    if ranks.active:  # rank 0 gets the whole corpus's activations, the others None
+        from workers.shard_merge import AnalysisShard, merge_analysis
+
+        spans = response_spans if adapter.response_markers is not None else None
+        return merge_analysis(ranks, batches, results, AnalysisShard(own, scores, read_texts, read_positions, lengths,
+                                                                     n_effect_texts, spans))
     return CorpusActivations(
         read_text_ids=torch.cat(read_texts).numpy(),
         read_positions=torch.cat(read_positions).numpy(),

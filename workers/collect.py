@@ -30,39 +30,47 @@ def activation_stream(
     lengths = token_lengths(adapter.tokenizer, texts, adapter.max_length)
     sink_rules = sink_rules or {}
     hooks = [adapter.hook_name(layer) for layer in layers]
-    cache = _TextCache(cache_bytes)
+    cache = TextCache(cache_bytes, adapter.d_model)
     while True:
         for indices in length_bucketed_batches(lengths, batch_size, rng):
             kept = cache.batch(indices, hooks)
             if kept is not None:
                 yield kept
                 continue
-            batch = adapter.tokenize([texts[i] for i in indices])
-            _, captured = adapter.run(batch, capture=layers, need_score=False)
-            keep = batch.analysed_tokens()  # a chat run's SAEs learn its responses' tokens only
-            per_text = [{} for _ in indices]
-            for layer, hook in zip(layers, hooks):
-                rule = sink_rules.get(layer)
-                for row, rows in enumerate(captured[layer].float().unbind(0)):
-                    rows = rows[keep[row]]
-                    per_text[row][hook] = rows if rule is None else rows[rule.kept(rows)]
+            per_text = forward_rows(adapter, [texts[i] for i in indices], layers, sink_rules)
             cache.add(indices, per_text)
             yield {hook: torch.cat([text[hook] for text in per_text]) for hook in hooks}
 
 
-class _TextCache:
-    """Each text's stream rows {hook: [n, d]}, kept until they pass `max_bytes` (then all dropped:
-    a pass that does not fit is run again, as without a cache)."""
+def forward_rows(adapter: RewardModelAdapter, texts: list[str], layers: list[int],
+                 sink_rules: dict[int, SinkRule]) -> list[Activations]:
+    """One forward of `texts`: per text, {hook: its rows the SAEs learn from}."""
+    batch = adapter.tokenize(texts)
+    _, captured = adapter.run(batch, capture=layers, need_score=False)
+    keep = batch.analysed_tokens()  # a chat run's SAEs learn its responses' tokens only
+    per_text = [{} for _ in texts]
+    for layer in layers:
+        hook, rule = adapter.hook_name(layer), sink_rules.get(layer)
+        for row, rows in enumerate(captured[layer].float().unbind(0)):
+            rows = rows[keep[row]]
+            per_text[row][hook] = rows if rule is None else rows[rule.kept(rows)]
+    return per_text
 
-    def __init__(self, max_bytes: int):
-        self.max_bytes, self.used = max_bytes, 0
+
+class TextCache:
+    """Each text's stream rows {hook: [n, d]}, kept until they pass `max_bytes` (then all dropped:
+    a pass that does not fit is run again, as without a cache). A row counts as d float32s even
+    where it is a [n, 0] stand-in for a layer another rank holds (workers/distributed_train.py)."""
+
+    def __init__(self, max_bytes: int, d_model: int):
+        self.max_bytes, self.used, self.row_bytes = max_bytes, 0, 4 * d_model
         self.rows: dict[int, Activations] | None = {} if max_bytes > 0 else None
 
     def add(self, indices: np.ndarray, per_text: list[Activations]) -> None:
         if self.rows is None:
             return
         for i, text in zip(indices.tolist(), per_text):
-            self.used += sum(rows.numel() * rows.element_size() for rows in text.values())
+            self.used += sum(len(rows) * self.row_bytes for rows in text.values())
             self.rows[i] = text
         if self.used > self.max_bytes:
             self.rows = None
