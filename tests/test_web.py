@@ -307,7 +307,7 @@ def test_token_spans_spacing_and_shading():
                        token_spans(["[CLS]", "b", "<c>", "d"], [0.0, 3.0, 6.0, 0.0004], 4.0, peak=1))
     assert spans == [("tok special", "", "[CLS]: 0.000", "[CLS]"), ("tok peak", "75%", "b: 3.000", "b"),
                      ("tok special", "100%", "&lt;c&gt;: 6.000", "&lt;c&gt;"),  # act / max, clipped at 1; escaped
-                     ("tok", "0%", "d: 4.00e-04", "d")]  # off: no shading; tiny: as fmt_num writes it
+                     ("tok", "0%", "d: 0.000400", "d")]  # off: no shading; tiny: as fmt_num writes it
     assert "peak" not in token_spans(["a", "b"], [1.0, 2.0], 2.0, peak=None)
     assert 'class="tok peak" style="--a:100%" title="b: 2.000"' in token_spans(["a", "b"], [1.0, 2.0], 2.0)
 

@@ -17,7 +17,7 @@ from backend.access import csrf_token
 from backend.models import LABELS
 from backend.rankings import VERDICT_WORDS, directions_said, FALLBACK_RANKING, RANKINGS, Ranking
 from backend.job_summaries import summary as job_summary
-from backend.routes.formats import (context_rows, contribution_spans, edit_class, feature_rows, zeroing_class, fmt_delta, fmt_num, fmt_pct, fmt_weight, token_spans,
+from backend.routes.formats import (display_token, context_rows, contribution_spans, edit_class, feature_rows, zeroing_class, fmt_delta, fmt_num, fmt_pct, fmt_weight, token_spans,
                                     weight_class)
 from backend.routes.edge import MAX_ID
 from backend.settings import Settings
@@ -69,7 +69,7 @@ class _PageEnvironment(jinja2.Environment):
 # mtime on each render cost ~1 ms a feature page); restart the server after editing one.
 templates = Jinja2Templates(env=_PageEnvironment(
     loader=jinja2.FileSystemLoader(FRONTEND_DIR / "templates"), autoescape=True, auto_reload=False))
-templates.env.filters.update(num=fmt_num, weight=fmt_weight, pct=fmt_pct, delta=fmt_delta, wclass=weight_class,
+templates.env.filters.update(tok=display_token, num=fmt_num, weight=fmt_weight, pct=fmt_pct, delta=fmt_delta, wclass=weight_class,
                              zclass=zeroing_class, eclass=edit_class)
 # what kind of number a ranking is, in a word after its name: "attribution (gradient)"
 KIND_TAGS = {"predicts": "predicts", "gradient": "gradient", "measured": "ablation"}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import html
+from math import floor, log10
 from typing import Any, Mapping, Sequence
 
 from markupsafe import Markup
@@ -14,10 +15,15 @@ from backend.rankings import directions_said
 
 
 def fmt_num(x: float | None, digits: int = 3) -> str:
+    """`digits` decimals; a smaller number keeps `digits` significant ones in decimals too (0.00078,
+    not 7.8e-04 beside 0.20 in one column). Only the extremes (under 1e-8, from a million) are
+    written with an exponent."""
     if x is None:
         return "—"
-    if x != 0 and (abs(x) < 10 ** -digits or abs(x) >= 1e6):
+    if x != 0 and (abs(x) < 1e-8 or abs(x) >= 1e6):
         return f"{x:.{max(digits - 1, 1)}e}"
+    if x != 0 and abs(x) < 10 ** -digits:
+        return f"{x:.{digits - 1 - floor(log10(abs(x)))}f}"
     return f"{x:.{digits}f}"
 
 
@@ -95,6 +101,14 @@ def token_texts(tokens: Sequence[str]) -> list[tuple[str, bool]]:
 
 # byte-level BPE (GPT-2, LLaMA-3, SmolLM) spells a line break and a tab as these letters
 BYTE_LEVEL_MARKS = str.maketrans({"\u010a": "\u21b5", "\u0109": "\u21e5"})  # Ċ -> ↵, ĉ -> ⇥
+
+
+def display_token(tok: str | None) -> str | None:
+    """One token as a reader reads it alone: without the byte-level or SentencePiece space mark
+    ("Ġboring" is "boring"), line breaks drawn; WordPiece's "##ing" keeps its "##"."""
+    if tok is None:
+        return None
+    return (tok[1:] if tok.startswith(SPACE_MARKS) and len(tok) > 1 else tok).translate(BYTE_LEVEL_MARKS)
 
 
 def _shown(escaped: str, tok: str, text: str) -> str:
@@ -250,7 +264,7 @@ def feature_rows(rows: Sequence[Mapping[str, Any]], first_rank: int, href: str, 
         fid, weight, group = f["feature"], f["weight"], f["weight_group_size"] or 1
         group_mark = (f' <span class="group-mark" title="fitted as one with {group - 1} near-duplicate feature'
                       f'{"s" if group > 2 else ""}: they share this weight">×{group}</span>' if group > 1 else "")
-        top = (f'<code class="token">{_escaped(f["top_token"])}</code>' if f["top_token"] is not None
+        top = (f'<code class="token">{_escaped(display_token(f["top_token"]))}</code>' if f["top_token"] is not None
                else '<span class="muted">never fires</span>')
         label = ""
         if f.get("label"):
