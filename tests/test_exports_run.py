@@ -100,6 +100,8 @@ def test_whole_layer_in_neuronpedias_layout_follows_its_schema_and_carries_the_r
     assert shown[0]["maxValue"] == pytest.approx(top["activation"], rel=1e-5)
     assert shown[0]["dataIndex"] == str(top["text_id"]) and len(shown) == len(card["contexts"])
     assert explanations[0]["description"] == "fires on the review's verdict"
+    words = "".join(shown[0]["tokens"]).split()  # MiniLM's WordPiece spelled as the text reads
+    assert words == "".join(neuronpedia.surface_tokens(top["tokens"], "wordpiece")).split() and len(words) > 1
     manifest = json.loads((base / "rewardatlas.json").read_text())
     assert manifest["whole_layer"] and manifest["rows"]["features"] == WIDTH
 
@@ -122,7 +124,8 @@ def shows_top_contexts(page: str, settings, feature: int) -> None:
     for context, peak in zip(card["contexts"][:3], peaks):
         assert peak == pytest.approx(context["activation"], abs=2e-3)
     best = card["contexts"][0]
-    words = "".join(neuronpedia.surface_tokens(best["tokens"][1:best["position"] - best["window_start"] + 1])).split()
+    shown = best["tokens"][1:best["position"] - best["window_start"] + 1]  # after [CLS], up to the peak
+    words = "".join(neuronpedia.surface_tokens(shown, "wordpiece")).split()
     texts = ["".join(t["tok"] for t in seq).split() for seq in sequences]
     assert any(" ".join(words) in " ".join(text) for text in texts), (words, texts[:3])
 

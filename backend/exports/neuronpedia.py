@@ -69,6 +69,7 @@ class Export:
     run_info: dict[str, str]
     model_layers: int
     labelled: dict[int, dict[str, Any]]
+    settings: Settings | None = None
     token_scheme: str = "plain"  # how the tokenizer spells word boundaries (token_scheme)
     created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
 
@@ -127,7 +128,7 @@ def prepare(settings: Settings, run_id: str, layer: int, features: list[int] | N
     source_set = _checked_name(options.source_set, f"rewardatlas-{safe_name(run_id, 'run')}", "source set")
     return Export(source, sorted(chosen) if chosen is not None else list(range(int(source.info["d_sae"]))),
                   options, model_id, source_set, sae_config, info, _model_layers(settings, info, source),
-                  labels.labels_for_layer(settings, run_id, layer))
+                  labels.labels_for_layer(settings, run_id, layer), settings)
 
 
 # --- rows ----------------------------------------------------------------------------------------
@@ -281,9 +282,22 @@ def _batch_rows(con, export: Export, ids: list[int], ranking: str, ranks: dict[i
     return neurons, activations, explanations
 
 
-def _sample_tokens(con, layer: int) -> list[str]:
-    return con.execute("SELECT list(t) FROM (SELECT unnest(tokens) AS t FROM contexts WHERE layer = ? LIMIT 20000)",
-                       [layer]).fetchone()[0] or []
+def _scheme_of(settings: Settings, info: dict[str, str], con, layer: int) -> str:
+    """The run's tokenizer's scheme: from its tokenizer.json where the model is a local directory (a
+    WordPiece corpus of common words may show no "##" at all), else from the stored contexts' tokens."""
+    from workers.config import DEMO_MODEL, DEMO_MODEL_DIRNAME  # pydantic only: no torch
+
+    model = info.get("model") or ""
+    path = settings.models_dir / DEMO_MODEL_DIRNAME if model == DEMO_MODEL else Path(model)
+    try:
+        kind = json.loads((path / "tokenizer.json").read_text())["model"]["type"]
+    except (OSError, ValueError, KeyError, TypeError):
+        kind = None
+    if kind == "WordPiece":
+        return "wordpiece"
+    sample = con.execute("SELECT list(t) FROM (SELECT unnest(tokens) AS t FROM contexts WHERE layer = ? LIMIT 20000)",
+                         [layer]).fetchone()[0] or []
+    return token_scheme(sample)
 
 
 def files(export: Export, progress: Callable[[int, int], None] | None = None) -> Iterator[tuple[str, bytes]]:
@@ -300,7 +314,7 @@ def files(export: Export, progress: Callable[[int, int], None] | None = None) ->
     counts = {"features": 0, "activations": 0, "explanations": 0}
     with reading(export.source.store_path) as con:
         ranking, ranks = default_ranks(con, export.source)
-        export.token_scheme = token_scheme(_sample_tokens(con, export.source.layer))
+        export.token_scheme = _scheme_of(export.settings, export.run_info, con, export.source.layer)
         for i, ids in export.batches():
             neurons, activations, explanations = _batch_rows(con, export, ids, ranking, ranks)
             for folder, rows in (("features", neurons), ("activations", activations), ("explanations", explanations)):
