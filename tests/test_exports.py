@@ -168,6 +168,27 @@ def test_neuronpedia_rows_follow_the_schema_and_each_file_keeps_one_set_of_keys(
     assert dead[0]["frac_nonzero"] == 0 and dead[0]["reward"]["default_rank"] is None
 
 
+def test_neuronpedia_carries_written_explanations_with_their_scores(migrated, synthetic_run, tmp_path):
+    import jsonschema
+
+    from backend import explanations
+
+    write_sae_config(migrated)
+    written = explanations.write(migrated, RUN, LAYER, 7, "praise of the acting", explainer="offline", model="",
+                                 prompt_version="v1", tokens=0, embedding=None, author="tester")
+    explanations.set_scores(migrated, written["id"], {"detection": {"score": 0.75}, "causal": {"score": 0.5}}, "tester")
+    export = neuronpedia.prepare(migrated, RUN, LAYER, [7, 8], neuronpedia.Options())
+    neuronpedia.write_dir(export, tmp_path / "np")
+    rows = [json.loads(line) for path in (tmp_path / "np" / export.root / "explanations").glob("*.jsonl.gz")
+            for line in gzip.decompress(path.read_bytes()).splitlines()]
+    mine = [r for r in rows if r["index"] == "7" and "explanation" in r["id"]]
+    assert mine and mine[0]["description"] == "praise of the acting" and mine[0]["typeName"] == "rewardatlas-offline"
+    assert "detection 0.75" in mine[0]["notes"] and "causal 0.5" in mine[0]["notes"]
+    assert len({tuple(r) for r in rows}) == 1  # one set of keys per file, label rows included
+    for row in rows:
+        jsonschema.validate(row, {**neuronpedia.load_schema(), "$ref": "#/$defs/Explanation"})
+
+
 # --- buttons --------------------------------------------------------------------------------------
 
 def test_each_page_has_its_export_buttons(client, migrated):

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator
 
 import orjson
 
-from backend import labels, store
+from backend import explanations, labels, store
 from backend.exports import ExportError
 from backend.exports.atomic import atomic_dir
 from backend.exports.source import LayerSource, chosen_features, open_layer, reading, require_sae, safe_name
@@ -70,6 +70,7 @@ class Export:
     model_layers: int
     labelled: dict[int, dict[str, Any]]
     settings: Settings | None = None
+    explained: dict[int, dict[str, Any]] = field(default_factory=dict)  # current explanations (issue 24's)
     token_scheme: str = "plain"  # how the tokenizer spells word boundaries (token_scheme)
     created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
 
@@ -128,7 +129,8 @@ def prepare(settings: Settings, run_id: str, layer: int, features: list[int] | N
     source_set = _checked_name(options.source_set, f"rewardatlas-{safe_name(run_id, 'run')}", "source set")
     return Export(source, sorted(chosen) if chosen is not None else list(range(int(source.info["d_sae"]))),
                   options, model_id, source_set, sae_config, info, _model_layers(settings, info, source),
-                  labels.labels_for_layer(settings, run_id, layer), settings)
+                  labels.labels_for_layer(settings, run_id, layer), settings,
+                  explained=explanations.for_layer(settings, run_id, layer))
 
 
 # --- rows ----------------------------------------------------------------------------------------
@@ -226,6 +228,24 @@ def _explanation(export: Export, feature: int, label: dict[str, Any]) -> dict[st
     }
 
 
+def _written_explanation(export: Export, feature: int, e: dict[str, Any]) -> dict[str, Any]:
+    """A feature's current explanation (an explain job's or a person's) as an Explanation row, its
+    scores and reward-related classification in the notes."""
+    stored = e.get("scores") or {}
+    headline = {name: (stored.get(name) or {}).get("score") for name in ("detection", "fuzzing", "embedding", "causal")}
+    scores = ", ".join(f"{name} {value:.3g}" for name, value in headline.items() if isinstance(value, (int, float)))
+    related = f"; reward-related: {e['reward_related']}" if e.get("reward_related") else ""
+    return {
+        "id": f"ra-{safe_name(export.source.run_id)}-l{export.source.layer}-f{feature}-explanation-v{e['version']}",
+        "modelId": export.model_id, "layer": export.source_id, "index": str(feature), "description": e["text"],
+        "authorId": export.options.creator_id, "typeName": f"rewardatlas-{e['explainer']}",
+        "explanationModelName": e.get("model") or None,
+        "notes": f"rewardatlas {e.get('explainer_name') or e['explainer']} explanation, version {e['version']}"
+                 f"{related}{'; scores: ' + scores if scores else ''}",
+        "createdAt": e["updated_at"].isoformat() if isinstance(e.get("updated_at"), datetime) else export.created_at,
+    }
+
+
 def _metadata(export: Export) -> dict[str, dict[str, Any]]:
     """The release, model, source set and source rows."""
     o, info, layer = export.options, export.run_info, export.source.info
@@ -279,6 +299,7 @@ def _batch_rows(con, export: Export, ids: list[int], ranking: str, ranks: dict[i
                                                           ids]).fetchall()]
     explanations = [_explanation(export, f, export.labelled[f]) for f in ids
                     if f in export.labelled and (export.labelled[f].get("note") or "").strip()]
+    explanations += [_written_explanation(export, f, export.explained[f]) for f in ids if f in export.explained]
     return neurons, activations, explanations
 
 
