@@ -88,6 +88,7 @@ def timed_run(config_path: Path, data_dir: Path, nproc: int | None) -> tuple[lis
             found = re.match(r"\[\d\d:\d\d:\d\d\] (.*)", line.strip())
             if found:
                 lines.append((time.monotonic() - started, found.group(1)))
+                print(f"  {lines[-1][0]:8.1f} s  {found.group(1)[:110]}", flush=True)
         if proc.wait() != 0:
             raise SystemExit(f"the run with --nproc {nproc} failed:\n" + "\n".join(m for _, m in lines[-5:]))
     return lines, time.monotonic() - started
