@@ -3,11 +3,15 @@ never imports torch (models live in workers/)."""
 from __future__ import annotations
 
 import secrets
+from urllib.parse import urlsplit
+
+import swagger_ui_bundle
 
 from fastapi import FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.middleware.sessions import SessionMiddleware
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -16,10 +20,10 @@ from starlette.routing import Match
 from backend.access import SESSION_MAX_AGE_S, AccessMiddleware
 from backend.guard import RequestGuard, SecurityHeaders, around_everything
 from backend.keepalive import RecycleConnections
-from backend.routes import (auth, corpus, explanations, features, irm, jobs, labels, layers, pairs, probes, reason, runs,
-                            texts)
+from backend.routes import (auth, corpus, explanations, exports, features, irm, jobs, labels, layers, pairs, probes,
+                            reason, runs, texts)
 from backend.routes.common import FRONTEND_DIR, render
-from backend.routes.edge import validation_detail
+from backend.routes.edge import typed_form, validation_detail
 from backend.settings import Settings, get_settings
 from backend.store import NotFound, StoreOutdated
 
@@ -29,8 +33,19 @@ def _is_api(request: Request) -> bool:
 
 
 def _error_page(request: Request, status: int, title: str, messages: list[str]):
-    return render(request, "error.html", {"status": status, "title": title, "messages": messages},
+    """The error, and what the user typed in a form that posts it again (fix it and resend), with a
+    link back to the page the form was on."""
+    return render(request, "error.html", {"status": status, "title": title, "messages": messages,
+                                          "typed": typed_form(request), "back": _same_site_referer(request)},
                   status_code=status)
+
+
+def _same_site_referer(request: Request) -> str | None:
+    """The page the request came from, as a path, when it is one of this site's."""
+    referer = urlsplit(request.headers.get("referer", ""))
+    if referer.netloc and referer.netloc != request.url.netloc or not referer.path.startswith("/"):
+        return None
+    return referer.path + (f"?{referer.query}" if referer.query else "")
 
 
 async def _not_found(request: Request, exc: NotFound):
@@ -74,14 +89,29 @@ async def _invalid(request: Request, exc: RequestValidationError):
     return _error_page(request, 422, "Invalid request", messages)
 
 
+def _api_docs() -> HTMLResponse:
+    return get_swagger_ui_html(openapi_url="/api/openapi.json", title="rewardatlas API",
+                               swagger_js_url="/static/swagger-ui/swagger-ui-bundle.js",
+                               swagger_css_url="/static/swagger-ui/swagger-ui.css",
+                               swagger_favicon_url="/static/favicon.svg")
+
+
+def _favicon() -> RedirectResponse:
+    """Browsers ask for /favicon.ico whatever the page links: send them to the page's icon."""
+    return RedirectResponse("/static/favicon.svg", status_code=301)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The web app for `settings` (the environment's by default). The database must already
     be at the latest schema (backend.db.upgrade); the CLI does that before serving."""
-    app = FastAPI(title="rewardatlas", docs_url="/api/docs", openapi_url="/api/openapi.json",
-                  redoc_url=None)
+    app = FastAPI(title="rewardatlas", docs_url=None, openapi_url="/api/openapi.json", redoc_url=None)
     app.state.settings = settings or get_settings()
+    # Swagger UI's own files from the swagger-ui-bundle package: /api/docs works offline (no CDN)
+    app.mount("/static/swagger-ui", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="swagger-ui")
     app.mount("/static", StaticFiles(directory=FRONTEND_DIR / "static"), name="static")
-    for module in (auth, runs, layers, features, labels, jobs, texts, corpus, probes, irm, reason, pairs,
+    app.add_api_route("/api/docs", _api_docs, include_in_schema=False)
+    app.add_api_route("/favicon.ico", _favicon, include_in_schema=False)
+    for module in (auth, runs, layers, features, labels, jobs, texts, corpus, probes, irm, reason, pairs, exports,
                    explanations):
         app.include_router(module.router)
     # access runs inside the session middleware (added last, so outermost): it reads the session

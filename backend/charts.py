@@ -16,18 +16,29 @@ def _nice_max(x: float) -> float:
     return next(m * base for m in (1, 2, 2.5, 5, 10) if m * base >= x)
 
 
-def _unit_axis(height: int, bar_w: int):
-    """A 0..1 vertical axis for bars of R²-like values: (y of a value, a bar at x, left margin)."""
-    left, top, bottom = 34, 14, 22
+def _unit_axis(height: int, bar_w: int, floor: float = 0.0):
+    """A floor..1 vertical axis for bars of R²-like values: (y of a value, a bar at x, left margin)."""
+    left, top, bottom = 40, 14, 22
     plot_h = height - top - bottom
 
     def y(v: float) -> float:
-        return round(top + plot_h * (1 - min(max(v, 0.0), 1.0)), 1)
+        return round(top + plot_h * (1 - (min(max(v, floor), 1.0) - floor) / (1.0 - floor)), 1)
 
     def bar(x: float, value: float | None) -> dict:
-        return {"x": x, "w": bar_w, "value": value, "y": y(value or 0.0), "h": round(y(0.0) - y(value or 0.0), 1)}
+        return {"x": x, "w": bar_w, "value": value, "y": y(value or floor), "h": round(y(floor) - y(value or floor), 1)}
 
     return y, bar, left
+
+
+def axis_floor(values: Sequence[float | None]) -> float:
+    """Where an R² axis starts: 0, unless every value is above one half, then a round value below
+    the smallest, so that 0.980 and 0.988 are bars of visibly different height."""
+    finite = [v for v in values if v is not None and isfinite(v)]
+    if not finite or min(finite) < 0.5:
+        return 0.0
+    low = min(finite)
+    step = 0.01 if 1 - low < 0.05 else 0.05 if 1 - low < 0.25 else 0.1
+    return max(0.0, floor((low - (1 - low) * 0.5) / step) * step)
 
 
 def r2_bars(layers: Sequence[dict[str, Any]], best_layer: int | None, height: int = 170, bar_w: int = 24,
@@ -38,7 +49,8 @@ def r2_bars(layers: Sequence[dict[str, Any]], best_layer: int | None, height: in
     Negative held-out R² (worse than predicting the mean) draws no bar, only its label.
     `best_layer` (backend/layer_choice.py) is drawn in the accent colour.
     """
-    y, bar, left = _unit_axis(height, bar_w)
+    low = axis_floor([v for l in layers for v in (l["r2_heldout"], l.get("probe_r2_heldout"))])
+    y, bar, left = _unit_axis(height, bar_w, low)
     group_w = 2 * bar_w + 2
     bars = []
     for i, l in enumerate(layers):
@@ -52,8 +64,9 @@ def r2_bars(layers: Sequence[dict[str, Any]], best_layer: int | None, height: in
             "probe": None if probe is None else {**bar(x + bar_w + 2, probe), "train": l.get("probe_r2_train")},
         })
     width = left + gap + len(layers) * (group_w + gap)
-    ticks = [{"v": v, "y": y(v)} for v in (0, 0.25, 0.5, 0.75, 1.0)]
-    return {"width": max(width, 200), "height": height, "left": left, "base_y": y(0.0),
+    step = next(t for t in (0.01, 0.02, 0.05, 0.1, 0.25) if (1 - low) / t <= 5)
+    ticks = [{"v": v, "y": y(v)} for v in (round(low + i * step, 2) for i in range(round((1 - low) / step) + 1))]
+    return {"width": max(width, 200), "height": height, "left": left, "base_y": y(low), "floor": low,
             "ticks": ticks, "bars": bars}
 
 

@@ -1,4 +1,4 @@
-"""`rewardatlas demo | run CONFIG | serve | worker | delete-run RUN_ID | db upgrade` — thin dispatch; heavy imports stay lazy
+"""`rewardatlas demo | run CONFIG | serve | worker | delete-run RUN_ID | export ... | db upgrade` — thin dispatch; heavy imports stay lazy
 so that `serve` never imports torch."""
 from __future__ import annotations
 
@@ -95,6 +95,15 @@ def cmd_run(args: argparse.Namespace) -> None:
     try:
         config = load_config(Path(args.config))
         check_config(config, settings)  # before torch and SAELens load (seconds), and before the data dir is made
+        if args.nproc is not None or "TORCHELASTIC_RUN_ID" in os.environ:  # several processes (torchrun sets it)
+            from workers.distributed import RankFailure
+            from workers.launch import run_from_cli
+
+            try:
+                run_from_cli(Path(args.config), config, settings, args.replace, args.nproc)
+            except RankFailure as exc:
+                raise CliError(str(exc)) from exc
+            return
         from workers.pipeline import run_pipeline
 
         run_pipeline(config, settings, replace=args.replace)
@@ -161,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the pipeline described by a YAML config")
     run.add_argument("config")
     run.add_argument("--replace", action="store_true", help="overwrite a run with the same id")
+    run.add_argument("--nproc", type=int, default=None, metavar="N",
+                     help="run on N processes of this machine (torch.distributed: one per CPU core or GPU); "
+                          "under torchrun leave it out")
     run.set_defaults(func=cmd_run)
 
     delete_run = sub.add_parser("delete-run", help="delete a run for good, writing an export of it and its labels "
@@ -182,6 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--exit-with", metavar="PID", type=int, default=None,
                         help="stop when the process PID ends (the server that started this worker)")
     worker.set_defaults(func=cmd_worker)
+
+    from backend.exports.cli import add_export_parser  # torch-free; its model work loads lazily
+
+    add_export_parser(sub, CliError)
 
     db = sub.add_parser("db", help="database maintenance")
     db_sub = db.add_subparsers(dest="db_command", required=True)

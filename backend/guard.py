@@ -32,12 +32,10 @@ _ESCAPED_NUL = re.compile(rb"%00")
 # style="--a:37%" / style="width:12%", numbers the server computes, never user text.
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; style-src-attr 'unsafe-inline'; "
        "img-src 'self' data:; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
-# FastAPI's Swagger page loads its script and style from a CDN, starts it with an inline script
-# and styles inline; it shows only this API's own OpenAPI description.
-DOCS_CSP = ("default-src 'self'; script-src 'self' https://cdn.jsdelivr.net 'unsafe-inline'; "
-            "style-src 'self' https://cdn.jsdelivr.net 'unsafe-inline'; "
-            "img-src 'self' data: https://fastapi.tiangolo.com; "
-            "object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
+# The Swagger page (its files served from this site: backend/app.py) is started by an inline
+# script and styles inline; it shows only this API's own OpenAPI description.
+DOCS_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+            "img-src 'self' data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
 DOCS_PATH = "/api/docs"
 SECURITY_HEADERS = [
     (b"x-content-type-options", b"nosniff"),

@@ -77,7 +77,7 @@ class WorkerPresence(Base):
 
 
 JOB_KINDS = ("pipeline", "ablation", "inference", "text_diff", "vocab_probe", "insertion", "sweep", "reason_score",
-             "explanations")
+             "saedashboard", "explanations")
 JOB_STATUSES = ("queued", "running", "done", "failed", "cancelled")
 
 

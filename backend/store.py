@@ -211,7 +211,8 @@ def layers(path: Path) -> list[dict[str, Any]]:
 def layer_info(path: Path, layer: int) -> dict[str, Any]:
     by_layer = _memo(path, "layers_by_id", lambda: {row["layer"]: row for row in layers(path)})
     if layer not in by_layer:
-        raise NotFound(f"layer {layer} not found")
+        known = ", ".join(map(str, sorted(by_layer)))
+        raise NotFound(f"layer {layer} not found: this run has SAEs at layer{'s' if len(by_layer) != 1 else ''} {known}")
     return dict(by_layer[layer])
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 STORE_FILENAME = "features.duckdb"
-STORE_VERSION = 10
+STORE_VERSION = 11
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,8 @@ TABLES: dict[str, Table] = {t.name: t for t in (
         Column("score", "DOUBLE", "the reward model's (final) score"),
         Column("n_tokens", "INTEGER"),
         Column("reward_position", "INTEGER", "token index the final score is read from"),
+        Column("response_start", "INTEGER", "a chat text's response: its first token index; NULL for plain texts"),
+        Column("response_end", "INTEGER", "one past the response's last token index"),
     ), primary_key=("text_id",)),
 
     Table("reward_reads", (
@@ -510,7 +512,8 @@ context_rows AS (
            struct_pack(rank := c.rank, bin := c.bin, bin_low := c.bin_low, bin_high := c.bin_high,
                        text_id := c.text_id, position := c.position, activation := c.activation,
                        window_start := c.window_start, tokens := c.tokens, acts := c.acts,
-                       reward := t.reward, score := t.score, split := t.split) AS context
+                       reward := t.reward, score := t.score, split := t.split,
+                       response_start := t.response_start, response_end := t.response_end) AS context
     FROM contexts c LEFT JOIN texts t USING (text_id)
     WHERE c.layer = $1
 ),

@@ -7,6 +7,9 @@
    the same held-out tokens (the tokens the SAE is meant for: sinks left out), and on all tokens:
    explained variance, dead latents, reward recovered.
 
+Both read every token of the chat texts (analysis.tokens: all): the sink is the first token, in the
+system prompt, so a run reading responses only never trains on it, with or without the rule.
+
     python benchmarks/p22_sink_rule.py [--data-dir DIR] [--texts 600] [--tokens 60000]
 
 Builds the demo LLaMA RM in DIR/models if absent (the demo's own data dir reuses it).

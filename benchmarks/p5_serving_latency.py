@@ -8,7 +8,7 @@ keep-alive clients, each scenario bounded by `--requests` and `--seconds`:
 
   feature       GET /runs/<id>/layers/<L>/features/<F>             (HTML)
   feature-json  GET /api/runs/<id>/layers/<L>/features/<F>         (its JSON twin)
-  table         GET /runs/<id>/layers/<L>?sort=..&sign=pos&min_freq=0.001&page=..   (HTML)
+  table         GET /runs/<id>/layers/<L>?sort=..&sign=pos&min_freq=0.1&page=..   (HTML)
 
 Before serving, the store is read once into the OS page cache (as on a server that has been
 up a while; `--cold` skips that). Prints p50/p95/p99/mean latency (client-side wall time) and
@@ -66,7 +66,7 @@ WINDOW = (12, 16)       # tokens per context window, inclusive
 TEXT_TOKENS = 64
 VOCAB_SIZE = 400        # small and Zipf-distributed: keeps feature_tokens' DISTINCT manageable
 TABLE_SORTS = ("abs_weight", "-weight", "correlation", "frequency")
-TABLE_FILTER = "sign=pos&min_freq=0.001"
+TABLE_FILTER = "sign=pos&min_freq=0.1"
 TARGETS_MS = {"feature": 25.0, "feature-json": 25.0, "table": 50.0}
 
 
@@ -273,6 +273,7 @@ def texts_tables(n_texts: int, vocab: list[str], rng: np.random.Generator) -> tu
         "text": [" ".join(row) for row in words], "reward": np.tanh(score + rng.normal(0, 0.3, n_texts)),
         "score": score, "n_tokens": np.full(n_texts, TEXT_TOKENS, dtype=np.int32),
         "reward_position": np.full(n_texts, TEXT_TOKENS - 1, dtype=np.int32),
+        "response_start": [None] * n_texts, "response_end": [None] * n_texts,  # plain texts, not chat
     }
     reads = {"read_id": np.arange(n_texts, dtype=np.int32), "text_id": np.arange(n_texts, dtype=np.int32),
              "position": texts["reward_position"], "score": score}

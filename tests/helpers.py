@@ -156,7 +156,8 @@ def synthetic_tables(seed: int = 0, causal: bool = True) -> dict[str, dict[str, 
     n_texts = 20
     rewards, scores = rng.normal(size=n_texts), rng.normal(size=n_texts)
     texts = [dict(text_id=i, split="train" if i < 15 else "heldout", text=f"synthetic review number {i}",
-                  reward=float(rewards[i]), score=float(scores[i]), n_tokens=8, reward_position=0)
+                  reward=float(rewards[i]), score=float(scores[i]), n_tokens=8, reward_position=0,
+                  response_start=None, response_end=None)
              for i in range(n_texts)]
     layers, features, contexts, faithfulness, ranked_texts = [], [], [], [], []
     extra = np.random.default_rng(seed + 1)  # separate stream: the columns above keep their values

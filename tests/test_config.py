@@ -146,3 +146,16 @@ def test_cli_prints_a_device_this_machine_lacks_without_a_traceback(cli_settings
     assert main(["run", _config_file(tmp_path, device=absent)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: device: '{absent}' asked for") and "Traceback" not in err
+
+
+def test_messages_read_as_sentences_without_library_prefixes_or_a_lead_said_twice():
+    from workers.config import plain_message
+
+    assert plain_message("invalid config: invalid config:\n  layers: Value error, layer 9 is beyond") == \
+        "invalid config:\n  layers: layer 9 is beyond"
+    assert plain_message("vocabulary: vocabulary: no word is known") == "vocabulary: no word is known"
+    assert plain_message("sae.k: must be at most sae.width") == "sae.k: must be at most sae.width"
+    with pytest.raises(ConfigError) as err:
+        parse_config({"name": "x", "model": {"path": "m"}, "dataset": {"source": "d"}, "layers": [1],
+                      "sae": {"width": 16, "k": 32}})
+    assert "Value error" not in str(err.value)

@@ -29,7 +29,8 @@ LAYER = 3
 def path(tmp_path_factory):
     tables = synthetic_tables()
     tables["texts"] = spec_columns("texts", [
-        dict(text_id=i, split=split, text=text, score=score, reward=reward, n_tokens=5 + i, reward_position=0)
+        dict(text_id=i, split=split, text=text, score=score, reward=reward, n_tokens=5 + i, reward_position=0,
+             response_start=None, response_end=None)
         for i, split, text, score, reward in TEXTS])
     # feature 7 of layer 3 ranks four texts; feature 8 ranks none
     ranked = [(4, 2.5), (0, 2.0), (6, 1.5), (3, 0.25)]
@@ -108,7 +109,7 @@ def test_feature_sort_needs_a_known_layer_and_feature_in_range(path):
         store.corpus(path, sort="feature", layer=LAYER)
     with pytest.raises(ValueError, match="layer and feature go together"):
         store.corpus(path, feature=3)
-    with pytest.raises(store.NotFound, match="layer 4 not found"):
+    with pytest.raises(store.NotFound, match="layer 4 not found: this run has SAEs at layers 3, 5"):
         store.corpus(path, sort="feature", layer=4, feature=0)
     with pytest.raises(ValueError, match="feature 64 is out of range: layer 3's SAE has 64 features"):
         store.corpus(path, sort="feature", layer=LAYER, feature=64)

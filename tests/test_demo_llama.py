@@ -70,3 +70,18 @@ def test_the_run_page_says_what_was_left_out(llama_run):
     layers = {layer["layer"]: layer for layer in client.get("/api/runs/demo-llama-small").json()["layers"]}
     assert layers[20]["sink_tokens"][0]["token"] == "<|im_start|>"
     assert "&lt;|im_start|&gt;" in client.get("/runs/demo-llama-small").text
+
+
+def test_contexts_show_where_the_response_begins(llama_run):
+    con = duckdb.connect(str(llama_run.run_dir("demo-llama-small") / STORE_FILENAME), read_only=True)
+    spans = con.execute("select response_start, response_end, n_tokens, text from texts").fetchall()
+    feature, layer = con.execute("select feature, layer from contexts where kind = 'top' and window_start "
+                                 "< (select response_start from texts t where t.text_id = contexts.text_id) "
+                                 "limit 1").fetchone()
+    con.close()
+    # every demo chat text has a response after its prompt, inside the text (a text cut at
+    # model.max_length may end inside it)
+    assert all(start is not None and 0 < start < end <= n for start, end, n, _ in spans)
+    assert sum(end < n for _, end, n, _ in spans) > len(spans) / 2  # most end before the closing tokens
+    page = make_client(llama_run).get(f"/runs/demo-llama-small/layers/{layer}/features/{feature}").text
+    assert 'class="role-mark"' in page and 'class="tok prompt' in page

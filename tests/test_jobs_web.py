@@ -132,9 +132,65 @@ def test_finished_ablation_page_shows_before_after_control_and_chart(client, mig
     assert 'id="attribution-delta">-0.9000 <span class="muted">(0.90× measured)' in html
     assert 'id="p-value">0.0123<' in html and 'id="difference">-1.0000' in html
     assert html.count("control 1:") + html.count("control 2:") + html.count("control 3:") == 3
-    assert html.count('class="dbar"') == 24 and html.count('class="cbar"') == 24  # both series on the chart
+    # both series on the chart (and once more each in its legend)
+    assert html.count('class="dbar"') == 25 and html.count('class="cbar"') == 25
     assert html.index("text 2") < html.index("text 0")  # largest drop first
     assert "done" in client.get("/jobs").text
+
+
+def test_a_large_ablation_pages_sorts_and_downloads_its_examples(client, migrated):
+    import csv
+    import io
+
+    job = jobs.submit(migrated, "ablation", {"run_id": "synthetic", "layer": 3, "features": [1], "mode": "zero",
+                                             "n_texts": 120, "described": "feature 1"}, "local", "synthetic")
+    jobs.claim(migrated, "w")
+    deltas = [((i * 37) % 120 - 60) / 10 for i in range(120)]  # every value once, shuffled
+    examples = [{"text_id": i, "text": f"text {i}", "before": 0.0, "after": d, "predicted": 0.0, "attributed": None}
+                for i, d in enumerate(deltas)]
+    jobs.finish(migrated, job["id"], "w", result={"summary": {
+        "n": 120, "mean_delta": 0.0, "ci_low": -1.0, "ci_high": 1.0, "predicted_mean_delta": 0.0,
+        "attribution_mean_delta": None, "predicted_ratio": None, "attribution_ratio": None}, "examples": examples})
+    page1 = client.get(f"/jobs/{job['id']}").text
+    assert page1.count("<tr><td class=\"num muted\">") == 50 and "page 1 of 3" in page1
+    assert 'rel="next" href="/jobs/%d?sort=delta&amp;page=2#examples"' % job["id"] in page1
+    assert "Distribution of Δ reward" in page1 and 'id="delta-legend"' in page1 and "mean Δ, chosen" in page1
+    last = client.get(f"/jobs/{job['id']}?sort=-delta&page=3").text
+    assert "page 3 of 3" in last and last.count("<tr><td class=\"num muted\">") == 20
+    assert client.get(f"/jobs/{job['id']}?page=4").status_code == 404
+    assert client.get(f"/jobs/{job['id']}?sort=weird").status_code == 422
+    api = client.get(f"/api/jobs/{job['id']}/examples?sort=abs").json()
+    assert api["n"] == 120 and [abs(e["delta"]) for e in api["examples"][:2]] == [6.0, 5.9]
+    rows = list(csv.DictReader(io.StringIO(client.get(f"/api/jobs/{job['id']}/examples?format=csv").text)))
+    assert len(rows) == 120 and float(rows[0]["delta"]) == -6.0 and rows[0]["text"].startswith("text ")
+    other = jobs.submit(migrated, "inference", {"run_id": "synthetic", "layer": 3, "text": "x"}, "local", "synthetic")
+    assert client.get(f"/api/jobs/{other['id']}/examples").status_code == 404
+
+
+def test_the_jobs_list_says_what_each_job_was_asked_and_came_to(client, migrated):
+    from datetime import timedelta
+
+    from backend import db
+    from backend.job_summaries import eta_s
+    from backend.models import Job
+
+    typed = jobs.submit(migrated, "inference", {"run_id": "synthetic", "layer": 3, "text": "loved every minute of it"},
+                        "local", "synthetic")
+    jobs.claim(migrated, "w")
+    jobs.finish(migrated, typed["id"], "w", result={"reward": 1.25})
+    running = jobs.submit(migrated, "ablation", {"run_id": "synthetic", "layer": 3, "features": [4, 7], "mode": "zero",
+                                                 "described": "features 4, 7"}, "local", "synthetic")
+    jobs.claim(migrated, "w")
+    with db.session(migrated) as s:  # a quarter done after 30 s: 90 s left at that pace
+        job = s.get(Job, running["id"])
+        job.progress, job.started_at = 0.25, job.started_at - timedelta(seconds=30)
+        s.commit()
+    html = client.get("/jobs").text
+    assert "Text attribution" in html and "“loved every minute of it”" in html and "inference</td>" not in html
+    assert '<span class="muted small">reward</span> 1.25' in html
+    assert "Ablation" in html and "zero features 4, 7" in html and "25%" in html and " left</span>" in html
+    job = jobs.get(migrated, running["id"])
+    assert 85 <= eta_s(job) <= 100
 
 
 def test_pipeline_run_from_the_web_is_validated_before_queueing(client, migrated):
@@ -193,3 +249,16 @@ def test_top_ranked_ablates_the_top_of_the_layers_default_ranking_with_ten_contr
     assert layer["default_ranking"]["label"] in job["params"]["described"]
     few = client.post(f"/api{RUN}/layers/3/ablations", json={"features": [1], "mode": "zero", "n_controls": 2})
     assert few.status_code == 422 and "n_controls" in few.text
+
+
+def test_an_error_page_keeps_what_was_typed_and_links_back(client):
+    typed = "y" * 4001
+    page = client.post(f"{RUN}/layers/5/text", data={"csrf_token": csrf(client), "text": typed},
+                       headers={"referer": f"http://127.0.0.1{RUN}/layers/5"})
+    assert page.status_code == 422 and "4,001 characters" in page.text
+    assert f'<form method="post" action="{RUN}/layers/5/text"' in page.text
+    assert f'<textarea name="text" rows="4" cols="80">{typed}</textarea>' in page.text
+    assert f'<a href="{RUN}/layers/5" id="back-to-form">' in page.text
+    elsewhere = client.post(f"{RUN}/layers/5/text", data={"csrf_token": csrf(client), "text": typed},
+                            headers={"referer": "http://evil.example/x"})
+    assert 'id="back-to-form"' not in elsewhere.text  # only this site's pages are linked back to

@@ -19,7 +19,9 @@ LAYER = 0  # two blocks above it: a huge edit here goes through attention and La
 @pytest.fixture(scope="module")
 def tiny_run(tiny_world, tmp_path_factory):  # noqa: F811
     settings = Settings(data_dir=tmp_path_factory.mktemp("nonfinite-data"))
-    config = tiny_config(*tiny_world, layers=[LAYER], effects={"enabled": False})
+    # wide and sparse, so that some latents never fire (the dead-feature test needs one)
+    config = tiny_config(*tiny_world, layers=[LAYER], effects={"enabled": False},
+                         sae={"width": 1024, "k": 2, "training_tokens": 1024, "batch_size": 256, "buffer_tokens": 1024})
     run_pipeline(config, settings)
     freq = np.asarray(store.layer_vectors(settings.run_dir(config.run_id) / STORE_FILENAME, LAYER)["frequency"])
     yield settings, config.run_id, [int(f) for f in np.argsort(-freq)[:2]]

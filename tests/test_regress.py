@@ -254,3 +254,41 @@ def test_features_that_fire_together_but_write_different_directions_stay_apart()
     widened = sp.hstack([sp.csr_matrix((X.shape[0], 1)), X]).tocsr()
     shifted = fit_regression(widened, y, heldout, merge_directions=np.vstack([rng.normal(size=(1, 16)), alike]), **kw)
     assert shifted.weight_groups[:3].tolist() == [0, 1, 1]
+
+
+def test_the_probe_keeps_a_penalty_when_texts_are_fewer_than_dimensions():
+    """More dimensions than training rows, a large shared mean (as a residual stream has): the
+    probe's penalty is leave-one-out's (sklearn's RidgeCV), and it predicts held-out rows."""
+    from sklearn.linear_model import RidgeCV
+
+    from workers.regress import RELATIVE_RIDGE_GRID, fit_probe
+
+    rng = np.random.default_rng(0)
+    n, d = 140, 120
+    X = 40.0 + rng.normal(size=(n, d)) @ rng.normal(size=(d, d)) * 0.3
+    y = X @ rng.normal(size=d) * 0.05 + rng.normal(scale=0.5, size=n)
+    heldout = np.arange(n) >= 60  # 60 training rows, 120 dimensions
+    fit = fit_probe(X, y, heldout)
+    Xt = X[~heldout]
+    grid = RELATIVE_RIDGE_GRID * ((Xt - Xt.mean(0)) ** 2).sum() / d
+    assert fit.alpha == pytest.approx(RidgeCV(alphas=grid).fit(Xt, y[~heldout]).alpha_)
+    assert fit.r2_heldout > 0.5, fit.r2_heldout
+
+
+def test_feature_regression_with_more_features_than_texts_takes_leave_one_outs_alpha():
+    """GCV calls a near-interpolating fit best once columns are as many as rows; the fit then
+    chooses alpha by exact leave-one-out, as sklearn's RidgeCV does."""
+    from sklearn.linear_model import RidgeCV
+
+    from workers.regress import RELATIVE_RIDGE_GRID
+
+    rng = np.random.default_rng(3)
+    n, d = 160, 240
+    X = sp.random(n, d, density=0.08, random_state=4, data_rvs=lambda k: rng.exponential(size=k)).tocsr()
+    y = X @ (rng.normal(size=d) * (rng.random(d) < 0.2)) + rng.normal(scale=0.7, size=n)
+    heldout = np.arange(n) >= 120
+    fit = fit_regression(X, y, heldout, method="ridge", stability="none")
+    Xt = X[~heldout].toarray()
+    live = Xt.std(0) > 0
+    grid = RELATIVE_RIDGE_GRID * ((Xt[:, live] - Xt[:, live].mean(0)) ** 2).sum() / live.sum()
+    assert fit.alpha == pytest.approx(RidgeCV(alphas=grid).fit(Xt[:, live], y[~heldout]).alpha_)

@@ -174,3 +174,31 @@ def test_run_page_and_its_json_twin_say_what_was_left_out(runs):
     page = client.get("/runs/ruled").text
     assert 'id="sinks"' in page and "[CLS]" in page and f"{N_TEXTS:,}" in page
     assert "no rule" in client.get("/runs/unruled").text
+
+
+def test_later_passes_come_from_the_cache_and_equal_a_stream_without_it(world):
+    """With a cache large enough, the stream runs the model once per text, and serves exactly
+    what a stream without one serves; a cache too small for one pass runs every pass again."""
+    from itertools import islice
+
+    from workers.adapters import adapter_from_config
+    from workers.sinks import measure_sink_rules
+
+    config = config_for(world)
+    adapter = adapter_from_config(config.model, str(world[0]), torch.device("cpu"))
+    texts = [json.loads(line)["text"] for line in world[1].read_text().splitlines()][:24]
+    rules = measure_sink_rules(adapter, texts, [0, 2], config.sinks, 32)
+    forwards = []
+    plain_run = adapter.run
+    adapter.run = lambda *a, **k: (forwards.append(1), plain_run(*a, **k))[1]
+    n_batches = 3 * 3  # three passes over 24 texts in batches of 8
+    cached = list(islice(activation_stream(adapter, texts, [0, 2], 8, 0, rules, cache_bytes=2**30), n_batches))
+    assert len(forwards) == 3  # the first pass only
+    forwards.clear()
+    plain = list(islice(activation_stream(adapter, texts, [0, 2], 8, 0, rules), n_batches))
+    assert len(forwards) == n_batches
+    for a, b in zip(cached, plain):
+        assert a.keys() == b.keys() and all(torch.equal(a[h], b[h]) for h in a)
+    forwards.clear()
+    list(islice(activation_stream(adapter, texts, [0, 2], 8, 0, rules, cache_bytes=1024), n_batches))
+    assert len(forwards) == n_batches

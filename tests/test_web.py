@@ -307,7 +307,7 @@ def test_token_spans_spacing_and_shading():
                        token_spans(["[CLS]", "b", "<c>", "d"], [0.0, 3.0, 6.0, 0.0004], 4.0, peak=1))
     assert spans == [("tok special", "", "[CLS]: 0.000", "[CLS]"), ("tok peak", "75%", "b: 3.000", "b"),
                      ("tok special", "100%", "&lt;c&gt;: 6.000", "&lt;c&gt;"),  # act / max, clipped at 1; escaped
-                     ("tok", "0%", "d: 4.00e-04", "d")]  # off: no shading; tiny: as fmt_num writes it
+                     ("tok", "0%", "d: 0.000400", "d")]  # off: no shading; tiny: as fmt_num writes it
     assert "peak" not in token_spans(["a", "b"], [1.0, 2.0], 2.0, peak=None)
     assert 'class="tok peak" style="--a:100%" title="b: 2.000"' in token_spans(["a", "b"], [1.0, 2.0], 2.0)
 
@@ -336,7 +336,7 @@ def test_store_of_another_schema_version_is_answered_with_409(migrated, tmp_path
         assert "schema version 1" in api.json()["detail"] and "--replace" in api.json()["detail"]
         page = client.get("/runs/old/layers/3")
         assert page.status_code == 409 and "re-run its pipeline" in page.text
-    assert store.STORE_VERSION == 10
+    assert store.STORE_VERSION == 11
 
 
 # --- filters, token search, j/k order, nearest features, OpenAPI ---
@@ -365,8 +365,8 @@ def features_with_token(tables, layer, prefix):
 @pytest.mark.parametrize("query, keep", [  # layer 3's default ranking is attribution: "raises" is by its sign
     ({"sign": "pos"}, lambda r: (r["attribution"] or 0) > 0),
     ({"sign": "neg", "sort": "-weight"}, lambda r: (r["attribution"] or 0) < 0),
-    ({"min_freq": "0.1", "max_freq": "0.2", "sort": "frequency"}, lambda r: 0.1 <= r["frequency"] <= 0.2),
-    ({"min_freq": "0.05", "sign": "pos", "sort": "correlation"},
+    ({"min_freq": "10", "max_freq": "20", "sort": "frequency"}, lambda r: 0.1 <= r["frequency"] <= 0.2),
+    ({"min_freq": "5", "sign": "pos", "sort": "correlation"},
      lambda r: r["frequency"] >= 0.05 and (r["attribution"] or 0) > 0),
     ({"min_freq": "", "max_freq": "", "sign": ""}, lambda r: True),  # an empty form field is no filter
 ])
@@ -462,8 +462,8 @@ def test_feature_page_lists_nearest_features_by_decoder_cosine(client, synthetic
 
 @pytest.mark.parametrize("query, message", [
     ("sign=up", "sign"),
-    ("min_freq=0.5&max_freq=0.1", "min_freq (0.5) is above max_freq (0.1)"),
-    ("min_freq=2", "min_freq"),
+    ("min_freq=50&max_freq=10", "min_freq (50.0) is above max_freq (10.0)"),
+    ("min_freq=200", "min_freq"),
     ("token=" + "x" * 101, "token"),
     ("go=-1", "go"),
 ])
@@ -605,3 +605,40 @@ def test_percentages_keep_fixed_point_on_both_sides_of_zero():
     # a negative share (an attribution against the score) reads like a positive one, not as 1e+00
     assert fmt_pct(0.125) == "12.50%" and fmt_pct(-0.015) == "-1.50%" and fmt_pct(0) == "0.00%"
     assert fmt_pct(-2e-6) == "-2.0e-04%" and fmt_pct(None) == "—"
+
+
+def test_api_docs_and_favicon_are_served_without_a_cdn(client):
+    page = client.get("/api/docs").text
+    assert "/static/swagger-ui/swagger-ui-bundle.js" in page and "cdn" not in page.lower()
+    assert client.get("/static/swagger-ui/swagger-ui-bundle.js").status_code == 200
+    assert client.get("/static/swagger-ui/swagger-ui.css").status_code == 200
+    icon = client.get("/favicon.ico")
+    assert icon.status_code == 200 and icon.headers["content-type"].startswith("image/svg")
+    assert '<link rel="icon" href="/static/favicon.svg"' in client.get("/").text
+
+
+def test_the_text_box_counts_against_the_deployments_limit(client):
+    page = client.get(f"{RUN}/layers/3").text
+    assert 'maxlength="4000" data-limit="4000" data-counter="text-count"' in page
+    assert 'id="text-count">limit 4,000 characters' in page and '<script src="/static/forms.js" defer>' in page
+    assert "required for ${select.value}" in client.get("/static/forms.js").text  # clamp/steer need a value
+
+
+def test_byte_level_line_breaks_show_as_arrows():
+    from backend.routes.formats import token_spans
+
+    html = str(token_spans(["<|im_start|>", "assistant", "\u010a", "I", "\u0120loved"], [0, 0, 0, 1.0, 2.0], 2.0))
+    assert ">\u21b5</span>" in html and "\u010a<" not in html and "> loved<" not in html and ">loved<" in html
+
+
+def test_near_equal_r2_bars_are_drawn_on_an_axis_that_shows_their_differences():
+    from backend.charts import r2_bars
+
+    layers = [{"layer": i, "r2_heldout": v, "r2_train": 0.99, "probe_r2_heldout": 0.985}
+              for i, v in enumerate((0.980, 0.988, 0.987))]
+    chart = r2_bars(layers, best_layer=1)
+    heights = [b["h"] for b in chart["bars"]]
+    assert 0.9 < chart["floor"] < 0.98 and heights[1] - heights[0] > 10  # 0.008 apart: over 10 px
+    assert chart["ticks"][0]["v"] == chart["floor"] and chart["ticks"][-1]["v"] == 1.0
+    low = r2_bars([{"layer": 0, "r2_heldout": 0.3, "r2_train": 0.5}], best_layer=0)
+    assert low["floor"] == 0.0  # any value below a half: the axis starts at zero

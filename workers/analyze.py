@@ -19,11 +19,12 @@ import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
 
+from workers import distributed
 from workers.adapters import RewardModelAdapter
 from workers.attribution import AttributionAccumulator
 from workers.batching import length_bucketed_batches, token_lengths
 from workers.config import AnalysisConfig
-from workers.feature_stream import FeatureAccumulator, TokenBatch
+from workers.feature_stream import SEQ_BATCH_SHIFT, FeatureAccumulator, TokenBatch
 from workers.sae_ops import decoder_directions, pool_reads
 from workers.sinks import SinkReport, sink_rule_of
 
@@ -43,7 +44,7 @@ class LayerActivations:
     sum_x: torch.Tensor | None = None
     n_eval_tokens: int = 0
     sinks: SinkReport | None = None  # what the layer's sink rule left out (workers/sinks.py)
-    # over every token the SAE is meant for, whatever analysis.tokens reads: dead latents and L0
+    # over every token the SAE is meant for (what analysis.tokens reads, less sinks): dead latents and L0
     fired: torch.Tensor | None = None
     firings: int = 0
     n_meant_tokens: int = 0
@@ -81,6 +82,8 @@ class CorpusActivations:
     text_offsets: np.ndarray  # [n_texts + 1] start of each slot's tokens among all analysed tokens
     layers: dict[int, LayerActivations]
     n_effect_texts: int = 0  # texts whose reward gradient went into the reward effect
+    # [n_texts, 2] by text id: a chat text's response as [first, last + 1) token indices; -1: none
+    response_spans: np.ndarray | None = None
 
     @property
     def n_tokens(self) -> int:
@@ -178,9 +181,16 @@ def collect_corpus_activations(
     with_gradient = effect_batches(batches, analysis.reward_effect_texts, seed) if adapter_has_gradient(adapter) else set()
     directions = {layer: decoder_directions(saes[layer]) for layer in layers} if with_gradient else {}
     n_reads = n_effect_texts = 0
+    response_spans = np.full((len(texts), 2), -1, dtype=np.int64)
+    ranks = distributed.current()
+    own: list[int] = []  # this rank's batches (all of them in one process): round-robin
+    ranks.fail_if_told("the analysis pass")
     for batch_no, indices in enumerate(tqdm(batches, desc="analysing")):
         if progress is not None:
             progress(batch_no / len(batches))
+        if not ranks.mine(batch_no):
+            continue
+        own.append(batch_no)
         batch = adapter.tokenize([texts[i] for i in indices], None if rewards is None else rewards[indices])
         if batch_no in with_gradient:
             batch_scores, captured, grads = forward_with_gradients(adapter, batch, layers)
@@ -198,6 +208,7 @@ def collect_corpus_activations(
         in_scope = None if batch.scope is None else batch.scope.cpu()[keep]  # a chat run's response tokens
         if in_scope is not None:
             content &= in_scope
+            mark_response_spans(response_spans, indices, batch.scope.cpu() & keep, keep)
         text_lengths = keep.sum(1)
         positions = (keep.cumsum(1) - 1)[keep]  # index inside the text, whichever side is padded
         dev = adapter.device
@@ -208,6 +219,7 @@ def collect_corpus_activations(
             positions=positions.to(dev),
             text_lengths=text_lengths[text_of_token].to(dev),
             content=content_dev,
+            first_seq=batch_no << SEQ_BATCH_SHIFT,  # the same on any number of ranks
         )
         eval_tokens = torch.from_numpy(heldout[indices])[text_of_token].to(adapter.device)
         batch_scores = batch_scores.float().cpu()
@@ -223,15 +235,16 @@ def collect_corpus_activations(
             x = captured[layer][keep_dev].float()
             acts = sae.encode(x)  # no features at the layer's sinks (workers/sinks.py)
             kept = res.sinks.rule.kept(x)
-            fired = (acts[kept] > 0)
+            meant = kept if in_scope is None else kept & in_scope.to(dev)  # what the SAE was trained on
+            fired = (acts[meant] > 0)
             res.fired = fired.any(0) if res.fired is None else res.fired | fired.any(0)
             res.firings += int(fired.sum())
-            res.n_meant_tokens += int(kept.sum())
+            res.n_meant_tokens += int(meant.sum())
             res.sinks.add(x.norm(dim=-1).cpu(), ~kept.cpu(), positions, token_ids)
             pool_args = (segment.to(dev), content_dev & kept, read_rows.to(dev), batch.n_reads, pooling)
-            # reconstruction measured on the tokens the SAE is meant for: the sinks are not
-            x_eval = x[eval_tokens & kept]
-            recon_err = sae.decode(acts[eval_tokens & kept]) - x_eval
+            # reconstruction measured on the tokens the SAE is meant for: not the sinks, not a chat prompt
+            x_eval = x[eval_tokens & meant]
+            recon_err = sae.decode(acts[eval_tokens & meant]) - x_eval
             res.sse += float((recon_err**2).sum())
             res.sum_sq += float((x_eval**2).sum())
             res.sum_x = x_eval.sum(0).cpu() if res.sum_x is None else res.sum_x + x_eval.sum(0).cpu()
@@ -251,6 +264,12 @@ def collect_corpus_activations(
             res.pooled["cols"].append(cols.int())
             res.pooled["vals"].append(pooled[rows, cols])
         n_reads += batch.n_reads
+    if ranks.active:  # rank 0 gets the whole corpus's activations, the others None
+        from workers.shard_merge import AnalysisShard, merge_analysis
+
+        spans = response_spans if adapter.response_markers is not None else None
+        return merge_analysis(ranks, batches, results, AnalysisShard(own, scores, read_texts, read_positions, lengths,
+                                                                     n_effect_texts, spans))
     return CorpusActivations(
         read_text_ids=torch.cat(read_texts).numpy(),
         read_positions=torch.cat(read_positions).numpy(),
@@ -259,7 +278,18 @@ def collect_corpus_activations(
         text_offsets=np.concatenate([[0], np.cumsum(torch.cat(lengths).numpy())]),
         layers=results,
         n_effect_texts=n_effect_texts,
+        response_spans=response_spans if adapter.response_markers is not None else None,
     )
+
+
+def mark_response_spans(out: np.ndarray, indices: np.ndarray, scope: torch.Tensor, keep: torch.Tensor) -> None:
+    """Write each text's response as [first, last + 1) token indices inside the text into `out`
+    (by text id): the role boundary contexts and text pages draw."""
+    positions = keep.cumsum(1) - 1
+    for row, text_id in enumerate(indices):
+        inside = positions[row][scope[row]]
+        if len(inside):
+            out[text_id] = (int(inside.min()), int(inside.max()) + 1)
 
 
 def adapter_has_gradient(adapter: RewardModelAdapter) -> bool:

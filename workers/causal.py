@@ -21,6 +21,7 @@ from backend.store_schema import LAYERS
 from workers.ablation import prepare_eval_set
 from workers.config import EffectsConfig
 from workers.controls import VERDICT_DRAWS
+from workers.distributed_measure import MeasureTask, announce
 from workers.faithfulness import default_ranking, deletion_curves, excess, summary_points
 from workers.measured_effects import calibration, candidate_features, measure_single_features
 from workers.sae_ops import decoder_directions, linear_decoder
@@ -61,10 +62,12 @@ def run_causal_stage(adapter, sae, layer: int, heldout_texts: list[str], feature
     directions = decoder_directions(sae)
     linear = linear_decoder(sae, directions) is not None
     started = time.time()
-    pool = prepare_eval_set(adapter, layer, heldout_texts[: config.pool_texts], config.batch_size, with_gradients=True,
-                            progress=part(0.0, 0.1))
     candidates = candidate_features(feature_columns["attribution_abs"], weights, feature_columns["frequency"],
                                     config.candidates)
+    announce(MeasureTask(layer, candidates, weights, pooling, config.pool_texts, config.batch_size,
+                         config.texts_per_feature, seed))  # the other ranks measure a share (if any)
+    pool = prepare_eval_set(adapter, layer, heldout_texts[: config.pool_texts], config.batch_size, with_gradients=True,
+                            progress=part(0.0, 0.1))
     report(f"layer {layer}: measuring {len(candidates)} features, each zeroed alone on up to "
            f"{config.texts_per_feature} of {pool.n_texts} held-out texts where it fires")
     measured = measure_single_features(adapter, sae, layer, pool, candidates, weights, pooling, directions,

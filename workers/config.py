@@ -185,6 +185,8 @@ class SaeConfig(Strict):
     buffer_tokens: int = Field(32_768, ge=256, le=4_194_304, description="shuffle buffer, in tokens (memory: this "
                                "x d_model x 4 bytes per layer)")
     reward_recovered_texts: int = Field(256, ge=1, le=100_000, description="held-out texts scored with each SAE spliced in")
+    cache_mb: int = Field(2048, ge=0, le=1_048_576, description="one pass of training activations kept (MiB, on the "
+                          "model's device) while they fit, so later passes skip the model; 0: every pass runs it")
 
     @field_validator("widths")
     @classmethod
@@ -461,11 +463,22 @@ class RunConfig(Strict):
         return self
 
 
+LIBRARY_PREFIXES = ("Value error, ", "Assertion failed, ")
+
+
+def plain_message(text: str) -> str:
+    """A message as a sentence: without pydantic's "Value error, " and without a lead said twice
+    ("invalid config: invalid config: ..." where one error wraps another that named it too)."""
+    for prefix in LIBRARY_PREFIXES:
+        text = text.replace(prefix, "")
+    return re.sub(r"(?<![\w.])([\w.]+(?: [\w.]+)?):\s+\1:", r"\1:", text)
+
+
 def _format_validation(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        message = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        message = "unknown key" if err["type"] == "extra_forbidden" else plain_message(err["msg"])
         lines.append(f"{key}: {message}")
     return "invalid config:\n  " + "\n  ".join(lines)
 
@@ -735,7 +748,8 @@ def preflight(config: RunConfig, settings: Settings, replace: bool = False) -> N
     check_config(config, settings)
     if not replace and run_exists(settings, config.run_id):
         raise ConfigError(f"run_id: a run {config.run_id!r} already exists (choose another run_id or name, or "
-                          "replace it: --replace on the command line, replace: true in a request)")
+                          "replace it: tick \"replace a run with the same id\" on the jobs page, --replace on the command line, "
+                          "replace: true in an API request)")
 
 
 def check_loader(config: RunConfig) -> None:

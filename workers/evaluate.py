@@ -1,7 +1,8 @@
 """Reward recovered: splice each SAE's reconstruction into the reward model at its layer.
 
 Over held-out texts the RM is scored three ways: unchanged (r), with the layer's output
-replaced by the SAE reconstruction (r_sae), and with the layer's output zeroed (r_zero).
+replaced by the SAE reconstruction (r_sae), and with the layer's output zeroed (r_zero), both at
+the tokens the SAE is meant for (a chat run's response tokens; never padding or sinks).
 reward_recovered = 1 - mean|r_sae - r| / mean|r_zero - r|: 1 when the SAE loses nothing the
 reward depends on, 0 when splicing it in is as bad as deleting the layer. Every reward read
 counts (one per text, or one per step for a process RM).
@@ -42,11 +43,12 @@ def zero_output(hidden: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(hidden)
 
 
-def _on_tokens(edit: LayerEdit, attention_mask: torch.Tensor, rule: SinkRule = NO_RULE) -> LayerEdit:
-    """Apply `edit` at real tokens only: padding keeps its states, so padding can't matter; nor
-    at the layer's sinks (workers/sinks.py), which no SAE is meant to reconstruct."""
+def _on_tokens(edit: LayerEdit, analysed: torch.Tensor, rule: SinkRule = NO_RULE) -> LayerEdit:
+    """Apply `edit` at the tokens the SAE is meant for only (`analysed`: Batch.analysed_tokens):
+    padding keeps its states, so padding can't matter; so do a chat run's prompt tokens, which its
+    SAEs never learnt, and the layer's sinks (workers/sinks.py)."""
     def on_tokens(hidden: torch.Tensor) -> torch.Tensor:
-        keep = (attention_mask.bool() & rule.kept(hidden)).unsqueeze(-1)
+        keep = (analysed & rule.kept(hidden)).unsqueeze(-1)
         return torch.where(keep, edit(hidden), hidden)
 
     return on_tokens
@@ -76,8 +78,9 @@ def reward_recovery(
         for layer, edit in edits.items():  # each edit runs only the blocks above its layer
             hidden = captured[layer]
             rule = (rules or {}).get(layer, NO_RULE)
-            spliced = adapter.run_from(batch, layer, _on_tokens(edit, batch.attention_mask, rule)(hidden))
-            zeroed = adapter.run_from(batch, layer, _on_tokens(zero_output, batch.attention_mask, rule)(hidden))
+            analysed = batch.analysed_tokens()
+            spliced = adapter.run_from(batch, layer, _on_tokens(edit, analysed, rule)(hidden))
+            zeroed = adapter.run_from(batch, layer, _on_tokens(zero_output, analysed, rule)(hidden))
             abs_sae[layer] += float((spliced - clean).abs().sum())
             abs_zero[layer] += float((zeroed - clean).abs().sum())
         n_reads += len(clean)

@@ -4,6 +4,12 @@ per-bin random samples (bottom-k reservoirs that merge exactly), per-token activ
 running sums for the correlation with the reward, the reward effect, and the texts each
 feature fires on most (workers/ranked_texts.py).
 
+Nothing here depends on the order the corpus is streamed in, so accumulators of disjoint shards
+merge into exactly the accumulator of the whole (workers/shard_merge.py): every token has a
+sequence number (its place in the single-process stream), ties between equal keys go to the
+smaller one, a sample's random key is a hash of (seed, sequence number, feature) rather than a
+draw from a stream, and a feature's range is the smallest power of two above its maximum.
+
 Only the kept examples' context windows (token ids and the feature's activations) are
 stored, never the corpus' tokens.
 """
@@ -22,7 +28,7 @@ from workers.ranked_texts import RankedTexts
 MAX_TOKEN_PAIRS = 4_000_000
 PRUNE_KEEP_FACTOR = 50  # pairs kept per feature on pruning, as a multiple of top_tokens
 PENDING_PAIRS = 1_000_000  # (feature, token) entries buffered between aggregations
-HEADROOM = 1e-6  # a feature's range starts this much above its first maximum
+SEQ_BATCH_SHIFT = 32  # a token's sequence number: its batch's number << 32, plus its index in the batch
 
 
 @dataclass
@@ -34,17 +40,44 @@ class TokenBatch:
     positions: torch.Tensor  # [N] int64 index of the token inside its text
     text_lengths: torch.Tensor  # [N] int64 length of the token's text
     content: torch.Tensor | None = None  # [N] bool, False at special tokens ([CLS], [SEP], BOS); None: no such
+    first_seq: int | None = None  # the first token's sequence number (None: right after the previous batch's)
 
 
 def keep_smallest(groups: torch.Tensor, keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices of the (at most) k entries with the smallest key in each group, and their rank
-    inside the group. Ties keep the earlier entry."""
+    inside the group. Ties keep the earlier entry (callers order entries by sequence number)."""
     order = torch.sort(keys, stable=True).indices
     order = order[torch.sort(groups[order], stable=True).indices]
     sorted_groups = groups[order]
     rank = torch.arange(len(order), device=keys.device) - torch.searchsorted(sorted_groups, sorted_groups)
     keep = rank < k
     return order[keep], rank[keep]
+
+
+def power_of_two_above(values: torch.Tensor) -> torch.Tensor:
+    """The smallest power of two strictly above each positive value (exact: from its exponent)."""
+    _, exponent = torch.frexp(values.double())  # value = mantissa x 2^exponent, mantissa in [0.5, 1)
+    return torch.ldexp(torch.ones_like(values, dtype=torch.float64), exponent)
+
+
+_HASH_PRIME = 2_147_483_647  # 2^31 - 1: products of two residues stay inside int64
+_HASH_ROUNDS = ((48_271, 11), (69_621, 7), (16_807, 13))
+
+
+def _mix(x: torch.Tensor, salt: int) -> torch.Tensor:
+    for multiplier, shift in _HASH_ROUNDS:
+        x = (x * multiplier + salt) % _HASH_PRIME
+        x = x ^ (x >> shift)
+    return x
+
+
+def sample_keys(seed: int, seq: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
+    """Uniform keys in [0, 1) that depend only on (seed, token, feature): a bottom-k sample keyed
+    by them is the same whichever process saw the token, and in whatever order."""
+    x = (seq % _HASH_PRIME) * 65_537 + feature + (seq // _HASH_PRIME) * 257
+    high = _mix(x % _HASH_PRIME, 1 + 2 * (seed % 1_000_003))
+    low = _mix((x + high) % _HASH_PRIME, 2 + 2 * (seed % 1_000_003))
+    return (high.double() * _HASH_PRIME + low.double()) / float(_HASH_PRIME) ** 2
 
 
 class Reservoir:
@@ -63,6 +96,7 @@ class Reservoir:
             "position": torch.zeros(n, dtype=torch.int64, device=device),
             "tokens": torch.full((n, window), -1, dtype=torch.int32, device=device),  # -1: outside the text
             "acts": torch.zeros(n, window, device=device),
+            "seq": torch.zeros(n, dtype=torch.int64, device=device),  # breaks ties between equal keys
         }
 
     def add(self, groups: torch.Tensor, keys: torch.Tensor, fetch) -> None:
@@ -71,7 +105,7 @@ class Reservoir:
         cand = (keys < threshold[groups]).nonzero().squeeze(1)
         if len(cand) == 0:
             return
-        old_slots = self._filled_slots(torch.unique(groups[cand]))
+        old_slots = self._by_seq(self._filled_slots(torch.unique(groups[cand])))  # all came before cand
         n_old = len(old_slots)
         kept, _ = keep_smallest(torch.cat([old_slots // self.k, groups[cand]]),
                                 torch.cat([self.key[old_slots], keys[cand]]), self.k)
@@ -84,7 +118,7 @@ class Reservoir:
     def regroup(self, old_groups: torch.Tensor, new_group: torch.Tensor) -> None:
         """Merge the entries of old_groups[i] into group new_group[i] (all within the same
         groups: bins of one feature), keeping the k smallest keys of each."""
-        slots = self._filled_slots(old_groups)
+        slots = self._by_seq(self._filled_slots(old_groups))
         target = torch.full((self.n_groups,), -1, dtype=torch.int64, device=self.key.device)
         target[old_groups] = new_group
         groups, keys = target[slots // self.k], self.key[slots]
@@ -92,6 +126,9 @@ class Reservoir:
         self.key[slots] = torch.inf
         kept, _ = keep_smallest(groups, keys, self.k)
         self._place(groups[kept], keys[kept], {name: values[kept] for name, values in payload.items()})
+
+    def _by_seq(self, slots: torch.Tensor) -> torch.Tensor:
+        return slots[torch.sort(self.payload["seq"][slots], stable=True).indices]
 
     def _filled_slots(self, groups: torch.Tensor) -> torch.Tensor:
         slots = (groups.unsqueeze(1) * self.k + torch.arange(self.k, device=groups.device)).flatten()
@@ -114,10 +151,20 @@ class Reservoir:
             values[slots] = payload[name][order].to(values.dtype)
 
     def entries(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(group, slot) of every filled slot, ordered by group, then key."""
-        filled = torch.isfinite(self.key).nonzero().squeeze(1)
+        """(group, slot) of every filled slot, ordered by group, then key, then sequence number."""
+        filled = self._by_seq(torch.isfinite(self.key).nonzero().squeeze(1))
         kept, _ = keep_smallest(filled // self.k, self.key[filled], self.k)
         return filled[kept] // self.k, filled[kept]
+
+    def refill(self, groups: torch.Tensor, keys: torch.Tensor, payload: dict[str, torch.Tensor]) -> None:
+        """Empty the reservoir, then keep the k smallest (key, seq) of each group among the given
+        entries: how shards' reservoirs merge (workers/shard_merge.py)."""
+        order = torch.sort(payload["seq"], stable=True).indices
+        groups, keys = groups[order], keys[order]
+        payload = {name: values[order] for name, values in payload.items()}
+        self.key.fill_(torch.inf)
+        kept, _ = keep_smallest(groups, keys, self.k)
+        self._place(groups[kept], keys[kept], {name: values[kept] for name, values in payload.items()})
 
 
 class FeatureAccumulator:
@@ -142,7 +189,7 @@ class FeatureAccumulator:
         self.n_sample_bins = 2 * config.quantile_bins  # at least quantile_bins of them lie below max
         self.top = Reservoir(d_sae, config.n_contexts, window, device)
         self.samples = Reservoir(d_sae * self.n_sample_bins, config.quantile_examples, window, device)
-        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.seed = seed
         self.token_counts = torch.zeros(vocab_size, **i64)
         self.pair_keys = torch.zeros(0, **i64)  # feature * vocab_size + token, sorted
         self.pair_sums = torch.zeros(0, **f64)
@@ -162,6 +209,7 @@ class FeatureAccumulator:
     def add_tokens(self, acts: torch.Tensor, batch: TokenBatch) -> None:
         """acts: [N, d_sae] SAE activations of the batch's tokens (on this accumulator's device)."""
         acts = acts.float()
+        first_seq = self.n_tokens if batch.first_seq is None else batch.first_seq
         self.n_tokens += len(acts)
         self.token_counts += torch.bincount(batch.token_ids, minlength=self.vocab_size)
         tok, feat = acts.nonzero(as_tuple=True)
@@ -178,12 +226,12 @@ class FeatureAccumulator:
         hist_bin = (vals.double() / self.hi[feat] * bins).long().clamp_(0, bins - 1)
         self.hist.view(-1).index_add_(0, feat * bins + hist_bin, torch.ones_like(feat))
 
-        fetch = self._window_fetcher(acts, batch, tok, feat, vals)
+        seq = first_seq + tok
+        fetch = self._window_fetcher(acts, batch, tok, feat, vals, seq)
         self.top.add(feat, -vals.double(), fetch)
         q = self.n_sample_bins
         sample_bin = (vals.double() / self.hi[feat] * q).long().clamp_(0, q - 1)
-        random_keys = torch.rand(len(vals), generator=self.generator, dtype=torch.float64, device=self.device)
-        self.samples.add(feat * q + sample_bin, random_keys, fetch)
+        self.samples.add(feat * q + sample_bin, sample_keys(self.seed, seq, feat), fetch)
 
         self.ranked.add(tok, feat, vals, batch.text_ids, batch.content)
         self.pending.append((feat * self.vocab_size + batch.token_ids[tok], vals.double()))
@@ -215,16 +263,20 @@ class FeatureAccumulator:
         """Keep every value strictly below hi, so no value sits on the top edge (a clamped top
         value would land in a different bin once bins merge)."""
         grow = (batch_max >= self.hi) & (batch_max > 0)
-        if not bool(grow.any()):
-            return
-        fresh = grow & (self.hi == 0)
-        self.hi[fresh] = batch_max[fresh] * (1 + HEADROOM)
-        rescale = grow & ~fresh
+        if bool(grow.any()):
+            self.widen_to(torch.where(grow, power_of_two_above(batch_max), self.hi))
+
+    def widen_to(self, target: torch.Tensor) -> None:
+        """Move every feature's range to `target` (hi times a power of two, or any power of two
+        where hi is 0): bin b of the old range falls into bin b // factor of the new one."""
+        fresh = (self.hi == 0) & (target > 0)
+        self.hi[fresh] = target[fresh]
+        rescale = target > self.hi
         if not bool(rescale.any()):
             return
         factor = torch.ones(self.d_sae, dtype=torch.int64, device=self.device)
-        factor[rescale] = (2 ** (torch.floor(torch.log2(batch_max[rescale] / self.hi[rescale])) + 1)).long()
-        self.hi *= factor.double()
+        factor[rescale] = (target[rescale] / self.hi[rescale]).round().long()
+        self.hi = target.clone()
         bins = self.hist.shape[1]
         new_bin = torch.arange(bins, device=self.device).unsqueeze(0) // factor.unsqueeze(1)  # bin b -> b // factor
         self.hist = torch.zeros_like(self.hist).scatter_add_(1, new_bin, self.hist)
@@ -234,7 +286,7 @@ class FeatureAccumulator:
         feature_of, bin_of = old_groups // q, old_groups % q
         self.samples.regroup(old_groups, feature_of * q + bin_of // factor[feature_of])
 
-    def _window_fetcher(self, acts, batch: TokenBatch, tok, feat, vals):
+    def _window_fetcher(self, acts, batch: TokenBatch, tok, feat, vals, seq):
         offsets = torch.arange(-self.before, self.after + 1, device=self.device)
 
         def fetch(idx: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -248,6 +300,7 @@ class FeatureAccumulator:
                 "position": pos,
                 "tokens": torch.where(inside, batch.token_ids[flat], -1),
                 "acts": torch.where(inside, acts[flat, f.unsqueeze(1)], 0.0),
+                "seq": seq[idx],
             }
 
         return fetch

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from scipy import stats
 
+from workers import distributed
 from workers.ablation import EvalSet, per_read
 from workers.controls import mean_with_ci
 from workers.sae_ops import content_tokens, edited_tokens, pool_reads
@@ -79,7 +80,9 @@ def measure_single_features(adapter, sae, layer: int, evalset: EvalSet, candidat
     """Columns over `candidates`: measured_delta, its CI (low, high), n (reads), and the mean
     predicted change by regression and by attribution over the same reads; each feature is
     zeroed at the tokens `scope` names, on texts where it fires there. `evalset` must hold its
-    batches' hidden states and gradients (prepare_eval_set(with_gradients=True))."""
+    batches' hidden states and gradients (prepare_eval_set(with_gradients=True)). Over several ranks
+    (workers/distributed.py) each measures its share of the pairs and rank 0 gets the columns;
+    the others get {}."""
     if any(item.hidden is None or item.grad is None for item in evalset.batches):
         raise ValueError("the measurement set must keep each batch's layer output and gradient")
     device = adapter.device
@@ -97,32 +100,47 @@ def measure_single_features(adapter, sae, layer: int, evalset: EvalSet, candidat
             i, b = where[k]
             pairs.setdefault(i, []).append((b, c))
 
+    # chunks of ROWS_PER_FORWARD pairs, round-robin over the ranks: each chunk is the same forward
+    # on any number of ranks, so its numbers are too
+    chunks = [(i, todo[start:start + ROWS_PER_FORWARD]) for i, todo in pairs.items()
+              for start in range(0, len(todo), ROWS_PER_FORWARD)]
+    ranks = distributed.current()
+    mine = [n for n in range(len(chunks)) if ranks.mine(n)]
+    total, done = sum(len(chunks[n][1]) for n in mine), 0
+    measured: dict[int, list[tuple]] = {}  # chunk -> (candidate index, Δ, regression's, attribution's) per pair
+    for n in mine:
+        i, chunk = chunks[n]
+        item, scan = evalset.batches[i], scans[i]
+        rows = torch.tensor([b for b, _ in chunk], device=device)
+        cols = torch.tensor([c for _, c in chunk], device=device)
+        # zeroing feature f moves the output by -a_f x d_f (reconstruction error kept)
+        removed = scan.acts[rows, :, cols].unsqueeze(-1) * directions[cand[cols]].unsqueeze(1)
+        hidden = (item.hidden[rows].float() - removed).to(item.hidden.dtype)
+        edited = adapter.run_from(item.batch.select(rows), layer, hidden).float()
+        reads = item.batch.reads_of(rows)
+        clean = item.clean.float()
+        offset, measured[n] = 0, []
+        for (b, c), read_ids in zip(chunk, reads):
+            after = edited[offset:offset + len(read_ids)]
+            offset += len(read_ids)
+            measured[n].append((c, (after - clean[read_ids]).cpu().numpy(),
+                                (-w[c] * scan.pooled[read_ids, c]).cpu().numpy(),
+                                (-scan.contribution[read_ids, c]).cpu().numpy()))
+        done += len(chunk)
+        if progress:
+            progress(done / max(total, 1))
+    shares = ranks.gather(measured)
+    if shares is None:  # rank 0 has every rank's share
+        return {}
+    everything = {n: rows for share in shares for n, rows in share.items()}
     deltas: list[list[np.ndarray]] = [[] for _ in candidates]
     regression: list[list[np.ndarray]] = [[] for _ in candidates]
     attribution: list[list[np.ndarray]] = [[] for _ in candidates]
-    total, done = sum(map(len, pairs.values())), 0
-    for i, todo in pairs.items():
-        item, scan = evalset.batches[i], scans[i]
-        for start in range(0, len(todo), ROWS_PER_FORWARD):
-            chunk = todo[start:start + ROWS_PER_FORWARD]
-            rows = torch.tensor([b for b, _ in chunk], device=device)
-            cols = torch.tensor([c for _, c in chunk], device=device)
-            # zeroing feature f moves the output by -a_f x d_f (reconstruction error kept)
-            removed = scan.acts[rows, :, cols].unsqueeze(-1) * directions[cand[cols]].unsqueeze(1)
-            hidden = (item.hidden[rows].float() - removed).to(item.hidden.dtype)
-            edited = adapter.run_from(item.batch.select(rows), layer, hidden).float()
-            reads = item.batch.reads_of(rows)
-            clean = item.clean.float()
-            offset = 0
-            for (b, c), read_ids in zip(chunk, reads):
-                after = edited[offset:offset + len(read_ids)]
-                offset += len(read_ids)
-                deltas[c].append((after - clean[read_ids]).cpu().numpy())
-                regression[c].append((-w[c] * scan.pooled[read_ids, c]).cpu().numpy())
-                attribution[c].append((-scan.contribution[read_ids, c]).cpu().numpy())
-            done += len(chunk)
-            if progress:
-                progress(done / max(total, 1))
+    for n in sorted(everything):  # in chunk order, as one process appends them
+        for c, delta, by_regression, by_attribution in everything[n]:
+            deltas[c].append(delta)
+            regression[c].append(by_regression)
+            attribution[c].append(by_attribution)
     return _columns(deltas, regression, attribution)
 
 

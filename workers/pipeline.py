@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import resource
 import shutil
+import tempfile
 import time
 from contextvars import ContextVar
 from datetime import datetime, timezone
@@ -16,6 +17,7 @@ import yaml
 
 from backend.settings import Settings
 from backend.store_schema import STORE_FILENAME, TABLES
+from workers import distributed
 from workers.adapters import adapter_from_config
 from workers.analyses import RunContext, check_analyses, run_analyses
 from workers.analyses.transfer import prepare_transfer
@@ -27,6 +29,7 @@ from workers.config import (ARCHITECTURE_KNOBS, DEMO_LLAMA_MODEL, DEMO_MODEL, DE
 from workers.datasets import read_texts, select_corpus
 from workers.preference_data import PreferencePairs
 from workers.device import pick_device
+from workers.distributed_measure import finish as finish_measurements, serve as serve_measurements
 from workers.evaluate import evaluate_saes
 from workers.neighbours import decoder_neighbours
 from workers.publish import registry_rows, with_best_layer, write_store
@@ -87,6 +90,8 @@ PUBLISHING = "publishing the run"
 
 
 def _stage(message: str) -> None:
+    if not distributed.current().leader:  # one voice: rank 0's
+        return
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
     listener = STAGE_LISTENER.get()
     if listener is not None:
@@ -123,6 +128,7 @@ def corpus_tables(corpus, acts) -> dict[str, dict]:
             "score": acts.scores[last_read],
             "n_tokens": acts.tokens_per_text(),
             "reward_position": acts.read_positions[last_read],
+            **response_span_columns(acts.response_spans, len(corpus.texts)),
         },
         "reward_reads": {
             "read_id": np.arange(acts.n_reads),
@@ -131,6 +137,15 @@ def corpus_tables(corpus, acts) -> dict[str, dict]:
             "score": acts.scores,
         },
     }
+
+
+def response_span_columns(spans: np.ndarray | None, n_texts: int) -> dict[str, list]:
+    """A chat text's response as token indices [response_start, response_end); None elsewhere."""
+    if spans is None:
+        return {"response_start": [None] * n_texts, "response_end": [None] * n_texts}
+    known = spans[:, 0] >= 0
+    return {"response_start": [int(a) if ok else None for a, ok in zip(spans[:, 0], known)],
+            "response_end": [int(b) if ok else None for b, ok in zip(spans[:, 1], known)]}
 
 
 def sae_identity(config: RunConfig, adapter, layer: int, sae_path: Path, run_dir: Path) -> dict:
@@ -327,15 +342,17 @@ def explained_output_info(adapter) -> dict:
 def _run_pipeline(config: RunConfig, settings: Settings, replace: bool) -> Path:
     from backend.db import upgrade
 
-    upgrade(settings)
-    for line in clean_stale(settings.runs_dir):
-        _stage(line)
-    # every check before any compute: the config against this deployment's limits and the model's
-    # config, the device, the dataset's rows (before the demo model is built, which takes minutes)
-    preflight(config, settings, replace)
-    device = pick_device(config.device)
+    ranks = distributed.current()  # several processes: README, "Several processes"
+    if ranks.leader:  # the SQL database and the runs directory are rank 0's
+        upgrade(settings)
+        for line in clean_stale(settings.runs_dir):
+            _stage(line)
+        # every check before any compute: the config against this deployment's limits and the model's
+        # config, the device, the dataset's rows (before the demo model is built, which takes minutes)
+        preflight(config, settings, replace)
+    device = ranks.device(pick_device(config.device))
     texts, rewards = read_texts(config.dataset, config.seed, config.model.step_separator)
-    model_path = resolve_model_path(config, settings)
+    model_path = distributed.leader_first(lambda: resolve_model_path(config, settings))
     check_against_world(config, model_path)
     chat_markers = None
     if not isinstance(texts, PreferencePairs):  # pairs are rendered with the tokenizer, as pairs (preference_data)
@@ -347,7 +364,8 @@ def _run_pipeline(config: RunConfig, settings: Settings, replace: bool) -> Path:
     started = time.time()
     torch.manual_seed(config.seed)
     final_dir = settings.run_dir(config.run_id)
-    staging = staging_dir(settings.runs_dir, config.run_id)
+    staging = staging_dir(settings.runs_dir, config.run_id) if ranks.leader else Path(
+        tempfile.mkdtemp(prefix=f"rewardatlas-rank{ranks.rank}-"))  # the other ranks' copies of the SAEs
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     touch = Toucher(staging)
@@ -378,6 +396,10 @@ def _run_pipeline(config: RunConfig, settings: Settings, replace: bool) -> Path:
         acts = collect_corpus_activations(adapter, saes, corpus.texts, corpus.heldout,
                                           config.dataset.batch_size, config.regression.pooling, corpus.rewards,
                                           config.analysis, config.seed, progress=_span("analyse"))
+        if not ranks.leader:  # its share is with rank 0; what is left to share is the measure stage
+            serve_measurements(adapter, saes, [t for t, held in zip(corpus.texts, corpus.heldout) if held])
+            shutil.rmtree(staging, ignore_errors=True)
+            return final_dir
         _stage(f"analysis pass done: reward effect from {acts.n_effect_texts:,} texts' gradients, "
                f"peak RSS {peak_rss_mib():,.0f} MiB")
         eval_texts = [t for t, held in zip(corpus.texts, corpus.heldout) if held][: config.sae.reward_recovered_texts]
@@ -388,8 +410,9 @@ def _run_pipeline(config: RunConfig, settings: Settings, replace: bool) -> Path:
             tables["divergence"] = divergence["columns"]
             tables["_run_info"] = {"divergence_tensors_compared": divergence["n_compared"],
                                    "divergence_tensors_skipped": divergence["n_skipped"]}
-        run_analyses(RunContext(config, settings, adapter, corpus, acts, saes, staging, device, tables, _stage,
-                                _span("analyses")))
+        with distributed.solo():  # rank 0 alone
+            run_analyses(RunContext(config, settings, adapter, corpus, acts, saes, staging, device, tables, _stage,
+                                    _span("analyses")))
         analysed = tables.pop("_run_info", {})
         _span("write")(0.0)
         # what the user wrote (plus the run id): parses again as it is, defaults included
@@ -406,6 +429,7 @@ def _run_pipeline(config: RunConfig, settings: Settings, replace: bool) -> Path:
         _stage("writing the feature store")
         write_store(staging / STORE_FILENAME, info, tables)
         (staging / "config.yaml").write_text(config_yaml)
+        finish_measurements()  # every rank is done and well: publish
         _stage(PUBLISHING)  # the last point where a stop leaves nothing: the job asks the queue now
         _publish(staging, final_dir, lambda: _register(settings, config, tables, info, replace))
     except BaseException:

@@ -8,7 +8,9 @@ gradient statistics and token pooling do), fed the firings FeatureAccumulator al
 State: [d_sae, N] values and text ids on the SAE's device, plus the per-text maxima of the last
 few batches; memory does not grow with the corpus.
 
-The merge is one torch.topk over the running values concatenated with the buffered maxima.
+The merge is one torch.topk over the running values concatenated with the buffered maxima, by
+(value, then the smaller text id): a total order, so the kept texts do not depend on the order
+texts came in, and shards' tops merge into exactly the whole corpus's (workers/shard_merge.py).
 Merging every batch cost the demo's CPU analysis ~80% more time (a topk over [3072, 1064]
 per batch and layer); buffering ~1,000 texts between merges makes its cost per text several
 times smaller, and the result is the same.
@@ -59,24 +61,39 @@ class RankedTexts:
         maxima = torch.cat([m for m, _ in self.pending]).T  # [d_sae, buffered texts]
         ids = torch.cat([i for _, i in self.pending])
         self.pending, self.n_pending = [], 0
-        beats = (maxima > self.floor.unsqueeze(1)).any(dim=1).nonzero().squeeze(1)  # the others keep theirs
+        floor = self.floor.unsqueeze(1)  # a tie with the floor may still win on its text id
+        beats = ((maxima > floor) | ((maxima == floor) & (maxima > 0))).any(dim=1).nonzero().squeeze(1)
         if len(beats) == 0:
             return
-        top = torch.topk(torch.cat([self.values[beats], maxima[beats]], dim=1), self.n, dim=1, sorted=False)
-        candidates = torch.cat([self.text_ids[beats], ids.expand(len(beats), -1)], dim=1)
-        self.values[beats] = top.values
-        self.text_ids[beats] = torch.gather(candidates, 1, top.indices)
-        self.floor[beats] = top.values.amin(dim=1)
+        self.keep_top(beats, maxima[beats], ids.expand(len(beats), -1))
+
+    def keep_top(self, rows: torch.Tensor, values: torch.Tensor, text_ids: torch.Tensor) -> None:
+        """Features `rows` keep their top n among what they hold and the candidates
+        (values, text_ids: [len(rows), m])."""
+        values = torch.cat([self.values[rows], values], dim=1)
+        candidates = torch.cat([self.text_ids[rows], text_ids.to(torch.int32)], dim=1)
+        top = torch.topk(order_key(values, candidates), self.n, dim=1, sorted=False)
+        kept = torch.gather(values, 1, top.indices)
+        self.values[rows] = kept
+        self.text_ids[rows] = torch.gather(candidates, 1, top.indices)
+        self.floor[rows] = kept.amin(dim=1)
 
     def columns(self, layer: int) -> dict[str, list]:
         """The store's feature_texts rows of this layer: by feature, then rank (0 = strongest)."""
         self._merge()
-        order = torch.sort(self.values, dim=1, descending=True, stable=True).indices
+        order = torch.sort(order_key(self.values, self.text_ids), dim=1, descending=True).indices  # ties: by text id
         values = torch.gather(self.values, 1, order).cpu().numpy()
         ids = torch.gather(self.text_ids, 1, order).cpu().numpy()
         feature, rank = np.nonzero(values > 0)  # row-major: by feature, then rank
         return {"layer": [layer] * len(feature), "feature": feature.tolist(), "rank": rank.tolist(),
                 "text_id": ids[feature, rank].tolist(), "activation": values[feature, rank].astype(np.float64).tolist()}
+
+
+def order_key(values: torch.Tensor, text_ids: torch.Tensor) -> torch.Tensor:
+    """int64 keys ordering (value >= 0, descending; then text id, ascending): a non-negative
+    float32's bits order as its value does, and the low 32 bits hold the text id reversed."""
+    bits = values.float().contiguous().view(torch.int32).to(torch.int64)
+    return (bits << 32) | (2**31 - 1 - text_ids.to(torch.int64))
 
 
 def per_text_maxima(token: torch.Tensor, feature: torch.Tensor, value: torch.Tensor, token_text_ids: torch.Tensor,

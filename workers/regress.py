@@ -150,11 +150,23 @@ def _merge_moments(moments, members: sp.csr_matrix):
     return np.ascontiguousarray(merged), left @ col_sum, left @ xty
 
 
+def _leave_one_out(X, y, mu, eigvecs, shrink, fitted) -> np.ndarray:
+    """Exact leave-one-out mean squared error per alpha: residual / (1 - H_ii), with H_ii = 1/n +
+    sum_j z_ij^2 / (lambda_j + alpha) for z = the centred rows in the eigenbasis. GCV puts the mean
+    of H_ii in place of each: with about as many columns as rows a near-zero alpha interpolates,
+    n - tr H and the residuals vanish together, and their ratio looked best (held-out R^2 -0.67 on
+    1,195 texts x 1,700 live features, where leave-one-out's alpha gives 0.70)."""
+    z = np.asarray(X @ eigvecs) - mu @ eigvecs
+    leverage = 1.0 / len(y) + (z**2) @ shrink  # n x A
+    return (((y[:, None] - fitted) / np.maximum(1.0 - leverage, 1e-12)) ** 2).mean(axis=0)
+
+
 def ridge_gcv(X, y, alphas: np.ndarray | None, moments=None):
     """Ridge weights at the GCV-best alpha, from one eigendecomposition.
 
     GCV(alpha) = n * RSS / (n - tr H)^2 with tr H = 1 + sum(lambda / (lambda + alpha)),
-    the leading 1 being the intercept. `moments` (X^T X, column sums, X^T y), when the caller
+    the leading 1 being the intercept; with at least as many columns as rows less one, exact
+    leave-one-out instead (_leave_one_out). `moments` (X^T X, column sums, X^T y), when the caller
     has them. Returns (weights, intercept, alpha, moments).
     """
     n = X.shape[0]
@@ -174,8 +186,11 @@ def ridge_gcv(X, y, alphas: np.ndarray | None, moments=None):
     fitted = np.asarray(X @ all_weights) - mu @ all_weights + y.mean()
     rss = ((y[:, None] - fitted) ** 2).sum(axis=0)
     dof = 1.0 + (eigvals[:, None] * shrink).sum(axis=0)
-    gcv = n * rss / np.maximum(n - dof, 1e-12) ** 2
-    best = int(np.argmin(gcv))
+    if len(eigvals) + 1 >= n:  # as many columns as rows: GCV's n - tr H vanishes with the residuals
+        score = _leave_one_out(X, y, mu, eigvecs, shrink, fitted)
+    else:
+        score = n * rss / np.maximum(n - dof, 1e-12) ** 2
+    best = int(np.argmin(score))
     if configured and len(alphas) > 1 and alphas[best] in (alphas.min(), alphas.max()):
         warnings.warn(f"regression.alphas: GCV chose {alphas[best]:g}, the edge of the grid "
                       f"[{alphas.min():g}, {alphas.max():g}]; widen it", stacklevel=3)
@@ -378,7 +393,8 @@ def fit_reward_regression(features, scores, heldout, config, seed: int = 0,
 
 
 def fit_probe(raw, scores, heldout, cv_folds: int = 5, seed: int = 0) -> RegressionResult:
-    """The baseline: ridge on the same layer's pooled raw residual stream, alpha by GCV on the
-    default relative grid (the raw stream's scale differs from the features')."""
+    """The baseline: ridge on the same layer's pooled raw residual stream, alpha by GCV (by exact
+    leave-one-out when dimensions are about as many as texts) on the default relative grid (the
+    raw stream's scale differs from the features')."""
     return fit_regression(raw, scores, heldout, method="ridge", alphas=None, cv_folds=cv_folds,
                           stability="none", seed=seed)

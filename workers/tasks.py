@@ -377,8 +377,10 @@ def text_diff_task(params: dict, ctx) -> dict:
 
 from workers.analyses.reason_score import reason_score_task  # noqa: E402  (imports tasks lazily)
 from workers.probes import insertion_task, sweep_task, vocab_probe_task  # noqa: E402  (probes import tasks lazily)
+from workers.exports.saedashboard import saedashboard_task  # noqa: E402  (imports tasks lazily)
 from workers.explanations.task import explanations_task  # noqa: E402
 
 TASKS = {"pipeline": pipeline_task, "ablation": ablation_task, "inference": inference_task, "text_diff": text_diff_task,
          "vocab_probe": vocab_probe_task, "insertion": insertion_task, "sweep": sweep_task,
-         "reason_score": reason_score_task, "explanations": explanations_task}
+         "reason_score": reason_score_task, "saedashboard": saedashboard_task,
+         "explanations": explanations_task}

@@ -28,9 +28,12 @@ from sae_lens.config import SAETrainerConfig
 from sae_lens.saes.sae import SAEMetadata
 from sae_lens.training.multi_sae_trainer import MultiSAETrainer
 
+from workers import distributed
 from workers.adapters import RewardModelAdapter
 from workers.collect import activation_stream, shuffled_batches
 from workers.config import RunConfig, SaeConfig
+from workers.distributed_train import (SAE_SEED_STRIDE, drain, layer_owners, own_hooks_only, seeded,
+                                       share_sae_files, sharded_activation_stream)
 from workers.sinks import SinkRule, measure_sink_rules, with_sink_rule
 
 NORM_ESTIMATE_BATCHES = 20
@@ -110,6 +113,40 @@ def trainer_config(sae: SaeConfig, device: torch.device) -> SAETrainerConfig:
     )
 
 
+class _FirstBatches:
+    """An iterator that keeps its first `n` items as it yields them."""
+
+    def __init__(self, items: Iterator, n: int):
+        self.items, self.n, self.kept = items, n, []
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = next(self.items)
+        if len(self.kept) < self.n:
+            self.kept.append(item)
+        return item
+
+
+class CentredStartTrainer(MultiSAETrainer):
+    """MultiSAETrainer whose SAEs start with b_dec at the mean of the norm-estimate batches, scaled
+    as the SAE sees them. SAELens 6 starts b_dec at zero; a residual stream's mean is far from zero,
+    so every token's pre-activations share one large component, the same few latents win the top-k
+    for every token and most never fire (on SmolLM2, 60% dead after 234 steps). Starting at the mean,
+    as the TopK SAE papers do (b_pre at the data's median), each latent reads what varies."""
+
+    def _estimate_scaling_factors(self) -> None:
+        first = self.data_provider = _FirstBatches(self.data_provider, self.cfg.n_batches_for_norm_estimate)
+        super()._estimate_scaling_factors()
+        self.data_provider = first.items
+        with torch.no_grad():
+            for name, sae in self.saes.items():
+                rows = torch.cat([batch[self.hook_names[name]] for batch in first.kept]).to(sae.b_dec.device)
+                scale = self.trainers[name].activation_scaler.scaling_factor or 1.0
+                sae.b_dec.data.copy_(rows.float().mean(0) * scale)
+
+
 class _Reporting:
     """Wraps the trainer's data provider: every batch it draws (the norm estimate's, then one per
     step) reports training's progress, and so does every forward filling the shuffle buffer
@@ -135,49 +172,65 @@ def train_saes(config: RunConfig, adapter: RewardModelAdapter, texts: list[str],
     """Train and save (SAELens format) one SAE per configured layer; returns layer -> directory.
     With sae.widths, a paired SAE of the smaller width per layer steps on the same batches and is
     saved under pair_dir. `progress` hears the share of training done at every step (and may raise to stop it)."""
-    torch.manual_seed(config.seed)
-    hooks = {f"layer_{layer}": adapter.hook_name(layer) for layer in config.layers}
-    saes = {
-        name: build_training_sae(config.sae, adapter.d_model, str(adapter.device), SAEMetadata(
-            model_name=config.model.path, hook_name=hook, hook_layer=layer, context_size=config.model.max_length))
-        for (name, hook), layer in zip(hooks.items(), config.layers)
-    }
+    torch.manual_seed(config.seed)  # the shuffle buffer's draws (each SAE's initialisation has a seed of its own)
+    ranks = distributed.current()
+    owners = layer_owners(config.layers, ranks)
+    hooks, saes = {}, {}
     pair_width = config.sae.pair_width
-    if pair_width is not None:
-        # the paired dictionaries step on the same batches as the main ones; built from their own
-        # seed, so the main SAEs (and the batches' order) are those of a run without sae.widths
-        devices = [adapter.device] if adapter.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(config.seed + 1)
-            pair_config = config.sae.model_copy(update={"width": pair_width})
-            for layer in config.layers:
-                hooks[pair_key(layer, pair_width)] = adapter.hook_name(layer)
-                saes[pair_key(layer, pair_width)] = build_training_sae(
-                    pair_config, adapter.d_model, str(adapter.device), SAEMetadata(
-                        model_name=config.model.path, hook_name=adapter.hook_name(layer), hook_layer=layer,
-                        context_size=config.model.max_length))
+    pair_config = config.sae.model_copy(update={"width": pair_width}) if pair_width is not None else None
+    for i, layer in enumerate(config.layers):
+        if owners[layer] != ranks.rank:
+            continue  # another rank trains it (workers/distributed_train.py)
+        metadata = dict(model_name=config.model.path, hook_name=adapter.hook_name(layer), hook_layer=layer,
+                        context_size=config.model.max_length)
+        hooks[f"layer_{layer}"] = adapter.hook_name(layer)
+        with seeded(config.seed + SAE_SEED_STRIDE * (i + 1), adapter.device):
+            saes[f"layer_{layer}"] = build_training_sae(config.sae, adapter.d_model, str(adapter.device),
+                                                        SAEMetadata(**metadata))
+        if pair_config is not None:
+            # the paired dictionary steps on the same batches as the main one, from a seed of its own
+            hooks[pair_key(layer, pair_width)] = adapter.hook_name(layer)
+            with seeded(config.seed + 1 + SAE_SEED_STRIDE * (i + 1), adapter.device):
+                saes[pair_key(layer, pair_width)] = build_training_sae(pair_config, adapter.d_model,
+                                                                       str(adapter.device), SAEMetadata(**metadata))
     # each layer's sinks, measured before training: left out of the stream, so of the norm estimate too
     sink_rules = measure_sink_rules(adapter, texts, config.layers, config.sinks, config.dataset.batch_size)
-    stream = activation_stream(adapter, texts, config.layers, config.dataset.batch_size, config.seed, sink_rules)
+    cache_bytes = config.sae.cache_mb * 2**20
+    if ranks.active:
+        stream = sharded_activation_stream(adapter, texts, config.layers, config.dataset.batch_size, config.seed,
+                                           sink_rules, ranks, owners, cache_bytes)
+    else:
+        stream = activation_stream(adapter, texts, config.layers, config.dataset.batch_size, config.seed, sink_rules,
+                                   cache_bytes=cache_bytes)
     cfg = trainer_config(config.sae, adapter.device)
+    draws = cfg.n_batches_for_norm_estimate + math.ceil(cfg.total_training_samples / cfg.train_batch_size_samples)
     if progress is not None:
-        steps = math.ceil(cfg.total_training_samples / cfg.train_batch_size_samples)
-        reporting = _Reporting(cfg.n_batches_for_norm_estimate + steps, progress)
+        reporting = _Reporting(draws, progress)
         stream = reporting.forwards(stream)
     shuffled = shuffled_batches(stream, config.sae.buffer_tokens, config.sae.batch_size)
     if progress is not None:
         shuffled = reporting.draws(shuffled)
-    trainer = MultiSAETrainer(cfg=cfg, saes=saes, hook_names=hooks, data_provider=shuffled)
-    trained = trainer.fit()
-    paths = {}
-    for name, layer in zip(hooks, config.layers):
-        paths[layer] = sae_dir(run_dir, layer)
-        trained[name].save_inference_model(paths[layer])
-        sink_rules[layer].save(paths[layer])
-    if pair_width is not None:  # found again by pair_dir (workers/analyses/pairs.py loads them)
-        for layer in config.layers:
-            trained[pair_key(layer, pair_width)].save_inference_model(pair_dir(run_dir, layer, pair_width))
-            sink_rules[layer].save(pair_dir(run_dir, layer, pair_width))
+    if ranks.active:
+        shuffled = own_hooks_only(shuffled, set(hooks.values()))
+    if saes:
+        trained = CentredStartTrainer(cfg=cfg, saes=saes, hook_names=hooks, data_provider=shuffled).fit()
+    else:  # more ranks than layers: this one only forwarded
+        drain(shuffled, draws)
+    saved = {}
+    for layer in config.layers:
+        if owners[layer] != ranks.rank:
+            continue
+        saved[layer] = [sae_dir(run_dir, layer)]
+        trained[f"layer_{layer}"].save_inference_model(saved[layer][0])
+        sink_rules[layer].save(saved[layer][0])
+        if pair_width is not None:  # found again by pair_dir (workers/analyses/pairs.py loads them)
+            saved[layer].append(pair_dir(run_dir, layer, pair_width))
+            trained[pair_key(layer, pair_width)].save_inference_model(saved[layer][1])
+            sink_rules[layer].save(saved[layer][1])
+    if ranks.active:
+        share_sae_files({layer: saved.get(layer, [sae_dir(run_dir, layer)]) for layer in config.layers}, owners,
+                        run_dir, ranks)
+    paths = {layer: sae_dir(run_dir, layer) for layer in config.layers}
     return paths
 
 

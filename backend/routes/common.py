@@ -16,7 +16,8 @@ from backend import charts, db, store
 from backend.access import csrf_token
 from backend.models import LABELS
 from backend.rankings import VERDICT_WORDS, directions_said, FALLBACK_RANKING, RANKINGS, Ranking
-from backend.routes.formats import (context_rows, contribution_spans, edit_class, feature_rows, zeroing_class, fmt_delta, fmt_num, fmt_pct, fmt_weight, token_spans,
+from backend.job_summaries import summary as job_summary
+from backend.routes.formats import (display_token, context_rows, contribution_spans, edit_class, feature_rows, zeroing_class, fmt_delta, fmt_num, fmt_pct, fmt_weight, token_spans,
                                     weight_class)
 from backend.routes.edge import MAX_ID
 from backend.settings import Settings
@@ -68,11 +69,16 @@ class _PageEnvironment(jinja2.Environment):
 # mtime on each render cost ~1 ms a feature page); restart the server after editing one.
 templates = Jinja2Templates(env=_PageEnvironment(
     loader=jinja2.FileSystemLoader(FRONTEND_DIR / "templates"), autoescape=True, auto_reload=False))
-templates.env.filters.update(num=fmt_num, weight=fmt_weight, pct=fmt_pct, delta=fmt_delta, wclass=weight_class,
+templates.env.filters.update(tok=display_token, num=fmt_num, weight=fmt_weight, pct=fmt_pct, delta=fmt_delta, wclass=weight_class,
                              zclass=zeroing_class, eclass=edit_class)
 # what kind of number a ranking is, in a word after its name: "attribution (gradient)"
 KIND_TAGS = {"predicts": "predicts", "gradient": "gradient", "measured": "ablation"}
-templates.env.globals.update(csrf_token=csrf_token, token_spans=token_spans, context_rows=context_rows,
+def max_text_chars(request) -> int:
+    """The deployment's limit on a typed text (RA_MAX_TEXT_CHARS): forms say it and count against it."""
+    return request.app.state.settings.max_text_chars
+
+
+templates.env.globals.update(max_text_chars=max_text_chars, job_summary=job_summary, csrf_token=csrf_token, token_spans=token_spans, context_rows=context_rows,
                              feature_rows=feature_rows, kind_tag=KIND_TAGS)
 templates.env.globals["contribution_spans"] = contribution_spans  # a text's tokens by contribution
 templates.env.globals["directions_said"] = directions_said  # what weight, attribution and measured Δ each say
@@ -151,6 +157,11 @@ def ranking_summary(layer_info: dict[str, Any]) -> dict[str, Any]:
 Blank = Annotated[str, StringConstraints(pattern=r"^\s*$")]
 
 
+
+def _share(per_cent: float | None) -> float | None:
+    """A frequency filter (per cent, as pages show it) as the store's share of tokens."""
+    return None if per_cent is None else per_cent / 100
+
 class TableView(BaseModel):
     """A layer table view. The feature page takes the same parameters, so `j`/`k` walk the
     features in the order of the table the researcher came from."""
@@ -160,8 +171,9 @@ class TableView(BaseModel):
                                                 "none: the layer's default ranking")
     sign: Literal["pos", "neg"] | Blank | None = Field(None, description="only features that raise (pos) or lower (neg) "
                                                        "the reward by the layer's default ranking (its column's sign)")
-    min_freq: Annotated[float, Field(ge=0, le=1)] | Blank | None = Field(None, description="only features firing on at least this share of tokens")
-    max_freq: Annotated[float, Field(ge=0, le=1)] | Blank | None = Field(None, description="only features firing on at most this share of tokens")
+    # per cent, as every page shows frequency
+    min_freq: Annotated[float, Field(ge=0, le=100)] | Blank | None = Field(None, description="only features firing on at least this per cent of tokens")
+    max_freq: Annotated[float, Field(ge=0, le=100)] | Blank | None = Field(None, description="only features firing on at most this per cent of tokens")
     token: str | None = Field(None, max_length=100, description="only features with a top token or top-context token starting with this")
     min_pair_cosine: Annotated[float, Field(ge=0, le=1)] | Blank | None = Field(
         None, description="present in both dictionaries: only features whose decoder direction has a cosine of at "
@@ -193,7 +205,7 @@ class TableView(BaseModel):
         ranking's column (a feature whose zeroing lowers the score raises it)."""
         ranking = default_ranking(layer_info)
         return store.FeatureFilter(sign=self.sign, sign_column=ranking.column, sign_flip=ranking.sign < 0,
-                                   min_frequency=self.min_freq, max_frequency=self.max_freq,
+                                   min_frequency=_share(self.min_freq), max_frequency=_share(self.max_freq),
                                    token=self.token, min_pair_cosine=self.min_pair_cosine)
 
     @property

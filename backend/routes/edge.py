@@ -16,6 +16,7 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, BeforeValidator
 
 from backend.body_parsing import BodyRefused, parse_body
+from workers.config import plain_message
 
 # SQL keeps layer, feature and job ids in INTEGER columns (4 bytes on PostgreSQL); the store's
 # card key packs layer and feature into one 64-bit key, 32 bits each
@@ -74,6 +75,23 @@ def _is_json(request: Request) -> bool:
     return content_type == "application/json" or content_type.endswith("+json")
 
 
+FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
+TYPED_KEY = "rewardatlas.typed"  # where a form's typed fields wait in the request's scope
+
+
+def keep_typed(request: Request, form) -> None:
+    """Keep a browser form's typed fields (not its CSRF token, not files) with the request, so an
+    error page can give them back in a form that posts again to the same place."""
+    fields = [(key, value) for key, value in form.multi_items() if key != "csrf_token" and isinstance(value, str)]
+    request.scope[TYPED_KEY] = {"action": request.url.path, "fields": fields}
+
+
+def typed_form(request: Request) -> dict | None:
+    """What keep_typed kept for this request, if anything was typed."""
+    typed = request.scope.get(TYPED_KEY)
+    return typed if typed and typed["fields"] else None
+
+
 class StrictJSONRoute(APIRoute):
     """Routes whose JSON bodies are parsed by backend/body_parsing.py (a large one off the event
     loop), before FastAPI reads them: a problem becomes a 422 naming it (inside FastAPI's body
@@ -91,6 +109,8 @@ class StrictJSONRoute(APIRoute):
                     except BodyRefused as exc:
                         raise RequestValidationError([{"type": exc.kind, "loc": ("body",), "msg": str(exc),
                                                        "input": None}]) from None
+            elif request.method == "POST" and media_type(request) in FORM_TYPES and not request.url.path.startswith("/api"):
+                keep_typed(request, await request.form())  # parsed once: the handler reads the same form
             return await handler(request)
 
         return strict
@@ -118,7 +138,7 @@ def validation_detail(exc: RequestValidationError) -> list[dict[str, Any]]:
     out = []
     for error in exc.errors():
         item = {"type": error.get("type", "value_error"), "loc": [printable(p) for p in error.get("loc", ())],
-                "msg": printable(error.get("msg", ""), limit=2000), "input": printable(error.get("input"))}
+                "msg": printable(plain_message(str(error.get("msg", ""))), limit=2000), "input": printable(error.get("input"))}
         if error.get("ctx"):
             item["ctx"] = printable(error["ctx"])
         out.append(item)

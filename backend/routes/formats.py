@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import html
+from math import floor, log10
 from typing import Any, Mapping, Sequence
 
 from markupsafe import Markup
@@ -14,10 +15,15 @@ from backend.rankings import directions_said
 
 
 def fmt_num(x: float | None, digits: int = 3) -> str:
+    """`digits` decimals; a smaller number keeps `digits` significant ones in decimals too (0.00078,
+    not 7.8e-04 beside 0.20 in one column). Only the extremes (under 1e-8, from a million) are
+    written with an exponent."""
     if x is None:
         return "—"
-    if x != 0 and (abs(x) < 10 ** -digits or abs(x) >= 1e6):
+    if x != 0 and (abs(x) < 1e-8 or abs(x) >= 1e6):
         return f"{x:.{max(digits - 1, 1)}e}"
+    if x != 0 and abs(x) < 10 ** -digits:
+        return f"{x:.{digits - 1 - floor(log10(abs(x)))}f}"
     return f"{x:.{digits}f}"
 
 
@@ -93,16 +99,36 @@ def token_texts(tokens: Sequence[str]) -> list[tuple[str, bool]]:
     return out
 
 
+# byte-level BPE (GPT-2, LLaMA-3, SmolLM) spells a line break and a tab as these letters
+BYTE_LEVEL_MARKS = str.maketrans({"\u010a": "\u21b5", "\u0109": "\u21e5"})  # Ċ -> ↵, ĉ -> ⇥
+
+
+def display_token(tok: str | None) -> str | None:
+    """One token as a reader reads it alone: without the byte-level or SentencePiece space mark
+    ("Ġboring" is "boring"), line breaks drawn; WordPiece's "##ing" keeps its "##"."""
+    if tok is None:
+        return None
+    return (tok[1:] if tok.startswith(SPACE_MARKS) and len(tok) > 1 else tok).translate(BYTE_LEVEL_MARKS)
+
+
+def _shown(escaped: str, tok: str, text: str) -> str:
+    """What a token shows: `text` (tok less its space or "##" mark), escaped, line breaks drawn."""
+    return escaped[len(tok) - len(text):].translate(BYTE_LEVEL_MARKS)
+
+
 @functools.lru_cache(maxsize=1 << 16)
 def _escaped(token: str) -> str:
     return html.escape(token)  # tokens repeat across a page's contexts and across pages
 
 
-def token_spans(tokens: Sequence[str], acts: Sequence[float], scale: float, peak: int | None = -1) -> Markup:
+def token_spans(tokens: Sequence[str], acts: Sequence[float], scale: float, peak: int | None = -1,
+                response: tuple[int, int] | None = None) -> Markup:
     """A context as shaded token spans: shading --a = act / scale as a whole per cent (clipped
     to 0..100%; a token where the feature is off has none), hover = the token and its value,
     special tokens ([CLS], <s>) dimmed, the peak token outlined (`peak`: its index; -1: the
-    largest activation; None: no outline).
+    largest activation; None: no outline). `response`: a chat text's response as [start, end)
+    token indices of this window: the tokens outside it are the prompt's (greyed), and where the
+    response begins and ends a role mark is drawn.
 
     Built here in one pass, not in a template loop: a feature page has ~300 tokens, and Jinja
     spent 7 ms on them; whole per cents, not round(x, 3), halve what is left. Most tokens of a
@@ -113,6 +139,10 @@ def token_spans(tokens: Sequence[str], acts: Sequence[float], scale: float, peak
     parts = []
     for i, ((text, space), tok, act) in enumerate(zip(token_texts(tokens), tokens, acts)):
         classes = "tok peak" if i == peak else "tok"
+        if response is not None:
+            parts.append(_role_mark(i, response))
+            if not response[0] <= i < response[1]:
+                classes += " prompt"
         if len(tok) > 2 and tok[0] in "[<" and tok[-1] in "]>":
             classes += " special"
         if act == 0:
@@ -122,8 +152,24 @@ def token_spans(tokens: Sequence[str], acts: Sequence[float], scale: float, peak
             style, value = f' style="--a:{shade}%"', fmt_num(act)
         escaped = _escaped(tok)  # the text shown is tok less a leading "##", "Ġ" or "▁": escaping keeps those
         parts.append(f'{" " if space else ""}<span class="{classes}"{style} '
-                     f'title="{escaped}: {value}">{escaped[len(tok) - len(text):]}</span>')
+                     f'title="{escaped}: {value}">{_shown(escaped, tok, text)}</span>')
     return Markup("".join(parts))
+
+
+def _role_mark(i: int, response: tuple[int, int]) -> str:
+    """The mark drawn before token i where a chat text's response begins or ends."""
+    if i == response[0]:
+        return '<span class="role-mark" title="the response (the assistant turn) begins">assistant ▸</span>'
+    if i == response[1]:
+        return '<span class="role-mark" title="the response ends">◂</span>'
+    return ""
+
+
+def window_response(c: Mapping[str, Any]) -> tuple[int, int] | None:
+    """A context's response span relative to its window (None: a plain text)."""
+    if c.get("response_start") is None:
+        return None
+    return c["response_start"] - c["window_start"], c["response_end"] - c["window_start"]
 
 
 def contribution_spans(tokens: Sequence[str], per_token: Sequence[float], anchor: str | None,
@@ -146,7 +192,7 @@ def contribution_spans(tokens: Sequence[str], per_token: Sequence[float], anchor
         title = f"{escaped}: {fmt_weight(value)}" + (f" · {_escaped(top)}" if top else "")
         tag, link = ("a", f' href="#{anchor}-{start + i}"') if anchor else ("span", "")
         parts.append(f'{" " if space else ""}<{tag} class="{classes}"{link} data-token="{start + i}" '
-                     f'style="--a:{shade}%" title="{title}">{escaped[len(tok) - len(text):]}</{tag}>')
+                     f'style="--a:{shade}%" title="{title}">{_shown(escaped, tok, text)}</{tag}>')
     return Markup("".join(parts))
 
 
@@ -165,7 +211,7 @@ def context_rows(contexts: Sequence[Mapping[str, Any]], scale: float, by_bin: bo
             key, value = "rank", c["rank"]
             first = value + 1
         heldout = '<sup title="held-out text">h</sup>' if c["split"] == "heldout" else ""
-        spans = token_spans(c["tokens"], c["acts"], scale, c["position"] - c["window_start"])
+        spans = token_spans(c["tokens"], c["acts"], scale, c["position"] - c["window_start"], window_response(c))
         out.append(f'<tr data-{key}="{value}"><td class="num muted">{first}</td>'
                    f'<td class="num"><b>{fmt_num(c["activation"], 2)}</b></td><td class="ctx">{spans}</td>'
                    f'<td class="num muted"><a href="{text_href}{c["text_id"]}">#{c["text_id"]}</a>{heldout}</td>'
@@ -218,7 +264,7 @@ def feature_rows(rows: Sequence[Mapping[str, Any]], first_rank: int, href: str, 
         fid, weight, group = f["feature"], f["weight"], f["weight_group_size"] or 1
         group_mark = (f' <span class="group-mark" title="fitted as one with {group - 1} near-duplicate feature'
                       f'{"s" if group > 2 else ""}: they share this weight">×{group}</span>' if group > 1 else "")
-        top = (f'<code class="token">{_escaped(f["top_token"])}</code>' if f["top_token"] is not None
+        top = (f'<code class="token">{_escaped(display_token(f["top_token"]))}</code>' if f["top_token"] is not None
                else '<span class="muted">never fires</span>')
         label = ""
         if f.get("label"):
@@ -236,7 +282,7 @@ def feature_rows(rows: Sequence[Mapping[str, Any]], first_rank: int, href: str, 
             f'<td class="tick"><input type="checkbox" name="features" value="{fid}" form="ablate-form" '
             f'aria-label="select feature {fid}"></td>'
             f'<td class="num muted">{rank}</td>'
-            f'<td class="num"><a href="{link}{fid}{query}"><b>{fid}</b></a>{group_mark}{sign_mark(f)}</td>'
+            f'<td class="num fid"><a href="{link}{fid}{query}"><b>{fid}</b></a>{group_mark}{sign_mark(f)}</td>'
             f'<td class="num weight {weight_class(weight)}"><span class="wbar" aria-hidden="true">'
             f'{_weight_bar(weight, max_abs_weight)}</span>{fmt_weight(weight)}</td>'
             f'<td class="num {weight_class(f["std_weight"])}">{fmt_weight(f["std_weight"])}</td>'

@@ -8,11 +8,11 @@ import re
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Query, Request
-from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from backend import charts, jobs, store
+from backend import ablation_examples, charts, jobs, store
 from backend.access import check_csrf, current_author, named_users
 from backend.rankings import FALLBACK_RANKING, RANKINGS, barely_reaches, reads_one_token
 from backend.routes.common import SettingsDep, get_run, render, store_path
@@ -134,7 +134,8 @@ class PipelineRequest(BaseModel):
 def _check_text_length(settings: Settings, texts: list[str], field: str) -> None:
     for i, text in enumerate(texts):
         if len(text) > settings.max_text_chars:
-            raise invalid(f"text {i + 1} has {len(text):,} characters; the limit is {settings.max_text_chars:,} "
+            which = "the text" if len(texts) == 1 else f"text {i + 1} of {len(texts)}"
+            raise invalid(f"{which} has {len(text):,} characters; the limit is {settings.max_text_chars:,} "
                           "(RA_MAX_TEXT_CHARS)", field)
 
 
@@ -465,20 +466,50 @@ def jobs_page(request: Request, settings: SettingsDep):
     return render(request, "jobs.html", {"jobs": jobs.recent(settings, 200), "workers": jobs.live_workers(settings)})
 
 
+ExampleSort = Query("delta", description="delta: largest drop first; -delta: largest rise first; abs: largest "
+                                        "change first; text: by text id")
+
+
+def _ablation_rows(settings: Settings, job_id: int, sort: str) -> list[dict]:
+    job = _job_or_404(settings, job_id)
+    if job["kind"] != "ablation":
+        raise HTTPException(404, f"job {job_id} is a {job['kind']} job, not an ablation: it has no examples")
+    if not job.get("result"):
+        raise HTTPException(409, f"job {job_id} has no result yet ({job['status']})")
+    try:
+        return ablation_examples.sorted_rows(ablation_examples.example_rows(job["result"]), sort)
+    except ValueError as exc:
+        raise invalid(str(exc), "sort") from None
+
+
+@router.get("/api/jobs/{job_id}/examples", tags=["jobs"], responses=ERROR_RESPONSES)
+def api_ablation_examples(job_id: JobId, settings: SettingsDep, sort: str = ExampleSort,
+                          format: Literal["json", "csv"] = Query("json", description="json, or csv (a download)")):
+    """An ablation's per-example results: text, score before and after, measured Δ, and what the
+    regression and attribution predicted; all of them, in `sort` order."""
+    rows = _ablation_rows(settings, job_id, sort)
+    if format == "csv":
+        return StreamingResponse(ablation_examples.csv_lines(rows), media_type="text/csv; charset=utf-8",
+                                 headers={"Content-Disposition": f'attachment; filename="ablation-{job_id}.csv"'})
+    return {"job_id": job_id, "sort": sort, "n": len(rows), "examples": rows}
+
+
 @router.get("/jobs/{job_id}", response_class=HTMLResponse, include_in_schema=False)
-def job_page(request: Request, job_id: JobId, settings: SettingsDep):
+def job_page(request: Request, job_id: JobId, settings: SettingsDep, sort: str = ExampleSort,
+             page: int = Query(1, ge=1, le=1_000_000)):
     job = _job_or_404(settings, job_id)
     context: dict[str, Any] = {"job": job, "chart": None, "tokens": None,
                                "workers": jobs.live_workers(settings) if job["status"] in ("queued", "running") else []}
     result = job.get("result") or {}
     if job["kind"] == "ablation" and result:
-        examples = result["examples"]
-        for e in examples:
-            e["delta"] = e["after"] - e["before"]
+        examples = _ablation_rows(settings, job_id, sort)
+        context["examples"], context["n_pages"] = ablation_examples.page_of(examples, page)
+        context.update(example_sort=sort, example_sorts={k: v[0] for k, v in ablation_examples.SORTS.items()},
+                       example_page=page, n_examples=len(examples))
         deltas = [e["delta"] for e in examples]
         control_deltas = [d for c in result.get("controls", []) for d in c["deltas"]]
         context["chart"] = charts.delta_histograms(deltas, control_deltas or None)
-        context["agreement"] = _agreement([e["predicted"] for e in examples], deltas)
+        context["agreement"] = _agreement([e["predicted"] for e in examples], deltas)  # order-free
         if all(e.get("attributed") is not None for e in examples):
             context["attribution_agreement"] = _agreement([e["attributed"] for e in examples], deltas)
     if job["kind"] in ("ablation", "inference") and job["run_id"]:

@@ -19,7 +19,9 @@ function watchJobs(url, ids) {
       const row = document.querySelector(`[data-job="${job.id}"]`);
       if (row) {
         const bar = row.querySelector("progress"), msg = row.querySelector(".job-message");
+        const percent = row.querySelector(".job-percent");
         if (bar) bar.value = job.progress;
+        if (percent) percent.textContent = `${Math.round(100 * job.progress)}%`;
         if (msg) msg.textContent = job.message;
       }
       if (known[job.id] !== undefined && known[job.id] !== job.status) changed = true;

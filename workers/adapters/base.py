@@ -54,6 +54,12 @@ class Batch:
     def n_reads(self) -> int:
         return len(self.reward_index)
 
+    def analysed_tokens(self) -> torch.Tensor:
+        """[B, T] bool: the real tokens analysis reads (a chat run's response), so the tokens its
+        SAEs are trained on, judged on and spliced in at."""
+        real = self.attention_mask.bool()
+        return real if self.scope is None else real & self.scope.bool()
+
     def reads_of(self, rows: torch.Tensor) -> list[torch.Tensor]:
         """For each sequence in `rows`, the ids of its reward reads, in order."""
         seq = self.reward_index[:, 0]
