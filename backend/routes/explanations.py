@@ -187,7 +187,7 @@ FEATURE = "/api/runs/{run_id}/layers/{layer}/features/{feature}/explanation"
 
 class ExplanationEdit(BaseModel):
     text: str = Field(min_length=1, max_length=explanations.MAX_TEXT)
-    version: int = Field(ge=0, description="the current version this edit was made from (0: none yet)")
+    version: int = Field(ge=0, le=MAX_ID, description="the current version this edit was made from (0: none yet)")
 
 
 @router.get(FEATURE, tags=["explanations"])
