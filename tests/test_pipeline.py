@@ -29,7 +29,9 @@ def tiny_config(model_path, dataset_path, **overrides):
         "model": {"path": str(model_path), "max_length": 32},
         "dataset": {"source": str(dataset_path), "batch_size": 32},
         "layers": [0, 2],
-        "sae": {"width": N_FEATURES, "k": 4, "training_tokens": 4096, "batch_size": 256, "buffer_tokens": 1024},
+        # SAELens's own zero start: these tiny random models' tests were written against it
+        "sae": {"width": N_FEATURES, "k": 4, "training_tokens": 4096, "batch_size": 256, "buffer_tokens": 1024,
+                "decoder_bias_init": "zero"},
         "analysis": {"n_contexts": 5, "ranked_texts": RANKED_TEXTS},
         "regression": {"pooling": "mean"},
         **overrides,

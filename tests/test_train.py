@@ -167,3 +167,34 @@ def test_run_page_shows_reward_recovered_per_layer(client, synthetic_run):
     cells = html.split('id="layers"')[1]
     for value in layers["reward_recovered"]:
         assert f'class="num reward-recovered"' in cells and f">{value:.3f}</td>" in cells
+
+
+def test_the_decoder_bias_starts_at_the_mean_of_what_it_is_trained_on():
+    """CentredStartTrainer: b_dec starts at the norm-estimate batches' mean (scaled as the SAE
+    sees them); with centred=False, at SAELens's zero."""
+    import torch
+    from sae_lens.saes.sae import SAEMetadata
+
+    from workers.config import SaeConfig
+    from workers.train import CentredStartTrainer, build_training_sae, trainer_config
+
+    rng = torch.Generator().manual_seed(0)
+    data = 5.0 + torch.randn(4096, 16, generator=rng)  # far from zero, as a residual stream is
+
+    def batches():
+        while True:
+            for start in range(0, len(data), 64):
+                yield {"h": data[start:start + 64]}
+
+    starts = {}
+    for centred in (True, False):
+        config = SaeConfig(architecture="topk", width=32, k=4, training_tokens=1000, batch_size=64)
+        sae = build_training_sae(config, 16, "cpu", SAEMetadata(hook_name="h"))
+        trainer = CentredStartTrainer(cfg=trainer_config(config, torch.device("cpu")), saes={"s": sae},
+                                      hook_names={"s": "h"}, data_provider=batches(), centred=centred)
+        trainer._estimate_scaling_factors()
+        starts[centred] = (sae.b_dec.detach().clone(), trainer.trainers["s"].activation_scaler.scaling_factor)
+    b_dec, scale = starts[True]
+    seen = data[: 64 * trainer_config(config, torch.device("cpu")).n_batches_for_norm_estimate]
+    assert torch.allclose(b_dec, seen.mean(0) * scale, atol=1e-4)
+    assert torch.count_nonzero(starts[False][0]) == 0

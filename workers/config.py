@@ -185,6 +185,9 @@ class SaeConfig(Strict):
     buffer_tokens: int = Field(32_768, ge=256, le=4_194_304, description="shuffle buffer, in tokens (memory: this "
                                "x d_model x 4 bytes per layer)")
     reward_recovered_texts: int = Field(256, ge=1, le=100_000, description="held-out texts scored with each SAE spliced in")
+    decoder_bias_init: Literal["mean", "zero"] = Field(
+        "mean", description="where b_dec starts: the mean of the activations trained on (latents read what varies), or "
+                            "zero (SAELens's own start)")
     cache_mb: int = Field(2048, ge=0, le=1_048_576, description="one pass of training activations kept (MiB, on the "
                           "model's device) while they fit, so later passes skip the model; 0: every pass runs it")
 

@@ -136,7 +136,13 @@ class CentredStartTrainer(MultiSAETrainer):
     for every token and most never fire (on SmolLM2, 60% dead after 234 steps). Starting at the mean,
     as the TopK SAE papers do (b_pre at the data's median), each latent reads what varies."""
 
+    def __init__(self, *args, centred: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.centred = centred
+
     def _estimate_scaling_factors(self) -> None:
+        if not self.centred:  # sae.decoder_bias_init: zero, SAELens's own start
+            return super()._estimate_scaling_factors()
         first = self.data_provider = _FirstBatches(self.data_provider, self.cfg.n_batches_for_norm_estimate)
         super()._estimate_scaling_factors()
         self.data_provider = first.items
@@ -213,7 +219,8 @@ def train_saes(config: RunConfig, adapter: RewardModelAdapter, texts: list[str],
     if ranks.active:
         shuffled = own_hooks_only(shuffled, set(hooks.values()))
     if saes:
-        trained = CentredStartTrainer(cfg=cfg, saes=saes, hook_names=hooks, data_provider=shuffled).fit()
+        trained = CentredStartTrainer(cfg=cfg, saes=saes, hook_names=hooks, data_provider=shuffled,
+                                      centred=config.sae.decoder_bias_init == "mean").fit()
     else:  # more ranks than layers: this one only forwarded
         drain(shuffled, draws)
     saved = {}
