@@ -324,7 +324,8 @@ def test_killing_the_server_mid_job_fails_it_naming_the_endpoint_and_keeps_what_
         failed = jobs.get(settings, job["id"])
         assert failed["status"] == "failed" and "RA_LLM_BASE_URL" in failed["error"]
         assert "kept" in failed["error"]
-        kept = [e for e in explanations.for_features(settings, RUN, LAYER, features).values() if e["job_id"] == job["id"]]
+        rows = explanations.for_features(settings, RUN, LAYER, features).values()
+        kept = [e for e in rows if e["job_id"] == job["id"]]
         assert 1 <= len(kept) < len(features)
         with make_client(settings.model_copy(update={"llm_base_url": ""})) as c:
             page = c.get(f"/jobs/{job['id']}").text
