@@ -51,8 +51,9 @@ def join_tokens(tokens: list[str], marked: set[int] | None = None) -> str:
     spaced = any(t.startswith(("Ġ", "▁")) for t in tokens)
     out = []
     for i, token in enumerate(tokens):
-        if spaced:
-            piece, glue = token.replace("Ġ", " ").replace("▁", " ").replace("Ċ", " "), True
+        if spaced:  # a marked token starts a word: keep the space plain() would strip
+            piece = token.replace("Ġ", " ").replace("▁", " ").replace("Ċ", " ")
+            glue = not piece.startswith(" ")
         elif token.startswith("##"):
             piece, glue = token[2:], True
         else:
