@@ -59,7 +59,8 @@ def join_tokens(tokens: list[str], marked: set[int] | None = None) -> str:
         else:
             piece, glue = token, False
         lead = "" if glue or not out else " "
-        core = plain(piece) if piece.strip() else piece
+        space = " " if piece[:1].isspace() else ""  # plain() would drop a byte-level token's leading space
+        core = space + plain(piece) if piece.strip() else piece
         if i in marked:
             stripped = core.lstrip()
             core = core[:len(core) - len(stripped)] + "<<" + stripped + ">>"
