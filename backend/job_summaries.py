@@ -90,7 +90,7 @@ def fmt_seconds(seconds: float | None) -> str:
 
 def summary(job: dict) -> dict[str, Any]:
     """Everything the jobs list shows of `job` beyond its status."""
-    number = result_number(job)
-    return {"name": human_name(job["kind"]), "asked": asked(job), "result": number,
-            "duration": fmt_seconds(duration_s(job)), "eta": fmt_seconds(eta_s(job)) if eta_s(job) is not None else None,
+    left = eta_s(job)
+    return {"name": human_name(job["kind"]), "asked": asked(job), "result": result_number(job),
+            "duration": fmt_seconds(duration_s(job)), "eta": fmt_seconds(left) if left is not None else None,
             "percent": round(100 * (job.get("progress") or 0.0))}

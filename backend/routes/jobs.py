@@ -470,8 +470,8 @@ ExampleSort = Query("delta", description="delta: largest drop first; -delta: lar
                                         "change first; text: by text id")
 
 
-def _ablation_rows(settings: Settings, job_id: int, sort: str) -> list[dict]:
-    job = _job_or_404(settings, job_id)
+def _ablation_rows(job: dict, sort: str) -> list[dict]:
+    job_id = job["id"]
     if job["kind"] != "ablation":
         raise HTTPException(404, f"job {job_id} is a {job['kind']} job, not an ablation: it has no examples")
     if not job.get("result"):
@@ -487,7 +487,7 @@ def api_ablation_examples(job_id: JobId, settings: SettingsDep, sort: str = Exam
                           format: Literal["json", "csv"] = Query("json", description="json, or csv (a download)")):
     """An ablation's per-example results: text, score before and after, measured Δ, and what the
     regression and attribution predicted; all of them, in `sort` order."""
-    rows = _ablation_rows(settings, job_id, sort)
+    rows = _ablation_rows(_job_or_404(settings, job_id), sort)
     if format == "csv":
         return StreamingResponse(ablation_examples.csv_lines(rows), media_type="text/csv; charset=utf-8",
                                  headers={"Content-Disposition": f'attachment; filename="ablation-{job_id}.csv"'})
@@ -502,7 +502,7 @@ def job_page(request: Request, job_id: JobId, settings: SettingsDep, sort: str =
                                "workers": jobs.live_workers(settings) if job["status"] in ("queued", "running") else []}
     result = job.get("result") or {}
     if job["kind"] == "ablation" and result:
-        examples = _ablation_rows(settings, job_id, sort)
+        examples = _ablation_rows(job, sort)
         context["examples"], context["n_pages"] = ablation_examples.page_of(examples, page)
         context.update(example_sort=sort, example_sorts={k: v[0] for k, v in ablation_examples.SORTS.items()},
                        example_page=page, n_examples=len(examples))
