@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from backend.settings import get_settings
+from backend.core.settings import get_settings
 
 
 class CliError(Exception):
@@ -17,7 +17,7 @@ class CliError(Exception):
 
 
 def cmd_db_upgrade(args: argparse.Namespace) -> None:
-    from backend.db import upgrade
+    from backend.core.db import upgrade
 
     settings = get_settings()
     upgrade(settings)
@@ -27,11 +27,11 @@ def cmd_db_upgrade(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from backend.app import create_app
-    from backend.db import upgrade
-    from backend.header_timeout import HeaderTimeoutProtocol
+    from backend.web.app import create_app
+    from backend.core.db import upgrade
+    from backend.web.header_timeout import HeaderTimeoutProtocol
 
-    from backend.access import AccessConfigError, check_serving_is_safe
+    from backend.web.access import AccessConfigError, check_serving_is_safe
 
     settings = get_settings()
     host = args.host or settings.host
@@ -52,7 +52,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         # environment, so hand them this host and one session key (a login must hold in each).
         os.environ.update(RA_HOST=host, RA_PORT=str(port),
                           RA_SECRET_KEY=settings.secret_key or secrets.token_hex(32))
-        uvicorn.run("backend.app:create_app", factory=True, host=host, port=port, workers=args.workers,
+        uvicorn.run("backend.web.app:create_app", factory=True, host=host, port=port, workers=args.workers,
                     log_level="warning", http=HeaderTimeoutProtocol)
     finally:
         if worker is not None:
@@ -68,7 +68,7 @@ def wants_embedded_worker(args: argparse.Namespace, settings) -> bool:
 def start_embedded_worker(settings) -> subprocess.Popen:
     """`rewardatlas worker` in a process of its own (torch stays out of the server's), warmed on
     the newest run, ending when this process does."""
-    from backend.db import newest_run_id
+    from backend.core.db import newest_run_id
 
     command = [sys.executable, "-m", "backend.cli", "worker", "--exit-with", str(os.getpid())]
     warm = newest_run_id(settings)
@@ -89,7 +89,7 @@ def stop_embedded_worker(worker: subprocess.Popen, wait_s: float = 10.0) -> None
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from workers.config import ConfigError, check_config, load_config
+    from backend.core.run_config import ConfigError, check_config, load_config
 
     settings = get_settings()
     try:
@@ -112,7 +112,7 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 def cmd_delete_run(args: argparse.Namespace) -> None:
-    from backend.db import ExportFailed, delete_run_with_export, upgrade
+    from backend.core.db import ExportFailed, delete_run_with_export, upgrade
 
     settings = get_settings()
     upgrade(settings)
@@ -126,7 +126,7 @@ def cmd_delete_run(args: argparse.Namespace) -> None:
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
-    from backend.db import upgrade
+    from backend.core.db import upgrade
     from workers.worker import main as worker_main
 
     settings = get_settings()
@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="stop when the process PID ends (the server that started this worker)")
     worker.set_defaults(func=cmd_worker)
 
-    from backend.exports.cli import add_export_parser  # torch-free; its model work loads lazily
+    from backend.cli_exports import add_export_parser  # torch-free; its model work loads lazily
 
     add_export_parser(sub, CliError)
 

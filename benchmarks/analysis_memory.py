@@ -16,10 +16,10 @@ import time
 import numpy as np
 import torch
 
-from backend.settings import Settings
+from backend.core.settings import Settings
 from workers.adapters import load_adapter
 from workers.analyze import collect_corpus_activations
-from workers.config import AnalysisConfig, DEMO_MODEL_DIRNAME
+from backend.core.run_config import AnalysisConfig, DEMO_MODEL_DIRNAME
 from workers.demo_corpus import generate_corpus
 
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import argparse
 
-from backend import db, store
-from backend.routes.common import default_ranking
-from backend.settings import Settings
+from backend.core import db, store
+from backend.web.routes.common import default_ranking
+from backend.core.settings import Settings
 
 
 def layer_lines(path) -> list[str]:

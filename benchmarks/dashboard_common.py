@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from backend.settings import Settings
-from workers.config import AnalysisConfig, DEMO_MODEL_DIRNAME
+from backend.core.settings import Settings
+from backend.core.run_config import AnalysisConfig, DEMO_MODEL_DIRNAME
 
 
 def add_common_args(parser) -> None:

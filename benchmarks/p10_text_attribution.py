@@ -17,8 +17,8 @@ import time
 import httpx
 import numpy as np
 
-from backend import store
-from backend.settings import Settings
+from backend.core import store
+from backend.core.settings import Settings
 from p6_ablation_latency import server_and_worker
 
 TYPED = ["The movie was not good at all, a total waste.", "An absolutely magnificent, heartfelt triumph.",

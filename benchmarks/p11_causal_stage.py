@@ -15,10 +15,10 @@ import time
 
 import numpy as np
 
-from backend import store
-from backend.settings import Settings
+from backend.core import store
+from backend.core.settings import Settings
 from workers.causal import run_causal_stage
-from backend.rankings import directions_of
+from backend.core.rankings import directions_of
 from workers.faithfulness import point
 from workers.tasks import RunCache
 

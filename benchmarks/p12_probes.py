@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from backend import store
-from backend.settings import Settings
+from backend.core import store
+from backend.core.settings import Settings
 from workers.probes import CONTROL_PHRASE, final_scores, insertion_task, vocab_probe_task
 from workers.tasks import RunCache
 

@@ -123,7 +123,7 @@ def main() -> None:
     args = parser.parse_args()
     models = args.data_dir / "models"
     models.mkdir(parents=True, exist_ok=True)
-    from workers.config import DEMO_MODEL_DIRNAME
+    from backend.core.run_config import DEMO_MODEL_DIRNAME
 
     if args.untuned or not (models / DEMO_MODEL_DIRNAME).is_dir():
         model, model_name = str(untuned_minilm(models).resolve()), "MiniLM (the demo RM's network, untuned)"

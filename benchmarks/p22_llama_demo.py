@@ -13,8 +13,8 @@ import resource
 import time
 from pathlib import Path
 
-from backend.settings import Settings
-from workers.config import DEMO_LLAMA_DIRNAME, load_config
+from backend.core.settings import Settings
+from backend.core.run_config import DEMO_LLAMA_DIRNAME, load_config
 from workers.demo import DEMO_LLAMA_CONFIG
 from workers.demo_llama import ensure_demo_llama_rm
 

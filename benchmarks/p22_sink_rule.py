@@ -26,7 +26,7 @@ import torch
 from workers.adapters import adapter_from_config
 from workers.chat import prepare_chat_texts
 from workers.collect import activation_stream
-from workers.config import load_config
+from backend.core.run_config import load_config
 from workers.datasets import read_texts
 from workers.demo import DEMO_LLAMA_CONFIG
 from workers.demo_llama import ensure_demo_llama_rm

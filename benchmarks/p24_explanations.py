@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from backend import db, explanations, store
-from backend.settings import Settings
+from backend.core import db, explanations, store
+from backend.core.settings import Settings
 from workers.explanations import scorers
 from workers.explanations.task import explanations_task
 from workers.tasks import RunCache
@@ -76,7 +76,7 @@ def main() -> None:
     run = cache.get(args.run)
     layer = args.layer if args.layer is not None else store.best_layer(run.store_path)
     info = store.layer_info(run.store_path, layer)
-    from backend.rankings import FALLBACK_RANKING, RANKINGS
+    from backend.core.rankings import FALLBACK_RANKING, RANKINGS
 
     sort = RANKINGS[info.get("default_ranking") or FALLBACK_RANKING].sort
     features = [r["feature"] for r in store.features(run.store_path, layer, sort=sort, limit=args.features).rows]
@@ -92,7 +92,7 @@ def main() -> None:
     show("offline explainer", offline)
 
     # the embedding score alone: MiniLM over the explanation and its snippets, for it and both baselines
-    from backend import embedding
+    from backend.core import embedding
 
     held = explanations_held(run, layer, args.n_texts)
     feature = features[0]

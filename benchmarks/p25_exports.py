@@ -16,17 +16,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from backend import db, store
-from backend.exports import neuronpedia, tables
-from backend.exports.source import run_and_store
-from backend.routes.common import TableView
-from backend.settings import Settings, get_settings
+from backend.core import db, store
+from backend.core.exports import neuronpedia, tables
+from backend.core.exports.source import run_and_store
+from backend.web.routes.common import TableView
+from backend.core.settings import Settings, get_settings
 
 
 def tiny_run(root: Path) -> tuple[Settings, str]:
     """A random 3-block BERT reward model and a 64-feature SAE on block 1 over 120 demo texts."""
     from tests.tiny_models import save_tiny_bert
-    from workers.config import parse_config
+    from backend.core.run_config import parse_config
     from workers.demo_corpus import generate_corpus, vader_reward
     from workers.pipeline import run_pipeline
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from backend.settings import Settings
-from backend.store_schema import FEATURES, STORE_FILENAME
+from backend.core.settings import Settings
+from backend.core.store_schema import FEATURES, STORE_FILENAME
 from dashboard_common import (add_common_args, corpus_of, hooked_encoder, live_features, load_world, packed_tokens,
                               run_ours, run_saedashboard)
 from workers.publish import write_store

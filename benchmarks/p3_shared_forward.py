@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 from sae_lens import SAETrainer
 
-from backend.settings import Settings
+from backend.core.settings import Settings
 from workers.adapters import load_adapter
 from workers.collect import activation_stream, shuffled_batches
-from workers.config import DEMO_MODEL_DIRNAME, parse_config
+from backend.core.run_config import DEMO_MODEL_DIRNAME, parse_config
 from workers.demo_corpus import generate_corpus
 from workers.device import pick_device
 from workers.train import NORM_ESTIMATE_BATCHES, build_training_sae, train_saes, trainer_config

@@ -21,7 +21,7 @@ from sae_lens import SAETrainer
 from torch import nn
 
 from workers.collect import activation_stream
-from workers.config import SaeConfig
+from backend.core.run_config import SaeConfig
 from workers.demo_corpus import generate_corpus
 from workers.device import pick_device
 from workers.train import NORM_ESTIMATE_BATCHES, build_training_sae, trainer_config
@@ -90,9 +90,9 @@ def explained_variance(reconstruct, x: torch.Tensor) -> float:
 
 
 def cached_activations(args, device) -> tuple[list[torch.Tensor], torch.Tensor, int]:
-    from backend.settings import Settings
+    from backend.core.settings import Settings
     from workers.adapters import load_adapter
-    from workers.config import DEMO_MODEL_DIRNAME
+    from backend.core.run_config import DEMO_MODEL_DIRNAME
 
     path = args.model or str(Settings().models_dir / DEMO_MODEL_DIRNAME)
     adapter = load_adapter("seq_cls", path, device, args.max_length)

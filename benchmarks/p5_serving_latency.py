@@ -52,9 +52,9 @@ import pyarrow as pa
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))  # run as a script: backend/ and workers/ from this checkout
 
-from backend import db  # noqa: E402
-from backend.settings import Settings  # noqa: E402
-from backend.store_schema import STORE_FILENAME, STORE_VERSION  # noqa: E402
+from backend.core import db  # noqa: E402
+from backend.core.settings import Settings  # noqa: E402
+from backend.core.store_schema import STORE_FILENAME, STORE_VERSION  # noqa: E402
 from workers.publish import registry_rows, with_best_layer, write_store  # noqa: E402
 
 RUN_ID = "p5"

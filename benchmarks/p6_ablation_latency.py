@@ -24,9 +24,9 @@ import time
 import httpx
 import uvicorn
 
-from backend import db
-from backend.app import create_app
-from backend.settings import Settings
+from backend.core import db
+from backend.web.app import create_app
+from backend.core.settings import Settings
 from workers.worker import Worker
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import scipy.sparse as sp
 
 import workers.regress as regress
-from workers.config import RegressionConfig
+from backend.core.run_config import RegressionConfig
 from workers.regress import fit_probe, fit_regression
 
 MERGE = RegressionConfig().merge_correlated  # the pipeline's default: near-duplicates fitted as one

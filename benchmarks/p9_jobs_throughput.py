@@ -35,9 +35,9 @@ sys.path.insert(0, str(REPO_ROOT))  # tests/: the PostgreSQL finder and the tiny
 
 import sqlalchemy as sa  # noqa: E402
 
-from backend import db, jobs  # noqa: E402
-from backend.models import Job  # noqa: E402
-from backend.settings import Settings  # noqa: E402
+from backend.core import db, jobs  # noqa: E402
+from backend.core.models import Job  # noqa: E402
+from backend.core.settings import Settings  # noqa: E402
 from tests import pg  # noqa: E402
 
 RUN_ID = "p9-tiny"
@@ -47,7 +47,7 @@ N_FEATURES = 64
 
 def make_tiny_run(settings: Settings, root: Path) -> None:
     from tests.tiny_models import save_tiny_bert
-    from workers.config import parse_config
+    from backend.core.run_config import parse_config
     from workers.demo_corpus import generate_corpus, vader_reward
     from workers.pipeline import run_pipeline
 

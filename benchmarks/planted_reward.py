@@ -37,8 +37,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from backend import store
-from backend.settings import Settings
+from backend.core import store
+from backend.core.settings import Settings
 from p12_probes import Context, strongest_positive
 from workers.demo_corpus import NEUTRAL_ADJ, NEUTRAL_NOUN, NEUTRAL_VERB, POSITIVE_ADJ, generate_corpus
 
@@ -114,7 +114,7 @@ def run_config(corpus: Path, model: Path, lexicon: Path, vocabulary: Path, n_tex
 
 
 def ensure_run(settings: Settings, config: dict, rebuild: bool) -> Path:
-    from workers.config import RunConfig
+    from backend.core.run_config import RunConfig
     from workers.pipeline import run_pipeline
 
     path = settings.run_dir(RUN_ID) / "features.duckdb"

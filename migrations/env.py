@@ -1,16 +1,16 @@
-"""Alembic environment: the URL comes from Settings, the target schema from backend.models."""
+"""Alembic environment: the URL comes from Settings, the target schema from backend.core.models."""
 from __future__ import annotations
 
 from logging.config import fileConfig
 
 from alembic import context
 
-from backend.db import get_engine
-from backend.models import Base
-from backend.settings import get_settings
+from backend.core.db import get_engine
+from backend.core.models import Base
+from backend.core.settings import get_settings
 
 config = context.config
-# backend.db.upgrade() passes its Settings; the alembic CLI falls back to the environment.
+# backend.core.db.upgrade() passes its Settings; the alembic CLI falls back to the environment.
 settings = config.attributes.get("settings") or get_settings()
 if config.config_file_name and "settings" not in config.attributes:
     fileConfig(config.config_file_name, disable_existing_loggers=False)  # CLI only

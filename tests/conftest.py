@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import pytest
 
-from backend import db
-from backend.settings import Settings
+from backend.core import db
+from backend.core.settings import Settings
 from tests import pg
 from tests.helpers import make_client, publish_synthetic_run
 

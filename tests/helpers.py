@@ -18,11 +18,11 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     from fastapi.testclient import TestClient
 
-from backend import db, store_schema
-from backend.app import create_app
-from backend.rankings import RANKINGS, directions_of
-from backend.settings import Settings
-from backend.store_schema import STORE_FILENAME
+from backend.core import db, store_schema
+from backend.web.app import create_app
+from backend.core.rankings import RANKINGS, directions_of
+from backend.core.settings import Settings
+from backend.core.store_schema import STORE_FILENAME
 from workers import publish
 from workers.publish import registry_rows, with_best_layer, write_store
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from backend import db, jobs, store
-from backend.settings import Settings
+from backend.core import db, jobs, store
+from backend.core.settings import Settings
 from tests.test_pipeline import tiny_config, tiny_world  # noqa: F401  (module fixture)
 from workers.ablation import (FeatureEdit, control_features, edit_hidden, linear_decoder, mean_with_ci,
                               prepare_eval_set, run_ablation)

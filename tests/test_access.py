@@ -9,9 +9,9 @@ import re
 import pytest
 import sqlalchemy as sa
 
-from backend import db, jobs
-from backend.access import AccessConfigError, check_serving_is_safe
-from backend.models import WebSession
+from backend.core import db, jobs
+from backend.web.access import AccessConfigError, check_serving_is_safe
+from backend.core.models import WebSession
 from tests.helpers import make_client
 
 RUN = "/runs/synthetic"

@@ -288,7 +288,7 @@ def test_real_minilm_hidden_states_match_hooks():
 
 
 def test_family_keys_are_checked_in_the_config():
-    from workers.config import ConfigError, parse_config
+    from backend.core.run_config import ConfigError, parse_config
 
     base = {"name": "x", "dataset": {"source": "demo"}, "layers": [0]}
     with pytest.raises(ConfigError, match="model.reward_function is only read by adapter 'causal_lm'"):

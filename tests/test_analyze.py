@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from workers.config import AnalysisConfig
+from backend.core.run_config import AnalysisConfig
 from workers.feature_stream import FeatureAccumulator, TokenBatch
 
 D_SAE, VOCAB_SIZE, TEXT_LEN = 6, 40, 12

@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from backend import db
-from backend.db import run_exists
-from backend.settings import Settings
+from backend.core import db
+from backend.core.db import run_exists
+from backend.core.settings import Settings
 from tests.tiny_models import minilm_tokenizer
-from workers.config import ConfigError, parse_config
+from backend.core.run_config import ConfigError, parse_config
 
 
 def test_a_model_without_findable_blocks_is_refused_before_compute(tmp_path):

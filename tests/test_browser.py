@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import uvicorn
 
-from backend.app import create_app
+from backend.web.app import create_app
 from tests.helpers import CONTEXT_FEATURE, REPO_ROOT
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -166,7 +166,7 @@ def test_label_three_features_filter_by_label_and_export(live_server, page):
 
 
 def test_layer_page_draws_deletion_curves_and_calibration(live_server, page):
-    from backend.rankings import RANKINGS, directions_of
+    from backend.core.rankings import RANKINGS, directions_of
     from tests.helpers import N_MEASURED
 
     ARTIFACTS.mkdir(exist_ok=True)

@@ -10,10 +10,10 @@ import httpx
 import pytest
 import uvicorn
 
-from backend import db
-from backend.app import create_app
-from backend.routes.common import fmt_weight
-from backend.settings import Settings
+from backend.core import db
+from backend.web.app import create_app
+from backend.web.routes.common import fmt_weight
+from backend.core.settings import Settings
 from tests.test_browser import ARTIFACTS, _free_port, page  # noqa: F401  (fixture)
 from tests.test_pipeline import tiny_config, tiny_world  # noqa: F401  (module fixture)
 from workers.pipeline import run_pipeline

@@ -6,7 +6,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from backend.routes.formats import fmt_weight
+from backend.web.routes.formats import fmt_weight
 from tests.test_browser import ARTIFACTS, page  # noqa: F401  (fixture)
 from tests.test_browser_loop import finished_job, loop_server  # noqa: F401  (module fixture)
 from tests.test_pipeline import tiny_world  # noqa: F401  (module fixture)

@@ -8,8 +8,8 @@ import time
 import pytest
 import yaml
 
-from backend import db, jobs
-from backend.models import Run
+from backend.core import db, jobs
+from backend.core.models import Run
 from tests.helpers import wait_for
 from tests.test_pipeline import N_FEATURES, tiny_config, tiny_world  # noqa: F401  (module fixture)
 from workers.pipeline import SPANS, run_pipeline

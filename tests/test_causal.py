@@ -11,7 +11,7 @@ from tests.tiny_models import save_tiny_bert
 from workers.ablation import prepare_eval_set, run_ablation
 from workers.analyze import forward_with_gradients
 from workers.attribution import AttributionAccumulator, text_contributions
-from workers.config import EffectsConfig, ModelConfig, SaeConfig
+from backend.core.run_config import EffectsConfig, ModelConfig, SaeConfig
 from workers.controls import control_draws, judge, paired_test
 from workers.faithfulness import RANKINGS, default_ranking, deletion_curves, ranked
 from workers.measured_effects import calibration, candidate_features, measure_single_features
@@ -258,7 +258,7 @@ def test_effects_config_sorts_n_and_rejects_nonsense():
 
 
 def test_a_layer_barely_reaches_the_score_when_no_curve_moves_it_or_its_head_reads_one_token():
-    from backend.rankings import barely_reaches
+    from backend.core.rankings import barely_reaches
 
     assert barely_reaches({"reach": 0.01, "read_token_gradient_share": 0.2, "faithfulness_relative": 0.01})
     # the demo's last layer: some curve moves it (features that also fire at [CLS]), its default top 10 do not

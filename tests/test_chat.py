@@ -9,15 +9,15 @@ import duckdb
 import pytest
 from markupsafe import escape
 
-from backend import db
-from backend.db import run_exists
-from backend.settings import Settings
-from backend.store_schema import STORE_FILENAME
+from backend.core import db
+from backend.core.db import run_exists
+from backend.core.settings import Settings
+from backend.core.store_schema import STORE_FILENAME
 from tests.helpers import make_client
 from tests.tiny_models import save_tiny_decoder
 from workers.chat import (ChatMarkers, chat_markers, check_messages, prompt_response_messages, render_chat,
                           require_chat_template)
-from workers.config import ConfigError, parse_config
+from backend.core.run_config import ConfigError, parse_config
 
 TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
             "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")

@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from backend.cli import main
-from workers.config import ConfigError, check_against_world, load_config, parse_config
+from backend.core.run_config import ConfigError, check_against_world, load_config, parse_config
 
 BASE = {"name": "x", "model": {"path": "demo"}, "dataset": {"source": "demo"}, "layers": [1]}
 
@@ -58,7 +58,7 @@ def test_relative_dataset_path_resolves_next_to_the_config(tmp_path):
 
 
 def test_cli_reports_a_broken_config_and_writes_nothing(tmp_path, monkeypatch, capsys):
-    from backend.settings import get_settings
+    from backend.core.settings import get_settings
 
     data_dir = tmp_path / "data"
     monkeypatch.setenv("RA_DATA_DIR", str(data_dir))
@@ -83,7 +83,7 @@ def test_demo_and_serve_hand_their_options_to_the_server(tmp_path, monkeypatch, 
     import uvicorn
 
     import workers.demo
-    from backend.settings import get_settings
+    from backend.core.settings import get_settings
 
     for name, value in (("RA_DATA_DIR", str(tmp_path)), ("RA_HOST", "127.0.0.1"), ("RA_PORT", "8000"),
                         ("RA_SECRET_KEY", "k")):
@@ -103,7 +103,7 @@ def test_demo_and_serve_hand_their_options_to_the_server(tmp_path, monkeypatch, 
 @pytest.fixture
 def cli_settings(migrated, monkeypatch):
     """`rewardatlas` in this process, on the test's data dir and database, with a run 'synthetic'."""
-    from backend.settings import get_settings
+    from backend.core.settings import get_settings
     from tests.helpers import publish_synthetic_run
 
     publish_synthetic_run(migrated)
@@ -149,7 +149,7 @@ def test_cli_prints_a_device_this_machine_lacks_without_a_traceback(cli_settings
 
 
 def test_messages_read_as_sentences_without_library_prefixes_or_a_lead_said_twice():
-    from workers.config import plain_message
+    from backend.core.run_config import plain_message
 
     assert plain_message("invalid config: invalid config:\n  layers: Value error, layer 9 is beyond") == \
         "invalid config:\n  layers: layer 9 is beyond"

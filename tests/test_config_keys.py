@@ -1,5 +1,5 @@
 """Every run-config key is declared with what it may name and how large it may be
-(workers/config_keys.py): a new key cannot be added without either."""
+(backend/core/config_keys.py): a new key cannot be added without either."""
 from __future__ import annotations
 
 import os
@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from backend.settings import Settings
-from workers.config import ConfigError, RunConfig, check_limits, parse_config
-from workers.config_keys import DeploymentLimit, InputRef, is_number, marker, schema_keys, upper_bound
+from backend.core.settings import Settings
+from backend.core.run_config import ConfigError, RunConfig, check_limits, parse_config
+from backend.core.config_keys import DeploymentLimit, InputRef, is_number, marker, schema_keys, upper_bound
 
 DEMO = {"name": "x", "model": {"path": "demo"}, "dataset": {"source": "demo"}, "layers": [1]}
 
@@ -18,7 +18,7 @@ DEMO = {"name": "x", "model": {"path": "demo"}, "dataset": {"source": "demo"}, "
 PLAIN_TEXT = {"name", "run_id", "device", "model.step_separator", "model.good_token", "model.bad_token",
               "dataset.split", "dataset.text_column", "dataset.reward_column", "dataset.steps_column",
               "lexicon.carriers[]", "lexicon.neutral_word",
-              # a function in an installed package (from the web: only this package's, workers/config.py)
+              # a function in an installed package (from the web: only this package's, backend/core/run_config.py)
               "model.loader", "model.output",
               # chat data: column names, and a Jinja template rendered in a sandbox by transformers
               "dataset.messages_column", "dataset.prompt_column", "dataset.response_column", "dataset.chat_template"}
@@ -149,7 +149,7 @@ def test_the_command_line_reads_any_path_but_never_echoes_a_file(roots, tmp_path
     _, outside = roots
     config = parse_config(_config(lexicon={"reference": str(outside / "secret.csv")}), base_dir=tmp_path)
     assert config.lexicon.reference == str(outside / "secret.csv")
-    from workers.config import check_word_lists
+    from backend.core.run_config import check_word_lists
 
     with pytest.raises(ConfigError) as refused:
         check_word_lists(config)
@@ -163,7 +163,7 @@ def test_a_nul_anywhere_in_a_config_is_refused_naming_the_key():
 
 
 def test_a_model_folder_without_a_tokenizer_is_refused_before_any_compute(roots, tmp_path):
-    from workers.config import check_local_tokenizers
+    from backend.core.run_config import check_local_tokenizers
 
     inside, _ = roots
     base = inside / "base"

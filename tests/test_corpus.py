@@ -1,4 +1,4 @@
-"""The corpus browser's store query (backend/store.py corpus) on a synthetic store, and the
+"""The corpus browser's store query (backend/core/store.py corpus) on a synthetic store, and the
 running top-N of texts per feature (workers/ranked_texts.py) against brute force."""
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from backend import store
-from backend.store_schema import STORE_FILENAME
+from backend.core import store
+from backend.core.store_schema import STORE_FILENAME
 from tests.helpers import CONTEXT_FEATURE, DEAD_FEATURE, RANKED_TEXTS, spec_columns, synthetic_tables
 from workers.publish import write_store
 from workers.ranked_texts import RankedTexts, per_text_maxima
@@ -202,7 +202,7 @@ def test_running_top_n_off_and_per_text_maxima():
 
 
 def test_the_analysis_accumulator_ranks_texts_without_their_special_tokens():
-    from workers.config import AnalysisConfig
+    from backend.core.run_config import AnalysisConfig
     from workers.feature_stream import FeatureAccumulator, TokenBatch
 
     batches = random_batches(20, seed=5)
@@ -227,7 +227,7 @@ def test_the_analysis_accumulator_ranks_texts_without_their_special_tokens():
     (10**6, "analysis.ranked_texts: Input should be less than or equal to 10000"),
 ])
 def test_ranked_texts_must_be_a_whole_number_from_0(value, message):
-    from workers.config import ConfigError, parse_config
+    from backend.core.run_config import ConfigError, parse_config
 
     base = {"name": "x", "model": {"path": "demo"}, "dataset": {"source": "demo"}, "layers": [1]}
     with pytest.raises(ConfigError) as err:

@@ -8,9 +8,9 @@ import re
 
 import pytest
 
-from backend import store
-from backend.routes.common import get_run, store_path
-from backend.routes.corpus import highlighted
+from backend.core import store
+from backend.web.routes.common import get_run, store_path
+from backend.web.routes.corpus import highlighted
 from tests.helpers import CONTEXT_FEATURE, RANKED_TEXTS
 
 API, PAGE = "/api/runs/synthetic/texts", "/runs/synthetic/texts"

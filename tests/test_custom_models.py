@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from backend import db
-from backend.settings import Settings
+from backend.core import db
+from backend.core.settings import Settings
 from tests.custom_model_fixtures import OBJECTIVES, TinyMultiObjectiveRM, encode
 from tests.helpers import make_client
 from tests.tiny_models import minilm_tokenizer, save_tiny_bert
 from workers.adapters import adapter_from_config, load_adapter
 from workers.adapters.custom import load_custom_adapter
-from workers.config import ConfigError, check_config, parse_config
+from backend.core.run_config import ConfigError, check_config, parse_config
 from workers.pipeline import run_pipeline
 
 CPU = torch.device("cpu")
@@ -234,7 +234,7 @@ def save_remote_code_model(path: Path) -> Path:
 
 
 def test_a_hf_directory_with_its_own_code_needs_trust_remote_code(tmp_path):
-    from workers.config import check_against_world
+    from backend.core.run_config import check_against_world
 
     path = save_remote_code_model(tmp_path / "remote")
     refused = parse_config(model_config(path=str(path), output="preferred"))
@@ -299,7 +299,7 @@ def test_a_run_records_the_output_it_explains_and_every_page_says_so(custom_run)
 
 
 def test_the_web_refuses_a_missing_loader_or_output_before_queueing(client, migrated, tmp_path):
-    from backend import jobs
+    from backend.core import jobs
 
     def submit(model: str):
         return client.post("/api/jobs", json={"config_yaml": f"name: web\nmodel: {model}\ndataset: {{source: demo}}\n"

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from tests.tiny_models import minilm_tokenizer
-from workers.config import ConfigError, DatasetConfig
+from backend.core.run_config import ConfigError, DatasetConfig
 from workers.datasets import load_corpus
 
 ROWS = [{"text": f"review {i} " + "good " * (i % 7), "reward": float(i) / 10} for i in range(40)]

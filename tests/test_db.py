@@ -9,9 +9,9 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy.exc import IntegrityError
 
-from backend import db
-from backend.models import Base, Run, Sae
-from backend.settings import get_settings
+from backend.core import db
+from backend.core.models import Base, Run, Sae
+from backend.core.settings import get_settings
 from tests.helpers import REPO_ROOT
 
 pytestmark = pytest.mark.sql_databases  # each test on SQLite and PostgreSQL (tests/conftest.py)

@@ -6,9 +6,9 @@ import duckdb
 import pytest
 
 import workers.pipeline
-from backend.store_schema import STORE_FILENAME
+from backend.core.store_schema import STORE_FILENAME
 from tests.helpers import publish_synthetic_run
-from workers.config import DEMO_MODEL_DIRNAME, load_config
+from backend.core.run_config import DEMO_MODEL_DIRNAME, load_config
 from workers.demo import DEMO_CONFIG, ensure_demo
 
 

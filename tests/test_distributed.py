@@ -13,10 +13,10 @@ import pytest
 import torch
 import yaml
 
-from backend import db
+from backend.core import db
 from backend.cli import main
-from backend.settings import Settings
-from backend.store_schema import STORE_FILENAME
+from backend.core.settings import Settings
+from backend.core.store_schema import STORE_FILENAME
 from tests.test_pipeline import tiny_config
 from tests.tiny_models import save_tiny_bert
 from workers.distributed import FAIL_RANK_FOR_TESTS

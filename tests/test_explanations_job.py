@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from backend import db, explanations, jobs, store
-from backend.llm import parse_object, Endpoint, LLMError
-from backend.settings import Settings
+from backend.core import db, explanations, jobs, store
+from backend.core.llm import parse_object, Endpoint, LLMError
+from backend.core.settings import Settings
 from tests import llm_server
 from tests.helpers import make_client, wait_for
 from tests.test_jobs_web import csrf
@@ -214,7 +214,7 @@ def test_prompts_carry_no_raw_html_and_mark_the_activating_tokens():
 def test_the_numpy_minilm_matches_transformers():
     from transformers import AutoModel, AutoTokenizer
 
-    from backend.embedding import embed
+    from backend.core.embedding import embed
     from workers.demo_model import base_model_path
 
     texts = ["positive adjectives such as magnificent", "The film was dull.", "a"]

@@ -1,4 +1,4 @@
-"""Explanations on the web, on the synthetic run (backend/routes/explanations.py): the layer page's
+"""Explanations on the web, on the synthetic run (backend/web/routes/explanations.py): the layer page's
 form and JSON twin queue a job, and bad input is a 4xx creating no job (an unreachable endpoint
 refused by the probe, naming RA_LLM_BASE_URL); explanations are escaped on every page; the layer
 table's column and filter; search by meaning and by text; a hand edit is a new version (a stale one
@@ -11,10 +11,10 @@ import io
 
 import pytest
 
-from backend import db, explanations, jobs, labels
-from backend.embedding import embed
-from backend.explanation_agreement import agreement
-from backend.settings import Settings
+from backend.core import db, explanations, jobs, labels
+from backend.core.embedding import embed
+from backend.web.explanation_agreement import agreement
+from backend.core.settings import Settings
 from tests.helpers import make_client, publish_synthetic_run
 from tests.llm_server import free_port
 from tests.test_jobs_web import csrf, job_count

@@ -12,10 +12,10 @@ import zipfile
 import pyarrow.parquet as pq
 import pytest
 
-from backend import labels
+from backend.core import labels
 from backend.cli import main
-from backend.exports import neuronpedia
-from backend.settings import get_settings
+from backend.core.exports import neuronpedia
+from backend.core.settings import get_settings
 from tests.helpers import CONTEXT_FEATURE, DEAD_FEATURE, N_FEATURES
 
 RUN = "synthetic"
@@ -171,7 +171,7 @@ def test_neuronpedia_rows_follow_the_schema_and_each_file_keeps_one_set_of_keys(
 def test_neuronpedia_carries_written_explanations_with_their_scores(migrated, synthetic_run, tmp_path):
     import jsonschema
 
-    from backend import explanations
+    from backend.core import explanations
 
     write_sae_config(migrated)
     written = explanations.write(migrated, RUN, LAYER, 7, "praise of the acting", explainer="offline", model="",
@@ -269,8 +269,8 @@ def test_cli_writes_whole_or_not_at_all(cli, migrated, tmp_path, capsys, monkeyp
 
 
 def synthetic_run_pos(settings) -> list[int]:
-    from backend import store
-    from backend.exports.source import open_layer
+    from backend.core import store
+    from backend.core.exports.source import open_layer
 
     source = open_layer(settings, RUN, LAYER)
     return [r["feature"] for r in store.features(source.store_path, LAYER, "attribution",

@@ -12,14 +12,14 @@ import shutil
 
 import pytest
 
-from backend import db, labels, store
+from backend.core import db, labels, store
 from backend.cli import main
-from backend.exports import neuronpedia
-from backend.exports.source import open_layer
-from backend.settings import Settings, get_settings
+from backend.core.exports import neuronpedia
+from backend.core.exports.source import open_layer
+from backend.core.settings import Settings, get_settings
 from tests.helpers import make_client
 from tests.tiny_models import save_tiny_bert
-from workers.config import parse_config
+from backend.core.run_config import parse_config
 from workers.pipeline import run_pipeline
 
 RUN, LAYER, WIDTH = "tiny-export", 1, 64

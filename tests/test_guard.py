@@ -1,4 +1,4 @@
-"""The guards in front of the app (backend/guard.py): hosts it answers to, cross-site requests,
+"""The guards in front of the app (backend/web/guard.py): hosts it answers to, cross-site requests,
 bounded bodies, and the security headers on every response, with pages that need no inline script."""
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import httpx
 import pytest
 import uvicorn
 
-from backend import jobs
-from backend.app import create_app
-from backend.guard import allowed_hosts, host_name
+from backend.core import jobs
+from backend.web.app import create_app
+from backend.web.guard import allowed_hosts, host_name
 from tests.helpers import CONTEXT_FEATURE, TestClient, make_client
 from tests.test_browser import _free_port, live_server, page  # noqa: F401  (fixtures)
 

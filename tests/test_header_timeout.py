@@ -1,4 +1,4 @@
-"""Slow headers are timed out (backend/header_timeout.py): a client that sends one header line
+"""Slow headers are timed out (backend/web/header_timeout.py): a client that sends one header line
 every few seconds no longer holds its connection for ever. Raw sockets against a live server."""
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import time
 import pytest
 import uvicorn
 
-from backend.app import create_app
-from backend.header_timeout import HeaderTimeoutProtocol
+from backend.web.app import create_app
+from backend.web.header_timeout import HeaderTimeoutProtocol
 from tests.test_browser import _free_port
 
 TIMEOUT_S = 0.6

@@ -16,7 +16,7 @@ import pytest
 
 import yaml
 
-from backend import jobs, labels
+from backend.core import jobs, labels
 from tests.conftest import SQL_DATABASES
 from tests.helpers import DEAD_FEATURE, LAYERS, N_FEATURES, make_client
 
@@ -362,8 +362,8 @@ def test_there_are_at_least_300_hostile_requests():
 def hostile_app(request, tmp_path_factory):
     import contextlib
 
-    from backend import db
-    from backend.settings import Settings
+    from backend.core import db
+    from backend.core.settings import Settings
 
     with (request.getfixturevalue("postgres_server").database() if request.param == "postgresql"
           else contextlib.nullcontext("")) as database_url:
@@ -372,7 +372,7 @@ def hostile_app(request, tmp_path_factory):
 
 
 def _hostile_app(settings):
-    from backend import db
+    from backend.core import db
     from tests.helpers import publish_synthetic_run
 
     db.upgrade(settings)

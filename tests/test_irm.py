@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 
-from backend import jobs, labels
+from backend.core import jobs, labels
 from tests.helpers import make_client
 from tests.test_ablation import LAYER, live_features, tiny_run  # noqa: F401  (module fixture)
 from tests.test_pipeline import tiny_world  # noqa: F401  (module fixture)

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from backend import jobs
+from backend.core import jobs
 
 pytestmark = pytest.mark.sql_databases  # each test on SQLite and PostgreSQL (tests/conftest.py)
 

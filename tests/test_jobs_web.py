@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from backend import jobs
-from backend.access import AccessConfigError, check_serving_is_safe
+from backend.core import jobs
+from backend.web.access import AccessConfigError, check_serving_is_safe
 from tests.helpers import N_FEATURES, make_client, publish_synthetic_run
 
 pytestmark = pytest.mark.sql_databases  # each test on SQLite and PostgreSQL (tests/conftest.py)
@@ -170,9 +170,9 @@ def test_a_large_ablation_pages_sorts_and_downloads_its_examples(client, migrate
 def test_the_jobs_list_says_what_each_job_was_asked_and_came_to(client, migrated):
     from datetime import timedelta
 
-    from backend import db
-    from backend.job_summaries import eta_s
-    from backend.models import Job
+    from backend.core import db
+    from backend.web.job_summaries import eta_s
+    from backend.core.models import Job
 
     typed = jobs.submit(migrated, "inference", {"run_id": "synthetic", "layer": 3, "text": "loved every minute of it"},
                         "local", "synthetic")

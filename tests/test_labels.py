@@ -11,8 +11,8 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from backend import db, labels
-from backend.models import LABELS, LabelEvent
+from backend.core import db, labels
+from backend.core.models import LABELS, LabelEvent
 from tests.helpers import N_FEATURES, make_client, publish_synthetic_run
 from tests.test_browser import live_server  # noqa: F401  (a fixture: one real uvicorn server)
 

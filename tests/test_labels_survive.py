@@ -10,9 +10,11 @@ import re
 import pytest
 import sqlalchemy as sa
 
-from backend import cli, db, labels
-from backend.models import Label, LabelEvent, Run, Sae
-from backend.settings import get_settings
+from backend import cli
+
+from backend.core import db, labels
+from backend.core.models import Label, LabelEvent, Run, Sae
+from backend.core.settings import get_settings
 from tests.helpers import make_client, publish_synthetic_run, synthetic_tables
 from workers.publish import registry_rows
 

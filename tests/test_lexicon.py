@@ -13,14 +13,14 @@ import pytest
 import torch
 from scipy.stats import kendalltau
 
-from backend import db, store
-from backend.settings import Settings
-from backend.store_schema import STORE_FILENAME
+from backend.core import db, store
+from backend.core.settings import Settings
+from backend.core.store_schema import STORE_FILENAME
 from tests.helpers import make_client
 from tests.test_pipeline import tiny_config, tiny_world  # noqa: F401  (fixture)
-from workers.config import ConfigError, check_word_lists, parse_config
+from backend.core.run_config import ConfigError, check_word_lists, parse_config
 from workers.pipeline import run_pipeline
-from workers.reference_words import ReferenceError, read_lexicon_csv
+from backend.core.reference_words import ReferenceError, read_lexicon_csv
 from workers.tasks import RunCache
 
 CARRIERS = ["The word on the card was {}.", "She wrote {} on the board.", "He read {} aloud."]

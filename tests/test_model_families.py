@@ -8,12 +8,12 @@ import duckdb
 import numpy as np
 import pytest
 
-from backend import db
-from backend.settings import Settings
-from backend.store_schema import STORE_FILENAME
+from backend.core import db
+from backend.core.settings import Settings
+from backend.core.store_schema import STORE_FILENAME
 from tests.helpers import make_client
 from tests.tiny_models import save_tiny_decoder
-from workers.config import ConfigError, parse_config
+from backend.core.run_config import ConfigError, parse_config
 from workers.demo_corpus import generate_corpus, vader_reward
 from workers.pipeline import run_pipeline
 

@@ -13,12 +13,12 @@ import pytest
 import torch
 import yaml
 
-from backend import db
-from backend.settings import Settings
-from backend.store_schema import STORE_FILENAME
+from backend.core import db
+from backend.core.settings import Settings
+from backend.core.store_schema import STORE_FILENAME
 from tests.helpers import make_client
 from workers.adapters.nanoguard import token_texts
-from workers.config import parse_config
+from backend.core.run_config import parse_config
 from workers.injection_corpus import generate
 from workers.pipeline import run_pipeline
 

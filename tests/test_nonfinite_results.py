@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from backend import db, jobs, store
-from backend.settings import Settings
-from backend.store_schema import STORE_FILENAME
+from backend.core import db, jobs, store
+from backend.core.settings import Settings
+from backend.core.store_schema import STORE_FILENAME
 from tests.test_pipeline import tiny_config, tiny_world  # noqa: F401  (module fixture)
 from workers.pipeline import run_pipeline
 from workers.tasks import RunCache

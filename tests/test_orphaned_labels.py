@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from backend import labels
+from backend.core import labels
 
 pytestmark = pytest.mark.sql_databases
 

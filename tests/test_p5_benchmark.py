@@ -89,7 +89,7 @@ def test_keep_alive_connections_are_recycled_so_they_spread_over_processes(p5, s
     import http.client
     from urllib.parse import urlsplit
 
-    from backend.keepalive import REQUESTS_PER_CONNECTION as N
+    from backend.web.keepalive import REQUESTS_PER_CONNECTION as N
 
     p5.build_store(settings, saes=1, width=64, n_contexts=2, n_texts=10)
     with p5.serve(settings.data_dir, workers=2) as (base, _proc):

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from backend.settings import Settings
-from backend.store_schema import STORE_FILENAME
+from backend.core.settings import Settings
+from backend.core.store_schema import STORE_FILENAME
 from tests.helpers import LAYERS, N_FEATURES, PAIR_WIDTH, make_client, pair_cosine
 from workers.analyses.pairs import max_cosines, mmcs
-from workers.config import ConfigError, parse_config
+from backend.core.run_config import ConfigError, parse_config
 
 RUN = "/runs/synthetic"
 
@@ -110,7 +110,7 @@ def test_bad_widths_are_refused_before_compute(sae, message):
 def paired_run(tmp_path_factory):
     import json
 
-    from backend import db
+    from backend.core import db
     from tests.test_pipeline import tiny_config
     from tests.tiny_models import save_tiny_bert
     from workers.demo_corpus import generate_corpus, vader_reward

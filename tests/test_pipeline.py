@@ -7,16 +7,16 @@ import duckdb
 import numpy as np
 import pytest
 
-from backend import db
-from backend.layer_choice import best_layer
-from backend.models import Run
-from backend.rankings import RANKINGS
-from backend.settings import Settings
-from backend.store_schema import STORE_FILENAME
+from backend.core import db
+from backend.core.layer_choice import best_layer
+from backend.core.models import Run
+from backend.core.rankings import RANKINGS
+from backend.core.settings import Settings
+from backend.core.store_schema import STORE_FILENAME
 from tests.helpers import make_client
 from tests.tiny_models import save_tiny_bert
 from workers import publish
-from workers.config import parse_config
+from backend.core.run_config import parse_config
 from workers.pipeline import run_pipeline
 
 N_FEATURES = 64
@@ -238,7 +238,7 @@ def test_failure_while_writing_leaves_nothing(tiny_world, tmp_path, monkeypatch)
 
 
 def test_existing_run_is_not_overwritten_without_replace(finished_run, tiny_world):
-    from workers.config import ConfigError
+    from backend.core.run_config import ConfigError
 
     settings, run_dir = finished_run
     before = (run_dir / STORE_FILENAME).stat().st_mtime_ns
@@ -310,7 +310,7 @@ def test_each_feature_ranks_the_texts_where_its_max_activation_is_largest(finish
 
 
 def test_causal_columns_measured_and_the_default_ranking_is_the_curve_that_moves_most(finished_run):
-    from backend.rankings import RANKINGS
+    from backend.core.rankings import RANKINGS
     from workers.faithfulness import default_ranking
 
     settings, run_dir = finished_run

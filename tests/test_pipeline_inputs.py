@@ -13,12 +13,12 @@ import time
 import pytest
 import yaml
 
-from backend import jobs
-from backend.settings import Settings
+from backend.core import jobs
+from backend.core.settings import Settings
 from tests.helpers import REPO_ROOT
 from tests.test_pipeline import tiny_config, tiny_world  # noqa: F401  (module fixture)
 from workers import staging
-from workers.config import ConfigError, check_against_world, parse_config, preflight
+from backend.core.run_config import ConfigError, check_against_world, parse_config, preflight
 from workers.pipeline import run_pipeline
 
 # Dataset and model checks run on SQLite only; what reads the run registry (preflight, the web)
@@ -100,7 +100,7 @@ def test_max_length_beyond_the_models_positions_is_named(tiny_world, tmp_path, m
 
 
 def test_roberta_style_positions_leave_out_the_padding_offset():
-    from workers.config import model_facts
+    from backend.core.run_config import model_facts
 
     facts = model_facts({"model_type": "roberta", "max_position_embeddings": 514, "pad_token_id": 1,
                          "num_hidden_layers": 12})
@@ -166,8 +166,8 @@ def test_preflight_reads_a_local_model_without_importing_torch(tiny_world, migra
     model, dataset = tiny_world
     script = f"""
 import sys
-from backend.settings import Settings
-from workers.config import ConfigError, parse_config, preflight
+from backend.core.settings import Settings
+from backend.core.run_config import ConfigError, parse_config, preflight
 settings = Settings(data_dir={str(migrated.data_dir)!r}, database_url={migrated.database_url!r})
 base = {{"name": "x", "model": {{"path": {str(model)!r}}}, "dataset": {{"source": {str(dataset)!r}}}}}
 preflight(parse_config({{**base, "layers": [0, 2]}}), settings)

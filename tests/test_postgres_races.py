@@ -11,9 +11,9 @@ from datetime import datetime, timedelta, timezone
 import pytest
 import sqlalchemy as sa
 
-from backend import db, jobs, labels
-from backend.models import LABELS, LabelEvent
-from backend.settings import Settings
+from backend.core import db, jobs, labels
+from backend.core.models import LABELS, LabelEvent
+from backend.core.settings import Settings
 from tests.helpers import make_client, publish_synthetic_run
 
 pytestmark = pytest.mark.sql_databases  # each test on SQLite and PostgreSQL (tests/conftest.py)

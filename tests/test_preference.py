@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from backend import db
-from backend.settings import Settings
-from backend.store_schema import STORE_FILENAME
+from backend.core import db
+from backend.core.settings import Settings
+from backend.core.store_schema import STORE_FILENAME
 from tests.tiny_models import save_tiny_bert, save_tiny_decoder
-from workers.config import ConfigError, DatasetConfig, parse_config
+from backend.core.run_config import ConfigError, DatasetConfig, parse_config
 from workers.datasets import read_texts, select_corpus
 from workers.demo_pairs import generate_pairs, response_text, write_pairs_jsonl
 from workers.pipeline import run_pipeline

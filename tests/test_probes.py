@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from backend import db, jobs, store
-from backend.models import Run
+from backend.core import db, jobs, store
+from backend.core.models import Run
 from tests.helpers import make_client
 from tests.test_ablation import tiny_run  # noqa: F401  (module fixture: a tiny pipeline run, layers 0 and 2)
 from tests.test_pipeline import tiny_world  # noqa: F401  (module fixture)

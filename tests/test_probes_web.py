@@ -1,4 +1,4 @@
-"""Reward-hacking probes from the web (backend/routes/probes.py): the feature page's forms and the
+"""Reward-hacking probes from the web (backend/web/routes/probes.py): the feature page's forms and the
 JSON endpoints queue jobs with the right params, bad input is a 4xx that creates no job, and a
 finished probe's job page and the feature page show its numbers."""
 from __future__ import annotations
@@ -8,8 +8,10 @@ import re
 
 import pytest
 
-from backend import charts, db, jobs
-from backend.models import Run
+from backend.web import charts
+
+from backend.core import db, jobs
+from backend.core.models import Run
 from tests.helpers import N_FEATURES
 from tests.test_jobs_web import csrf, job_count
 from workers.probes import CLAMP_MULTIPLES, CONTROL_PHRASE, DEFAULT_CARRIERS, DEFAULT_STEER_VALUES

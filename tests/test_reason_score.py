@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from backend import jobs, store
+from backend.core import jobs, store
 from tests.test_jobs_web import csrf, job_count
 from tests.test_lexicon import lexicon_run, score  # noqa: F401  (fixture)
 from tests.test_pipeline import tiny_world  # noqa: F401  (fixture)
 from tests.tiny_models import minilm_tokenizer
 from workers.analyses.reason_score import (ReasonScoreAccumulator, Vocabulary, check, compute_reason_scores,
                                            reason_score_task, reason_scores, vocabulary_tokens, word_masks)
-from workers.config import ConfigError, parse_config
+from backend.core.run_config import ConfigError, parse_config
 
 RUN = "/runs/synthetic"
 
@@ -101,7 +101,7 @@ def test_a_vocabulary_with_no_known_token_is_refused_before_compute(tmp_path):
         check(config, tokenizer)  # the pipeline calls it once the model is loaded, before training
     blank = tmp_path / "blank.txt"
     blank.write_text("# only a comment\n")
-    from workers.config import check_word_lists
+    from backend.core.run_config import check_word_lists
 
     with pytest.raises(ConfigError, match="no words"):
         check_word_lists(parse_config({"name": "x", "model": {"path": "demo"}, "dataset": {"source": "demo"},
@@ -223,6 +223,6 @@ def test_the_feature_page_shows_its_reason_score(client):
     page = client.get(f"{RUN}/layers/3/features/7").text
     assert card["reason_score"] is not None
     assert f'<dd id="reason-score"><a href="{RUN}/layers/3?sort=reason_score"' in page
-    from backend.routes.formats import fmt_num
+    from backend.web.routes.formats import fmt_num
 
     assert f"{fmt_num(card['reason_score'], 4)}</a></dd>" in page

@@ -8,7 +8,7 @@ import scipy.sparse as sp
 from sklearn.linear_model import Lasso, Ridge
 
 import workers.regress as regress
-from workers.config import ConfigError, RegressionConfig, parse_config
+from backend.core.run_config import ConfigError, RegressionConfig, parse_config
 from workers.regress import fit_probe, fit_regression, fit_reward_regression
 
 

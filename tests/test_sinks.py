@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from backend import db
-from backend.settings import Settings
-from backend.store_schema import STORE_FILENAME
+from backend.core import db
+from backend.core.settings import Settings
+from backend.core.store_schema import STORE_FILENAME
 from tests.helpers import make_client
 from tests.tiny_models import save_tiny_decoder
 from workers.collect import activation_stream, shuffled_batches
-from workers.config import parse_config
+from backend.core.run_config import parse_config
 from workers.sinks import NO_RULE, SinkReport, SinkRule, with_sink_rule
 
 SINK_SCALE = 2000.0

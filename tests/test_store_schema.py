@@ -1,4 +1,4 @@
-"""The store's columns are defined once (backend/store_schema.py): the DDL, the writer's check,
+"""The store's columns are defined once (backend/core/store_schema.py): the DDL, the writer's check,
 the reader's columns, the sorts and the feature card all follow from the spec."""
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import sys
 import duckdb
 import pytest
 
-from backend import store, store_schema
-from backend.layer_choice import best_layer
-from backend.routes.layers import COLUMN_NAMES, SORT_LABELS
-from backend.store_schema import FEATURES, STORE_FILENAME, TABLES, schema_sql
+from backend.core import store, store_schema
+from backend.core.layer_choice import best_layer
+from backend.web.routes.layers import COLUMN_NAMES, SORT_LABELS
+from backend.core.store_schema import FEATURES, STORE_FILENAME, TABLES, schema_sql
 from tests.helpers import REPO_ROOT, synthetic_tables
 from workers.publish import write_store
 
@@ -65,15 +65,15 @@ NEW_COLUMN_SCRIPT = """
 import dataclasses, json, sys
 from pathlib import Path
 
-from backend import store_schema as schema
+from backend.core import store_schema as schema
 
 novelty = schema.Column("novelty", "DOUBLE", "a column added to the spec alone", table=True,
                         sort_key="novelty", label="novelty")
 schema.FEATURES = dataclasses.replace(schema.FEATURES, columns=(*schema.FEATURES.columns, novelty))
 schema.TABLES["features"] = schema.FEATURES
 
-from backend import store
-from backend.routes.layers import describe_sort
+from backend.core import store
+from backend.web.routes.layers import describe_sort
 from tests.helpers import synthetic_tables
 from workers.publish import write_store
 

@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from backend import jobs, store
-from backend.routes.common import get_run, store_path
+from backend.core import jobs, store
+from backend.web.routes.common import get_run, store_path
 from tests.helpers import CONTEXT_FEATURE
 
 

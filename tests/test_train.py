@@ -7,7 +7,7 @@ import torch
 
 from tests.tiny_models import save_tiny_bert
 from workers.adapters import load_adapter
-from workers.config import ConfigError, SaeConfig, parse_config
+from backend.core.run_config import ConfigError, SaeConfig, parse_config
 from workers.evaluate import reward_recovery, zero_output
 from workers.train import build_training_sae, load_saes, train_saes, trainer_config
 
@@ -175,7 +175,7 @@ def test_the_decoder_bias_starts_at_the_mean_of_what_it_is_trained_on():
     import torch
     from sae_lens.saes.sae import SAEMetadata
 
-    from workers.config import SaeConfig
+    from backend.core.run_config import SaeConfig
     from workers.train import CentredStartTrainer, build_training_sae, trainer_config
 
     rng = torch.Generator().manual_seed(0)

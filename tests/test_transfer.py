@@ -10,12 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from backend import db
-from backend.settings import Settings
-from backend.store_schema import STORE_FILENAME
+from backend.core import db
+from backend.core.settings import Settings
+from backend.core.store_schema import STORE_FILENAME
 from tests.helpers import make_client
 from tests.tiny_models import save_tiny_bert
-from workers.config import ConfigError, parse_config
+from backend.core.run_config import ConfigError, parse_config
 from workers.divergence import parameter_divergence
 from workers.pipeline import run_pipeline
 
@@ -255,7 +255,7 @@ def _other_tokenizer(out):
 
 
 def test_bad_transfer_input_is_refused_before_any_compute(world, tmp_path):
-    from workers.config import check_config
+    from backend.core.run_config import check_config
 
     root, rm, base, dataset = world
     settings = Settings(data_dir=tmp_path / "data")

@@ -7,11 +7,11 @@ import sys
 
 import pytest
 
-from backend import layer_choice
+from backend.core import layer_choice
 from markupsafe import escape
-from backend.rankings import RANKINGS
-from backend.routes.formats import fmt_num, fmt_pct, fmt_weight
-from backend.store import SORTS
+from backend.core.rankings import RANKINGS
+from backend.web.routes.formats import fmt_num, fmt_pct, fmt_weight
+from backend.core.store import SORTS
 from tests.helpers import (CONTEXT_FEATURE, DEAD_FEATURE, DEFAULT_RANKING, LAYERS, N_FEATURES, QUANTILE_BINS,
                            QUANTILE_TOKEN, WEIGHT_GROUP, REPO_ROOT, make_client, publish_synthetic_run)
 
@@ -263,7 +263,7 @@ def test_replaced_store_is_reread(migrated, synthetic_run):
         before = c.get(f"/api{RUN}/layers/3?sort=weight").json()["features"][0]
         # rewrite the store at the same path with weights negated
         import workers.publish
-        from backend.store_schema import STORE_FILENAME
+        from backend.core.store_schema import STORE_FILENAME
         from tests.helpers import synthetic_tables
         tables = synthetic_tables()
         tables["features"]["weight"] = [-w for w in tables["features"]["weight"]]
@@ -290,12 +290,12 @@ def test_second_run_registers_and_lists(migrated, synthetic_run):
 
 
 def test_app_never_imports_torch():
-    code = "import backend.app, sys; assert 'torch' not in sys.modules and 'sae_lens' not in sys.modules"
+    code = "import backend.web.app, sys; assert 'torch' not in sys.modules and 'sae_lens' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO_ROOT)
 
 
 def test_token_spans_spacing_and_shading():
-    from backend.routes.formats import token_spans, token_texts
+    from backend.web.routes.formats import token_spans, token_texts
 
     def text(tokens):
         return "".join((" " if space else "") + shown for shown, space in token_texts(tokens))
@@ -322,7 +322,7 @@ def test_store_of_another_schema_version_is_answered_with_409(migrated, tmp_path
     """A run whose store predates the current schema says how to fix it instead of crashing."""
     import duckdb
 
-    from backend import store
+    from backend.core import store
     from tests.helpers import make_client, publish_synthetic_run
 
     publish_synthetic_run(migrated, run_id="old")
@@ -379,7 +379,7 @@ def test_filters_keep_exactly_the_matching_features(client, synthetic_run, query
 
 
 def test_the_sign_filter_reads_the_default_rankings_sign():
-    from backend.store import FeatureFilter
+    from backend.core.store import FeatureFilter
 
     assert FeatureFilter(sign="pos", sign_column="attribution").where()[0] == " AND attribution > 0"
     # measured Δ is the change when zeroed: a feature whose zeroing lowers the score raises it
@@ -491,7 +491,7 @@ def test_feature_cards_agree_with_the_tables_they_are_built_from(migrated, synth
     """Each card (one read per feature page) holds what queries on the tables would give."""
     import duckdb
 
-    from backend import store
+    from backend.core import store
 
     path = migrated.data_dir / "runs" / "synthetic" / "features.duckdb"
     con = duckdb.connect(str(path), read_only=True)
@@ -515,7 +515,7 @@ def test_feature_cards_agree_with_the_tables_they_are_built_from(migrated, synth
 
 
 def test_best_layer_is_explained_by_weights_that_agree_with_the_reward_effect():
-    from backend.layer_choice import best_layer
+    from backend.core.layer_choice import best_layer
 
     layers = [{"layer": 1, "r2_heldout": 0.977, "weight_effect_agreement": 0.59},
               {"layer": 3, "r2_heldout": 0.986, "weight_effect_agreement": 0.28},
@@ -549,7 +549,7 @@ def test_run_page_shows_weight_effect_agreement_and_the_best_layer_it_picks(clie
 def test_view_orders_are_kept_per_view_and_bounded(migrated, synthetic_run, monkeypatch):
     """A table view's order is read once and reused for its pages and j/k; the cache forgets
     the least recently used views beyond VIEW_CACHE_SIZE, and a label filter is its own view."""
-    from backend import store
+    from backend.core import store
 
     monkeypatch.setattr(store, "VIEW_CACHE_SIZE", 2)
     monkeypatch.setattr(store, "LAYER_ROWS_CACHED", N_FEATURES)  # one layer's rows at a time
@@ -576,7 +576,7 @@ def test_view_orders_are_kept_per_view_and_bounded(migrated, synthetic_run, monk
 
 
 def test_feature_rows_show_each_cell_and_escape_what_they_quote():
-    from backend.routes.formats import feature_rows
+    from backend.web.routes.formats import feature_rows
     row = {"feature": 7, "weight": -0.25, "std_weight": 0.5, "weight_se": 0.01, "weight_group_size": 3,
            "reward_correlation": 0.123, "reward_effect": None, "frequency": 0.02, "max_activation": 4.0,
            "attribution": 0.0125, "measured_delta": -0.0311, "measured_delta_low": -0.04, "measured_delta_high": -0.02,
@@ -625,14 +625,14 @@ def test_the_text_box_counts_against_the_deployments_limit(client):
 
 
 def test_byte_level_line_breaks_show_as_arrows():
-    from backend.routes.formats import token_spans
+    from backend.web.routes.formats import token_spans
 
     html = str(token_spans(["<|im_start|>", "assistant", "\u010a", "I", "\u0120loved"], [0, 0, 0, 1.0, 2.0], 2.0))
     assert ">\u21b5</span>" in html and "\u010a<" not in html and "> loved<" not in html and ">loved<" in html
 
 
 def test_near_equal_r2_bars_are_drawn_on_an_axis_that_shows_their_differences():
-    from backend.charts import r2_bars
+    from backend.web.charts import r2_bars
 
     layers = [{"layer": i, "r2_heldout": v, "r2_train": 0.99, "probe_r2_heldout": 0.985}
               for i, v in enumerate((0.980, 0.988, 0.987))]

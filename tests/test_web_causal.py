@@ -7,8 +7,8 @@ from markupsafe import escape as markup_escape
 
 import pytest
 
-from backend.rankings import RANKINGS, VERDICT_WORDS, directions_of
-from backend.routes.formats import fmt_delta, fmt_num, fmt_pct
+from backend.core.rankings import RANKINGS, VERDICT_WORDS, directions_of
+from backend.web.routes.formats import fmt_delta, fmt_num, fmt_pct
 from tests.helpers import DEFAULT_RANKING, LAYERS, N_MEASURED, make_client, publish_synthetic_run
 from tests.test_web import RUN, expected_order, html_rows, layer_features
 

@@ -13,10 +13,10 @@ import pytest
 import sqlalchemy as sa
 import yaml
 
-from backend import db, jobs
-from backend.models import Run
-from backend.settings import Settings
-from backend.store_schema import STORE_FILENAME
+from backend.core import db, jobs
+from backend.core.models import Run
+from backend.core.settings import Settings
+from backend.core.store_schema import STORE_FILENAME
 from tests.helpers import REPO_ROOT, wait_for
 from tests.test_pipeline import N_FEATURES, tiny_config, tiny_world  # noqa: F401  (module fixture)
 from workers.worker import Worker

@@ -15,8 +15,8 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from backend import db, jobs
-from backend.models import WorkerPresence, utcnow
+from backend.core import db, jobs
+from backend.core.models import WorkerPresence, utcnow
 from tests.helpers import REPO_ROOT, make_client, publish_synthetic_run, wait_for
 from workers.worker import Worker
 
@@ -116,7 +116,7 @@ def test_serve_on_the_default_database_runs_a_worker_and_takes_it_down_with_it(t
 
 def test_serve_starts_no_worker_when_told_not_to_or_on_a_database_of_its_own():
     from backend.cli import build_parser, wants_embedded_worker
-    from backend.settings import Settings
+    from backend.core.settings import Settings
 
     args = build_parser().parse_args(["serve"])
     assert wants_embedded_worker(args, Settings(database_url=""))

@@ -23,7 +23,7 @@ from workers import distributed
 from workers.adapters import RewardModelAdapter
 from workers.attribution import AttributionAccumulator
 from workers.batching import length_bucketed_batches, token_lengths
-from workers.config import AnalysisConfig
+from backend.core.run_config import AnalysisConfig
 from workers.feature_stream import SEQ_BATCH_SHIFT, FeatureAccumulator, TokenBatch
 from workers.sae_ops import decoder_directions, pool_reads
 from workers.sinks import SinkReport, sink_rule_of

@@ -17,9 +17,9 @@ from typing import Callable
 
 import numpy as np
 
-from backend.store_schema import LAYERS
+from backend.core.store_schema import LAYERS
 from workers.ablation import prepare_eval_set
-from workers.config import EffectsConfig
+from backend.core.run_config import EffectsConfig
 from workers.controls import VERDICT_DRAWS
 from workers.distributed_measure import MeasureTask, announce
 from workers.faithfulness import default_ranking, deletion_curves, excess, summary_points

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from workers.chat import chat_conversations
-from workers.config import DEMO_CHAT_DATASET, DEMO_DATASET, HF_PREFIX, ConfigError, DatasetConfig
+from backend.core.run_config import DEMO_CHAT_DATASET, DEMO_DATASET, HF_PREFIX, ConfigError, DatasetConfig
 from workers.demo_corpus import generate_corpus, vader_reward
 from workers.preference_data import PreferencePairs, is_pair_table, read_pairs, select_pairs
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from backend.settings import Settings
-from workers.config import DEMO_LLAMA_DIRNAME, DEMO_MODEL_DIRNAME, load_config
+from backend.core.settings import Settings
+from backend.core.run_config import DEMO_LLAMA_DIRNAME, DEMO_MODEL_DIRNAME, load_config
 
 DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
 DEMO_LLAMA_CONFIG = Path(__file__).parent / "configs" / "demo-llama.yaml"  # `rewardatlas demo --llama`
@@ -15,8 +15,8 @@ DEMO_LLAMA_CONFIG = Path(__file__).parent / "configs" / "demo-llama.yaml"  # `re
 
 def _store_is_current(settings: Settings, run_id: str) -> bool:
     """The run's feature store exists and has this version's schema."""
-    from backend import db, store
-    from backend.models import Run
+    from backend.core import db, store
+    from backend.core.models import Run
 
     with db.session(settings) as s:
         path = settings.data_dir / s.get(Run, run_id).store_path  # an absolute store_path stays as it is
@@ -29,7 +29,7 @@ def _store_is_current(settings: Settings, run_id: str) -> bool:
 
 def ensure_demo(settings: Settings, llama: bool = False) -> None:
     """The MiniLM demo, or with `llama` the LLaMA-family demo (workers/demo_llama.py)."""
-    from backend.db import run_exists, upgrade
+    from backend.core.db import run_exists, upgrade
 
     config = load_config(DEMO_LLAMA_CONFIG if llama else DEMO_CONFIG)
     model_dirname = DEMO_LLAMA_DIRNAME if llama else DEMO_MODEL_DIRNAME

@@ -93,7 +93,7 @@ def build_demo_llama_rm(out_dir: Path, backbone_dir: Path, n_pairs: int = 1000, 
 def ensure_demo_llama_rm(models_dir: Path, report=print, **build) -> Path:
     """The demo LLaMA RM's directory under models_dir, built once (`build`: build_demo_llama_rm's
     keywords); the converted backbone is kept beside it."""
-    from workers.config import DEMO_LLAMA_DIRNAME
+    from backend.core.run_config import DEMO_LLAMA_DIRNAME
 
     path = Path(models_dir) / DEMO_LLAMA_DIRNAME
     if not (path / "config.json").is_file():

@@ -5,7 +5,7 @@ import contextlib
 
 import torch
 
-from workers.config import ConfigError
+from backend.core.run_config import ConfigError
 
 
 def pick_device(requested: str = "auto") -> torch.device:

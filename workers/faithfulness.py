@@ -2,7 +2,7 @@
 reward, beside frequency-matched random draws of the same n. A ranking is as good as its
 curve; each layer's default ranking is the one whose curves move the reward most.
 
-Rankings (backend/rankings.py; only live features with a nonzero value):
+Rankings (backend/core/rankings.py; only live features with a nonzero value):
 - weight: the regression weight (predicts the score),
 - abs_weight: |weight|, the seeds' "largest weights",
 - reward_effect: d(score)/d(activation) per unit, where the feature fires,
@@ -29,7 +29,7 @@ from typing import Callable
 
 import numpy as np
 
-from backend.rankings import RANKINGS, SUMMARY_N, directions_of, ranking_scores
+from backend.core.rankings import RANKINGS, SUMMARY_N, directions_of, ranking_scores
 from workers.ablation import EvalSet, run_ablation
 from workers.controls import VERDICT_DRAWS, control_draws, control_summary, judge, mean_with_ci
 from workers.sae_ops import FeatureEdit

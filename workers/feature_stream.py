@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from workers.config import AnalysisConfig
+from backend.core.run_config import AnalysisConfig
 from workers.ranked_texts import RankedTexts
 
 # Beyond this many distinct (feature, token) pairs the per-token sums are pruned to each

@@ -14,9 +14,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from backend.settings import Settings
+from backend.core.settings import Settings
 from workers import distributed
-from workers.config import ConfigError, RunConfig, load_config
+from backend.core.run_config import ConfigError, RunConfig, load_config
 
 
 def usable_cores() -> int:
@@ -102,7 +102,7 @@ def run_rank(config_path: Path, replace: bool, kind: str | None = None, nproc_he
     """One rank of a run: join the group the environment describes, run the pipeline, leave."""
     import torch
 
-    from backend.settings import get_settings
+    from backend.core.settings import get_settings
     from workers.pipeline import run_pipeline
 
     config = load_config(config_path)

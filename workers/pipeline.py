@@ -15,16 +15,17 @@ import numpy as np
 import torch
 import yaml
 
-from backend.settings import Settings
-from backend.store_schema import STORE_FILENAME, TABLES
+from backend.core.settings import Settings
+from backend.core.store_schema import STORE_FILENAME, TABLES
 from workers import distributed
 from workers.adapters import adapter_from_config
 from workers.analyses import RunContext, check_analyses, run_analyses
 from workers.analyses.transfer import prepare_transfer
 from workers.analyze import adapter_has_gradient, collect_corpus_activations, feature_tables
 from workers.causal import not_applicable, run_causal_stage
-from workers.chat import markers_info, prepare_chat_texts
-from workers.config import (ARCHITECTURE_KNOBS, DEMO_LLAMA_MODEL, DEMO_MODEL, DEMO_MODEL_DIRNAME, ConfigError,
+from backend.core.chat_roles import markers_info
+from workers.chat import prepare_chat_texts
+from backend.core.run_config import (ARCHITECTURE_KNOBS, DEMO_LLAMA_MODEL, DEMO_MODEL, DEMO_MODEL_DIRNAME, ConfigError,
                             ModelFacts, RunConfig, check_against_world, check_model_facts, preflight)
 from workers.datasets import read_texts, select_corpus
 from workers.preference_data import PreferencePairs
@@ -298,7 +299,7 @@ def build_tables(config: RunConfig, adapter, corpus, acts, saes: dict, sae_paths
 
 
 def _register(settings: Settings, config: RunConfig, tables: dict, info: dict, replace: bool) -> None:
-    from backend.db import register_run
+    from backend.core.db import register_run
 
     # called once the run directory is in place: each SAE's fingerprint hashes the published file
     run_row, sae_rows = registry_rows(info, tables["layers"], Path("runs") / config.run_id, data_dir=settings.data_dir)
@@ -340,7 +341,7 @@ def explained_output_info(adapter) -> dict:
 
 
 def _run_pipeline(config: RunConfig, settings: Settings, replace: bool) -> Path:
-    from backend.db import upgrade
+    from backend.core.db import upgrade
 
     ranks = distributed.current()  # several processes: README, "Several processes"
     if ranks.leader:  # the SQL database and the runs directory are rank 0's

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from workers.config import ConfigError, DatasetConfig
+from backend.core.run_config import ConfigError, DatasetConfig
 
 CHOSEN, REJECTED, PROMPT = "chosen", "rejected", "prompt"
 ROLES = ("system", "user", "assistant", "tool")  # the roles chat templates know

@@ -20,20 +20,11 @@ from typing import Callable
 
 import numpy as np
 
-from backend import store
+from backend.core import store
+from backend.core.probe_params import (CLAMP_MULTIPLES, CONTROL_PHRASE, DEFAULT_CARRIERS, DEFAULT_STEER_VALUES, POSITIONS,
+                                        SLOT, TEXT_SELECTIONS, default_sweep_values, rounded)
 from workers.batching import length_bucketed_batches, token_lengths
 
-# Bland sentences with one slot: no sentiment, no topic, so what a feature does at the slot is
-# the token's own doing. The slot follows a space, so byte-level BPE spells the word as it
-# would mid-sentence ("Ġword"). Short, as every token of them is run once per word: on the
-# demo the whole vocabulary is ~22k words, so each carrier token costs ~22k token-forwards.
-DEFAULT_CARRIERS = (
-    "I read the word {} today.",
-    "The note said {} and nothing more.",
-    "She wrote {} on the page.",
-    "Next on the list was {}.",
-)
-SLOT = "{}"
 VOCAB_BATCH = 256  # candidate words per forward, one carrier at a time
 TOP_TOKENS = 20  # tokens kept per feature
 STRONGEST_SHOWN = 50  # features listed on the job page, by their top token's mean activation
@@ -42,23 +33,10 @@ STRONGEST_SHOWN = 50  # features listed on the job page, by their top token's me
 WORD_START_MARKS = ("\u0120", "\u2581")
 CONTINUATION_MARK = "##"
 
-# The control insertion: "the" is the commonest word, already in nearly every text and carrying
-# no sentiment or topic, so "the phrase minus the control" is what the phrase does beyond
-# "one more word at that place" (length, position, a disturbed sentence end).
-CONTROL_PHRASE = "the"
 INSERTION_BATCH = 32
-EXCERPT_CHARS = 300  # of an edited text shown per example, centred on the insertion
-POSITIONS = ("end", "start")  # or a 0-based word index
-TEXT_SELECTIONS = ("neutral", "heldout")
-
-DEFAULT_STEER_VALUES = (-8.0, -4.0, -2.0, -1.0, 0.0, 1.0, 2.0, 4.0, 8.0)
-CLAMP_MULTIPLES = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)  # of the features' largest activation in the corpus
 SWEEP_BATCH = 16
+EXCERPT_CHARS = 300  # of an edited text shown per example, centred on the insertion
 
-
-def rounded(x: float, digits: int = 4) -> float:
-    """`digits` significant digits: what a result keeps of an activation or a score."""
-    return float(f"{float(x):.{digits}g}")
 
 
 # --- vocabulary probe ---------------------------------------------------------------------
@@ -450,15 +428,6 @@ def insertion_task(params: dict, ctx) -> dict:
 
 
 # --- dose-response sweep ------------------------------------------------------------------
-
-def default_sweep_values(mode: str, max_activation: float | None) -> list[float]:
-    """Steer: multiples of the decoder direction on both sides of 0. Clamp: 0 (zeroed) up to
-    four times the features' largest activation in the corpus (1 where it never fired)."""
-    if mode == "steer":
-        return list(DEFAULT_STEER_VALUES)
-    scale = max_activation if max_activation and max_activation > 0 else 1.0
-    return [rounded(m * scale, 3) for m in CLAMP_MULTIPLES]
-
 
 def sweep_point(value: float, chosen, controls: list, seed: int) -> dict:
     """One value of a sweep: the chosen features' mean Δ with its CI, the controls' mean and

@@ -15,16 +15,16 @@ from typing import Any, Mapping, Sequence
 import duckdb
 import pyarrow as pa
 
-from backend.layer_choice import best_layer
-from backend.rankings import FALLBACK_RANKING, RANKINGS
-from backend.store_schema import (CARD_INDEX_SQL, SEARCH_INDEX_SQL, STORE_FILENAME, STORE_VERSION, TABLES,
+from backend.core.layer_choice import best_layer
+from backend.core.rankings import FALLBACK_RANKING, RANKINGS
+from backend.core.store_schema import (CARD_INDEX_SQL, SEARCH_INDEX_SQL, STORE_FILENAME, STORE_VERSION, TABLES,
                                   WRITTEN_TABLES, feature_card_sql, schema_sql)
 
 Columns = Mapping[str, Sequence | object]  # column name -> list / numpy array / pyarrow array
 
 
 def check_columns(table: str, columns: Columns) -> None:
-    """`columns` are exactly the spec's columns of `table` (backend/store_schema.py): a column
+    """`columns` are exactly the spec's columns of `table` (backend/core/store_schema.py): a column
     left out would be silently NULL, an unknown one silently dropped."""
     expected = TABLES[table].names
     missing = [name for name in expected if name not in columns]
@@ -47,12 +47,12 @@ CARD_SCHEMA = pa.schema([("card_key", pa.int64()), ("card", pa.binary())])
 
 
 def default_sort(ranking: str | None) -> str:
-    """The layer table's default sort: its default ranking's (backend/rankings.py)."""
+    """The layer table's default sort: its default ranking's (backend/core/rankings.py)."""
     return RANKINGS[ranking or FALLBACK_RANKING].sort
 
 
 def _write_cards(con: duckdb.DuckDBPyConnection, chunk: int = 4096) -> None:
-    """Each feature's page as one compressed JSON card (backend/store_schema.py), built a layer
+    """Each feature's page as one compressed JSON card (backend/core/store_schema.py), built a layer
     and a chunk at a time, so memory stays bounded whatever the store's size. One INSERT reads
     the whole stream: inserting chunk by chunk left small row groups that the final checkpoint
     rewrote, and the file kept the old blocks (5 GB of 14 at 1M features)."""
@@ -119,7 +119,7 @@ def layer_rows(layers: Columns) -> list[dict[str, Any]]:
 
 
 def with_best_layer(run_info: Mapping[str, Any], layers: Columns) -> dict[str, Any]:
-    """run_info plus the layer to open first, chosen here once (backend/layer_choice.py): the
+    """run_info plus the layer to open first, chosen here once (backend/core/layer_choice.py): the
     store's run_info and the SQL runs row both take it from this, so the run page and the runs
     list agree."""
     layer = best_layer(layer_rows(layers))
@@ -131,7 +131,7 @@ SAE_WEIGHTS_FILENAME = "sae_weights.safetensors"  # SAELens's name for an SAE's 
 
 def sae_fingerprint(sae_dir: Path) -> str | None:
     """sha256 of the SAE's weights file, or None where there is none (a synthetic run). A
-    label made on another SAE of the layer is recognised by it (backend/labels.py)."""
+    label made on another SAE of the layer is recognised by it (backend/core/labels.py)."""
     path = Path(sae_dir) / SAE_WEIGHTS_FILENAME
     if not path.is_file():
         return None
@@ -144,7 +144,7 @@ def sae_fingerprint(sae_dir: Path) -> str | None:
 
 def registry_rows(run_info: Mapping[str, Any], layers: Columns, run_dir: Path,
                   data_dir: Path | None = None) -> tuple[dict, list[dict]]:
-    """The SQL registry's rows for a run (backend/models.py): the runs row, with what the runs
+    """The SQL registry's rows for a run (backend/core/models.py): the runs row, with what the runs
     list shows, and each SAE's identity. `run_info` as written to the store (with_best_layer);
     `run_dir` relative to the data dir (runs/<id>); the layers table's paths are relative to it.
     With `data_dir`, each SAE's fingerprint is read from its weights file there (None without)."""

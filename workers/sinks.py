@@ -120,7 +120,7 @@ class SinkReport:
         self.tokens.update(token_ids[sink].tolist())
 
     def columns(self, vocab: np.ndarray, listed: int = 10) -> dict:
-        """The layer row's sink columns (backend/store_schema.py)."""
+        """The layer row's sink columns (backend/core/store_schema.py)."""
         n_other = self.n_tokens - self.count
         return {
             "sink_max_norm": self.rule.max_norm,

@@ -2,7 +2,7 @@
 
 Each task takes the job's params and a context (`ctx.report(progress, message)`; it raises
 JobStopped once the job is cancelled or its lease is lost) and returns the JSON result.
-Params were validated by the server (backend/routes/jobs.py); tasks check them again only
+Params were validated by the server (backend/web/routes/jobs.py); tasks check them again only
 where the worker knows more (e.g. the SAE's width).
 """
 from __future__ import annotations
@@ -15,9 +15,9 @@ import numpy as np
 import torch
 import yaml
 
-from backend import db, store
-from backend.models import Run
-from backend.settings import Settings
+from backend.core import db, store
+from backend.core.models import Run
+from backend.core.settings import Settings
 
 HELDOUT_DEFAULT = 256
 # Control draws of an ablation: a verdict needs their spread (workers/controls.py VERDICT_DRAWS)
@@ -125,8 +125,8 @@ class RunCache:
             self.runs[run_id] = self.runs.pop(run_id)  # most recent last
             return self.runs[run_id]
         from workers.adapters import adapter_from_config
-        from workers.chat import markers_from_info
-        from workers.config import parse_config
+        from backend.core.chat_roles import markers_from_info
+        from backend.core.run_config import parse_config
         from workers.device import pick_device
         from workers.pipeline import resolve_model_path
 
@@ -161,7 +161,7 @@ def warm_run(cache: RunCache, run_id: str) -> None:
 # --- pipeline ---------------------------------------------------------------------------
 
 def pipeline_task(params: dict, ctx) -> dict:
-    from workers.config import parse_config
+    from backend.core.run_config import parse_config
     from workers.pipeline import PUBLISHING, run_pipeline
 
     def on_stage(message: str) -> None:

@@ -31,7 +31,7 @@ from sae_lens.training.multi_sae_trainer import MultiSAETrainer
 from workers import distributed
 from workers.adapters import RewardModelAdapter
 from workers.collect import activation_stream, shuffled_batches
-from workers.config import RunConfig, SaeConfig
+from backend.core.run_config import RunConfig, SaeConfig
 from workers.distributed_train import (SAE_SEED_STRIDE, drain, layer_owners, own_hooks_only, seeded,
                                        share_sae_files, sharded_activation_stream)
 from workers.sinks import SinkRule, measure_sink_rules, with_sink_rule

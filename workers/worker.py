@@ -13,9 +13,9 @@ import time
 import traceback
 import uuid
 
-from backend import jobs
-from backend.settings import Settings
-from workers.config import ConfigError
+from backend.core import jobs
+from backend.core.settings import Settings
+from backend.core.run_config import ConfigError
 from workers.staging import clean_stale
 from workers.tasks import TASKS, JobFailed, JobStopped, RunCache
 

@@ -32,7 +32,7 @@ def upgrade() -> None:
 
 def _best_layers_from_saes() -> None:
     """Runs registered before keep their runs-list entry, chosen by the rule of the day."""
-    from backend.layer_choice import best_layer
+    from backend.core.layer_choice import best_layer
 
     conn = op.get_bind()
     by_run: dict[str, list[dict]] = {}

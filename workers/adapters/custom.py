@@ -28,8 +28,8 @@ from torch import nn
 
 from workers.adapters.base import Batch, RewardModelAdapter, last_token_positions, whole_text_segments
 from workers.device import autocast
-from workers.head_outputs import HeadOutput, resolve_output
-from workers.loader_ref import import_loader
+from backend.core.head_outputs import HeadOutput, resolve_output
+from backend.core.loader_ref import import_loader
 
 PROBE_TEXTS = ["a short text to check the model", "and a second, somewhat longer text to check how it pads"]
 

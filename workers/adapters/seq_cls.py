@@ -1,13 +1,13 @@
 """Sequence-classification reward models: any HF AutoModelForSequenceClassification. A head with
 one label is the score; with several (a 2-label classifier, a multi-objective head) model.output
-picks the one the run explains (workers/head_outputs.py)."""
+picks the one the run explains (backend/core/head_outputs.py)."""
 from __future__ import annotations
 
 import torch
 
 from workers.adapters.base import Batch, RewardModelAdapter, whole_text_segments
 from workers.device import autocast
-from workers.head_outputs import resolve_output
+from backend.core.head_outputs import resolve_output
 
 PROBE_TEXT = "a short text to find where the score is read"
 

@@ -1,6 +1,6 @@
 """Analyses that run once the per-layer tables are built: each module here has
 `run(ctx: RunContext) -> AnalysisOutput` and is named in ANALYSES. Its columns and tables are
-declared in backend/store_schema.py like every other; the pipeline merges its output into the
+declared in backend/core/store_schema.py like every other; the pipeline merges its output into the
 tables the store is written from (a column given twice is an error, as between stages).
 
 A new analysis is one module and one line in ANALYSES."""

@@ -31,14 +31,14 @@ from typing import Callable
 import numpy as np
 
 from workers.analyses import AnalysisOutput, RunContext
-from workers.reference_words import BAD_ROWS_SHOWN, SLOT, read_lexicon
+from backend.core.reference_words import BAD_ROWS_SHOWN, SLOT, read_lexicon
 
 PAPER_BASELINE_TAU, PAPER_BASELINE_P = -0.037, 0.55
 
 
 def check(config, tokenizer) -> None:
     """The neutral word must be one token in every carrier (before any compute)."""
-    from workers.config import ConfigError
+    from backend.core.run_config import ConfigError
 
     lex = config.lexicon
     if lex is None or not lex.enabled:

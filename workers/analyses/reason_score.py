@@ -39,7 +39,7 @@ from typing import Callable
 import numpy as np
 
 from workers.analyses import AnalysisOutput, RunContext
-from workers.reference_words import read_vocabulary
+from backend.core.reference_words import read_vocabulary
 
 EPSILON = 1e-12
 TOP_LISTED = 50  # features a typed vocabulary's job lists
@@ -213,7 +213,7 @@ def compute_reason_scores(adapter, saes: dict, texts: list[str], vocab: Vocabula
 
 def check(config, tokenizer) -> None:
     """A vocabulary none of whose words the tokenizer knows is refused before any compute."""
-    from workers.config import ConfigError
+    from backend.core.run_config import ConfigError
 
     rs = config.reason_score
     if rs is None or not rs.enabled:
@@ -260,7 +260,7 @@ def top_features(result: ReasonScoreResult, n: int = TOP_LISTED) -> list[dict]:
 def reason_score_task(params: dict, ctx) -> dict:
     """A typed vocabulary's ReasonScores at one layer, over the first n corpus texts: the top
     features, and which words were found."""
-    from backend import store
+    from backend.core import store
     from workers.tasks import JobFailed
 
     run = ctx.cache.get(params["run_id"])

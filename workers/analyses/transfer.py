@@ -27,7 +27,7 @@ import torch
 from workers.adapters.base import Batch, RewardModelAdapter
 from workers.analyses import AnalysisOutput, RunContext
 from workers.batching import length_bucketed_batches, token_lengths
-from workers.config import ConfigError, RunConfig, base_model_path, check_base_facts, model_facts
+from backend.core.run_config import ConfigError, RunConfig, base_model_path, check_base_facts, model_facts
 from workers.device import autocast
 from workers.sae_ops import pool_reads
 

@@ -41,7 +41,7 @@ class HeldOut:
 
     @classmethod
     def load(cls, run, layer: int, n_texts: int, progress=None) -> "HeldOut":
-        from backend import store
+        from backend.core import store
         from workers.ablation import prepare_eval_set
 
         rows = store.texts(run.store_path, "heldout", n_texts)

@@ -130,7 +130,7 @@ def fuzz_snippets(held: HeldOut, s: ScoringSet, seed: int) -> tuple[list[str], n
 def embedding_auc(explanation: str, snippets: list[str], truth: np.ndarray) -> float | None:
     from sklearn.metrics import roc_auc_score
 
-    from backend import embedding
+    from backend.core import embedding
 
     if truth.sum() == 0 or truth.sum() == len(truth):
         return None

@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from backend import embedding, explanations, store
-from backend.llm import Endpoint, LLMError, chat_json
+from backend.core import embedding, explanations, store
+from backend.core.llm import Endpoint, LLMError, chat_json
 from workers.explanations import explainers, prompts, scorers
 from workers.explanations.evidence import HeldOut
 

@@ -1,2 +1,2 @@
 """Exports that need the model: SAEDashboard's page for a feature (saedashboard.py). The torch-free
-ones live in backend/exports/."""
+ones live in backend/core/exports/."""

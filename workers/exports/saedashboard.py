@@ -28,11 +28,11 @@ from urllib.parse import quote
 
 import torch
 
-from backend import store
-from backend.exports import ExportError
-from backend.exports.atomic import atomic_file
-from backend.exports.dashboards import dashboard_path
-from backend.exports.source import LayerSource, chosen_features, require_sae
+from backend.core import store
+from backend.core.exports import ExportError
+from backend.core.exports.atomic import atomic_file
+from backend.core.exports.dashboards import dashboard_path
+from backend.core.exports.source import LayerSource, chosen_features, require_sae
 from workers.adapters.base import Batch, last_token_positions, whole_text_segments
 
 # d3-selection 3.0.1 (ISC licence: d3-selection.LICENSE beside it), from the npm registry: the page
@@ -214,7 +214,7 @@ def render(source: LayerSource, adapter, sae, feature: int, out: Path, n_texts: 
 
 def saedashboard_task(params: dict, ctx) -> dict:
     """The job behind the feature page's button: the page, under the run's folder."""
-    from backend.exports.source import open_layer
+    from backend.core.exports.source import open_layer
     from workers.tasks import JobFailed
 
     layer, feature = int(params["layer"]), int(params["feature"])

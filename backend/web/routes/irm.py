@@ -1,0 +1,54 @@
+"""Queue the IRM ablation table (backend/web/sections/irm.py): for every layer with features
+labelled reward-related, one ablation zeroing them all, with its random controls."""
+from __future__ import annotations
+
+from urllib.parse import quote
+
+from fastapi import APIRouter, HTTPException, Request, Response
+from fastapi.responses import RedirectResponse
+from pydantic import BaseModel, Field
+
+from backend.core import store
+from backend.web.access import current_author
+from backend.web.routes.common import SettingsDep, get_run, store_path
+from backend.web.routes.edge import ERROR_RESPONSES, StrictJSONRoute
+from backend.web.routes.jobs import AblationRequest, _form, _json_only, _parse, submit_ablation
+from backend.web.sections.irm import SELECTION, reward_labelled
+from backend.core.settings import Settings
+
+router = APIRouter(route_class=StrictJSONRoute, responses=ERROR_RESPONSES)
+
+
+class IrmRequest(BaseModel):
+    n_texts: int = Field(256, ge=1, le=2048, description="held-out texts each layer's ablation is measured on")
+    n_controls: int = Field(10, ge=3, le=50, description="frequency-matched random draws per layer (a verdict from 10 on)")
+
+
+def submit_irm(settings: Settings, run_id: str, req: IrmRequest, author: str) -> list[dict]:
+    """One ablation job per layer that has features labelled reward-related; 409 where none has
+    (the request is well formed: it is the run's labels that are not there yet)."""
+    widths = {x["layer"]: x["d_sae"] for x in store.layers(store_path(settings, get_run(settings, run_id)))}
+    labelled = [layer for layer, width in widths.items() if reward_labelled(settings, run_id, layer, width)]
+    if not labelled:
+        raise HTTPException(409, "no feature of this run is labelled reward-related yet: label some on their pages "
+                                 "first")
+    body = AblationRequest(mode="zero", selection=SELECTION, n_texts=req.n_texts, n_controls=req.n_controls)
+    return [submit_ablation(settings, run_id, layer, body, author) for layer in labelled]
+
+
+@router.post("/runs/{run_id}/irm-ablation", include_in_schema=False)
+async def irm_form(request: Request, run_id: str, settings: SettingsDep):
+    form = await _form(request)
+    req = _parse(IrmRequest, {"n_texts": form.get("n_texts") or 256, "n_controls": form.get("n_controls") or 10})
+    submit_irm(settings, run_id, req, current_author(request))
+    return RedirectResponse(f"/runs/{quote(run_id, safe='')}#irm-ablation", status_code=303)
+
+
+@router.post("/api/runs/{run_id}/irm-ablations", status_code=201, tags=["jobs"])
+def api_irm(request: Request, response: Response, run_id: str, body: IrmRequest, settings: SettingsDep) -> dict:
+    """Queue the IRM ablation table: per layer with features labelled reward-related, one ablation
+    zeroing them all on held-out texts beside random controls (see `irm_ablation` in GET /api/runs/{run})."""
+    _json_only(request)
+    queued = submit_irm(settings, run_id, body, current_author(request))
+    response.headers["Location"] = f"/api/runs/{quote(run_id, safe='')}"
+    return {"jobs": queued}
