@@ -97,7 +97,7 @@ def cmd_saedashboard(args, settings) -> str:
     if out.exists() and not args.replace:
         raise ExportError(f"{out} already exists: choose another output, or pass --replace")
     from workers.exports.saedashboard import render
-    from workers.tasks import RunCache
+    from workers.run_cache import RunCache
     from workers.train import load_sae
 
     run = RunCache(settings).get(args.run_id)  # the run's model, as its jobs load it

@@ -89,7 +89,7 @@ def max_activations(run, layer: int, features: list[int], texts: list[str]) -> t
 
 
 def main(argv: list[str] | None = None) -> None:
-    from workers.tasks import RunCache
+    from workers.run_cache import RunCache
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_id")

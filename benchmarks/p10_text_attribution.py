@@ -44,7 +44,7 @@ def attribute_and_show(client: httpx.Client, run: str, layer: int, text: str, po
 
 def completeness(settings: Settings, run: str, layers: list[int], n: int) -> None:
     """Per layer, |score − baseline − Σ contributions| / |score − baseline| over n held-out texts."""
-    from workers.tasks import RunCache
+    from workers.run_cache import RunCache
     from workers.text_attribution import attribute_text
 
     loaded = RunCache(settings).get(run)

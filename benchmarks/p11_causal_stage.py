@@ -20,7 +20,7 @@ from backend.core.settings import Settings
 from workers.causal import run_causal_stage
 from backend.core.rankings import directions_of
 from workers.faithfulness import point
-from workers.tasks import RunCache
+from workers.run_cache import RunCache
 
 
 def fmt(value) -> str:

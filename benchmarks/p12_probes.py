@@ -16,7 +16,7 @@ import time
 from backend.core import store
 from backend.core.settings import Settings
 from workers.probes import CONTROL_PHRASE, final_scores, insertion_task, vocab_probe_task
-from workers.tasks import RunCache
+from workers.run_cache import RunCache
 
 EXAMPLE = "The film runs about two hours."
 

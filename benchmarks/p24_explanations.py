@@ -21,7 +21,7 @@ from backend.core import db, explanations, store
 from backend.core.settings import Settings
 from workers.explanations import scorers
 from workers.explanations.task import explanations_task
-from workers.tasks import RunCache
+from workers.run_cache import RunCache
 
 
 class Context:

@@ -152,7 +152,7 @@ def check_rankings(path: Path, layer: int, words: set[str]) -> None:
 
 
 def check_text_attribution(settings: Settings, path: Path, layer: int, words: set[str], n: int) -> None:
-    from workers.tasks import RunCache
+    from workers.run_cache import RunCache
     from workers.text_attribution import attribute_text
 
     run = RunCache(settings).get(RUN_ID)
@@ -174,7 +174,7 @@ def check_text_attribution(settings: Settings, path: Path, layer: int, words: se
 
 def check_insertion(settings: Settings, path: Path, layer: int) -> None:
     from workers.probes import CONTROL_PHRASE, insertion_task, vocab_probe_task
-    from workers.tasks import RunCache
+    from workers.run_cache import RunCache
 
     cache = RunCache(settings)
     feature = strongest_positive(path, layer)

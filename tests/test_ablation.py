@@ -14,7 +14,7 @@ from workers.ablation import (FeatureEdit, control_features, edit_hidden, linear
 from workers.analyze import forward_with_gradients
 from workers.pipeline import run_pipeline
 from workers.sae_ops import decoder_directions
-from workers.tasks import RunCache
+from workers.run_cache import RunCache
 from workers.worker import Worker
 
 LAYER = 2

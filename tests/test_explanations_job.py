@@ -28,7 +28,7 @@ from workers.explanations.evidence import Unit
 from workers.explanations.prompts import explain_prompt, join_tokens, plain
 from workers.explanations.task import explanations_task
 from workers.pipeline import run_pipeline
-from workers.tasks import JobFailed, RunCache
+from workers.run_cache import JobFailed, RunCache
 from workers.worker import Worker
 
 LAYER = 0

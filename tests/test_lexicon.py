@@ -21,7 +21,7 @@ from tests.test_pipeline import tiny_config, tiny_world  # noqa: F401  (fixture)
 from backend.core.run_config import ConfigError, check_word_lists, parse_config
 from workers.pipeline import run_pipeline
 from backend.core.reference_words import ReferenceError, read_lexicon_csv
-from workers.tasks import RunCache
+from workers.run_cache import RunCache
 
 CARRIERS = ["The word on the card was {}.", "She wrote {} on the board.", "He read {} aloud."]
 NEUTRAL = "chair"

@@ -10,7 +10,7 @@ from backend.core.settings import Settings
 from backend.core.store_schema import STORE_FILENAME
 from tests.test_pipeline import tiny_config, tiny_world  # noqa: F401  (module fixture)
 from workers.pipeline import run_pipeline
-from workers.tasks import RunCache
+from workers.run_cache import RunCache
 from workers.worker import Worker
 
 LAYER = 0  # two blocks above it: a huge edit here goes through attention and LayerNorm

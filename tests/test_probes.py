@@ -14,7 +14,7 @@ from tests.test_pipeline import tiny_world  # noqa: F401  (module fixture)
 from workers.ablation import FeatureEdit, run_ablation
 from workers.probes import (CONTROL_PHRASE, DEFAULT_CARRIERS, insert_phrase, measure_insertion, probe_vocabulary,
                             slot_positions, vocab_probe_result, whole_word_tokens)
-from workers.tasks import JobStopped, RunCache
+from workers.run_cache import JobStopped, RunCache
 from workers.worker import JobContext, Worker
 
 # The first block: at the last one (2) only [CLS] reaches this classifier's head, so neither an

@@ -14,7 +14,7 @@ from backend.core import db, jobs
 from backend.core.models import Run
 from tests.helpers import N_FEATURES
 from tests.test_jobs_web import csrf, job_count
-from workers.probes import CLAMP_MULTIPLES, CONTROL_PHRASE, DEFAULT_CARRIERS, DEFAULT_STEER_VALUES
+from backend.core.probe_params import CLAMP_MULTIPLES, CONTROL_PHRASE, DEFAULT_CARRIERS, DEFAULT_STEER_VALUES
 
 pytestmark = pytest.mark.sql_databases  # each test on SQLite and PostgreSQL (tests/conftest.py)
 

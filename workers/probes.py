@@ -19,11 +19,16 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+import torch
 
 from backend.core import store
-from backend.core.probe_params import (CLAMP_MULTIPLES, CONTROL_PHRASE, DEFAULT_CARRIERS, DEFAULT_STEER_VALUES, POSITIONS,
-                                        SLOT, TEXT_SELECTIONS, default_sweep_values, rounded)
+from backend.core.probe_params import (CONTROL_PHRASE, DEFAULT_CARRIERS, SLOT, rounded)
+from workers.ablation import FeatureEdit, run_ablation
 from workers.batching import length_bucketed_batches, token_lengths
+from workers.controls import control_draws, control_summary, mean_with_ci, paired_test
+from workers.run_cache import JobFailed, _non_finite
+from workers.sae_ops import decoder_directions, edit_chosen, linear_decoder
+from workers.tasks import _eval_texts
 
 VOCAB_BATCH = 256  # candidate words per forward, one carrier at a time
 TOP_TOKENS = 20  # tokens kept per feature
@@ -100,15 +105,11 @@ def probe_vocabulary(adapter, sae, layer: int, candidates: list[tuple[int, str]]
     """Every candidate in every carrier, its feature activations at its own position; per
     feature the top_k candidates by mean activation. A carrier where the word does not come out
     as its own token (a tokenizer that merges it with a neighbour) is left out of its mean."""
-    import torch
-
     with torch.no_grad():
         return _probe_vocabulary(adapter, sae, layer, candidates, carriers, top_k, batch_size, progress)
 
 
 def _probe_vocabulary(adapter, sae, layer, candidates, carriers, top_k, batch_size, progress) -> VocabProbe:
-    import torch
-
     device = adapter.device
     d_sae = sae.cfg.d_sae
     slots = slot_positions(adapter.tokenizer, carriers)
@@ -149,8 +150,6 @@ def _probe_vocabulary(adapter, sae, layer, candidates, carriers, top_k, batch_si
 def _acts_at_slot(adapter, sae, layer: int, texts: list[str], slot: int, token_ids):
     """([N, d_sae] the SAE features at each text's slot, zero where the word is not its own
     token there; [N] whether it is)."""
-    import torch
-
     batch = adapter.tokenize(texts)
     _, captured = adapter.run(batch, capture=[layer], need_score=False)
     rows = torch.arange(len(texts), device=adapter.device)
@@ -178,8 +177,6 @@ def vocab_probe_result(probe: VocabProbe) -> dict:
 
 
 def vocab_probe_task(params: dict, ctx) -> dict:
-    from workers.tasks import JobFailed
-
     run = ctx.cache.get(params["run_id"])
     layer = int(params["layer"])
     carriers = list(params.get("carriers") or DEFAULT_CARRIERS)
@@ -229,8 +226,6 @@ def excerpt(text: str, span: tuple[int, int], limit: int = EXCERPT_CHARS) -> str
 
 def _last_read_of_each(batch) -> torch.Tensor:
     """Each sequence's last reward read: the text's (final) score, as the store keeps it."""
-    import torch
-
     seq = batch.reward_index[:, 0]
     reads = torch.arange(len(seq), device=seq.device)
     out = torch.zeros(len(batch.texts), dtype=torch.long, device=seq.device)
@@ -241,8 +236,6 @@ def final_scores(adapter, texts: list[str], batch_size: int = INSERTION_BATCH, l
                  on_layer: Callable | None = None, progress: Callable[[float], None] | None = None) -> np.ndarray:
     """Each text's final score, in length-bucketed batches; with `layer`, on_layer(indices,
     batch, hidden) sees that layer's output of every batch."""
-    import torch
-
     out = np.empty(len(texts))
     done = 0
     for indices in length_bucketed_batches(token_lengths(adapter.tokenizer, texts, adapter.max_length), batch_size, None):
@@ -261,8 +254,6 @@ def final_scores(adapter, texts: list[str], batch_size: int = INSERTION_BATCH, l
 def span_tokens(adapter, batch, spans: list[tuple[int, int]]) -> torch.Tensor | None:
     """[B, T] the tokens covering each text's character span; None when the tokenizer cannot
     say where its tokens come from (no offsets) or tokenises differently from the adapter."""
-    import torch
-
     if not getattr(adapter.tokenizer, "is_fast", False):
         return None
     enc = adapter.tokenizer(batch.texts, padding=True, truncation=True, max_length=adapter.max_length,
@@ -319,10 +310,6 @@ def measure_insertion(adapter, texts: list[str], phrase: str, control: str, posi
     the layer zeroed there: how much of the phrase's effect goes through that feature, and
     through the layer's features at all (the rest through the SAE's reconstruction error).
     `decoder`: (decoder rows, whether decoding is linear), when the caller keeps them."""
-    import torch
-
-    from workers.sae_ops import FeatureEdit, decoder_directions, edit_chosen, linear_decoder
-
     edits = [insert_phrase(t, phrase, position, repeat) for t in texts]
     controls = [insert_phrase(t, control, position, repeat)[0] for t in texts]
     arm = (lambda i: (lambda share: progress((i + share) / 3))) if progress else (lambda i: None)
@@ -362,8 +349,6 @@ def measure_insertion(adapter, texts: list[str], phrase: str, control: str, posi
 def insertion_result(measured: Insertion, rows: list[dict], cut: np.ndarray, seed: int) -> dict:
     """Mean Δ of the phrase and of the control, each with its 95% t-interval, their paired
     difference per text with its CI and sign-flip p-value, and every text's numbers."""
-    from workers.controls import mean_with_ci, paired_test
-
     delta, control = measured.delta, measured.control_delta
     examples = []
     for i, row in enumerate(rows):
@@ -395,8 +380,6 @@ def feature_context(path, layer: int, feature: int) -> dict:
 
 
 def insertion_task(params: dict, ctx) -> dict:
-    from workers.tasks import JobFailed, _non_finite
-
     run = ctx.cache.get(params["run_id"])
     n, repeat = int(params.get("n_texts") or 128), int(params.get("repeat") or 1)
     rows, chosen_by = insertion_texts(run.store_path, params.get("texts") or "neutral", n)
@@ -432,8 +415,6 @@ def insertion_task(params: dict, ctx) -> dict:
 def sweep_point(value: float, chosen, controls: list, seed: int) -> dict:
     """One value of a sweep: the chosen features' mean Δ with its CI, the controls' mean and
     range, and the paired test of chosen against them, over all reward reads."""
-    from workers.controls import control_summary, mean_with_ci
-
     return {"value": value, "chosen": {"n": int(len(chosen.delta)), **mean_with_ci(chosen.delta),
                                        "fired_share": float(np.mean(chosen.fired)) if len(chosen.fired) else None},
             "control": control_summary(chosen.delta, [c.delta for c in controls], seed)}
@@ -443,8 +424,6 @@ def run_sweep(adapter, sae, layer: int, evalset, features: tuple[int, ...], mode
               draws: list[tuple[int, ...]], weights: np.ndarray, pooling: str, directions, linear: bool,
               scope: str = "text", seed: int = 0, progress: Callable[[float, str], None] | None = None) -> list[dict]:
     """Every value for the chosen features and for each control draw, on one prepared set."""
-    from workers.ablation import FeatureEdit, run_ablation
-
     steps, done, points = len(values) * (1 + len(draws)), 0, []
     for value in values:
         results = []
@@ -459,9 +438,6 @@ def run_sweep(adapter, sae, layer: int, evalset, features: tuple[int, ...], mode
 
 
 def sweep_task(params: dict, ctx) -> dict:
-    from workers.controls import control_draws
-    from workers.tasks import JobFailed, _eval_texts, _non_finite
-
     run = ctx.cache.get(params["run_id"])
     layer = int(params["layer"])
     sae = run.sae(layer)

@@ -5,6 +5,7 @@ worker costs only its own forward passes. Several workers can serve one database
 """
 from __future__ import annotations
 
+import importlib
 import os
 import signal
 import socket
@@ -12,13 +13,21 @@ import threading
 import time
 import traceback
 import uuid
+from typing import Any, Callable
 
 from backend.core import jobs
+from backend.core.job_kinds import KINDS
 from backend.core.settings import Settings
 from backend.core.run_config import ConfigError
 from workers.staging import clean_stale
-from workers.tasks import TASKS, JobFailed, JobStopped, RunCache
+from workers.run_cache import JobFailed, JobStopped, RunCache
 
+
+
+def task_for(kind: str) -> Callable[[dict, Any], dict]:
+    """The function a kind's jobs run, as its declaration names it (backend/core/job_kinds/)."""
+    module, name = KINDS[kind].task.split(":")
+    return getattr(importlib.import_module(module), name)
 
 class JobContext:
     """What a running task sees: report progress; stop when cancelled or the lease is lost."""
@@ -116,7 +125,7 @@ class Worker:
         beat.start()
         _say(f"job {job['id']} ({job['kind']}, attempt {job['attempts']}): started")
         try:
-            result = TASKS[job["kind"]](job["params"], ctx)
+            result = task_for(job["kind"])(job["params"], ctx)
             outcome = dict(result=result)
         except JobStopped as stopped:
             outcome = dict(status="cancelled", error=str(stopped)) if str(stopped) == "cancelled" else None

@@ -15,7 +15,8 @@ from typing import Any
 import sqlalchemy as sa
 
 from backend.core import db
-from backend.core.models import JOB_KINDS, Job, WorkerPresence, utcnow
+from backend.core.job_kinds import KINDS
+from backend.core.models import Job, WorkerPresence, utcnow
 from backend.core.settings import Settings
 
 DEFAULT_LEASE_S = 30.0
@@ -37,7 +38,7 @@ def as_dict(job: Job) -> dict[str, Any]:
 
 
 def submit(settings: Settings, kind: str, params: dict, author: str, run_id: str | None = None) -> dict:
-    if kind not in JOB_KINDS:
+    if kind not in KINDS:
         raise JobRejected(f"unknown job kind {kind!r}")
     # The cap is checked in the transaction that inserts, after the insert: on SQLite the insert
     # takes the one writer lock first, so the count sees every committed job; on PostgreSQL one
@@ -71,9 +72,10 @@ def recent(settings: Settings, limit: int = 100) -> list[dict]:
         return [as_dict(j) for j in s.scalars(sa.select(Job).order_by(Job.id.desc()).limit(limit))]
 
 
-def claim(settings: Settings, worker: str, lease_s: float = DEFAULT_LEASE_S, kinds: tuple[str, ...] = JOB_KINDS) -> dict | None:
+def claim(settings: Settings, worker: str, lease_s: float = DEFAULT_LEASE_S, kinds: tuple[str, ...] | None = None) -> dict | None:
     """Atomically take the oldest claimable job for `worker`; None when there is none. A job whose
     worker died after its cancel was asked for ends cancelled here: it is never started again."""
+    kinds = tuple(KINDS) if kinds is None else kinds
     now = utcnow()
     abandoned = sa.and_(Job.status == "running", Job.lease_expires_at < now)
     cancel_abandoned = (sa.update(Job).where(Job.kind.in_(kinds), abandoned, Job.cancel_requested == sa.true())

@@ -76,8 +76,6 @@ class WorkerPresence(Base):
     state: Mapped[str] = mapped_column(sa.String(200), default="")  # "loading run demo", "waiting for jobs"
 
 
-JOB_KINDS = ("pipeline", "ablation", "inference", "text_diff", "vocab_probe", "insertion", "sweep", "reason_score",
-             "saedashboard", "explanations")
 JOB_STATUSES = ("queued", "running", "done", "failed", "cancelled")
 
 

@@ -20,10 +20,13 @@ from starlette.routing import Match
 from backend.web.access import SESSION_MAX_AGE_S, AccessMiddleware
 from backend.web.guard import RequestGuard, SecurityHeaders, around_everything
 from backend.web.keepalive import RecycleConnections
-from backend.web.routes import (auth, corpus, explanations, exports, features, irm, jobs, labels, layers, pairs, probes,
-                            reason, runs, texts)
+from backend.web.routes import (auth, corpus, explanations, exports, features, irm, jobs, labels, layers, pairs, runs,
+                                texts)
+from backend.web.routes import probes  # noqa: F401  (no routes: the feature page's probe section)
 from backend.web.routes.common import FRONTEND_DIR, render
-from backend.web.routes.edge import typed_form, validation_detail
+from backend.web.routes.edge import invalid, typed_form, validation_detail
+from backend.web.routes.submitting import kind_routes
+from backend.core.job_kinds import Invalid
 from backend.core.settings import Settings, get_settings
 from backend.core.store import NotFound, StoreOutdated
 
@@ -81,6 +84,13 @@ async def _http_error(request: Request, exc: StarletteHTTPException):
     return _error_page(request, exc.status_code, "Error", [e["msg"] if isinstance(e, dict) else str(e) for e in detail])
 
 
+async def _refused(request: Request, exc: Invalid):
+    """A job kind's checks refusing a request: 422 naming the field, or the status the check gave."""
+    if exc.status == 422:
+        return await _invalid(request, invalid(str(exc), exc.field))
+    return await _http_error(request, StarletteHTTPException(exc.status, str(exc)))
+
+
 async def _invalid(request: Request, exc: RequestValidationError):
     detail = validation_detail(exc)  # FastAPI's own handler echoes inputs it cannot encode (NaN, \ud800)
     if _is_api(request):
@@ -111,9 +121,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.mount("/static", StaticFiles(directory=FRONTEND_DIR / "static"), name="static")
     app.add_api_route("/api/docs", _api_docs, include_in_schema=False)
     app.add_api_route("/favicon.ico", _favicon, include_in_schema=False)
-    for module in (auth, runs, layers, features, labels, jobs, texts, corpus, probes, irm, reason, pairs, exports,
+    for module in (auth, runs, layers, features, labels, jobs, texts, corpus, irm, pairs, exports,
                    explanations):
         app.include_router(module.router)
+    app.include_router(kind_routes())  # each job kind's JSON and form routes (backend/core/job_kinds/)
     # access runs inside the session middleware (added last, so outermost): it reads the session
     app.add_middleware(AccessMiddleware, settings=app.state.settings)
     app.add_middleware(SessionMiddleware, secret_key=app.state.settings.secret_key or secrets.token_hex(32),
@@ -127,4 +138,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(StoreOutdated, _outdated)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _invalid)
+    app.add_exception_handler(Invalid, _refused)
     return app

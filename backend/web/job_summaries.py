@@ -5,17 +5,14 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-KIND_NAMES = {
-    "pipeline": "Pipeline run", "ablation": "Ablation", "inference": "Text attribution",
-    "text_diff": "Two texts compared", "vocab_probe": "Vocabulary probe", "insertion": "Phrase insertion",
-    "sweep": "Steering sweep", "reason_score": "ReasonScore", "saedashboard": "SAEDashboard page",
-    "explanations": "Explanations",
-}
+from backend.core.job_kinds import KINDS
+
 SNIPPET_CHARS = 60
 
 
 def human_name(kind: str) -> str:
-    return KIND_NAMES.get(kind, kind.replace("_", " ").capitalize())
+    """The kind's title (a kind no longer declared: its name in words)."""
+    return KINDS[kind].title if kind in KINDS else kind.replace("_", " ").capitalize()
 
 
 def _snippet(text: str) -> str:
@@ -24,37 +21,27 @@ def _snippet(text: str) -> str:
 
 
 def asked(job: dict) -> str:
-    """What the job was asked, in words: the features, the typed text, the vocabulary or the run."""
+    """What the job was asked, in words, from the params every kind shares: its layer, what its
+    checks described it as (with the edit's mode), and any typed text."""
     p = job["params"] or {}
     parts = []
     if p.get("layer") is not None:
         parts.append(f"layer {p['layer']}")
-    if job["kind"] == "ablation":
-        parts.append(f"{p.get('mode', 'zero')} {p.get('described') or ', '.join(map(str, p.get('features', [])[:8]))}")
+    if p.get("described"):
+        parts.append(f"{p['mode']} {p['described']}" if p.get("mode") else p["described"])
     if p.get("text"):
         parts.append(_snippet(p["text"]))
     elif p.get("text_id") is not None:
         parts.append(f"text #{p['text_id']}")
     if p.get("text_b"):
         parts.append("vs " + _snippet(p["text_b"]))
-    if p.get("vocabulary"):
-        words = p["vocabulary"] if isinstance(p["vocabulary"], str) else ", ".join(p["vocabulary"])
-        parts.append(_snippet(words))
-    if p.get("phrase"):
-        parts.append(f"insert {_snippet(p['phrase'])}")
     return " · ".join(parts)
 
 
 def result_number(job: dict) -> tuple[str, float] | None:
-    """The one number a finished job's result comes to, with what it is; None when it has none."""
-    r = job.get("result") or {}
-    if job["kind"] == "ablation" and r.get("summary", {}).get("mean_delta") is not None:
-        return "mean Δ", r["summary"]["mean_delta"]
-    if job["kind"] == "inference" and r.get("reward") is not None:
-        return "reward", r["reward"]
-    if job["kind"] == "text_diff" and r.get("score_change") is not None:
-        return "B − A", r["score_change"]
-    return None
+    """The one number a finished job's result comes to, with what it is (its kind says); None when it has none."""
+    kind = KINDS.get(job["kind"])
+    return kind.result_number(job) if kind and kind.result_number else None
 
 
 def _aware(moment: datetime) -> datetime:

@@ -10,145 +10,38 @@ from __future__ import annotations
 
 import csv
 import io
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, Field
 
-from backend.core import explanations, labels, store
+from backend.core import explanations, jobs, labels, store
+from backend.core.job_kinds.explanations import resumed
 from backend.web.access import current_author
 from backend.web.explanation_agreement import agreement
-from backend.core.llm import Endpoint, LLMError, probe
-from backend.core.rankings import FALLBACK_RANKING, RANKINGS
 from backend.web.routes.common import SettingsDep, get_run, render, store_path
 from backend.web.routes.edge import ERROR_RESPONSES, MAX_ID, FeatureId, JobId, LayerId, StrictJSONRoute, invalid
-from backend.web.routes.jobs import _created, _feature_ids, _form, _json_only, _parse, _submit
+from backend.web.routes.submitting import read_form, submit_params
 from backend.web.routes.labels import _cell, _disposition, _json_or_csrf
 from backend.core.settings import Settings
 
 router = APIRouter(route_class=StrictJSONRoute, responses=ERROR_RESPONSES)
 
-MAX_FEATURES = 500
 MAX_QUERY = 200
-MIN_REPLY_TOKENS = 64  # the longest reply a job asks for: 20-50 snippet numbers, or a 200-character explanation
-STAGE_NAMES = {"explain": "explain", "classify": "classify reward-related", "score": "score"}
-
-
-class ExplanationsRequest(BaseModel):
-    model_config = ConfigDict(allow_inf_nan=False)
-
-    selection: Literal["top_ranked", "labelled", "features"] = Field(
-        "top_ranked", description="top_ranked: the top `top_n` of the layer's default ranking; labelled: every "
-        "labelled feature of the layer; features: the ids in `features`")
-    top_n: int = Field(20, ge=1, le=MAX_FEATURES)
-    features: list[Annotated[int, Field(ge=0, le=MAX_ID)]] = Field(default_factory=list, max_length=MAX_FEATURES)
-    stages: list[Literal["explain", "classify", "score"]] = Field(
-        ["explain", "classify", "score"], min_length=1, description="what to do, in this order, per feature")
-    reward: str = Field("", max_length=300, description="what the reward rewards, in words, for the prompts "
-                        "(e.g. 'positive sentiment of a film review')")
-    n_texts: int = Field(400, ge=20, le=5000, description="held-out texts the scores draw their snippets from")
-    n_snippets: int = Field(10, ge=10, le=50, description="activating and silent snippets per score (each)")
-    overwrite: bool = Field(False, description="redo features already done with the same model and prompt version")
-
-    @field_validator("reward")
-    @classmethod
-    def _one_line(cls, value: str) -> str:
-        return " ".join(value.split())
-
-
-def _selected(settings: Settings, run_id: str, layer: int, req: ExplanationsRequest) -> tuple[list[int], str]:
-    path = store_path(settings, get_run(settings, run_id))
-    info = store.layer_info(path, layer)  # 404 for an unknown layer
-    if req.selection == "top_ranked":
-        ranking = RANKINGS[info.get("default_ranking") or FALLBACK_RANKING]
-        ids = [r["feature"] for r in store.features(path, layer, sort=ranking.sort, limit=req.top_n).rows]
-        described = f"the top {req.top_n} features of the layer's default ranking ({ranking.label})"
-    elif req.selection == "labelled":
-        ids = sorted(f for f in labels.labels_for_layer(settings, run_id, layer) if f < info["d_sae"])
-        described = "every labelled feature of the layer"
-    else:
-        ids = list(dict.fromkeys(req.features))
-        described = "features " + ", ".join(map(str, ids[:20])) + ("…" if len(ids) > 20 else "")
-    if not ids:
-        raise invalid("no features selected: tick some in the table, or choose a rule that selects at least one",
-                      "features")
-    outside = [f for f in ids if f >= info["d_sae"]]
-    if outside:
-        raise invalid(f"feature {outside[0]} is out of range: layer {layer} has features 0–{info['d_sae'] - 1}",
-                      "features")
-    return ids, described
-
-
-def endpoint_checked(settings: Settings) -> Endpoint | None:
-    """The configured endpoint after a probe request; None: the offline explainer. 422 when the
-    probe fails, with the message naming the setting."""
-    endpoint = Endpoint.from_settings(settings)
-    if endpoint is None:
-        return None
-    if not endpoint.model:
-        raise invalid("RA_LLM_BASE_URL is set but RA_LLM_MODEL is empty: name the model the endpoint serves", "llm")
-    if endpoint.max_tokens < MIN_REPLY_TOKENS:
-        raise invalid(f"RA_LLM_MAX_TOKENS is {endpoint.max_tokens}: an explanation or a list of snippet numbers needs "
-                      f"at least {MIN_REPLY_TOKENS} tokens a reply", "llm")
-    try:
-        probe(endpoint)
-    except LLMError as exc:
-        raise invalid(f"the LLM endpoint failed its probe request, so no job was queued: {exc}", "llm") from None
-    return endpoint
-
-
-def submit_explanations(settings: Settings, run_id: str, layer: int, req: ExplanationsRequest, author: str) -> dict:
-    features, described = _selected(settings, run_id, layer, req)
-    endpoint = endpoint_checked(settings)
-    stages = [s for s in STAGE_NAMES if s in req.stages]
-    params = {"run_id": run_id, "layer": layer, "features": features, "stages": stages,
-              "llm": endpoint.describe() if endpoint else None, "reward": req.reward, "n_texts": req.n_texts,
-              "n_snippets": req.n_snippets, "overwrite": req.overwrite,
-              "run_version": get_run(settings, run_id).version,
-              "described": f"{' + '.join(STAGE_NAMES[s] for s in stages)}: {described}"}
-    return _submit(settings, "explanations", params, author, run_id)
-
-
-@router.post("/runs/{run_id}/layers/{layer}/explain", include_in_schema=False)
-async def explain_form(request: Request, run_id: str, layer: LayerId, settings: SettingsDep):
-    form = await _form(request)
-    data: dict[str, Any] = {
-        "selection": form.get("selection") or "top_ranked", "top_n": form.get("top_n") or 20,
-        "features": _feature_ids(form["_all"].getlist("features"), "features", MAX_FEATURES),
-        "stages": form["_all"].getlist("stages"), "reward": form.get("reward") or "",
-        "n_texts": form.get("n_texts") or 400, "overwrite": form.get("overwrite") == "on"}
-    job = submit_explanations(settings, run_id, layer, _parse(ExplanationsRequest, data), current_author(request))
-    return RedirectResponse(f"/jobs/{job['id']}", status_code=303)
 
 
 @router.post("/jobs/{job_id}/resume", include_in_schema=False)
 async def resume_form(request: Request, job_id: JobId, settings: SettingsDep):
     """The same request again (finished features are skipped): what a failed or cancelled job's page offers."""
-    from backend.core import jobs
-
-    await _form(request)
+    await read_form(request)
     try:
         old = jobs.get(settings, job_id)
     except jobs.JobNotFound as exc:
         raise store.NotFound(str(exc)) from None
-    if old["kind"] != "explanations":
-        raise invalid(f"job {job_id} is a {old['kind']} job: only explanations jobs resume", "job")
-    endpoint = endpoint_checked(settings)  # the endpoint configured now, probed (it may be back, or another)
-    params = {**old["params"], "overwrite": False, "resumes": job_id,
-              "llm": endpoint.describe() if endpoint else None}
-    job = _submit(settings, "explanations", params, current_author(request), old["run_id"])
+    job = submit_params(settings, "explanations", resumed(settings, old), current_author(request))
     return RedirectResponse(f"/jobs/{job['id']}", status_code=303)
-
-
-@router.post("/api/runs/{run_id}/layers/{layer}/explanations", status_code=201, tags=["explanations"])
-def api_explain(request: Request, response: Response, run_id: str, layer: LayerId, body: ExplanationsRequest,
-                settings: SettingsDep) -> dict:
-    """Queue an explanations job: explain, classify and score the chosen features through the configured
-    LLM endpoint (RA_LLM_BASE_URL, probed first), or offline without one; poll GET /api/jobs/{id}."""
-    _json_only(request)
-    return _created(response, submit_explanations(settings, run_id, layer, body, current_author(request)))
 
 
 # --- search -------------------------------------------------------------------------------

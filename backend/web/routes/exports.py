@@ -5,28 +5,25 @@ Everything is checked before the first byte, so a bad request is a 4xx and never
 files stream out as they are made."""
 from __future__ import annotations
 
-from typing import Annotated, Any, Iterator, Literal
+from typing import Annotated, Iterator, Literal
 from urllib.parse import quote
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response
-from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
-from pydantic import BaseModel, Field
+from fastapi.responses import FileResponse, StreamingResponse
+from pydantic import Field
 
 from backend.core import store
-from backend.web.access import current_author
 from backend.core.exports import ExportError, labels_export, neuronpedia, tables
 from backend.core.exports.dashboards import SAEDASHBOARD_CSP, dashboard_path
-from backend.core.exports.source import chosen_features, open_layer, require_sae, safe_name
+from backend.core.exports.source import open_layer, safe_name
 from backend.web.routes.common import SettingsDep, TableViewQ, templates
 from backend.web.routes.edge import ERROR_RESPONSES, MAX_ID, FeatureId, LayerId, StrictJSONRoute, invalid
-from backend.web.routes.jobs import _created, _form, _json_only, _parse, _submit
 from backend.core.settings import Settings
 
 router = APIRouter(route_class=StrictJSONRoute, responses=ERROR_RESPONSES)
 LAYER = "/runs/{run_id}/layers/{layer}"
 FEATURE = LAYER + "/features/{feature}"
 MAX_EXPORT_FEATURES = 131_072  # a whole layer of the widest SAE a run may have (Settings.max_sae_width)
-MAX_DASHBOARD_TEXTS = 20_000
 Name = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[a-z0-9_-]+$")]
 
 
@@ -124,43 +121,6 @@ def export_labels(run_id: str, fmt: Literal["csv", "json"], settings: SettingsDe
 
 
 # --- the feature page: its SAEDashboard page ---------------------------------------------------------
-
-class DashboardRequest(BaseModel):
-    n_texts: int = Field(1024, ge=1, le=MAX_DASHBOARD_TEXTS,
-                         description="the run's corpus texts (by id) SAEDashboard reads the feature on")
-
-
-def submit_dashboard(settings: Settings, run_id: str, layer: int, feature: int, req: DashboardRequest,
-                     author: str) -> dict[str, Any]:
-    """Queue the feature's SAEDashboard page; refused (4xx, no job) for an unknown run, layer or
-    feature, or a layer whose SAE is not on disk."""
-    source = open_layer(settings, run_id, layer)
-    try:
-        chosen_features(source, [feature])
-        require_sae(source)
-    except ExportError as exc:
-        raise _refused(exc, "feature") from None
-    params = {"run_id": run_id, "layer": layer, "feature": feature, "n_texts": req.n_texts,
-              "run_version": source.run.version}
-    return _submit(settings, "saedashboard", params, author, run_id)
-
-
-@router.post("/api" + FEATURE + "/saedashboards", status_code=201, tags=["jobs"])
-def api_dashboard(request: Request, response: Response, run_id: str, layer: LayerId, feature: FeatureId,
-                  body: DashboardRequest, settings: SettingsDep) -> dict:
-    """Queue SAEDashboard's page for one feature, rendered from the run's SAE and reward model; poll
-    GET /api/jobs/{id} (the Location): once done, `result.url` serves it."""
-    _json_only(request)
-    return _created(response, submit_dashboard(settings, run_id, layer, feature, body, current_author(request)))
-
-
-@router.post(FEATURE + "/saedashboard", include_in_schema=False)
-async def dashboard_form(request: Request, run_id: str, layer: LayerId, feature: FeatureId, settings: SettingsDep):
-    form = await _form(request)
-    req = _parse(DashboardRequest, {"n_texts": form.get("n_texts") or 1024})
-    job = submit_dashboard(settings, run_id, layer, feature, req, current_author(request))
-    return RedirectResponse(f"/jobs/{job['id']}", status_code=303)
-
 
 @router.get(FEATURE + "/saedashboard.html", include_in_schema=False)
 def dashboard_page(run_id: str, layer: LayerId, feature: FeatureId, settings: SettingsDep):

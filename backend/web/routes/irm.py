@@ -9,10 +9,12 @@ from fastapi.responses import RedirectResponse
 from pydantic import BaseModel, Field
 
 from backend.core import store
+from backend.core.job_kinds import Target
+from backend.core.job_kinds.ablation import AblationRequest
 from backend.web.access import current_author
 from backend.web.routes.common import SettingsDep, get_run, store_path
 from backend.web.routes.edge import ERROR_RESPONSES, StrictJSONRoute
-from backend.web.routes.jobs import AblationRequest, _form, _json_only, _parse, submit_ablation
+from backend.web.routes.submitting import json_only, parse, read_form, submit
 from backend.web.sections.irm import SELECTION, reward_labelled
 from backend.core.settings import Settings
 
@@ -33,13 +35,13 @@ def submit_irm(settings: Settings, run_id: str, req: IrmRequest, author: str) ->
         raise HTTPException(409, "no feature of this run is labelled reward-related yet: label some on their pages "
                                  "first")
     body = AblationRequest(mode="zero", selection=SELECTION, n_texts=req.n_texts, n_controls=req.n_controls)
-    return [submit_ablation(settings, run_id, layer, body, author) for layer in labelled]
+    return [submit(settings, "ablation", Target(run_id, layer), body, author) for layer in labelled]
 
 
 @router.post("/runs/{run_id}/irm-ablation", include_in_schema=False)
 async def irm_form(request: Request, run_id: str, settings: SettingsDep):
-    form = await _form(request)
-    req = _parse(IrmRequest, {"n_texts": form.get("n_texts") or 256, "n_controls": form.get("n_controls") or 10})
+    form = await read_form(request)
+    req = parse(IrmRequest, {"n_texts": form.get("n_texts", 256), "n_controls": form.get("n_controls", 10)})
     submit_irm(settings, run_id, req, current_author(request))
     return RedirectResponse(f"/runs/{quote(run_id, safe='')}#irm-ablation", status_code=303)
 
@@ -48,7 +50,7 @@ async def irm_form(request: Request, run_id: str, settings: SettingsDep):
 def api_irm(request: Request, response: Response, run_id: str, body: IrmRequest, settings: SettingsDep) -> dict:
     """Queue the IRM ablation table: per layer with features labelled reward-related, one ablation
     zeroing them all on held-out texts beside random controls (see `irm_ablation` in GET /api/runs/{run})."""
-    _json_only(request)
+    json_only(request)
     queued = submit_irm(settings, run_id, body, current_author(request))
     response.headers["Location"] = f"/api/runs/{quote(run_id, safe='')}"
     return {"jobs": queued}

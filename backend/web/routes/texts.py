@@ -11,11 +11,13 @@ import yaml
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 
+from backend.core.job_kinds import Target
+from backend.core.job_kinds.inference import InferenceRequest
 from backend.core import jobs, store
 from backend.web.access import current_author
 from backend.web.routes.common import SettingsDep, get_run, json_response, render, run_summary, store_path
 from backend.web.routes.edge import ERROR_RESPONSES, StrictJSONRoute, TextId, invalid
-from backend.web.routes.jobs import InferenceRequest, _form, _parse, submit_inference
+from backend.web.routes.submitting import parse, read_form, submit
 from backend.core.settings import Settings
 from backend.core.chat_roles import markers_from_info, role_parts
 
@@ -94,7 +96,7 @@ async def text_page(request: Request, run_id: str, text_id: TextId, settings: Se
 @router.post("/runs/{run_id}/texts/{text_id}/attribute", include_in_schema=False)
 async def attribute_form(request: Request, run_id: str, text_id: TextId, settings: SettingsDep):
     """Queue this text's attribution at one layer or all, then come back to its page."""
-    form = await _form(request)
+    form = await read_form(request)
     layers = [x["layer"] for x in store.layers(store_path(settings, get_run(settings, run_id)))]
     chosen = form.get("layer") or "all"
     if not layers:
@@ -106,7 +108,7 @@ async def attribute_form(request: Request, run_id: str, text_id: TextId, setting
     else:
         raise invalid(f"layer {chosen[:40]!r} has no SAE in this run (its layers: {', '.join(map(str, layers))})",
                       "layer")
-    req = _parse(InferenceRequest, {"text_id": text_id, "steps": form.get("steps") or 16,
+    req = parse(InferenceRequest, {"text_id": text_id, "steps": form.get("steps", 16),
                                     "attribution_layers": wanted})
-    submit_inference(settings, run_id, wanted[0], req, current_author(request))
+    submit(settings, "inference", Target(run_id, wanted[0]), req, current_author(request))
     return RedirectResponse(f"/runs/{quote(run_id, safe='')}/texts/{text_id}#attribution", status_code=303)
