@@ -15,6 +15,13 @@ from backend.core.chat_roles import markers_from_info
 from backend.core.models import Run
 from backend.core.run_config import parse_config
 from backend.core.settings import Settings
+from workers.ablation import prepare_eval_set
+from workers.adapters import adapter_from_config
+from workers.analyze import adapter_has_gradient
+from workers.device import pick_device
+from workers.pipeline import resolve_model_path
+from workers.sae_ops import decoder_directions, linear_decoder
+from workers.train import load_sae
 
 # Texts per forward in ablations: on a 2-core CPU, 16 ran 256 texts 15% faster than 64
 # (length buckets pad less; the SAE edit's tensors stay in cache).
@@ -75,7 +82,6 @@ class LoadedRun:
 
     def sae(self, layer: int):
         if layer not in self.saes:
-            from workers.train import load_sae
 
             info = store.layer_info(self.store_path, layer)
             self.saes[layer] = load_sae(self.run_dir / info["sae_path"], self.adapter.device)
@@ -84,7 +90,6 @@ class LoadedRun:
     def decoder(self, layer: int) -> tuple[torch.Tensor, bool]:
         """(decoder rows, whether decoding is linear in the features): see workers.ablation."""
         if layer not in self.decoders:
-            from workers.sae_ops import decoder_directions, linear_decoder
 
             rows = decoder_directions(self.sae(layer))
             self.decoders[layer] = (rows, linear_decoder(self.sae(layer), rows) is not None)
@@ -93,9 +98,6 @@ class LoadedRun:
     def eval_set(self, layer: int, key: tuple, texts: list[str], progress=None):
         """The prepared evaluation set for these texts at this layer, prepared on first use, with
         the score's gradient at the layer (for the attribution prediction) where the model has one."""
-        from workers.ablation import prepare_eval_set
-        from workers.analyze import adapter_has_gradient
-
         if (layer, key) in self.eval_sets:
             self.eval_sets.move_to_end((layer, key))
         else:
@@ -118,9 +120,6 @@ class RunCache:
         if run_id in self.runs:
             self.runs[run_id] = self.runs.pop(run_id)  # most recent last
             return self.runs[run_id]
-        from workers.adapters import adapter_from_config
-        from workers.device import pick_device
-        from workers.pipeline import resolve_model_path
 
         with db.session(self.settings) as s:
             run = s.get(Run, run_id)

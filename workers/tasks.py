@@ -16,7 +16,14 @@ import torch
 import yaml
 
 from backend.core import store
-from workers.run_cache import ABLATION_BATCH, JobFailed, JobStopped, LoadedRun, RunCache, _non_finite, require_finite  # noqa: F401  (JobStopped: what a task raises)
+from backend.core.run_config import parse_config
+from workers.ablation import EvalBatch, EvalSet, FeatureEdit, edit_hidden, run_ablation
+from workers.analyze import adapter_has_gradient, forward_with_gradients
+from workers.controls import control_draws, control_summary
+from workers.pipeline import PUBLISHING, run_pipeline
+from workers.run_cache import ABLATION_BATCH, JobFailed, LoadedRun, RunCache, _non_finite, require_finite
+from workers.sae_ops import edited_tokens
+from workers.text_attribution import DEFAULT_STEPS, attribute_text, attribution_result, diff_attributions, what_was_read
 
 HELDOUT_DEFAULT = 256
 # Control draws of an ablation: a verdict needs their spread (workers/controls.py VERDICT_DRAWS)
@@ -39,9 +46,6 @@ def warm_run(cache: RunCache, run_id: str) -> None:
 # --- pipeline ---------------------------------------------------------------------------
 
 def pipeline_task(params: dict, ctx) -> dict:
-    from backend.core.run_config import parse_config
-    from workers.pipeline import PUBLISHING, run_pipeline
-
     def on_stage(message: str) -> None:
         if message == PUBLISHING:  # a cancel asked for since the last heartbeat still stops it here
             ctx.ask_queue()
@@ -68,9 +72,6 @@ def _eval_texts(run: LoadedRun, params: dict) -> tuple[list[str], list[int | Non
 
 
 def ablation_task(params: dict, ctx) -> dict:
-    from workers.ablation import FeatureEdit, run_ablation
-    from workers.controls import control_draws
-
     run = ctx.cache.get(params["run_id"])
     layer = int(params["layer"])
     sae = run.sae(layer)
@@ -109,8 +110,6 @@ def ablation_task(params: dict, ctx) -> dict:
 def ablation_result(chosen, controls, draws, texts, text_ids, seed: int) -> dict:
     """The job's result: the change over all reads and over those where a chosen feature fires,
     each beside both predictions and the controls (paired test of chosen - control)."""
-    from workers.controls import control_summary
-
     fired = chosen.fired
 
     def summaries(where):
@@ -142,9 +141,6 @@ SHOWN_BY_CONTRIBUTION = 8  # features shaded token by token when the request nam
 def text_attributions(run: LoadedRun, text: str, layers: list[int], steps: int, ctx=None) -> dict[str, dict]:
     """Each layer's complete attribution of the text's score (workers/text_attribution.py), by
     layer id as a string (JSON keys); {} where the score has no gradient through the model."""
-    from workers.analyze import adapter_has_gradient
-    from workers.text_attribution import attribute_text, attribution_result
-
     if not adapter_has_gradient(run.adapter):
         return {}
     out = {}
@@ -160,11 +156,6 @@ def inference_task(params: dict, ctx) -> dict:
     """A text's reward, its complete attribution over the SAE features of the chosen layers, and,
     per token, the activations of the shown features (by default the ones that contribute most
     to this text's score); with an edit, the reward again with those features changed."""
-    from workers.ablation import FeatureEdit, edit_hidden
-    from workers.analyze import adapter_has_gradient, forward_with_gradients
-    from workers.sae_ops import edited_tokens
-    from workers.text_attribution import DEFAULT_STEPS, what_was_read
-
     run = ctx.cache.get(params["run_id"])
     layer = int(params["layer"])
     sae = run.sae(layer)
@@ -207,7 +198,6 @@ def inference_task(params: dict, ctx) -> dict:
         e = params["edit"]
         edit = FeatureEdit(tuple(int(f) for f in e["features"]), e["mode"], float(e.get("value") or 0.0))
         vectors = store.layer_vectors(run.store_path, layer)
-        from workers.ablation import EvalBatch, EvalSet, run_ablation
 
         directions, linear = run.decoder(layer)
         clean_pass = EvalSet(layer, 1, [EvalBatch(np.arange(1), batch, score.float(), captured[layer], grad)])  # reused
@@ -232,10 +222,6 @@ def inference_task(params: dict, ctx) -> dict:
 def text_diff_task(params: dict, ctx) -> dict:
     """Two texts (a text and an edit of it) side by side at one layer: both scores and
     attributions, the features whose contribution changed most, and the tokens aligned."""
-    from workers.analyze import adapter_has_gradient
-    from workers.text_attribution import (DEFAULT_STEPS, attribute_text, attribution_result, diff_attributions,
-                                          what_was_read)
-
     run = ctx.cache.get(params["run_id"])
     if not adapter_has_gradient(run.adapter):
         raise JobFailed("this run's score has no gradient through the model: a text diff needs its attribution")

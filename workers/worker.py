@@ -21,6 +21,7 @@ from backend.core.settings import Settings
 from backend.core.run_config import ConfigError
 from workers.staging import clean_stale
 from workers.run_cache import JobFailed, JobStopped, RunCache
+from workers.tasks import warm_run
 
 
 
@@ -90,8 +91,6 @@ class Worker:
             jobs.worker_gone(self.settings, self.name)
 
     def warm_up(self, run_id: str) -> None:
-        from workers.tasks import warm_run
-
         self.state = f"loading run {run_id}"
         started = time.time()
         try:

@@ -17,7 +17,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from pydantic import BaseModel, Field
 
-from backend.core import explanations, jobs, labels, store
+from backend.core import embedding, explanations, jobs, labels, store
 from backend.core.job_kinds.explanations import resumed
 from backend.web.access import current_author
 from backend.web.explanation_agreement import agreement
@@ -96,8 +96,6 @@ def api_feature_explanation(run_id: str, layer: LayerId, feature: FeatureId, set
 def api_edit_explanation(request: Request, run_id: str, layer: LayerId, feature: FeatureId, edit: ExplanationEdit,
                          settings: SettingsDep) -> dict:
     """Write a new version of the explanation by hand (it has no classification or scores until a job makes them)."""
-    from backend.core import embedding
-
     labels.check_feature(settings, run_id, layer, feature)
     text = " ".join(edit.text.split())
     if not text:

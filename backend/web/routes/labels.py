@@ -12,7 +12,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from pydantic import BaseModel, Field
 
-from backend.core import labels, store
+from backend.core import explanations, labels, store
 from backend.web.access import check_csrf, current_author
 from backend.core.models import LABELS
 from backend.web.routes.common import SettingsDep, TableViewQ, get_run, render, store_path
@@ -112,8 +112,6 @@ def export_csv(run_id: str, settings: SettingsDep):
 
 def _export_rows(settings, run_id: str) -> list[dict[str, Any]]:
     """The run's labels, each with its feature's current explanation (backend/core/explanations.py)."""
-    from backend.core import explanations
-
     return explanations.with_explanations(settings, run_id, labels.export_rows(settings, run_id))
 
 
