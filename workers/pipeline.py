@@ -34,7 +34,7 @@ from workers.distributed_measure import finish as finish_measurements, serve as 
 from workers.evaluate import evaluate_saes
 from workers.layer_stages import LAYER_STAGES
 from workers.publish import registry_rows, with_best_layer, write_store
-from workers.stages import RunContext, frame, run_layer_stages
+from workers.stages import RunContext, frame, part, run_layer_stages
 from workers.staging import Toucher, clean_stale, previous_dir, staging_dir
 from workers.train import load_saes, train_saes
 
@@ -78,7 +78,8 @@ def _use_dataset_rewards(config: RunConfig, adapter, corpus) -> None:
 STAGE_LISTENER: ContextVar[Callable[[str], None] | None] = ContextVar("stage_listener", default=None)
 PROGRESS_LISTENER: ContextVar[Callable[[float], None] | None] = ContextVar("progress_listener", default=None)
 
-# Each stage's share of a run's progress bar, roughly its share of the time on the demo.
+# Each phase's share of a run's progress bar, roughly its share of the time on the demo; within
+# "layers", each layer's part is shared out by the per-layer stages' own shares (Stage.share).
 SPANS = {"load": (0.0, 0.02), "train": (0.02, 0.55), "analyse": (0.55, 0.7), "recovery": (0.7, 0.75),
          "layers": (0.75, 0.93), "analyses": (0.93, 0.98), "write": (0.98, 1.0)}
 
@@ -98,8 +99,7 @@ def _stage(message: str) -> None:
 def _span(stage: str) -> Callable[[float], None]:
     """A stage's progress (0..1 of its own work) as the run's. Every stage reports at least per
     batch or chunk, and each report is where a cancelled job stops (the listener raises)."""
-    start, end = SPANS[stage]
-    return lambda fraction: _report(start + (end - start) * min(max(fraction, 0.0), 1.0))
+    return part(_report, *SPANS[stage])
 
 
 def _report(progress: float) -> None:

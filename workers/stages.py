@@ -9,6 +9,7 @@ or table given twice, or one the stage did not declare, is an error."""
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -118,17 +119,25 @@ def run_layer_stages(stages: list[Stage], ctx: RunContext) -> None:
     for i, layer in enumerate(layers):
         layer_ctx = LayerContext(ctx, layer)
         report = part(ctx.progress, i / len(layers), (i + 1) / len(layers))
-        start = 0.0
+        start, seconds = 0.0, {}
         for stage in stages:
             report(start)
+            started = time.time()
             out = stage.run(dataclasses.replace(layer_ctx, progress=part(report, start, start + stage.share)))
+            seconds[stage.name] = time.time() - started
             start += stage.share
             layer_ctx.row.update(out.layer_columns.get(layer, {}))  # what the later stages of this layer read
             layer_ctx.features.update(out.feature_columns.get(layer, {}))
             outputs[stage.name].extend(out)
-        print(f"  layer {layer}: " + ", ".join(s.summary(layer_ctx.row, layer_ctx.features) for s in stages if s.summary))
+        print(_layer_summary(stages, layer_ctx, seconds))
     for stage in stages:
         merge(ctx.tables, outputs[stage.name], layers, stage)
+
+
+def _layer_summary(stages: list[Stage], ctx: LayerContext, seconds: dict[str, float]) -> str:
+    """One line per layer: each stage's figures, then the time each took (against its share)."""
+    figures = ", ".join(s.summary(ctx.row, ctx.features) for s in stages if s.summary)
+    return f"  layer {ctx.layer}: {figures}; " + ", ".join(f"{name} {t:.1f} s" for name, t in seconds.items())
 
 
 def run_stages(stages: list[Stage], ctx: RunContext) -> dict[str, Any]:
