@@ -117,21 +117,27 @@ def run_layer_stages(stages: list[Stage], ctx: RunContext) -> None:
     layers = list(ctx.config.layers)
     outputs = {stage.name: StageOutput() for stage in stages}
     for i, layer in enumerate(layers):
-        layer_ctx = LayerContext(ctx, layer)
-        report = part(ctx.progress, i / len(layers), (i + 1) / len(layers))
-        start, seconds = 0.0, {}
-        for stage in stages:
-            report(start)
-            started = time.time()
-            out = stage.run(dataclasses.replace(layer_ctx, progress=part(report, start, start + stage.share)))
-            seconds[stage.name] = time.time() - started
-            start += stage.share
-            layer_ctx.row.update(out.layer_columns.get(layer, {}))  # what the later stages of this layer read
-            layer_ctx.features.update(out.feature_columns.get(layer, {}))
-            outputs[stage.name].extend(out)
-        print(_layer_summary(stages, layer_ctx, seconds))
+        _run_layer(stages, LayerContext(ctx, layer), part(ctx.progress, i / len(layers), (i + 1) / len(layers)),
+                   outputs)
     for stage in stages:
         merge(ctx.tables, outputs[stage.name], layers, stage)
+
+
+def _run_layer(stages: list[Stage], ctx: LayerContext, report: Callable[[float], None],
+               outputs: dict[str, StageOutput]) -> None:
+    """One layer through every stage: each reads what the stages before it gave, and reports
+    progress within its share of the layer's bar."""
+    start, seconds = 0.0, {}
+    for stage in stages:
+        report(start)
+        started = time.time()
+        out = stage.run(dataclasses.replace(ctx, progress=part(report, start, start + stage.share)))
+        seconds[stage.name] = time.time() - started
+        start += stage.share
+        ctx.row.update(out.layer_columns.get(ctx.layer, {}))
+        ctx.features.update(out.feature_columns.get(ctx.layer, {}))
+        outputs[stage.name].extend(out)
+    print(_layer_summary(stages, ctx, seconds))
 
 
 def _layer_summary(stages: list[Stage], ctx: LayerContext, seconds: dict[str, float]) -> str:
