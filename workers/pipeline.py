@@ -1,6 +1,7 @@
 """config -> collect -> train -> analyse/regress -> publish -> register. One way, no going back."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import resource
 import shutil
@@ -16,25 +17,24 @@ import torch
 import yaml
 
 from backend.core.settings import Settings
-from backend.core.store_schema import STORE_FILENAME, TABLES
+from backend.core.store_schema import STORE_FILENAME
 from workers import distributed
 from workers.adapters import adapter_from_config
-from workers.analyses import RunContext, check_analyses, run_analyses
+from workers.analyses import check_analyses, run_analyses
 from workers.analyses.transfer import prepare_transfer
-from workers.analyze import adapter_has_gradient, collect_corpus_activations, feature_tables
-from workers.causal import not_applicable, run_causal_stage
+from workers.analyze import collect_corpus_activations
 from backend.core.chat_roles import markers_info
 from workers.chat import prepare_chat_texts
-from backend.core.run_config import (ARCHITECTURE_KNOBS, DEMO_LLAMA_MODEL, DEMO_MODEL, DEMO_MODEL_DIRNAME, ConfigError,
+from backend.core.run_config import (DEMO_LLAMA_MODEL, DEMO_MODEL, DEMO_MODEL_DIRNAME, ConfigError,
                             ModelFacts, RunConfig, check_against_world, check_model_facts, preflight)
 from workers.datasets import read_texts, select_corpus
 from workers.preference_data import PreferencePairs
 from workers.device import pick_device
 from workers.distributed_measure import finish as finish_measurements, serve as serve_measurements
 from workers.evaluate import evaluate_saes
-from workers.neighbours import decoder_neighbours
+from workers.layer_stages import LAYER_STAGES
 from workers.publish import registry_rows, with_best_layer, write_store
-from workers.regress import fit_probe, fit_reward_regression, weight_effect_agreement
+from workers.stages import RunContext, frame, part, run_layer_stages
 from workers.staging import Toucher, clean_stale, previous_dir, staging_dir
 from workers.train import load_saes, train_saes
 
@@ -54,10 +54,6 @@ def resolve_model_path(config: RunConfig, settings: Settings) -> str:
         report = build_demo_reward_model(path)
         print(f"demo reward model held-out R² vs the VADER reward: {report['heldout_r2']:.3f}")
     return str(path)
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
 
 
 def peak_rss_mib() -> float:
@@ -82,7 +78,8 @@ def _use_dataset_rewards(config: RunConfig, adapter, corpus) -> None:
 STAGE_LISTENER: ContextVar[Callable[[str], None] | None] = ContextVar("stage_listener", default=None)
 PROGRESS_LISTENER: ContextVar[Callable[[float], None] | None] = ContextVar("progress_listener", default=None)
 
-# Each stage's share of a run's progress bar, roughly its share of the time on the demo.
+# Each phase's share of a run's progress bar, roughly its share of the time on the demo; within
+# "layers", each layer's part is shared out by the per-layer stages' own shares (Stage.share).
 SPANS = {"load": (0.0, 0.02), "train": (0.02, 0.55), "analyse": (0.55, 0.7), "recovery": (0.7, 0.75),
          "layers": (0.75, 0.93), "analyses": (0.93, 0.98), "write": (0.98, 1.0)}
 
@@ -102,19 +99,13 @@ def _stage(message: str) -> None:
 def _span(stage: str) -> Callable[[float], None]:
     """A stage's progress (0..1 of its own work) as the run's. Every stage reports at least per
     batch or chunk, and each report is where a cancelled job stops (the listener raises)."""
-    start, end = SPANS[stage]
-    return lambda fraction: _report(start + (end - start) * min(max(fraction, 0.0), 1.0))
+    return part(_report, *SPANS[stage])
 
 
 def _report(progress: float) -> None:
     listener = PROGRESS_LISTENER.get()
     if listener is not None:
         listener(progress)
-
-
-def _part(report: Callable[[float], None], start: float, end: float) -> Callable[[float], None]:
-    """Part [start, end] of a stage's own progress."""
-    return lambda fraction: report(start + (end - start) * min(max(fraction, 0.0), 1.0))
 
 
 def corpus_tables(corpus, acts) -> dict[str, dict]:
@@ -149,153 +140,12 @@ def response_span_columns(spans: np.ndarray | None, n_texts: int) -> dict[str, l
             "response_end": [int(b) if ok else None for b, ok in zip(spans[:, 1], known)]}
 
 
-def sae_identity(config: RunConfig, adapter, layer: int, sae_path: Path, run_dir: Path) -> dict:
-    """Which SAE a layer row describes: where it reads, its shape, where its weights are."""
-    return {"layer": layer, "hook_name": adapter.hook_name(layer), "sae_path": str(sae_path.relative_to(run_dir)),
-            "architecture": config.sae.architecture, "d_in": adapter.d_model, "d_sae": config.sae.width,
-            "k": config.sae.k if config.sae.architecture in ARCHITECTURE_KNOBS["k"] else None}
-
-
-def layer_statistics(layer_acts, n_tokens: int, d_model: int, feats: dict) -> dict:
-    """How well the SAE reconstructs its layer, and how many of its features never fired."""
-    return {**layer_acts.metrics(n_tokens, d_model),
-            # dead: never fired on a token the SAE is meant for (a chat run's statistics read responses only)
-            "dead_fraction": float(1 - layer_acts.fired.float().mean()) if layer_acts.fired is not None
-            else float(np.mean(np.asarray(feats["frequency"]) == 0))}
-
-
-def layer_regression(config: RunConfig, corpus, acts, layer_acts, sae, feats: dict) -> tuple[dict, dict]:
-    """The reward regressed on the layer's pooled features, and the raw-activation probe beside
-    it: (the layer's metrics, each feature's weight columns). `feats` (the analysis pass's
-    feature columns) give the reward effect the weights are compared with."""
-    read_heldout = corpus.heldout[acts.read_text_ids]
-    fit = fit_reward_regression(layer_acts.pooled_matrix(acts.n_reads), acts.scores, read_heldout,
-                                config.regression, config.seed, sae.W_dec.detach().float().cpu().numpy())
-    probe = fit_probe(layer_acts.raw_matrix(), acts.scores, read_heldout, config.regression.cv_folds, config.seed)
-    metrics = {
-        "pooling": config.regression.pooling, "r2_train": fit.r2_train, "r2_heldout": fit.r2_heldout,
-        "r2_cv": fit.r2_cv, "ridge_alpha": fit.alpha, "regression_method": fit.method,
-        "merge_correlated": config.regression.merge_correlated,
-        "merge_min_cosine": config.regression.merge_min_cosine, "cv_folds": fit.cv_folds,
-        "weight_effect_agreement": weight_effect_agreement(fit.weights, feats["reward_effect"], feats["frequency"]),
-        "probe_r2_train": probe.r2_train, "probe_r2_heldout": probe.r2_heldout, "probe_alpha": probe.alpha,
-        "n_train": fit.n_train, "n_heldout": fit.n_heldout,
-    }
-    weights = {
-        "weight": fit.weights, "std_weight": fit.std_weights,
-        "weight_se": fit.weight_spread if fit.weight_spread is not None else [None] * len(fit.weights),
-        "weight_group": fit.weight_groups,
-        "weight_group_size": np.bincount(fit.weight_groups, minlength=len(fit.weight_groups))[fit.weight_groups],
-    }
-    return metrics, weights
-
-
-def decoder_columns(sae) -> dict:
-    """Each feature's nearest features by decoder cosine."""
-    neighbours, cosines = decoder_neighbours(sae.W_dec)
-    return {"neighbours": neighbours.tolist(), "neighbour_cosines": cosines.tolist()}
-
-
-def reward_recovery_columns(recovery) -> dict:
-    return {"reward_recovered": recovery.reward_recovered, "reward_mae_sae": recovery.mae_sae,
-            "reward_mae_zero": recovery.mae_zero}
-
-
-def merged(*stages: dict) -> dict:
-    """The stages' columns side by side; a column from two stages is a bug, not an override."""
-    out: dict = {}
-    for columns in stages:
-        twice = out.keys() & columns.keys()
-        if twice:
-            raise ValueError(f"columns {', '.join(sorted(twice))} come from two stages")
-        out.update(columns)
-    return out
-
-
-def as_columns(rows: list[dict]) -> dict[str, list]:
-    """Rows with the same keys -> one list per key (write_store checks the keys against the spec)."""
-    return {name: [row[name] for row in rows] for name in rows[0]} if rows else {}
-
-
-def _concatenated(per_layer: list[dict]) -> dict[str, list]:
-    """Each layer's columns -> one column over all layers, in layer order."""
-    out: dict[str, list] = {}
-    for columns in per_layer:
-        for name, values in columns.items():
-            out.setdefault(name, []).extend(values)
-    return out
-
-
-def causal_stage(config: RunConfig, adapter, corpus, layer: int, sae, feats: dict, weights: dict,
-                 progress: Callable[[float], None] | None = None):
-    """What the model uses at this layer, measured (workers/causal.py); nothing to measure where
-    the score is computed from the text, not by the model."""
-    if not config.effects.enabled or not adapter_has_gradient(adapter):
-        if config.effects.enabled:
-            _stage(f"layer {layer}: no measured effects: the score ({config.model.reward_function}) is computed "
-                   "from the text, so no edit of the model moves it")
-        return not_applicable(len(weights["weight"]))
-    heldout = [t for t, held in zip(corpus.texts, corpus.heldout) if held]
-    if not heldout:
-        _stage(f"layer {layer}: no measured effects: the corpus has no held-out texts to measure them on")
-        return not_applicable(len(weights["weight"]))
-    ranking_columns = {name: np.array([np.nan if v is None else v for v in feats[name]], dtype=np.float64)
-                       for name in ("frequency", "reward_effect", "attribution", "attribution_abs")}
-    result = run_causal_stage(adapter, sae, layer, heldout, ranking_columns, np.asarray(weights["weight"]),
-                              config.regression.pooling, config.effects, config.seed, report=_stage,
-                              progress=progress)
-    _stage(f"layer {layer}: measured effects {result.timings['measured']:.0f} s, deletion curves "
-           f"{result.timings['faithfulness']:.0f} s; default ranking {result.layer_columns['default_ranking']}")
-    return result
-
-
-def _print_layer_summary(row: dict, weights: dict) -> None:
-    grouped = weights["weight_group_size"] > 1
-    print(f"  layer {row['layer']}: held-out R² {row['r2_heldout']:.3f} (train {row['r2_train']:.3f}, "
-          f"alpha {row['ridge_alpha']:g}; {int(grouped.sum())} near-duplicate features in "
-          f"{len(np.unique(weights['weight_group'][grouped]))} groups; raw probe {row['probe_r2_heldout']:.3f}), "
-          f"explained variance {row['explained_variance']:.3f}, L0 {row['l0']:.1f}, "
-          f"dead {row['dead_fraction']:.1%}, reward recovered {_fmt(row['reward_recovered'])}, "
-          f"weight-effect agreement {_fmt(row['weight_effect_agreement'])}; default ranking "
-          f"{row['default_ranking']}, its top 10 zeroed move the reward {_fmt(row['faithfulness_effect'])} on its "
-          f"{row['faithfulness_measure']} measure (control {_fmt(row['faithfulness_control'])}; "
-          f"{_fmt(row['faithfulness_relative'])} of the spread; {row['faithfulness_verdict']}), "
-          f"calibration slope regression {_fmt(row['calibration_regression_slope'])}, "
-          f"attribution {_fmt(row['calibration_attribution_slope'])}")
-
-
-def build_tables(config: RunConfig, adapter, corpus, acts, saes: dict, sae_paths: dict[int, Path], run_dir: Path,
-                 recovery: dict, progress: Callable[[float], None] = lambda fraction: None) -> dict:
-    """Every table the store is written from: the corpus's, then per layer its row of `layers`
-    and its features' and contexts' rows, each stage's columns side by side."""
-    vocab = np.array(adapter.tokenizer.convert_ids_to_tokens(list(range(len(adapter.tokenizer)))), dtype=object)
-    layer_rows, features, contexts, curves, ranked = [], [], [], [], []
-    for i, layer in enumerate(config.layers):
-        layer_progress = _part(progress, i / len(config.layers), (i + 1) / len(config.layers))
-        layer_acts, sae = acts.layers[layer], saes[layer]
-        _stage(f"layer {layer}: feature statistics and top contexts")
-        layer_progress(0.0)
-        feats, layer_contexts = feature_tables(layer, layer_acts, vocab)
-        _stage(f"layer {layer}: reward regression ({config.regression.method}, {config.regression.pooling} pooling)"
-               " and raw-activation probe")
-        layer_progress(0.05)
-        regression, weights = layer_regression(config, corpus, acts, layer_acts, sae, feats)
-        layer_progress(0.15)
-        causal = causal_stage(config, adapter, corpus, layer, sae, feats, weights, _part(layer_progress, 0.15, 1.0))
-        row = merged(sae_identity(config, adapter, layer, sae_paths[layer], run_dir),
-                     layer_statistics(layer_acts, acts.n_tokens, adapter.d_model, feats),
-                     layer_acts.sinks.columns(vocab), regression,
-                     reward_recovery_columns(recovery[layer]), causal.layer_columns)
-        layer_rows.append(row)
-        features.append(merged(feats, weights, decoder_columns(sae), causal.feature_columns))
-        contexts.append(layer_contexts)
-        ranked.append(layer_acts.features.ranked.columns(layer))
-        curves.extend(causal.curves)
-        _print_layer_summary(row, weights)
-    faithfulness = as_columns(curves) or {name: [] for name in TABLES["faithfulness"].names}
-    return {**corpus_tables(corpus, acts), "layers": as_columns(layer_rows),
-            "features": _concatenated(features), "contexts": _concatenated(contexts), "faithfulness": faithfulness,
-            "feature_texts": _concatenated(ranked)}
+def build_tables(ctx: RunContext) -> None:
+    """Every table the store is written from, into ctx.tables: the corpus's, then each layer
+    through the per-layer stages (workers/layer_stages.py), their columns side by side."""
+    ctx.tables.update(corpus_tables(ctx.corpus, ctx.acts))
+    ctx.tables.update(frame(list(ctx.config.layers), {layer: sae.cfg.d_sae for layer, sae in ctx.saes.items()}))
+    run_layer_stages(LAYER_STAGES, ctx)
 
 
 def _register(settings: Settings, config: RunConfig, tables: dict, info: dict, replace: bool) -> None:
@@ -406,15 +256,12 @@ def _run_pipeline(config: RunConfig, settings: Settings, replace: bool) -> Path:
         eval_texts = [t for t, held in zip(corpus.texts, corpus.heldout) if held][: config.sae.reward_recovered_texts]
         _stage(f"reward recovered: {len(eval_texts)} held-out texts with each SAE spliced in, and each layer zeroed")
         recovery = evaluate_saes(adapter, saes, eval_texts, config.dataset.batch_size, progress=_span("recovery"))
-        tables = build_tables(config, adapter, corpus, acts, saes, sae_paths, staging, recovery, _span("layers"))
-        if divergence is not None:
-            tables["divergence"] = divergence["columns"]
-            tables["_run_info"] = {"divergence_tensors_compared": divergence["n_compared"],
-                                   "divergence_tensors_skipped": divergence["n_skipped"]}
+        ctx = RunContext(config, settings, adapter, corpus, acts, saes, staging, device, tables={}, stage=_stage,
+                         progress=_span("layers"), sae_paths=sae_paths, recovery=recovery, divergence=divergence)
+        build_tables(ctx)
         with distributed.solo():  # rank 0 alone
-            run_analyses(RunContext(config, settings, adapter, corpus, acts, saes, staging, device, tables, _stage,
-                                    _span("analyses")))
-        analysed = tables.pop("_run_info", {})
+            analysed = run_analyses(dataclasses.replace(ctx, progress=_span("analyses")))
+        tables = ctx.tables
         _span("write")(0.0)
         # what the user wrote (plus the run id): parses again as it is, defaults included
         config_yaml = yaml.safe_dump({"run_id": config.run_id, **written.model_dump(mode="json", exclude_unset=True)},

@@ -30,7 +30,7 @@ from typing import Callable
 
 import numpy as np
 
-from workers.analyses import AnalysisOutput, RunContext
+from workers.stages import RunContext, Stage, StageOutput
 from backend.core.reference_words import BAD_ROWS_SHOWN, SLOT, read_lexicon
 
 PAPER_BASELINE_TAU, PAPER_BASELINE_P = -0.037, 0.55
@@ -198,12 +198,12 @@ def layer_weights(features: dict[str, list], layer: int) -> np.ndarray:
     return out
 
 
-def run(ctx: RunContext) -> AnalysisOutput:
+def run(ctx: RunContext) -> StageOutput:
     import json
 
     cfg = ctx.config.lexicon
     if cfg is None or not cfg.enabled:
-        return AnalysisOutput()
+        return StageOutput()
     started = time.time()
     lexicon = read_lexicon(cfg.reference)
     if lexicon.bad_rows:
@@ -219,7 +219,7 @@ def run(ctx: RunContext) -> AnalysisOutput:
               f"in {len(cfg.carriers)} carriers, {len(words) * (len(cfg.carriers)):,} sentences")
     if not words:
         ctx.stage("lexicon: no reference word is one token for this tokenizer: nothing to compare")
-        return AnalysisOutput(run_info={"lexicon_reference": lexicon.source, "lexicon_n_bad_rows": lexicon.n_bad_rows})
+        return StageOutput(run_info={"lexicon_reference": lexicon.source, "lexicon_n_bad_rows": lexicon.n_bad_rows})
     weights = {layer: layer_weights(ctx.tables["features"], layer) for layer in layers}
     m = measure_lexicon(ctx.adapter, {layer: ctx.saes[layer] for layer in layers}, weights,
                         ctx.config.regression.pooling, words, list(cfg.carriers), cfg.neutral_word, cfg.batch_size,
@@ -233,8 +233,12 @@ def run(ctx: RunContext) -> AnalysisOutput:
             "lexicon_carriers": json.dumps(list(cfg.carriers)), "lexicon_n_bad_rows": lexicon.n_bad_rows,
             "lexicon_bad_rows": json.dumps(lexicon.bad_rows[:BAD_ROWS_SHOWN]),
             "lexicon_divergent": cfg.divergent}
-    return AnalysisOutput(tables=tables, run_info=info)
+    return StageOutput(tables=tables, run_info=info)
 
 
 def _fmt(x: float | None) -> str:
     return "—" if x is None else f"{x:.3g}"
+
+
+STAGE = Stage("lexicon", run, sections=("lexicon",), check=check, needs=("features.weight",),
+              tables=("lexicon_words", "lexicon_predictions", "lexicon_summary"))

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from workers.analyses import AnalysisOutput, RunContext
+from workers.stages import RunContext, Stage, StageOutput
 
 LAYER_COLUMNS = ("pair_width", "pair_sae_path", "mmcs_to_pair", "mmcs_from_pair")
 FEATURE_COLUMNS = ("pair_max_cosine", "pair_feature")
@@ -59,16 +59,16 @@ def mmcs(a: torch.Tensor, b: torch.Tensor, chunk: int | None = None) -> tuple[fl
     return float(a_max.mean()), float(b_max.mean())
 
 
-def run(ctx: RunContext) -> AnalysisOutput:
+def run(ctx: RunContext) -> StageOutput:
     from workers.sae_ops import decoder_directions
     from workers.train import load_saes, pair_dir
 
     layers = list(ctx.config.layers)
     width = ctx.config.sae.pair_width
     if width is None:
-        return AnalysisOutput(layer_columns={layer: dict.fromkeys(LAYER_COLUMNS) for layer in layers},
+        return StageOutput(layer_columns={layer: dict.fromkeys(LAYER_COLUMNS) for layer in layers},
                               feature_columns={layer: dict.fromkeys(FEATURE_COLUMNS) for layer in layers})
-    out = AnalysisOutput()
+    out = StageOutput()
     for i, layer in enumerate(layers):
         started = time.time()
         path = pair_dir(ctx.run_dir, layer, width)
@@ -88,3 +88,6 @@ def run(ctx: RunContext) -> AnalysisOutput:
                   f"({time.time() - started:.1f} s)")
         ctx.progress((i + 1) / len(layers))
     return out
+
+
+STAGE = Stage("pairs", run, sections=("mmcs",), layer_columns=LAYER_COLUMNS, feature_columns=FEATURE_COLUMNS)

@@ -25,7 +25,7 @@ import time
 import numpy as np
 import torch
 
-from workers.analyses import AnalysisOutput, RunContext
+from workers.stages import RunContext, Stage, StageOutput
 
 LAYER_COLUMNS = ("spliced_accuracy", "surrogate_accuracy", "surrogate_train_accuracy")
 FEATURE_COLUMNS = ("margin_attribution", "margin_attribution_chosen", "margin_attribution_rejected",
@@ -36,8 +36,8 @@ WRONG_COLUMNS = ("layer", "pair_id", "rank", "feature", "margin_attribution", "c
                  "rejected_attribution")
 
 
-def _empty(layers: list[int]) -> AnalysisOutput:
-    return AnalysisOutput(layer_columns={layer: dict.fromkeys(LAYER_COLUMNS) for layer in layers},
+def _empty(layers: list[int]) -> StageOutput:
+    return StageOutput(layer_columns={layer: dict.fromkeys(LAYER_COLUMNS) for layer in layers},
                           feature_columns={layer: dict.fromkeys(FEATURE_COLUMNS) for layer in layers},
                           tables={"preference_pairs": {name: [] for name in PAIR_COLUMNS},
                                   "preference_wrong_features": {name: [] for name in WRONG_COLUMNS}})
@@ -203,7 +203,7 @@ def margin_columns(ctx: RunContext, sae, layer: int, evalset) -> tuple[dict[str,
     return out, chosen, rejected
 
 
-def run(ctx: RunContext) -> AnalysisOutput:
+def run(ctx: RunContext) -> StageOutput:
     from workers.ablation import prepare_eval_set
     from workers.analyze import adapter_has_gradient
 
@@ -258,3 +258,7 @@ def run(ctx: RunContext) -> AnalysisOutput:
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
+
+
+STAGE = Stage("preference", run, sections=("preference",), layer_columns=LAYER_COLUMNS,
+              feature_columns=FEATURE_COLUMNS, tables=("preference_pairs", "preference_wrong_features"))

@@ -38,7 +38,7 @@ from typing import Callable
 
 import numpy as np
 
-from workers.analyses import AnalysisOutput, RunContext
+from workers.stages import RunContext, Stage, StageOutput
 from backend.core.reference_words import read_vocabulary
 
 EPSILON = 1e-12
@@ -224,11 +224,11 @@ def check(config, tokenizer) -> None:
         raise ConfigError(f"reason_score.vocabulary: {exc}") from None
 
 
-def run(ctx: RunContext) -> AnalysisOutput:
+def run(ctx: RunContext) -> StageOutput:
     rs = ctx.config.reason_score
     layers = list(ctx.config.layers)
     if rs is None or not rs.enabled:  # the column exists in every store: NULL where not computed
-        return AnalysisOutput(feature_columns={layer: {"reason_score": None} for layer in layers})
+        return StageOutput(feature_columns={layer: {"reason_score": None} for layer in layers})
     started = time.time()
     vocab = vocabulary_tokens(ctx.adapter.tokenizer, read_vocabulary(rs.vocabulary))
     texts = list(ctx.corpus.texts[:rs.texts])
@@ -246,7 +246,7 @@ def run(ctx: RunContext) -> AnalysisOutput:
             "reason_score_unknown": json.dumps(vocab.unknown), "reason_score_word_counts": json.dumps(first.word_counts),
             "reason_score_texts": len(texts), "reason_score_alpha": rs.alpha,
             "reason_score_window": json.dumps(list(rs.window))}
-    return AnalysisOutput(feature_columns={layer: {"reason_score": [float(x) for x in results[layer].scores]}
+    return StageOutput(feature_columns={layer: {"reason_score": [float(x) for x in results[layer].scores]}
                                            for layer in layers}, run_info=info)
 
 
@@ -279,3 +279,7 @@ def reason_score_task(params: dict, ctx) -> dict:
     return {"layer": layer, "words": vocab.words, "unknown": vocab.unknown, "word_counts": result.word_counts,
             "n_texts": result.n_texts, "n_tokens": result.n_tokens, "n_vocabulary_tokens": result.n_vocabulary_tokens,
             "features": top_features(result)}
+
+
+# no run-page section: its column is on the layer table (sort by it) and the feature card
+STAGE = Stage("reason_score", run, sections=(), feature_columns=("reason_score",), check=check)

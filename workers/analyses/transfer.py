@@ -25,7 +25,7 @@ import scipy.sparse as sp
 import torch
 
 from workers.adapters.base import Batch, RewardModelAdapter
-from workers.analyses import AnalysisOutput, RunContext
+from workers.stages import RunContext, Stage, StageOutput
 from workers.batching import length_bucketed_batches, token_lengths
 from backend.core.run_config import ConfigError, RunConfig, base_model_path, check_base_facts, model_facts
 from workers.device import autocast
@@ -129,8 +129,8 @@ def load_base_adapter(path: str, rm: RewardModelAdapter) -> BaseModelAdapter:
 
 # --- the analysis ------------------------------------------------------------------------------
 
-def _empty(config: RunConfig) -> AnalysisOutput:
-    return AnalysisOutput(feature_columns={layer: {name: None for name in FEATURE_COLUMNS} for layer in config.layers})
+def _empty(config: RunConfig) -> StageOutput:
+    return StageOutput(feature_columns={layer: {name: None for name in FEATURE_COLUMNS} for layer in config.layers})
 
 
 def matching_texts(texts: list[str], heldout: np.ndarray, tokenizer, max_length: int, n_tokens: int,
@@ -318,12 +318,23 @@ def rm_on_subset(ctx: RunContext, layer: int, rm_rows: np.ndarray, scores: np.nd
     return fit.r2_heldout, probe.r2_heldout
 
 
-def run(ctx: RunContext) -> AnalysisOutput:
-    config = ctx.config
-    if config.transfer is None:
-        return _empty(config)
+def run(ctx: RunContext) -> StageOutput:
+    if ctx.config.transfer is None:
+        return _empty(ctx.config)
+    out = transfer(ctx)
+    if ctx.divergence is not None:  # measured before training (prepare_transfer): the store keeps it with the rest
+        divergence = ctx.divergence
+        out.tables["divergence"] = divergence["columns"]
+        out.run_info = {"divergence_tensors_compared": divergence["n_compared"],
+                        "divergence_tensors_skipped": divergence["n_skipped"], **out.run_info}
+    return out
+
+
+def transfer(ctx: RunContext) -> StageOutput:
+    """The base model's SAEs trained, regressed on and matched to the reward model's features."""
     from workers.train import load_saes, train_saes
 
+    config = ctx.config
     layers = config.transfer_layers
     tokens = config.transfer.training_tokens or config.sae.training_tokens
     base_config = config.model_copy(update={
@@ -402,3 +413,7 @@ def run(ctx: RunContext) -> AnalysisOutput:
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
+
+
+STAGE = Stage("transfer", run, sections=("divergence", "transfer"), feature_columns=FEATURE_COLUMNS,
+              tables=("transfer_layers", "divergence"), needs=("layers.r2_heldout", "layers.probe_r2_heldout"))

@@ -70,7 +70,7 @@ def api_runs(settings: SettingsDep) -> dict[str, Any]:
 @router.get("/api/runs/{run_id}", tags=["runs"])
 def api_run(run_id: str, settings: SettingsDep) -> dict[str, Any]:
     """One run: its configuration, every layer's SAE and regression metrics, and its analyses
-    across layers (backend/sections: `irm_ablation`, ...)."""
+    across layers (backend/web/sections: `irm_ablation`, ...)."""
     return run_data(settings, run_id)
 
 
@@ -91,7 +91,7 @@ def _render_run_page(request: Request, settings: Settings, run_id: str, delete_e
                                         "ranking_names": RANKING_NAMES, "delete_error": delete_error,
                                         "best_rule": data["best_layer_rule"], "verdict_words": VERDICT_WORDS,
                                         "measure_words": MEASURE_WORDS,
-                                        "sections": list(SECTIONS),
+                                        "section_templates": [section.template for section in SECTIONS],
                                         "measured": any(l["faithfulness_relative"] is not None for l in data["layers"])},
                   status_code=status_code)
 
