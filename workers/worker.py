@@ -17,7 +17,7 @@ from backend.core import jobs
 from backend.core.settings import Settings
 from backend.core.run_config import ConfigError
 from workers.staging import clean_stale
-from workers.tasks import TASKS, JobFailed, JobStopped, RunCache
+from workers.tasks import TASKS, JobFailed, JobStopped, RunCache, warm_run
 
 
 class JobContext:
@@ -81,8 +81,6 @@ class Worker:
             jobs.worker_gone(self.settings, self.name)
 
     def warm_up(self, run_id: str) -> None:
-        from workers.tasks import warm_run
-
         self.state = f"loading run {run_id}"
         started = time.time()
         try:
