@@ -1,5 +1,5 @@
 """`rewardatlas demo | run CONFIG | serve | worker | delete-run RUN_ID | export ... | db upgrade` — thin dispatch; heavy imports stay lazy
-so that `serve` never imports torch."""
+so that `serve` never imports torch, and `--help` answers at once (SQLAlchemy alone takes half a second)."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from backend.cli_exports import add_export_parser
 from backend.core.settings import get_settings
 
 
@@ -17,7 +18,7 @@ class CliError(Exception):
 
 
 def cmd_db_upgrade(args: argparse.Namespace) -> None:
-    from backend.core.db import upgrade
+    from backend.core.db import upgrade  # lazy: SQLAlchemy and Alembic (0.5 s), only when needed
 
     settings = get_settings()
     upgrade(settings)
@@ -25,13 +26,12 @@ def cmd_db_upgrade(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    import uvicorn
+    import uvicorn  # lazy: the server's packages load only to serve
 
-    from backend.web.app import create_app
-    from backend.core.db import upgrade
-    from backend.web.header_timeout import HeaderTimeoutProtocol
-
-    from backend.web.access import AccessConfigError, check_serving_is_safe
+    from backend.core.db import upgrade  # lazy: SQLAlchemy (0.5 s), only when needed
+    from backend.web.access import AccessConfigError, check_serving_is_safe  # lazy: the web app (1 s), only to serve
+    from backend.web.app import create_app  # lazy: the web app, only to serve
+    from backend.web.header_timeout import HeaderTimeoutProtocol  # lazy: uvicorn, only to serve
 
     settings = get_settings()
     host = args.host or settings.host
@@ -68,7 +68,7 @@ def wants_embedded_worker(args: argparse.Namespace, settings) -> bool:
 def start_embedded_worker(settings) -> subprocess.Popen:
     """`rewardatlas worker` in a process of its own (torch stays out of the server's), warmed on
     the newest run, ending when this process does."""
-    from backend.core.db import newest_run_id
+    from backend.core.db import newest_run_id  # lazy: SQLAlchemy, only when needed
 
     command = [sys.executable, "-m", "backend.cli", "worker", "--exit-with", str(os.getpid())]
     warm = newest_run_id(settings)
@@ -89,21 +89,22 @@ def stop_embedded_worker(worker: subprocess.Popen, wait_s: float = 10.0) -> None
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from backend.core.run_config import ConfigError, check_config, load_config
+    from backend.core.run_config import ConfigError, check_config, load_config  # lazy: its models build only to run
 
     settings = get_settings()
     try:
         config = load_config(Path(args.config))
         check_config(config, settings)  # before torch and SAELens load (seconds), and before the data dir is made
         if args.nproc is not None or "TORCHELASTIC_RUN_ID" in os.environ:  # several processes (torchrun sets it)
-            from workers.distributed import RankFailure
-            from workers.launch import run_from_cli
+            from workers.distributed import RankFailure  # lazy: torch (seconds) loads once the config is checked
+            from workers.launch import run_from_cli  # lazy: torch, once the config is checked
 
             try:
                 run_from_cli(Path(args.config), config, settings, args.replace, args.nproc)
             except RankFailure as exc:
                 raise CliError(str(exc)) from exc
             return
+        # lazy: torch and SAELens (seconds) load only once the config is checked
         from workers.pipeline import run_pipeline
 
         run_pipeline(config, settings, replace=args.replace)
@@ -112,7 +113,7 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 def cmd_delete_run(args: argparse.Namespace) -> None:
-    from backend.core.db import ExportFailed, delete_run_with_export, upgrade
+    from backend.core.db import ExportFailed, delete_run_with_export, upgrade  # lazy: SQLAlchemy, only when needed
 
     settings = get_settings()
     upgrade(settings)
@@ -126,8 +127,8 @@ def cmd_delete_run(args: argparse.Namespace) -> None:
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
-    from backend.core.db import upgrade
-    from workers.worker import main as worker_main
+    from backend.core.db import upgrade  # lazy: SQLAlchemy, only when needed
+    from workers.worker import main as worker_main  # lazy: torch and SAELens load only in the worker process
 
     settings = get_settings()
     upgrade(settings)
@@ -136,7 +137,7 @@ def cmd_worker(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from workers.demo import ensure_demo
+    from workers.demo import ensure_demo  # lazy: the demo's workers (torch once there is work) load only for demo
 
     settings = get_settings()
     if args.llama:
@@ -194,8 +195,6 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--exit-with", metavar="PID", type=int, default=None,
                         help="stop when the process PID ends (the server that started this worker)")
     worker.set_defaults(func=cmd_worker)
-
-    from backend.cli_exports import add_export_parser  # torch-free; its model work loads lazily
 
     add_export_parser(sub, CliError)
 

@@ -8,7 +8,12 @@ import sys
 import time
 from pathlib import Path
 
+from pydantic import ValidationError
+from tqdm import tqdm
+
 from backend.core.exports import ExportError
+from backend.core.exports.atomic import atomic_file
+from backend.core.settings import get_settings
 
 
 def _features(text: str) -> list[int]:
@@ -21,8 +26,6 @@ def _features(text: str) -> list[int]:
 
 def _progress(total_label: str):
     """A progress bar on stderr: (done, total) -> None."""
-    from tqdm import tqdm
-
     bar = None
 
     def report(done: int, total: int) -> None:
@@ -36,8 +39,6 @@ def _progress(total_label: str):
 
 
 def _write_stream(chunks, out: Path, replace: bool) -> int:
-    from backend.core.exports.atomic import atomic_file
-
     written = 0
     with atomic_file(out, replace=replace) as work, work.open("wb") as f:
         for chunk in chunks:
@@ -47,7 +48,7 @@ def _write_stream(chunks, out: Path, replace: bool) -> int:
 
 
 def cmd_neuronpedia(args, settings) -> str:
-    from backend.core.exports import neuronpedia
+    from backend.core.exports import neuronpedia  # lazy: SQLAlchemy and DuckDB load only for an export
 
     started = time.perf_counter()
     options = neuronpedia.Options(model_id=args.model_id, source_set=args.source_set, creator_id=args.creator_id,
@@ -61,10 +62,8 @@ def cmd_neuronpedia(args, settings) -> str:
 
 
 def cmd_table(args, settings) -> str:
-    from pydantic import ValidationError
-
-    from backend.core.exports import tables
-    from backend.web.routes.common import TableView
+    from backend.core.exports import tables  # lazy: SQLAlchemy and DuckDB load only for an export
+    from backend.web.routes.common import TableView  # lazy: the web app's routes (0.6 s), only for a table
 
     try:
         view = TableView(sort=args.sort, sign=args.sign, min_freq=args.min_freq, max_freq=args.max_freq,
@@ -78,7 +77,7 @@ def cmd_table(args, settings) -> str:
 
 
 def cmd_labels(args, settings) -> str:
-    from backend.core.exports import labels_export
+    from backend.core.exports import labels_export  # lazy: SQLAlchemy and DuckDB load only for an export
 
     out = Path(args.out or f"{labels_export.filename(args.run_id)}.{args.format}")
     size = _write_stream(labels_export.stream(settings, args.run_id, args.format), out, args.replace)
@@ -86,7 +85,7 @@ def cmd_labels(args, settings) -> str:
 
 
 def cmd_saedashboard(args, settings) -> str:
-    from backend.core.exports.source import chosen_features, open_layer, require_sae
+    from backend.core.exports.source import chosen_features, open_layer, require_sae  # lazy: DuckDB, only for an export
 
     if args.texts < 1:
         raise ExportError(f"--texts {args.texts}: read the feature on at least 1 text")
@@ -96,9 +95,10 @@ def cmd_saedashboard(args, settings) -> str:
     out = Path(args.out or f"saedashboard-{args.run_id}-layer{args.layer}-feature{args.feature}.html")
     if out.exists() and not args.replace:
         raise ExportError(f"{out} already exists: choose another output, or pass --replace")
+    # lazy: torch, SAELens and SAEDashboard (seconds) load only once the input is checked
     from workers.exports.saedashboard import render
-    from workers.run_cache import RunCache
-    from workers.train import load_sae
+    from workers.run_cache import RunCache  # lazy: torch, once the input is checked
+    from workers.train import load_sae  # lazy: SAELens, once the input is checked
 
     run = RunCache(settings).get(args.run_id)  # the run's model, as its jobs load it
     sae = load_sae(source.sae_dir, run.adapter.device)
@@ -111,9 +111,8 @@ def cmd_saedashboard(args, settings) -> str:
 
 def run_export(args) -> None:
     """Dispatch, turning a problem the user can fix into the CLI's own error (args.cli_error)."""
-    from backend.core.db import upgrade
-    from backend.core.settings import get_settings
-    from backend.core.store import NotFound, StoreOutdated
+    from backend.core.db import upgrade  # lazy: SQLAlchemy and Alembic (0.5 s), only for an export
+    from backend.core.store import NotFound, StoreOutdated  # lazy: DuckDB, only for an export
 
     settings = get_settings()
     upgrade(settings)

@@ -26,6 +26,7 @@ from workers.batching import length_bucketed_batches, token_lengths
 from backend.core.run_config import AnalysisConfig
 from workers.feature_stream import SEQ_BATCH_SHIFT, FeatureAccumulator, TokenBatch
 from workers.sae_ops import decoder_directions, pool_reads
+from workers.shard_merge import AnalysisShard, merge_analysis
 from workers.sinks import SinkReport, sink_rule_of
 
 
@@ -160,7 +161,7 @@ def collect_corpus_activations(
     analysis: AnalysisConfig | None = None,
     seed: int = 0,
     progress: Callable[[float], None] | None = None,
-) -> CorpusActivations:
+) -> CorpusActivations | None:
     """One pass over the corpus. Memory holds per-feature accumulators and one row per reward
     read, never per-token activations or the corpus' tokens. `progress` hears the share done
     before every batch (and may raise to stop the pass)."""
@@ -264,21 +265,21 @@ def collect_corpus_activations(
             res.pooled["cols"].append(cols.int())
             res.pooled["vals"].append(pooled[rows, cols])
         n_reads += batch.n_reads
-    if ranks.active:  # rank 0 gets the whole corpus's activations, the others None
-        from workers.shard_merge import AnalysisShard, merge_analysis
-
-        spans = response_spans if adapter.response_markers is not None else None
-        return merge_analysis(ranks, batches, results, AnalysisShard(own, scores, read_texts, read_positions, lengths,
-                                                                     n_effect_texts, spans))
+    rows = AnalysisShard(own, scores, read_texts, read_positions, lengths, n_effect_texts,
+                         response_spans if adapter.response_markers is not None else None)
+    if ranks.active:  # rank 0 gets the whole corpus's rows (in batch order), the others None
+        rows = merge_analysis(ranks, results, rows)
+        if rows is None:
+            return None
     return CorpusActivations(
-        read_text_ids=torch.cat(read_texts).numpy(),
-        read_positions=torch.cat(read_positions).numpy(),
-        scores=torch.cat(scores).numpy().astype(np.float64),
-        slot_text_ids=np.concatenate(batches),
-        text_offsets=np.concatenate([[0], np.cumsum(torch.cat(lengths).numpy())]),
+        read_text_ids=torch.cat(rows.read_texts).numpy(),
+        read_positions=torch.cat(rows.read_positions).numpy(),
+        scores=torch.cat(rows.scores).numpy().astype(np.float64),
+        slot_text_ids=np.concatenate([batches[b] for b in rows.batches]),
+        text_offsets=np.concatenate([[0], np.cumsum(torch.cat(rows.lengths).numpy())]),
         layers=results,
-        n_effect_texts=n_effect_texts,
-        response_spans=response_spans if adapter.response_markers is not None else None,
+        n_effect_texts=rows.n_effect_texts,
+        response_spans=rows.response_spans,
     )
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.sparse as sp
 
 DEFAULT_C = 1.0  # sklearn's inverse L2 strength, on standardised features
 C_GRID = (0.01, 0.1, 1.0, 10.0)  # searched by cross-validation when no C is given
@@ -53,16 +54,12 @@ def heldout_split(n_pairs: int, heldout_fraction: float, seed: int) -> tuple[np.
 
 
 def _as_matrix(values):
-    import scipy.sparse as sp
-
     return sp.csr_matrix(values, dtype=np.float64) if sp.issparse(values) else np.asarray(values, dtype=np.float64)
 
 
 def _scaled(differences):
     """Each column divided by its root mean square (no centring: with no intercept, w·(d / s) =
     (w / s)·d keeps the model linear in d), and the scale."""
-    import scipy.sparse as sp
-
     if sp.issparse(differences):
         scale = np.sqrt(np.asarray(differences.multiply(differences).mean(axis=0)).ravel())
         scale[scale == 0] = 1.0
@@ -74,8 +71,6 @@ def _scaled(differences):
 
 def _signed_rows(scaled, seed: int):
     """Half the rows (seeded) negated with label 0, the rest as they are with label 1."""
-    import scipy.sparse as sp
-
     flip = np.random.default_rng([seed, 7]).random(scaled.shape[0]) < 0.5
     if scaled.shape[0] >= 2:  # both classes present
         flip[0], flip[1] = False, True
@@ -98,15 +93,15 @@ def fit_weights(differences, C: float | None = DEFAULT_C, seed: int = 0) -> np.n
 
 
 def _logistic(inputs, labels, C: float):
-    from sklearn.linear_model import LogisticRegression
+    from sklearn.linear_model import LogisticRegression  # lazy: scikit-learn's models (1.5 s) load only for a fit, not with the worker
 
     return LogisticRegression(fit_intercept=False, C=C, max_iter=2_000).fit(inputs, labels)
 
 
 def _cross_validated_c(inputs, labels, seed: int) -> float:
     """The C of C_GRID with the lowest out-of-fold BT loss (DEFAULT_C when too few pairs to fold)."""
-    from sklearn.metrics import log_loss
-    from sklearn.model_selection import StratifiedKFold
+    from sklearn.metrics import log_loss  # lazy: scikit-learn (1 s), only for a fit
+    from sklearn.model_selection import StratifiedKFold  # lazy: scikit-learn, only for a fit
 
     if min(np.bincount(labels, minlength=2)) < CV_FOLDS:
         return DEFAULT_C

@@ -161,7 +161,7 @@ def prepare_chat_texts(texts: list, model_path: str, dataset, analysis) -> tuple
                               f"columns: dataset.messages_column, prompt_column, response_column); "
                               f"{dataset.source} has plain texts")
         return texts, None
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # lazy: transformers brings torch; plain texts and workers/datasets.py need neither
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     rendered, markers = render_conversations(tokenizer, texts, dataset.chat_template)

@@ -14,11 +14,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import datasets
 import numpy as np
+import pyarrow
+import pyarrow.csv
+import pyarrow.json
+import pyarrow.parquet
 
-from workers.chat import chat_conversations
 from backend.core.run_config import DEMO_CHAT_DATASET, DEMO_DATASET, HF_PREFIX, ConfigError, DatasetConfig
+from workers.chat import chat_conversations
 from workers.demo_corpus import generate_corpus, vader_reward
+from workers.demo_llama import demo_chat_rows
 from workers.preference_data import PreferencePairs, is_pair_table, read_pairs, select_pairs
 
 DEMO_CORPUS_SIZE = 20_000
@@ -36,10 +42,6 @@ class Corpus:
 
 
 def _read_file(path: Path):
-    import pyarrow.csv
-    import pyarrow.json
-    import pyarrow.parquet
-
     if path.stat().st_size == 0:
         raise ConfigError(f"dataset.source: {path} is empty")
     suffix = path.suffix.lower()
@@ -56,8 +58,6 @@ def _read_file(path: Path):
 def _read_hf(source: str, split: str):
     """A `datasets` split as a pyarrow table: a save_to_disk directory, a directory of data
     files, or a hub id (the hub needs network access, or the dataset in the local HF cache)."""
-    import datasets
-
     local = Path(source)
     try:
         if local.is_dir() and any((local / name).exists() for name in ("state.json", "dataset_dict.json")):
@@ -174,9 +174,6 @@ def read_texts(config: DatasetConfig, seed: int, step_separator: str = "\n"
         texts = generate_corpus(config.n_texts or DEMO_CORPUS_SIZE, seed=seed)
         return texts, np.array([vader_reward(t) for t in texts])
     if config.source == DEMO_CHAT_DATASET:
-        import pyarrow
-
-        from workers.demo_llama import demo_chat_rows
         return texts_and_rewards(pyarrow.Table.from_pylist(demo_chat_rows(config.n_texts or DEMO_CORPUS_SIZE, seed)),
                                  config, step_separator)
     table = read_table(config)

@@ -8,6 +8,8 @@ import random
 import re
 from functools import lru_cache
 
+from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
 WORD = re.compile(r"[a-z']+")
 
 SUBJECTS = [
@@ -55,8 +57,6 @@ _POLARITY = {
 
 @lru_cache
 def vader_lexicon() -> dict[str, float]:
-    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-
     return dict(SentimentIntensityAnalyzer().lexicon)
 
 

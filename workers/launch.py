@@ -12,11 +12,18 @@ import re
 import socket
 import tempfile
 import time
+from functools import partialmethod
 from pathlib import Path
 
-from backend.core.settings import Settings
-from workers import distributed
+import torch
+import torch.multiprocessing as mp
+import tqdm.std
+from torch.multiprocessing.spawn import ProcessException, ProcessExitedException
+
 from backend.core.run_config import ConfigError, RunConfig, load_config
+from backend.core.settings import Settings, get_settings
+from workers import distributed
+from workers.staging import clean_stale
 
 
 def usable_cores() -> int:
@@ -28,8 +35,6 @@ def usable_cores() -> int:
 
 def device_kind(config: RunConfig) -> str:
     """cpu or cuda: where this machine would run the config's `device`."""
-    import torch
-
     requested = config.device
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -40,8 +45,6 @@ def device_kind(config: RunConfig) -> str:
 
 def check_nproc(nproc: int, kind: str) -> None:
     """One rank per CPU core, or per GPU: more only makes ranks wait on each other."""
-    import torch
-
     if nproc < 1:
         raise ConfigError(f"--nproc {nproc}: give a number of processes of at least 1")
     if kind == "cuda":
@@ -64,11 +67,6 @@ def _free_port() -> int:
 
 def run_spawned(config_path: Path, config: RunConfig, settings: Settings, replace: bool, nproc: int) -> None:
     """Spawn `nproc` ranks of one run here and wait for them; a failed rank -> RankFailure."""
-    import torch.multiprocessing as mp
-    from torch.multiprocessing.spawn import ProcessException, ProcessExitedException
-
-    from workers.staging import clean_stale
-
     kind = device_kind(config)
     check_nproc(nproc, kind)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
@@ -100,10 +98,7 @@ def _spawned_rank(local_rank: int, nproc: int, config_path: str, replace: bool, 
 
 def run_rank(config_path: Path, replace: bool, kind: str | None = None, nproc_here: int | None = None) -> None:
     """One rank of a run: join the group the environment describes, run the pipeline, leave."""
-    import torch
-
-    from backend.core.settings import get_settings
-    from workers.pipeline import run_pipeline
+    from workers.pipeline import run_pipeline  # lazy: SAELens and transformers load in the ranks, not the launcher
 
     config = load_config(config_path)
     kind = kind or device_kind(config)
@@ -121,10 +116,6 @@ def run_rank(config_path: Path, replace: bool, kind: str | None = None, nproc_he
 
 def _quiet_progress_bars() -> None:
     """One progress display, rank 0's (tqdm read TQDM_DISABLE when it was imported, long before)."""
-    from functools import partialmethod
-
-    import tqdm.std
-
     tqdm.std.tqdm.__init__ = partialmethod(tqdm.std.tqdm.__init__, disable=True)
 
 

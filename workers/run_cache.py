@@ -15,6 +15,7 @@ from backend.core.chat_roles import markers_from_info
 from backend.core.models import Run
 from backend.core.run_config import parse_config
 from backend.core.settings import Settings
+from workers.job_errors import JobFailed, JobStopped  # noqa: F401  (what a task raises, beside the cache it runs on)
 from workers.ablation import prepare_eval_set
 from workers.adapters import adapter_from_config
 from workers.analyze import adapter_has_gradient
@@ -29,12 +30,6 @@ ABLATION_BATCH = 16
 EVAL_SETS_KEPT = 4  # prepared evaluation sets (clean scores + the layer's output) per loaded run
 
 
-class JobStopped(Exception):
-    """Raised inside a task when it must stop: 'cancelled' or 'lease lost'."""
-
-
-class JobFailed(Exception):
-    """A failure the user can act on: its message is the job's error, as it stands."""
 
 
 def _non_finite(value: Any, where: str = "result") -> str | None:

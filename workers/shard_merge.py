@@ -23,7 +23,7 @@ from workers.feature_stream import MAX_TOKEN_PAIRS, PRUNE_KEEP_FACTOR, FeatureAc
 
 @dataclass
 class AnalysisShard:
-    """One rank's per-batch rows, in the order of its batches."""
+    """One rank's per-batch rows, in the order of its batches (merged: the whole corpus's)."""
     batches: list[int]
     scores: list[torch.Tensor]
     read_texts: list[torch.Tensor]
@@ -33,10 +33,9 @@ class AnalysisShard:
     response_spans: np.ndarray | None  # [n_texts, 2], -1 where the text is another rank's (or has none)
 
 
-def merge_analysis(ranks: Ranks, batches: list[np.ndarray], layers: dict, shard: AnalysisShard):
-    """The CorpusActivations of the whole corpus on rank 0 (None on the others)."""
-    from workers.analyze import CorpusActivations
-
+def merge_analysis(ranks: Ranks, layers: dict, shard: AnalysisShard) -> AnalysisShard | None:
+    """The whole corpus's per-batch rows on rank 0, as one shard in batch order (None on the
+    others); each layer's results are merged in place."""
     pooled = {layer: (res.pooled, res.pooled_raw) for layer, res in layers.items()}
     for res in layers.values():
         merge_layer(ranks, res)
@@ -64,13 +63,12 @@ def merge_analysis(ranks: Ranks, batches: list[np.ndarray], layers: dict, shard:
             res.pooled["cols"].append(cols)
             res.pooled["vals"].append(vals)
             res.pooled_raw.append(raw)
-    return CorpusActivations(
-        read_text_ids=torch.cat([by_batch[b][0][1] for b in order]).numpy(),
-        read_positions=torch.cat([by_batch[b][0][2] for b in order]).numpy(),
-        scores=torch.cat(scores).numpy().astype(np.float64),
-        slot_text_ids=np.concatenate([batches[b] for b in order]),
-        text_offsets=np.concatenate([[0], np.cumsum(torch.cat([by_batch[b][0][3] for b in order]).numpy())]),
-        layers=layers,
+    return AnalysisShard(
+        batches=order,
+        scores=scores,
+        read_texts=[by_batch[b][0][1] for b in order],
+        read_positions=[by_batch[b][0][2] for b in order],
+        lengths=[by_batch[b][0][3] for b in order],
         n_effect_texts=n_effect_texts,
         response_spans=None if shard.response_spans is None else np.maximum.reduce([s.response_spans for s, _ in shards]),
     )

@@ -15,6 +15,7 @@ the product (workers/sae_ops.py SCOPES); `scope="all"` takes every token.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from difflib import SequenceMatcher
 
 import numpy as np
 import torch
@@ -164,8 +165,6 @@ def what_was_read(adapter, text: str) -> dict:
 def diff_attributions(a: TextAttribution, b: TextAttribution, top: int = TOP_FEATURES) -> dict:
     """What changed from text A to text B: the score, the features whose total contribution
     changed most (B − A), and the two token sequences aligned (difflib opcodes over tokens)."""
-    from difflib import SequenceMatcher
-
     total_a, total_b = a.contributions.sum(0), b.contributions.sum(0)
     change = total_b - total_a
     order = [int(f) for f in np.argsort(-np.abs(change))[:top] if change[f] != 0]

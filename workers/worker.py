@@ -24,11 +24,11 @@ from workers.run_cache import JobFailed, JobStopped, RunCache
 from workers.tasks import warm_run
 
 
-
 def task_for(kind: str) -> Callable[[dict, Any], dict]:
     """The function a kind's jobs run, as its declaration names it (backend/core/job_kinds/)."""
     module, name = KINDS[kind].task.split(":")
     return getattr(importlib.import_module(module), name)
+
 
 class JobContext:
     """What a running task sees: report progress; stop when cancelled or the lease is lost."""

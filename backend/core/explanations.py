@@ -8,13 +8,14 @@ the layer's SAE now.
 """
 from __future__ import annotations
 
+import dataclasses
 from datetime import timezone
 from typing import Any
 
 import numpy as np
 import sqlalchemy as sa
 
-from backend.core import db
+from backend.core import db, embedding
 from backend.core.labels import _NOW, _NOW_COLUMNS, _made_on, _with_now
 from backend.core.models import REWARD_RELATED, Explanation, utcnow
 from backend.core.settings import Settings
@@ -134,8 +135,6 @@ def set_scores(settings: Settings, explanation_id: int, scores: dict[str, Any], 
 def restrict(where, contains: str | None, explained: dict[int, dict[str, Any]]):
     """`where` (a store.FeatureFilter) narrowed to the features whose current explanation contains
     `contains` (case-blind); as it is without one. Explanations live in SQL, the table in DuckDB."""
-    import dataclasses
-
     if not contains:
         return where
     needle = " ".join(contains.split()).lower()
@@ -158,8 +157,6 @@ def search(settings: Settings, run_id: str, query: str, mode: str = "semantic", 
         needle = query.strip().lower()
         found = [(None, row) for row in rows if needle in row.text.lower()]
     else:
-        from backend.core import embedding
-
         rows = [row for row in rows if row.embedding]
         if not rows:
             return []

@@ -70,7 +70,7 @@ class Reply:
 
 
 def _client(endpoint: Endpoint):
-    from openai import OpenAI
+    from openai import OpenAI  # lazy: openai (0.4 s) loads only when an endpoint is called, not with the web app
 
     # no retries: a dead endpoint fails the job now, with its message, rather than after minutes
     return OpenAI(base_url=endpoint.base_url, api_key=endpoint.api_key or "none", max_retries=0,
@@ -88,7 +88,7 @@ def _response_format(endpoint: Endpoint, schema: dict, name: str) -> dict | None
 
 
 def _explain_api_error(endpoint: Endpoint, exc: Exception) -> LLMError:
-    import openai
+    import openai  # lazy: loaded by _client already; the module stays free of it until an endpoint is called
 
     where = f"the LLM endpoint at {endpoint.base_url} (RA_LLM_BASE_URL)"
     if isinstance(exc, openai.APITimeoutError):

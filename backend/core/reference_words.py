@@ -7,6 +7,7 @@ before any compute.
 from __future__ import annotations
 
 import csv
+import importlib.util
 import math
 import re
 from dataclasses import dataclass, field
@@ -62,8 +63,6 @@ class Lexicon:
 
 
 def vader_path() -> Path:
-    import importlib.util
-
     spec = importlib.util.find_spec("vaderSentiment")
     if spec is None or spec.origin is None:
         raise ReferenceError("lexicon.reference: vader needs the vaderSentiment package (pip install vaderSentiment)")

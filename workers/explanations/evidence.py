@@ -14,7 +14,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from backend.core import store
+from workers.ablation import FeatureEdit, prepare_eval_set, run_ablation
 from workers.explanations.prompts import join_tokens
+from workers.sae_ops import content_tokens, edited_tokens
 
 WINDOW = 12  # tokens either side of a snippet's peak
 MARK_SHARE = 0.25  # tokens at >= this share of the snippet's peak are marked as activating
@@ -41,9 +44,6 @@ class HeldOut:
 
     @classmethod
     def load(cls, run, layer: int, n_texts: int, progress=None) -> "HeldOut":
-        from backend.core import store
-        from workers.ablation import prepare_eval_set
-
         rows = store.texts(run.store_path, "heldout", n_texts)
         texts, ids = [r["text"] for r in rows], [r["text_id"] for r in rows]
         evalset = prepare_eval_set(run.adapter, layer, texts, 16, progress=progress)
@@ -58,8 +58,6 @@ class HeldOut:
         return held
 
     def _content(self, item) -> torch.Tensor:
-        from workers.sae_ops import content_tokens
-
         return content_tokens(item.batch, self._special)
 
     def _hidden(self, item) -> torch.Tensor:
@@ -91,8 +89,6 @@ class HeldOut:
     @torch.no_grad()
     def feature_deltas(self, feature: int) -> np.ndarray:
         """Per text: reward with the feature zeroed minus without (mean over its reward reads)."""
-        from workers.ablation import FeatureEdit, run_ablation
-
         sae = self.run.sae(self.layer)
         directions, linear = self.run.decoder(self.layer)
         weights = np.zeros(sae.cfg.d_sae, dtype=np.float32)  # the regression's prediction is not used here
@@ -102,8 +98,6 @@ class HeldOut:
 
     @torch.no_grad()
     def direction_deltas(self, u: torch.Tensor) -> np.ndarray:
-        from workers.sae_ops import edited_tokens
-
         index, deltas = [], []
         for item in self.evalset.batches:
             hidden = self._hidden(item)

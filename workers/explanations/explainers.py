@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from backend.core.llm import Endpoint, chat_json
+from backend.core.llm import Endpoint, LLMError, chat_json
 from workers.explanations import prompts
 from workers.explanations.prompts import join_tokens, plain
 
@@ -79,8 +79,6 @@ def explain_llm(endpoint: Endpoint, layer: int, feature: int, card: dict, reward
     reply = chat_json(endpoint, prompts.EXPLAIN_SYSTEM, prompt, prompts.EXPLAIN_SCHEMA, "explanation")
     text = reply.data["explanation"]
     if not isinstance(text, str) or not text.strip():
-        from backend.core.llm import LLMError
-
         raise LLMError(f"the model {endpoint.model!r} (RA_LLM_MODEL) returned malformed JSON: an empty or "
                        f"non-text 'explanation' ({str(text)[:80]!r})")
     return Written(plain(text), reply.tokens)
@@ -124,8 +122,6 @@ def explain_offline(card: dict) -> Written:
 
 
 def classify_llm(endpoint: Endpoint, reward: str, explanation: str, card: dict) -> tuple[str, str, int]:
-    from backend.core.llm import LLMError
-
     prompt = prompts.classify_prompt(reward, explanation, _top_tokens(card))
     reply = chat_json(endpoint, prompts.CLASSIFY_SYSTEM, prompt, prompts.CLASSIFY_SCHEMA, "classification")
     value = str(reply.data["reward_related"]).strip().lower()

@@ -26,7 +26,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+from sklearn.metrics import roc_auc_score
 
+from backend.core import embedding
 from workers.explanations.evidence import HeldOut, Unit, active_marks
 
 BOOTSTRAP = 1000
@@ -128,10 +130,6 @@ def fuzz_snippets(held: HeldOut, s: ScoringSet, seed: int) -> tuple[list[str], n
 
 
 def embedding_auc(explanation: str, snippets: list[str], truth: np.ndarray) -> float | None:
-    from sklearn.metrics import roc_auc_score
-
-    from backend.core import embedding
-
     if truth.sum() == 0 or truth.sum() == len(truth):
         return None
     vectors = embedding.embed([explanation] + [re.sub(r"<<|>>", "", s) for s in snippets])

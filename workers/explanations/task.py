@@ -14,8 +14,10 @@ import numpy as np
 
 from backend.core import embedding, explanations, store
 from backend.core.llm import Endpoint, LLMError, chat_json
+from workers.ablation import FeatureEdit, run_ablation
 from workers.explanations import explainers, prompts, scorers
 from workers.explanations.evidence import HeldOut
+from workers.job_errors import JobFailed
 
 STAGES = ("explain", "classify", "score")
 KEYWORD_SCORER = "keyword match (offline)"
@@ -216,8 +218,6 @@ class ExplanationJob:
 
     def moving_contexts(self, card: dict) -> list[tuple[float, str]]:
         """The top contexts whose text's reward moves most when the feature is zeroed there."""
-        from workers.ablation import FeatureEdit, run_ablation
-
         contexts = [c for c in (card.get("contexts") or [])[:explainers.N_TOP_CONTEXTS] if c.get("text_id") is not None]
         by_text = {c["text_id"]: c for c in contexts}
         if not by_text:
@@ -236,8 +236,6 @@ class ExplanationJob:
 
 
 def raise_failed(message: str):
-    from workers.tasks import JobFailed
-
     raise JobFailed(message)
 
 

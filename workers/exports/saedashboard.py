@@ -27,13 +27,16 @@ from typing import Any, Callable
 from urllib.parse import quote
 
 import torch
+from transformer_lens.hook_points import HookPoint
 
 from backend.core import store
 from backend.core.exports import ExportError
 from backend.core.exports.atomic import atomic_file
 from backend.core.exports.dashboards import dashboard_path
-from backend.core.exports.source import LayerSource, chosen_features, require_sae
+from backend.core.exports.source import LayerSource, chosen_features, open_layer, require_sae
 from workers.adapters.base import Batch, last_token_positions, whole_text_segments
+from workers.train import load_sae
+from workers.job_errors import JobFailed
 
 # d3-selection 3.0.1 (ISC licence: d3-selection.LICENSE beside it), from the npm registry: the page
 # loads all of d3 v6 from a CDN but calls only d3.select / d3.selectAll, which it provides
@@ -84,8 +87,6 @@ class RewardModelLens:
 
     def __init__(self, adapter, layer: int, rows: torch.Tensor, masks: torch.Tensor,
                  on_forward: Callable[[], None] | None = None):
-        from transformer_lens.hook_points import HookPoint
-
         self.adapter, self.layer, self.on_forward = adapter, layer, on_forward
         self.hook_name = adapter.hook_name(layer)
         self.hook_dict = {self.hook_name: HookPoint()}
@@ -122,9 +123,10 @@ def unembedding(adapter) -> torch.Tensor:
 def whole_text_layout():
     """SAEDashboard's feature page with each example a whole text: its default window (5 tokens
     either side) skips every peak in a text's first 6 tokens, and reward-model texts are short."""
+    # lazy: SAEDashboard (0.5 s) loads only when a page is rendered, not with the worker
     from sae_dashboard.components_config import (ActsHistogramConfig, Column, FeatureTablesConfig,
                                                  LogitsHistogramConfig, LogitsTableConfig, SequencesConfig)
-    from sae_dashboard.layout import SaeVisLayoutConfig
+    from sae_dashboard.layout import SaeVisLayoutConfig  # lazy: SAEDashboard, only to render
 
     return SaeVisLayoutConfig(columns=[Column(FeatureTablesConfig()),
                                        Column(ActsHistogramConfig(), LogitsTableConfig(), LogitsHistogramConfig()),
@@ -173,9 +175,10 @@ def _header(source: LayerSource, feature: int, n_texts: int, n_tokens: int) -> s
 def render(source: LayerSource, adapter, sae, feature: int, out: Path, n_texts: int = DEFAULT_TEXTS,
            progress: Callable[[float], None] | None = None, replace: bool = True) -> Rendered:
     """The feature's SAEDashboard page at `out` (written whole, or not at all)."""
+    # lazy: SAEDashboard (0.5 s) loads only when a page is rendered, not with the worker
     from sae_dashboard.data_writing_fns import save_feature_centric_vis
-    from sae_dashboard.sae_vis_data import SaeVisConfig
-    from sae_dashboard.sae_vis_runner import SaeVisRunner
+    from sae_dashboard.sae_vis_data import SaeVisConfig  # lazy: SAEDashboard, only to render
+    from sae_dashboard.sae_vis_runner import SaeVisRunner  # lazy: SAEDashboard, only to render
 
     started = time.perf_counter()
     chosen_features(source, [feature])
@@ -214,9 +217,6 @@ def render(source: LayerSource, adapter, sae, feature: int, out: Path, n_texts: 
 
 def saedashboard_task(params: dict, ctx) -> dict:
     """The job behind the feature page's button: the page, under the run's folder."""
-    from backend.core.exports.source import open_layer
-    from workers.tasks import JobFailed
-
     layer, feature = int(params["layer"]), int(params["feature"])
     source = open_layer(ctx.settings, params["run_id"], layer)
     try:
@@ -239,6 +239,4 @@ def saedashboard_task(params: dict, ctx) -> dict:
 def _fresh_sae(run, layer: int):
     """The layer's SAE loaded anew: the runner edits the module it is given (its fold, which is
     turned off, and its hooks), and the cached one serves ablations."""
-    from workers.train import load_sae
-
     return load_sae(run.run_dir / store.layer_info(run.store_path, layer)["sae_path"], run.adapter.device)

@@ -34,6 +34,7 @@ from backend.core.exports.atomic import atomic_dir
 from backend.core.exports.source import LayerSource, chosen_features, open_layer, reading, require_sae, safe_name
 from backend.core.exports.streams import ChunkSink
 from backend.core.exports.tables import default_ranks
+from backend.core.run_config import DEMO_MODEL, DEMO_MODEL_DIRNAME
 from backend.core.settings import Settings
 
 SCHEMA_PATH = Path(__file__).with_name("neuronpedia_schema.json")
@@ -104,8 +105,6 @@ def _checked_name(value: str | None, fallback: str, what: str) -> str:
 def _model_layers(settings: Settings, info: dict[str, str], source: LayerSource) -> int:
     """The model's block count from its config.json where the model is a local directory; else the
     deepest layer the run has (Neuronpedia's Model.layers)."""
-    from backend.core.run_config import DEMO_MODEL, DEMO_MODEL_DIRNAME  # pydantic only: no torch
-
     model = info.get("model") or ""
     path = settings.models_dir / DEMO_MODEL_DIRNAME if model == DEMO_MODEL else Path(model)
     try:
@@ -306,8 +305,6 @@ def _batch_rows(con, export: Export, ids: list[int], ranking: str, ranks: dict[i
 def _scheme_of(settings: Settings, info: dict[str, str], con, layer: int) -> str:
     """The run's tokenizer's scheme: from its tokenizer.json where the model is a local directory (a
     WordPiece corpus of common words may show no "##" at all), else from the stored contexts' tokens."""
-    from backend.core.run_config import DEMO_MODEL, DEMO_MODEL_DIRNAME  # pydantic only: no torch
-
     model = info.get("model") or ""
     path = settings.models_dir / DEMO_MODEL_DIRNAME if model == DEMO_MODEL else Path(model)
     try:
