@@ -71,8 +71,16 @@ class _PageEnvironment(jinja2.Environment):
 # mtime on each render cost ~1 ms a feature page); restart the server after editing one.
 templates = Jinja2Templates(env=_PageEnvironment(
     loader=jinja2.FileSystemLoader(FRONTEND_DIR / "templates"), autoescape=True, auto_reload=False))
-templates.env.filters.update(tok=display_token, num=fmt_num, weight=fmt_weight, pct=fmt_pct, delta=fmt_delta, wclass=weight_class,
-                             zclass=zeroing_class, eclass=edit_class)
+
+
+def _fixed(formatter):
+    """A number filter: every page writes SIGNIFICANT digits (backend/web/routes/formats.py), so a
+    template's old digits argument (`|num(2)`) is accepted and has no effect."""
+    return lambda x, *_digits: formatter(x)
+
+
+templates.env.filters.update(tok=display_token, num=_fixed(fmt_num), weight=_fixed(fmt_weight), pct=_fixed(fmt_pct),
+                             delta=_fixed(fmt_delta), wclass=weight_class, zclass=zeroing_class, eclass=edit_class)
 # what kind of number a ranking is, in a word after its name: "attribution (gradient)"
 KIND_TAGS = {"predicts": "predicts", "gradient": "gradient", "measured": "ablation"}
 def max_text_chars(request) -> int:

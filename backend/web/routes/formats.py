@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import html
-from math import floor, log10
 from typing import Any, Mapping, Sequence
 
 from markupsafe import Markup
@@ -14,39 +13,56 @@ from markupsafe import Markup
 from backend.core.rankings import directions_said
 
 
-def fmt_num(x: float | None, digits: int = 3) -> str:
-    """`digits` decimals; a smaller number keeps `digits` significant ones in decimals too (0.00078,
-    not 7.8e-04 beside 0.20 in one column). Only the extremes (under 1e-8, from a million) are
-    written with an exponent."""
-    if x is None:
+SIGNIFICANT = 3  # the significant digits of every number the pages show
+TINY, HUGE = 1e-9, 1e15  # outside [TINY, HUGE) a number is written with an exponent (no page's normal range)
+
+
+def significant(x: float | None, digits: int = SIGNIFICANT, signed: bool = False) -> str:
+    """The one number format of every page: `digits` significant digits, in decimals: 0.000780,
+    0.250 and 12.3 in one column, never 7.8e-04 beside 0.20. A number from 10^digits up keeps its
+    integer digits (12,345); only the extremes (under TINY, from HUGE) have an exponent. `signed`:
+    a plus sign on a positive number, so a column's direction is never lost. None and NaN: "—"."""
+    if x is None or x != x:
         return "—"
-    if x != 0 and (abs(x) < 1e-8 or abs(x) >= 1e6):
-        return f"{x:.{max(digits - 1, 1)}e}"
-    if x != 0 and abs(x) < 10 ** -digits:
-        return f"{x:.{digits - 1 - floor(log10(abs(x)))}f}"
-    return f"{x:.{digits}f}"
+    sign = "+" if signed and x > 0 else ""
+    if x in (float("inf"), float("-inf")):
+        return ("-" if x < 0 else sign) + "∞"
+    if x == 0:
+        return f"{0:.{max(digits - 1, 0)}f}"
+    if not TINY <= abs(x) < HUGE:
+        return f"{x:{sign}.{max(digits - 1, 0)}e}"
+    exponent = int(f"{x:.{max(digits - 1, 0)}e}".rsplit("e", 1)[1])  # after rounding: 0.0009996 is 0.00100
+    return f"{x:{sign},.{max(digits - 1 - exponent, 0)}f}"
+
+
+ZERO = significant(0)
+
+
+def fmt_num(x: float | None) -> str:
+    return significant(x)
 
 
 def fmt_weight(x: float | None) -> str:
     """Signed, so the sign of a reward effect is never lost in a column of numbers."""
-    if x is None:
-        return "—"
-    return f"{x:+.4f}" if x == 0 or 1e-4 <= abs(x) < 1e5 else f"{x:+.2e}"
+    return significant(x, signed=True)
 
 
-def fmt_delta(x: float | None, digits: int = 3) -> str:
+def fmt_delta(x: float | None) -> str:
     """A change in the score: signed, with a true minus sign, as the prose around it writes it."""
-    if x is None:
-        return "—"
-    if x != 0 and abs(x) < 10 ** -digits:
-        return f"{x:+.1e}".replace("-", "−")
-    return f"{x:+.{digits}f}".replace("-", "−")
+    return significant(x, signed=True).replace("-", "−")
 
 
-def fmt_pct(x: float | None, digits: int = 2) -> str:
-    if x is None:
-        return "—"
-    return f"{100 * x:.{digits}f}%" if x == 0 or abs(x) >= 1e-4 else f"{100 * x:.1e}%"
+def fmt_pct(x: float | None) -> str:
+    """A share (of tokens, of a spread) in per cent: the one unit every page shows a frequency in."""
+    return "—" if x is None or x != x else significant(100 * x) + "%"
+
+
+def fmt_count(x: int | None) -> str:
+    return "—" if x is None else f"{int(x):,}"
+
+
+# how a column's numbers look (store_schema.Display.format) -> the formatter
+FORMATS = {"num": fmt_num, "weight": fmt_weight, "delta": fmt_delta, "pct": fmt_pct, "count": fmt_count}
 
 
 def weight_class(x: float | None) -> str:
@@ -146,7 +162,7 @@ def token_spans(tokens: Sequence[str], acts: Sequence[float], scale: float, peak
         if len(tok) > 2 and tok[0] in "[<" and tok[-1] in "]>":
             classes += " special"
         if act == 0:
-            style, value = "", "0.000"
+            style, value = "", ZERO
         else:
             shade = min(max(int(act * per_cent + 0.5), 0), 100)
             style, value = f' style="--a:{shade}%"', fmt_num(act)
@@ -205,7 +221,7 @@ def context_rows(contexts: Sequence[Mapping[str, Any]], scale: float, by_bin: bo
     for c in contexts:
         if by_bin:
             key, value = "bin", c["bin"]
-            first = f'{fmt_num(c["bin_low"], 2)}–{fmt_num(c["bin_high"], 2)}' if value != previous_bin else ""
+            first = f'{fmt_num(c["bin_low"])}–{fmt_num(c["bin_high"])}' if value != previous_bin else ""
             previous_bin = value
         else:
             key, value = "rank", c["rank"]
@@ -213,9 +229,9 @@ def context_rows(contexts: Sequence[Mapping[str, Any]], scale: float, by_bin: bo
         heldout = '<sup title="held-out text">h</sup>' if c["split"] == "heldout" else ""
         spans = token_spans(c["tokens"], c["acts"], scale, c["position"] - c["window_start"], window_response(c))
         out.append(f'<tr data-{key}="{value}"><td class="num muted">{first}</td>'
-                   f'<td class="num"><b>{fmt_num(c["activation"], 2)}</b></td><td class="ctx">{spans}</td>'
+                   f'<td class="num"><b>{fmt_num(c["activation"])}</b></td><td class="ctx">{spans}</td>'
                    f'<td class="num muted"><a href="{text_href}{c["text_id"]}">#{c["text_id"]}</a>{heldout}</td>'
-                   f'<td class="num">{fmt_num(c["reward"], 2)}</td><td class="num">{fmt_num(c["score"], 2)}</td></tr>\n')
+                   f'<td class="num">{fmt_num(c["reward"])}</td><td class="num">{fmt_num(c["score"])}</td></tr>\n')
     return Markup("".join(out))
 
 
@@ -229,7 +245,7 @@ def _token_activation(f: Mapping[str, Any]) -> str:
     if f.get("token_activation") is None:
         return ""
     return (f' <span class="muted small" title="its mean activation on the searched token">'
-            f'on it {fmt_num(f["token_activation"], 2)}</span>')
+            f'on it {fmt_num(f["token_activation"])}</span>')
 
 
 def _measured_cell(f: Mapping[str, Any]) -> str:
@@ -287,14 +303,14 @@ def feature_rows(rows: Sequence[Mapping[str, Any]], first_rank: int, href: str, 
             f'{_weight_bar(weight, max_abs_weight)}</span>{fmt_weight(weight)}</td>'
             f'<td class="num {weight_class(f["std_weight"])}">{fmt_weight(f["std_weight"])}</td>'
             f'<td class="num muted">{fmt_num(f["weight_se"])}</td>'
-            f'<td class="num">{fmt_num(f["reward_correlation"], 2)}</td>'
+            f'<td class="num">{fmt_num(f["reward_correlation"])}</td>'
             f'<td class="num {weight_class(f["reward_effect"])}">{fmt_weight(f["reward_effect"])}</td>'
             f'<td class="num {weight_class(f["attribution"])}">{fmt_weight(f["attribution"])}</td>'
             f'{_measured_cell(f)}'
             f'<td class="num">{fmt_pct(f["frequency"])}</td>'
             f'<td class="num">{fmt_num(f["max_activation"])}</td>'
             + (f'<td class="num pair-cosine" title="its nearest feature in the paired dictionary: '
-               f'{f.get("pair_feature")}">{fmt_num(f.get("pair_max_cosine"), 2)}</td>' if pair_column else '')
+               f'{f.get("pair_feature")}">{fmt_num(f.get("pair_max_cosine"))}</td>' if pair_column else '')
             + f'<td>{top}{_token_activation(f)}</td><td class="label-cell">{label}</td>'
             f'{_explanation_cell(f.get("explanation"))}</tr>\n')
     return Markup("".join(out))
