@@ -1,7 +1,7 @@
-"""How values look on the pages: number formats (one place, so HTML and tests agree on what
-a value looks like), and the fragments that repeat hundreds of times a page -- a context's
-token spans, a feature's context rows, the feature table's rows -- written in Python: as
-Jinja loops they took most of their page's time."""
+"""How values look on the pages: the one number format (one place, so HTML and tests agree on
+what a value looks like), and the fragments that repeat hundreds of times a page -- a context's
+token spans, a feature's context rows -- written in Python: as Jinja loops they took most of
+their page's time. The feature table's rows: backend/web/feature_table.py."""
 from __future__ import annotations
 
 import functools
@@ -61,8 +61,13 @@ def fmt_count(x: int | None) -> str:
     return "—" if x is None else f"{int(x):,}"
 
 
-# how a column's numbers look (store_schema.Display.format) -> the formatter
-FORMATS = {"num": fmt_num, "weight": fmt_weight, "delta": fmt_delta, "pct": fmt_pct, "count": fmt_count}
+def fmt_text(x: Any) -> str:
+    return "—" if x is None else html.escape(str(x))
+
+
+# how a column's values look (store_schema.Display.format) -> its formatter
+FORMATS = {"num": fmt_num, "weight": fmt_weight, "delta": fmt_delta, "pct": fmt_pct, "count": fmt_count,
+           "text": fmt_text}
 
 
 def weight_class(x: float | None) -> str:
@@ -233,103 +238,3 @@ def context_rows(contexts: Sequence[Mapping[str, Any]], scale: float, by_bin: bo
                    f'<td class="num muted"><a href="{text_href}{c["text_id"]}">#{c["text_id"]}</a>{heldout}</td>'
                    f'<td class="num">{fmt_num(c["reward"])}</td><td class="num">{fmt_num(c["score"])}</td></tr>\n')
     return Markup("".join(out))
-
-
-def _weight_bar(weight: float | None, scale: float) -> str:
-    if not weight or not scale:
-        return ""
-    return f'<i class="{weight_class(weight)}" style="width:{50 * abs(weight) / scale:.1f}%"></i>'
-
-
-def _token_activation(f: Mapping[str, Any]) -> str:
-    if f.get("token_activation") is None:
-        return ""
-    return (f' <span class="muted small" title="its mean activation on the searched token">'
-            f'on it {fmt_num(f["token_activation"])}</span>')
-
-
-def _measured_cell(f: Mapping[str, Any]) -> str:
-    if not f["measured_n"]:
-        return '<td class="num muted" title="not measured: not among the layer\'s top candidates">—</td>'
-    delta = f["measured_delta"]
-    return (f'<td class="num measured {zeroing_class(delta)}" title="zeroed alone on {f["measured_n"]} reward reads; '
-            f'95% CI">{fmt_weight(delta)} <span class="ci">[{fmt_num(f["measured_delta_low"])}, '
-            f'{fmt_num(f["measured_delta_high"])}]</span></td>')
-
-
-def feature_rows(rows: Sequence[Mapping[str, Any]], first_rank: int, href: str, query: str, max_abs_weight: float,
-                 label_names: Mapping[str, str], pair_column: bool = False, token: str | None = None) -> Markup:
-    """The feature table's rows (layer page): rank, feature id linking to `href` + id + `query`;
-    what predicts the score: weight with a bar scaled to the layer's largest |weight|, std.
-    weight, SE, correlation; what the model uses: effect per unit, attribution, measured Δ with
-    its CI; then frequency, max activation, top token and label. 50 rows of 12 cells cost Jinja
-    ~3.9 ms a page; these strings, at 14 cells, ~1.4 ms (measured on a busy 2-core machine).
-    `pair_column`: after max activation, the max cosine in the paired dictionary (sae.widths).
-    `token`: a token search's rows, headed by their group where it starts (fires on the token, or
-    only shares a context with it)."""
-    out = []
-    link, query = html.escape(href), html.escape(query)
-    token_group = None
-    for rank, f in enumerate(rows, first_rank):
-        if token is not None and f.get("on_token") != token_group:
-            token_group = f.get("on_token")
-            words = (f"fire on <code class=\"token\">{html.escape(token)}</code> (by their mean activation on it)"
-                     if token_group else f"only share a top context with <code class=\"token\">{html.escape(token)}</code>")
-            out.append(f'<tr class="group-head" data-group="{"on-token" if token_group else "in-contexts"}">'
-                       f'<td colspan="{16 if pair_column else 15}">{words}</td></tr>\n')
-        fid, weight, group = f["feature"], f["weight"], f["weight_group_size"] or 1
-        group_mark = (f' <span class="group-mark" title="fitted as one with {group - 1} near-duplicate feature'
-                      f'{"s" if group > 2 else ""}: they share this weight">×{group}</span>' if group > 1 else "")
-        top = (f'<code class="token">{_escaped(display_token(f["top_token"]))}</code>' if f["top_token"] is not None
-               else '<span class="muted">never fires</span>')
-        label = ""
-        if f.get("label"):
-            note = f' title="{html.escape(f["label_note"])}"' if f.get("label_note") else ""
-            label = (f'<span class="badge label-{html.escape(f["label"])}"{note}>'
-                     f'{html.escape(label_names.get(f["label"], f["label"]))}</span>')
-            made_on = f.get("label_made_on_current_sae", True)
-            if made_on is not True:  # kept and shown, marked for review
-                why = ("whose SAE for this layer differed" if made_on is False
-                       else "and nothing tells whether this layer's SAE has changed since")
-                label += (f' <span class="badge label-stale" title="made on run version {f.get("label_run_version")}, '
-                          f'{why}: review it">review</span>')
-        out.append(
-            f'<tr data-feature="{fid}">'
-            f'<td class="tick"><input type="checkbox" name="features" value="{fid}" form="ablate-form" '
-            f'aria-label="select feature {fid}"></td>'
-            f'<td class="num muted">{rank}</td>'
-            f'<td class="num fid"><a href="{link}{fid}{query}"><b>{fid}</b></a>{group_mark}{sign_mark(f)}</td>'
-            f'<td class="num weight {weight_class(weight)}"><span class="wbar" aria-hidden="true">'
-            f'{_weight_bar(weight, max_abs_weight)}</span>{fmt_weight(weight)}</td>'
-            f'<td class="num {weight_class(f["std_weight"])}">{fmt_weight(f["std_weight"])}</td>'
-            f'<td class="num muted">{fmt_num(f["weight_se"])}</td>'
-            f'<td class="num">{fmt_num(f["reward_correlation"])}</td>'
-            f'<td class="num {weight_class(f["reward_effect"])}">{fmt_weight(f["reward_effect"])}</td>'
-            f'<td class="num {weight_class(f["attribution"])}">{fmt_weight(f["attribution"])}</td>'
-            f'{_measured_cell(f)}'
-            f'<td class="num">{fmt_pct(f["frequency"])}</td>'
-            f'<td class="num">{fmt_num(f["max_activation"])}</td>'
-            + (f'<td class="num pair-cosine" title="its nearest feature in the paired dictionary: '
-               f'{f.get("pair_feature")}">{fmt_num(f.get("pair_max_cosine"))}</td>' if pair_column else '')
-            + f'<td>{top}{_token_activation(f)}</td><td class="label-cell">{label}</td>'
-            f'{_explanation_cell(f.get("explanation"))}</tr>\n')
-    return Markup("".join(out))
-
-
-EXPLANATION_SHOWN = 60  # characters of an explanation in a table cell; the whole text is its title
-
-
-def _explanation_cell(e: Mapping[str, Any] | None) -> str:
-    """The feature's current explanation (backend/core/explanations.py), escaped, marked offline where
-    the offline explainer wrote it, with its reward-related classification."""
-    if not e:
-        return '<td class="explanation muted">—</td>'
-    text = e["text"]
-    short = text if len(text) <= EXPLANATION_SHOWN else text[:EXPLANATION_SHOWN - 1] + "…"
-    badge = ' <span class="badge offline" title="written offline from top tokens and n-grams">offline</span>' \
-        if e["explainer"] == "offline" else ""
-    related = (f' <span class="badge related-{html.escape(e["reward_related"])}" title="reward-related? '
-               f'{html.escape(e.get("reason") or "")}">{html.escape(e["reward_related"])}</span>'
-               if e.get("reward_related") else "")
-    return f'<td class="explanation" title="{html.escape(text)}">{html.escape(short)}{badge}{related}</td>'
-

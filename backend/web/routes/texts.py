@@ -13,7 +13,8 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 
 from backend.core import jobs, store
 from backend.web.access import current_author
-from backend.web.routes.common import SettingsDep, get_run, json_response, render, run_summary, store_path
+from backend.web.routes.common import (SettingsDep, attribution_names, get_run, json_response, render, run_summary,
+                                       store_path)
 from backend.web.routes.edge import ERROR_RESPONSES, StrictJSONRoute, TextId, invalid
 from backend.web.routes.jobs import InferenceRequest, _form, _parse, submit_inference
 from backend.core.settings import Settings
@@ -88,7 +89,8 @@ async def api_text_page(run_id: str, text_id: TextId, settings: SettingsDep) -> 
 
 @router.get("/runs/{run_id}/texts/{text_id}", response_class=HTMLResponse, include_in_schema=False)
 async def text_page(request: Request, run_id: str, text_id: TextId, settings: SettingsDep):
-    return render(request, "text.html", text_data(settings, run_id, text_id))
+    data = text_data(settings, run_id, text_id)
+    return render(request, "text.html", {**data, "feature_names": attribution_names(settings, run_id, data["attribution"])})
 
 
 @router.post("/runs/{run_id}/texts/{text_id}/attribute", include_in_schema=False)
