@@ -141,13 +141,13 @@ def test_every_spec_table_column_is_in_the_json_twin(client):
         api = client.get(f"/api{RUN}/layers/3", params={"sort": sort}).json()
         assert api["features"] and all(set(table_columns) <= set(row) for row in api["features"])
         assert sort in [key for c in api["columns"] for key in c["sorts"]]  # the column it sorts by is listed
-    drawn = {c.name for c in FEATURES.columns if c.shown and c.shown.shown == "always"}
+    drawn = {c.name for c in FEATURES.columns if c.shown and c.shown.when == "always"}
     assert drawn <= {c["name"] for c in client.get(f"/api{RUN}/layers/3").json()["columns"]}
 
 
 def test_a_column_shown_where_filled_is_drawn_only_where_the_layer_has_values(client):
     pair = FEATURES.columns[[c.name for c in FEATURES.columns].index("pair_max_cosine")]
-    assert pair.shown.shown == "filled"
+    assert pair.shown.when == "filled"
     assert feature_table.BY_NAME["pair_max_cosine"] not in feature_table.shown_columns(set(), "weight")
     page = client.get(f"{RUN}/layers/3").text  # the synthetic run has a paired dictionary
     assert "Pair cos." in headers(page) and "-wide paired dictionary" in page

@@ -37,7 +37,7 @@ GROUPS = {
 }
 FORMATS = ("num", "weight", "delta", "pct", "count", "text")  # backend/web/routes/formats.py FORMATS, and text
 CELLS = ("number", "signed", "bar", "measured", "token")       # backend/web/feature_table.py CELLS
-SHOWN = ("always", "filled", "sorted")
+WHEN = ("always", "filled", "sorted")
 
 
 @dataclass(frozen=True)
@@ -63,8 +63,8 @@ class Display:
     title: str = ""               # the header's hover text; {name}: the layer's row's value of name
     hint: str = ""                # a cell's hover text; {name}: the feature's row's value of name
     css: str = ""                 # more classes of its cells ("muted": a secondary number)
-    shown: str = "always"         # always; filled: where the layer has a value in it (a run that computed it);
-    #                               sorted: while the table is sorted by it
+    when: str = "always"          # drawn always; filled: where the layer has a value in it (a run that computed
+    #                               it); sorted: while the table is sorted by it
     tabs: tuple[Tab, ...] = ()    # its sort tabs (shown where the column is: always, or filled)
     reads: tuple[str, ...] = ()   # the other table columns its cell reads
 
@@ -276,11 +276,11 @@ TABLES: dict[str, Table] = {t.name: t for t in (
         Column("attribution_abs", "DOUBLE", "mean |contribution| per text", table=True,
                sort_key="attribution_abs", label="mean |attribution|",
                shown=Display("Mean |attr.|", "gradient", title="mean |contribution| per text (gradient)",
-                             shown="sorted")),
+                             when="sorted")),
         Column("attribution_share", "DOUBLE", "cov(contribution, score) / var(score): its share of the score's "
                "variance", table=True, sort_key="attribution_share", label="share of score variance",
                shown=Display("Share of var.", "gradient", "pct", title="cov(contribution, score) / var(score): its "
-                             "share of the score's variance (gradient)", shown="sorted")),
+                             "share of the score's variance (gradient)", when="sorted")),
         Column("measured_delta", "DOUBLE", "mean Δ score with the feature zeroed alone (reconstruction error kept) "
                "on held-out texts where it fires; NULL: not measured", table=True, sort_key="measured_delta",
                label="measured Δ", abs_label="|measured Δ|",
@@ -306,7 +306,7 @@ TABLES: dict[str, Table] = {t.name: t for t in (
                shown=Display("Pair cos.", title="max cosine of the decoder direction with any of the {pair_width}-wide "
                              "paired dictionary's: high is present in both dictionaries",
                              hint="its nearest feature in the paired dictionary: {pair_feature}", css="pair-cosine",
-                             shown="filled", reads=("pair_feature",))),
+                             when="filled", reads=("pair_feature",))),
         Column("pair_feature", "INTEGER", "the paired SAE's feature reaching it", table=True),
         # base-model transfer (workers/analyses/transfer.py); NULL where the run has no transfer
         Column("base_feature", "INTEGER", "the base model's SAE feature (same layer) whose activations correlate "
@@ -315,7 +315,7 @@ TABLES: dict[str, Table] = {t.name: t for t in (
                sort_key="base_correlation", label="base-model correlation",
                shown=Display("Base r", title="Pearson r with the base model's SAE feature (same layer) that "
                              "correlates most with it over held-out tokens", hint="base-model feature {base_feature}",
-                             shown="sorted", reads=("base_feature",))),
+                             when="sorted", reads=("base_feature",))),
         Column("base_decoder_cosine", "DOUBLE", "cosine of the two decoder directions; NULL where the residual "
                "streams' widths differ"),
         # preference pairs (workers/analyses/preference.py); NULL where the dataset is not pairs
@@ -323,7 +323,7 @@ TABLES: dict[str, Table] = {t.name: t for t in (
                "on the rejected side: its share of the margin score(chosen) - score(rejected)", table=True,
                sort_key="margin_attribution", label="margin attribution", abs_label="|margin attribution|",
                shown=Display("Margin attr.", "gradient", "weight", "signed", "mean over held-out pairs of its "
-                             "attribution on the chosen side minus on the rejected side (gradient)", shown="sorted",
+                             "attribution on the chosen side minus on the rejected side (gradient)", when="sorted",
                              tabs=(Tab("margin_attribution"),))),
         Column("margin_attribution_chosen", "DOUBLE", "mean attribution on the chosen side", table=True),
         Column("margin_attribution_rejected", "DOUBLE", "mean attribution on the rejected side", table=True),
@@ -332,7 +332,7 @@ TABLES: dict[str, Table] = {t.name: t for t in (
                sort_key="margin_delta", label="measured margin Δ", abs_label="|measured margin Δ|",
                shown=Display("Margin Δ", "measured", "weight", "measured", "mean change in the margin with the "
                              "feature zeroed on both sides, 95% CI (ablation); — not measured",
-                             hint="zeroed on {margin_delta_n} pairs; 95% CI", shown="sorted",
+                             hint="zeroed on {margin_delta_n} pairs; 95% CI", when="sorted",
                              reads=("margin_delta_low", "margin_delta_high", "margin_delta_n"))),
         Column("margin_delta_low", "DOUBLE", "95% CI of margin_delta", table=True),
         Column("margin_delta_high", "DOUBLE", table=True),
@@ -340,7 +340,7 @@ TABLES: dict[str, Table] = {t.name: t for t in (
         Column("reason_score", "DOUBLE", "ReasonScore (workers/analyses/reason_score.py): the feature's specificity "
                "to reason_score.vocabulary over the corpus's tokens; NULL: not computed", table=True,
                sort_key="reason_score", label="ReasonScore",
-               shown=Display("ReasonScore", title="specificity to the run's reason_score.vocabulary", shown="sorted",
+               shown=Display("ReasonScore", title="specificity to the run's reason_score.vocabulary", when="sorted",
                              tabs=(Tab("reason_score", "ReasonScore (vocabulary)"),))),
     ), primary_key=("layer", "feature")),
 
@@ -543,7 +543,7 @@ def check_display(table: Table) -> None:
                     else "",
                     f"format {d.format!r} is not one of {FORMATS}" if d.format not in FORMATS else "",
                     f"cell {d.cell!r} is not one of {CELLS}" if d.cell not in CELLS else "",
-                    f"shown {d.shown!r} is not one of {SHOWN}" if d.shown not in SHOWN else "",
+                    f"when {d.when!r} is not one of {WHEN}" if d.when not in WHEN else "",
                     f"reads {sorted(set(d.reads) - table_columns)}, not table columns" if set(d.reads) - table_columns
                     else "",
                     "a measured cell reads (low, high, n)" if d.cell == "measured" and len(d.reads) != 3 else ""]

@@ -54,14 +54,14 @@ def shown_columns(filled: Iterable[str], sort: str) -> list[Column]:
     """The columns a view draws: always; where the layer has values in them (`filled`); while the
     view is sorted by them."""
     filled, key = set(filled), sort.lstrip("-")
-    return [c for c in COLUMNS if c.shown.shown == "always" or (c.shown.shown == "filled" and c.name in filled)
-            or (c.shown.shown == "sorted" and key in column_sorts(c))]
+    return [c for c in COLUMNS if c.shown.when == "always" or (c.shown.when == "filled" and c.name in filled)
+            or (c.shown.when == "sorted" and key in column_sorts(c))]
 
 
 def tabs(filled: Iterable[str]) -> dict[str, str]:
     """The sort tabs a layer shows (sort -> words): those of columns drawn always, or that have values."""
     filled = set(filled)
-    return {tab.sort: tab_label(tab, c) for c in COLUMNS if c.shown.shown == "always" or c.name in filled
+    return {tab.sort: tab_label(tab, c) for c in COLUMNS if c.shown.when == "always" or c.name in filled
             for tab in c.shown.tabs}
 
 

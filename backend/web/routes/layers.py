@@ -169,7 +169,9 @@ def causal_summary(info: dict[str, Any], faithfulness: dict[str, Any]) -> dict[s
 @router.get("/api/runs/{run_id}/layers/{layer}", tags=["features"])
 def api_layer(run_id: str, layer: LayerId, settings: SettingsDep, view: TableViewQ) -> dict[str, Any]:
     """A layer's metrics, its default ranking, and one page of its feature table (in that
-    ranking's order unless `sort` says otherwise)."""
+    ranking's order unless `sort` says otherwise), with the columns the page draws (`columns`:
+    heading, group, format -- `pct` is a share, shown in per cent --, cell kind and sort keys) and
+    its sort tabs (`tabs`), both from the store's spec."""
     return layer_data(settings, run_id, layer, view)
 
 
