@@ -210,7 +210,7 @@ def feature_rows(rows: Sequence[Row], columns: Sequence[Mapping[str, Any] | str]
             f'aria-label="select feature {fid}"></td>'
             f'<td class="num muted">{rank}</td>'
             f'<td class="num fid"><a href="{link}{fid}{query}"><b>{fid}</b></a>{group_mark}{sign_mark(f)}</td>'
-            + "".join(cell(f) for cell in cells)
+            + "".join([cell(f) for cell in cells])
             + f'<td class="label-cell">{_label(f, label_names)}</td>{_explanation_cell(f.get("explanation"))}</tr>\n')
     return Markup("".join(out))
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import html
+from math import floor, log10
 from typing import Any, Mapping, Sequence
 
 from markupsafe import Markup
@@ -21,18 +22,40 @@ def significant(x: float | None, digits: int = SIGNIFICANT, signed: bool = False
     """The one number format of every page: `digits` significant digits, in decimals: 0.000780,
     0.250 and 12.3 in one column, never 7.8e-04 beside 0.20. A number from 10^digits up keeps its
     integer digits (12,345); only the extremes (under TINY, from HUGE) have an exponent. `signed`:
-    a plus sign on a positive number, so a column's direction is never lost. None and NaN: "—"."""
+    a plus sign on a positive number, so a column's direction is never lost. None and NaN: "—".
+    (~1 µs: a page writes hundreds.)"""
     if x is None or x != x:
         return "—"
-    sign = "+" if signed and x > 0 else ""
-    if x in (float("inf"), float("-inf")):
-        return ("-" if x < 0 else sign) + "∞"
-    if x == 0:
-        return f"{0:.{max(digits - 1, 0)}f}"
-    if not TINY <= abs(x) < HUGE:
-        return f"{x:{sign}.{max(digits - 1, 0)}e}"
-    exponent = int(f"{x:.{max(digits - 1, 0)}e}".rsplit("e", 1)[1])  # after rounding: 0.0009996 is 0.00100
-    return f"{x:{sign},.{max(digits - 1 - exponent, 0)}f}"
+    a = abs(x)
+    if 1e-4 <= a < 100:  # the common case, fast: %g writes these in decimals, trailing zeros kept ("#")
+        out = format(x, _g(digits, signed))
+        if "e" not in out:
+            return out[:-1] if out.endswith(".") else out
+    if a == 0:
+        return _fixed(0, max(digits - 1, 0), False)
+    if not TINY <= a < HUGE:
+        if a == float("inf"):
+            return ("-" if x < 0 else "+" if signed else "") + "∞"
+        return format(x, f"{'+' if signed else ''}.{max(digits - 1, 0)}e")
+    exponent = floor(log10(a))
+    decimals = digits - 1 - exponent
+    if decimals > 0 and round(a, decimals) >= 10.0 ** (exponent + 1):  # 0.0009996 rounds to 0.00100
+        decimals -= 1
+    return _fixed(x, max(decimals, 0), signed)
+
+
+@functools.lru_cache(maxsize=None)
+def _g(digits: int, signed: bool) -> str:
+    return f"{'+' if signed else ''}#.{digits}g"
+
+
+@functools.lru_cache(maxsize=None)
+def _spec(decimals: int, signed: bool) -> str:
+    return f"{'+' if signed else ''},.{decimals}f"
+
+
+def _fixed(x: float, decimals: int, signed: bool) -> str:
+    return format(x, _spec(decimals, signed))
 
 
 ZERO = significant(0)
