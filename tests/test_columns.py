@@ -64,12 +64,16 @@ def test_the_spec_refuses_a_sortable_column_that_is_not_drawn_and_tabs_that_are_
     with pytest.raises(ValueError, match="tab 'weight' is not one of its sorts"):
         check_display(table(Column("novelty", "DOUBLE", table=True, sort_key="novelty", label="novelty",
                                    shown=Display("Novelty", tabs=(Tab("weight"),)))))
-    with pytest.raises(ValueError, match="group 'vibes'.*cell 'sparkline'"):
+    with pytest.raises(ValueError, match="group 'vibes'.*when 'sometimes'"):
         check_display(table(Column("novelty", "DOUBLE", table=True, shown=Display("Novelty", "vibes",
-                                                                                   cell="sparkline"))))
+                                                                                   when="sometimes"))))
+    with pytest.raises(ValueError, match="cell 'sparkline' is not one of .*format 'roman' is not one of"):
+        feature_table.check_cells([Column("novelty", "DOUBLE", table=True,
+                                          shown=Display("Novelty", format="roman", cell="sparkline"))])
     with pytest.raises(ValueError, match="reads \\['elsewhere'\\], not table columns"):
         check_display(table(Column("novelty", "DOUBLE", table=True, shown=Display("Novelty", reads=("elsewhere",)))))
     check_display(FEATURES)  # the spec as it stands holds
+    feature_table.check_cells(feature_table.COLUMNS)
 
 
 def test_every_sortable_column_has_a_header_and_a_cell_in_the_view_sorted_by_it(client):

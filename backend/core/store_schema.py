@@ -35,8 +35,6 @@ GROUPS = {
     "gradient": Group("model's gradient", "the model's own gradient: a first-order estimate of zeroing", "gradient"),
     "measured": Group("ablation", "the feature actually zeroed inside the model", "ablation"),
 }
-FORMATS = ("num", "weight", "delta", "pct", "count", "text")  # backend/web/routes/formats.py FORMATS, and text
-CELLS = ("number", "signed", "bar", "measured", "token")       # backend/web/feature_table.py CELLS
 WHEN = ("always", "filled", "sorted")
 
 
@@ -55,11 +53,13 @@ class Display:
     order within a group."""
     heading: str                  # the header's words: "Weight"
     group: str | None = None      # a key of GROUPS: the kind of number, named over the header; None: none
-    format: str = "num"           # how its values look (FORMATS): num; weight (signed); delta (a signed change in
-    #                               the score); pct (a share, in per cent: every frequency); count; text
-    cell: str = "number"          # how its cell is drawn (CELLS): number; signed (coloured by its sign); bar (signed,
-    #                               with a bar to the layer's largest |value|); measured (Δ zeroed, coloured as a
-    #                               zeroing, with its CI: reads = (low, high, n)); token (a token, as tokens are shown)
+    format: str = "num"           # how its values look (backend/web/routes/formats.py FORMATS): num; weight
+    #                               (signed); delta (a signed change in the score); pct (a share, in per cent:
+    #                               every frequency); count; text
+    cell: str = "number"          # how its cell is drawn (backend/web/feature_table.py CELLS): number; signed
+    #                               (coloured by its sign); bar (signed, with a bar to the layer's largest |value|);
+    #                               measured (Δ zeroed, coloured as a zeroing, with its CI: reads = (low, high, n));
+    #                               token (a token, as tokens are shown)
     title: str = ""               # the header's hover text; {name}: the layer's row's value of name
     hint: str = ""                # a cell's hover text; {name}: the feature's row's value of name
     css: str = ""                 # more classes of its cells ("muted": a secondary number)
@@ -528,8 +528,8 @@ LAYERS, FEATURES = TABLES["layers"], TABLES["features"]
 
 def check_display(table: Table) -> None:
     """ValueError where a column's Display does not hold: every column the layer table sorts by is
-    drawn in it, from the table's rows, with a known group, format, cell and rule; its tabs open
-    its own sorts and its cell reads table columns."""
+    drawn in it, from the table's rows, with a known group and rule; its tabs open its own sorts
+    and its cell reads table columns. (Its format and cell kind: backend/web/feature_table.py.)"""
     table_columns = {c.name for c in table.columns if c.table}
     sort_keys = {s.key for s in sorts(table)}
     for c in table.columns:
@@ -541,8 +541,6 @@ def check_display(table: Table) -> None:
         problems = [f"table=True (it is drawn from the table's rows)" if not c.table else "",
                     f"group {d.group!r} is not one of {sorted(GROUPS)}" if d.group is not None and d.group not in GROUPS
                     else "",
-                    f"format {d.format!r} is not one of {FORMATS}" if d.format not in FORMATS else "",
-                    f"cell {d.cell!r} is not one of {CELLS}" if d.cell not in CELLS else "",
                     f"when {d.when!r} is not one of {WHEN}" if d.when not in WHEN else "",
                     f"reads {sorted(set(d.reads) - table_columns)}, not table columns" if set(d.reads) - table_columns
                     else "",

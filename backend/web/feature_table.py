@@ -4,7 +4,7 @@ header groups, the sort tabs, the list of them the JSON twin gives, and each row
 
 A column is drawn by its cell kind (CELLS): a function of the column that returns the writer of
 its <td> for a row. A new column of a kind that exists needs nothing here; a new kind is one
-function in CELLS (and its name in store_schema.CELLS). The rows are strings written here, not a
+function in CELLS. The rows are strings written here, not a
 Jinja loop: 50 rows of 12 cells cost Jinja ~3.9 ms a page; these strings ~1.4 ms."""
 from __future__ import annotations
 
@@ -175,6 +175,19 @@ def _token(c: Column, scales: Mapping[str, float]) -> Cell:
 
 CELLS: dict[str, Callable[[Column, Mapping[str, float]], Cell]] = {
     "number": _number, "signed": _signed, "bar": _bar, "measured": _measured, "token": _token}
+
+
+def check_cells(columns: Iterable[Column]) -> None:
+    """ValueError where a drawn column names a cell kind or a format this module cannot draw."""
+    for c in columns:
+        problems = [f"cell {c.shown.cell!r} is not one of {sorted(CELLS)}" if c.shown.cell not in CELLS else "",
+                    f"format {c.shown.format!r} is not one of {sorted(FORMATS)}" if c.shown.format not in FORMATS
+                    else ""]
+        if any(problems):
+            raise ValueError(f"features.{c.name}: " + "; ".join(p for p in problems if p))
+
+
+check_cells(COLUMNS)
 
 
 # --- rows ---
