@@ -12,7 +12,7 @@ import uvicorn
 
 from backend.core import db
 from backend.web.app import create_app
-from backend.web.routes.common import fmt_weight
+from backend.web.routes.formats import fmt_num, fmt_weight
 from backend.core.settings import Settings
 from tests.test_browser import ARTIFACTS, _free_port, page  # noqa: F401  (fixture)
 from tests.test_pipeline import tiny_config, tiny_world  # noqa: F401  (module fixture)
@@ -88,7 +88,7 @@ def test_type_a_text_see_its_features_and_change_one(loop_server, page):  # noqa
     page.locator(".text-form button").click()
     job = finished_job(page, url)
     result = job["result"]
-    assert page.locator("#text-reward").inner_text() == f"{result['reward']:.3f}"
+    assert page.locator("#text-reward").inner_text() == fmt_num(result['reward'])
     assert page.locator("table.text-features tbody tr[data-feature]").count() == len(result["features"])
     assert "wonderful" in page.locator("table.text-features").inner_text()
     # zero the most active of the shown features on this text
@@ -98,6 +98,6 @@ def test_type_a_text_see_its_features_and_change_one(loop_server, page):  # noqa
     page.locator("#edit-form button").click()
     edited = finished_job(page, url)["result"]["edit"]
     assert edited["features"] == [strongest] and edited["reward_before"] == pytest.approx(result["reward"], abs=1e-5)
-    assert page.locator("#edited-reward").inner_text() == f"{edited['reward_after']:.3f}"
+    assert page.locator("#edited-reward").inner_text() == fmt_num(edited['reward_after'])
     assert page.locator("table.text-features tr.after").count() == len(result["features"])
     page.screenshot(path=str(ARTIFACTS / "custom-text.png"), full_page=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from backend.web.routes.formats import fmt_weight
+from backend.web.routes.formats import fmt_num, fmt_weight
 from tests.test_browser import ARTIFACTS, page  # noqa: F401  (fixture)
 from tests.test_browser_loop import finished_job, loop_server  # noqa: F401  (module fixture)
 from tests.test_pipeline import tiny_world  # noqa: F401  (module fixture)
@@ -55,7 +55,7 @@ def test_zeroing_a_listed_feature_shows_the_new_score(loop_server, page):  # noq
     edited = finished_job(page, url)
     assert edited["params"]["edit"]["features"] == [top] and edited["params"]["text"] == TEXT
     e = edited["result"]["edit"]
-    assert page.locator("#edited-reward").inner_text() == f"{e['reward_after']:.3f}"
+    assert page.locator("#edited-reward").inner_text() == fmt_num(e['reward_after'])
     assert e["reward_after"] != pytest.approx(e["reward_before"], abs=1e-9)
 
 

@@ -12,6 +12,7 @@ from backend.core import store
 from backend.web.routes.common import get_run, store_path
 from backend.web.routes.corpus import highlighted
 from tests.helpers import CONTEXT_FEATURE, RANKED_TEXTS
+from backend.web.routes.formats import fmt_num
 
 API, PAGE = "/api/runs/synthetic/texts", "/runs/synthetic/texts"
 
@@ -68,7 +69,7 @@ def test_page_shows_each_text_linked_with_its_score_and_the_match_marked(client,
     assert 'href="/api/runs/synthetic/texts?q=3"' in page.text  # its JSON twin, the view kept
     score = next(r["score"] for r in corpus_rows(migrated) if r["text_id"] == 3)
     row = page.text.split('data-text="3"', 1)[1].split("</tr>", 1)[0]
-    assert f"{score:.3f}" in row
+    assert fmt_num(score) in row
     linked = set(re.findall(r'href="/runs/synthetic/texts/(\d+)"', page.text))
     assert linked == {"3", "13"}
     assert client.get("/runs/synthetic/texts/13").status_code == 200  # the link opens the text's page

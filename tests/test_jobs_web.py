@@ -127,10 +127,10 @@ def test_finished_ablation_page_shows_before_after_control_and_chart(client, mig
         "controls": [{"features": [9 + d, 10 + d], "summary": {"n": 3, "mean_delta": m}, "deltas": [m, m, m]}
                      for d, m in enumerate([-0.1, 0.0, 0.1])]})
     html = client.get(f"/jobs/{job['id']}").text
-    assert 'id="mean-delta">-1.0000<' in html and 'id="fired-mean-delta">-1.5000<' in html
-    assert "[-3.500, 1.500]" in html and 'id="predicted-delta">-0.8000 <span class="muted">(0.80× measured)' in html
-    assert 'id="attribution-delta">-0.9000 <span class="muted">(0.90× measured)' in html
-    assert 'id="p-value">0.0123<' in html and 'id="difference">-1.0000' in html
+    assert 'id="mean-delta">-1.00<' in html and 'id="fired-mean-delta">-1.50<' in html
+    assert "[-3.50, 1.50]" in html and 'id="predicted-delta">-0.800 <span class="muted">(0.800× measured)' in html
+    assert 'id="attribution-delta">-0.900 <span class="muted">(0.900× measured)' in html
+    assert 'id="p-value">0.0123<' in html and 'id="difference">-1.00' in html
     assert html.count("control 1:") + html.count("control 2:") + html.count("control 3:") == 3
     # both series on the chart (and once more each in its legend)
     assert html.count('class="dbar"') == 25 and html.count('class="cbar"') == 25

@@ -22,6 +22,7 @@ from backend.core.run_config import ConfigError, check_word_lists, parse_config
 from workers.pipeline import run_pipeline
 from backend.core.reference_words import ReferenceError, read_lexicon_csv
 from workers.run_cache import RunCache
+from backend.web.routes.formats import fmt_num
 
 CARRIERS = ["The word on the card was {}.", "She wrote {} on the board.", "He read {} aloud."]
 NEUTRAL = "chair"
@@ -188,7 +189,7 @@ def test_the_run_page_and_its_json_carry_the_lexicon(lexicon_run):
     assert above == [w["word"] for w in ranked[:3]]  # lexicon.divergent: 3
     assert 'id="lexicon"' in page and 'id="lexicon-scatter"' in page and "τ = -0.037" in page
     assert page.count("<circle") >= len(GOOD_ROWS) - 1
-    assert f"{data['summary'][0]['tau']:.3f}" in page
+    assert fmt_num(data['summary'][0]['tau']) in page
     assert "line 15: value &#39;abc&#39; is not a number" in page or "line 15: value 'abc' is not a number" in page
 
 

@@ -14,6 +14,7 @@ from backend.core.store_schema import STORE_FILENAME
 from tests.helpers import LAYERS, N_FEATURES, PAIR_WIDTH, make_client, pair_cosine
 from workers.analyses.pairs import max_cosines, mmcs
 from backend.core.run_config import ConfigError, parse_config
+from backend.web.routes.formats import fmt_num
 
 RUN = "/runs/synthetic"
 
@@ -197,7 +198,7 @@ def test_a_run_with_widths_shows_the_pair_on_its_pages(paired_run):
                                   ).fetchone()
     with make_client(settings) as client:
         page = client.get("/runs/tiny-run/layers/2/features/3").text
-        assert f"max cosine in the 16-wide dictionary: <b>{cosine:.2f}</b> (its feature {partner})" in page
+        assert f"max cosine in the 16-wide dictionary: <b>{fmt_num(cosine)}</b> (its feature {partner})" in page
         run = client.get("/api/runs/tiny-run").json()
         assert [row["layer"] for row in run["mmcs"]["layers"]] == [0, 2]
 
@@ -231,7 +232,7 @@ def test_the_layer_table_has_the_pair_cosine_column(client, synthetic_run):
     assert "Pair cos." in html
     first = re.search(r'<tr data-feature="(\d+)">(.*?)</tr>', html, re.S)
     best = max(synthetic_cosines(synthetic_run, 3).items(), key=lambda kv: (kv[1], -kv[0]))
-    assert int(first.group(1)) == best[0] and f'pair-cosine' in first.group(2) and f"{best[1]:.2f}" in first.group(2)
+    assert int(first.group(1)) == best[0] and f'pair-cosine' in first.group(2) and fmt_num(best[1]) in first.group(2)
 
 
 @pytest.mark.parametrize("value", ["-0.1", "1.5", "nan", "high"])
@@ -245,7 +246,7 @@ def test_the_feature_page_says_its_max_cosine_in_the_pair(client, synthetic_run)
     f = 9
     cosine = pair_cosine(f, 0)
     html = client.get(f"{RUN}/layers/3/features/{f}").text
-    assert f"max cosine in the {PAIR_WIDTH}-wide dictionary: <b>{cosine:.2f}</b> (its feature {f % PAIR_WIDTH})" in html
+    assert f"max cosine in the {PAIR_WIDTH}-wide dictionary: <b>{fmt_num(cosine)}</b> (its feature {f % PAIR_WIDTH})" in html
     data = client.get(f"/api{RUN}/layers/3/features/{f}").json()["feature"]
     assert data["pair_max_cosine"] == pytest.approx(cosine) and data["pair_feature"] == f % PAIR_WIDTH
     assert data["pair_width"] == PAIR_WIDTH
@@ -269,7 +270,7 @@ def test_the_run_page_has_the_mmcs_section_and_its_json(client, synthetic_run):
     table = html[html.index('id="mmcs-table"'):]
     for row in data["layers"]:
         assert f'data-mmcs-layer="{row["layer"]}"' in table
-        assert f'{row["mmcs_to_pair"]:.3f}' in table and f'{row["mmcs_from_pair"]:.3f}' in table
+        assert fmt_num(row["mmcs_to_pair"]) in table and fmt_num(row["mmcs_from_pair"]) in table
     assert f"?min_pair_cosine=0.9&amp;sort=pair_cosine" in table
 
 

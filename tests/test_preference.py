@@ -304,8 +304,11 @@ def test_run_api_and_page_carry_the_preference_summary(settings, bert_run):
             assert l["surrogate_accuracy"] == layers[l["layer"]]["surrogate_accuracy"]
         page = client.get("/runs/pairs-bert")
         assert page.status_code == 200 and 'id="preference"' in page.text and "/runs/pairs-bert/pairs" in page.text
-        layer_page = client.get("/runs/pairs-bert/layers/1")
+        # the margin attribution tab where the layer has margin attributions (layer 1, BERT's last block, has none)
+        layer_page = client.get("/runs/pairs-bert/layers/0")
         assert 'id="preference-layer"' in layer_page.text and 'data-sort="margin_attribution"' in layer_page.text
+        last = client.get("/runs/pairs-bert/layers/1").text
+        assert 'id="preference-layer"' in last and 'data-sort="margin_attribution"' not in last
 
 
 def test_layer_table_ranks_by_margin_attribution(settings, bert_run):

@@ -176,7 +176,7 @@ def test_a_finished_vocab_probe_shows_on_its_job_page_and_on_the_feature_page(cl
     assert "Vocabulary tokens that activate it most (measured in 4 neutral carriers" in re.sub(r"<[^>]+>", "", feature_page)
     rows = re.findall(r'<tr data-token="\d+"><td><code class="token">(\w+)</code></td><td class="num">([\d.]+)</td>'
                       r'<td class="num">(\d) of 4</td>', feature_page)
-    assert rows == [("superb", "3.250", "4"), ("grand", "1.500", "3")]
+    assert rows == [("superb", "3.25", "4"), ("grand", "1.50", "3")]
     assert 'name="phrase" value="superb"' in feature_page  # the insertion form takes the probe's top token
     other = html.unescape(client.get(f"{RUN}/layers/3/features/8").text)
     assert 'id="vocab-tokens-none"' in other  # probed, and no word switches it on
@@ -201,7 +201,7 @@ def test_a_finished_insertion_page_shows_both_arms_the_difference_and_links_each
     assert "middle third of the corpus's score distribution, -0.250 to 0.500" in page
     assert "zeroing it where it fires changes the score by" in page and "+0.420" in page
     assert "inserting superb changes it by" in re.sub(r"<[^>]+>", "", page)
-    assert "p = 0.2500" in page and "[+0.840, +1.340]" in page
+    assert "p = 0.2500" in page and "[+0.840, +1.34]" in page
     for e in examples:
         assert f'<a href="{RUN}/texts/{e["text_id"]}">#{e["text_id"]}</a>' in page and e["edited"] in page
     assert page.index("#12<") < page.index("#10<")  # largest rise first

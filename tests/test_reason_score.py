@@ -225,4 +225,4 @@ def test_the_feature_page_shows_its_reason_score(client):
     assert f'<dd id="reason-score"><a href="{RUN}/layers/3?sort=reason_score"' in page
     from backend.web.routes.formats import fmt_num
 
-    assert f"{fmt_num(card['reason_score'], 4)}</a></dd>" in page
+    assert f"{fmt_num(card['reason_score'])}</a></dd>" in page

@@ -11,7 +11,8 @@ import pytest
 
 from backend.core import store, store_schema
 from backend.core.layer_choice import best_layer
-from backend.web.routes.layers import COLUMN_NAMES, SORT_LABELS
+from backend.web.feature_table import TAB_LABELS
+from backend.web.routes.layers import COLUMN_NAMES
 from backend.core.store_schema import FEATURES, STORE_FILENAME, TABLES, schema_sql
 from tests.helpers import REPO_ROOT, synthetic_tables
 from workers.publish import write_store
@@ -35,7 +36,7 @@ def test_reader_columns_sorts_and_card_fields_come_from_the_spec():
     assert store.SORT_COLUMNS["abs_weight"] == "abs(weight)"
     assert set(store.SORT_COLUMNS) == set(sortable) | {f"abs_{k}" for k, c in sortable.items() if c.abs_label}
     assert set(COLUMN_NAMES) == set(store.SORT_COLUMNS) and COLUMN_NAMES["abs_std_weight"] == "|std. weight|"
-    assert set(SORT_LABELS) <= set(store.SORTS)  # the tabs name sorts the spec has
+    assert set(TAB_LABELS) <= set(store.SORTS)  # the tabs name sorts the spec has
     card_sql = store_schema.feature_card_sql()
     for column in FEATURES.columns:
         assert (f"{column.name} := f.{column.name}" in card_sql) == column.card

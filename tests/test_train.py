@@ -10,6 +10,7 @@ from workers.adapters import load_adapter
 from backend.core.run_config import ConfigError, SaeConfig, parse_config
 from workers.evaluate import reward_recovery, zero_output
 from workers.train import build_training_sae, load_saes, train_saes, trainer_config
+from backend.web.routes.formats import fmt_num
 
 WIDTH, K, HIDDEN = 64, 4, 32
 # the inference class each architecture reloads as (BatchTopK folds into a JumpReLU SAE)
@@ -166,7 +167,7 @@ def test_run_page_shows_reward_recovered_per_layer(client, synthetic_run):
     html = client.get("/runs/synthetic").text
     cells = html.split('id="layers"')[1]
     for value in layers["reward_recovered"]:
-        assert f'class="num reward-recovered"' in cells and f">{value:.3f}</td>" in cells
+        assert f'class="num reward-recovered"' in cells and f">{fmt_num(value)}</td>" in cells
 
 
 def test_the_decoder_bias_starts_at_the_mean_of_what_it_is_trained_on():

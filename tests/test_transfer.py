@@ -18,6 +18,7 @@ from tests.tiny_models import save_tiny_bert
 from backend.core.run_config import ConfigError, parse_config
 from workers.divergence import parameter_divergence
 from workers.pipeline import run_pipeline
+from backend.web.routes.formats import fmt_num
 
 N_FEATURES = 32
 N_LAYERS = 3
@@ -223,7 +224,7 @@ def test_the_run_page_and_its_json_show_the_transfer_and_divergence_sections(fin
         assert 'id="transfer-chart"' in page and 'id="divergence-chart"' in page
         assert page.count('class="divergence-bar chosen"') == 2 and 'data-transfer-layer="2"' in page
         r2 = data["transfer"]["layers"][1]["base_r2_heldout"]
-        assert f"{r2:.3f}" in page
+        assert fmt_num(r2) in page
         con = duckdb.connect(str(run_dir / STORE_FILENAME), read_only=True)
         feature, base_feature = con.execute("select feature, base_feature from features where layer = 2 and "
                                             "base_feature is not null order by feature limit 1").fetchone()

@@ -185,8 +185,8 @@ def test_feature_page_shows_context_tokens_and_values(client, synthetic_run):
     html = client.get(url).text
     api = client.get(f"/api{url}").json()
     # the peak token is emphasised and shows its value on hover; "##ing" joins "amaz"
-    assert re.search(r'<span class="tok peak" style="--a:100%" title="amaz: 4.000">amaz</span>'
-                     r'<span class="tok" style="--a:50%" title="##ing: 2.000">ing</span>', html)
+    assert re.search(r'<span class="tok peak" style="--a:100%" title="amaz: 4.00">amaz</span>'
+                     r'<span class="tok" style="--a:50%" title="##ing: 2.00">ing</span>', html)
     assert "##ing" not in re.sub(r'title="[^"]*"', "", html)
     assert '<span class="tok special"' in html  # [CLS] is dimmed
     top = api["contexts"][0]
@@ -225,7 +225,7 @@ def test_feature_page_shows_reward_links_top_tokens_and_bin_samples(client, synt
     assert html_rows(html, "bin") == list(range(QUANTILE_BINS))
     quantile_table = html[html.index('class="data contexts quantiles"'):]
     assert quantile_table.count(f'title="{QUANTILE_TOKEN}: ') == QUANTILE_BINS
-    assert f'{fmt_num(samples[-1]["bin_low"], 2)}–{fmt_num(samples[-1]["bin_high"], 2)}' in quantile_table
+    assert f'{fmt_num(samples[-1]["bin_low"])}–{fmt_num(samples[-1]["bin_high"])}' in quantile_table
 
 
 def test_dead_feature_page_renders_without_contexts(client):
@@ -305,11 +305,11 @@ def test_token_spans_spacing_and_shading():
     assert text(["▁very", "▁good", "ness"]) == "very goodness"  # SentencePiece
     spans = re.findall(r'<span class="([^"]*)"(?: style="--a:([^"]*)")? title="([^"]*)">([^<]*)</span>',
                        token_spans(["[CLS]", "b", "<c>", "d"], [0.0, 3.0, 6.0, 0.0004], 4.0, peak=1))
-    assert spans == [("tok special", "", "[CLS]: 0.000", "[CLS]"), ("tok peak", "75%", "b: 3.000", "b"),
-                     ("tok special", "100%", "&lt;c&gt;: 6.000", "&lt;c&gt;"),  # act / max, clipped at 1; escaped
+    assert spans == [("tok special", "", "[CLS]: 0.00", "[CLS]"), ("tok peak", "75%", "b: 3.00", "b"),
+                     ("tok special", "100%", "&lt;c&gt;: 6.00", "&lt;c&gt;"),  # act / max, clipped at 1; escaped
                      ("tok", "0%", "d: 0.000400", "d")]  # off: no shading; tiny: as fmt_num writes it
     assert "peak" not in token_spans(["a", "b"], [1.0, 2.0], 2.0, peak=None)
-    assert 'class="tok peak" style="--a:100%" title="b: 2.000"' in token_spans(["a", "b"], [1.0, 2.0], 2.0)
+    assert 'class="tok peak" style="--a:100%" title="b: 2.00"' in token_spans(["a", "b"], [1.0, 2.0], 2.0)
 
 
 def test_registered_run_without_its_store_is_404(client, migrated):
@@ -532,7 +532,7 @@ def test_run_page_shows_weight_effect_agreement_and_the_best_layer_it_picks(clie
     html, api = client.get(RUN).text, client.get(f"/api{RUN}").json()
     assert [l["weight_effect_agreement"] for l in api["layers"]] == pytest.approx(stored["weight_effect_agreement"])
     for layer, agreement in zip(stored["layer"], stored["weight_effect_agreement"]):
-        assert f'<td class="num agreement">{fmt_num(agreement, 2)}</td>' in row_html(html, "layer", layer)
+        assert f'<td class="num agreement">{fmt_num(agreement)}</td>' in row_html(html, "layer", layer)
     rule = re.search(r'<p class="muted small" id="best-rule"[^>]*>([^<]*)</p>', html).group(1)
     assert api["best_layer"] == 3 and rule == str(escape(layer_choice.RULE_WORDS["faithfulness"]))
     assert api["best_layer_rule"] == layer_choice.RULE_WORDS["faithfulness"]  # one definition, page and JSON
@@ -543,7 +543,7 @@ def test_run_page_shows_weight_effect_agreement_and_the_best_layer_it_picks(clie
     rule = re.search(r'<p class="muted small" id="best-rule"[^>]*>([^<]*)</p>', plain).group(1)
     assert rule == str(escape(layer_choice.RULE_WORDS["r2_x_agreement"])) and 'id="best-layer-why"' not in plain
     layer_page = client.get(f"{RUN}/layers/5").text
-    assert f'weight–effect agreement {fmt_num(stored["weight_effect_agreement"][1], 2)}</span>' in layer_page
+    assert f'weight–effect agreement {fmt_num(stored["weight_effect_agreement"][1])}</span>' in layer_page
 
 
 def test_view_orders_are_kept_per_view_and_bounded(migrated, synthetic_run, monkeypatch):
@@ -576,25 +576,26 @@ def test_view_orders_are_kept_per_view_and_bounded(migrated, synthetic_run, monk
 
 
 def test_feature_rows_show_each_cell_and_escape_what_they_quote():
-    from backend.web.routes.formats import feature_rows
+    from backend.web.feature_table import feature_rows, shown_columns
     row = {"feature": 7, "weight": -0.25, "std_weight": 0.5, "weight_se": 0.01, "weight_group_size": 3,
            "reward_correlation": 0.123, "reward_effect": None, "frequency": 0.02, "max_activation": 4.0,
            "attribution": 0.0125, "measured_delta": -0.0311, "measured_delta_low": -0.04, "measured_delta_high": -0.02,
            "measured_n": 17, "top_token": "<b>", "label": "reward", "label_note": 'says "great"'}
     unmeasured = {"measured_delta": None, "measured_delta_low": None, "measured_delta_high": None, "measured_n": 0}
+    columns = [c.name for c in shown_columns(set(), "weight")]
     html = feature_rows([row, {**row, "feature": 8, "weight_group_size": 1, "top_token": None, "label": None,
-                               **unmeasured}],
+                               **unmeasured}], columns,
                         first_rank=51, href="/runs/a b/layers/3/features/", query="?sort=weight&page=2",
-                        max_abs_weight=0.5, label_names={"reward": "reward-related"})
+                        scales={"weight": 0.5}, label_names={"reward": "reward-related"})
     first, second = re.findall(r"<tr .*?</tr>", html)
     cells = re.findall(r"<td[^>]*>(.*?)</td>", first)
     assert cells[1] == "51" and re.findall(r"<td[^>]*>(.*?)</td>", second)[1] == "52"  # rank continues the page
     assert '<a href="/runs/a b/layers/3/features/7?sort=weight&amp;page=2"><b>7</b></a>' in cells[2]
     assert "×3" in cells[2] and "2 near-duplicate features" in cells[2]
-    assert 'class="num weight neg"' in first and 'style="width:25.0%"' in cells[3] and cells[3].endswith("-0.2500")
-    assert cells[4:8] == ["+0.5000", "0.010", "0.12", "—"] and cells[8] == "+0.0125"
-    assert cells[9] == '-0.0311 <span class="ci">[-0.040, -0.020]</span>' and "on 17 reward reads" in first
-    assert cells[10:12] == ["2.00%", "4.000"]
+    assert 'class="num weight neg"' in first and 'style="width:25.0%"' in cells[3] and cells[3].endswith("-0.250")
+    assert cells[4:8] == ["+0.500", "0.0100", "0.123", "—"] and cells[8] == "+0.0125"
+    assert cells[9] == '-0.0311 <span class="ci">[-0.0400, -0.0200]</span>' and "on 17 reward reads" in first
+    assert cells[10:12] == ["2.00%", "4.00"]
     assert cells[12] == '<code class="token">&lt;b&gt;</code>'
     assert cells[13] == '<span class="badge label-reward" title="says &quot;great&quot;">reward-related</span>'
     assert "never fires" in second and "group-mark" not in second and "badge" not in second
@@ -603,8 +604,22 @@ def test_feature_rows_show_each_cell_and_escape_what_they_quote():
 
 def test_percentages_keep_fixed_point_on_both_sides_of_zero():
     # a negative share (an attribution against the score) reads like a positive one, not as 1e+00
-    assert fmt_pct(0.125) == "12.50%" and fmt_pct(-0.015) == "-1.50%" and fmt_pct(0) == "0.00%"
-    assert fmt_pct(-2e-6) == "-2.0e-04%" and fmt_pct(None) == "—"
+    assert fmt_pct(0.125) == "12.5%" and fmt_pct(-0.015) == "-1.50%" and fmt_pct(0) == "0.00%"
+    assert fmt_pct(-2e-6) == "-0.000200%" and fmt_pct(None) == "—"
+
+
+def test_one_number_format_with_fixed_significant_digits_and_no_exponent_in_the_normal_range():
+    from backend.web.routes.formats import SIGNIFICANT, fmt_delta, significant
+
+    column = [0.25, -0.00078, 12.345, 0.0009996, 1234.5, 4.0, 3e-7]
+    assert [fmt_num(x) for x in column] == ["0.250", "-0.000780", "12.3", "0.00100", "1,234", "4.00", "0.000000300"]
+    assert not any("e" in fmt_num(x) or "e" in fmt_weight(x) for x in column)  # one column, one notation
+    for x in column:  # SIGNIFICANT significant digits, whatever the size (integer digits kept above it)
+        digits = fmt_num(x).lstrip("-").replace(",", "").replace(".", "").lstrip("0")
+        assert len(digits) == max(SIGNIFICANT, len(str(int(abs(x)))))
+    assert fmt_weight(0.25) == "+0.250" and fmt_weight(-0.25) == "-0.250" and fmt_weight(0) == "0.00"
+    assert fmt_delta(-0.0311) == "−0.0311" and fmt_pct(0.02) == "2.00%"
+    assert fmt_num(None) == fmt_num(float("nan")) == "—" and significant(2e-12) == "2.00e-12"  # only the extremes
 
 
 def test_api_docs_and_favicon_are_served_without_a_cdn(client):

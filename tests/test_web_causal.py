@@ -146,7 +146,7 @@ def test_layer_page_says_what_the_default_ranking_moves_and_where_edits_barely_r
     assert said.startswith(
         f"Default ranking: attribution (gradient) — its top 10 raisers, zeroed, lower the score by "
         f"{fmt_num(raises['effect'])} (controls {fmt_num(raises['control_effect'])}, 10 draws up to "
-        f"{fmt_num(max(raises['control_effects']))}; {fmt_pct(raises['excess'] / spread, 1)} of the spread beyond them; "
+        f"{fmt_num(max(raises['control_effects']))}; {fmt_pct(raises['excess'] / spread)} of the spread beyond them; "
         f"beyond every control draw); its top 10 lowerers, zeroed, raise it by {fmt_num(lowers['effect'])}")
     assert (f"The regression's |weight| ranking: its top 10, zeroed, move each text's score by "
             f"{fmt_num(both['effect'])} (mean |Δ|)") in said
@@ -157,7 +157,7 @@ def test_layer_page_says_what_the_default_ranking_moves_and_where_edits_barely_r
     assert low["reach"] < 0.02
     said = text_of(client.get(f"{RUN}/layers/5").text, "barely-reaches")
     assert said.startswith("This layer's edits barely reach the score")
-    assert f"at most {fmt_pct(low['reach'], 1)}, " in said and "97% of the score's gradient sits at " \
+    assert f"at most {fmt_pct(low['reach'])}, " in said and "97.0% of the score's gradient sits at " \
         "the token the head reads" in said
 
 
@@ -186,9 +186,9 @@ def test_layer_page_draws_the_deletion_curves_and_the_calibration(client, synthe
     assert calibration.count('class="diagonal"') == 1
     info = layer_row(synthetic_run, 3)
     fit = text_of(html, "calibration-fit")
-    assert f"regression (predicts): slope {info['calibration_regression_slope']:.2f}" in fit
-    assert f"attribution (gradient): slope {info['calibration_attribution_slope']:.2f}, r " \
-           f"{info['calibration_attribution_r']:.2f}" in fit
+    assert f"regression (predicts): slope {fmt_num(info['calibration_regression_slope'])}" in fit
+    assert f"attribution (gradient): slope {fmt_num(info['calibration_attribution_slope'])}, r " \
+           f"{fmt_num(info['calibration_attribution_r'])}" in fit
 
 
 def test_layer_table_shows_attribution_and_measured_delta_with_its_ci(client, synthetic_run):
@@ -236,17 +236,17 @@ def test_run_page_explains_the_best_layer_by_what_zeroing_it_moves(client, synth
         (3, "attribution", "attribution"), (5, "weight", "weight")]
     assert text_of(html, "best-layer-why") == (
         f"Best layer: 3 — zeroing the top 10 of its default ranking, attribution (gradient), moves the reward "
-        f"{fmt_pct(best['faithfulness_relative'], 1)} of its spread beyond random controls (its raisers zeroed lower "
+        f"{fmt_pct(best['faithfulness_relative'])} of its spread beyond random controls (its raisers zeroed lower "
         f"the score, its lowerers zeroed raise it; beyond every control draw) (layer 5: "
-        f"{fmt_pct(other['faithfulness_relative'], 1)}); held-out R² {best['r2_heldout']:.3f}.")
+        f"{fmt_pct(other['faithfulness_relative'])}); held-out R² {best['r2_heldout']:.3f}.")
     assert api["best_layer_rule"].startswith("the layer where zeroing its default ranking's top 10")
     assert html.count(str(markup_escape(api["best_layer_rule"]))) == 1  # the best-layer card says it
     for layer in (best, other):
         row = re.search(rf'<tr data-uses="{layer["layer"]}".*?</tr>', html, re.S).group(0)
         cells = [re.sub(r"<[^>]+>", "", c).strip() for c in re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)]
         assert cells[2:7] == [fmt_num(layer["faithfulness_effect"]), fmt_num(layer["faithfulness_control"]),
-                              fmt_pct(layer["faithfulness_relative"], 1), VERDICT_WORDS[layer["faithfulness_verdict"]],
-                              fmt_pct(layer["reach"], 1)]
-        assert cells[7] == f"{layer['calibration_regression_slope']:.2f} ({layer['calibration_regression_r']:.2f})"
+                              fmt_pct(layer["faithfulness_relative"]), VERDICT_WORDS[layer["faithfulness_verdict"]],
+                              fmt_pct(layer["reach"])]
+        assert cells[7] == f"{fmt_num(layer['calibration_regression_slope'])} ({fmt_num(layer['calibration_regression_r'])})"
         assert cells[-1] == f"{layer['r2_heldout']:.3f}"
     assert other["faithfulness_verdict"] == "within_controls"

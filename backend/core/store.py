@@ -557,7 +557,10 @@ def table_rows(path: Path, table: str, order_by: str | None = None) -> list[dict
     return [dict(row) for row in rows]
 
 
-def reason_scored(path: Path, layer: int) -> bool:
-    """Whether the layer's features have ReasonScores (the run's config had reason_score)."""
-    return _memo(path, f"reason_scored {layer}", lambda: _rows(
-        path, "SELECT count(reason_score) AS n FROM features WHERE layer = ?", [layer])[0]["n"] > 0)
+def filled_columns(path: Path, layer: int) -> frozenset[str]:
+    """The layer table's columns that hold a value for at least one of the layer's features: what
+    the run computed there (ReasonScores, a paired dictionary, preference pairs, ...)."""
+    def compute() -> frozenset[str]:
+        table, _ = _layer_rows(path, layer)
+        return frozenset(name for name in table.column_names if table.column(name).null_count < len(table))
+    return _memo(path, f"filled_columns {layer}", compute)

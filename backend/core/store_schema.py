@@ -4,11 +4,13 @@ One immutable file per run (runs/<id>/features.duckdb). Layers are 0-based trans
 blocks; layer L's SAE reads the residual stream after block L (HF hidden_states[L + 1]).
 
 Every column is defined once, here (TABLES): the DDL, the writer's check of its input, the
-reader's column lists, the layer table's sorts and the feature card all come from it. A new
-column is one Column in its Table below (a feature column: table=True to have it in the layer
-table's rows, sort_key and label to sort by it; it is on the card unless card=False). The code
-that builds the table must then give it -- the writer refuses a table with a column missing
-or unknown -- and the test helper gives it a synthetic value by itself.
+reader's column lists, the layer table (its headers, cells, header groups, sort tabs and JSON
+twin) and the feature card all come from it. A new column is one Column in its Table below (a
+feature column: table=True to have it in the layer table's rows and JSON, sort_key and label to
+sort by it, shown=Display(...) to draw it in the layer table, with tabs to offer its sorts
+there; it is on the card unless card=False). A column the table sorts by must be drawn in it.
+The code that builds the table must then give it -- the writer refuses a table with a column
+missing or unknown -- and the test helper gives it a synthetic value by itself.
 """
 from __future__ import annotations
 
@@ -19,15 +21,65 @@ STORE_VERSION = 11
 
 
 @dataclass(frozen=True)
+class Group:
+    """What kind of number a layer table column is: named over its columns' headers and after
+    its sort tabs' words. The keys of GROUPS are the rankings' kinds (backend/core/rankings.py)."""
+    heading: str  # over the headers: "predicts the score (regression)"
+    title: str    # ... its hover text
+    tag: str      # after a tab's words: "weight (predicts)"
+
+
+GROUPS = {
+    "predicts": Group("predicts the score (regression)", "fitted across the corpus: how well the activation "
+                      "predicts the score, not whether the model uses it", "predicts"),
+    "gradient": Group("model's gradient", "the model's own gradient: a first-order estimate of zeroing", "gradient"),
+    "measured": Group("ablation", "the feature actually zeroed inside the model", "ablation"),
+}
+WHEN = ("always", "filled", "sorted")
+
+
+@dataclass(frozen=True)
+class Tab:
+    """A sort tab above the layer table."""
+    sort: str                 # the ?sort= it opens: the column's sort_key, -sort_key or abs_<sort_key>
+    label: str | None = None  # its words; None: the sort's label, then its column group's tag ("weight (predicts)")
+
+
+@dataclass(frozen=True)
+class Display:
+    """How the layer table draws a feature column (table=True): its header (a link that sorts by
+    it when the column has a sort_key) and a cell a row; the page's JSON twin lists the same.
+    Columns are drawn group by group (GROUPS' order, then those of no group), in the spec's
+    order within a group."""
+    heading: str                  # the header's words: "Weight"
+    group: str | None = None      # a key of GROUPS: the kind of number, named over the header; None: none
+    format: str = "num"           # how its values look (backend/web/routes/formats.py FORMATS): num; weight
+    #                               (signed); delta (a signed change in the score); pct (a share, in per cent:
+    #                               every frequency); count; text
+    cell: str = "number"          # how its cell is drawn (backend/web/feature_table.py CELLS): number; signed
+    #                               (coloured by its sign); bar (signed, with a bar to the layer's largest |value|);
+    #                               measured (Δ zeroed, coloured as a zeroing, with its CI: reads = (low, high, n));
+    #                               token (a token, as tokens are shown)
+    title: str = ""               # the header's hover text; {name}: the layer's row's value of name
+    hint: str = ""                # a cell's hover text; {name}: the feature's row's value of name
+    css: str = ""                 # more classes of its cells ("muted": a secondary number)
+    when: str = "always"          # drawn always; filled: where the layer has a value in it (a run that computed
+    #                               it); sorted: while the table is sorted by it
+    tabs: tuple[Tab, ...] = ()    # its sort tabs (shown where the column is: always, or filled)
+    reads: tuple[str, ...] = ()   # the other table columns its cell reads
+
+
+@dataclass(frozen=True)
 class Column:
     name: str
     sql_type: str
     doc: str = ""
-    table: bool = False           # read into the layer table's rows (features)
+    table: bool = False           # read into the layer table's rows (features) and its JSON twin
     sort_key: str | None = None   # the layer table sorts by it: ?sort=<sort_key>, largest first; -<sort_key>
     label: str | None = None      # its name to a reader: "<label>, largest first"
     abs_label: str | None = None  # ... and by its absolute value, as abs_<sort_key>, named so
     card: bool = True             # on the feature card as stored (False: the card shows it otherwise)
+    shown: Display | None = None  # drawn in the layer table (table=True), so
 
 
 @dataclass(frozen=True)
@@ -180,37 +232,63 @@ TABLES: dict[str, Table] = {t.name: t for t in (
         Column("layer", "INTEGER", card=False),
         Column("feature", "INTEGER", table=True),
         Column("frequency", "DOUBLE", "share of analysed tokens where the feature is > 0",
-               table=True, sort_key="frequency", label="frequency"),
+               table=True, sort_key="frequency", label="frequency",
+               shown=Display("Frequency", format="pct", title="per cent of analysed tokens the feature fires on",
+                             tabs=(Tab("frequency", "most frequent"),))),
         Column("mean_activation", "DOUBLE", "mean over the tokens where it fires", table=True),
-        Column("max_activation", "DOUBLE", table=True, sort_key="max_activation", label="max activation"),
+        Column("max_activation", "DOUBLE", table=True, sort_key="max_activation", label="max activation",
+               shown=Display("Max act.", tabs=(Tab("max_activation", "strongest activation"),))),
         Column("weight", "DOUBLE", "regression weight: reward per unit of activation",
-               table=True, sort_key="weight", label="weight", abs_label="|weight|"),
+               table=True, sort_key="weight", label="weight", abs_label="|weight|",
+               shown=Display("Weight", "predicts", "weight", "bar", "regression weight: reward per unit of "
+                             "activation (predicts)", tabs=(Tab("weight"), Tab("-weight", "most negative weight "
+                                                                               "(predicts)"), Tab("abs_weight")))),
         Column("std_weight", "DOUBLE", "weight x the feature's std over training texts: reward per 1 SD",
-               table=True, sort_key="std_weight", label="std. weight", abs_label="|std. weight|"),
+               table=True, sort_key="std_weight", label="std. weight", abs_label="|std. weight|",
+               shown=Display("Std. weight", "predicts", "weight", "signed", "reward per standard deviation of "
+                             "activation (predicts)", tabs=(Tab("abs_std_weight"),))),
         Column("weight_se", "DOUBLE", "standard error of the weight (fold jackknife or bootstrap); NULL: none",
-               table=True),
+               table=True, shown=Display("± SE", "predicts", title="standard error of the weight", css="muted")),
         Column("weight_group", "INTEGER", "near-duplicates fitted as one column share its weight: the group's "
                                           "smallest feature id (the feature itself when fitted alone)"),
         Column("weight_group_size", "INTEGER", "features in that group (1: fitted alone)", table=True),
-        Column("top_token", "VARCHAR", "the token at the feature's strongest context", table=True),
+        Column("top_token", "VARCHAR", "the token at the feature's strongest context", table=True,
+               shown=Display("Top token", format="text", cell="token")),
         Column("hist_edges", "DOUBLE[]", "activation histogram over firing tokens"),
         Column("hist_counts", "BIGINT[]"),
         Column("reward_correlation", "DOUBLE", "Pearson r of the pooled activation with the RM score, per read",
-               table=True, sort_key="correlation", label="reward correlation"),
+               table=True, sort_key="correlation", label="reward correlation",
+               shown=Display("Corr.", "predicts", title="Pearson r of the pooled activation with the RM score",
+                             tabs=(Tab("correlation"),))),
         Column("reward_effect", "DOUBLE", "mean d(score)/d(activation) along the decoder row, where it fires on "
                "the text's own tokens (special tokens left out, as token pooling does)",
-               table=True, sort_key="reward_effect", label="effect per unit"),
+               table=True, sort_key="reward_effect", label="effect per unit",
+               shown=Display("Effect/unit", "gradient", "weight", "signed", "effect per unit (gradient): mean "
+                             "d(score)/d(activation) along the decoder direction, where it fires",
+                             tabs=(Tab("reward_effect"),))),
         Column("attribution", "DOUBLE", "mean contribution to a text's score: activation x d(score)/d(activation) "
                "summed over the text's own tokens (0 where silent; special tokens left out); NULL: never fired on the text "
                "of one whose gradient was taken",
-               table=True, sort_key="attribution", label="attribution", abs_label="|attribution|"),
+               table=True, sort_key="attribution", label="attribution", abs_label="|attribution|",
+               shown=Display("Attribution", "gradient", "weight", "signed", "mean contribution to a text's score: "
+                             "activation × d(score)/d(activation), summed over its tokens (gradient)",
+                             tabs=(Tab("attribution"),))),
         Column("attribution_abs", "DOUBLE", "mean |contribution| per text", table=True,
-               sort_key="attribution_abs", label="mean |attribution|"),
+               sort_key="attribution_abs", label="mean |attribution|",
+               shown=Display("Mean |attr.|", "gradient", title="mean |contribution| per text (gradient)",
+                             when="sorted")),
         Column("attribution_share", "DOUBLE", "cov(contribution, score) / var(score): its share of the score's "
-               "variance", table=True, sort_key="attribution_share", label="share of score variance"),
+               "variance", table=True, sort_key="attribution_share", label="share of score variance",
+               shown=Display("Share of var.", "gradient", "pct", title="cov(contribution, score) / var(score): its "
+                             "share of the score's variance (gradient)", when="sorted")),
         Column("measured_delta", "DOUBLE", "mean Δ score with the feature zeroed alone (reconstruction error kept) "
                "on held-out texts where it fires; NULL: not measured", table=True, sort_key="measured_delta",
-               label="measured Δ", abs_label="|measured Δ|"),
+               label="measured Δ", abs_label="|measured Δ|",
+               shown=Display("Measured Δ", "measured", "weight", "measured", "mean change in the score with the "
+                             "feature zeroed alone, 95% CI (ablation); — not measured: not among the layer's top "
+                             "candidates", hint="zeroed alone on {measured_n} reward reads; 95% CI",
+                             tabs=(Tab("-measured_delta"),),
+                             reads=("measured_delta_low", "measured_delta_high", "measured_n"))),
         Column("measured_delta_low", "DOUBLE", "95% CI of measured_delta", table=True),
         Column("measured_delta_high", "DOUBLE", table=True),
         Column("measured_n", "INTEGER", "reward reads measured_delta is the mean of (0: not measured)", table=True),
@@ -224,30 +302,46 @@ TABLES: dict[str, Table] = {t.name: t for t in (
         Column("neighbour_cosines", "FLOAT[]", card=False),
         Column("pair_max_cosine", "DOUBLE", "max cosine of its decoder direction with the paired (smaller) SAE's: "
                "high is present in both dictionaries; NULL: no pair", table=True, sort_key="pair_cosine",
-               label="max cosine in the pair"),
-        Column("pair_feature", "INTEGER", "the paired SAE's feature reaching it"),
+               label="max cosine in the pair",
+               shown=Display("Pair cos.", title="max cosine of the decoder direction with any of the {pair_width}-wide "
+                             "paired dictionary's: high is present in both dictionaries",
+                             hint="its nearest feature in the paired dictionary: {pair_feature}", css="pair-cosine",
+                             when="filled", reads=("pair_feature",))),
+        Column("pair_feature", "INTEGER", "the paired SAE's feature reaching it", table=True),
         # base-model transfer (workers/analyses/transfer.py); NULL where the run has no transfer
         Column("base_feature", "INTEGER", "the base model's SAE feature (same layer) whose activations correlate "
-               "most with this one's over held-out tokens; NULL: no transfer"),
+               "most with this one's over held-out tokens; NULL: no transfer", table=True),
         Column("base_correlation", "DOUBLE", "Pearson r of the two over those tokens", table=True,
-               sort_key="base_correlation", label="base-model correlation"),
+               sort_key="base_correlation", label="base-model correlation",
+               shown=Display("Base r", title="Pearson r with the base model's SAE feature (same layer) that "
+                             "correlates most with it over held-out tokens", hint="base-model feature {base_feature}",
+                             when="sorted", reads=("base_feature",))),
         Column("base_decoder_cosine", "DOUBLE", "cosine of the two decoder directions; NULL where the residual "
                "streams' widths differ"),
         # preference pairs (workers/analyses/preference.py); NULL where the dataset is not pairs
         Column("margin_attribution", "DOUBLE", "mean over held-out pairs of its attribution on the chosen side minus "
                "on the rejected side: its share of the margin score(chosen) - score(rejected)", table=True,
-               sort_key="margin_attribution", label="margin attribution", abs_label="|margin attribution|"),
+               sort_key="margin_attribution", label="margin attribution", abs_label="|margin attribution|",
+               shown=Display("Margin attr.", "gradient", "weight", "signed", "mean over held-out pairs of its "
+                             "attribution on the chosen side minus on the rejected side (gradient)", when="sorted",
+                             tabs=(Tab("margin_attribution"),))),
         Column("margin_attribution_chosen", "DOUBLE", "mean attribution on the chosen side", table=True),
         Column("margin_attribution_rejected", "DOUBLE", "mean attribution on the rejected side", table=True),
         Column("margin_delta", "DOUBLE", "mean Δ margin with the feature zeroed on both sides (reconstruction error "
                "kept), over held-out pairs where it fires on either side; NULL: not measured", table=True,
-               sort_key="margin_delta", label="measured margin Δ", abs_label="|measured margin Δ|"),
+               sort_key="margin_delta", label="measured margin Δ", abs_label="|measured margin Δ|",
+               shown=Display("Margin Δ", "measured", "weight", "measured", "mean change in the margin with the "
+                             "feature zeroed on both sides, 95% CI (ablation); — not measured",
+                             hint="zeroed on {margin_delta_n} pairs; 95% CI", when="sorted",
+                             reads=("margin_delta_low", "margin_delta_high", "margin_delta_n"))),
         Column("margin_delta_low", "DOUBLE", "95% CI of margin_delta", table=True),
         Column("margin_delta_high", "DOUBLE", table=True),
         Column("margin_delta_n", "INTEGER", "pairs margin_delta is the mean of (0: not measured)", table=True),
         Column("reason_score", "DOUBLE", "ReasonScore (workers/analyses/reason_score.py): the feature's specificity "
                "to reason_score.vocabulary over the corpus's tokens; NULL: not computed", table=True,
-               sort_key="reason_score", label="ReasonScore"),
+               sort_key="reason_score", label="ReasonScore",
+               shown=Display("ReasonScore", title="specificity to the run's reason_score.vocabulary", when="sorted",
+                             tabs=(Tab("reason_score", "ReasonScore (vocabulary)"),))),
     ), primary_key=("layer", "feature")),
 
     Table("contexts", (
@@ -430,6 +524,36 @@ TABLES: dict[str, Table] = {t.name: t for t in (
            "the cards 6x slower to write, or, with zstd, 50x slower to read one.)"),
 )}
 LAYERS, FEATURES = TABLES["layers"], TABLES["features"]
+
+
+def check_display(table: Table) -> None:
+    """ValueError where a column's Display does not hold: every column the layer table sorts by is
+    drawn in it, from the table's rows, with a known group and rule; its tabs open its own sorts
+    and its cell reads table columns. (Its format and cell kind: backend/web/feature_table.py.)"""
+    table_columns = {c.name for c in table.columns if c.table}
+    sort_keys = {s.key for s in sorts(table)}
+    for c in table.columns:
+        d, where = c.shown, f"{table.name}.{c.name}"
+        if d is None:
+            if c.sort_key is not None:
+                raise ValueError(f"{where}: the layer table sorts by it (sort_key), so it must be drawn (shown=Display)")
+            continue
+        problems = [f"table=True (it is drawn from the table's rows)" if not c.table else "",
+                    f"group {d.group!r} is not one of {sorted(GROUPS)}" if d.group is not None and d.group not in GROUPS
+                    else "",
+                    f"when {d.when!r} is not one of {WHEN}" if d.when not in WHEN else "",
+                    f"reads {sorted(set(d.reads) - table_columns)}, not table columns" if set(d.reads) - table_columns
+                    else "",
+                    "a measured cell reads (low, high, n)" if d.cell == "measured" and len(d.reads) != 3 else ""]
+        own = {key for key in (c.sort_key, f"abs_{c.sort_key}") if c.sort_key and key in sort_keys}
+        problems += [f"tab {t.sort!r} is not one of its sorts {sorted(own)} (or '-' one)"
+                     for t in d.tabs if t.sort.lstrip("-") not in own]
+        problems = [p for p in problems if p]
+        if problems:
+            raise ValueError(f"{where}: " + "; ".join(problems))
+
+
+check_display(FEATURES)
 # What the pipeline (and any other writer) gives; the rest are derived when the store is written.
 WRITTEN_TABLES = ("texts", "reward_reads", "layers", "features", "contexts", "faithfulness", "feature_texts",
                  "transfer_layers", "divergence", "lexicon_words", "lexicon_predictions", "lexicon_summary",

@@ -19,11 +19,13 @@ from backend.web.access import csrf_token
 from backend.core.models import LABELS
 from backend.core.rankings import VERDICT_WORDS, directions_said, FALLBACK_RANKING, RANKINGS, Ranking
 from backend.web.job_summaries import summary as job_summary
-from backend.web.routes.formats import (display_token, context_rows, contribution_spans, edit_class, feature_rows, zeroing_class, fmt_delta, fmt_num, fmt_pct, fmt_weight, token_spans,
-                                    weight_class)
+from backend.web.feature_table import feature_rows
+from backend.web.routes.formats import (display_token, context_rows, contribution_spans, edit_class, zeroing_class,
+                                        fmt_delta, fmt_num, fmt_pct, fmt_weight, token_spans, weight_class)
 from backend.web.routes.edge import MAX_ID
 from backend.core.settings import Settings
 from backend.core.store import NotFound
+from backend.core.store_schema import GROUPS
 
 # frontend/ is a sibling of backend/ in the repo.
 FRONTEND_DIR = Path(__file__).resolve().parents[3] / "frontend"
@@ -71,10 +73,18 @@ class _PageEnvironment(jinja2.Environment):
 # mtime on each render cost ~1 ms a feature page); restart the server after editing one.
 templates = Jinja2Templates(env=_PageEnvironment(
     loader=jinja2.FileSystemLoader(FRONTEND_DIR / "templates"), autoescape=True, auto_reload=False))
-templates.env.filters.update(tok=display_token, num=fmt_num, weight=fmt_weight, pct=fmt_pct, delta=fmt_delta, wclass=weight_class,
-                             zclass=zeroing_class, eclass=edit_class)
+
+
+def _fixed(formatter):
+    """A number filter: every page writes SIGNIFICANT digits (backend/web/routes/formats.py), so a
+    template's old digits argument (`|num(2)`) is accepted and has no effect."""
+    return lambda x, *_digits: formatter(x)
+
+
+templates.env.filters.update(tok=display_token, num=_fixed(fmt_num), weight=_fixed(fmt_weight), pct=_fixed(fmt_pct),
+                             delta=_fixed(fmt_delta), wclass=weight_class, zclass=zeroing_class, eclass=edit_class)
 # what kind of number a ranking is, in a word after its name: "attribution (gradient)"
-KIND_TAGS = {"predicts": "predicts", "gradient": "gradient", "measured": "ablation"}
+KIND_TAGS = {kind: group.tag for kind, group in GROUPS.items()}
 def max_text_chars(request) -> int:
     """The deployment's limit on a typed text (RA_MAX_TEXT_CHARS): forms say it and count against it."""
     return request.app.state.settings.max_text_chars
@@ -90,10 +100,12 @@ templates.env.globals.update(paired_bars=charts.paired_bars, divergence_bars=cha
                              lexicon_scatter=charts.lexicon_scatter)
 
 
-def feature_top_tokens(request: Request, run_id: str, layer: int, ids: list[int]) -> dict[int, str | None]:
+def feature_names(settings: Settings, run_id: str, layer: int, ids: list[int]) -> dict[int, str | None]:
     """Each listed feature's top token, so a list of feature ids says what each one is ({} where
-    the run's store cannot be read: the ids still link to the features' pages)."""
-    settings = request.app.state.settings
+    the run's store cannot be read: the ids still link to the features' pages). A route passes
+    them to its page: no template reads the store."""
+    if not ids:
+        return {}
     try:
         return store.top_tokens(store_path(settings, get_run(settings, run_id)), int(layer), [int(i) for i in ids])
     except (NotFound, store.StoreOutdated, OSError):
@@ -107,20 +119,44 @@ def attributed_features(att: dict[str, Any]) -> list[int]:
     return sorted(ids)
 
 
-def explained_output(request: Request, run_id: str | None) -> dict[str, Any] | None:
+def attribution_names(settings: Settings, run_id: str, attribution: dict[str, Any]) -> dict[int, dict[int, str | None]]:
+    """Per layer of an attribution result ({layer: att}), the top tokens of the features it lists."""
+    return {int(layer): feature_names(settings, run_id, int(layer), attributed_features(att))
+            for layer, att in (attribution or {}).items()}
+
+
+def job_feature_names(settings: Settings, job: dict[str, Any]) -> dict[int, dict[int, str | None]]:
+    """Per layer, the top tokens of the features a job's result lists (its attributions, a text
+    diff's changed features): what its page names beside their ids."""
+    result, run_id = job.get("result") or {}, job.get("run_id")
+    if not run_id or not isinstance(result, dict):
+        return {}
+    names = attribution_names(settings, run_id, result.get("attribution") or {})
+    layer = (job.get("params") or {}).get("layer")
+    if result.get("changed") and layer is not None:
+        ids = [f["feature"] for f in result["changed"]]
+        names.setdefault(int(layer), {}).update(feature_names(settings, run_id, int(layer), ids))
+    return names
+
+
+def explained_output(settings: Settings, run_id: str | None) -> dict[str, Any] | None:
     """What a run's pages say it explains, for a head with several outputs (model.output);
     None for a one-output head, no run, or a store that cannot be read."""
     if not run_id:
         return None
-    settings = request.app.state.settings
     try:
         return store.explained_output(store_path(settings, get_run(settings, run_id)))
     except (NotFound, store.StoreOutdated, OSError):
         return None
 
 
-templates.env.globals.update(feature_top_tokens=feature_top_tokens, attributed_features=attributed_features,
-                             explained_output=explained_output)
+def _page_run_id(context: dict[str, Any]) -> str | None:
+    """The run a page is about: its run's, or its job's."""
+    run, job = context.get("run"), context.get("job")
+    run_id = run.get("id") if isinstance(run, dict) else getattr(run, "id", None)
+    if run_id is None and isinstance(job, dict):
+        run_id = job.get("run_id")
+    return run_id if isinstance(run_id, str) else None
 
 
 def json_response(data: dict[str, Any]) -> Response:
@@ -132,6 +168,13 @@ def json_response(data: dict[str, Any]) -> Response:
 
 
 def render(request: Request, name: str, context: dict[str, Any], status_code: int = 200):
+    """The page `name` with `context`, and what every page's frame shows, read here, not by the
+    template: the head output the run explains (base.html). A job's page also gets the top tokens
+    of the features its result lists (feature_names, per layer) unless its route gave them."""
+    settings = request.app.state.settings
+    context = {"explained_head_output": explained_output(settings, _page_run_id(context)), **context}
+    if isinstance(context.get("job"), dict) and "feature_names" not in context:
+        context["feature_names"] = job_feature_names(settings, context["job"])
     return templates.TemplateResponse(request, name, context, status_code=status_code)
 
 

@@ -15,6 +15,7 @@ from backend.web.routes.layers import describe_sort
 from backend.web.routes.common import (SettingsDep, TableView, TableViewQ, default_ranking, get_run, json_response,
                                    render, run_summary, store_path)
 from backend.web.routes.edge import ERROR_RESPONSES, FeatureId, LayerId, StrictJSONRoute
+from backend.web.routes.exports import saedashboard_url
 from backend.core.settings import Settings
 
 router = APIRouter(route_class=StrictJSONRoute, responses=ERROR_RESPONSES)
@@ -82,4 +83,6 @@ def render_feature_page(request: Request, settings: Settings, run_id: str, layer
     return render(request, "feature.html", {
         **data, "view_obj": view, "sort_name": describe_sort(data["sort"]), "scale": scale, "histogram": charts.histogram(f["hist_edges"], f["hist_counts"]),
         "label_names": labels.LABEL_NAMES, "label_form": label_form or {**data["label"], "error": None},
+        # where its rendered SAEDashboard page is served (None: none yet), read here, not by the template
+        "saedashboard_page": saedashboard_url(request, run_id, layer, feature),
     }, status_code=status_code)

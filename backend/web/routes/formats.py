@@ -1,7 +1,7 @@
-"""How values look on the pages: number formats (one place, so HTML and tests agree on what
-a value looks like), and the fragments that repeat hundreds of times a page -- a context's
-token spans, a feature's context rows, the feature table's rows -- written in Python: as
-Jinja loops they took most of their page's time."""
+"""How values look on the pages: the one number format (one place, so HTML and tests agree on
+what a value looks like), and the fragments that repeat hundreds of times a page -- a context's
+token spans, a feature's context rows -- written in Python: as Jinja loops they took most of
+their page's time. The feature table's rows: backend/web/feature_table.py."""
 from __future__ import annotations
 
 import functools
@@ -14,39 +14,83 @@ from markupsafe import Markup
 from backend.core.rankings import directions_said
 
 
-def fmt_num(x: float | None, digits: int = 3) -> str:
-    """`digits` decimals; a smaller number keeps `digits` significant ones in decimals too (0.00078,
-    not 7.8e-04 beside 0.20 in one column). Only the extremes (under 1e-8, from a million) are
-    written with an exponent."""
-    if x is None:
+SIGNIFICANT = 3  # the significant digits of every number the pages show
+TINY, HUGE = 1e-9, 1e15  # outside [TINY, HUGE) a number is written with an exponent (no page's normal range)
+
+
+def significant(x: float | None, digits: int = SIGNIFICANT, signed: bool = False) -> str:
+    """The one number format of every page: `digits` significant digits, in decimals: 0.000780,
+    0.250 and 12.3 in one column, never 7.8e-04 beside 0.20. A number from 10^digits up keeps its
+    integer digits (12,345); only the extremes (under TINY, from HUGE) have an exponent. `signed`:
+    a plus sign on a positive number, so a column's direction is never lost. None and NaN: "—".
+    (~1 µs: a page writes hundreds.)"""
+    if x is None or x != x:
         return "—"
-    if x != 0 and (abs(x) < 1e-8 or abs(x) >= 1e6):
-        return f"{x:.{max(digits - 1, 1)}e}"
-    if x != 0 and abs(x) < 10 ** -digits:
-        return f"{x:.{digits - 1 - floor(log10(abs(x)))}f}"
-    return f"{x:.{digits}f}"
+    a = abs(x)
+    if 1e-4 <= a < 100:  # the common case, fast: %g writes these in decimals, trailing zeros kept ("#")
+        out = format(x, _g(digits, signed))
+        if "e" not in out:
+            return out[:-1] if out.endswith(".") else out
+    if a == 0:
+        return _fixed(0, max(digits - 1, 0), False)
+    if not TINY <= a < HUGE:
+        if a == float("inf"):
+            return ("-" if x < 0 else "+" if signed else "") + "∞"
+        return format(x, f"{'+' if signed else ''}.{max(digits - 1, 0)}e")
+    exponent = floor(log10(a))
+    decimals = digits - 1 - exponent
+    if decimals > 0 and round(a, decimals) >= 10.0 ** (exponent + 1):  # 0.0009996 rounds to 0.00100
+        decimals -= 1
+    return _fixed(x, max(decimals, 0), signed)
+
+
+@functools.lru_cache(maxsize=None)
+def _g(digits: int, signed: bool) -> str:
+    return f"{'+' if signed else ''}#.{digits}g"
+
+
+@functools.lru_cache(maxsize=None)
+def _spec(decimals: int, signed: bool) -> str:
+    return f"{'+' if signed else ''},.{decimals}f"
+
+
+def _fixed(x: float, decimals: int, signed: bool) -> str:
+    return format(x, _spec(decimals, signed))
+
+
+ZERO = significant(0)
+
+
+def fmt_num(x: float | None) -> str:
+    return significant(x)
 
 
 def fmt_weight(x: float | None) -> str:
     """Signed, so the sign of a reward effect is never lost in a column of numbers."""
-    if x is None:
-        return "—"
-    return f"{x:+.4f}" if x == 0 or 1e-4 <= abs(x) < 1e5 else f"{x:+.2e}"
+    return significant(x, signed=True)
 
 
-def fmt_delta(x: float | None, digits: int = 3) -> str:
+def fmt_delta(x: float | None) -> str:
     """A change in the score: signed, with a true minus sign, as the prose around it writes it."""
-    if x is None:
-        return "—"
-    if x != 0 and abs(x) < 10 ** -digits:
-        return f"{x:+.1e}".replace("-", "−")
-    return f"{x:+.{digits}f}".replace("-", "−")
+    return significant(x, signed=True).replace("-", "−")
 
 
-def fmt_pct(x: float | None, digits: int = 2) -> str:
-    if x is None:
-        return "—"
-    return f"{100 * x:.{digits}f}%" if x == 0 or abs(x) >= 1e-4 else f"{100 * x:.1e}%"
+def fmt_pct(x: float | None) -> str:
+    """A share (of tokens, of a spread) in per cent: the one unit every page shows a frequency in."""
+    return "—" if x is None or x != x else significant(100 * x) + "%"
+
+
+def fmt_count(x: int | None) -> str:
+    return "—" if x is None else f"{int(x):,}"
+
+
+def fmt_text(x: Any) -> str:
+    return "—" if x is None else html.escape(str(x))
+
+
+# how a column's values look (store_schema.Display.format) -> its formatter
+FORMATS = {"num": fmt_num, "weight": fmt_weight, "delta": fmt_delta, "pct": fmt_pct, "count": fmt_count,
+           "text": fmt_text}
 
 
 def weight_class(x: float | None) -> str:
@@ -146,7 +190,7 @@ def token_spans(tokens: Sequence[str], acts: Sequence[float], scale: float, peak
         if len(tok) > 2 and tok[0] in "[<" and tok[-1] in "]>":
             classes += " special"
         if act == 0:
-            style, value = "", "0.000"
+            style, value = "", ZERO
         else:
             shade = min(max(int(act * per_cent + 0.5), 0), 100)
             style, value = f' style="--a:{shade}%"', fmt_num(act)
@@ -205,7 +249,7 @@ def context_rows(contexts: Sequence[Mapping[str, Any]], scale: float, by_bin: bo
     for c in contexts:
         if by_bin:
             key, value = "bin", c["bin"]
-            first = f'{fmt_num(c["bin_low"], 2)}–{fmt_num(c["bin_high"], 2)}' if value != previous_bin else ""
+            first = f'{fmt_num(c["bin_low"])}–{fmt_num(c["bin_high"])}' if value != previous_bin else ""
             previous_bin = value
         else:
             key, value = "rank", c["rank"]
@@ -213,107 +257,7 @@ def context_rows(contexts: Sequence[Mapping[str, Any]], scale: float, by_bin: bo
         heldout = '<sup title="held-out text">h</sup>' if c["split"] == "heldout" else ""
         spans = token_spans(c["tokens"], c["acts"], scale, c["position"] - c["window_start"], window_response(c))
         out.append(f'<tr data-{key}="{value}"><td class="num muted">{first}</td>'
-                   f'<td class="num"><b>{fmt_num(c["activation"], 2)}</b></td><td class="ctx">{spans}</td>'
+                   f'<td class="num"><b>{fmt_num(c["activation"])}</b></td><td class="ctx">{spans}</td>'
                    f'<td class="num muted"><a href="{text_href}{c["text_id"]}">#{c["text_id"]}</a>{heldout}</td>'
-                   f'<td class="num">{fmt_num(c["reward"], 2)}</td><td class="num">{fmt_num(c["score"], 2)}</td></tr>\n')
+                   f'<td class="num">{fmt_num(c["reward"])}</td><td class="num">{fmt_num(c["score"])}</td></tr>\n')
     return Markup("".join(out))
-
-
-def _weight_bar(weight: float | None, scale: float) -> str:
-    if not weight or not scale:
-        return ""
-    return f'<i class="{weight_class(weight)}" style="width:{50 * abs(weight) / scale:.1f}%"></i>'
-
-
-def _token_activation(f: Mapping[str, Any]) -> str:
-    if f.get("token_activation") is None:
-        return ""
-    return (f' <span class="muted small" title="its mean activation on the searched token">'
-            f'on it {fmt_num(f["token_activation"], 2)}</span>')
-
-
-def _measured_cell(f: Mapping[str, Any]) -> str:
-    if not f["measured_n"]:
-        return '<td class="num muted" title="not measured: not among the layer\'s top candidates">—</td>'
-    delta = f["measured_delta"]
-    return (f'<td class="num measured {zeroing_class(delta)}" title="zeroed alone on {f["measured_n"]} reward reads; '
-            f'95% CI">{fmt_weight(delta)} <span class="ci">[{fmt_num(f["measured_delta_low"])}, '
-            f'{fmt_num(f["measured_delta_high"])}]</span></td>')
-
-
-def feature_rows(rows: Sequence[Mapping[str, Any]], first_rank: int, href: str, query: str, max_abs_weight: float,
-                 label_names: Mapping[str, str], pair_column: bool = False, token: str | None = None) -> Markup:
-    """The feature table's rows (layer page): rank, feature id linking to `href` + id + `query`;
-    what predicts the score: weight with a bar scaled to the layer's largest |weight|, std.
-    weight, SE, correlation; what the model uses: effect per unit, attribution, measured Δ with
-    its CI; then frequency, max activation, top token and label. 50 rows of 12 cells cost Jinja
-    ~3.9 ms a page; these strings, at 14 cells, ~1.4 ms (measured on a busy 2-core machine).
-    `pair_column`: after max activation, the max cosine in the paired dictionary (sae.widths).
-    `token`: a token search's rows, headed by their group where it starts (fires on the token, or
-    only shares a context with it)."""
-    out = []
-    link, query = html.escape(href), html.escape(query)
-    token_group = None
-    for rank, f in enumerate(rows, first_rank):
-        if token is not None and f.get("on_token") != token_group:
-            token_group = f.get("on_token")
-            words = (f"fire on <code class=\"token\">{html.escape(token)}</code> (by their mean activation on it)"
-                     if token_group else f"only share a top context with <code class=\"token\">{html.escape(token)}</code>")
-            out.append(f'<tr class="group-head" data-group="{"on-token" if token_group else "in-contexts"}">'
-                       f'<td colspan="{16 if pair_column else 15}">{words}</td></tr>\n')
-        fid, weight, group = f["feature"], f["weight"], f["weight_group_size"] or 1
-        group_mark = (f' <span class="group-mark" title="fitted as one with {group - 1} near-duplicate feature'
-                      f'{"s" if group > 2 else ""}: they share this weight">×{group}</span>' if group > 1 else "")
-        top = (f'<code class="token">{_escaped(display_token(f["top_token"]))}</code>' if f["top_token"] is not None
-               else '<span class="muted">never fires</span>')
-        label = ""
-        if f.get("label"):
-            note = f' title="{html.escape(f["label_note"])}"' if f.get("label_note") else ""
-            label = (f'<span class="badge label-{html.escape(f["label"])}"{note}>'
-                     f'{html.escape(label_names.get(f["label"], f["label"]))}</span>')
-            made_on = f.get("label_made_on_current_sae", True)
-            if made_on is not True:  # kept and shown, marked for review
-                why = ("whose SAE for this layer differed" if made_on is False
-                       else "and nothing tells whether this layer's SAE has changed since")
-                label += (f' <span class="badge label-stale" title="made on run version {f.get("label_run_version")}, '
-                          f'{why}: review it">review</span>')
-        out.append(
-            f'<tr data-feature="{fid}">'
-            f'<td class="tick"><input type="checkbox" name="features" value="{fid}" form="ablate-form" '
-            f'aria-label="select feature {fid}"></td>'
-            f'<td class="num muted">{rank}</td>'
-            f'<td class="num fid"><a href="{link}{fid}{query}"><b>{fid}</b></a>{group_mark}{sign_mark(f)}</td>'
-            f'<td class="num weight {weight_class(weight)}"><span class="wbar" aria-hidden="true">'
-            f'{_weight_bar(weight, max_abs_weight)}</span>{fmt_weight(weight)}</td>'
-            f'<td class="num {weight_class(f["std_weight"])}">{fmt_weight(f["std_weight"])}</td>'
-            f'<td class="num muted">{fmt_num(f["weight_se"])}</td>'
-            f'<td class="num">{fmt_num(f["reward_correlation"], 2)}</td>'
-            f'<td class="num {weight_class(f["reward_effect"])}">{fmt_weight(f["reward_effect"])}</td>'
-            f'<td class="num {weight_class(f["attribution"])}">{fmt_weight(f["attribution"])}</td>'
-            f'{_measured_cell(f)}'
-            f'<td class="num">{fmt_pct(f["frequency"])}</td>'
-            f'<td class="num">{fmt_num(f["max_activation"])}</td>'
-            + (f'<td class="num pair-cosine" title="its nearest feature in the paired dictionary: '
-               f'{f.get("pair_feature")}">{fmt_num(f.get("pair_max_cosine"), 2)}</td>' if pair_column else '')
-            + f'<td>{top}{_token_activation(f)}</td><td class="label-cell">{label}</td>'
-            f'{_explanation_cell(f.get("explanation"))}</tr>\n')
-    return Markup("".join(out))
-
-
-EXPLANATION_SHOWN = 60  # characters of an explanation in a table cell; the whole text is its title
-
-
-def _explanation_cell(e: Mapping[str, Any] | None) -> str:
-    """The feature's current explanation (backend/core/explanations.py), escaped, marked offline where
-    the offline explainer wrote it, with its reward-related classification."""
-    if not e:
-        return '<td class="explanation muted">—</td>'
-    text = e["text"]
-    short = text if len(text) <= EXPLANATION_SHOWN else text[:EXPLANATION_SHOWN - 1] + "…"
-    badge = ' <span class="badge offline" title="written offline from top tokens and n-grams">offline</span>' \
-        if e["explainer"] == "offline" else ""
-    related = (f' <span class="badge related-{html.escape(e["reward_related"])}" title="reward-related? '
-               f'{html.escape(e.get("reason") or "")}">{html.escape(e["reward_related"])}</span>'
-               if e.get("reward_related") else "")
-    return f'<td class="explanation" title="{html.escape(text)}">{html.escape(short)}{badge}{related}</td>'
-

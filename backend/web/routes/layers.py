@@ -11,7 +11,7 @@ import numpy as np
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 
-from backend.web import charts
+from backend.web import charts, feature_table
 
 from backend.core import explanations, labels, store
 from backend.core.rankings import (DIRECTION_WORDS, RANKINGS, SUMMARY_N, VERDICT_WORDS, barely_reaches, directions_of,
@@ -20,30 +20,13 @@ from backend.web.routes.common import (SettingsDep, TableView, TableViewQ, defau
                                    ranking_summary, run_summary, store_path)
 from backend.web.routes.edge import ERROR_RESPONSES, MAX_ID, LayerId, StrictJSONRoute
 from backend.core.settings import Settings
-from backend.core.store_schema import FEATURES, sorts
 
 router = APIRouter(route_class=StrictJSONRoute, responses=ERROR_RESPONSES)
 
-# The sorts offered as tabs, and what each means to a reader: the order, and in brackets what
-# kind of number it is (a prediction of the score, the model's own gradient, or an ablation).
-SORT_LABELS = {
-    "attribution": "attribution (gradient)",
-    "-measured_delta": "measured Δ (ablation)",
-    "reward_effect": "effect per unit (gradient)",
-    "weight": "weight (predicts)",
-    "-weight": "most negative weight (predicts)",
-    "abs_weight": "|weight| (predicts)",
-    "abs_std_weight": "|std. weight| (predicts)",
-    "correlation": "reward correlation (predicts)",
-    "frequency": "most frequent",
-    "max_activation": "strongest activation",
-}
-assert set(SORT_LABELS) <= set(store.SORTS), set(SORT_LABELS) - set(store.SORTS)
-assert {r.sort for r in RANKINGS.values()} <= set(SORT_LABELS)  # every ranking has its tab
-RANKING_NAMES = {key: SORT_LABELS[r.sort] for key, r in RANKINGS.items()}  # "attribution (gradient)"
-REASON_SORT = "reason_score"  # a tab only where the run has ReasonScores (workers/analyses/reason_score.py)
-MARGIN_SORT = "margin_attribution"  # a tab only where the run is on preference pairs (workers/analyses/preference.py)
-COLUMN_NAMES = {sort.key: sort.label for sort in sorts(FEATURES)}
+# A ranking's name, as its tab says it: "attribution (gradient)" (the tabs come from the store's spec)
+assert {r.sort for r in RANKINGS.values()} <= set(feature_table.TAB_LABELS)  # every ranking has its tab
+RANKING_NAMES = {key: feature_table.TAB_LABELS[r.sort] for key, r in RANKINGS.items()}
+COLUMN_NAMES = feature_table.SORT_NAMES  # sort key -> what it sorts by, in words
 CURVE_POINT = ("n", "mean_delta", "ci_low", "ci_high", "abs_mean_delta", "control_mean_delta", "control_low",
                "control_high", "control_draw_means", "difference", "difference_low", "difference_high", "p_value",
                "measure", "effect", "control_effect", "control_effects", "excess", "rank_p_value", "effect_p_value",
@@ -88,6 +71,8 @@ def layer_data(settings: Settings, run_id: str, layer: int, view: TableView) -> 
         listed = store.view_order(path, layer, sort, where)  # cached: the page's own order
         n_on = int(np.isin(listed, list(firing)).sum()) if firing else 0
         token_search = {"token": view.token.strip(), "n_on_token": n_on, "n_in_contexts": int(len(listed)) - n_on}
+    filled = store.filled_columns(path, layer)
+    columns = feature_table.shown_columns(filled, sort)
     n_pages = max(1, -(-result.total // size))
     if view.page > n_pages:
         raise store.NotFound(f"page {view.page} not found: this view of layer {layer} has {n_pages} page(s)")
@@ -101,6 +86,9 @@ def layer_data(settings: Settings, run_id: str, layer: int, view: TableView) -> 
         "n_pages": n_pages,
         "total": result.total,
         "max_abs_weight": store.max_abs_weight(path, layer),
+        # the table's drawn columns and sort tabs, from the store's spec: what the page shows
+        "columns": feature_table.header(columns, info),
+        "tabs": [{"sort": key, "label": label} for key, label in feature_table.tabs(filled).items()],
         "features": result.rows,
         "token_search": token_search,
     }
@@ -181,7 +169,9 @@ def causal_summary(info: dict[str, Any], faithfulness: dict[str, Any]) -> dict[s
 @router.get("/api/runs/{run_id}/layers/{layer}", tags=["features"])
 def api_layer(run_id: str, layer: LayerId, settings: SettingsDep, view: TableViewQ) -> dict[str, Any]:
     """A layer's metrics, its default ranking, and one page of its feature table (in that
-    ranking's order unless `sort` says otherwise)."""
+    ranking's order unless `sort` says otherwise), with the columns the page draws (`columns`:
+    heading, group, format -- `pct` is a share, shown in per cent --, cell kind and sort keys) and
+    its sort tabs (`tabs`), both from the store's spec."""
     return layer_data(settings, run_id, layer, view)
 
 
@@ -207,10 +197,8 @@ def layer_page(request: Request, run_id: str, layer: LayerId, settings: Settings
     info = data["layer"]
     return render(request, "layer.html", {
         **data, "view_obj": view, "ranking_names": RANKING_NAMES,
-        # the ReasonScore tab where the run scored its vocabulary (reason_score in its config)
-        "sort_labels": {**SORT_LABELS, **({REASON_SORT: "ReasonScore (vocabulary)"} if store.reason_scored(
-            store_path(settings, get_run(settings, run_id)), layer) else {}),
-            **({MARGIN_SORT: "margin attribution (gradient)"} if info["spliced_accuracy"] is not None else {})},
+        "sort_labels": {tab["sort"]: tab["label"] for tab in data["tabs"]},
+        "column_groups": feature_table.group_spans([feature_table.BY_NAME[c["name"]] for c in data["columns"]]),
         "label_names": labels.LABEL_NAMES,
         "default_sort": default_ranking(info).sort, "summary": causal_summary(info, faithfulness),
         "faithfulness": faithfulness,

@@ -15,7 +15,8 @@ from backend.core.job_kinds import Target
 from backend.core.job_kinds.inference import InferenceRequest
 from backend.core import jobs, store
 from backend.web.access import current_author
-from backend.web.routes.common import SettingsDep, get_run, json_response, render, run_summary, store_path
+from backend.web.routes.common import (SettingsDep, attribution_names, get_run, json_response, render, run_summary,
+                                       store_path)
 from backend.web.routes.edge import ERROR_RESPONSES, StrictJSONRoute, TextId, invalid
 from backend.web.routes.submitting import parse, read_form, submit
 from backend.core.settings import Settings
@@ -90,7 +91,8 @@ async def api_text_page(run_id: str, text_id: TextId, settings: SettingsDep) -> 
 
 @router.get("/runs/{run_id}/texts/{text_id}", response_class=HTMLResponse, include_in_schema=False)
 async def text_page(request: Request, run_id: str, text_id: TextId, settings: SettingsDep):
-    return render(request, "text.html", text_data(settings, run_id, text_id))
+    data = text_data(settings, run_id, text_id)
+    return render(request, "text.html", {**data, "feature_names": attribution_names(settings, run_id, data["attribution"])})
 
 
 @router.post("/runs/{run_id}/texts/{text_id}/attribute", include_in_schema=False)
