@@ -16,6 +16,19 @@ import numpy as np
 import torch
 import yaml
 
+from backend.core.chat_roles import markers_info
+from backend.core.db import register_run, upgrade
+from backend.core.run_config import (
+    DEMO_LLAMA_MODEL,
+    DEMO_MODEL,
+    DEMO_MODEL_DIRNAME,
+    ConfigError,
+    ModelFacts,
+    RunConfig,
+    check_against_world,
+    check_model_facts,
+    preflight,
+)
 from backend.core.settings import Settings
 from backend.core.store_schema import STORE_FILENAME
 from workers import distributed
@@ -23,16 +36,16 @@ from workers.adapters import adapter_from_config
 from workers.analyses import check_analyses, run_analyses
 from workers.analyses.transfer import prepare_transfer
 from workers.analyze import collect_corpus_activations
-from backend.core.chat_roles import markers_info
 from workers.chat import prepare_chat_texts
-from backend.core.run_config import (DEMO_LLAMA_MODEL, DEMO_MODEL, DEMO_MODEL_DIRNAME, ConfigError,
-                            ModelFacts, RunConfig, check_against_world, check_model_facts, preflight)
 from workers.datasets import read_texts, select_corpus
-from workers.preference_data import PreferencePairs
+from workers.demo_llama import ensure_demo_llama_rm
+from workers.demo_model import build_demo_reward_model
 from workers.device import pick_device
-from workers.distributed_measure import finish as finish_measurements, serve as serve_measurements
+from workers.distributed_measure import finish as finish_measurements
+from workers.distributed_measure import serve as serve_measurements
 from workers.evaluate import evaluate_saes
 from workers.layer_stages import LAYER_STAGES
+from workers.preference_data import PreferencePairs
 from workers.publish import registry_rows, with_best_layer, write_store
 from workers.stages import RunContext, frame, part, run_layer_stages
 from workers.staging import Toucher, clean_stale, previous_dir, staging_dir
@@ -41,14 +54,12 @@ from workers.train import load_saes, train_saes
 
 def resolve_model_path(config: RunConfig, settings: Settings) -> str:
     if config.model.path == DEMO_LLAMA_MODEL:
-        from workers.demo_llama import ensure_demo_llama_rm
 
         return str(ensure_demo_llama_rm(settings.models_dir, _stage))
     if config.model.path != DEMO_MODEL:
         return config.model.path
     path = settings.models_dir / DEMO_MODEL_DIRNAME
     if not path.is_dir():
-        from workers.demo_model import build_demo_reward_model
 
         print(f"building the demo reward model in {path} (once)")
         report = build_demo_reward_model(path)
@@ -149,8 +160,6 @@ def build_tables(ctx: RunContext) -> None:
 
 
 def _register(settings: Settings, config: RunConfig, tables: dict, info: dict, replace: bool) -> None:
-    from backend.core.db import register_run
-
     # called once the run directory is in place: each SAE's fingerprint hashes the published file
     run_row, sae_rows = registry_rows(info, tables["layers"], Path("runs") / config.run_id, data_dir=settings.data_dir)
     register_run(settings, run_row, sae_rows, replace=replace)
@@ -191,8 +200,6 @@ def explained_output_info(adapter) -> dict:
 
 
 def _run_pipeline(config: RunConfig, settings: Settings, replace: bool) -> Path:
-    from backend.core.db import upgrade
-
     ranks = distributed.current()  # several processes: README, "Several processes"
     if ranks.leader:  # the SQL database and the runs directory are rank 0's
         upgrade(settings)

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from backend.core import explanations, labels, store
+from backend.core.exports.source import run_and_store
+from backend.core.settings import Settings
+
 CLASSES = ("yes", "no", "unsure")
 HUMAN_TO_CLASS = {"reward": "yes", "not_reward": "no", "unsure": "unsure"}
 VERDICTS = ("moves", "does not move")
@@ -62,3 +66,17 @@ def agreement(explained: dict[int, dict[str, Any]], labelled: dict[int, dict[str
         "human_vs_effect": against_effect(human),
         "n_classified": len(classified), "n_labelled": len(human), "n_measured": len(verdict),
     }
+
+
+def layer_agreement(settings: Settings, run_id: str, layer: int) -> dict[str, Any]:
+    """The layer's agreement tables, from its explanations, labels and features' measured effects."""
+    path = run_and_store(settings, run_id)[1]
+    info = store.layer_info(path, layer)
+    explained = explanations.for_layer(settings, run_id, layer)
+    labelled = labels.labels_for_layer(settings, run_id, layer)
+    ids = sorted((explained.keys() | labelled.keys()) & set(range(info["d_sae"])))
+    rows = {}
+    if ids:
+        where = store.FeatureFilter(features=tuple(ids))
+        rows = {r["feature"]: r for r in store.features(path, layer, sort="frequency", where=where, limit=len(ids)).rows}
+    return agreement(explained, labelled, rows)

@@ -24,22 +24,26 @@ token is padding; the forward captures every layer and the score at once.
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+import torch
+from scipy.stats import kendalltau, rankdata
 
-from workers.stages import RunContext, Stage, StageOutput
 from backend.core.reference_words import BAD_ROWS_SHOWN, SLOT, read_lexicon
+from backend.core.run_config import ConfigError
+from workers.probes import slot_positions as positions
+from workers.sae_ops import pool_reads
+from workers.stages import RunContext, Stage, StageOutput
 
 PAPER_BASELINE_TAU, PAPER_BASELINE_P = -0.037, 0.55
 
 
 def check(config, tokenizer) -> None:
     """The neutral word must be one token in every carrier (before any compute)."""
-    from backend.core.run_config import ConfigError
-
     lex = config.lexicon
     if lex is None or not lex.enabled:
         return
@@ -51,8 +55,6 @@ def check(config, tokenizer) -> None:
 
 
 def slot_positions(tokenizer, carriers: list[str]) -> list[int]:
-    from workers.probes import slot_positions as positions
-
     return positions(tokenizer, carriers)
 
 
@@ -85,8 +87,6 @@ class LexiconMeasurement:
 
 def _last_reads(batch) -> "torch.Tensor":  # noqa: F821
     """Each sequence's last reward read."""
-    import torch
-
     seq = batch.reward_index[:, 0]
     last = torch.full((len(batch.texts),), -1, dtype=torch.long, device=seq.device)
     last[seq] = torch.arange(len(seq), device=seq.device)  # later reads overwrite earlier ones
@@ -96,10 +96,6 @@ def _last_reads(batch) -> "torch.Tensor":  # noqa: F821
 def score_and_predict(adapter, saes: dict, weights: dict, pooling: str, texts: list[str]):
     """(scores [B], {layer: weights · pooled features [B]}) of `texts`, one forward; each text's
     last reward read, its features pooled as the regression pooled them."""
-    import torch
-
-    from workers.sae_ops import pool_reads
-
     layers = sorted(saes)
     batch = adapter.tokenize(texts)
     scores, captured = adapter.run(batch, capture=layers)
@@ -123,8 +119,6 @@ def measure_lexicon(adapter, saes: dict, weights: dict[int, np.ndarray], pooling
                     progress: Callable[[float], None] | None = None) -> LexiconMeasurement:
     """Every word (each one token at every carrier's slot) in place of `neutral` in every carrier:
     the score's change and each layer's regression prediction of it, averaged over the carriers."""
-    import torch
-
     w = {layer: torch.as_tensor(np.nan_to_num(np.asarray(weights[layer], dtype=np.float64)), dtype=torch.float32,
                                 device=adapter.device) for layer in saes}
     n, c = len(words), len(carriers)
@@ -147,8 +141,6 @@ def measure_lexicon(adapter, saes: dict, weights: dict[int, np.ndarray], pooling
 
 
 def kendall(reference: np.ndarray, values: np.ndarray) -> tuple[float | None, float | None]:
-    from scipy.stats import kendalltau
-
     if len(values) < 2:
         return None, None
     result = kendalltau(reference, values)
@@ -157,8 +149,6 @@ def kendall(reference: np.ndarray, values: np.ndarray) -> tuple[float | None, fl
 
 
 def percentile_ranks(values: np.ndarray) -> np.ndarray:
-    from scipy.stats import rankdata
-
     return (rankdata(values) - 1) / max(len(values) - 1, 1)
 
 
@@ -199,8 +189,6 @@ def layer_weights(features: dict[str, list], layer: int) -> np.ndarray:
 
 
 def run(ctx: RunContext) -> StageOutput:
-    import json
-
     cfg = ctx.config.lexicon
     if cfg is None or not cfg.enabled:
         return StageOutput()

@@ -15,7 +15,9 @@ import time
 
 import torch
 
+from workers.sae_ops import decoder_directions
 from workers.stages import RunContext, Stage, StageOutput
+from workers.train import load_saes, pair_dir
 
 LAYER_COLUMNS = ("pair_width", "pair_sae_path", "mmcs_to_pair", "mmcs_from_pair")
 FEATURE_COLUMNS = ("pair_max_cosine", "pair_feature")
@@ -60,9 +62,6 @@ def mmcs(a: torch.Tensor, b: torch.Tensor, chunk: int | None = None) -> tuple[fl
 
 
 def run(ctx: RunContext) -> StageOutput:
-    from workers.sae_ops import decoder_directions
-    from workers.train import load_saes, pair_dir
-
     layers = list(ctx.config.layers)
     width = ctx.config.sae.pair_width
     if width is None:

@@ -25,6 +25,13 @@ import time
 import numpy as np
 import torch
 
+from workers.ablation import prepare_eval_set, run_ablation
+from workers.analyze import adapter_has_gradient, forward_with_gradients
+from workers.attribution import text_contributions
+from workers.bradley_terry import fit_bradley_terry
+from workers.controls import mean_with_ci
+from workers.evaluate import sae_reconstruction
+from workers.sae_ops import FeatureEdit, decoder_directions
 from workers.stages import RunContext, Stage, StageOutput
 
 LAYER_COLUMNS = ("spliced_accuracy", "surrogate_accuracy", "surrogate_train_accuracy")
@@ -75,8 +82,6 @@ def _read_texts(item) -> np.ndarray:
 def spliced_scores(adapter, sae, layer: int, evalset) -> np.ndarray:
     """Each evaluated text's final score with the layer's output replaced by the SAE's
     reconstruction at its real tokens (padding keeps its states)."""
-    from workers.evaluate import sae_reconstruction
-
     reconstruct = sae_reconstruction(sae)
     values, texts = [], []
     for item in evalset.batches:
@@ -97,10 +102,6 @@ def spliced_scores(adapter, sae, layer: int, evalset) -> np.ndarray:
 def text_attributions(adapter, sae, layer: int, evalset) -> np.ndarray:
     """[n_texts, d_sae]: each feature's contribution to each evaluated text's score, over the
     text's own tokens (special tokens left out, as the analysis pass does)."""
-    from workers.analyze import forward_with_gradients
-    from workers.attribution import text_contributions
-    from workers.sae_ops import decoder_directions
-
     directions = decoder_directions(sae)
     special_ids = torch.tensor(sorted(adapter.tokenizer.all_special_ids), device=adapter.device)
     out = np.zeros((evalset.n_texts, sae.cfg.d_sae), dtype=np.float32)
@@ -123,10 +124,6 @@ def measured_margin_deltas(adapter, sae, layer: int, evalset, features: np.ndarr
     """Per feature: the mean change of the margin with it zeroed on both sides of each pair
     (text's own tokens, reconstruction error kept), over pairs where it fires on either side,
     with a 95% CI and n. Evaluated texts come as pairs: 2j chosen, 2j + 1 rejected."""
-    from workers.ablation import run_ablation
-    from workers.controls import mean_with_ci
-    from workers.sae_ops import FeatureEdit
-
     names = ("margin_delta", "margin_delta_low", "margin_delta_high")
     out = {name: np.full(len(features), np.nan) for name in names}
     out["margin_delta_n"] = np.zeros(len(features), dtype=np.int64)
@@ -168,8 +165,6 @@ def wrong_pair_rows(layer: int, pair_ids: np.ndarray, chosen: np.ndarray, reject
 
 def surrogate(layer_acts, acts, corpus, seed: int) -> dict[str, float | None]:
     """The BT fit on the layer's pooled SAE features (each text's last read), training pairs only."""
-    from workers.bradley_terry import fit_bradley_terry
-
     features = layer_acts.pooled_matrix(acts.n_reads)[acts.last_read_per_text()]
     chosen, rejected = corpus.pairs[:, 0], corpus.pairs[:, 1]
     held = corpus.heldout[chosen]
@@ -204,9 +199,6 @@ def margin_columns(ctx: RunContext, sae, layer: int, evalset) -> tuple[dict[str,
 
 
 def run(ctx: RunContext) -> StageOutput:
-    from workers.ablation import prepare_eval_set
-    from workers.analyze import adapter_has_gradient
-
     layers = list(ctx.config.layers)
     corpus = ctx.corpus
     if getattr(corpus, "pairs", None) is None:

@@ -37,10 +37,15 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
+import torch
 
-from workers.stages import RunContext, Stage, StageOutput
+from backend.core import store
 from backend.core.reference_words import read_vocabulary
+from backend.core.run_config import ConfigError
+from workers.batching import length_bucketed_batches, token_lengths
 from workers.job_errors import JobFailed
+from workers.sae_ops import decoder_directions
+from workers.stages import RunContext, Stage, StageOutput
 
 EPSILON = 1e-12
 TOP_LISTED = 50  # features a typed vocabulary's job lists
@@ -83,8 +88,6 @@ def vocabulary_tokens(tokenizer, words: list[str]) -> Vocabulary:
 def word_masks(input_ids, valid, vocab: Vocabulary, window: tuple[int, int], own: list | None = None):
     """[G, B, T] bool: each word's positions (its matches widened by window), valid tokens only.
     `own`, when given, receives each word's count of matched tokens before widening."""
-    import torch
-
     before, after = window
     B, T = input_ids.shape
     masks = torch.zeros((len(vocab.words), B, T), dtype=torch.bool, device=input_ids.device)
@@ -114,8 +117,6 @@ class ReasonScoreAccumulator:
     rest; scores() applies the formula."""
 
     def __init__(self, d_sae: int, n_words: int, device):
-        import torch
-
         self.word_sum = torch.zeros((n_words, d_sae), dtype=torch.float64, device=device)
         self.word_count = torch.zeros(n_words, dtype=torch.float64, device=device)
         self.pos_sum = torch.zeros(d_sae, dtype=torch.float64, device=device)
@@ -174,11 +175,6 @@ def compute_reason_scores(adapter, saes: dict, texts: list[str], vocab: Vocabula
                           window: tuple[int, int] = (1, 2), batch_size: int = 64,
                           progress: Callable[[float], None] | None = None) -> dict[int, ReasonScoreResult]:
     """One pass over `texts` up to the deepest layer of `saes`, every layer's SAE encoded."""
-    import torch
-
-    from workers.batching import length_bucketed_batches, token_lengths
-    from workers.sae_ops import decoder_directions
-
     layers = sorted(saes)
     device = adapter.device
     special = torch.tensor(sorted(adapter.tokenizer.all_special_ids), device=device)
@@ -214,8 +210,6 @@ def compute_reason_scores(adapter, saes: dict, texts: list[str], vocab: Vocabula
 
 def check(config, tokenizer) -> None:
     """A vocabulary none of whose words the tokenizer knows is refused before any compute."""
-    from backend.core.run_config import ConfigError
-
     rs = config.reason_score
     if rs is None or not rs.enabled:
         return
@@ -261,7 +255,6 @@ def top_features(result: ReasonScoreResult, n: int = TOP_LISTED) -> list[dict]:
 def reason_score_task(params: dict, ctx) -> dict:
     """A typed vocabulary's ReasonScores at one layer, over the first n corpus texts: the top
     features, and which words were found."""
-    from backend.core import store
     run = ctx.cache.get(params["run_id"])
     layer = int(params["layer"])
     try:

@@ -23,13 +23,18 @@ from typing import Callable
 import numpy as np
 import scipy.sparse as sp
 import torch
+from transformers import AutoConfig, AutoModel, AutoTokenizer
+from transformers.utils import logging
 
-from workers.adapters.base import Batch, RewardModelAdapter
-from workers.stages import RunContext, Stage, StageOutput
-from workers.batching import length_bucketed_batches, token_lengths
 from backend.core.run_config import ConfigError, RunConfig, base_model_path, check_base_facts, model_facts
+from workers.adapters.base import Batch, RewardModelAdapter
+from workers.batching import length_bucketed_batches, token_lengths
 from workers.device import autocast
+from workers.divergence import parameter_divergence
+from workers.regress import fit_probe, fit_reward_regression
 from workers.sae_ops import pool_reads
+from workers.stages import RunContext, Stage, StageOutput
+from workers.train import load_saes, train_saes
 
 FEATURE_COLUMNS = ("base_feature", "base_correlation", "base_decoder_cosine")
 MATCH_CHUNK = 1024  # RM features per block of the correlation matrix
@@ -55,9 +60,7 @@ def prepare_transfer(config: RunConfig, model_path: str, report: Callable[[str],
     layers as a list, the divergence table's columns or None without a base model)."""
     if config.transfer is None:
         return config, None
-    from transformers import AutoConfig, AutoTokenizer
 
-    from workers.divergence import parameter_divergence
 
     base_path = base_model_path(config)
     try:
@@ -115,9 +118,6 @@ class BaseModelAdapter(RewardModelAdapter):
 
 
 def load_base_adapter(path: str, rm: RewardModelAdapter) -> BaseModelAdapter:
-    from transformers import AutoModel
-    from transformers.utils import logging
-
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()  # a head checkpoint's head weights are "unused": expected here
     try:
@@ -298,8 +298,6 @@ def aligned_reads(base_read_texts: np.ndarray, rm_read_texts: np.ndarray, subset
 def fit_with_probe(config: RunConfig, features, raw, sae, scores: np.ndarray, read_heldout: np.ndarray):
     """The score regressed on an SAE's pooled features and, beside it, the raw-stream probe, as
     the pipeline fits a layer (workers/regress.py): (fit, probe)."""
-    from workers.regress import fit_probe, fit_reward_regression
-
     fit = fit_reward_regression(features, scores, read_heldout, config.regression, config.seed,
                                 sae.W_dec.detach().float().cpu().numpy())
     return fit, fit_probe(raw, scores, read_heldout, config.regression.cv_folds, config.seed)
@@ -332,8 +330,6 @@ def run(ctx: RunContext) -> StageOutput:
 
 def transfer(ctx: RunContext) -> StageOutput:
     """The base model's SAEs trained, regressed on and matched to the reward model's features."""
-    from workers.train import load_saes, train_saes
-
     config = ctx.config
     layers = config.transfer_layers
     tokens = config.transfer.training_tokens or config.sae.training_tokens

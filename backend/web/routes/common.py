@@ -169,12 +169,9 @@ def json_response(data: dict[str, Any]) -> Response:
 
 def render(request: Request, name: str, context: dict[str, Any], status_code: int = 200):
     """The page `name` with `context`, and what every page's frame shows, read here, not by the
-    template: the head output the run explains (base.html). A job's page also gets the top tokens
-    of the features its result lists (feature_names, per layer) unless its route gave them."""
+    template: the head output the run explains (base.html)."""
     settings = request.app.state.settings
     context = {"explained_head_output": explained_output(settings, _page_run_id(context)), **context}
-    if isinstance(context.get("job"), dict) and "feature_names" not in context:
-        context["feature_names"] = job_feature_names(settings, context["job"])
     return templates.TemplateResponse(request, name, context, status_code=status_code)
 
 

@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field
 from backend.core import embedding, explanations, jobs, labels, store
 from backend.core.job_kinds.explanations import resumed
 from backend.web.access import current_author
-from backend.web.explanation_agreement import agreement
+from backend.web.explanation_agreement import layer_agreement
 from backend.web.routes.common import SettingsDep, get_run, render, store_path
 from backend.web.routes.edge import ERROR_RESPONSES, MAX_ID, FeatureId, JobId, LayerId, StrictJSONRoute, invalid
 from backend.web.routes.submitting import read_form, submit_params
@@ -111,24 +111,11 @@ def api_edit_explanation(request: Request, run_id: str, layer: LayerId, feature:
 
 # --- the layer's agreement tables, and the export ---------------------------------------------
 
-def agreement_data(settings: Settings, run_id: str, layer: int) -> dict[str, Any]:
-    path = store_path(settings, get_run(settings, run_id))
-    info = store.layer_info(path, layer)
-    explained = explanations.for_layer(settings, run_id, layer)
-    labelled = labels.labels_for_layer(settings, run_id, layer)
-    ids = sorted((explained.keys() | labelled.keys()) & set(range(info["d_sae"])))
-    rows = {}
-    if ids:
-        where = store.FeatureFilter(features=tuple(ids))
-        rows = {r["feature"]: r for r in store.features(path, layer, sort="frequency", where=where, limit=len(ids)).rows}
-    return agreement(explained, labelled, rows)
-
-
 @router.get("/api/runs/{run_id}/layers/{layer}/explanation-agreement", tags=["explanations"])
 def api_agreement(run_id: str, layer: LayerId, settings: SettingsDep) -> dict[str, Any]:
     """The reward-related classifier against the human labels (Cohen's κ), and both against the measured
     effect (moves the reward: the measured Δ's 95% CI excludes 0)."""
-    return agreement_data(settings, run_id, layer)
+    return layer_agreement(settings, run_id, layer)
 
 
 @router.get("/api/runs/{run_id}/explanations.csv", tags=["explanations"], response_class=Response,

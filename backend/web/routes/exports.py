@@ -16,7 +16,7 @@ from backend.core import store
 from backend.core.exports import ExportError, labels_export, neuronpedia, tables
 from backend.core.exports.dashboards import SAEDASHBOARD_CSP, dashboard_path
 from backend.core.exports.source import open_layer, safe_name
-from backend.web.routes.common import SettingsDep, TableViewQ, templates
+from backend.web.routes.common import SettingsDep, TableViewQ
 from backend.web.routes.edge import ERROR_RESPONSES, MAX_ID, FeatureId, LayerId, StrictJSONRoute, invalid
 from backend.core.settings import Settings
 
@@ -147,5 +147,3 @@ def saedashboard_url(request: Request, run_id: str, layer: int, feature: int) ->
         return None
     return f"/runs/{quote(run_id, safe='')}/layers/{layer}/features/{feature}/saedashboard.html"
 
-
-templates.env.globals["saedashboard_url"] = saedashboard_url  # the feature page's export bar

@@ -16,6 +16,7 @@ from backend.web.routes.common import (SettingsDep, TableView, TableViewQ, defau
                                    render, run_summary, store_path)
 from backend.web.routes.edge import ERROR_RESPONSES, FeatureId, LayerId, StrictJSONRoute
 from backend.web.routes.exports import saedashboard_url
+from backend.web.routes.probes import feature_probes
 from backend.core.settings import Settings
 
 router = APIRouter(route_class=StrictJSONRoute, responses=ERROR_RESPONSES)
@@ -85,4 +86,6 @@ def render_feature_page(request: Request, settings: Settings, run_id: str, layer
         "label_names": labels.LABEL_NAMES, "label_form": label_form or {**data["label"], "error": None},
         # where its rendered SAEDashboard page is served (None: none yet), read here, not by the template
         "saedashboard_page": saedashboard_url(request, run_id, layer, feature),
+        # the reward-hacking probes' section: the latest probe jobs of this layer and feature
+        "probes": feature_probes(request, run_id, layer, feature, f.get("top_token"), data["run_version"]),
     }, status_code=status_code)

@@ -15,7 +15,7 @@ from backend.core.rankings import barely_reaches, reads_one_token
 from backend.core.settings import Settings
 from backend.web import ablation_examples, charts, job_summaries
 from backend.web.access import current_author, named_users
-from backend.web.routes.common import SettingsDep, get_run, render, store_path
+from backend.web.routes.common import SettingsDep, get_run, job_feature_names, render, store_path
 from backend.web.routes.edge import ERROR_RESPONSES, JobId, StrictJSONRoute, invalid
 from backend.web.routes.submitting import json_only, read_form
 
@@ -148,6 +148,7 @@ def job_page(request: Request, job_id: JobId, settings: SettingsDep, sort: str =
     job = _job_or_404(settings, job_id)
     kind = KINDS.get(job["kind"])
     context: dict[str, Any] = {"job": job, "kind": kind, "title": job_summaries.human_name(job["kind"]),
+                               "feature_names": job_feature_names(settings, job),  # the top tokens of its features
                                "workers": jobs.live_workers(settings) if job["status"] in ("queued", "running") else []}
     if job["kind"] in PAGE_CONTEXT:
         context.update(PAGE_CONTEXT[job["kind"]](settings, job, {"sort": sort, "page": page}))

@@ -16,6 +16,8 @@ from backend.web import charts, feature_table
 from backend.core import explanations, labels, store
 from backend.core.rankings import (DIRECTION_WORDS, RANKINGS, SUMMARY_N, VERDICT_WORDS, barely_reaches, directions_of,
                               ranking_scores, reads_one_token)
+from backend.core.llm import Endpoint
+from backend.web.explanation_agreement import layer_agreement
 from backend.web.routes.common import (SettingsDep, TableView, TableViewQ, default_ranking, get_run, render,
                                    ranking_summary, run_summary, store_path)
 from backend.web.routes.edge import ERROR_RESPONSES, MAX_ID, LayerId, StrictJSONRoute
@@ -211,7 +213,4 @@ def layer_page(request: Request, run_id: str, layer: LayerId, settings: Settings
 
 def explanation_context(settings: Settings, run_id: str, layer: int) -> dict[str, Any]:
     """The layer page's explanation form (the configured endpoint) and agreement tables."""
-    from backend.core.llm import Endpoint
-    from backend.web.routes.explanations import agreement_data
-
-    return {"llm": Endpoint.from_settings(settings), "agreement": agreement_data(settings, run_id, layer)}
+    return {"llm": Endpoint.from_settings(settings), "agreement": layer_agreement(settings, run_id, layer)}

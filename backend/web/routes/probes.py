@@ -84,7 +84,6 @@ def feature_probes(request: Request, run_id: str, layer: int, feature: int, top_
     return out
 
 
-# The probe section of the feature page and the sweep's chart on its job page (job.html includes
-# _job_sweep.html) read these; registered here, beside the routes that own them.
-templates.env.globals.update(reward_hacking_probes=feature_probes, dose_response=charts.dose_response,
+# The sweep's chart on its job page (_job_sweep.html) and the insertion form's default control word
+templates.env.globals.update(dose_response=charts.dose_response,
                              control_phrase=CONTROL_PHRASE)
