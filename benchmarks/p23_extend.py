@@ -4,10 +4,11 @@ checked to serve and run them, and the files the copy's git says changed are pri
 
     python benchmarks/p23_extend.py
 
-The job kind ("echo_words": a typed text, scored by the worker, its result shown on the job page)
-is its declaration module in backend/core/job_kinds/, its task in workers/ (the task runs the
-model, so it cannot live in the torch-free core) and its result template. The column is its spec
-in backend/core/store_schema.py. The check then, in the copy: the API route and form route exist
+The job kind ("echo_words": words the worker says back, its result shown on the job page) is its
+declaration module in backend/core/job_kinds/, its task in workers/ (a task runs the model, so it
+cannot live in the torch-free core) and its result template. The column is its spec in
+backend/core/store_schema.py (the stage that computes it declares it among its columns; the
+check reads a synthetic run, whose store fills every spec'd column). The check then, in the copy: the API route and form route exist
 and queue a job, the worker runs it, the job page shows the kind's template, the jobs list names
 it, and the layer table's header, cells, sort tabs and JSON carry the column.
 """
@@ -59,6 +60,13 @@ TEMPLATE = '''\
 {% if r %}<p id="echoed">{{ r.echoed }}</p>{% endif %}
 '''
 
+COLUMN = '''\
+        Column("novelty", "DOUBLE", "how new the feature is (an example column)", table=True, sort_key="novelty",
+               label="novelty", shown=Display("Novelty", "gradient", "weight", "signed", "how new it is",
+                                              tabs=(Tab("novelty"),))),
+'''
+COLUMN_BEFORE = '        Column("attribution", "DOUBLE",'
+
 CHECK = textwrap.dedent('''
     import sys, tempfile
     from pathlib import Path
@@ -81,7 +89,12 @@ CHECK = textwrap.dedent('''
         assert '<p id="echoed">REWARD</p>' in page and "Echoed words" in page
         listed = client.get("/jobs").text
         assert "Echoed words" in listed and "letters" in listed
-    print("the copy serves and runs the new job kind")
+        page = client.get("/runs/synthetic/layers/5?sort=novelty").text
+        api = client.get("/api/runs/synthetic/layers/5?sort=novelty").json()
+        assert ">Novelty" in page and 'data-sort="novelty"' in page, "the column's header and sort tab"
+        assert any(c.get("key") == "novelty" or c.get("name") == "novelty" for c in api["columns"]), api["columns"]
+        assert all("novelty" in row for row in api["features"]), "the column in every row of the JSON"
+    print("the copy serves and runs the new job kind, and draws, sorts and lists the new column")
 ''')
 
 
@@ -93,12 +106,16 @@ def main() -> None:
             (copy / "backend/core/job_kinds/echo_words.py").write_text(KIND_MODULE)
             (copy / "workers/echo_words.py").write_text(TASK_MODULE)
             (copy / "frontend/templates/_job_echo_words.html").write_text(TEMPLATE)
+            schema = copy / "backend/core/store_schema.py"
+            source = schema.read_text()
+            assert source.count(COLUMN_BEFORE) == 1, "the features table's attribution column moved"
+            schema.write_text(source.replace(COLUMN_BEFORE, COLUMN + COLUMN_BEFORE))
             subprocess.run([sys.executable, "-c", CHECK], cwd=copy, check=True,
                            env={**os.environ, "PYTHONPATH": str(copy)})
             status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=copy,
                                     capture_output=True, text=True, check=True).stdout.splitlines()
             changed = [line for line in status if line.strip()]
-            print(f"a new job kind: {len(changed)} files")
+            print(f"a new job kind and a new column: {len(changed)} files")
             for line in changed:
                 print("  " + line)
         finally:
