@@ -114,8 +114,6 @@ def parse_object(text: str | None, endpoint: Endpoint) -> dict[str, Any]:
     start, end = text.find("{"), text.rfind("}")
     if 0 <= start < end:
         candidates.append(text[start:end + 1])
-    # small models escape an apostrophe as in Python (\'), which JSON does not allow: read it as one
-    candidates += [c.replace("\\'", "'") for c in candidates if "\\'" in c]
     for candidate in candidates:
         try:
             value = json.loads(candidate)
