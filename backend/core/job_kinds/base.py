@@ -74,6 +74,8 @@ class JobKind:
 # --- checks several kinds share ----------------------------------------------------------------
 
 FEATURE_ID = re.compile(r"[0-9]{1,10}")  # ASCII digits only: str.isdigit() also passes "²" and "١٢"
+# SQL keeps layer, feature and job ids in INTEGER columns (4 bytes on PostgreSQL); the store's
+# card key packs layer and feature into one 64-bit key, 32 bits each
 MAX_ID = 2**31 - 1
 
 

@@ -16,11 +16,9 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, BeforeValidator
 
 from backend.web.body_parsing import BodyRefused, parse_body
+from backend.core.job_kinds.base import MAX_ID
 from backend.core.run_config import plain_message
 
-# SQL keeps layer, feature and job ids in INTEGER columns (4 bytes on PostgreSQL); the store's
-# card key packs layer and feature into one 64-bit key, 32 bits each
-MAX_ID = 2**31 - 1
 _DIGITS = re.compile(r"[0-9]{1,10}")
 
 
