@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from backend.core import db, explanations, jobs, store
-from backend.core.llm import parse_object, Endpoint, LLMError
+from backend.core.llm import Endpoint, LLMError, ReplyError, chat_json, parse_object
 from backend.core.settings import Settings
 from tests import llm_server
 from tests.helpers import make_client, wait_for
@@ -93,7 +93,8 @@ def test_an_offline_job_explains_classifies_and_scores_each_feature_then_resumes
     assert done["status"] == "done", done["error"]
     result = done["result"]
     assert result["features_done"] == 3 and result["offline"] and result["tokens_total"] == 0
-    assert result["stages"] == {s: {"done": 3, "skipped": 0, "missing": 0} for s in ("explain", "classify", "score")}
+    assert result["stages"] == {s: {"done": 3, "skipped": 0, "missing": 0, "failed": 0}
+                                for s in ("explain", "classify", "score")}
     path = settings.run_dir(RUN) / "features.duckdb"
     for f, e in explanations.for_features(settings, RUN, LAYER, features).items():
         card = store.feature(path, LAYER, f)
@@ -112,7 +113,8 @@ def test_an_offline_job_explains_classifies_and_scores_each_feature_then_resumes
     # the same job again skips every finished feature; with overwrite it writes new versions
     again = submit(settings, features)
     assert Worker(settings).run_one()
-    assert jobs.get(settings, again["id"])["result"]["stages"]["explain"] == {"done": 0, "skipped": 3, "missing": 0}
+    assert jobs.get(settings, again["id"])["result"]["stages"]["explain"] == {"done": 0, "skipped": 3, "missing": 0,
+                                                                              "failed": 0}
     assert {e["version"] for e in explanations.for_features(settings, RUN, LAYER, features).values()} == {1}
     redo = submit(settings, features[:1], stages=("explain",), overwrite=True)
     assert Worker(settings).run_one()
@@ -231,8 +233,12 @@ def test_a_reply_is_read_as_a_json_object_or_refused_naming_the_setting():
     endpoint = Endpoint("http://x/v1", "m", json_mode="none")
     assert parse_object('Sure! {"explanation": "dates"} Hope it helps.', endpoint) == {"explanation": "dates"}
     for reply in ("no json here", '["a list"]', '{"cut": "off'):
-        with pytest.raises(LLMError, match="RA_LLM_MODEL.*returned no JSON object.*RA_LLM_JSON_MODE"):
+        with pytest.raises(ReplyError, match="RA_LLM_MODEL.*returned no JSON object.*RA_LLM_JSON_MODE"):
             parse_object(reply, endpoint)
+    # Python's \' (SmolLM2 writes it even under a JSON grammar) is read as the quote it means; an
+    # escaped backslash before a quote is left as JSON reads it
+    assert parse_object('{"explanation": "the film\\\'s ending"}', endpoint) == {"explanation": "the film's ending"}
+    assert parse_object('{"a": "x\\\\", "b": "it\\\'s"}', endpoint) == {"a": "x\\", "b": "it's"}
 
 
 # --- against a real OpenAI-compatible server ------------------------------------------------
@@ -337,3 +343,76 @@ def test_killing_the_server_mid_job_fails_it_naming_the_endpoint_and_keeps_what_
             assert resumed.status_code == 303  # offline now: the same features, explained offline
     finally:
         own.stop()
+
+
+def test_an_unusable_reply_is_asked_again_then_given_up_with_the_tokens_of_every_try(tiny_run, llm):
+    endpoint = Endpoint.from_settings(llm_settings(tiny_run, llm))
+    tries = []
+
+    def refuse_twice(data):
+        tries.append(data)
+        if len(tries) < 3:
+            raise ReplyError("not this one")
+
+    once = chat_json(endpoint, "You reply with a JSON object only.", 'Reply with {"ok": true}.',
+                     {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}, "ok")
+    reply = chat_json(endpoint, "You reply with a JSON object only.", 'Reply with {"ok": true}.',
+                      {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}, "ok",
+                      check=refuse_twice)
+    assert len(tries) == 3 and reply.data["ok"] is not None and reply.tokens > 2 * once.tokens
+
+    def refuse(data):
+        raise ReplyError("never this one")
+
+    with pytest.raises(ReplyError, match=r"never this one \(3 tries\)") as given_up:
+        chat_json(endpoint, "You reply with a JSON object only.", 'Reply with {"ok": true}.',
+                  {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}, "ok", check=refuse)
+    assert given_up.value.tokens > 2 * once.tokens
+
+
+def refusing_explainer(monkeypatch, refused: set[int]):
+    """The real explainer, except that for the `refused` features every reply the real server sends
+    is refused, as a model's malformed reply is."""
+    from workers.explanations import explainers
+
+    real = explainers.chat_json
+
+    def explain_llm(endpoint, layer, feature, card, reward, moving):
+        if feature not in refused:
+            return real_explain(endpoint, layer, feature, card, reward, moving)
+
+        def refuse(data):
+            raise ReplyError(f"the model {endpoint.model!r} (RA_LLM_MODEL) returned malformed JSON: refused")
+        real(endpoint, "You reply with a JSON object only.", 'Reply with {"ok": true}.',
+             {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}, "ok", check=refuse)
+
+    real_explain = explainers.explain_llm
+    monkeypatch.setattr(explainers, "explain_llm", explain_llm)
+
+
+def test_a_feature_without_a_usable_reply_is_passed_over_and_three_in_a_row_stop_the_job(tiny_run, llm,
+                                                                                        monkeypatch):
+    settings = llm_settings(tiny_run, llm)
+    fresh = [f for f in live(settings, 64) if explanations.current(settings, RUN, LAYER, f) is None]
+    features, stopper = fresh[:3], fresh[3:7]
+    refusing_explainer(monkeypatch, {features[1], *stopper[:3]})
+    job = submit(settings, features, stages=("explain", "classify"), llm=Endpoint.from_settings(settings).describe())
+    assert Worker(settings).run_one()
+    done = jobs.get(settings, job["id"])
+    assert done["status"] == "done", done["error"]
+    result = done["result"]
+    assert result["stages"]["explain"] == {"done": 2, "skipped": 0, "missing": 0, "failed": 1}
+    assert result["stages"]["classify"]["missing"] == 1 and result["stages"]["classify"]["done"] == 2
+    assert [(f["stage"], f["feature"]) for f in result["failures"]] == [("explain", features[1])]
+    assert "(3 tries)" in result["failures"][0]["error"]
+    assert explanations.current(settings, RUN, LAYER, features[1]) is None
+    assert all(explanations.current(settings, RUN, LAYER, f) for f in (features[0], features[2]))
+    with make_client(settings) as c:
+        page = c.get(f"/jobs/{job['id']}").text
+        assert 'id="explain-failures"' in page and f"feature {features[1]}</a>" in page
+    # three in a row: the model cannot do it; the job stops naming the model setting, keeping the one before
+    job = submit(settings, stopper, stages=("explain",), llm=Endpoint.from_settings(settings).describe())
+    assert Worker(settings).run_one()
+    failed = jobs.get(settings, job["id"])
+    assert failed["status"] == "failed" and "3 features in a row got no usable reply" in failed["error"]
+    assert "RA_LLM_MODEL" in failed["error"] and "Nothing was written before it" in failed["error"]

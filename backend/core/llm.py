@@ -6,10 +6,16 @@ Every failure becomes an LLMError whose message names the setting to change: an 
 endpoint (RA_LLM_BASE_URL), a model the endpoint does not serve (RA_LLM_MODEL), a refused key
 (RA_LLM_API_KEY), a reply that is not a JSON object or lacks a field (RA_LLM_MODEL, RA_LLM_JSON_MODE),
 a reply cut off by the token limit (RA_LLM_MAX_TOKENS).
+
+A reply that arrives but cannot be used (no JSON object, a missing field, a value out of range) is a
+ReplyError: it is asked again, sampled, up to REPLY_TRIES times, because small models slip now and
+then where they do not fail always; the job then decides whether one feature's slip ends it.
 """
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,10 +26,20 @@ from backend.core.settings import Settings
 # json_object and refuses json_schema; "none" asks in the prompt only.
 JSON_MODES = ("json_object", "schema", "json_schema", "none")
 PROBE_SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+REPLY_TRIES = 3  # the first greedy, the others sampled (temperature RETRY_TEMPERATURE, seeded)
+RETRY_TEMPERATURE = 0.7
+# `\'` is not a JSON escape, but models trained on Python write it (SmolLM2 does, even under a grammar)
+_PYTHON_QUOTE = re.compile(r"(?<!\\)((?:\\\\)*)\\'")
 
 
 class LLMError(Exception):
     """A failure of the endpoint or of its reply; the message names the setting to look at."""
+
+
+class ReplyError(LLMError):
+    """The endpoint answered, but its reply cannot be used: asked again before it is given up."""
+
+    tokens = 0  # what the tries that were given up spent
 
 
 @dataclass(frozen=True)
@@ -114,6 +130,7 @@ def parse_object(text: str | None, endpoint: Endpoint) -> dict[str, Any]:
     start, end = text.find("{"), text.rfind("}")
     if 0 <= start < end:
         candidates.append(text[start:end + 1])
+    candidates += [_PYTHON_QUOTE.sub(r"\1'", c) for c in candidates if "\\'" in c]
     for candidate in candidates:
         try:
             value = json.loads(candidate)
@@ -122,32 +139,55 @@ def parse_object(text: str | None, endpoint: Endpoint) -> dict[str, Any]:
         if isinstance(value, dict):
             return value
     shown = text[:120] + ("…" if len(text) > 120 else "")
-    raise LLMError(f"the model {endpoint.model!r} (RA_LLM_MODEL) returned no JSON object ({endpoint.json_mode} "
-                   f"mode, RA_LLM_JSON_MODE): {shown!r}")
+    raise ReplyError(f"the model {endpoint.model!r} (RA_LLM_MODEL) returned no JSON object ({endpoint.json_mode} "
+                     f"mode, RA_LLM_JSON_MODE): {shown!r}")
 
 
-def chat_json(endpoint: Endpoint, system: str, user: str, schema: dict, name: str) -> Reply:
-    """One chat completion whose reply must be a JSON object with the schema's required fields."""
-    fmt = _response_format(endpoint, schema, name)
+def malformed(endpoint: Endpoint, what: str) -> ReplyError:
+    return ReplyError(f"the model {endpoint.model!r} (RA_LLM_MODEL) returned malformed JSON: {what}")
+
+
+def _complete(endpoint: Endpoint, messages: list[dict], fmt: dict | None, attempt: int):
+    sampling = {"temperature": 0.0} if attempt == 0 else {"temperature": RETRY_TEMPERATURE, "seed": attempt}
     try:
         response = _client(endpoint).chat.completions.create(
-            model=endpoint.model, messages=[{"role": "system", "content": system}, {"role": "user", "content": user}],
-            max_tokens=endpoint.max_tokens, temperature=0.0, **({"response_format": fmt} if fmt else {}))
+            model=endpoint.model, messages=messages, max_tokens=endpoint.max_tokens, **sampling,
+            **({"response_format": fmt} if fmt else {}))
     except Exception as exc:
         raise _explain_api_error(endpoint, exc) from None
     if not response.choices:
         raise LLMError(f"the endpoint at {endpoint.base_url} (RA_LLM_BASE_URL) returned no choices")
-    choice = response.choices[0]
-    if choice.finish_reason == "length":
+    if response.choices[0].finish_reason == "length":  # not asked again: a longer reply needs the setting raised
         raise LLMError(f"the model's reply was cut off at the token limit, {endpoint.max_tokens} tokens "
                        f"(RA_LLM_MAX_TOKENS): raise it")
-    data = parse_object(choice.message.content, endpoint)
-    missing = [key for key in schema.get("required", []) if key not in data]
-    if missing:
-        raise LLMError(f"the model {endpoint.model!r} (RA_LLM_MODEL) returned malformed JSON: no {missing[0]!r} "
-                       f"field in {json.dumps(data)[:120]}")
-    usage = response.usage
-    return Reply(data, int(getattr(usage, "prompt_tokens", 0) or 0), int(getattr(usage, "completion_tokens", 0) or 0))
+    return response
+
+
+def chat_json(endpoint: Endpoint, system: str, user: str, schema: dict, name: str,
+              check: Callable[[dict], Any] | None = None, tries: int = REPLY_TRIES) -> Reply:
+    """A chat completion whose reply must be a JSON object with the schema's required fields and pass
+    `check` (which raises ReplyError): asked up to `tries` times; the tokens of every try count."""
+    fmt = _response_format(endpoint, schema, name)
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+    prompt_tokens = completion_tokens = 0
+    for attempt in range(tries):
+        response = _complete(endpoint, messages, fmt, attempt)
+        usage = response.usage
+        prompt_tokens += int(getattr(usage, "prompt_tokens", 0) or 0)
+        completion_tokens += int(getattr(usage, "completion_tokens", 0) or 0)
+        try:
+            data = parse_object(response.choices[0].message.content, endpoint)
+            missing = [key for key in schema.get("required", []) if key not in data]
+            if missing:
+                raise malformed(endpoint, f"no {missing[0]!r} field in {json.dumps(data)[:120]}")
+            if check is not None:
+                check(data)
+            return Reply(data, prompt_tokens, completion_tokens)
+        except ReplyError as exc:
+            last = exc
+    failed = ReplyError(f"{last} ({tries} tries)" if tries > 1 else str(last))
+    failed.tokens = prompt_tokens + completion_tokens
+    raise failed from None
 
 
 def served_models(endpoint: Endpoint) -> list[str]:
@@ -167,4 +207,4 @@ def probe(endpoint: Endpoint) -> None:
         raise LLMError(f"the LLM endpoint at {endpoint.base_url} (RA_LLM_BASE_URL) serves no model "
                        f"{endpoint.model!r} (RA_LLM_MODEL); it lists {listed}")
     chat_json(endpoint, "You reply with a JSON object only.", 'Reply with the JSON object {"ok": true}.',
-              PROBE_SCHEMA, "probe")
+              PROBE_SCHEMA, "probe", tries=1)

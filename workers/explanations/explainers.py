@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from backend.core.llm import Endpoint, LLMError, chat_json
+from backend.core.llm import Endpoint, chat_json, malformed
 from workers.explanations import prompts
 from workers.explanations.prompts import join_tokens, plain
 
@@ -76,12 +76,14 @@ def explain_llm(endpoint: Endpoint, layer: int, feature: int, card: dict, reward
             quantiles.append((f"activation {c.get('bin_low') or 0:.2f}–{c.get('bin_high') or 0:.2f}", _marked(c)))
     prompt = prompts.explain_prompt(layer, feature, reward, _top_tokens(card), top, quantiles, effect_words(card),
                                     moving)
-    reply = chat_json(endpoint, prompts.EXPLAIN_SYSTEM, prompt, prompts.EXPLAIN_SCHEMA, "explanation")
-    text = reply.data["explanation"]
-    if not isinstance(text, str) or not text.strip():
-        raise LLMError(f"the model {endpoint.model!r} (RA_LLM_MODEL) returned malformed JSON: an empty or "
-                       f"non-text 'explanation' ({str(text)[:80]!r})")
-    return Written(plain(text), reply.tokens)
+
+    def check(data: dict) -> None:
+        text = data["explanation"]
+        if not isinstance(text, str) or not text.strip():
+            raise malformed(endpoint, f"an empty or non-text 'explanation' ({str(text)[:80]!r})")
+
+    reply = chat_json(endpoint, prompts.EXPLAIN_SYSTEM, prompt, prompts.EXPLAIN_SCHEMA, "explanation", check)
+    return Written(plain(reply.data["explanation"]), reply.tokens)
 
 
 def _ngrams(card: dict) -> list[str]:
@@ -123,11 +125,14 @@ def explain_offline(card: dict) -> Written:
 
 def classify_llm(endpoint: Endpoint, reward: str, explanation: str, card: dict) -> tuple[str, str, int]:
     prompt = prompts.classify_prompt(reward, explanation, _top_tokens(card))
-    reply = chat_json(endpoint, prompts.CLASSIFY_SYSTEM, prompt, prompts.CLASSIFY_SCHEMA, "classification")
+
+    def check(data: dict) -> None:
+        value = str(data["reward_related"]).strip().lower()
+        if value not in ("yes", "no", "unsure"):
+            raise malformed(endpoint, f"reward_related is {value[:40]!r}, not yes, no or unsure")
+
+    reply = chat_json(endpoint, prompts.CLASSIFY_SYSTEM, prompt, prompts.CLASSIFY_SCHEMA, "classification", check)
     value = str(reply.data["reward_related"]).strip().lower()
-    if value not in ("yes", "no", "unsure"):
-        raise LLMError(f"the model {endpoint.model!r} (RA_LLM_MODEL) returned malformed JSON: reward_related is "
-                       f"{value[:40]!r}, not yes, no or unsure")
     return value, plain(str(reply.data.get("reason") or ""))[:300], reply.tokens
 
 

@@ -13,13 +13,16 @@ from typing import Any
 import numpy as np
 
 from backend.core import embedding, explanations, store
-from backend.core.llm import Endpoint, LLMError, chat_json
+from backend.core.llm import Endpoint, LLMError, ReplyError, chat_json, malformed
 from workers.ablation import FeatureEdit, run_ablation
 from workers.explanations import explainers, prompts, scorers
 from workers.explanations.evidence import HeldOut
 from workers.job_errors import JobFailed
 
 STAGES = ("explain", "classify", "score")
+# A feature whose replies stay unusable after every try is passed over; this many in a row mean the
+# model cannot do the task at all, and the job stops
+MAX_FAILED_IN_A_ROW = 3
 KEYWORD_SCORER = "keyword match (offline)"
 
 
@@ -28,9 +31,10 @@ class Tally:
 
     def __init__(self, params: dict, endpoint: Endpoint | None):
         self.model = endpoint.model if endpoint else None
-        self.counts = {stage: {"done": 0, "skipped": 0, "missing": 0} for stage in params["stages"]}
+        self.counts = {stage: {"done": 0, "skipped": 0, "missing": 0, "failed": 0} for stage in params["stages"]}
         self.tokens = {stage: 0 for stage in params["stages"]}
         self.features_done: list[int] = []
+        self.failures: list[dict] = []  # {stage, feature, error}: features passed over
 
     def result(self, n_features: int) -> dict[str, Any]:
         calls = sum(c["done"] for c in self.counts.values())
@@ -39,7 +43,13 @@ class Tally:
                                     "score": prompts.SCORE_VERSION},
                 "stages": self.counts, "tokens": self.tokens, "tokens_total": sum(self.tokens.values()),
                 "tokens_per_feature": sum(self.tokens.values()) / max(1, n_features) if calls else 0.0,
-                "features_done": len(self.features_done), "n_features": n_features}
+                "features_done": len(self.features_done), "n_features": n_features, "failures": self.failures}
+
+    def kept(self) -> str:
+        n = sum(c["done"] for c in self.counts.values())
+        if not n:
+            return "Nothing was written before it"
+        return f"The {n} explanations, classifications and scores written before it are kept"
 
 
 def llm_detector(endpoint: Endpoint, tally: Tally) -> scorers.Detector:
@@ -49,11 +59,14 @@ def llm_detector(endpoint: Endpoint, tally: Tally) -> scorers.Detector:
         else:
             prompt, key, system = prompts.fuzz_prompt(explanation, snippets), "correct", prompts.FUZZ_SYSTEM
         schema = prompts.numbers_schema(key, len(snippets))
-        reply = chat_json(endpoint, system, prompt, schema, kind)
+
+        def check(data: dict) -> None:
+            if not isinstance(data[key], list):
+                raise malformed(endpoint, f"{key!r} is not a list")
+
+        reply = chat_json(endpoint, system, prompt, schema, kind, check)
         tally.tokens["score"] += reply.tokens
         numbers = reply.data[key]
-        if not isinstance(numbers, list):
-            raise LLMError(f"the model {endpoint.model!r} (RA_LLM_MODEL) returned malformed JSON: {key!r} is not a list")
         picked = np.zeros(len(snippets), dtype=bool)
         for n in numbers:
             if isinstance(n, int) and 1 <= n <= len(snippets):
@@ -97,15 +110,25 @@ class ExplanationJob:
         stages = [s for s in STAGES if s in self.params["stages"]]
         total, step = len(stages) * len(self.features), 0
         for stage in stages:
+            failed_in_a_row = 0
             for i, feature in enumerate(self.features):
                 self.ctx.report(step / total, f"{stage}: feature {feature} ({i} of {len(self.features)} done)")
                 try:
                     outcome = getattr(self, stage)(feature)
+                except ReplyError as exc:
+                    outcome, failed_in_a_row = "failed", failed_in_a_row + 1
+                    self.tally.tokens[stage] += exc.tokens
+                    self.tally.failures.append({"stage": stage, "feature": feature, "error": str(exc)})
+                    if failed_in_a_row >= MAX_FAILED_IN_A_ROW:
+                        raise_failed(f"{stage} stopped at feature {feature}: {failed_in_a_row} features in a row "
+                                     f"got no usable reply; the last: {exc}. {self.tally.kept()}; a model that "
+                                     "follows the JSON instructions (RA_LLM_MODEL) or another RA_LLM_JSON_MODE "
+                                     "may do better; submit the job again to resume.")
                 except LLMError as exc:
-                    kept = sum(c["done"] for c in self.tally.counts.values())
-                    raise_failed(f"{stage} stopped at feature {feature}: {exc}. The {kept} explanations, "
-                                 "classifications and scores written before it are kept; submit the job again to "
-                                 "resume (finished features are skipped).")
+                    raise_failed(f"{stage} stopped at feature {feature}: {exc}. {self.tally.kept()}; submit the "
+                                 "job again to resume (finished features are skipped).")
+                else:
+                    failed_in_a_row = 0
                 self.tally.counts[stage][outcome] += 1
                 if stage == stages[-1] and feature not in self.tally.features_done:
                     self.tally.features_done.append(feature)
