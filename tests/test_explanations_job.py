@@ -100,6 +100,7 @@ def test_an_offline_job_explains_classifies_and_scores_each_feature_then_resumes
         card = store.feature(path, LAYER, f)
         top = [t["token"] for t in card["top_tokens"] if not t["token"].startswith("[")][0]
         assert e["explainer"] == "offline" and top.replace("##", "") in e["text"] and e["job_id"] == job["id"]
+        assert e["evidence"].startswith("fires on '") and f"'{top.replace('##', '')}'" in e["evidence"]
         assert e["reward_related"] in ("yes", "no", "unsure") and "offline" in e["reason"]
         s = e["scores"]
         for name in ("detection", "fuzzing", "embedding"):

@@ -123,6 +123,28 @@ def test_search_finds_by_meaning_and_by_text(client, migrated, synthetic_run):
     assert client.get("/api/runs/nope/explanations").status_code == 404
 
 
+def test_search_finds_a_feature_by_its_evidence_where_the_explanation_misses_it(client, migrated, synthetic_run):
+    evidence = explanations.evidence_text(["magnificent", "##ly", "fantastic", "fantastic", "superb"])
+    assert evidence == "fires on 'magnificent', 'ly', 'fantastic', 'superb'"
+    write(migrated, 1, "a tool that learns from the data", evidence=evidence, evidence_embedding=embed([evidence])[0])
+    write(migrated, 2, "numbers and dates in a sentence", evidence="fires on '1999', 'June'",
+          evidence_embedding=embed(["fires on '1999', 'June'"])[0])
+    write(migrated, 3, "the word 'not' before a verb")  # no evidence: found by its words alone
+    semantic = client.get(f"/api{RUN}/explanations", params={"q": "positive adjectives"}).json()["results"]
+    assert semantic[0]["feature"] == 1 and semantic[0]["matched_on"] == "evidence"
+    by_words = client.get(f"/api{RUN}/explanations", params={"q": "the word not"}).json()["results"]
+    assert by_words[0]["feature"] == 3 and by_words[0]["matched_on"] == "explanation"
+    text = client.get(f"/api{RUN}/explanations", params={"q": "fantastic", "mode": "text"}).json()["results"]
+    assert [(r["feature"], r["matched_on"]) for r in text] == [(1, "evidence")]
+    page = client.get(f"{RUN}/explanations", params={"q": "positive adjectives"}).text
+    assert "matched on top tokens" in page and "fires on &#39;magnificent&#39;" in page
+    # a person's edit keeps the evidence the feature's explanation was written from
+    r = client.put(f"/api{RUN}/layers/{LAYER}/features/1/explanation", json={"text": "praise words", "version": 1})
+    assert r.status_code == 200
+    again = client.get(f"/api{RUN}/explanations", params={"q": "positive adjectives"}).json()["results"]
+    assert again[0]["feature"] == 1 and again[0]["version"] == 2 and again[0]["evidence"] == evidence
+
+
 def test_a_hand_edit_is_a_new_version_and_a_stale_one_is_refused(client, migrated, synthetic_run):
     write(migrated, 9, "first words")
     url = f"/api{RUN}/layers/{LAYER}/features/9/explanation"

@@ -23,12 +23,12 @@ from backend.core.store import NotFound
 
 MAX_TEXT = 1000  # characters an explanation keeps
 EXPLAINER_NAMES = {"llm": "LLM", "offline": "offline (top tokens + n-grams)", "human": "written by hand"}
-EXPORT_COLUMNS = ("run_id", "layer", "feature", "version", "text", "explainer", "model", "prompt_version", "tokens",
-                  "reward_related", "reason", "classified_by", "scored_by", "detection", "fuzzing", "embedding_auc",
-                  "causal", "author", "updated_at", "run_version", "made_on_current_sae")
+EXPORT_COLUMNS = ("run_id", "layer", "feature", "version", "text", "evidence", "explainer", "model", "prompt_version",
+                  "tokens", "reward_related", "reason", "classified_by", "scored_by", "detection", "fuzzing",
+                  "embedding_auc", "causal", "author", "updated_at", "run_version", "made_on_current_sae")
 
 _table = Explanation.__table__
-_SHOWN = [c for c in _table.c if c.name != "embedding"]
+_SHOWN = [c for c in _table.c if c.name not in ("embedding", "evidence_embedding")]
 
 
 class StaleExplanation(Exception):
@@ -89,11 +89,23 @@ def history(settings: Settings, run_id: str, layer: int, feature: int) -> list[d
     return [_as_dict(row) for row in rows]
 
 
+def evidence_text(top_tokens: list[str]) -> str | None:
+    """What an explanation was written from, as searched: the feature's top tokens."""
+    words = [w for w in dict.fromkeys(" ".join(t.replace("##", "").split()) for t in top_tokens) if w]
+    return "fires on " + ", ".join(f"'{w}'" for w in words) if words else None
+
+
+def _vector_bytes(vector: np.ndarray | None) -> bytes | None:
+    return None if vector is None else np.asarray(vector, "<f4").tobytes()
+
+
 def write(settings: Settings, run_id: str, layer: int, feature: int, text: str, *, explainer: str, model: str,
           prompt_version: str, tokens: int, embedding: np.ndarray | None, author: str, job_id: int | None = None,
-          expected_version: int | None = None) -> dict[str, Any]:
+          expected_version: int | None = None, evidence: str | None = None,
+          evidence_embedding: np.ndarray | None = None) -> dict[str, Any]:
     """A new version of the feature's explanation. `expected_version` (a person's edit): refused
-    with StaleExplanation when the current version is another."""
+    with StaleExplanation when the current version is another. Without `evidence` (a person's
+    edit), the version before's is kept."""
     text = " ".join(text.split())[:MAX_TEXT]
     with db.session(settings) as s, s.begin():
         now_row = s.execute(_NOW, {"run_id": run_id, "layer": layer}).first()
@@ -104,10 +116,15 @@ def write(settings: Settings, run_id: str, layer: int, feature: int, text: str, 
         if expected_version is not None and expected_version != last:
             raise StaleExplanation(f"feature {feature} of layer {layer} has explanation version {last} now, not "
                                    f"{expected_version}: reload it; nothing was saved")
+        found = _vector_bytes(evidence_embedding)
+        if evidence is None and last:
+            evidence, found = s.execute(sa.select(Explanation.evidence, Explanation.evidence_embedding).where(
+                Explanation.run_id == run_id, Explanation.layer == layer, Explanation.feature == feature,
+                Explanation.version == last)).one()
         stamp = utcnow()
         row = Explanation(run_id=run_id, layer=layer, feature=feature, version=last + 1, text=text,
                           explainer=explainer, model=model[:200], prompt_version=prompt_version, tokens=int(tokens),
-                          embedding=None if embedding is None else np.asarray(embedding, "<f4").tobytes(),
+                          embedding=_vector_bytes(embedding), evidence=evidence, evidence_embedding=found,
                           job_id=job_id, author=author, created_at=stamp, updated_at=stamp,
                           sae_fingerprint=now_row.fingerprint_now, run_version=now_row.run_version_now)
         s.add(row)
@@ -124,6 +141,13 @@ def classify(settings: Settings, explanation_id: int, reward_related: str, reaso
         s.execute(sa.update(Explanation).where(Explanation.id == explanation_id).values(
             reward_related=reward_related, reason=" ".join(reason.split())[:MAX_TEXT], classified_by=classified_by,
             classify_tokens=int(tokens), updated_at=utcnow()))
+
+
+def set_evidence(settings: Settings, explanation_id: int, evidence: str, evidence_embedding: np.ndarray) -> None:
+    """Evidence for an explanation written before explanations kept theirs."""
+    with db.session(settings) as s, s.begin():
+        s.execute(sa.update(Explanation).where(Explanation.id == explanation_id, Explanation.evidence.is_(None))
+                  .values(evidence=evidence, evidence_embedding=_vector_bytes(evidence_embedding)))
 
 
 def set_scores(settings: Settings, explanation_id: int, scores: dict[str, Any], scored_by: str) -> None:
@@ -146,25 +170,31 @@ def restrict(where, contains: str | None, explained: dict[int, dict[str, Any]]):
 
 def search(settings: Settings, run_id: str, query: str, mode: str = "semantic", layer: int | None = None,
            limit: int = 50) -> list[dict[str, Any]]:
-    """The run's current explanations best matching `query`: by MiniLM cosine similarity
-    (semantic), or those containing it (text), each with its `similarity` (None for text)."""
+    """The run's current explanations best matching `query`, each with `matched_on`: the
+    explanation or its evidence (the top tokens it was written from), whichever matches better.
+    Semantic: by MiniLM cosine similarity (`similarity`); text: those containing it (similarity None)."""
     with db.get_engine(settings).connect() as conn:
-        q = _current_query(run_id, layer, [*_SHOWN, _table.c.embedding])
+        q = _current_query(run_id, layer, [*_SHOWN, _table.c.embedding, _table.c.evidence_embedding])
         if layer is not None:
             q = q.where(_table.c.layer == layer)
         rows = conn.execute(q).all()
     if mode == "text":
         needle = query.strip().lower()
-        found = [(None, row) for row in rows if needle in row.text.lower()]
+        found = [(None, "explanation" if needle in row.text.lower() else "evidence", row) for row in rows
+                 if needle in row.text.lower() or needle in (row.evidence or "").lower()]
     else:
         rows = [row for row in rows if row.embedding]
         if not rows:
             return []
-        vectors = np.stack([embedding.from_bytes(row.embedding) for row in rows])
-        sims = vectors @ embedding.embed([query])[0]
+        q_vector = embedding.embed([query])[0]
+        by_text = np.stack([embedding.from_bytes(row.embedding) for row in rows]) @ q_vector
+        by_evidence = np.array([float(embedding.from_bytes(row.evidence_embedding) @ q_vector)
+                                if row.evidence_embedding else -np.inf for row in rows])
+        sims = np.maximum(by_text, by_evidence)
         order = np.argsort(-sims, kind="stable")
-        found = [(float(sims[i]), rows[i]) for i in order]
-    return [{**_as_dict(row), "similarity": sim} for sim, row in found[:limit]]
+        found = [(float(sims[i]), "evidence" if by_evidence[i] > by_text[i] else "explanation", rows[i])
+                 for i in order]
+    return [{**_as_dict(row), "similarity": sim, "matched_on": on} for sim, on, row in found[:limit]]
 
 
 def export_rows(settings: Settings, run_id: str) -> list[dict[str, Any]]:

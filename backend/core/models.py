@@ -174,6 +174,9 @@ class Explanation(Base):
     prompt_version: Mapped[str] = mapped_column(sa.String(20))
     tokens: Mapped[int] = mapped_column(sa.Integer, default=0)  # sent + received writing it
     embedding: Mapped[bytes | None] = mapped_column(sa.LargeBinary, nullable=True)  # MiniLM, float32
+    # what it was written from (the feature's top tokens), searched beside the text
+    evidence: Mapped[str | None] = mapped_column(sa.Text, nullable=True)
+    evidence_embedding: Mapped[bytes | None] = mapped_column(sa.LargeBinary, nullable=True)
     reward_related: Mapped[str | None] = mapped_column(sa.String(10), nullable=True)
     reason: Mapped[str | None] = mapped_column(sa.Text, nullable=True)
     classified_by: Mapped[str | None] = mapped_column(sa.String(250), nullable=True)  # "model @ prompt version"

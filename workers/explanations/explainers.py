@@ -43,7 +43,7 @@ def _marked(context: dict) -> str:
 _SPECIAL = re.compile(r"^(\[[A-Za-z]+\]|<\|?[^<>]*\|?>)$")  # [CLS], [SEP], <s>, <|im_start|>
 
 
-def _top_tokens(card: dict) -> list[dict]:
+def top_tokens(card: dict) -> list[dict]:
     """The feature's top tokens, special tokens left out (they say nothing about the text)."""
     rows = [t for t in card.get("top_tokens") or [] if (t.get("count") or 0) >= 1
             and not _SPECIAL.match(str(t.get("token") or "").strip())]
@@ -74,7 +74,7 @@ def explain_llm(endpoint: Endpoint, layer: int, feature: int, card: dict, reward
         if seen_bins[c.get("bin")] < N_PER_BIN:
             seen_bins[c.get("bin")] += 1
             quantiles.append((f"activation {c.get('bin_low') or 0:.2f}–{c.get('bin_high') or 0:.2f}", _marked(c)))
-    prompt = prompts.explain_prompt(layer, feature, reward, _top_tokens(card), top, quantiles, effect_words(card),
+    prompt = prompts.explain_prompt(layer, feature, reward, top_tokens(card), top, quantiles, effect_words(card),
                                     moving)
 
     def check(data: dict) -> None:
@@ -106,7 +106,7 @@ def _ngrams(card: dict) -> list[str]:
 
 
 def explain_offline(card: dict) -> Written:
-    tokens = [plain(t["token"]).replace("##", "").strip() for t in _top_tokens(card)[:5]]
+    tokens = [plain(t["token"]).replace("##", "").strip() for t in top_tokens(card)[:5]]
     tokens = [t for t in dict.fromkeys(tokens) if t]
     parts = ["fires on " + (", ".join(f"'{t}'" for t in tokens) if tokens else "no token in particular")]
     phrases = _ngrams(card)
@@ -124,7 +124,7 @@ def explain_offline(card: dict) -> Written:
 
 
 def classify_llm(endpoint: Endpoint, reward: str, explanation: str, card: dict) -> tuple[str, str, int]:
-    prompt = prompts.classify_prompt(reward, explanation, _top_tokens(card))
+    prompt = prompts.classify_prompt(reward, explanation, top_tokens(card))
 
     def check(data: dict) -> None:
         value = str(data["reward_related"]).strip().lower()

@@ -17,6 +17,7 @@ from backend.core.llm import Endpoint, LLMError, ReplyError, chat_json, malforme
 from workers.ablation import FeatureEdit, run_ablation
 from workers.explanations import explainers, prompts, scorers
 from workers.explanations.evidence import HeldOut
+from workers.explanations.prompts import join_tokens
 from workers.job_errors import JobFailed
 
 STAGES = ("explain", "classify", "score")
@@ -144,6 +145,10 @@ class ExplanationJob:
         mine = self.current(feature)
         if mine and mine["model"] == self.model and mine["prompt_version"] == prompts.EXPLAIN_VERSION and (
                 not self.overwrite or (self.job_id is not None and mine["job_id"] == self.job_id)):
+            if mine.get("evidence") is None:  # written before explanations kept their evidence
+                evidence = self.evidence(self.card(feature))
+                if evidence:
+                    explanations.set_evidence(self.ctx.settings, mine["id"], evidence, embedding.embed([evidence])[0])
             return "skipped"
         card = self.card(feature)
         if self.endpoint is None:
@@ -153,10 +158,12 @@ class ExplanationJob:
                                              self.moving_contexts(card))
             explainer = "llm"
         self.tally.tokens["explain"] += written.tokens
+        evidence = self.evidence(card)
+        vectors = embedding.embed([written.text] + ([evidence] if evidence else []))
         explanations.write(self.ctx.settings, self.params["run_id"], self.layer, feature, written.text,
                            explainer=explainer, model=self.model, prompt_version=prompts.EXPLAIN_VERSION,
-                           tokens=written.tokens, embedding=embedding.embed([written.text])[0], author=self.author,
-                           job_id=self.job_id)
+                           tokens=written.tokens, embedding=vectors[0], author=self.author, job_id=self.job_id,
+                           evidence=evidence, evidence_embedding=vectors[1] if evidence else None)
         return "done"
 
     def classify(self, feature: int) -> str:
@@ -207,6 +214,11 @@ class ExplanationJob:
         return "done"
 
     # --- what the stages share -----------------------------------------------------------
+    @staticmethod
+    def evidence(card: dict) -> str | None:
+        """What the explanation is written from, searched beside it: the feature's top tokens."""
+        return explanations.evidence_text([join_tokens([t["token"]]) for t in explainers.top_tokens(card)])
+
     def held(self) -> HeldOut:
         if self._held is None:
             self.ctx.report(message="reading held-out texts for scoring")
