@@ -334,6 +334,7 @@ def test_killing_the_server_mid_job_fails_it_naming_the_endpoint_and_keeps_what_
         failed = jobs.get(settings, job["id"])
         assert failed["status"] == "failed" and "RA_LLM_BASE_URL" in failed["error"]
         assert "kept" in failed["error"]
+        assert failed["result"]["stages"]["explain"]["done"] >= 1  # what it did stays shown
         rows = explanations.for_features(settings, RUN, LAYER, features).values()
         kept = [e for e in rows if e["job_id"] == job["id"]]
         assert 1 <= len(kept) < len(features)
@@ -391,6 +392,13 @@ def refusing_explainer(monkeypatch, refused: set[int]):
     monkeypatch.setattr(explainers, "explain_llm", explain_llm)
 
 
+def run_until_finished(settings, job_id: int) -> dict:
+    """The worker runs the queue (jobs other tests left queued first) until this job has finished."""
+    while jobs.get(settings, job_id)["status"] not in jobs.FINISHED:
+        assert Worker(settings).run_one()
+    return jobs.get(settings, job_id)
+
+
 def test_a_feature_without_a_usable_reply_is_passed_over_and_three_in_a_row_stop_the_job(tiny_run, llm,
                                                                                         monkeypatch):
     settings = llm_settings(tiny_run, llm)
@@ -398,8 +406,7 @@ def test_a_feature_without_a_usable_reply_is_passed_over_and_three_in_a_row_stop
     features, stopper = fresh[:3], fresh[3:7]
     refusing_explainer(monkeypatch, {features[1], *stopper[:3]})
     job = submit(settings, features, stages=("explain", "classify"), llm=Endpoint.from_settings(settings).describe())
-    assert Worker(settings).run_one()
-    done = jobs.get(settings, job["id"])
+    done = run_until_finished(settings, job["id"])
     assert done["status"] == "done", done["error"]
     result = done["result"]
     assert result["stages"]["explain"] == {"done": 2, "skipped": 0, "missing": 0, "failed": 1}
@@ -413,7 +420,6 @@ def test_a_feature_without_a_usable_reply_is_passed_over_and_three_in_a_row_stop
         assert 'id="explain-failures"' in page and f"feature {features[1]}</a>" in page
     # three in a row: the model cannot do it; the job stops naming the model setting, keeping the one before
     job = submit(settings, stopper, stages=("explain",), llm=Endpoint.from_settings(settings).describe())
-    assert Worker(settings).run_one()
-    failed = jobs.get(settings, job["id"])
+    failed = run_until_finished(settings, job["id"])
     assert failed["status"] == "failed" and "3 features in a row got no usable reply" in failed["error"]
     assert "RA_LLM_MODEL" in failed["error"] and "Nothing was written before it" in failed["error"]

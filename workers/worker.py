@@ -38,6 +38,7 @@ class JobContext:
         self.progress: float = 0.0
         self.message: str = "started"
         self.stop_reason: str | None = None
+        self.last_partial: dict | None = None
         # a new stage message wakes the heartbeat at once, so the jobs page shows each stage
         self.message_changed = threading.Event()
 
@@ -51,7 +52,9 @@ class JobContext:
             raise JobStopped(self.stop_reason)
 
     def partial(self, result: dict) -> None:
-        """Show the result so far on the job's page while the rest runs."""
+        """Show the result so far on the job's page while the rest runs (and after it fails or is
+        cancelled: what was done stays shown)."""
+        self.last_partial = result
         if not jobs.publish_partial(self.settings, self.job["id"], self.job["lease_owner"], result):
             raise JobStopped("lease lost")
 
@@ -127,9 +130,10 @@ class Worker:
             result = task_for(job["kind"])(job["params"], ctx)
             outcome = dict(result=result)
         except JobStopped as stopped:
-            outcome = dict(status="cancelled", error=str(stopped)) if str(stopped) == "cancelled" else None
+            outcome = dict(status="cancelled", error=str(stopped), result=ctx.last_partial) \
+                if str(stopped) == "cancelled" else None
         except (JobFailed, ConfigError) as exc:  # explained by its message: no traceback, no exception name
-            outcome = dict(error=str(exc))
+            outcome = dict(error=str(exc), result=ctx.last_partial)
         except Exception as exc:  # the job failed, the worker goes on
             traceback.print_exc()
             outcome = dict(error=f"{type(exc).__name__}: {exc}")

@@ -95,6 +95,7 @@ class ExplanationJob:
         self._held: HeldOut | None = None
         self._ranks: dict[int, float] | None = None
         self._shuffled_from: int | None = None  # whose explanation the last shuffled baseline used
+        self._failed_in_a_row = 0
 
     # --- bookkeeping ---------------------------------------------------------------------
     @property
@@ -111,27 +112,12 @@ class ExplanationJob:
         stages = [s for s in STAGES if s in self.params["stages"]]
         total, step = len(stages) * len(self.features), 0
         for stage in stages:
-            failed_in_a_row = 0
+            self._failed_in_a_row = 0
             for i, feature in enumerate(self.features):
                 self.ctx.report(step / total, f"{stage}: feature {feature} ({i} of {len(self.features)} done)")
-                try:
-                    outcome = getattr(self, stage)(feature)
-                except ReplyError as exc:
-                    outcome, failed_in_a_row = "failed", failed_in_a_row + 1
-                    self.tally.tokens[stage] += exc.tokens
-                    self.tally.failures.append({"stage": stage, "feature": feature, "error": str(exc)})
-                    if failed_in_a_row >= MAX_FAILED_IN_A_ROW:
-                        raise_failed(f"{stage} stopped at feature {feature}: {failed_in_a_row} features in a row "
-                                     f"got no usable reply; the last: {exc}. {self.tally.kept()}; a model that "
-                                     "follows the JSON instructions (RA_LLM_MODEL) or another RA_LLM_JSON_MODE "
-                                     "may do better; submit the job again to resume.")
-                except LLMError as exc:
-                    raise_failed(f"{stage} stopped at feature {feature}: {exc}. {self.tally.kept()}; submit the "
-                                 "job again to resume (finished features are skipped).")
-                else:
-                    failed_in_a_row = 0
+                outcome = self.attempt(stage, feature)
                 self.tally.counts[stage][outcome] += 1
-                if stage == stages[-1] and feature not in self.tally.features_done:
+                if stage == stages[-1] and outcome in ("done", "skipped") and feature not in self.tally.features_done:
                     self.tally.features_done.append(feature)
                 step += 1
                 partial = getattr(self.ctx, "partial", None)
@@ -139,6 +125,27 @@ class ExplanationJob:
                     partial(self.tally.result(len(self.features)))
         self.ctx.report(1.0, "done")
         return self.tally.result(len(self.features))
+
+    def attempt(self, stage: str, feature: int) -> str:
+        """One stage on one feature: its outcome, or "failed" where the model's replies stayed
+        unusable; the job stops on an endpoint error or MAX_FAILED_IN_A_ROW such failures."""
+        try:
+            outcome = getattr(self, stage)(feature)
+        except ReplyError as exc:
+            self._failed_in_a_row += 1
+            self.tally.tokens[stage] += exc.tokens
+            self.tally.failures.append({"stage": stage, "feature": feature, "error": str(exc)})
+            if self._failed_in_a_row >= MAX_FAILED_IN_A_ROW:
+                raise_failed(f"{stage} stopped at feature {feature}: {self._failed_in_a_row} features in a row got "
+                             f"no usable reply; the last: {str(exc).rstrip('.')}. {self.tally.kept()}; a model that "
+                             "follows the JSON instructions (RA_LLM_MODEL) or another RA_LLM_JSON_MODE may do better; "
+                             "submit the job again to resume.")
+            return "failed"
+        except LLMError as exc:
+            raise_failed(f"{stage} stopped at feature {feature}: {str(exc).rstrip('.')}. {self.tally.kept()}; "
+                         "submit the job again to resume (finished features are skipped).")
+        self._failed_in_a_row = 0
+        return outcome
 
     # --- stages ------------------------------------------------------------------------
     def explain(self, feature: int) -> str:
