@@ -4,8 +4,12 @@ per stage on each and the ratio (goal on 2 cores: >= 1.6x for collection + train
 the analysis pass).
 
     python benchmarks/p13_distributed.py [--data-dir DIR] [--texts 4000] [--tokens 120000] [--nproc 2]
+                                         [--baseline-cores 1]
 
-The single process uses every core (torch's threads), each rank its share of them. Stages are
+The single process uses every core (torch's threads), each rank its share of them. With
+`--baseline-cores K` the single process is held to K cores (CPU affinity and K threads): against
+N ranks on N·K cores, what the ranks make of the cores they add, the scaling a machine with more
+cores than this one would see. Stages are
 timed from rank 0's stage lines as they arrive. Uses the demo reward model in DIR/models
 (`make demo` builds it); with `--untuned`, or when it is absent, the same network untuned
 (all-MiniLM-L6-v2 with a fresh scalar head: the same compute, saved once to DIR/models). The
@@ -74,16 +78,23 @@ def bench_config(model: str, texts: int, tokens: int) -> dict:
     }
 
 
-def timed_run(config_path: Path, data_dir: Path, nproc: int | None) -> tuple[list[tuple[float, str]], float]:
-    """(seconds since start, message) of every stage line, and the wall time."""
+def timed_run(config_path: Path, data_dir: Path, nproc: int | None,
+              cores: int | None = None) -> tuple[list[tuple[float, str]], float]:
+    """(seconds since start, message) of every stage line, and the wall time; `cores`: held to that many."""
     env = {**os.environ, "RA_DATA_DIR": str(data_dir), "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"}
+    pin = None
+    if cores:
+        env.update(OMP_NUM_THREADS=str(cores), MKL_NUM_THREADS=str(cores))
+
+        def pin():
+            os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:cores]))
     command = [sys.executable, "-m", "backend.cli", "run", str(config_path), "--replace"]
     if nproc is not None:
         command += ["--nproc", str(nproc)]
     started = time.monotonic()
     lines = []
     with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          bufsize=1, cwd=REPO) as proc:
+                          bufsize=1, cwd=REPO, preexec_fn=pin) as proc:
         for line in proc.stdout:
             found = re.match(r"\[\d\d:\d\d:\d\d\] (.*)", line.strip())
             if found:
@@ -120,6 +131,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=120_000)
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--untuned", action="store_true", help="raw MiniLM under a fresh head, not the demo RM")
+    parser.add_argument("--baseline-cores", type=int, help="hold the single process to this many cores")
     args = parser.parse_args()
     models = args.data_dir / "models"
     models.mkdir(parents=True, exist_ok=True)
@@ -140,12 +152,16 @@ def main() -> None:
                 data_dir.mkdir(parents=True, exist_ok=True)
                 models.symlink_to((args.data_dir / "models").resolve())
             label = "1 process" if nproc is None else f"{nproc} ranks"
-            print(f"running the {args.texts:,}-text config ({args.tokens:,} training tokens) on {label} ...", flush=True)
-            lines, total = timed_run(config_path, data_dir, nproc)
+            cores = args.baseline_cores if nproc is None else None
+            held = f" held to {cores} core(s)" if cores else ""
+            print(f"running the {args.texts:,}-text config ({args.tokens:,} training tokens) on {label}{held} ...",
+                  flush=True)
+            lines, total = timed_run(config_path, data_dir, nproc, cores)
             timings[label] = stage_seconds(lines, total)
     one, many = timings["1 process"], timings[f"{args.nproc} ranks"]
+    baseline = f"1 process on {args.baseline_cores} core(s)" if args.baseline_cores else "1 process on every core"
     print(f"\nP13: seconds per stage, {model_name}, {args.texts:,} texts, layers 1/3/5, 3,072 latents, "
-          f"{args.tokens:,} training tokens; {os.cpu_count()} CPU cores")
+          f"{args.tokens:,} training tokens; {os.cpu_count()} CPU cores; baseline: {baseline}")
     print(f"{'stage':46s} {'1 process':>10s} {f'{args.nproc} ranks':>10s} {'speed-up':>9s}")
     for name in STAGES:
         ratio = one[name] / many[name] if many[name] > 0 else float("nan")

@@ -11,9 +11,12 @@ It writes explanations into the run's SQL database (as a job would, under job id
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ is not installed
 
 import numpy as np
 

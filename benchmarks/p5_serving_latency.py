@@ -184,7 +184,6 @@ def layer_contexts(rng: np.random.Generator, layer: int, top_ids: np.ndarray, ma
     """One layer's contexts, ordered by (feature, kind, rank): 'quantile' sorts before 'top'."""
     width = len(max_act)
     n_quantile = n_contexts // 2
-    n_top = n_contexts - n_quantile
     bins = max(1, min(QUANTILE_BINS, n_quantile))
     rows = width * n_contexts
     feature = np.repeat(np.arange(width, dtype=np.int32), n_contexts)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from backend.core import db, explanations, jobs, store
-from backend.core.llm import Endpoint, LLMError, ReplyError, chat_json, parse_object
+from backend.core.llm import Endpoint, ReplyError, chat_json, parse_object
 from backend.core.settings import Settings
 from tests import llm_server
 from tests.helpers import make_client, wait_for

@@ -9,7 +9,7 @@ import pytest
 
 from backend.core import jobs
 from backend.web.access import AccessConfigError, check_serving_is_safe
-from tests.helpers import N_FEATURES, make_client, publish_synthetic_run
+from tests.helpers import N_FEATURES, make_client
 
 pytestmark = pytest.mark.sql_databases  # each test on SQLite and PostgreSQL (tests/conftest.py)
 

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 
 from backend.core import db, labels
 from backend.core.models import LABELS, LabelEvent
-from tests.helpers import N_FEATURES, make_client, publish_synthetic_run
+from tests.helpers import N_FEATURES, make_client
 from tests.test_browser import live_server  # noqa: F401  (a fixture: one real uvicorn server)
 
 pytestmark = pytest.mark.sql_databases  # each test on SQLite and PostgreSQL (tests/conftest.py)

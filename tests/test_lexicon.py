@@ -15,7 +15,6 @@ from scipy.stats import kendalltau
 
 from backend.core import db, store
 from backend.core.settings import Settings
-from backend.core.store_schema import STORE_FILENAME
 from tests.helpers import make_client
 from tests.test_pipeline import tiny_config, tiny_world  # noqa: F401  (fixture)
 from backend.core.run_config import ConfigError, check_word_lists, parse_config

@@ -232,7 +232,7 @@ def test_the_layer_table_has_the_pair_cosine_column(client, synthetic_run):
     assert "Pair cos." in html
     first = re.search(r'<tr data-feature="(\d+)">(.*?)</tr>', html, re.S)
     best = max(synthetic_cosines(synthetic_run, 3).items(), key=lambda kv: (kv[1], -kv[0]))
-    assert int(first.group(1)) == best[0] and f'pair-cosine' in first.group(2) and fmt_num(best[1]) in first.group(2)
+    assert int(first.group(1)) == best[0] and 'pair-cosine' in first.group(2) and fmt_num(best[1]) in first.group(2)
 
 
 @pytest.mark.parametrize("value", ["-0.1", "1.5", "nan", "high"])
@@ -271,7 +271,7 @@ def test_the_run_page_has_the_mmcs_section_and_its_json(client, synthetic_run):
     for row in data["layers"]:
         assert f'data-mmcs-layer="{row["layer"]}"' in table
         assert fmt_num(row["mmcs_to_pair"]) in table and fmt_num(row["mmcs_from_pair"]) in table
-    assert f"?min_pair_cosine=0.9&amp;sort=pair_cosine" in table
+    assert "?min_pair_cosine=0.9&amp;sort=pair_cosine" in table
 
 
 def test_a_run_without_pairs_has_no_mmcs_section(migrated, monkeypatch):

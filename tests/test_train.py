@@ -167,7 +167,7 @@ def test_run_page_shows_reward_recovered_per_layer(client, synthetic_run):
     html = client.get("/runs/synthetic").text
     cells = html.split('id="layers"')[1]
     for value in layers["reward_recovered"]:
-        assert f'class="num reward-recovered"' in cells and f">{fmt_num(value)}</td>" in cells
+        assert 'class="num reward-recovered"' in cells and f">{fmt_num(value)}</td>" in cells
 
 
 def test_the_decoder_bias_starts_at_the_mean_of_what_it_is_trained_on():

@@ -157,7 +157,6 @@ def run_ablation(adapter: RewardModelAdapter, sae, layer: int, texts: list[str] 
         edit_at = edited_tokens(batch, special_ids, scope)
         flat_index = keep.flatten().cumsum(0).reshape(keep.shape) - 1
         read_rows = flat_index[batch.reward_index[:, 0], batch.reward_index[:, 1]]
-        token_ids = batch.input_ids[keep]
         segment = batch.token_segment[keep]
         pool_args = (segment, content_tokens(batch, special_ids)[keep], read_rows, batch.n_reads, pooling)
         seen = {}

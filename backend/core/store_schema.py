@@ -538,7 +538,7 @@ def check_display(table: Table) -> None:
             if c.sort_key is not None:
                 raise ValueError(f"{where}: the layer table sorts by it (sort_key), so it must be drawn (shown=Display)")
             continue
-        problems = [f"table=True (it is drawn from the table's rows)" if not c.table else "",
+        problems = ["table=True (it is drawn from the table's rows)" if not c.table else "",
                     f"group {d.group!r} is not one of {sorted(GROUPS)}" if d.group is not None and d.group not in GROUPS
                     else "",
                     f"when {d.when!r} is not one of {WHEN}" if d.when not in WHEN else "",
