@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from backend.core import db, explanations, jobs, store
-from backend.core.llm import Endpoint, ReplyError, chat_json, parse_object
+from backend.core.llm import PROBE_SCHEMA, Endpoint, ReplyError, chat_json, parse_object
 from backend.core.settings import Settings
 from tests import llm_server
 from tests.helpers import make_client, wait_for
@@ -347,6 +347,12 @@ def test_killing_the_server_mid_job_fails_it_naming_the_endpoint_and_keeps_what_
         own.stop()
 
 
+def ask_ok(endpoint, check=None):
+    """The probe's request through chat_json: a reply {"ok": ...}, passed through `check`."""
+    return chat_json(endpoint, "You reply with a JSON object only.", 'Reply with {"ok": true}.', PROBE_SCHEMA, "ok",
+                     check=check)
+
+
 def test_an_unusable_reply_is_asked_again_then_given_up_with_the_tokens_of_every_try(tiny_run, llm):
     endpoint = Endpoint.from_settings(llm_settings(tiny_run, llm))
     tries = []
@@ -356,19 +362,15 @@ def test_an_unusable_reply_is_asked_again_then_given_up_with_the_tokens_of_every
         if len(tries) < 3:
             raise ReplyError("not this one")
 
-    once = chat_json(endpoint, "You reply with a JSON object only.", 'Reply with {"ok": true}.',
-                     {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}, "ok")
-    reply = chat_json(endpoint, "You reply with a JSON object only.", 'Reply with {"ok": true}.',
-                      {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}, "ok",
-                      check=refuse_twice)
+    once = ask_ok(endpoint)
+    reply = ask_ok(endpoint, refuse_twice)
     assert len(tries) == 3 and reply.data["ok"] is not None and reply.tokens > 2 * once.tokens
 
     def refuse(data):
         raise ReplyError("never this one")
 
     with pytest.raises(ReplyError, match=r"never this one \(3 tries\)") as given_up:
-        chat_json(endpoint, "You reply with a JSON object only.", 'Reply with {"ok": true}.',
-                  {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}, "ok", check=refuse)
+        ask_ok(endpoint, refuse)
     assert given_up.value.tokens > 2 * once.tokens
 
 
@@ -377,7 +379,7 @@ def refusing_explainer(monkeypatch, refused: set[int]):
     is refused, as a model's malformed reply is."""
     from workers.explanations import explainers
 
-    real = explainers.chat_json
+    real_explain = explainers.explain_llm
 
     def explain_llm(endpoint, layer, feature, card, reward, moving):
         if feature not in refused:
@@ -385,10 +387,8 @@ def refusing_explainer(monkeypatch, refused: set[int]):
 
         def refuse(data):
             raise ReplyError(f"the model {endpoint.model!r} (RA_LLM_MODEL) returned malformed JSON: refused")
-        real(endpoint, "You reply with a JSON object only.", 'Reply with {"ok": true}.',
-             {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}, "ok", check=refuse)
+        ask_ok(endpoint, refuse)
 
-    real_explain = explainers.explain_llm
     monkeypatch.setattr(explainers, "explain_llm", explain_llm)
 
 
