@@ -1,6 +1,7 @@
 """`rewardatlas run CONFIG --nproc N` on CPU (gloo): two ranks give the store one process gives
 (exact for counts, ids, ranks and every selection; floats to rounding, as sums are added in
-another order), a rank that fails fails the run with nothing published, and more ranks than
+another order) for an encoder reading a text column and for a decoder judging chat-formatted
+preference pairs, a rank that fails fails the run with nothing published, and more ranks than
 cores are refused."""
 from __future__ import annotations
 
@@ -89,6 +90,52 @@ def test_two_ranks_give_the_store_one_process_gives(world, one_rank_store, tmp_p
     assert counts["features"] == 3 * 64 and counts["contexts"] > 3 * 64 and counts["feature_texts"] > 0
     measured = [r for r in one_tables["features"] if r[_column(one_rank_store, "features", "measured_n")]]
     assert len(measured) >= 3 * 6
+
+
+@pytest.fixture(scope="module")
+def pairs_world(tmp_path_factory):
+    """A tiny Llama with a chat template judging conversational preference pairs (TRL's form)."""
+    from tests.test_chat import TEMPLATE
+    from tests.tiny_models import save_tiny_decoder
+    from workers.demo_pairs import generate_pairs, write_pairs_jsonl
+
+    root = tmp_path_factory.mktemp("sharded-pairs")
+    model = save_tiny_decoder(root / "tiny-llama", "llama", "seq_cls")
+    tokenizer_config = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "chat_template": TEMPLATE}))
+    dataset = write_pairs_jsonl(root / "pairs.jsonl", generate_pairs(100, seed=3))
+    config = tiny_config(model, dataset, **{**CONFIG, "name": "Sharded Pairs", "layers": [1, 2],
+                                            "model": {"path": str(model), "max_length": 96}})
+    path = root / "pairs.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json", exclude_unset=True)))
+    return config, path
+
+
+def test_two_ranks_give_the_store_one_process_gives_for_chat_preference_pairs_on_a_decoder(
+        pairs_world, tmp_path, monkeypatch):
+    config, path = pairs_world
+    settings = Settings(data_dir=tmp_path / "one", database_url="")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = run_pipeline(config, settings) / STORE_FILENAME
+    finally:
+        torch.set_num_threads(threads)
+        db.dispose_engines()
+    assert run_with_ranks(path, tmp_path / "two", monkeypatch, 2) == 0
+    two = tmp_path / "two" / "runs" / "sharded-pairs" / STORE_FILENAME
+    one_tables, two_tables = store_tables(one), store_tables(two)
+    assert one_tables.keys() == two_tables.keys()
+    for table, rows in one_tables.items():
+        assert len(two_tables[table]) == len(rows), table
+        for row, other in zip(rows, two_tables[table]):
+            if table == "run_info" and row[0] == "created_at":
+                continue
+            assert_same(row, other, table)
+    info = dict(one_tables["run_info"])
+    assert int(info["n_pairs"]) > 50 and info["pairwise_accuracy"] and one_tables["contexts"]
+    texts = [row[_column(one, "texts", "text")] for row in one_tables["texts"]]
+    assert all(text.startswith("<|user|>") and "<|assistant|>" in text for text in texts)  # chat-formatted
 
 
 def test_a_rank_that_fails_fails_the_run_naming_it_and_publishes_nothing(world, tmp_path, monkeypatch, capsys):
