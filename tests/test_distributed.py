@@ -77,14 +77,7 @@ def test_two_ranks_give_the_store_one_process_gives(world, one_rank_store, tmp_p
     _, path = world
     assert run_with_ranks(path, tmp_path, monkeypatch, 2) == 0
     two = tmp_path / "runs" / "sharded-run" / STORE_FILENAME
-    one_tables, two_tables = store_tables(one_rank_store), store_tables(two)
-    assert one_tables.keys() == two_tables.keys()
-    for table, rows in one_tables.items():
-        assert len(two_tables[table]) == len(rows), table
-        for row, other in zip(rows, two_tables[table]):
-            if table == "run_info" and row[0] == "created_at":
-                continue
-            assert_same(row, other, table)
+    one_tables = assert_same_stores(one_rank_store, two)
     # the comparison had something to compare in every shared stage
     counts = {table: len(rows) for table, rows in one_tables.items()}
     assert counts["features"] == 3 * 64 and counts["contexts"] > 3 * 64 and counts["feature_texts"] > 0
@@ -124,14 +117,7 @@ def test_two_ranks_give_the_store_one_process_gives_for_chat_preference_pairs_on
         db.dispose_engines()
     assert run_with_ranks(path, tmp_path / "two", monkeypatch, 2) == 0
     two = tmp_path / "two" / "runs" / "sharded-pairs" / STORE_FILENAME
-    one_tables, two_tables = store_tables(one), store_tables(two)
-    assert one_tables.keys() == two_tables.keys()
-    for table, rows in one_tables.items():
-        assert len(two_tables[table]) == len(rows), table
-        for row, other in zip(rows, two_tables[table]):
-            if table == "run_info" and row[0] == "created_at":
-                continue
-            assert_same(row, other, table)
+    one_tables = assert_same_stores(one, two)
     info = dict(one_tables["run_info"])
     assert int(info["n_pairs"]) > 50 and info["pairwise_accuracy"] and one_tables["contexts"]
     texts = [row[_column(one, "texts", "text")] for row in one_tables["texts"]]
@@ -171,6 +157,19 @@ def store_tables(path) -> dict[str, list[tuple]]:
         return {name: con.execute(f"SELECT * FROM {name}").fetchall() for name in names}
     finally:
         con.close()
+
+
+def assert_same_stores(one, two) -> dict[str, list[tuple]]:
+    """Every table of the two stores alike (rows in order, floats to rounding); the first's tables."""
+    one_tables, two_tables = store_tables(one), store_tables(two)
+    assert one_tables.keys() == two_tables.keys()
+    for table, rows in one_tables.items():
+        assert len(two_tables[table]) == len(rows), table
+        for row, other in zip(rows, two_tables[table]):
+            if table == "run_info" and row[0] == "created_at":
+                continue
+            assert_same(row, other, table)
+    return one_tables
 
 
 def _column(path, table: str, column: str) -> int:
