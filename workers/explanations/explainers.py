@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from backend.core import explanations
 from backend.core.llm import Endpoint, chat_json, malformed
 from workers.explanations import prompts
 from workers.explanations.prompts import join_tokens, plain
@@ -106,9 +107,8 @@ def _ngrams(card: dict) -> list[str]:
 
 
 def explain_offline(card: dict) -> Written:
-    tokens = [plain(t["token"]).replace("##", "").strip() for t in top_tokens(card)[:5]]
-    tokens = [t for t in dict.fromkeys(tokens) if t]
-    parts = ["fires on " + (", ".join(f"'{t}'" for t in tokens) if tokens else "no token in particular")]
+    fires_on = explanations.evidence_text([plain(t["token"]) for t in top_tokens(card)[:5]])
+    parts = [fires_on or "fires on no token in particular"]
     phrases = _ngrams(card)
     if phrases:
         parts.append("in phrases like " + ", ".join(f"'{p}'" for p in phrases))
